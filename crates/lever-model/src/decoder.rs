@@ -1,0 +1,306 @@
+//! The one decoder: the llama family (Llama, SmolLM2, Mistral, Qwen2) as a pre-norm transformer
+//! with RMSNorm, rotary position embeddings, grouped-query attention and a SwiGLU MLP.
+//! Touvron et al. 2023, "LLaMA" (arXiv:2302.13971); reference implementations: candle
+//! `candle-transformers/src/models/llama.rs`, Hugging Face `modeling_llama.py`, llama.cpp
+//! `llm_build_llama`. Serves inference, fine-tuning, LoRA, RAG generation and pretraining alike:
+//! every projection is a `Linear` (quantized-frozen or float, with a LoRA slot), and all
+//! per-call state (KV cache, position) lives in `Cache`, outside the weights.
+//!
+//! Dimensions: B batch, T new tokens, P cached tokens, C hidden, H query heads,
+//! K key/value heads, D head size (C = H·D), F MLP width, V vocabulary.
+
+use candle_core::{D, Device, Result, Tensor};
+
+use crate::config::DecoderConfig;
+use crate::linear::Linear;
+use crate::ops::{self, Rope};
+use crate::weights::{Embedding, Param, WeightSource};
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position: (B, V). Generation.
+    Last,
+    /// Every position: (B, T, V). Scoring, perplexity, training.
+    All,
+}
+
+/// Per-sequence state: keys and values of every layer for the tokens seen so far.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    layers: Vec<Option<(Tensor, Tensor)>>, // each (B, K, P, D)
+    len: usize,
+}
+
+impl Cache {
+    pub fn new(cfg: &DecoderConfig) -> Self {
+        Self {
+            layers: vec![None; cfg.num_layers],
+            len: 0,
+        }
+    }
+
+    /// Tokens held (P).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.len = 0;
+    }
+
+    /// Keep only the first `len` tokens (to reuse a shared prefix).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        for kv in self.layers.iter_mut().flatten() {
+            *kv = (kv.0.narrow(2, 0, len)?, kv.1.narrow(2, 0, len)?);
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// Append this layer's new (B, K, T, D) keys/values; returns all (B, K, P+T, D).
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let kv = match self.layers[layer].take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        self.layers[layer] = Some(kv.clone());
+        Ok(kv)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(w: &mut dyn WeightSource, i: usize, cfg: &DecoderConfig) -> crate::Result<Self> {
+        let (c, hd) = (cfg.hidden_size, cfg.head_dim);
+        let bias = cfg.qkv_bias();
+        Ok(Self {
+            q: w.linear(Param::Q(i), cfg.num_heads * hd, c, bias)?,
+            k: w.linear(Param::K(i), cfg.num_kv_heads * hd, c, bias)?,
+            v: w.linear(Param::V(i), cfg.num_kv_heads * hd, c, bias)?,
+            o: w.linear(Param::O(i), c, cfg.num_heads * hd, false)?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// x: (B, T, C) -> (B, T, C)
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        cache: &mut Cache,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, k_heads, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let pos = cache.len;
+        let q = self.q.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?; // (B, H, T, D)
+        let k = self.k.forward(x)?.reshape((b, t, k_heads, d))?.transpose(1, 2)?; // (B, K, T, D)
+        let v = self.v.forward(x)?.reshape((b, t, k_heads, d))?.transpose(1, 2)?; // (B, K, T, D)
+        let q = rope.apply(&q, pos)?;
+        let k = rope.apply(&k, pos)?;
+        let (k, v) = cache.append(layer, k, v.contiguous()?)?; // (B, K, P+T, D)
+        let k = ops::repeat_kv(k, h / k_heads)?.contiguous()?; // (B, H, P+T, D)
+        let v = ops::repeat_kv(v, h / k_heads)?.contiguous()?; // (B, H, P+T, D)
+        let att = (q.matmul(&k.t()?)? / (d as f64).sqrt())?; // (B, H, T, P+T)
+        let att = match mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?; // (B, H, T, D)
+        let y = y.transpose(1, 2)?.reshape((b, t, h * d))?; // (B, T, C)
+        self.o.forward(&y)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn load(w: &mut dyn WeightSource, i: usize, cfg: &DecoderConfig) -> crate::Result<Self> {
+        let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate: w.linear(Param::Gate(i), f, c, false)?,
+            up: w.linear(Param::Up(i), f, c, false)?,
+            down: w.linear(Param::Down(i), c, f, false)?,
+        })
+    }
+
+    /// SwiGLU: down(silu(gate(x)) * up(x)); x: (B, T, C) -> (B, T, C) via (B, T, F).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: Tensor,
+    attn: Attention,
+    ffn_norm: Tensor,
+    mlp: Mlp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    cfg: DecoderConfig,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope: Rope,
+    device: Device,
+}
+
+impl Decoder {
+    /// Build from any weight source (GGUF, safetensors, random); missing or mis-shaped tensors
+    /// are errors naming the tensor.
+    pub fn load(w: &mut dyn WeightSource, cfg: &DecoderConfig) -> crate::Result<Self> {
+        let (c, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed = w.embedding(Param::Embed, v, c)?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            blocks.push(Block {
+                attn_norm: w.vector(Param::AttnNorm(i), c)?,
+                attn: Attention::load(w, i, cfg)?,
+                ffn_norm: w.vector(Param::FfnNorm(i), c)?,
+                mlp: Mlp::load(w, i, cfg)?,
+            });
+        }
+        let norm = w.vector(Param::OutputNorm, c)?;
+        let lm_head = if !cfg.tie_embeddings && w.has(Param::Output) {
+            w.linear(Param::Output, v, c, false)?
+        } else {
+            embed.as_linear()?
+        };
+        let device = w.device().clone();
+        let rope = Rope::new(
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.max_seq_len,
+            cfg.rope_style,
+            &device,
+        )?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            device,
+        })
+    }
+
+    pub fn config(&self) -> &DecoderConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> Cache {
+        Cache::new(&self.cfg)
+    }
+
+    /// All linear layers with a name, for LoRA, export and bandwidth accounting.
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            let a = &b.attn;
+            let m = &b.mlp;
+            for (p, l) in [
+                (Param::Q(i), &a.q),
+                (Param::K(i), &a.k),
+                (Param::V(i), &a.v),
+                (Param::O(i), &a.o),
+                (Param::Gate(i), &m.gate),
+                (Param::Up(i), &m.up),
+                (Param::Down(i), &m.down),
+            ] {
+                out.push((p.gguf_name(), l));
+            }
+        }
+        out.push((Param::Output.gguf_name(), &self.lm_head));
+        out
+    }
+
+    /// ids: (B, T) u32 tokens at positions cache.len().. ; appends them to the cache.
+    /// Returns logits (B, V) for `Logits::Last` or (B, T, V) for `Logits::All`.
+    pub fn forward(&self, ids: &Tensor, cache: &mut Cache, which: Logits) -> Result<Tensor> {
+        let (_b, t) = ids.dims2()?;
+        let past = cache.len;
+        if past + t > self.cfg.max_seq_len {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the context of {}",
+                past + t,
+                self.cfg.max_seq_len
+            );
+        }
+        let mask = if t > 1 {
+            Some(ops::causal_mask(t, past, &self.device)?)
+        } else {
+            None
+        };
+        let mut x = self.embed.forward(ids)?; // (B, T, C)
+        for (i, block) in self.blocks.iter().enumerate() {
+            let h = ops::rms_norm(&x, &block.attn_norm, self.cfg.rms_norm_eps)?;
+            let h = block
+                .attn
+                .forward(&h, i, &self.rope, mask.as_ref(), cache)?;
+            x = (x + h)?;
+            let h = ops::rms_norm(&x, &block.ffn_norm, self.cfg.rms_norm_eps)?;
+            x = (&x + block.mlp.forward(&h)?)?;
+        }
+        cache.len = past + t;
+        let x = match which {
+            Logits::Last => x.narrow(1, t - 1, 1)?, // (B, 1, C)
+            Logits::All => x,
+        };
+        let x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        let logits = self.lm_head.forward(&x)?; // (B, T|1, V)
+        match which {
+            Logits::Last => logits.squeeze(1),
+            Logits::All => Ok(logits),
+        }
+    }
+
+    /// Bytes of weights read to produce one token (every linear layer, the norms and one
+    /// embedding row), for bandwidth figures.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let linear: usize = self.linears().iter().map(|(_, l)| l.storage_bytes()).sum();
+        linear + self.embed.row_bytes()
+    }
+}
+
+/// Convenience: the index of the largest value of a 1-D logits vector.
+pub fn argmax(logits: &Tensor) -> Result<u32> {
+    logits.argmax(D::Minus1)?.to_scalar::<u32>()
+}

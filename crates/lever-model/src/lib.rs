@@ -1,0 +1,22 @@
+//! lever-model: the one decoder (llama family) that lever runs and trains, weight loading from
+//! GGUF and Hugging Face folders, tokenizers, chat templates and the model registry.
+
+pub mod chat;
+pub mod config;
+pub mod decoder;
+pub mod error;
+pub mod gguf;
+pub mod linear;
+pub mod model;
+pub mod ops;
+pub mod registry;
+pub mod tokenizer;
+pub mod weights;
+
+pub use chat::{ChatTemplate, Message};
+pub use config::{Arch, DecoderConfig, HfConfig};
+pub use decoder::{Cache, Decoder, Logits};
+pub use error::{Error, Result};
+pub use linear::{Linear, Lora, Weight};
+pub use model::{Model, ModelInfo, ModelSource};
+pub use tokenizer::Tokenizer;

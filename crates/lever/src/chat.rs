@@ -1,0 +1,178 @@
+//! `lever chat`: a multi-turn REPL. History lives across turns (and the KV cache with it, so a
+//! turn only computes its new tokens). Commands: /reset, /system TEXT, /save FILE, /load FILE,
+//! /exit. Ctrl-C stops the current answer, not the session. With stdin piped, each line is one
+//! user turn.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail};
+use lever_generate::{FinishReason, Flow, Session, generate};
+use lever_model::{Message, Model};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::ChatArgs;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Conversation {
+    messages: Vec<Message>,
+}
+
+impl Conversation {
+    fn system(&self) -> Option<&str> {
+        self.messages
+            .first()
+            .filter(|m| m.role == "system")
+            .map(|m| m.content.as_str())
+    }
+
+    fn set_system(&mut self, text: Option<String>) {
+        if self.system().is_some() {
+            self.messages.remove(0);
+        }
+        if let Some(t) = text {
+            self.messages.insert(0, Message::new("system", t));
+        }
+    }
+
+    fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        let c: Conversation = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a saved conversation", path.display()))?;
+        Ok(c)
+    }
+
+    /// Written to a temp name, then renamed: a crash never leaves half a file.
+    fn save(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("tmp-lever");
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(&tmp, text).with_context(|| format!("{}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display()))?;
+        Ok(())
+    }
+}
+
+pub fn run(a: ChatArgs) -> Result<()> {
+    let model = crate::load_model(&a.model)?;
+    if model.chat_template.is_none() {
+        bail!(
+            "{}: the model has no chat template, so it cannot chat",
+            model.info.path.display()
+        );
+    }
+    let mut conv = match &a.load {
+        Some(p) => Conversation::load(p)?,
+        None => Conversation::default(),
+    };
+    if a.system.is_some() {
+        conv.set_system(a.system.clone());
+    }
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        ctrlc::set_handler(move || cancel.store(true, Ordering::SeqCst))
+            .context("installing the Ctrl-C handler")?;
+    }
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!(
+            "lever chat with {} — /reset, /system TEXT, /save FILE, /load FILE, /exit; Ctrl-C stops an answer",
+            model.info.path.display()
+        );
+    }
+    let mut session = Session::new(&model);
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+            std::io::stderr().flush().ok();
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin")?;
+        cancel.store(false, Ordering::SeqCst);
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(cmd) = line.strip_prefix('/') {
+            let (name, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
+            let arg = arg.trim();
+            match name {
+                "exit" | "quit" => break,
+                "reset" => {
+                    let system = conv.system().map(str::to_string);
+                    conv = Conversation::default();
+                    conv.set_system(system);
+                    session.reset();
+                    eprintln!("(history cleared)");
+                }
+                "system" => {
+                    conv.set_system((!arg.is_empty()).then(|| arg.to_string()));
+                    eprintln!("(system prompt {})", if arg.is_empty() { "removed" } else { "set" });
+                }
+                "save" if !arg.is_empty() => match conv.save(Path::new(arg)) {
+                    Ok(()) => eprintln!("(saved {} messages to {arg})", conv.messages.len()),
+                    Err(e) => eprintln!("error: {e:#}"),
+                },
+                "load" if !arg.is_empty() => match Conversation::load(Path::new(arg)) {
+                    Ok(c) => {
+                        conv = c;
+                        eprintln!("(loaded {} messages from {arg})", conv.messages.len());
+                    }
+                    Err(e) => eprintln!("error: {e:#}"),
+                },
+                _ => eprintln!("unknown command /{name}: /reset, /system TEXT, /save FILE, /load FILE, /exit"),
+            }
+            continue;
+        }
+        conv.messages.push(Message::new("user", line));
+        match turn(&model, &mut session, &conv, &a, &cancel) {
+            Ok((text, finish)) => {
+                if finish == FinishReason::Cancelled {
+                    eprintln!("\n(stopped)");
+                }
+                conv.messages.push(Message::new("assistant", text));
+            }
+            Err(e) => {
+                conv.messages.pop();
+                eprintln!("error: {e:#}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn turn(
+    model: &Model,
+    session: &mut Session,
+    conv: &Conversation,
+    a: &ChatArgs,
+    cancel: &AtomicBool,
+) -> Result<(String, FinishReason)> {
+    let tmpl = model
+        .chat_template
+        .as_ref()
+        .context("the model has no chat template")?;
+    let prompt = tmpl.render(&conv.messages, true)?;
+    let ids = model.tokenizer.encode(&prompt, true)?;
+    let mut stdout = std::io::stdout();
+    let out = generate(model, session, &ids, &a.sampling.request(), &mut |piece| {
+        if cancel.load(Ordering::SeqCst) {
+            return Flow::Stop;
+        }
+        if stdout
+            .write_all(piece.as_bytes())
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return Flow::Stop;
+        }
+        Flow::Continue
+    })?;
+    println!();
+    Ok((out.text, out.finish_reason))
+}

@@ -1,0 +1,182 @@
+//! Command-line definitions (clap). Parsing only; `main.rs` resolves and dispatches.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lever",
+    version,
+    about = "Prompting, few-shot, RAG, fine-tuning and pretraining of language models, measured, in one binary",
+    long_about = None
+)]
+pub struct Cli {
+    /// Threads for the CPU kernels (default: all cores).
+    #[arg(long, global = true, env = "LEVER_THREADS")]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Ask the model one question and stream the answer.
+    Ask(AskArgs),
+    /// Multi-turn chat (interactive, or one user turn per line of piped stdin).
+    Chat(ChatArgs),
+    /// Print the token ids of a text.
+    Tokenize(TokenizeArgs),
+    /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
+    Perplexity(PerplexityArgs),
+    /// Prompt-processing and generation speed, and peak memory.
+    Bench(BenchArgs),
+    /// Provision and list models.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ModelArg {
+    /// A .gguf file, a Hugging Face folder, or a registry name (see `lever models list`).
+    #[arg(long, short = 'm', env = "LEVER_MODEL", default_value = lever_model::registry::DEFAULT_GENERATOR)]
+    pub model: String,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling: keep the smallest set with this much probability (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Drop tokens less likely than min-p times the best one (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Penalty for repeating recent tokens (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty looks at.
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed: the same seed gives the same text.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Maximum new tokens.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Stop when this string is produced (repeatable); it is not printed.
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AskArgs {
+    /// The prompt; read from stdin when absent.
+    pub prompt: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// A minijinja prompt template file; its output is the question.
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    /// A template variable, key=value (repeatable).
+    #[arg(long = "var", value_parser = parse_key_val)]
+    pub vars: Vec<(String, String)>,
+    /// Send the text as is, without the model's chat template.
+    #[arg(long)]
+    pub raw: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Start from a saved conversation (JSON written by /save).
+    #[arg(long)]
+    pub load: Option<PathBuf>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    /// The text to tokenize.
+    pub text: String,
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Do not add BOS even if the model asks for it.
+    #[arg(long)]
+    pub no_bos: bool,
+    /// Print {"ids": [...]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PerplexityArgs {
+    /// A UTF-8 text file.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Window size in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Score at most this many windows.
+    #[arg(long)]
+    pub chunks: Option<usize>,
+    /// Print {"ppl": ...}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Prompt tokens processed in one batch.
+    #[arg(long, default_value_t = 512)]
+    pub pp: usize,
+    /// Tokens generated one by one.
+    #[arg(long, default_value_t = 128)]
+    pub tg: usize,
+    /// Repetitions; the median is reported.
+    #[arg(long, short = 'r', default_value_t = 3)]
+    pub reps: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Download and verify models (default: all registry models).
+    Pull {
+        /// Registry names.
+        names: Vec<String>,
+    },
+    /// Registry models: name, kind, size, quantization, path.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_key_val(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not key=value"))
+}

@@ -1,0 +1,89 @@
+//! The `lever` binary: parse (cli.rs), resolve settings, call a library, print.
+//! Exit codes: 0 ok, 1 failure, 2 bad usage.
+
+mod ask;
+mod chat;
+mod cli;
+mod measure;
+mod models;
+mod progress;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use candle_core::Device;
+use clap::Parser;
+use lever_generate::SamplingParams;
+use lever_model::Model;
+
+use crate::cli::{Cli, Command, ModelArg, SamplingArgs};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            eprintln!("error: --threads must be at least 1");
+            return ExitCode::from(2);
+        }
+        set_threads(n);
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes joined by ": ".
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// candle's CPU kernels and rayon size their pools from RAYON_NUM_THREADS when first used.
+#[allow(unsafe_code)]
+fn set_threads(n: usize) {
+    // SAFETY: called first thing in main, before any other thread exists.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Ask(a) => ask::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Tokenize(a) => measure::tokenize(a),
+        Command::Perplexity(a) => measure::perplexity(a),
+        Command::Bench(a) => measure::bench(a),
+        Command::Models(m) => models::run(m),
+    }
+}
+
+pub fn device() -> Device {
+    Device::Cpu
+}
+
+/// Resolve (provisioning on first use) and load a generator.
+pub fn load_model(arg: &ModelArg) -> Result<Model> {
+    let home = lever_model::registry::lever_home();
+    let source = lever_model::model::resolve(&arg.model, &home, &mut progress::provisioning())?;
+    Ok(Model::load(&source, &device())?)
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        }
+    }
+
+    pub fn request(&self) -> lever_generate::GenerateRequest {
+        lever_generate::GenerateRequest {
+            max_new_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            sampling: self.params(),
+        }
+    }
+}
