@@ -9,7 +9,7 @@
 //! Dimensions: B batch, T new tokens, P cached tokens, C hidden, H query heads,
 //! K key/value heads, D head size (C = H·D), F MLP width, V vocabulary.
 
-use candle_core::{D, Device, Result, Tensor};
+use candle_core::{D, DType, Device, Result, Tensor};
 
 use crate::config::DecoderConfig;
 use crate::linear::Linear;
@@ -120,7 +120,10 @@ impl Attention {
         let v = self.v.forward(x)?.reshape((b, t, k_heads, d))?.transpose(1, 2)?; // (B, K, T, D)
         let q = rope.apply(&q, pos)?;
         let k = rope.apply(&k, pos)?;
-        let (k, v) = cache.append(layer, k, v.contiguous()?)?; // (B, K, P+T, D)
+        // llama.cpp keeps K and V in f16 by default; rounding them the same way keeps greedy
+        // output token-identical to it (`llama_context` type_k/type_v = GGML_TYPE_F16).
+        let v = v.contiguous()?;
+        let (k, v) = cache.append(layer, k, v)?; // (B, K, P+T, D)
         let k = ops::repeat_kv(k, h / k_heads)?.contiguous()?; // (B, H, P+T, D)
         let v = ops::repeat_kv(v, h / k_heads)?.contiguous()?; // (B, H, P+T, D)
         let att = (q.matmul(&k.t()?)? / (d as f64).sqrt())?; // (B, H, T, P+T)

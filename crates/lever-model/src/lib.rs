@@ -10,6 +10,7 @@ pub mod linear;
 pub mod model;
 pub mod ops;
 pub mod registry;
+pub mod testing;
 pub mod tokenizer;
 pub mod weights;
 

@@ -325,6 +325,11 @@ fn byte_to_char_table() -> [char; 256] {
     table
 }
 
+/// The 256 symbols byte-level BPE vocabularies use for the bytes 0..=255.
+pub fn byte_level_symbols() -> [char; 256] {
+    byte_to_char_table()
+}
+
 fn byte_level_decode(token: &str) -> Vec<u8> {
     use std::sync::OnceLock;
     static INV: OnceLock<std::collections::HashMap<char, u8>> = OnceLock::new();

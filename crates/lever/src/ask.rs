@@ -96,5 +96,7 @@ pub fn build_prompt(model: &Model, system: Option<&str>, user: &str, raw: bool) 
         messages.push(Message::new("system", s));
     }
     messages.push(Message::new("user", user));
-    Ok(tmpl.render(&messages, true)?)
+    // The template comes from the model file: name it, as every bad-input error does.
+    tmpl.render(&messages, true)
+        .with_context(|| model.info.path.display().to_string())
 }

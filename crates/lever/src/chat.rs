@@ -157,7 +157,9 @@ fn turn(
         .chat_template
         .as_ref()
         .context("the model has no chat template")?;
-    let prompt = tmpl.render(&conv.messages, true)?;
+    let prompt = tmpl
+        .render(&conv.messages, true)
+        .with_context(|| model.info.path.display().to_string())?;
     let ids = model.tokenizer.encode(&prompt, true)?;
     let mut stdout = std::io::stdout();
     let out = generate(model, session, &ids, &a.sampling.request(), &mut |piece| {

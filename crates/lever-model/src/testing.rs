@@ -1,0 +1,129 @@
+//! Tiny models written to disk, for tests of the loaders and the CLI (STYLE habit 10): a
+//! 2-layer llama-family GGUF with a byte-level vocabulary, in any block type candle writes.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+use crate::weights::SplitMix64;
+
+/// What to put in a tiny GGUF; the defaults make a valid model.
+#[derive(Debug, Clone)]
+pub struct TinyGguf {
+    pub arch: String,
+    /// Block type of the 2-D matrices (norms stay F32).
+    pub dtype: GgmlDType,
+    pub with_merges: bool,
+    pub with_chat_template: bool,
+    pub chat_template: String,
+    pub seed: u64,
+}
+
+impl Default for TinyGguf {
+    fn default() -> Self {
+        Self {
+            arch: "llama".into(),
+            dtype: GgmlDType::F32,
+            with_merges: true,
+            with_chat_template: true,
+            chat_template: "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into(),
+            seed: 0,
+        }
+    }
+}
+
+/// Hidden size: a multiple of 256 so every k-quant block type applies.
+pub const TINY_HIDDEN: usize = 256;
+pub const TINY_SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+impl TinyGguf {
+    pub fn write(&self, path: &Path) -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (c, f, layers, heads, kv) = (TINY_HIDDEN, 512usize, 2usize, 4usize, 2usize);
+        let hd = c / heads;
+        // Vocabulary: the 256 byte-level symbols, one merge ("Ġ" + "t"), then the specials.
+        let table = crate::tokenizer::byte_level_symbols();
+        let mut tokens: Vec<String> = table.iter().map(|c| c.to_string()).collect();
+        tokens.push("\u{120}t".into());
+        let mut types = vec![1i32; tokens.len()];
+        for s in TINY_SPECIALS {
+            tokens.push(s.into());
+            types.push(3);
+        }
+        let v = tokens.len();
+        let mut rng = SplitMix64(self.seed);
+        let mut mat = |rows: usize, cols: usize, std: f32| -> candle_core::Result<QTensor> {
+            let data: Vec<f32> = (0..rows * cols).map(|_| rng.normal() * std).collect();
+            let t = Tensor::from_vec(data, (rows, cols), &dev)?;
+            QTensor::quantize(&t, self.dtype)
+        };
+        let ones = |n: usize| -> candle_core::Result<QTensor> {
+            QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &dev)?, GgmlDType::F32)
+        };
+        let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        // The embedding rows are gathered, so keep them in a type with a small block (or F32).
+        tensors.push(("token_embd.weight".into(), mat(v, c, 0.5)?));
+        for i in 0..layers {
+            let p = |s: &str| format!("blk.{i}.{s}.weight");
+            tensors.push((p("attn_norm"), ones(c)?));
+            tensors.push((p("attn_q"), mat(heads * hd, c, 0.05)?));
+            tensors.push((p("attn_k"), mat(kv * hd, c, 0.05)?));
+            tensors.push((p("attn_v"), mat(kv * hd, c, 0.05)?));
+            tensors.push((p("attn_output"), mat(c, heads * hd, 0.05)?));
+            tensors.push((p("ffn_norm"), ones(c)?));
+            tensors.push((p("ffn_gate"), mat(f, c, 0.05)?));
+            tensors.push((p("ffn_up"), mat(f, c, 0.05)?));
+            tensors.push((p("ffn_down"), mat(c, f, 0.05)?));
+        }
+        tensors.push(("output_norm.weight".into(), ones(c)?));
+
+        let a = &self.arch;
+        let s = |x: &str| Value::String(x.to_string());
+        let u = |x: usize| Value::U32(x as u32);
+        let mut meta: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), s(a)),
+            ("general.name".into(), s("lever-tiny")),
+            (format!("{a}.context_length"), u(128)),
+            (format!("{a}.embedding_length"), u(c)),
+            (format!("{a}.block_count"), u(layers)),
+            (format!("{a}.feed_forward_length"), u(f)),
+            (format!("{a}.attention.head_count"), u(heads)),
+            (format!("{a}.attention.head_count_kv"), u(kv)),
+            (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+            (format!("{a}.rope.freq_base"), Value::F32(10_000.0)),
+            ("tokenizer.ggml.model".into(), s("gpt2")),
+            ("tokenizer.ggml.pre".into(), s("smollm")),
+            (
+                "tokenizer.ggml.tokens".into(),
+                Value::Array(tokens.iter().map(|t| s(t)).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type".into(),
+                Value::Array(types.into_iter().map(Value::I32).collect()),
+            ),
+            ("tokenizer.ggml.bos_token_id".into(), u(v - 2)),
+            ("tokenizer.ggml.eos_token_id".into(), u(v - 1)),
+            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+        ];
+        if self.with_merges {
+            meta.push((
+                "tokenizer.ggml.merges".into(),
+                Value::Array(vec![s("\u{120} t")]),
+            ));
+        }
+        if self.with_chat_template {
+            meta.push(("tokenizer.chat_template".into(), s(&self.chat_template)));
+        }
+        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> =
+            tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let tmp = path.with_extension("tmp-gguf");
+        let mut file = std::fs::File::create(&tmp)?;
+        gguf_file::write(&mut file, &meta_refs, &tensor_refs)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,125 @@
+//! lever against llama.cpp on the same GGUF file (SmolLM2-135M-Instruct Q4_1): tokenization,
+//! greedy output and perplexity. Fixtures: scripts/make-llama-cpp-fixtures.sh.
+
+mod common;
+
+use common::{default_model, fixture, ids, shared_data};
+use lever_generate::Session;
+use lever_generate::sampling::argmax;
+
+#[test]
+fn tokenizer_matches_llama_tokenize() {
+    let model = default_model();
+    let fx = fixture("llama-cpp/tokenize.json");
+    let cases = fx["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 30, "need at least 30 golden strings");
+    let mut failures = Vec::new();
+    for case in cases {
+        let text = case["text"].as_str().expect("text");
+        let want = ids(&case["ids"]);
+        let got = model.tokenizer.encode(text, true).expect("encode");
+        if got != want {
+            failures.push(format!("{text:?}\n  llama.cpp {want:?}\n  lever     {got:?}"));
+        }
+        // Decoding the ids gives the text back (byte-level BPE is lossless).
+        assert_eq!(model.tokenizer.decode(&got), text, "round trip of {text:?}");
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn greedy_output_matches_llama_completion() {
+    let model = default_model();
+    let fx = fixture("llama-cpp/greedy.json");
+    let cases = fx["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 10);
+    let (mut exact, mut near_ties) = (0, 0);
+    let mut failures = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().expect("name");
+        let prompt = case["prompt"].as_str().expect("prompt");
+        let prompt_ids = ids(&case["prompt_ids"]);
+        assert_eq!(
+            model.tokenizer.encode(prompt, true).expect("encode"),
+            prompt_ids,
+            "{name}: prompt tokens"
+        );
+        if let Some(messages) = case.get("messages").filter(|m| m.is_array()) {
+            let messages: Vec<lever_model::Message> =
+                serde_json::from_value(messages.clone()).expect("messages");
+            let rendered = model
+                .chat_template
+                .as_ref()
+                .expect("chat template")
+                .render(&messages, true)
+                .expect("render");
+            assert_eq!(rendered, prompt, "{name}: chat template rendering");
+        }
+        let want = ids(&case["completion_ids"]);
+        let mut session = Session::new(&model);
+        let mut logits = session.prefill(&model, &prompt_ids).expect("prefill");
+        let mut diverged = None;
+        for (step, &want_id) in want.iter().enumerate() {
+            let got = argmax(&logits);
+            if got != want_id {
+                let mut sorted = logits.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                let gap = sorted[0] - sorted[1];
+                if gap >= 0.01 {
+                    failures.push(format!(
+                        "{name}: step {step}: lever {got} vs llama.cpp {want_id}, top-2 gap {gap:.4} is not a near-tie"
+                    ));
+                }
+                diverged = Some((step, gap));
+                break;
+            }
+            if model.tokenizer.is_eog(got) {
+                break;
+            }
+            logits = session.feed(&model, &[got]).expect("feed");
+        }
+        match diverged {
+            None => exact += 1,
+            Some((step, gap)) => {
+                near_ties += 1;
+                eprintln!("{name}: diverged at step {step} (top-2 gap {gap:.4})");
+            }
+        }
+    }
+    eprintln!("greedy: {exact} identical, {near_ties} diverged");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(exact >= cases.len() / 2, "most prompts should match exactly");
+}
+
+#[test]
+fn perplexity_within_one_percent_of_llama_perplexity() {
+    let model = default_model();
+    let fx = fixture("llama-cpp/perplexity.json");
+    let want = fx["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .find(|r| r["chunks"] == 4)
+        .expect("4-chunk result")["ppl"]
+        .as_f64()
+        .expect("ppl");
+    let text = std::fs::read_to_string(shared_data("tinyshakespeare/input.txt")).expect("data");
+    let tokens = model.tokenizer.encode(&text, true).expect("encode");
+    let got = lever_generate::perplexity(&model, &tokens, 512, Some(4), &mut |_, _| {})
+        .expect("perplexity");
+    let rel = (got.ppl - want).abs() / want;
+    eprintln!(
+        "perplexity ctx 512, 4 chunks: lever {:.4}, llama.cpp {want:.4}, rel diff {:.4}%",
+        got.ppl,
+        rel * 100.0
+    );
+    assert_eq!(got.chunks, 4);
+    assert_eq!(got.scored_tokens, 4 * 255);
+    assert!(rel < 0.01, "lever {} vs llama.cpp {want}", got.ppl);
+}
