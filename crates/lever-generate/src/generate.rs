@@ -40,12 +40,7 @@ impl Session {
     /// Make the cache hold exactly `ids`, computing only what differs from what it holds;
     /// returns the logits after the last token (V,).
     pub fn prefill(&mut self, model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
-        let mut common = self
-            .ids
-            .iter()
-            .zip(ids)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let mut common = self.ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
         // Always recompute at least the last token to get its logits.
         if common == ids.len() {
             common = common.saturating_sub(1);
@@ -191,7 +186,15 @@ pub fn generate(
     }
     if finish != FinishReason::Stop && finish != FinishReason::Cancelled {
         let tail = stops.push(&utf8.flush());
-        let rest = format!("{}{}", tail.emit, if tail.stopped { String::new() } else { stops.flush() });
+        let rest = format!(
+            "{}{}",
+            tail.emit,
+            if tail.stopped {
+                String::new()
+            } else {
+                stops.flush()
+            }
+        );
         emit(&rest, &mut text);
         if tail.stopped {
             finish = FinishReason::Stop;

@@ -7,7 +7,9 @@ pub mod perplexity;
 pub mod sampling;
 pub mod stream;
 
-pub use generate::{FinishReason, Flow, GenerateRequest, Generation, Session, check_context, generate};
+pub use generate::{
+    FinishReason, Flow, GenerateRequest, Generation, Session, check_context, generate,
+};
 pub use perplexity::{Perplexity, perplexity};
 pub use sampling::{Sampler, SamplingParams};
 

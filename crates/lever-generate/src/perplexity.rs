@@ -29,7 +29,9 @@ pub fn perplexity(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Perplexity> {
     if ctx < 4 {
-        return Err(Error::Invalid(format!("ctx {ctx} is too small (at least 4)")));
+        return Err(Error::Invalid(format!(
+            "ctx {ctx} is too small (at least 4)"
+        )));
     }
     if ctx > model.decoder.config().max_seq_len {
         return Err(Error::Invalid(format!(
@@ -47,7 +49,11 @@ pub fn perplexity(
     let available = tokens.len() / ctx;
     let chunks = max_chunks.map_or(available, |m| m.min(available));
     let first = ctx / 2;
-    let bos = model.tokenizer.add_bos().then(|| model.tokenizer.bos()).flatten();
+    let bos = model
+        .tokenizer
+        .add_bos()
+        .then(|| model.tokenizer.bos())
+        .flatten();
     let dev = model.decoder.device();
     let mut nll = 0f64;
     let mut count = 0usize;

@@ -68,7 +68,11 @@ impl Sampler {
                 if seen.insert(t)
                     && let Some(l) = logits.get_mut(t as usize)
                 {
-                    *l = if *l > 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repeat_penalty
+                    } else {
+                        *l * p.repeat_penalty
+                    };
                 }
             }
         }

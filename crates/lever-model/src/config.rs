@@ -50,6 +50,17 @@ pub struct DecoderConfig {
     pub rope_style: RopeStyle,
     pub max_seq_len: usize,
     pub tie_embeddings: bool,
+    /// Precision the KV cache keeps keys and values in.
+    pub kv_precision: KvPrecision,
+}
+
+/// llama.cpp stores K and V in f16 by default, transformers in the compute dtype (f32 here);
+/// lever follows the convention of the format a model came in, so each side's reference
+/// output is reproduced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvPrecision {
+    F32,
+    F16,
 }
 
 impl DecoderConfig {
@@ -69,6 +80,7 @@ impl DecoderConfig {
             rope_style: RopeStyle::Neox,
             max_seq_len: 128,
             tie_embeddings: false,
+            kv_precision: KvPrecision::F32,
         }
     }
 
@@ -121,7 +133,10 @@ impl HfConfig {
         let arch = Arch::parse(&model_type).ok_or_else(|| {
             (
                 "model_type".to_string(),
-                format!("unsupported `{model_type}` (lever runs: {})", Arch::SUPPORTED),
+                format!(
+                    "unsupported `{model_type}` (lever runs: {})",
+                    Arch::SUPPORTED
+                ),
             )
         })?;
         if let Some(s) = &self.rope_scaling
@@ -164,6 +179,7 @@ impl HfConfig {
             rope_style: RopeStyle::Neox,
             max_seq_len: self.max_position_embeddings,
             tie_embeddings: self.tie_word_embeddings,
+            kv_precision: KvPrecision::F32,
         })
     }
 }

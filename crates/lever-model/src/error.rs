@@ -13,7 +13,9 @@ pub enum Error {
     },
     #[error("{path}: not a GGUF file or corrupt header ({detail})")]
     GgufHeader { path: PathBuf, detail: String },
-    #[error("{path}: truncated file: tensor `{tensor}` needs bytes up to {needed}, file has {actual}")]
+    #[error(
+        "{path}: truncated file: tensor `{tensor}` needs bytes up to {needed}, file has {actual}"
+    )]
     Truncated {
         path: PathBuf,
         tensor: String,
@@ -46,8 +48,10 @@ pub enum Error {
     },
     #[error("{path}: tokenizer: {problem}")]
     Tokenizer { path: PathBuf, problem: String },
-    #[error("chat template{}: {message}", location(*line, *col))]
+    #[error("{what}{}: {message}", location(*line, *col))]
     Template {
+        /// "chat template" or "prompt template".
+        what: &'static str,
         message: String,
         line: Option<usize>,
         col: Option<usize>,

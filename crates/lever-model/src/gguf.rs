@@ -187,7 +187,9 @@ impl GgufFile {
         let k = |s: &str| format!("{a}.{s}");
         let hidden = self.usize(&k("embedding_length"))?;
         let heads = self.usize(&k("attention.head_count"))?;
-        let kv_heads = self.opt_usize(&k("attention.head_count_kv")).unwrap_or(heads);
+        let kv_heads = self
+            .opt_usize(&k("attention.head_count_kv"))
+            .unwrap_or(heads);
         if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
             return Err(self.meta_err(
                 &k("attention.head_count_kv"),
@@ -197,7 +199,10 @@ impl GgufFile {
         let head_dim = self
             .opt_usize(&k("attention.key_length"))
             .unwrap_or(hidden / heads);
-        let vocab = match self.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()) {
+        let vocab = match self
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok())
+        {
             Some(t) => t.len(),
             None => self.usize(&k("vocab_size"))?,
         };
@@ -223,6 +228,7 @@ impl GgufFile {
             },
             max_seq_len: self.usize(&k("context_length"))?,
             tie_embeddings: tie,
+            kv_precision: crate::config::KvPrecision::F16,
         })
     }
 

@@ -15,7 +15,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use chat::{ChatTemplate, Message};
-pub use config::{Arch, DecoderConfig, HfConfig};
+pub use config::{Arch, DecoderConfig, HfConfig, KvPrecision};
 pub use decoder::{Cache, Decoder, Logits};
 pub use error::{Error, Result};
 pub use linear::{Linear, Lora, Weight};

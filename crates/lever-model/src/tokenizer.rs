@@ -19,8 +19,7 @@ use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 
 /// GPT-2's pre-tokenizer regex (the one ByteLevel applies with `use_regex`).
-const GPT2_RE: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const GPT2_RE: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 const LLAMA3_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -197,7 +196,8 @@ impl Tokenizer {
         let bos = bos.and_then(|b| inner.token_to_id(b));
         let eos = eos.and_then(|e| inner.token_to_id(e));
         let probe = inner.encode("a", true).map(|e| e.get_ids().to_vec());
-        let bos_by_post_processor = matches!((&probe, bos), (Ok(ids), Some(b)) if ids.first() == Some(&b));
+        let bos_by_post_processor =
+            matches!((&probe, bos), (Ok(ids), Some(b)) if ids.first() == Some(&b));
         let mut me = Self {
             inner,
             bytes,

@@ -180,10 +180,12 @@ impl WeightSource for GgufWeights<'_> {
     }
 
     fn embedding(&mut self, p: Param, vocab: usize, hidden: usize) -> Result<Embedding> {
-        Ok(match self.weight(&format!("{}.weight", p.gguf_name()), &[vocab, hidden])? {
-            Weight::Quantized(q) => Embedding::Quantized(q),
-            Weight::Float(t) => Embedding::Float(t),
-        })
+        Ok(
+            match self.weight(&format!("{}.weight", p.gguf_name()), &[vocab, hidden])? {
+                Weight::Quantized(q) => Embedding::Quantized(q),
+                Weight::Float(t) => Embedding::Float(t),
+            },
+        )
     }
 }
 
@@ -259,8 +261,11 @@ fn check_safetensors_header(path: &Path) -> Result<()> {
     let mut f = std::fs::File::open(path).map_err(crate::error::io_err(path))?;
     let len = f.metadata().map_err(crate::error::io_err(path))?.len();
     let mut n = [0u8; 8];
-    f.read_exact(&mut n)
-        .map_err(|_| bad(format!("file of {len} bytes is too short for a safetensors header")))?;
+    f.read_exact(&mut n).map_err(|_| {
+        bad(format!(
+            "file of {len} bytes is too short for a safetensors header"
+        ))
+    })?;
     let n = u64::from_le_bytes(n);
     if n > len.saturating_sub(8) {
         return Err(bad(format!(
@@ -275,7 +280,10 @@ fn check_safetensors_header(path: &Path) -> Result<()> {
     let mut end = 0u64;
     if let Some(map) = header.as_object() {
         for (k, v) in map {
-            if let Some(off) = v.get("data_offsets").and_then(|o| o.get(1)).and_then(|o| o.as_u64())
+            if let Some(off) = v
+                .get("data_offsets")
+                .and_then(|o| o.get(1))
+                .and_then(|o| o.as_u64())
             {
                 if 8 + n + off > len {
                     return Err(Error::Truncated {

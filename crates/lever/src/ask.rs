@@ -54,8 +54,8 @@ fn question(a: &AskArgs) -> Result<String> {
             if a.prompt.is_some() {
                 bail!("give either a PROMPT or --template, not both");
             }
-            let src = std::fs::read_to_string(path)
-                .with_context(|| format!("{}", path.display()))?;
+            let src =
+                std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
             lever_model::chat::render_prompt_template(&src, &a.vars)
                 .with_context(|| format!("{}", path.display()))?
         }

@@ -38,8 +38,7 @@ impl Conversation {
     }
 
     fn load(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
         let c: Conversation = serde_json::from_str(&text)
             .with_context(|| format!("{}: not a saved conversation", path.display()))?;
         Ok(c)
@@ -84,6 +83,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         );
     }
     let mut session = Session::new(&model);
+    let mut failed_turns = 0;
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -112,7 +112,10 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 }
                 "system" => {
                     conv.set_system((!arg.is_empty()).then(|| arg.to_string()));
-                    eprintln!("(system prompt {})", if arg.is_empty() { "removed" } else { "set" });
+                    eprintln!(
+                        "(system prompt {})",
+                        if arg.is_empty() { "removed" } else { "set" }
+                    );
                 }
                 "save" if !arg.is_empty() => match conv.save(Path::new(arg)) {
                     Ok(()) => eprintln!("(saved {} messages to {arg})", conv.messages.len()),
@@ -125,7 +128,9 @@ pub fn run(a: ChatArgs) -> Result<()> {
                     }
                     Err(e) => eprintln!("error: {e:#}"),
                 },
-                _ => eprintln!("unknown command /{name}: /reset, /system TEXT, /save FILE, /load FILE, /exit"),
+                _ => eprintln!(
+                    "unknown command /{name}: /reset, /system TEXT, /save FILE, /load FILE, /exit"
+                ),
             }
             continue;
         }
@@ -139,9 +144,14 @@ pub fn run(a: ChatArgs) -> Result<()> {
             }
             Err(e) => {
                 conv.messages.pop();
+                failed_turns += 1;
                 eprintln!("error: {e:#}");
             }
         }
+    }
+    // Scripts piping turns in learn from the exit code that a turn failed.
+    if failed_turns > 0 && !interactive {
+        bail!("{failed_turns} chat turn(s) failed");
     }
     Ok(())
 }

@@ -46,19 +46,19 @@ pub struct ModelArg {
 #[derive(Debug, Args, Clone)]
 pub struct SamplingArgs {
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
     pub temperature: f32,
     /// Keep only the k most likely tokens (0 = off).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Nucleus sampling: keep the smallest set with this much probability (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = unit_interval)]
     pub top_p: f32,
     /// Drop tokens less likely than min-p times the best one (0 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = unit_interval)]
     pub min_p: f32,
     /// Penalty for repeating recent tokens (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
     pub repeat_penalty: f32,
     /// How many recent tokens the repeat penalty looks at.
     #[arg(long, default_value_t = 64)]
@@ -134,11 +134,11 @@ pub struct PerplexityArgs {
     #[command(flatten)]
     pub model: ModelArg,
     /// Window size in tokens.
-    #[arg(long, default_value_t = 512)]
-    pub ctx: usize,
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(4..))]
+    pub ctx: u32,
     /// Score at most this many windows.
-    #[arg(long)]
-    pub chunks: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub chunks: Option<u32>,
     /// Print {"ppl": ...}.
     #[arg(long)]
     pub json: bool,
@@ -179,4 +179,41 @@ fn parse_key_val(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("`{s}` is not key=value"))
+}
+
+fn parse_f32(s: &str) -> Result<f32, String> {
+    s.parse::<f32>()
+        .ok()
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| format!("`{s}` is not a number"))
+}
+
+fn non_negative(s: &str) -> Result<f32, String> {
+    parse_f32(s).and_then(|v| {
+        if v >= 0.0 {
+            Ok(v)
+        } else {
+            Err(format!("{v} is negative"))
+        }
+    })
+}
+
+fn positive(s: &str) -> Result<f32, String> {
+    parse_f32(s).and_then(|v| {
+        if v > 0.0 {
+            Ok(v)
+        } else {
+            Err(format!("{v} must be > 0"))
+        }
+    })
+}
+
+fn unit_interval(s: &str) -> Result<f32, String> {
+    parse_f32(s).and_then(|v| {
+        if (0.0..=1.0).contains(&v) {
+            Ok(v)
+        } else {
+            Err(format!("{v} is outside 0..=1"))
+        }
+    })
 }

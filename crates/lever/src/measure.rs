@@ -20,13 +20,19 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
 
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let bytes = std::fs::read(&a.file).with_context(|| format!("{}", a.file.display()))?;
-    let text = String::from_utf8(bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not UTF-8 (byte {})", a.file.display(), e.utf8_error().valid_up_to()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not UTF-8 (byte {})",
+            a.file.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
     let model = crate::load_model(&a.model)?;
     let tokens = model.tokenizer.encode(&text, true)?;
-    let n_chunks = a.chunks.unwrap_or(tokens.len() / a.ctx.max(1)).min(tokens.len() / a.ctx.max(1));
+    let (ctx, chunks) = (a.ctx as usize, a.chunks.map(|c| c as usize));
+    let n_chunks = chunks.unwrap_or(tokens.len() / ctx).min(tokens.len() / ctx);
     let bar = (!a.json).then(|| crate::progress::counter(n_chunks as u64, "perplexity chunks"));
-    let r = lever_generate::perplexity(&model, &tokens, a.ctx, a.chunks, &mut |done, _| {
+    let r = lever_generate::perplexity(&model, &tokens, ctx, chunks, &mut |done, _| {
         if let Some(b) = &bar {
             b.set_position(done as u64);
         }
@@ -85,7 +91,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             })
         );
     } else {
-        println!("model      {} ({})", model.info.path.display(), model.info.quantization);
+        println!(
+            "model      {} ({})",
+            model.info.path.display(),
+            model.info.quantization
+        );
         println!("threads    {threads}");
         if let Some(v) = pp_tps {
             println!("pp{:<7} {v:.1} tok/s", a.pp);
@@ -94,7 +104,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             println!("tg{:<7} {v:.1} tok/s", a.tg);
         }
         if let Some(b) = bw {
-            println!("weights    {:.1} MB/token, {b:.2} GB/s during tg", bytes / 1e6);
+            println!(
+                "weights    {:.1} MB/token, {b:.2} GB/s during tg",
+                bytes / 1e6
+            );
         }
         if let Some(r) = rss {
             println!("peak RSS   {r:.0} MB");

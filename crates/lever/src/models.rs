@@ -19,7 +19,11 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
                         registry::find(n).ok_or_else(|| {
                             anyhow::anyhow!(
                                 "unknown model `{n}` (registry: {})",
-                                REGISTRY.iter().map(|e| e.name).collect::<Vec<_>>().join(", ")
+                                REGISTRY
+                                    .iter()
+                                    .map(|e| e.name)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
                             )
                         })
                     })
@@ -58,9 +62,10 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
                 "NAME", "KIND", "SIZE", "QUANT"
             );
             for r in rows {
-                let size = r["size"]
-                    .as_u64()
-                    .map_or_else(|| "(not pulled)".to_string(), |b| format!("{:.1} MB", b as f64 / 1e6));
+                let size = r["size"].as_u64().map_or_else(
+                    || "(not pulled)".to_string(),
+                    |b| format!("{:.1} MB", b as f64 / 1e6),
+                );
                 println!(
                     "{:<24} {:<10} {:>10} {:<6} {}",
                     r["name"].as_str().unwrap_or(""),

@@ -681,13 +681,19 @@ fn chat_template_that_fails_to_render_names_the_file() {
     }
     let line = lever(d.path(), &["ask", "hi", "--model", "raise.gguf"]).one_line_error(&["nope"]);
     assert!(line.contains("line 1"), "{line}");
-    // In chat a failed turn is reported (naming the file) and the session goes on.
+    // In chat a failed turn is reported (naming the file) and the session goes on; with stdin
+    // piped the exit code then says a turn failed.
     let out = lever_in(
         d.path(),
         &["chat", "--model", "raise.gguf"],
         Some("hi\n/save c.json\n"),
     );
-    let out = out.ok();
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("1 chat turn(s) failed"),
+        "{}",
+        out.stderr
+    );
     assert!(
         out.stderr
             .contains("error: raise.gguf: chat template (line 1, column 4): nope"),

@@ -1,0 +1,133 @@
+//! The decoder and tokenizer loaded from Hugging Face folders against transformers: tiny
+//! random Llama (f32, GQA), Llama with tied embeddings (bf16) and Qwen2 with q/k/v biases (f16).
+//! Fixtures: scripts/make-hf-tiny-fixtures.py (transformers 4.57.6, torch 2.9.1).
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use lever_model::{Logits, Message, Model};
+
+fn dir(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf-tiny")
+        .join(rel)
+}
+
+fn json(path: PathBuf) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("json")
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// Max |lever - transformers| over every logit of every position; transformers computed in
+/// f32 from the same (upcast) weights, so the tolerance is f32 round-off.
+fn check_folder(name: &str) {
+    let folder = dir(name);
+    let reference = json(folder.join("reference.json"));
+    let model = Model::load_hf(&folder, &Device::Cpu).expect("load");
+    let input = ids(&reference["input_ids"]);
+    let x = Tensor::new(input.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut cache = model.decoder.new_cache();
+    let logits = model.decoder.forward(&x, &mut cache, Logits::All).unwrap();
+    let got = logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    let want: Vec<Vec<f64>> = serde_json::from_value(reference["logits"].clone()).unwrap();
+    assert_eq!(got.len(), want.len());
+    let mut max_diff = 0f64;
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.len(), w.len());
+        for (a, b) in g.iter().zip(w) {
+            max_diff = max_diff.max((*a as f64 - b).abs());
+        }
+    }
+    eprintln!("{name}: max |logit diff| vs transformers = {max_diff:.2e}");
+    assert!(max_diff < 1e-3, "{name}: max diff {max_diff}");
+
+    // Greedy continuation, token by token through the KV cache.
+    let want_greedy = ids(&reference["greedy_ids"]);
+    let mut cache = model.decoder.new_cache();
+    let mut last = model.decoder.forward(&x, &mut cache, Logits::Last).unwrap();
+    let mut got_greedy = Vec::new();
+    for _ in 0..want_greedy.len() {
+        let next = lever_model::decoder::argmax(&last.squeeze(0).unwrap()).unwrap();
+        got_greedy.push(next);
+        let t = Tensor::new(&[next], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        last = model.decoder.forward(&t, &mut cache, Logits::Last).unwrap();
+    }
+    assert_eq!(got_greedy, want_greedy, "{name}: greedy ids");
+
+    // Chat template rendering and tokenization of the rendered prompt.
+    let messages: Vec<Message> =
+        serde_json::from_value(reference["chat_messages"].clone()).unwrap();
+    let rendered = model
+        .chat_template
+        .as_ref()
+        .expect("template")
+        .render(&messages, true)
+        .unwrap();
+    assert_eq!(
+        rendered,
+        reference["chat_prompt"].as_str().unwrap(),
+        "{name}: chat prompt"
+    );
+    assert_eq!(
+        model.tokenizer.encode(&rendered, false).unwrap(),
+        ids(&reference["chat_prompt_ids"]),
+        "{name}: chat prompt ids"
+    );
+    assert_eq!(
+        model
+            .tokenizer
+            .encode(reference["prompt"].as_str().unwrap(), false)
+            .unwrap(),
+        input,
+        "{name}: prompt ids"
+    );
+}
+
+#[test]
+fn llama_f32_matches_transformers() {
+    check_folder("llama-f32");
+}
+
+#[test]
+fn llama_tied_bf16_matches_transformers() {
+    check_folder("llama-tied-bf16");
+}
+
+#[test]
+fn qwen2_f16_with_biases_matches_transformers() {
+    check_folder("qwen2-f16");
+}
+
+#[test]
+fn tokenizer_json_matches_hf_tokenizers() {
+    let cases = json(dir("tokenizer-cases.json"));
+    let tok = lever_model::Tokenizer::from_file(
+        &dir("tokenizer.json"),
+        Some("<|im_start|>"),
+        Some("<|im_end|>"),
+    )
+    .expect("tokenizer");
+    for case in cases["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let got = tok.encode(text, false).unwrap();
+        assert_eq!(got, ids(&case["ids"]), "{text:?}");
+        assert_eq!(
+            tok.decode(&got),
+            case["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
+    }
+}
