@@ -146,6 +146,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

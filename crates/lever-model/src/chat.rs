@@ -23,18 +23,12 @@ impl Message {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,
     bos: String,
     eos: String,
-}
-
-impl Clone for ChatTemplate {
-    fn clone(&self) -> Self {
-        Self::new(&self.source, &self.bos, &self.eos).expect("template compiled once already")
-    }
 }
 
 fn template_error(e: minijinja::Error, source: &str, what: &'static str) -> Error {

@@ -154,7 +154,10 @@ impl HfConfig {
             ));
         }
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if self.num_attention_heads == 0 || self.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0
+            || self.num_attention_heads == 0
+            || !self.num_attention_heads.is_multiple_of(num_kv_heads)
+        {
             return Err((
                 "num_key_value_heads".into(),
                 format!(
@@ -181,5 +184,37 @@ impl HfConfig {
             tie_embeddings: self.tie_word_embeddings,
             kv_precision: KvPrecision::F32,
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> HfConfig {
+        let base = r#""vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2"#;
+        serde_json::from_str(&format!("{{{base}{extra}}}")).expect("config json")
+    }
+
+    #[test]
+    fn zero_kv_heads_is_an_error_not_a_division_by_zero() {
+        let err = cfg(r#", "num_key_value_heads": 0"#).resolve().unwrap_err();
+        assert_eq!(err.0, "num_key_value_heads");
+    }
+
+    #[test]
+    fn rope_scaling_is_refused_by_name() {
+        let err = cfg(r#", "rope_scaling": {"type": "linear", "factor": 2.0}"#)
+            .resolve()
+            .unwrap_err();
+        assert_eq!(err.0, "rope_scaling");
+    }
+
+    #[test]
+    fn defaults_resolve() {
+        let c = cfg("").resolve().expect("resolve");
+        assert_eq!((c.num_kv_heads, c.head_dim, c.arch), (2, 4, Arch::Llama));
     }
 }

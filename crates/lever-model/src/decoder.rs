@@ -326,6 +326,7 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::config::{Arch, DecoderConfig};

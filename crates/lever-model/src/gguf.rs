@@ -37,7 +37,7 @@ impl GgufFile {
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count();
             let bs = info.ggml_dtype.block_size();
-            if elems % bs != 0 {
+            if !elems.is_multiple_of(bs) {
                 return Err(Error::Tensor {
                     path: path.to_path_buf(),
                     tensor: name.clone(),

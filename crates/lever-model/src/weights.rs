@@ -216,9 +216,8 @@ impl SafetensorsWeights {
         })
     }
 
-    fn path_for(&self, key: &str) -> PathBuf {
-        // MmapedSafetensors routes keys internally; name the first file when it has one shard.
-        let _ = key;
+    /// The file to name in errors: the file itself, or the folder of a sharded checkpoint.
+    fn display_path(&self) -> PathBuf {
         if self.paths.len() == 1 {
             self.paths[0].clone()
         } else {
@@ -231,7 +230,7 @@ impl SafetensorsWeights {
     }
 
     fn tensor(&self, key: &str, want: &[usize]) -> Result<Tensor> {
-        let path = self.path_for(key);
+        let path = self.display_path();
         let view = self.files.get(key).map_err(|_| Error::Tensor {
             path: path.clone(),
             tensor: key.to_string(),
@@ -277,23 +276,20 @@ fn check_safetensors_header(path: &Path) -> Result<()> {
         .map_err(|e| bad(format!("reading header: {e}")))?;
     let header: serde_json::Value =
         serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let mut end = 0u64;
     if let Some(map) = header.as_object() {
         for (k, v) in map {
             if let Some(off) = v
                 .get("data_offsets")
                 .and_then(|o| o.get(1))
                 .and_then(|o| o.as_u64())
+                && 8 + n + off > len
             {
-                if 8 + n + off > len {
-                    return Err(Error::Truncated {
-                        path: path.to_path_buf(),
-                        tensor: k.clone(),
-                        needed: 8 + n + off,
-                        actual: len,
-                    });
-                }
-                end = end.max(off);
+                return Err(Error::Truncated {
+                    path: path.to_path_buf(),
+                    tensor: k.clone(),
+                    needed: 8 + n + off,
+                    actual: len,
+                });
             }
         }
     }

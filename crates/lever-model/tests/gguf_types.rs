@@ -1,5 +1,6 @@
 //! Every GGUF block type candle reads loads into the one decoder and computes logits close to
 //! the same weights in F32 (each type's tolerance reflects its bits per weight).
+#![allow(clippy::unwrap_used)]
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};

@@ -1,6 +1,7 @@
 //! The decoder and tokenizer loaded from Hugging Face folders against transformers: tiny
 //! random Llama (f32, GQA), Llama with tied embeddings (bf16) and Qwen2 with q/k/v biases (f16).
 //! Fixtures: scripts/make-hf-tiny-fixtures.py (transformers 4.57.6, torch 2.9.1).
+#![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 

@@ -5,6 +5,7 @@
 //! from the environment (or the default `~/.cache/lever`), where it must be provisioned
 //! (`lever models pull`). Tests of bad inputs use small files written here, mostly
 //! `lever_model::testing::TinyGguf`.
+#![allow(clippy::unwrap_used)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
 //! lever against llama.cpp on the same GGUF file (SmolLM2-135M-Instruct Q4_1): tokenization,
 //! greedy output and perplexity. Fixtures: scripts/make-llama-cpp-fixtures.sh.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Shared helpers for lever's integration tests.
+#![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
 use std::path::PathBuf;
