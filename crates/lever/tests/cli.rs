@@ -904,3 +904,64 @@ fn bench_json_reports_speeds_and_memory() {
     assert_eq!(v["tg"], 8);
     assert_eq!(v["quantization"], "Q4_1");
 }
+
+/// Ctrl-C (SIGINT) during an answer stops that answer, not the session: the partial answer
+/// stays in the history, the next commands run, and the exit code is 0.
+#[test]
+fn chat_ctrl_c_stops_the_answer_not_the_session() {
+    use std::io::Read;
+    let d = TempDir::new().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lever"))
+        .current_dir(d.path())
+        .args([
+            "chat",
+            "--max-tokens",
+            "2000",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "3",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"Write a very long story about a dragon, with many chapters.\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    // Wait until the answer is streaming, then interrupt it.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while seen.len() < 40 {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "chat ended before streaming an answer");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    stdin.write_all(b"/save conv.json\n/exit\n").unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("(stopped)"), "{stderr}");
+    let msgs = messages(&d.path().join("conv.json"));
+    let answer = &msgs.last().expect("messages").1;
+    assert_eq!(msgs.last().unwrap().0, "assistant");
+    assert!(!answer.is_empty());
+    // Stopped well before 2000 tokens (about 4 bytes each).
+    assert!(
+        answer.len() < 4000,
+        "answer of {} bytes was not stopped",
+        answer.len()
+    );
+}
