@@ -9,6 +9,7 @@ pub mod gguf;
 pub mod linear;
 pub mod model;
 pub mod ops;
+pub mod quantize;
 pub mod registry;
 pub mod testing;
 pub mod tokenizer;

@@ -31,6 +31,8 @@ pub enum Command {
     Perplexity(PerplexityArgs),
     /// Prompt-processing and generation speed, and peak memory.
     Bench(BenchArgs),
+    /// Write a GGUF file with its weights in another block type (llama.cpp loads it).
+    Quantize(QuantizeArgs),
     /// Provision and list models.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -159,6 +161,22 @@ pub struct BenchArgs {
     pub reps: usize,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// Input model: a .gguf file or a registry name.
+    pub input: String,
+    /// Output .gguf file (written to a temp name, then renamed).
+    pub output: PathBuf,
+    /// Block type of the weight matrices: q8_0, q4_1, q4_0 or f16.
+    #[arg(long = "type", short = 't', value_parser = parse_quant_type)]
+    pub qtype: candle_core::quantized::GgmlDType,
+}
+
+fn parse_quant_type(s: &str) -> Result<candle_core::quantized::GgmlDType, String> {
+    lever_model::quantize::parse_type(s)
+        .ok_or_else(|| format!("`{s}` is not one of q8_0, q4_1, q4_0, f16"))
 }
 
 #[derive(Debug, Subcommand)]

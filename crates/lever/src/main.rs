@@ -51,6 +51,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => measure::tokenize(a),
         Command::Perplexity(a) => measure::perplexity(a),
         Command::Bench(a) => measure::bench(a),
+        Command::Quantize(a) => measure::quantize(a),
         Command::Models(m) => models::run(m),
     }
 }

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use crate::cli::{BenchArgs, PerplexityArgs, TokenizeArgs};
+use crate::cli::{BenchArgs, PerplexityArgs, QuantizeArgs, TokenizeArgs};
 
 pub fn tokenize(a: TokenizeArgs) -> Result<()> {
     let model = crate::load_model(&a.model)?;
@@ -122,4 +122,32 @@ fn median(v: &mut [f64]) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     Some(v[v.len() / 2])
+}
+
+pub fn quantize(a: QuantizeArgs) -> Result<()> {
+    let home = lever_model::registry::lever_home();
+    let source =
+        lever_model::model::resolve(&a.input, &home, &mut crate::progress::provisioning())?;
+    let lever_model::ModelSource::Gguf(src) = source else {
+        anyhow::bail!(
+            "{}: Hugging Face folder to GGUF conversion is not supported yet; give a .gguf file",
+            a.input
+        );
+    };
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    lever_model::quantize::quantize_gguf(&src, &a.output, a.qtype, &mut |done, total| {
+        bar.get_or_insert_with(|| crate::progress::counter(total as u64, "quantizing tensors"))
+            .set_position(done as u64);
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let size = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "wrote {} ({:?}, {:.1} MB)",
+        a.output.display(),
+        a.qtype,
+        size as f64 / 1e6
+    );
+    Ok(())
 }

@@ -965,3 +965,73 @@ fn chat_ctrl_c_stops_the_answer_not_the_session() {
         answer.len()
     );
 }
+
+#[test]
+fn quantize_bad_input_is_a_clear_error_and_leaves_no_file() {
+    let d = TempDir::new().unwrap();
+    let out = lever(
+        d.path(),
+        &[
+            "quantize",
+            "smollm2-135m-instruct",
+            "x.gguf",
+            "--type",
+            "q3_x",
+        ],
+    );
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    std::fs::create_dir(d.path().join("hf")).unwrap();
+    std::fs::write(d.path().join("hf/config.json"), "{}").unwrap();
+    let line = lever(d.path(), &["quantize", "hf", "x.gguf", "--type", "q8_0"])
+        .one_line_error(&["not supported"]);
+    assert!(line.contains("hf"), "{line}");
+    let line = lever(
+        d.path(),
+        &[
+            "quantize",
+            "smollm2-135m-instruct",
+            "no/such/dir/x.gguf",
+            "-t",
+            "q8_0",
+        ],
+    )
+    .one_line_error(&["no/such/dir"]);
+    assert!(!line.is_empty());
+    assert!(!d.path().join("x.gguf").exists());
+}
+
+#[test]
+fn quantize_tiny_model_round_trips() {
+    let d = TempDir::new().unwrap();
+    TinyGguf::default()
+        .write(&d.path().join("tiny.gguf"))
+        .unwrap();
+    lever(
+        d.path(),
+        &["quantize", "tiny.gguf", "tiny-q8.gguf", "--type", "q8_0"],
+    )
+    .ok();
+    let v = lever(d.path(), &["models", "list", "--json"]).ok().json();
+    assert!(v.is_array());
+    let out = lever(
+        d.path(),
+        &[
+            "ask",
+            "hello",
+            "--raw",
+            "--model",
+            "tiny-q8.gguf",
+            "-n",
+            "3",
+            "--json",
+        ],
+    )
+    .ok()
+    .json();
+    assert_eq!(out["completion_tokens"], 3, "{out}");
+    let names: Vec<String> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains("tmp")), "{names:?}");
+}

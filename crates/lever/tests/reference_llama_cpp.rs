@@ -144,3 +144,37 @@ fn perplexity_within_one_percent_of_llama_perplexity() {
     assert_eq!(got.scored_tokens, 4 * 255);
     assert!(rel < 0.01, "lever {} vs llama.cpp {want}", got.ppl);
 }
+
+/// `lever quantize` writes files llama.cpp loads: the same bytes it was scored on (sha256), and
+/// lever's perplexity on them within 1% of llama-perplexity's.
+#[test]
+fn quantized_files_load_in_llama_cpp_and_score_alike() {
+    let fx = fixture("llama-cpp/quantize.json");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = default_model().info.path;
+    let text = std::fs::read_to_string(shared_data("tinyshakespeare/input.txt")).expect("data");
+    for r in fx["results"].as_array().expect("results") {
+        let ty = r["type"].as_str().expect("type");
+        let out = dir.path().join(format!("{ty}.gguf"));
+        let qtype = lever_model::quantize::parse_type(ty).expect("type");
+        lever_model::quantize::quantize_gguf(&src, &out, qtype, &mut |_, _| {}).expect("quantize");
+        let sum = lever_model::registry::sha256_file(&out).expect("sha256");
+        assert_eq!(
+            sum,
+            r["sha256"].as_str().expect("sha"),
+            "{ty}: output bytes changed"
+        );
+        let model = lever_model::Model::load_gguf(&out, &candle_core::Device::Cpu).expect("load");
+        let tokens = model.tokenizer.encode(&text, true).expect("encode");
+        let got = lever_generate::perplexity(&model, &tokens, 512, Some(4), &mut |_, _| {})
+            .expect("perplexity")
+            .ppl;
+        let want = r["llama_cpp_ppl"].as_f64().expect("ppl");
+        let rel = (got - want).abs() / want;
+        eprintln!(
+            "{ty}: lever {got:.4}, llama.cpp {want:.4}, {:.3}% apart",
+            rel * 100.0
+        );
+        assert!(rel < 0.01, "{ty}: {got} vs {want}");
+    }
+}

@@ -1,0 +1,115 @@
+//! `lever quantize`: rewrite a GGUF file with its matrices in another block type.
+//! Every 2-D weight is dequantized to f32 and quantized again; vectors (norms, biases) stay F32.
+//! As llama.cpp's `llama-quantize` does for small models, a tied embedding (no `output.weight`,
+//! so the table is also the output layer) is kept at 8 bits when the target has fewer.
+//! The file is written to a temp name, synced, then renamed.
+
+use std::path::Path;
+
+use candle_core::Device;
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+
+use crate::error::{Error, Result, io_err};
+use crate::gguf::GgufFile;
+
+/// Block types `lever quantize` writes, by their CLI names.
+pub fn parse_type(name: &str) -> Option<GgmlDType> {
+    Some(match name.to_ascii_lowercase().as_str() {
+        "f16" => GgmlDType::F16,
+        "q8_0" => GgmlDType::Q8_0,
+        "q4_1" => GgmlDType::Q4_1,
+        "q4_0" => GgmlDType::Q4_0,
+        _ => return None,
+    })
+}
+
+/// llama.cpp's `general.file_type` (`llama_ftype`) for a whole-file type.
+fn file_type(t: GgmlDType) -> u32 {
+    match t {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q8_0 => 7,
+        _ => 0,
+    }
+}
+
+/// Quantize `src` into `dst`. `progress(done, total)` counts tensors.
+pub fn quantize_gguf(
+    src: &Path,
+    dst: &Path,
+    target: GgmlDType,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<()> {
+    let mut file = GgufFile::open(src)?;
+    file.architecture()?;
+    let dev = Device::Cpu;
+    let tied = !file.has_tensor("output.weight");
+    let names: Vec<String> = file.tensor_types().into_iter().map(|(n, _)| n).collect();
+    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let q = file.tensor(name, &dev)?;
+        let out = if q.shape().rank() < 2 {
+            if q.dtype() == GgmlDType::F32 {
+                q
+            } else {
+                QTensor::quantize(&q.dequantize(&dev)?, GgmlDType::F32)?
+            }
+        } else {
+            let mut ty = target;
+            if name == "token_embd.weight"
+                && tied
+                && target.type_size() * 8 / target.block_size() < 8
+            {
+                ty = GgmlDType::Q8_0;
+            }
+            let cols = *q.shape().dims().last().unwrap_or(&0);
+            if cols % ty.block_size() != 0 {
+                return Err(Error::Tensor {
+                    path: src.into(),
+                    tensor: name.clone(),
+                    problem: format!(
+                        "row length {cols} is not a multiple of {ty:?}'s block of {}",
+                        ty.block_size()
+                    ),
+                });
+            }
+            if q.dtype() == ty {
+                q
+            } else {
+                QTensor::quantize(&q.dequantize(&dev)?, ty)?
+            }
+        };
+        tensors.push((name.clone(), out));
+        progress(i + 1, names.len());
+    }
+    let mut metadata: Vec<(String, Value)> = file
+        .content()
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != "general.file_type")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    metadata.push(("general.file_type".into(), Value::U32(file_type(target))));
+    let meta_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let tmp = dst.with_extension("gguf.tmp-lever");
+    let write = || -> std::result::Result<(), Error> {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io_err(&tmp))?);
+        gguf_file::write(&mut out, &meta_refs, &tensor_refs)?;
+        let f = out.into_inner().map_err(|e| Error::Io {
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, dst).map_err(io_err(dst))
+    };
+    let r = write();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
