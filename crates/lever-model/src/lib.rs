@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod convert;
 pub mod decoder;
 pub mod error;
 pub mod gguf;

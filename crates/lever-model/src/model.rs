@@ -195,7 +195,7 @@ fn json_field(e: &serde_json::Error) -> String {
 }
 
 /// `model.safetensors`, or the shards named by `model.safetensors.index.json`.
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
         return Ok(vec![single]);

@@ -89,10 +89,27 @@ pub fn quantize_gguf(
         .content()
         .metadata
         .iter()
-        .filter(|(k, _)| k.as_str() != "general.file_type")
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    write_gguf(dst, metadata, &tensors, target)
+}
+
+/// Convert a Hugging Face folder into a GGUF file with matrices in `target`.
+pub fn convert_hf(dir: &Path, dst: &Path, target: GgmlDType) -> Result<()> {
+    let (metadata, tensors) = crate::convert::hf_to_gguf(dir, target)?;
+    write_gguf(dst, metadata, &tensors, target)
+}
+
+/// Write metadata (with `general.file_type` set for `target`) and tensors to `dst`: a temp
+/// name first, synced, then renamed; nothing is left behind on failure.
+fn write_gguf(
+    dst: &Path,
+    mut metadata: Vec<(String, Value)>,
+    tensors: &[(String, QTensor)],
+    target: GgmlDType,
+) -> Result<()> {
+    metadata.retain(|(k, _)| k != "general.file_type");
     metadata.push(("general.file_type".into(), Value::U32(file_type(target))));
     let meta_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();

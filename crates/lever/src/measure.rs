@@ -128,17 +128,20 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let home = lever_model::registry::lever_home();
     let source =
         lever_model::model::resolve(&a.input, &home, &mut crate::progress::provisioning())?;
-    let lever_model::ModelSource::Gguf(src) = source else {
-        anyhow::bail!(
-            "{}: Hugging Face folder to GGUF conversion is not supported yet; give a .gguf file",
-            a.input
-        );
-    };
     let mut bar: Option<indicatif::ProgressBar> = None;
-    lever_model::quantize::quantize_gguf(&src, &a.output, a.qtype, &mut |done, total| {
-        bar.get_or_insert_with(|| crate::progress::counter(total as u64, "quantizing tensors"))
-            .set_position(done as u64);
-    })?;
+    match &source {
+        lever_model::ModelSource::Gguf(src) => {
+            lever_model::quantize::quantize_gguf(src, &a.output, a.qtype, &mut |done, total| {
+                bar.get_or_insert_with(|| {
+                    crate::progress::counter(total as u64, "quantizing tensors")
+                })
+                .set_position(done as u64);
+            })?
+        }
+        lever_model::ModelSource::HfFolder(dir) => {
+            lever_model::quantize::convert_hf(dir, &a.output, a.qtype)?
+        }
+    }
     if let Some(b) = bar {
         b.finish_and_clear();
     }

@@ -980,10 +980,11 @@ fn quantize_bad_input_is_a_clear_error_and_leaves_no_file() {
         ],
     );
     assert_eq!(out.code, 2, "{}", out.stderr);
+    // A Hugging Face folder converts; a broken config.json is named.
     std::fs::create_dir(d.path().join("hf")).unwrap();
     std::fs::write(d.path().join("hf/config.json"), "{}").unwrap();
     let line = lever(d.path(), &["quantize", "hf", "x.gguf", "--type", "q8_0"])
-        .one_line_error(&["not supported"]);
+        .one_line_error(&["config.json", "vocab_size"]);
     assert!(line.contains("hf"), "{line}");
     let line = lever(
         d.path(),
