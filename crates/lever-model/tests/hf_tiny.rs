@@ -26,6 +26,18 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
+/// The fixture's chat messages rendered with the model's own template.
+fn render_reference_chat(model: &Model, reference: &serde_json::Value) -> String {
+    let messages: Vec<Message> =
+        serde_json::from_value(reference["chat_messages"].clone()).unwrap();
+    model
+        .chat_template
+        .as_ref()
+        .expect("template")
+        .render(&messages, true)
+        .unwrap()
+}
+
 /// Max |lever - transformers| over every logit of every position; transformers computed in
 /// f32 from the same (upcast) weights, so the tolerance is f32 round-off.
 fn check_folder(name: &str) {
@@ -69,14 +81,7 @@ fn check_folder(name: &str) {
     assert_eq!(got_greedy, want_greedy, "{name}: greedy ids");
 
     // Chat template rendering and tokenization of the rendered prompt.
-    let messages: Vec<Message> =
-        serde_json::from_value(reference["chat_messages"].clone()).unwrap();
-    let rendered = model
-        .chat_template
-        .as_ref()
-        .expect("template")
-        .render(&messages, true)
-        .unwrap();
+    let rendered = render_reference_chat(&model, &reference);
     assert_eq!(
         rendered,
         reference["chat_prompt"].as_str().unwrap(),
@@ -179,14 +184,7 @@ fn converted_gguf_matches_transformers() {
             .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
         eprintln!("{name} -> GGUF {ty:?}: max |logit diff| vs transformers = {max_diff:.2e}");
         assert!(max_diff < tol, "{name} {ty:?}: {max_diff}");
-        let messages: Vec<Message> =
-            serde_json::from_value(reference["chat_messages"].clone()).unwrap();
-        let rendered = model
-            .chat_template
-            .as_ref()
-            .expect("template")
-            .render(&messages, true)
-            .unwrap();
+        let rendered = render_reference_chat(&model, &reference);
         assert_eq!(rendered, reference["chat_prompt"].as_str().unwrap());
     }
 }
