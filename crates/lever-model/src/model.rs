@@ -112,11 +112,10 @@ impl Model {
                 .unwrap_or_default()
         };
         let chat_template = match file.opt_string("tokenizer.chat_template") {
-            Some(src) => Some(ChatTemplate::new(
-                &src,
-                &tok_str(tokenizer.bos()),
-                &tok_str(tokenizer.eos()),
-            )?),
+            Some(src) => Some(
+                ChatTemplate::new(&src, &tok_str(tokenizer.bos()), &tok_str(tokenizer.eos()))
+                    .map_err(|e| in_model(path, e))?,
+            ),
             None => None,
         };
         let quantization = file.quantization();
@@ -159,11 +158,14 @@ impl Model {
             tk_cfg.eos_token.as_ref().map(|t| t.content()),
         )?;
         let chat_template = match tk_cfg.chat_template() {
-            Some(src) => Some(ChatTemplate::new(
-                &src,
-                tk_cfg.bos_token.as_ref().map_or("", |t| t.content()),
-                tk_cfg.eos_token.as_ref().map_or("", |t| t.content()),
-            )?),
+            Some(src) => Some(
+                ChatTemplate::new(
+                    &src,
+                    tk_cfg.bos_token.as_ref().map_or("", |t| t.content()),
+                    tk_cfg.eos_token.as_ref().map_or("", |t| t.content()),
+                )
+                .map_err(|e| in_model(dir, e))?,
+            ),
             None => None,
         };
         let files = safetensors_files(dir)?;
@@ -184,6 +186,14 @@ impl Model {
                     .to_uppercase(),
             },
         })
+    }
+}
+
+/// A template error carries no path; name the model it came from.
+fn in_model(path: &Path, e: Error) -> Error {
+    Error::ModelRef {
+        reference: path.display().to_string(),
+        problem: e.to_string(),
     }
 }
 

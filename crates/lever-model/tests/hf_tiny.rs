@@ -26,6 +26,27 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
+/// Max |lever - transformers| over every logit of every position of `x` (1, T).
+fn max_logit_diff(model: &Model, x: &Tensor, reference: &serde_json::Value) -> f64 {
+    let got = model
+        .decoder
+        .forward(x, &mut model.decoder.new_cache(), Logits::All)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let want: Vec<Vec<f64>> = serde_json::from_value(reference["logits"].clone()).unwrap();
+    assert_eq!(got.len(), want.len(), "positions");
+    got.iter()
+        .zip(&want)
+        .flat_map(|(g, w)| {
+            assert_eq!(g.len(), w.len(), "vocabulary");
+            g.iter().zip(w).map(|(a, b)| (*a as f64 - b).abs())
+        })
+        .fold(0f64, f64::max)
+}
+
 /// The fixture's chat messages rendered with the model's own template.
 fn render_reference_chat(model: &Model, reference: &serde_json::Value) -> String {
     let messages: Vec<Message> =
@@ -49,18 +70,7 @@ fn check_folder(name: &str) {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let mut cache = model.decoder.new_cache();
-    let logits = model.decoder.forward(&x, &mut cache, Logits::All).unwrap();
-    let got = logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
-    let want: Vec<Vec<f64>> = serde_json::from_value(reference["logits"].clone()).unwrap();
-    assert_eq!(got.len(), want.len());
-    let mut max_diff = 0f64;
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!(g.len(), w.len());
-        for (a, b) in g.iter().zip(w) {
-            max_diff = max_diff.max((*a as f64 - b).abs());
-        }
-    }
+    let max_diff = max_logit_diff(&model, &x, &reference);
     eprintln!("{name}: max |logit diff| vs transformers = {max_diff:.2e}");
     assert!(max_diff < 1e-4, "{name}: max diff {max_diff}");
 
@@ -168,20 +178,7 @@ fn converted_gguf_matches_transformers() {
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let logits = model
-            .decoder
-            .forward(&x, &mut model.decoder.new_cache(), Logits::All)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let want: Vec<Vec<f64>> = serde_json::from_value(reference["logits"].clone()).unwrap();
-        let max_diff = logits
-            .iter()
-            .flatten()
-            .zip(want.iter().flatten())
-            .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+        let max_diff = max_logit_diff(&model, &x, &reference);
         eprintln!("{name} -> GGUF {ty:?}: max |logit diff| vs transformers = {max_diff:.2e}");
         assert!(max_diff < tol, "{name} {ty:?}: {max_diff}");
         let rendered = render_reference_chat(&model, &reference);

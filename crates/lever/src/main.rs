@@ -64,13 +64,7 @@ pub fn device() -> Device {
 pub fn load_model(arg: &ModelArg) -> Result<Model> {
     let home = lever_model::registry::lever_home();
     let source = lever_model::model::resolve(&arg.model, &home, &mut progress::provisioning())?;
-    Model::load(&source, &device()).map_err(|e| match e {
-        // The model's chat template does not compile: the error has no path of its own.
-        lever_model::Error::Template { .. } => {
-            anyhow::Error::new(e).context(source.path().display().to_string())
-        }
-        e => e.into(),
-    })
+    Ok(Model::load(&source, &device())?)
 }
 
 impl SamplingArgs {

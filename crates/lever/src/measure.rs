@@ -29,14 +29,22 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     })?;
     let model = crate::load_model(&a.model)?;
     let tokens = model.tokenizer.encode(&text, true)?;
-    let (ctx, chunks) = (a.ctx as usize, a.chunks.map(|c| c as usize));
-    let n_chunks = chunks.unwrap_or(tokens.len() / ctx).min(tokens.len() / ctx);
-    let bar = (!a.json).then(|| crate::progress::counter(n_chunks as u64, "perplexity chunks"));
-    let r = lever_generate::perplexity(&model, &tokens, ctx, chunks, &mut |done, _| {
-        if let Some(b) = &bar {
-            b.set_position(done as u64);
-        }
-    })
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let chunks = a.chunks.map(|c| c as usize);
+    let r = lever_generate::perplexity(
+        &model,
+        &tokens,
+        a.ctx as usize,
+        chunks,
+        &mut |done, total| {
+            if !a.json {
+                bar.get_or_insert_with(|| {
+                    crate::progress::counter(total as u64, "perplexity chunks")
+                })
+                .set_position(done as u64);
+            }
+        },
+    )
     .with_context(|| format!("{}", a.file.display()))?;
     if let Some(b) = bar {
         b.finish_and_clear();
