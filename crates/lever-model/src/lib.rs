@@ -7,6 +7,7 @@ pub mod convert;
 pub mod decoder;
 pub mod error;
 pub mod gguf;
+pub mod kernels;
 pub mod linear;
 pub mod model;
 pub mod ops;

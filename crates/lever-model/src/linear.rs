@@ -5,7 +5,40 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+
+use crate::kernels;
+
+/// y = x · Wᵀ in lever's own kernels (`kernels.rs`) for the block types they cover, on CPU.
+#[derive(Debug, Clone)]
+struct KernelMatMul(Arc<QTensor>);
+
+impl CustomOp1 for KernelMatMul {
+    fn name(&self) -> &'static str {
+        "lever-qmatmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = self.0.shape().dims2()?;
+        let x = match storage {
+            CpuStorage::F32(x) => x,
+            _ => candle_core::bail!("lever-qmatmul expects f32 input"),
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("lever-qmatmul expects a contiguous input");
+        };
+        let dims = layout.dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("lever-qmatmul: input {dims:?} does not end in {k}");
+        }
+        let m = (end - start) / k;
+        let w = self.0.data()?;
+        let y = kernels::matmul(self.0.dtype(), &w, n, k, &x[start..end], m);
+        let mut out = dims.to_vec();
+        *out.last_mut().unwrap_or(&mut 0) = n;
+        Ok((CpuStorage::F32(y), Shape::from(out)))
+    }
+}
 
 /// The base weight W: (out, in).
 #[derive(Debug, Clone)]
@@ -29,6 +62,8 @@ pub struct Linear {
     weight: Weight,
     /// Prebuilt matmul for the quantized case (holds the same Arc as `weight`).
     qmatmul: Option<QMatMul>,
+    /// lever's kernels, for the quantized types and devices they cover.
+    kernel: Option<KernelMatMul>,
     bias: Option<Tensor>,
     pub lora: Option<Lora>,
 }
@@ -39,9 +74,21 @@ impl Linear {
             Weight::Quantized(q) => Some(QMatMul::from_arc(q.clone())?),
             Weight::Float(_) => None,
         };
+        let kernel = match &weight {
+            Weight::Quantized(q)
+                if q.device().is_cpu()
+                    && kernels::supports(q.dtype())
+                    && q.shape().dims().len() == 2
+                    && q.shape().dims()[1] % kernels::QK == 0 =>
+            {
+                Some(KernelMatMul(q.clone()))
+            }
+            _ => None,
+        };
         Ok(Self {
             weight,
             qmatmul,
+            kernel,
             bias,
             lora: None,
         })
@@ -75,6 +122,10 @@ impl Linear {
     /// x: (..., in) -> (..., out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match (&self.weight, &self.qmatmul) {
+            (_, Some(_)) if self.kernel.is_some() && x.dtype() == candle_core::DType::F32 => {
+                let op = self.kernel.as_ref().unwrap_or_else(|| unreachable!());
+                x.contiguous()?.apply_op1_no_bwd(op)?
+            }
             (_, Some(q)) => q.forward(&x.contiguous()?)?,
             (Weight::Float(w), None) => x.broadcast_matmul(&w.t()?)?,
             (Weight::Quantized(_), None) => unreachable!("quantized weight always has a QMatMul"),
