@@ -9,9 +9,11 @@
 //! Dimensions: B batch, T new tokens, P cached tokens, C hidden, H query heads,
 //! K key/value heads, D head size (C = H·D), F MLP width, V vocabulary.
 
-use candle_core::{D, DType, Device, Result, Tensor};
+use candle_core::{D, DType, Device, IndexOp, Result, Tensor};
+use half::f16;
 
 use crate::config::{DecoderConfig, KvPrecision};
+use crate::kernels::{self, AttnDims};
 use crate::linear::Linear;
 use crate::ops::{self, Rope};
 use crate::weights::{Embedding, Param, WeightSource};
@@ -25,18 +27,32 @@ pub enum Logits {
     All,
 }
 
+/// One layer's keys and values.
+#[derive(Debug, Clone)]
+enum LayerKv {
+    Empty,
+    /// (B, K, P, D) tensors: the differentiable path and other devices.
+    Tensors(Tensor, Tensor),
+    /// Host rows (P, K, D), each value rounded to f16 as llama.cpp's cache stores it: the CPU
+    /// inference path, appended in place without copying what is there.
+    Host(Vec<f32>, Vec<f32>),
+}
+
 /// Per-sequence state: keys and values of every layer for the tokens seen so far.
 #[derive(Debug, Clone)]
 pub struct Cache {
-    layers: Vec<Option<(Tensor, Tensor)>>, // each (B, K, P, D)
+    layers: Vec<LayerKv>,
     len: usize,
+    /// K·D: floats per token per layer.
+    row: usize,
 }
 
 impl Cache {
     pub fn new(cfg: &DecoderConfig) -> Self {
         Self {
-            layers: vec![None; cfg.num_layers],
+            layers: vec![LayerKv::Empty; cfg.num_layers],
             len: 0,
+            row: cfg.num_kv_heads * cfg.head_dim,
         }
     }
 
@@ -50,7 +66,7 @@ impl Cache {
     }
 
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| *l = None);
+        self.layers.iter_mut().for_each(|l| *l = LayerKv::Empty);
         self.len = 0;
     }
 
@@ -59,8 +75,17 @@ impl Cache {
         if len >= self.len {
             return Ok(());
         }
-        for kv in self.layers.iter_mut().flatten() {
-            *kv = (kv.0.narrow(2, 0, len)?, kv.1.narrow(2, 0, len)?);
+        for kv in self.layers.iter_mut() {
+            match kv {
+                LayerKv::Empty => {}
+                LayerKv::Tensors(k, v) => {
+                    *kv = LayerKv::Tensors(k.narrow(2, 0, len)?, v.narrow(2, 0, len)?)
+                }
+                LayerKv::Host(k, v) => {
+                    k.truncate(len * self.row);
+                    v.truncate(len * self.row);
+                }
+            }
         }
         self.len = len;
         Ok(())
@@ -68,12 +93,39 @@ impl Cache {
 
     /// Append this layer's new (B, K, T, D) keys/values; returns all (B, K, P+T, D).
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let kv = match self.layers[layer].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        let kv = match std::mem::replace(&mut self.layers[layer], LayerKv::Empty) {
+            LayerKv::Empty => (k, v),
+            LayerKv::Tensors(pk, pv) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            LayerKv::Host(hk, hv) => {
+                let (_, kh, _, d) = k.dims4()?;
+                let p = hk.len() / (kh * d);
+                let dev = k.device();
+                let to_t = |x: Vec<f32>| Tensor::from_vec(x, (1, p, kh, d), dev)?.transpose(1, 2);
+                (
+                    Tensor::cat(&[&to_t(hk)?, &k], 2)?,
+                    Tensor::cat(&[&to_t(hv)?, &v], 2)?,
+                )
+            }
         };
-        self.layers[layer] = Some(kv.clone());
+        self.layers[layer] = LayerKv::Tensors(kv.0.clone(), kv.1.clone());
         Ok(kv)
+    }
+
+    /// This layer's host rows, converted from tensors if an earlier call left them there.
+    fn host(&mut self, layer: usize) -> Result<(&mut Vec<f32>, &mut Vec<f32>)> {
+        let kv = &mut self.layers[layer];
+        match std::mem::replace(kv, LayerKv::Empty) {
+            LayerKv::Empty => *kv = LayerKv::Host(Vec::new(), Vec::new()),
+            LayerKv::Tensors(k, v) => {
+                let rows = |t: Tensor| t.i(0)?.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>();
+                *kv = LayerKv::Host(rows(k)?, rows(v)?);
+            }
+            host => *kv = host,
+        }
+        match kv {
+            LayerKv::Host(k, v) => Ok((k, v)),
+            _ => unreachable!("set to Host above"),
+        }
     }
 }
 
@@ -117,17 +169,39 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (h, k_heads, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let pos = cache.len;
-        let q = self.q.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?; // (B, H, T, D)
-        let k = self
-            .k
-            .forward(x)?
-            .reshape((b, t, k_heads, d))?
-            .transpose(1, 2)?; // (B, K, T, D)
-        let v = self
-            .v
-            .forward(x)?
-            .reshape((b, t, k_heads, d))?
-            .transpose(1, 2)?; // (B, K, T, D)
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        // Inference on CPU with llama.cpp's f16 cache: lever's fused attention kernel over the
+        // host cache. Anything that needs gradients, a batch or another device takes the
+        // tensor path below, which is the same computation in candle ops.
+        if self.kv_precision == KvPrecision::F16
+            && x.device().is_cpu()
+            && b == 1
+            && d <= kernels::MAX_HEAD_DIM
+            && !(q.track_op() || k.track_op() || v.track_op())
+        {
+            let mut qh = q.flatten_all()?.to_vec1::<f32>()?;
+            let mut kh = k.flatten_all()?.to_vec1::<f32>()?;
+            let vh = v.flatten_all()?.to_vec1::<f32>()?;
+            rope.apply_host(&mut qh, h, pos);
+            rope.apply_host(&mut kh, k_heads, pos);
+            let (ck, cv) = cache.host(layer)?;
+            let round = |x: &f32| f16::from_f32(*x).to_f32();
+            ck.extend(kh.iter().map(round));
+            cv.extend(vh.iter().map(round));
+            let dims = AttnDims {
+                heads: h,
+                kv_heads: k_heads,
+                head_dim: d,
+            };
+            let scale = 1.0 / (d as f32).sqrt();
+            let y = kernels::attention(&qh, ck, cv, t, pos, dims, scale);
+            return self
+                .o
+                .forward(&Tensor::from_vec(y, (1, t, h * d), x.device())?);
+        }
+        let q = q.reshape((b, t, h, d))?.transpose(1, 2)?; // (B, H, T, D)
+        let k = k.reshape((b, t, k_heads, d))?.transpose(1, 2)?; // (B, K, T, D)
+        let v = v.reshape((b, t, k_heads, d))?.transpose(1, 2)?; // (B, K, T, D)
         let q = rope.apply(&q, pos)?;
         let k = rope.apply(&k, pos)?;
         // llama.cpp keeps K and V in f16 by default (`llama_context_params` type_k/type_v);
@@ -220,11 +294,13 @@ impl Decoder {
             embed.as_linear()?
         };
         let device = w.device().clone();
+        // GGUF models (f16 cache) take llama.cpp's rotation angles too.
         let rope = Rope::new(
             cfg.head_dim,
             cfg.rope_theta,
             cfg.max_seq_len,
             cfg.rope_style,
+            cfg.kv_precision == KvPrecision::F16,
             &device,
         )?;
         Ok(Self {
@@ -387,6 +463,62 @@ mod tests {
                 .unwrap();
             let d = max_diff(&rest.squeeze(0).unwrap(), &full.narrow(0, 4, 5).unwrap());
             assert!(d < 1e-5, "{arch:?} chunked prefill: {d}");
+        }
+    }
+
+    /// GGUF-style models (f16 cache) run lever's attention kernel on CPU: cached steps and
+    /// chunked prefill still equal one pass, and a batch of two (which takes the tensor path,
+    /// f32 attention) gives nearly the same logits.
+    #[test]
+    fn attention_kernel_path_agrees_with_the_tensor_path() {
+        for arch in [Arch::Llama, Arch::Qwen2] {
+            let mut cfg = DecoderConfig::tiny(arch, 50);
+            cfg.kv_precision = KvPrecision::F16;
+            let m = Decoder::load(&mut RandomWeights::new(3, &Device::Cpu), &cfg).unwrap();
+            let ids: Vec<u32> = vec![3, 17, 42, 8, 8, 1, 49, 0, 23];
+            let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let full = m
+                .forward(&x, &mut m.new_cache(), Logits::All)
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            let mut cache = m.new_cache();
+            for (t, id) in ids.iter().enumerate() {
+                let xi = Tensor::new(&[*id], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let step = m
+                    .forward(&xi, &mut cache, Logits::Last)
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap();
+                let d = max_diff(&step, &full.get(t).unwrap());
+                assert!(d < 1e-5, "{arch:?} position {t}: {d}");
+            }
+            cache.truncate(4).unwrap();
+            let rest = m
+                .forward(&x.narrow(1, 4, 5).unwrap(), &mut cache, Logits::All)
+                .unwrap();
+            let d = max_diff(&rest.squeeze(0).unwrap(), &full.narrow(0, 4, 5).unwrap());
+            assert!(d < 1e-5, "{arch:?} truncated and refilled: {d}");
+            let batch = Tensor::cat(&[&x, &x], 0).unwrap();
+            let tensors = m.forward(&batch, &mut m.new_cache(), Logits::All).unwrap();
+            let d = max_diff(&tensors.get(0).unwrap(), &full);
+            let scale = full
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                d > 0.0 && d < 1e-2 * scale,
+                "{arch:?} kernel vs tensor path: {d} (scale {scale})"
+            );
         }
     }
 

@@ -251,6 +251,7 @@ pub fn matmul_quantized(
 /// All tokens × rows r0..r1.
 ///
 /// SAFETY: `y` points to rows × n floats; no other thread writes columns r0..r1.
+#[allow(clippy::too_many_arguments)]
 unsafe fn strip_kernel(
     isa: Isa,
     dtype: GgmlDType,
@@ -385,8 +386,12 @@ macro_rules! x86_kernels {
             #[target_feature(enable = $feat)]
             unsafe fn q8_0_block(p: *const u8) -> (__m256i, f32) {
                 unsafe {
-                    let d = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32));
-                    (_mm256_loadu_si256(p.add(2) as *const __m256i), _mm_cvtss_f32(d))
+                    let d =
+                        _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32));
+                    (
+                        _mm256_loadu_si256(p.add(2) as *const __m256i),
+                        _mm_cvtss_f32(d),
+                    )
                 }
             }
 
@@ -430,7 +435,8 @@ macro_rules! x86_kernels {
                             let as_ = *acts.s.get_unchecked(xi);
                             for r in 0..R {
                                 let p = _mm256_cvtepi32_ps(dot4(wq[r], a));
-                                acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(wd[r] * ad), p, acc[r][t]);
+                                acc[r][t] =
+                                    _mm256_fmadd_ps(_mm256_set1_ps(wd[r] * ad), p, acc[r][t]);
                                 summ[r][t] = wm[r].mul_add(as_, summ[r][t]);
                             }
                         }
@@ -480,7 +486,8 @@ macro_rules! x86_kernels {
                             for r in 0..R {
                                 // llama.cpp `mul_sum_i8_pairs_float`: |w| · sign(a, w).
                                 let p = _mm256_cvtepi32_ps(dot4(wa[r], _mm256_sign_epi8(a, wq[r])));
-                                acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(wd[r] * ad), p, acc[r][t]);
+                                acc[r][t] =
+                                    _mm256_fmadd_ps(_mm256_set1_ps(wd[r] * ad), p, acc[r][t]);
                             }
                         }
                     }
@@ -566,7 +573,8 @@ macro_rules! x86_kernels {
                         for vi in &v[1..] {
                             mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, *vi));
                         }
-                        let m4 = _mm_max_ps(_mm256_extractf128_ps(mx, 1), _mm256_castps256_ps128(mx));
+                        let m4 =
+                            _mm_max_ps(_mm256_extractf128_ps(mx, 1), _mm256_castps256_ps128(mx));
                         let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
                         let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
                         let amax = _mm_cvtss_f32(m4);
@@ -574,11 +582,20 @@ macro_rules! x86_kernels {
                         let inv = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
                         let mut i = [_mm256_setzero_si256(); 4];
                         for (ii, vi) in i.iter_mut().zip(&v) {
-                            let r = _mm256_round_ps(_mm256_mul_ps(*vi, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                            let r = _mm256_round_ps(
+                                _mm256_mul_ps(*vi, inv),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+                            );
                             *ii = _mm256_cvtps_epi32(r);
                         }
-                        let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-                        let s4 = _mm_add_epi32(_mm256_extracti128_si256(sum, 1), _mm256_castsi256_si128(sum));
+                        let sum = _mm256_add_epi32(
+                            _mm256_add_epi32(i[0], i[1]),
+                            _mm256_add_epi32(i[2], i[3]),
+                        );
+                        let s4 = _mm_add_epi32(
+                            _mm256_extracti128_si256(sum, 1),
+                            _mm256_castsi256_si128(sum),
+                        );
                         let s4 = _mm_hadd_epi32(s4, s4);
                         let s4 = _mm_hadd_epi32(s4, s4);
                         let total = _mm_cvtsi128_si32(s4);
@@ -587,10 +604,14 @@ macro_rules! x86_kernels {
                         let p16a = _mm256_packs_epi32(i[0], i[1]);
                         let p16b = _mm256_packs_epi32(i[2], i[3]);
                         let p8 = _mm256_packs_epi16(p16a, p16b);
-                        let p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                        let p8 = _mm256_permutevar8x32_epi32(
+                            p8,
+                            _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+                        );
                         _mm256_storeu_si256(qs.as_mut_ptr().add(b * QK) as *mut __m256i, p8);
                         *d.get_unchecked_mut(b) = half::f16::from_f32(scale).to_f32();
-                        *s.get_unchecked_mut(b) = half::f16::from_f32(scale * total as f32).to_f32();
+                        *s.get_unchecked_mut(b) =
+                            half::f16::from_f32(scale * total as f32).to_f32();
                     }
                 }
             }
@@ -602,11 +623,339 @@ x86_kernels!(avx2, "avx2,fma,f16c", |w, a| _mm256_madd_epi16(
     _mm256_maddubs_epi16(w, a),
     _mm256_set1_epi16(1)
 ));
-x86_kernels!(
-    vnni,
-    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-    |w, a| _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
-);
+x86_kernels!(vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", |w, a| {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
+});
+
+/// llama.cpp's CPU flash attention takes one query at a time, with the query rounded to f16 and
+/// the output accumulated in f16 (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`), until a
+/// batch has this many queries; from there on it works in f32 tiles (`GGML_FA_TILE_Q`).
+pub const ATTN_TILE_Q: usize = 64;
+
+/// Largest head size the attention kernel takes.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Heads of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnDims {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Causal attention for T new queries at positions past..past+T over cached keys and values
+/// 0..past+T, each query head reading key/value head h / (H/K). q: (T, H, D) after RoPE;
+/// k, v: (past+T, K, D); returns (T, H, D). Keys and values hold f16-representable values (the
+/// cache stores them rounded, as llama.cpp's f16 cache does). Fewer than `ATTN_TILE_Q` queries
+/// follow llama.cpp's f16 arithmetic, more its f32 arithmetic.
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t: usize,
+    past: usize,
+    dims: AttnDims,
+    scale: f32,
+) -> Vec<f32> {
+    let AttnDims {
+        heads,
+        kv_heads,
+        head_dim: d,
+    } = dims;
+    assert!(d <= MAX_HEAD_DIM && heads % kv_heads == 0);
+    assert_eq!(q.len(), t * heads * d);
+    assert_eq!(k.len(), (past + t) * kv_heads * d);
+    assert_eq!(v.len(), k.len());
+    let isa = isa();
+    let f16_mode = t < ATTN_TILE_Q;
+    let mut out = vec![0f32; t * heads * d];
+    let ptr = SyncPtr(out.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        let ptr = &ptr;
+        let mut scores = Vec::new();
+        for item in range {
+            let (i, h) = (item / heads, item % heads);
+            let kh = h / (heads / kv_heads);
+            let qi = &q[item * d..(item + 1) * d];
+            // SAFETY: item (query i, head h) owns out[item·D..(item+1)·D].
+            let o = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(item * d), d) };
+            let keys = past + i + 1;
+            let kv = KvView {
+                k,
+                v,
+                stride: kv_heads * d,
+                offset: kh * d,
+                len: keys,
+            };
+            if f16_mode {
+                attend_f16(isa, qi, &kv, scale, o);
+            } else {
+                scores.resize(keys, 0.0);
+                attend_f32(isa, qi, &kv, scale, &mut scores, o);
+            }
+        }
+    };
+    let items = t * heads;
+    if items * (past + t) * d >= 1 << 16 {
+        candle_core::utils::barrier_pool().execute_chunked(items, run);
+    } else {
+        run(0..items);
+    }
+    out
+}
+
+/// One key/value head's rows 0..len inside the (P, K, D) cache.
+struct KvView<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    stride: usize,
+    offset: usize,
+    len: usize,
+}
+
+impl KvView<'_> {
+    fn key(&self, j: usize) -> &[f32] {
+        let at = j * self.stride + self.offset;
+        &self.k[at..at + self.stride.min(self.k.len() - at)]
+    }
+    fn value(&self, j: usize) -> &[f32] {
+        let at = j * self.stride + self.offset;
+        &self.v[at..at + self.stride.min(self.v.len() - at)]
+    }
+}
+
+fn f16_round(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+/// llama.cpp's one-query flash attention: f16 query, online softmax, f16 accumulator.
+fn attend_f16(isa: Isa, q: &[f32], kv: &KvView, scale: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 && q.len().is_multiple_of(8) {
+        // SAFETY: AVX2/FMA/F16C were detected; all slices are at least D long.
+        unsafe { attn_avx2::attend_f16(q, kv, scale, out) };
+        return;
+    }
+    let _ = isa;
+    let d = q.len();
+    let qh: Vec<f32> = q.iter().map(|&x| f16_round(x)).collect();
+    let mut acc = vec![0f32; d];
+    let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
+    for j in 0..kv.len {
+        let key = &kv.key(j)[..d];
+        let s = qh.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+        let (ms, vs) = if s > m {
+            let ms = (m - s).exp();
+            m = s;
+            acc.iter_mut().for_each(|a| *a = f16_round(*a * ms));
+            (ms, 1.0)
+        } else {
+            (1.0, (s - m).exp())
+        };
+        for (a, &x) in acc.iter_mut().zip(&kv.value(j)[..d]) {
+            *a = f16_round(x.mul_add(vs, *a));
+        }
+        s_sum = s_sum.mul_add(ms, vs);
+    }
+    let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = a * inv;
+    }
+}
+
+/// Softmax attention in f32: scores, their maximum, exponentials, weighted sum of values.
+fn attend_f32(isa: Isa, q: &[f32], kv: &KvView, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 && q.len().is_multiple_of(8) {
+        // SAFETY: AVX2/FMA/F16C were detected; all slices are at least D long.
+        unsafe { attn_avx2::attend_f32(q, kv, scale, scores, out) };
+        return;
+    }
+    let _ = isa;
+    let d = q.len();
+    for (j, s) in scores.iter_mut().enumerate() {
+        *s = q
+            .iter()
+            .zip(&kv.key(j)[..d])
+            .map(|(a, b)| a * b)
+            .sum::<f32>()
+            * scale;
+    }
+    let m = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - m).exp();
+        sum += *s;
+    }
+    out.iter_mut().for_each(|o| *o = 0.0);
+    for (j, &e) in scores.iter().enumerate() {
+        for (o, &x) in out.iter_mut().zip(&kv.value(j)[..d]) {
+            *o += e * x;
+        }
+    }
+    let inv = 1.0 / sum;
+    out.iter_mut().for_each(|o| *o *= inv);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod attn_avx2 {
+    use super::{KvView, MAX_HEAD_DIM};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn round_f16(x: __m256) -> __m256 {
+        _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(x: __m256) -> f32 {
+        let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r)
+    }
+
+    /// Σ a·b over D (a multiple of 8), two accumulators.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot(a: *const f32, b: *const f32, d: usize) -> f32 {
+        unsafe {
+            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut c = 0;
+            while c + 16 <= d {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c)), _mm256_loadu_ps(b.add(c)), s0);
+                s1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.add(c + 8)),
+                    _mm256_loadu_ps(b.add(c + 8)),
+                    s1,
+                );
+                c += 16;
+            }
+            if c < d {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c)), _mm256_loadu_ps(b.add(c)), s0);
+            }
+            hsum(_mm256_add_ps(s0, s1))
+        }
+    }
+
+    /// e^x for 8 lanes: x = n·ln2 + r with |r| ≤ ln2/2, e^r by a degree-6 polynomial, 2^n
+    /// through the exponent bits. Relative error about 2e-7; underflows to 0 below -87.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let x = _mm256_min_ps(x, _mm256_set1_ps(88.0));
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        // ln 2 split in two so that n·ln2_hi is exact.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let pow2 = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        _mm256_mul_ps(p, _mm256_castsi256_ps(pow2))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn attend_f16(q: &[f32], kv: &KvView, scale: f32, out: &mut [f32]) {
+        unsafe {
+            let d = q.len();
+            let mut qh = [0f32; MAX_HEAD_DIM];
+            let mut acc = [0f32; MAX_HEAD_DIM];
+            for c in (0..d).step_by(8) {
+                _mm256_storeu_ps(
+                    qh.as_mut_ptr().add(c),
+                    round_f16(_mm256_loadu_ps(q.as_ptr().add(c))),
+                );
+            }
+            let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
+            for j in 0..kv.len {
+                let s = dot(qh.as_ptr(), kv.key(j).as_ptr(), d) * scale;
+                let (ms, vs) = if s > m {
+                    let ms = (m - s).exp();
+                    m = s;
+                    let msv = _mm256_set1_ps(ms);
+                    for c in (0..d).step_by(8) {
+                        let a = acc.as_mut_ptr().add(c);
+                        _mm256_storeu_ps(a, round_f16(_mm256_mul_ps(_mm256_loadu_ps(a), msv)));
+                    }
+                    (ms, 1.0)
+                } else {
+                    (1.0, (s - m).exp())
+                };
+                let vsv = _mm256_set1_ps(vs);
+                let val = kv.value(j).as_ptr();
+                for c in (0..d).step_by(8) {
+                    let a = acc.as_mut_ptr().add(c);
+                    let y = _mm256_fmadd_ps(_mm256_loadu_ps(val.add(c)), vsv, _mm256_loadu_ps(a));
+                    _mm256_storeu_ps(a, round_f16(y));
+                }
+                s_sum = s_sum.mul_add(ms, vs);
+            }
+            let inv = _mm256_set1_ps(if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum });
+            for c in (0..d).step_by(8) {
+                let y = _mm256_mul_ps(_mm256_loadu_ps(acc.as_ptr().add(c)), inv);
+                _mm256_storeu_ps(out.as_mut_ptr().add(c), y);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn attend_f32(
+        q: &[f32],
+        kv: &KvView,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        unsafe {
+            let d = q.len();
+            let n = scores.len();
+            let mut m = f32::NEG_INFINITY;
+            for (j, s) in scores.iter_mut().enumerate() {
+                *s = dot(q.as_ptr(), kv.key(j).as_ptr(), d) * scale;
+                m = m.max(*s);
+            }
+            let mv = _mm256_set1_ps(m);
+            let mut sumv = _mm256_setzero_ps();
+            let mut j = 0;
+            while j + 8 <= n {
+                let p = scores.as_mut_ptr().add(j);
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), mv));
+                _mm256_storeu_ps(p, e);
+                sumv = _mm256_add_ps(sumv, e);
+                j += 8;
+            }
+            let mut sum = hsum(sumv);
+            for s in &mut scores[j..] {
+                *s = (*s - m).exp();
+                sum += *s;
+            }
+            let mut acc = [_mm256_setzero_ps(); MAX_HEAD_DIM / 8];
+            let chunks = d / 8;
+            for (j, &e) in scores.iter().enumerate() {
+                let ev = _mm256_set1_ps(e);
+                let val = kv.value(j).as_ptr();
+                for (c, a) in acc[..chunks].iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(val.add(c * 8)), ev, *a);
+                }
+            }
+            let inv = _mm256_set1_ps(1.0 / sum);
+            for (c, a) in acc[..chunks].iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(c * 8), _mm256_mul_ps(*a, inv));
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -618,6 +967,105 @@ mod tests {
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = crate::weights::SplitMix64(seed);
         (0..n).map(|_| rng.normal()).collect()
+    }
+
+    /// Naive attention in f64 for query `i` of head `h`.
+    fn reference_attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        past: usize,
+        dims: AttnDims,
+        i: usize,
+        h: usize,
+    ) -> Vec<f64> {
+        let AttnDims {
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = dims;
+        let kh = h / (heads / kv_heads);
+        let qi = &q[(i * heads + h) * d..][..d];
+        let scores: Vec<f64> = (0..=past + i)
+            .map(|j| {
+                let kj = &k[(j * kv_heads + kh) * d..][..d];
+                qi.iter()
+                    .zip(kj)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>()
+                    / (d as f64).sqrt()
+            })
+            .collect();
+        let m = scores.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+        let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        (0..d)
+            .map(|c| {
+                e.iter()
+                    .enumerate()
+                    .map(|(j, w)| w * v[(j * kv_heads + kh) * d + c] as f64)
+                    .sum::<f64>()
+                    / sum
+            })
+            .collect()
+    }
+
+    /// The attention kernel against f64 softmax attention: tight in its f32 mode (many
+    /// queries), within f16 rounding in its llama.cpp f16 mode (few queries); every
+    /// instruction set.
+    #[test]
+    fn attention_matches_softmax_attention() {
+        let dims = AttnDims {
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 64,
+        };
+        let d = dims.head_dim;
+        for (t, past, tol) in [(1, 40, 2e-2), (5, 3, 2e-2), (ATTN_TILE_Q + 3, 9, 1e-5)] {
+            let n = past + t;
+            let q = random(t * dims.heads * d, 1);
+            let round = |x: Vec<f32>| x.into_iter().map(f16_round).collect::<Vec<_>>();
+            let k = round(random(n * dims.kv_heads * d, 2));
+            let v = round(random(n * dims.kv_heads * d, 3));
+            for isa in Isa::available() {
+                let mut got = vec![0f32; t * dims.heads * d];
+                for i in 0..t {
+                    for h in 0..dims.heads {
+                        let kh = h / (dims.heads / dims.kv_heads);
+                        let kv = KvView {
+                            k: &k,
+                            v: &v,
+                            stride: dims.kv_heads * d,
+                            offset: kh * d,
+                            len: past + i + 1,
+                        };
+                        let qi = &q[(i * dims.heads + h) * d..][..d];
+                        let o = &mut got[(i * dims.heads + h) * d..][..d];
+                        if t < ATTN_TILE_Q {
+                            attend_f16(isa, qi, &kv, 1.0 / (d as f32).sqrt(), o);
+                        } else {
+                            let mut scores = vec![0f32; past + i + 1];
+                            attend_f32(isa, qi, &kv, 1.0 / (d as f32).sqrt(), &mut scores, o);
+                        }
+                    }
+                }
+                let mut worst = 0f64;
+                for i in 0..t {
+                    for h in 0..dims.heads {
+                        let want = reference_attention(&q, &k, &v, past, dims, i, h);
+                        let have = &got[(i * dims.heads + h) * d..][..d];
+                        for (a, b) in want.iter().zip(have) {
+                            worst = worst.max((a - *b as f64).abs());
+                        }
+                    }
+                }
+                assert!(worst < tol, "{isa:?} t={t} past={past}: {worst}");
+            }
+            assert_eq!(
+                attention(&q, &k, &v, t, past, dims, 1.0 / (d as f32).sqrt()).len(),
+                q.len()
+            );
+        }
     }
 
     /// Every instruction set gives the same activations, and they follow llama.cpp's rules.
@@ -638,7 +1086,10 @@ mod tests {
         let amax = x[..32].iter().fold(0f32, |a, v| a.max(v.abs()));
         let sum: i32 = want.qs[..32].iter().map(|&q| q as i32).sum();
         assert_eq!(want.s[0], f16::from_f32(amax / 127.0 * sum as f32).to_f32());
-        assert_eq!(want.qs[..32].iter().map(|q| q.unsigned_abs()).max(), Some(127));
+        assert_eq!(
+            want.qs[..32].iter().map(|q| q.unsigned_abs()).max(),
+            Some(127)
+        );
         assert_eq!((want.d[2], want.s[2]), (0.0, 0.0));
     }
 
@@ -662,8 +1113,14 @@ mod tests {
                     acts.quantize(isa, &x, m, k);
                     let mut y = vec![f32::NAN; m * n];
                     matmul_quantized(isa, dtype, &q.data().unwrap(), n, &acts, &mut y);
-                    let err = y.iter().zip(&exact).fold(0f32, |a, (g, e)| a.max((g - e).abs()));
-                    assert!(err / scale < 0.02, "{dtype:?} {isa:?} {m}x{k}x{n}: {err} vs {scale}");
+                    let err = y
+                        .iter()
+                        .zip(&exact)
+                        .fold(0f32, |a, (g, e)| a.max((g - e).abs()));
+                    assert!(
+                        err / scale < 0.02,
+                        "{dtype:?} {isa:?} {m}x{k}x{n}: {err} vs {scale}"
+                    );
                     assert!(err > 0.0);
                     outs.push(y);
                 }

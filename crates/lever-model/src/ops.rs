@@ -1,7 +1,7 @@
 //! The shared kernels of the decoder family: RMS norm, rotary embedding tables, causal mask,
 //! grouped-query head repetition. One copy each, used by every model file.
 
-use candle_core::{D, DType, Device, Result, Tensor};
+use candle_core::{D, Device, Result, Tensor};
 
 /// How rotary position embedding pairs up the channels of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,30 +18,47 @@ pub enum RopeStyle {
 pub struct Rope {
     cos: Tensor, // (max_len, D/2)
     sin: Tensor, // (max_len, D/2)
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
+    half: usize,
     style: RopeStyle,
 }
 
 impl Rope {
+    /// Angles p·θ^(-2i/D) as transformers computes them (inverse frequencies, then one
+    /// product), or as llama.cpp does (`ggml_rope_cache_init`: the angle of pair i+1 is that
+    /// of pair i times θ^(-2/D), in f32) when `ggml_angles`.
     pub fn new(
         head_dim: usize,
         theta: f32,
         max_len: usize,
         style: RopeStyle,
+        ggml_angles: bool,
         dev: &Device,
     ) -> Result<Self> {
+        let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..head_dim)
             .step_by(2)
             .map(|i| 1f32 / theta.powf(i as f32 / head_dim as f32))
             .collect();
-        let n = inv_freq.len();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, n), dev)?;
-        let t = Tensor::arange(0u32, max_len as u32, dev)?
-            .to_dtype(DType::F32)?
-            .reshape((max_len, 1))?;
-        let freqs = t.matmul(&inv_freq)?; // (max_len, D/2)
+        let step = theta.powf(-2.0 / head_dim as f32);
+        let mut cos_host = Vec::with_capacity(max_len * half);
+        let mut sin_host = Vec::with_capacity(max_len * half);
+        for p in 0..max_len {
+            let mut angle = p as f32;
+            for f in &inv_freq {
+                let a = if ggml_angles { angle } else { p as f32 * f };
+                cos_host.push(a.cos());
+                sin_host.push(a.sin());
+                angle *= step;
+            }
+        }
         Ok(Self {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
+            cos: Tensor::from_slice(&cos_host, (max_len, half), dev)?,
+            sin: Tensor::from_slice(&sin_host, (max_len, half), dev)?,
+            cos_host,
+            sin_host,
+            half,
             style,
         })
     }
@@ -55,6 +72,26 @@ impl Rope {
         match self.style {
             RopeStyle::Neox => candle_nn::rotary_emb::rope(&x, &cos, &sin),
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin),
+        }
+    }
+
+    /// The same rotation in place on host rows x: (T, heads, D) at positions pos..pos+T.
+    pub fn apply_host(&self, x: &mut [f32], heads: usize, pos: usize) {
+        let (half, d) = (self.half, 2 * self.half);
+        for (ti, token) in x.chunks_exact_mut(heads * d).enumerate() {
+            let at = (pos + ti) * half;
+            let (cos, sin) = (&self.cos_host[at..at + half], &self.sin_host[at..at + half]);
+            for head in token.chunks_exact_mut(d) {
+                for i in 0..half {
+                    let (a, b) = match self.style {
+                        RopeStyle::Neox => (i, i + half),
+                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * cos[i] - x1 * sin[i];
+                    head[b] = x0 * sin[i] + x1 * cos[i];
+                }
+            }
         }
     }
 }

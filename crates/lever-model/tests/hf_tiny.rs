@@ -149,15 +149,17 @@ fn tokenizer_json_matches_hf_tokenizers() {
 }
 
 /// HF folder -> GGUF (`lever quantize`): the GGUF path (tokenizer rebuilt from metadata,
-/// interleaved RoPE on permuted Q/K, f16 KV) reproduces transformers' logits.
+/// interleaved RoPE on permuted Q/K, and llama.cpp's attention arithmetic: f16 cache, f16
+/// query, f16 accumulator) reproduces transformers' logits. The f16 attention alone moves the
+/// logits by up to ~4e-3 on these models, hence the bound.
 #[test]
 fn converted_gguf_matches_transformers() {
     use candle_core::quantized::GgmlDType;
     let tmp = tempfile::tempdir().unwrap();
     for (name, ty, tol) in [
-        ("llama-f32", GgmlDType::F32, 3e-3),
-        ("llama-tied-bf16", GgmlDType::F16, 3e-3),
-        ("qwen2-f16", GgmlDType::F16, 3e-3),
+        ("llama-f32", GgmlDType::F32, 6e-3),
+        ("llama-tied-bf16", GgmlDType::F16, 6e-3),
+        ("qwen2-f16", GgmlDType::F16, 6e-3),
         ("llama-f32", GgmlDType::Q8_0, 0.3),
     ] {
         let folder = dir(name);
