@@ -1,0 +1,34 @@
+//! The one error type of lever-data: each names the file and line (and field) at fault.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: not valid JSON: {message}")]
+    Json {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}:{line}: field `{field}`: {problem}")]
+    Field {
+        path: PathBuf,
+        line: usize,
+        field: String,
+        problem: String,
+    },
+    #[error("{path}: {problem}")]
+    Dataset { path: PathBuf, problem: String },
+    #[error("{what}: {problem}")]
+    Usage { what: String, problem: String },
+    #[error(transparent)]
+    Model(#[from] lever_model::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
