@@ -88,7 +88,6 @@ pub fn tokenize(
             }
         }
     }
-    drop(push);
     Ok(Tokenized { line, ids, trained })
 }
 

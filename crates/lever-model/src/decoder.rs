@@ -222,7 +222,12 @@ impl Attention {
             Some(m) => att.broadcast_add(m)?,
             None => att,
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        // candle's fused softmax has no backward; the elementary one when gradients flow.
+        let att = if att.track_op() {
+            candle_nn::ops::softmax(&att, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        };
         let y = att.matmul(&v)?; // (B, H, T, D)
         let y = y.transpose(1, 2)?.reshape((b, t, h * d))?; // (B, T, C)
         self.o.forward(&y)
@@ -345,6 +350,27 @@ impl Decoder {
             }
         }
         out.push((Param::Output.gguf_name(), &self.lm_head));
+        out
+    }
+
+    /// The same linear layers, mutable: where adapters are attached.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            let a = &mut b.attn;
+            let m = &mut b.mlp;
+            for (p, l) in [
+                (Param::Q(i), &mut a.q),
+                (Param::K(i), &mut a.k),
+                (Param::V(i), &mut a.v),
+                (Param::O(i), &mut a.o),
+                (Param::Gate(i), &mut m.gate),
+                (Param::Up(i), &mut m.up),
+                (Param::Down(i), &mut m.down),
+            ] {
+                out.push((p.gguf_name(), l));
+            }
+        }
         out
     }
 

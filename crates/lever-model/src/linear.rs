@@ -9,13 +9,21 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 
 use crate::kernels;
 
-/// y = x · Wᵀ in lever's own kernels (`kernels.rs`) for the block types they cover, on CPU.
+/// y = x · Wᵀ for a frozen quantized W: lever's own kernels (`kernels.rs`) for the block types
+/// they cover on CPU, candle's otherwise. Its backward passes the gradient through to x
+/// (∂x = ∂y · W, with W dequantized), so adapters before a frozen quantized layer train
+/// (QLoRA); W itself gets none.
 #[derive(Debug, Clone)]
 struct KernelMatMul(Arc<QTensor>);
 
 impl CustomOp1 for KernelMatMul {
     fn name(&self) -> &'static str {
         "lever-qmatmul"
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let w = self.0.dequantize(grad_res.device())?; // (out, in)
+        Ok(Some(grad_res.broadcast_matmul(&w)?))
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -32,6 +40,15 @@ impl CustomOp1 for KernelMatMul {
             candle_core::bail!("lever-qmatmul: input {dims:?} does not end in {k}");
         }
         let m = (end - start) / k;
+        if !kernels::supports(self.0.dtype()) || k % kernels::QK != 0 {
+            // Other block types (reached when gradients flow): candle's quantized matmul.
+            let xt = Tensor::from_slice(&x[start..end], (m, k), &candle_core::Device::Cpu)?;
+            let y = QMatMul::from_arc(self.0.clone())?.forward(&xt)?;
+            let y = y.flatten_all()?.to_vec1::<f32>()?;
+            let mut out = dims.to_vec();
+            *out.last_mut().unwrap_or(&mut 0) = n;
+            return Ok((CpuStorage::F32(y), Shape::from(out)));
+        }
         let w = self.0.data()?;
         let y = kernels::matmul(self.0.dtype(), &w, n, k, &x[start..end], m);
         let mut out = dims.to_vec();
@@ -75,15 +92,8 @@ impl Linear {
             Weight::Float(_) => None,
         };
         let kernel = match &weight {
-            Weight::Quantized(q)
-                if q.device().is_cpu()
-                    && kernels::supports(q.dtype())
-                    && q.shape().dims().len() == 2
-                    && q.shape().dims()[1] % kernels::QK == 0 =>
-            {
-                Some(KernelMatMul(q.clone()))
-            }
-            _ => None,
+            Weight::Quantized(q) => Some(KernelMatMul(q.clone())),
+            Weight::Float(_) => None,
         };
         Ok(Self {
             weight,
@@ -92,6 +102,20 @@ impl Linear {
             bias,
             lora: None,
         })
+    }
+
+    /// Whether lever's kernels compute this layer for input x (CPU, f32, a covered type).
+    fn kernel_runs(&self, x: &Tensor) -> bool {
+        match &self.weight {
+            Weight::Quantized(q) => {
+                x.device().is_cpu()
+                    && x.dtype() == candle_core::DType::F32
+                    && kernels::supports(q.dtype())
+                    && q.shape().dims().len() == 2
+                    && q.shape().dims()[1] % kernels::QK == 0
+            }
+            Weight::Float(_) => false,
+        }
     }
 
     pub fn weight(&self) -> &Weight {
@@ -122,7 +146,11 @@ impl Linear {
     /// x: (..., in) -> (..., out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match (&self.weight, &self.qmatmul) {
-            (_, Some(_)) if self.kernel.is_some() && x.dtype() == candle_core::DType::F32 => {
+            (_, Some(_)) if x.track_op() && self.kernel.is_some() => {
+                let op = self.kernel.clone().unwrap_or_else(|| unreachable!());
+                x.contiguous()?.apply_op1(op)?
+            }
+            (_, Some(_)) if self.kernel_runs(x) => {
                 let op = self.kernel.as_ref().unwrap_or_else(|| unreachable!());
                 x.contiguous()?.apply_op1_no_bwd(op)?
             }

@@ -69,9 +69,13 @@ impl Rope {
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
         let x = x.contiguous()?;
-        match self.style {
-            RopeStyle::Neox => candle_nn::rotary_emb::rope(&x, &cos, &sin),
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin),
+        // candle's fused RoPE kernels have no backward; when gradients flow, the same rotation
+        // in elementary ops.
+        match (self.style, x.track_op()) {
+            (RopeStyle::Neox, false) => candle_nn::rotary_emb::rope(&x, &cos, &sin),
+            (RopeStyle::Interleaved, false) => candle_nn::rotary_emb::rope_i(&x, &cos, &sin),
+            (RopeStyle::Neox, true) => candle_nn::rotary_emb::rope_slow(&x, &cos, &sin),
+            (RopeStyle::Interleaved, true) => candle_nn::rotary_emb::rope_i_slow(&x, &cos, &sin),
         }
     }
 
@@ -97,8 +101,13 @@ impl Rope {
 }
 
 /// RMS norm over the last dimension, weight w: (C,).
+/// The fused kernel for inference; elementary (differentiable) ops when gradients flow.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
-    candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)
+    if x.track_op() || w.track_op() {
+        candle_nn::ops::rms_norm_slow(x, w, eps)
+    } else {
+        candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)
+    }
 }
 
 /// Additive causal mask for T new queries after `past` cached keys: (T, past + T),

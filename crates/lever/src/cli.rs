@@ -33,9 +33,92 @@ pub enum Command {
     Bench(BenchArgs),
     /// Write a GGUF file with its weights in another block type (llama.cpp loads it).
     Quantize(QuantizeArgs),
+    /// Fine-tune the model on a JSONL dataset with LoRA; writes a PEFT adapter.
+    Finetune(FinetuneArgs),
     /// Provision and list models.
     #[command(subcommand)]
     Models(ModelsCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// JSONL training data (Alpaca, chat `messages`, ShareGPT `conversations` or `text`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The data's format (default: detected from the first line).
+    #[arg(long, value_parser = parse_format)]
+    pub format: Option<lever_data::Format>,
+    /// Read a field from another key or a nested path, e.g. `instruction=question`,
+    /// `output=instances/0/output` (repeatable).
+    #[arg(long = "field", value_name = "NAME=PATH")]
+    pub fields: Vec<String>,
+    /// Print example N (0-based, in file order) token by token, `+` marking trained tokens, and exit.
+    #[arg(long, value_name = "N")]
+    pub show_mask: Option<usize>,
+    /// Train LoRA adapters on a frozen base (full fine-tuning is not built yet, so this is required).
+    #[arg(long, required_unless_present = "show_mask")]
+    pub lora: bool,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    /// LoRA alpha (the update is scaled by alpha / r).
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// Projections to adapt: a list of q,k,v,o,gate,up,down, or all-linear.
+    #[arg(long, default_value = "all-linear")]
+    pub lora_targets: String,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Maximum tokens per example.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Examples longer than --seq-len: cut them (truncate) or leave them out (skip).
+    #[arg(long, default_value = "skip", value_parser = ["skip", "truncate"])]
+    pub overlong: String,
+    /// Peak learning rate (after warmup; cosine decay to a tenth).
+    #[arg(long, default_value_t = 2e-4, value_parser = positive_f64)]
+    pub lr: f64,
+    /// Warmup steps.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Clip gradients to this global L2 norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Fraction of examples held out for validation.
+    #[arg(long, default_value_t = 0.05)]
+    pub val_fraction: f64,
+    /// Validation loss every N steps (and at the start and end).
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: usize,
+    /// Seed for the split, the order of examples and the adapter's initial values.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Run folder: manifest.json, metrics.jsonl and adapter/ (PEFT layout).
+    #[arg(long, required_unless_present = "show_mask")]
+    pub out: Option<PathBuf>,
+}
+
+fn parse_format(s: &str) -> Result<lever_data::Format, String> {
+    s.parse()
+}
+
+fn positive_f64(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("`{s}` is not a positive number")),
+    }
 }
 
 #[derive(Debug, Args, Clone)]

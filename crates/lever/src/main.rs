@@ -4,6 +4,7 @@
 mod ask;
 mod chat;
 mod cli;
+mod finetune;
 mod measure;
 mod models;
 mod progress;
@@ -52,6 +53,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Perplexity(a) => measure::perplexity(a),
         Command::Bench(a) => measure::bench(a),
         Command::Quantize(a) => measure::quantize(a),
+        Command::Finetune(a) => finetune::run(a),
         Command::Models(m) => models::run(m),
     }
 }

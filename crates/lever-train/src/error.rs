@@ -1,0 +1,23 @@
+//! The one error type of lever-train.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {problem}")]
+    Config { what: String, problem: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Model(#[from] lever_model::Error),
+    #[error(transparent)]
+    Data(#[from] lever_data::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,13 @@
+//! lever-train: fine-tuning the one decoder that `lever ask` runs. LoRA adapters (Hu et al.
+//! 2021, arXiv:2106.09685) on a frozen base that may stay quantized (QLoRA: gradients pass
+//! through the quantized layers), AdamW with decoupled weight decay (Loshchilov & Hutter,
+//! arXiv:1711.05101), linear warmup then cosine decay, gradient clipping, a loss over the
+//! trained (assistant) tokens only, and adapters saved in Hugging Face PEFT's layout.
+
+pub mod error;
+pub mod lora;
+pub mod trainer;
+
+pub use error::{Error, Result};
+pub use lora::{LoraConfig, LoraSet};
+pub use trainer::{StepMetrics, TrainConfig, Trainer};

@@ -1,0 +1,263 @@
+//! LoRA adapters on the decoder's linear layers, and their Hugging Face PEFT layout.
+//! y = W·x + (α/r)·B·A·x with A: (r, in) drawn like PEFT's default (Kaiming-uniform with
+//! a = √5, i.e. U(−1/√in, 1/√in)) and B: (out, r) zero, so a fresh adapter changes nothing
+//! (PEFT `tuners/lora/layer.py`, `reset_lora_parameters`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use lever_model::ops::RopeStyle;
+use lever_model::weights::SplitMix64;
+use lever_model::{Decoder, Lora};
+
+use crate::error::{Error, Result};
+
+/// The projections an adapter can target, by their PEFT (Hugging Face) module names.
+const TARGETS: [(&str, &str, &str); 7] = [
+    // (short name, GGUF suffix, HF module path under layers.N)
+    ("q", "attn_q", "self_attn.q_proj"),
+    ("k", "attn_k", "self_attn.k_proj"),
+    ("v", "attn_v", "self_attn.v_proj"),
+    ("o", "attn_output", "self_attn.o_proj"),
+    ("gate", "ffn_gate", "mlp.gate_proj"),
+    ("up", "ffn_up", "mlp.up_proj"),
+    ("down", "ffn_down", "mlp.down_proj"),
+];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    /// Short names: q, k, v, o, gate, up, down.
+    pub targets: Vec<String>,
+}
+
+impl LoraConfig {
+    /// `q,k,v,o,gate,up,down` or `all-linear`.
+    pub fn parse_targets(spec: &str) -> Result<Vec<String>> {
+        if spec == "all-linear" {
+            return Ok(TARGETS.iter().map(|t| t.0.to_string()).collect());
+        }
+        let mut out = Vec::new();
+        for t in spec.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let t = t.trim_end_matches("_proj");
+            if !TARGETS.iter().any(|x| x.0 == t) {
+                return Err(Error::Config {
+                    what: "--lora-targets".into(),
+                    problem: format!(
+                        "unknown target `{t}` (q, k, v, o, gate, up, down, all-linear)"
+                    ),
+                });
+            }
+            if !out.iter().any(|x: &String| x == t) {
+                out.push(t.to_string());
+            }
+        }
+        if out.is_empty() {
+            return Err(Error::Config {
+                what: "--lora-targets".into(),
+                problem: "no targets".into(),
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+}
+
+/// The adapters attached to a decoder: per layer and target, A and B as trainable variables.
+pub struct LoraSet {
+    pub config: LoraConfig,
+    /// (layer, short target name, A, B)
+    pub adapters: Vec<(usize, String, Var, Var)>,
+}
+
+impl LoraSet {
+    /// Attach fresh adapters to every targeted projection of `decoder`.
+    pub fn attach(decoder: &mut Decoder, config: &LoraConfig, seed: u64) -> Result<LoraSet> {
+        if config.r == 0 {
+            return Err(Error::Config {
+                what: "--lora-r".into(),
+                problem: "must be at least 1".into(),
+            });
+        }
+        let mut rng = SplitMix64(seed);
+        let mut adapters = Vec::new();
+        let scale = config.scale();
+        for (name, linear) in decoder.linears_mut() {
+            let Some((layer, target)) = split_name(&name) else {
+                continue;
+            };
+            if !config.targets.iter().any(|t| t == target) {
+                continue;
+            }
+            let (out, inp) = linear.dims();
+            let bound = 1.0 / (inp as f32).sqrt();
+            let a: Vec<f32> = (0..config.r * inp)
+                .map(|_| (rng.uniform() * 2.0 - 1.0) * bound)
+                .collect();
+            let a = Var::from_tensor(&Tensor::from_vec(a, (config.r, inp), &Device::Cpu)?)?;
+            let b = Var::zeros((out, config.r), DType::F32, &Device::Cpu)?;
+            linear.lora = Some(Lora {
+                a: a.as_tensor().clone(),
+                b: b.as_tensor().clone(),
+                scale,
+            });
+            adapters.push((layer, target.to_string(), a, b));
+        }
+        Ok(LoraSet {
+            config: config.clone(),
+            adapters,
+        })
+    }
+
+    pub fn vars(&self) -> Vec<Var> {
+        self.adapters
+            .iter()
+            .flat_map(|(_, _, a, b)| [a.clone(), b.clone()])
+            .collect()
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.adapters
+            .iter()
+            .map(|(_, _, a, b)| a.elem_count() + b.elem_count())
+            .sum()
+    }
+
+    /// Save in PEFT's layout: `adapter_config.json` and `adapter_model.safetensors` with keys
+    /// `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` etc. GGUF Llama files
+    /// store Q and K with rows permuted for interleaved RoPE (llama.cpp's converter); the
+    /// rows of their B matrices are permuted back so the adapter fits the Hugging Face base.
+    /// Written to a temporary folder, then renamed into place.
+    pub fn save_peft(&self, decoder: &Decoder, dir: &Path, base_model: &str) -> Result<()> {
+        let cfg = decoder.config();
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for (layer, target, a, b) in &self.adapters {
+            let module = TARGETS
+                .iter()
+                .find(|t| t.0 == target)
+                .map(|t| t.2)
+                .unwrap_or_default();
+            let mut b = b.as_tensor().clone();
+            if cfg.rope_style == RopeStyle::Interleaved {
+                match target.as_str() {
+                    "q" => b = unpermute_rows(&b, cfg.num_heads)?,
+                    "k" => b = unpermute_rows(&b, cfg.num_kv_heads)?,
+                    _ => {}
+                }
+            }
+            let key = format!("base_model.model.model.layers.{layer}.{module}");
+            tensors.insert(format!("{key}.lora_A.weight"), a.as_tensor().contiguous()?);
+            tensors.insert(format!("{key}.lora_B.weight"), b.contiguous()?);
+        }
+        let modules: Vec<String> = self
+            .config
+            .targets
+            .iter()
+            .filter_map(|t| TARGETS.iter().find(|x| x.0 == t))
+            .map(|t| t.2.rsplit('.').next().unwrap_or(t.2).to_string())
+            .collect();
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.config.r,
+            "lora_alpha": self.config.alpha,
+            "lora_dropout": 0.0,
+            "target_modules": modules,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "use_rslora": false,
+            "use_dora": false,
+            "init_lora_weights": true,
+        });
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("adapter");
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        let text = serde_json::to_string_pretty(&config).unwrap_or_default();
+        std::fs::write(tmp.join("adapter_config.json"), text + "\n").map_err(io(&tmp))?;
+        candle_core::safetensors::save(&tensors, tmp.join("adapter_model.safetensors"))?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(io(dir))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(io(dir))?;
+        Ok(())
+    }
+}
+
+/// "blk.3.attn_q" → (3, "q").
+fn split_name(name: &str) -> Option<(usize, &'static str)> {
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, suffix) = rest.split_once('.')?;
+    let layer = layer.parse().ok()?;
+    TARGETS.iter().find(|t| t.1 == suffix).map(|t| (layer, t.0))
+}
+
+/// Inverse of llama.cpp's Q/K row permutation (rows grouped per head as (2, D/2) → (D/2, 2)).
+fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = t.dims2()?;
+    let d = rows / heads;
+    Ok(t.reshape((heads, d / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_refuse_unknown_names() {
+        assert_eq!(LoraConfig::parse_targets("all-linear").unwrap().len(), 7);
+        assert_eq!(
+            LoraConfig::parse_targets("q_proj, v").unwrap(),
+            vec!["q", "v"]
+        );
+        let e = LoraConfig::parse_targets("q,lm_head")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown target `lm_head`"), "{e}");
+        assert_eq!(split_name("blk.12.ffn_down"), Some((12, "down")));
+        assert_eq!(split_name("output"), None);
+    }
+
+    /// Unpermuting undoes the converter's permutation (the one in lever-model's convert.rs).
+    #[test]
+    fn unpermute_inverts_the_gguf_permutation() {
+        let (heads, d, cols) = (3, 8, 5);
+        let t = Tensor::arange(0f32, (heads * d * cols) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((heads * d, cols))
+            .unwrap();
+        let permuted = t
+            .reshape((heads, 2, d / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((heads * d, cols))
+            .unwrap();
+        let back = unpermute_rows(&permuted, heads).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
+    }
+}

@@ -1,0 +1,274 @@
+//! The training loop: seeded batches of tokenized examples, a cross-entropy loss over the
+//! trained tokens only, gradient accumulation, clipping by global norm, AdamW, and a
+//! learning rate with linear warmup then cosine decay to 10% (the schedule of
+//! transformers' `get_cosine_schedule_with_warmup`, floored as nanoGPT does).
+
+use candle_core::backprop::GradStore;
+use candle_core::{D, Device, Tensor, Var};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use lever_data::Tokenized;
+use lever_model::weights::SplitMix64;
+use lever_model::{Decoder, Logits};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 100,
+            batch_size: 4,
+            grad_accum: 1,
+            lr: 2e-4,
+            warmup_steps: 10,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The learning rate at optimizer step `step` (0-based).
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup_steps).max(1);
+        let progress = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
+        let min = 0.1 * self.lr;
+        min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+/// One optimizer step's numbers (a line of metrics.jsonl).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Tokens the loss covered in this step.
+    pub trained_tokens: usize,
+    /// All tokens processed in this step (padding excluded).
+    pub tokens: usize,
+}
+
+pub struct Trainer {
+    pub config: TrainConfig,
+    vars: Vec<Var>,
+    opt: AdamW,
+    order: Vec<usize>,
+    cursor: usize,
+    rng: SplitMix64,
+    pub step: usize,
+}
+
+impl Trainer {
+    pub fn new(config: TrainConfig, vars: Vec<Var>) -> Result<Trainer> {
+        if config.batch_size == 0 || config.grad_accum == 0 || config.steps == 0 {
+            return Err(Error::Config {
+                what: "--batch-size/--grad-accum/--steps".into(),
+                problem: "must be at least 1".into(),
+            });
+        }
+        let opt = AdamW::new(
+            vars.clone(),
+            ParamsAdamW {
+                lr: config.lr_at(0),
+                weight_decay: config.weight_decay,
+                ..Default::default()
+            },
+        )?;
+        let rng = SplitMix64(config.seed ^ 0x5eed_da7a);
+        Ok(Trainer {
+            config,
+            vars,
+            opt,
+            order: Vec::new(),
+            cursor: 0,
+            rng,
+            step: 0,
+        })
+    }
+
+    /// The next `n` example indices: a seeded permutation of the training set, renewed each
+    /// epoch.
+    fn next_batch(&mut self, n_examples: usize, n: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            if self.cursor >= self.order.len() {
+                self.order = (0..n_examples).collect();
+                for i in (1..n_examples).rev() {
+                    let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
+                    self.order.swap(i, j);
+                }
+                self.cursor = 0;
+            }
+            out.push(self.order[self.cursor]);
+            self.cursor += 1;
+        }
+        out
+    }
+
+    /// One optimizer step over `batch_size × grad_accum` examples of `train`.
+    pub fn step(&mut self, decoder: &Decoder, train: &[Tokenized]) -> Result<StepMetrics> {
+        let lr = self.config.lr_at(self.step);
+        self.opt.set_learning_rate(lr);
+        let mut total: Option<GradStore> = None;
+        let (mut loss_sum, mut trained, mut tokens) = (0f64, 0usize, 0usize);
+        let micro: Vec<Vec<usize>> = (0..self.config.grad_accum)
+            .map(|_| self.next_batch(train.len(), self.config.batch_size))
+            .collect();
+        let all_trained: usize = micro
+            .iter()
+            .flatten()
+            .map(|&i| train[i].trained.iter().skip(1).filter(|t| **t).count())
+            .sum();
+        for idx in micro {
+            let batch: Vec<&Tokenized> = idx.iter().map(|&i| &train[i]).collect();
+            let (sum, n) = masked_loss_sum(decoder, &batch)?;
+            tokens += batch.iter().map(|t| t.ids.len()).sum::<usize>();
+            trained += n;
+            loss_sum += sum.to_scalar::<f32>()? as f64;
+            // Mean over every trained token of the whole step, however it is split.
+            let grads = (sum / all_trained.max(1) as f64)?.backward()?;
+            total = Some(match total {
+                None => grads,
+                Some(mut acc) => {
+                    for v in &self.vars {
+                        if let Some(g) = grads.get(v.as_tensor()) {
+                            let sum = match acc.get(v.as_tensor()) {
+                                Some(a) => (a + g)?,
+                                None => g.clone(),
+                            };
+                            acc.insert(v.as_tensor(), sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        let Some(mut grads) = total else {
+            return Err(Error::Config {
+                what: "--grad-accum".into(),
+                problem: "must be at least 1".into(),
+            });
+        };
+        let grad_norm = clip(&mut grads, &self.vars, self.config.grad_clip)?;
+        self.opt.step(&grads)?;
+        let m = StepMetrics {
+            step: self.step + 1,
+            loss: loss_sum / trained.max(1) as f64,
+            lr,
+            grad_norm,
+            trained_tokens: trained,
+            tokens,
+        };
+        self.step += 1;
+        Ok(m)
+    }
+}
+
+/// Scale gradients so their global L2 norm is at most `max` (0 = no clipping); returns the
+/// norm before clipping.
+fn clip(grads: &mut GradStore, vars: &[Var], max: f64) -> Result<f64> {
+    let mut sq = 0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+    }
+    let norm = sq.sqrt();
+    if max > 0.0 && norm > max {
+        let k = max / (norm + 1e-6);
+        for v in vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                let scaled = (g * k)?;
+                grads.insert(v.as_tensor(), scaled);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// Σ −log p(token) over the trained tokens of a right-padded batch, and how many there are.
+/// Padding sits after each sequence's last token, so causal attention never lets a real
+/// token see it.
+pub fn masked_loss_sum(decoder: &Decoder, batch: &[&Tokenized]) -> Result<(Tensor, usize)> {
+    let t = batch.iter().map(|x| x.ids.len()).max().unwrap_or(0);
+    if t < 2 {
+        return Err(Error::Config {
+            what: "batch".into(),
+            problem: "examples need at least 2 tokens".into(),
+        });
+    }
+    let b = batch.len();
+    let mut ids = vec![0u32; b * t];
+    let mut targets = vec![0u32; b * (t - 1)];
+    let mut mask = vec![0f32; b * (t - 1)];
+    for (row, ex) in batch.iter().enumerate() {
+        ids[row * t..row * t + ex.ids.len()].copy_from_slice(&ex.ids);
+        for i in 1..ex.ids.len() {
+            targets[row * (t - 1) + i - 1] = ex.ids[i];
+            mask[row * (t - 1) + i - 1] = if ex.trained[i] { 1.0 } else { 0.0 };
+        }
+    }
+    let n = mask.iter().filter(|m| **m > 0.0).count();
+    let dev = Device::Cpu;
+    let ids = Tensor::from_vec(ids, (b, t), &dev)?;
+    let logits = decoder.forward(&ids, &mut decoder.new_cache(), Logits::All)?; // (B, T, V)
+    let logits = logits.narrow(1, 0, t - 1)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let targets = Tensor::from_vec(targets, (b, t - 1, 1), &dev)?;
+    let picked = logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?; // (B, T-1)
+    let mask = Tensor::from_vec(mask, (b, t - 1), &dev)?;
+    let sum = (picked * mask)?.sum_all()?.neg()?;
+    Ok((sum, n))
+}
+
+/// Mean loss per trained token over a whole set (validation), without gradients.
+pub fn evaluate(decoder: &Decoder, set: &[Tokenized], batch_size: usize) -> Result<f64> {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for chunk in set.chunks(batch_size.max(1)) {
+        let batch: Vec<&Tokenized> = chunk.iter().collect();
+        let (s, k) = masked_loss_sum(decoder, &batch)?;
+        sum += s.detach().to_scalar::<f32>()? as f64;
+        n += k;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_a_tenth() {
+        let c = TrainConfig {
+            steps: 110,
+            warmup_steps: 10,
+            lr: 1.0,
+            ..Default::default()
+        };
+        assert!((c.lr_at(0) - 0.1).abs() < 1e-12);
+        assert!((c.lr_at(9) - 1.0).abs() < 1e-12);
+        assert!((c.lr_at(10) - 1.0).abs() < 1e-12);
+        assert!((c.lr_at(60) - 0.55).abs() < 1e-12);
+        assert!((c.lr_at(110) - 0.1).abs() < 1e-12);
+        assert!(c.lr_at(30) > c.lr_at(31));
+    }
+}
