@@ -9,5 +9,5 @@ pub mod lora;
 pub mod trainer;
 
 pub use error::{Error, Result};
-pub use lora::{LoraConfig, LoraSet};
+pub use lora::{LoraConfig, LoraSet, load_peft};
 pub use trainer::{StepMetrics, TrainConfig, Trainer};

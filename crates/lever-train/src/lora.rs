@@ -202,6 +202,147 @@ impl LoraSet {
     }
 }
 
+/// Load a PEFT LoRA adapter folder onto `decoder` (frozen: for inference, or as a start for
+/// more training). Names and shapes are checked against the model; an adapter made for another
+/// base is refused with the tensor that does not fit. Returns how many projections got one.
+pub fn load_peft(decoder: &mut Decoder, dir: &Path) -> Result<usize> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|source| Error::Io {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    let bad = |problem: String| Error::Config {
+        what: cfg_path.display().to_string(),
+        problem,
+    };
+    let cfg: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    if cfg.get("peft_type").and_then(|v| v.as_str()) != Some("LORA") {
+        return Err(bad("`peft_type` is not LORA".into()));
+    }
+    let r = cfg
+        .get("r")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| bad("`r` missing".into()))? as f64;
+    let alpha = cfg
+        .get("lora_alpha")
+        .and_then(|v| v.as_f64())
+        .ok_or_else(|| bad("`lora_alpha` missing".into()))?;
+    let flag = |k: &str| cfg.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+    if flag("use_dora") || flag("fan_in_fan_out") {
+        return Err(bad(
+            "DoRA and fan_in_fan_out adapters are not supported".into()
+        ));
+    }
+    // rsLoRA scales by α/√r (PEFT `LoraLayer.update_layer`).
+    let scale = if flag("use_rslora") {
+        alpha / r.sqrt()
+    } else {
+        alpha / r
+    };
+    let st_path = dir.join("adapter_model.safetensors");
+    if !st_path.exists() {
+        return Err(Error::Config {
+            what: dir.display().to_string(),
+            problem: "no adapter_model.safetensors (pickled adapter_model.bin is never loaded)"
+                .into(),
+        });
+    }
+    let tensors = candle_core::safetensors::load(&st_path, &Device::Cpu)?;
+    let dcfg = decoder.config().clone();
+    let tensor_err = |key: &str, problem: String| Error::Config {
+        what: format!("{}: tensor `{key}`", st_path.display()),
+        problem,
+    };
+    // (layer, target) -> (A, B)
+    let mut pairs: HashMap<(usize, &'static str), (Option<Tensor>, Option<Tensor>)> =
+        HashMap::new();
+    for (key, t) in &tensors {
+        let parsed = key
+            .strip_prefix("base_model.model.model.layers.")
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(layer, rest)| {
+                let layer: usize = layer.parse().ok()?;
+                let rest = rest.strip_suffix(".weight")?;
+                let rest = rest.strip_suffix(".default").unwrap_or(rest);
+                let (module, which) = rest.rsplit_once('.')?;
+                let target = TARGETS.iter().find(|x| x.2 == module)?.0;
+                Some((layer, target, which))
+            });
+        let Some((layer, target, which)) = parsed else {
+            return Err(tensor_err(
+                key,
+                "not a LoRA weight of a llama-family projection".into(),
+            ));
+        };
+        if layer >= dcfg.num_layers {
+            return Err(tensor_err(
+                key,
+                format!("layer {layer}, but the model has {}", dcfg.num_layers),
+            ));
+        }
+        let slot = pairs.entry((layer, target)).or_default();
+        match which {
+            "lora_A" => slot.0 = Some(t.to_dtype(DType::F32)?),
+            "lora_B" => slot.1 = Some(t.to_dtype(DType::F32)?),
+            _ => return Err(tensor_err(key, "expected lora_A or lora_B".into())),
+        }
+    }
+    let mut n = 0;
+    for (name, linear) in decoder.linears_mut() {
+        let Some((layer, target)) = split_name(&name) else {
+            continue;
+        };
+        let Some((a, b)) = pairs.remove(&(layer, target)) else {
+            continue;
+        };
+        let module = TARGETS
+            .iter()
+            .find(|x| x.0 == target)
+            .map(|x| x.2)
+            .unwrap_or_default();
+        let key = format!("base_model.model.model.layers.{layer}.{module}");
+        let (Some(a), Some(mut b)) = (a, b) else {
+            return Err(tensor_err(&key, "needs both lora_A and lora_B".into()));
+        };
+        let (out, inp) = linear.dims();
+        let rank = a.dim(0)?;
+        if a.dims() != [rank, inp] || b.dims() != [out, rank] {
+            return Err(tensor_err(
+                &key,
+                format!(
+                    "lora_A {:?} and lora_B {:?} do not fit a ({out}, {inp}) projection with rank {rank}; the adapter was made for another base model",
+                    a.dims(),
+                    b.dims()
+                ),
+            ));
+        }
+        if dcfg.rope_style == RopeStyle::Interleaved {
+            match target {
+                "q" => b = permute_rows(&b, dcfg.num_heads)?,
+                "k" => b = permute_rows(&b, dcfg.num_kv_heads)?,
+                _ => {}
+            }
+        }
+        linear.lora = Some(Lora { a, b, scale });
+        n += 1;
+    }
+    if n == 0 {
+        return Err(bad("no LoRA weights in the adapter".into()));
+    }
+    Ok(n)
+}
+
+/// llama.cpp's Q/K row permutation for interleaved RoPE (the inverse of `unpermute_rows`).
+fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = t.dims2()?;
+    let d = rows / heads;
+    Ok(t.reshape((heads, 2, d / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
 /// "blk.3.attn_q" → (3, "q").
 fn split_name(name: &str) -> Option<(usize, &'static str)> {
     let rest = name.strip_prefix("blk.")?;
@@ -257,6 +398,10 @@ mod tests {
             .unwrap()
             .reshape((heads * d, cols))
             .unwrap();
+        assert_eq!(
+            permute_rows(&t, heads).unwrap().to_vec2::<f32>().unwrap(),
+            permuted.to_vec2::<f32>().unwrap()
+        );
         let back = unpermute_rows(&permuted, heads).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
     }

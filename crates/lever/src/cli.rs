@@ -126,6 +126,10 @@ pub struct ModelArg {
     /// A .gguf file, a Hugging Face folder, or a registry name (see `lever models list`).
     #[arg(long, short = 'm', env = "LEVER_MODEL", default_value = lever_model::registry::DEFAULT_GENERATOR)]
     pub model: String,
+    /// A LoRA adapter folder in Hugging Face PEFT's layout (adapter_config.json +
+    /// adapter_model.safetensors), e.g. one `lever finetune` wrote.
+    #[arg(long, global = true)]
+    pub adapter: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]

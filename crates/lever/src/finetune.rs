@@ -21,6 +21,11 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     for f in &a.fields {
         fields.set(f)?;
     }
+    if a.model.adapter.is_some() && a.show_mask.is_none() {
+        bail!(
+            "--adapter: continuing training from an adapter is not supported yet; train a fresh one"
+        );
+    }
     let data = Dataset::read(&a.data, a.format, &fields)?;
     let mut model = crate::load_model(&a.model)?;
     let template = model.chat_template.clone();

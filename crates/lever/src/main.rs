@@ -66,7 +66,12 @@ pub fn device() -> Device {
 pub fn load_model(arg: &ModelArg) -> Result<Model> {
     let home = lever_model::registry::lever_home();
     let source = lever_model::model::resolve(&arg.model, &home, &mut progress::provisioning())?;
-    Ok(Model::load(&source, &device())?)
+    let mut model = Model::load(&source, &device())?;
+    if let Some(dir) = &arg.adapter {
+        let n = lever_train::load_peft(&mut model.decoder, dir)?;
+        eprintln!("adapter: {} ({n} projections)", dir.display());
+    }
+    Ok(model)
 }
 
 impl SamplingArgs {
