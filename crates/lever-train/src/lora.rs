@@ -202,6 +202,9 @@ impl LoraSet {
     }
 }
 
+/// An adapter's A and B as they are found in the file.
+type AbPair = (Option<Tensor>, Option<Tensor>);
+
 /// Load a PEFT LoRA adapter folder onto `decoder` (frozen: for inference, or as a start for
 /// more training). Names and shapes are checked against the model; an adapter made for another
 /// base is refused with the tensor that does not fit. Returns how many projections got one.
@@ -255,8 +258,7 @@ pub fn load_peft(decoder: &mut Decoder, dir: &Path) -> Result<usize> {
         problem,
     };
     // (layer, target) -> (A, B)
-    let mut pairs: HashMap<(usize, &'static str), (Option<Tensor>, Option<Tensor>)> =
-        HashMap::new();
+    let mut pairs: HashMap<(usize, &'static str), AbPair> = HashMap::new();
     for (key, t) in &tensors {
         let parsed = key
             .strip_prefix("base_model.model.model.layers.")
