@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod lora;
+pub mod optim;
 pub mod trainer;
 
 pub use error::{Error, Result};

@@ -5,13 +5,16 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{D, Device, Tensor, Var};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use std::io::Write;
+use std::path::Path;
+
 use lever_data::Tokenized;
 use lever_model::weights::SplitMix64;
 use lever_model::{Decoder, Logits};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::optim::{AdamW, AdamWParams};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrainConfig {
@@ -86,7 +89,7 @@ impl Trainer {
         }
         let opt = AdamW::new(
             vars.clone(),
-            ParamsAdamW {
+            AdamWParams {
                 lr: config.lr_at(0),
                 weight_decay: config.weight_decay,
                 ..Default::default()
@@ -126,7 +129,7 @@ impl Trainer {
     /// One optimizer step over `batch_size × grad_accum` examples of `train`.
     pub fn step(&mut self, decoder: &Decoder, train: &[Tokenized]) -> Result<StepMetrics> {
         let lr = self.config.lr_at(self.step);
-        self.opt.set_learning_rate(lr);
+        self.opt.set_lr(lr);
         let mut total: Option<GradStore> = None;
         let (mut loss_sum, mut trained, mut tokens) = (0f64, 0usize, 0usize);
         let micro: Vec<Vec<usize>> = (0..self.config.grad_accum)
@@ -179,6 +182,123 @@ impl Trainer {
         };
         self.step += 1;
         Ok(m)
+    }
+}
+
+impl Trainer {
+    /// Save everything a resumed run needs to continue exactly: trainable values, optimizer
+    /// moments and step count, the data order, its cursor and the RNG. Files are fsynced in a
+    /// temporary folder that is then renamed over `dir`, so a kill at any moment leaves either
+    /// the previous checkpoint or this one.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+        let tmp = parent.join(format!(".checkpoint.tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        let (m, v) = self.opt.moments();
+        let mut tensors = std::collections::HashMap::new();
+        for (i, var) in self.vars.iter().enumerate() {
+            tensors.insert(format!("param.{i}"), var.as_tensor().clone());
+            tensors.insert(format!("m.{i}"), m[i].clone());
+            tensors.insert(format!("v.{i}"), v[i].clone());
+        }
+        let st = tmp.join("state.safetensors");
+        candle_core::safetensors::save(&tensors, &st)?;
+        let state = serde_json::json!({
+            "step": self.step, "optimizer_t": self.opt.t, "cursor": self.cursor,
+            "order": self.order, "rng": self.rng.0, "vars": self.vars.len(),
+        });
+        let js = tmp.join("trainer.json");
+        let mut f = std::fs::File::create(&js).map_err(io(&js))?;
+        f.write_all(state.to_string().as_bytes()).map_err(io(&js))?;
+        f.sync_all().map_err(io(&js))?;
+        std::fs::File::open(&st)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&st))?;
+        let old = parent.join(format!(".checkpoint.old-{}", std::process::id()));
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(io(dir))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(io(dir))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io(&old))?;
+        }
+        std::fs::File::open(parent)
+            .and_then(|f| f.sync_all())
+            .map_err(io(parent))?;
+        Ok(())
+    }
+
+    /// Restore a checkpoint written by `save_checkpoint` into this trainer and its variables.
+    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let js = dir.join("trainer.json");
+        let text = std::fs::read_to_string(&js).map_err(|source| Error::Io {
+            path: js.clone(),
+            source,
+        })?;
+        let bad = |problem: String| Error::Config {
+            what: js.display().to_string(),
+            problem,
+        };
+        let state: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let num = |k: &str| {
+            state
+                .get(k)
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| bad(format!("`{k}` missing")))
+        };
+        if num("vars")? as usize != self.vars.len() {
+            return Err(bad(format!(
+                "{} trainable tensors, this run has {}",
+                num("vars")?,
+                self.vars.len()
+            )));
+        }
+        let tensors = candle_core::safetensors::load(
+            dir.join("state.safetensors"),
+            &candle_core::Device::Cpu,
+        )?;
+        let get = |k: String| {
+            tensors
+                .get(&k)
+                .cloned()
+                .ok_or_else(|| bad(format!("state.safetensors has no `{k}`")))
+        };
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for (i, var) in self.vars.iter().enumerate() {
+            let p = get(format!("param.{i}"))?;
+            if p.shape() != var.shape() {
+                return Err(bad(format!(
+                    "param.{i} has shape {:?}, this run {:?}",
+                    p.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&p)?;
+            m.push(get(format!("m.{i}"))?);
+            v.push(get(format!("v.{i}"))?);
+        }
+        self.opt.restore(m, v, num("optimizer_t")? as usize)?;
+        self.step = num("step")? as usize;
+        self.cursor = num("cursor")? as usize;
+        self.rng = SplitMix64(num("rng")?);
+        self.order = state
+            .get("order")
+            .and_then(|o| o.as_array())
+            .ok_or_else(|| bad("`order` missing".into()))?
+            .iter()
+            .map(|x| x.as_u64().map(|x| x as usize))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("`order` is not a list of indices".into()))?;
+        Ok(())
     }
 }
 

@@ -105,7 +105,13 @@ pub struct FinetuneArgs {
     /// Seed for the split, the order of examples and the adapter's initial values.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Run folder: manifest.json, metrics.jsonl and adapter/ (PEFT layout).
+    /// Save a checkpoint (trainable values, optimizer, data order, RNG) every N steps.
+    #[arg(long, default_value_t = 25)]
+    pub save_every: usize,
+    /// Continue the run in --out from its last checkpoint (the same settings are required).
+    #[arg(long)]
+    pub resume: bool,
+    /// Run folder: manifest.json, metrics.jsonl, checkpoints/ and adapter/ (PEFT layout).
     #[arg(long, required_unless_present = "show_mask")]
     pub out: Option<PathBuf>,
 }

@@ -43,9 +43,14 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         return Ok(());
     }
     let out = a.out.clone().context("--out is required")?;
-    if out.join("metrics.jsonl").exists() {
+    let checkpoint = out.join("checkpoints").join("last");
+    if a.resume {
+        if !checkpoint.join("trainer.json").exists() {
+            bail!("{}: no checkpoint to resume from", checkpoint.display());
+        }
+    } else if out.join("metrics.jsonl").exists() {
         bail!(
-            "{}: already holds a run (metrics.jsonl); choose another --out",
+            "{}: already holds a run (metrics.jsonl); choose another --out, or --resume",
             out.display()
         );
     }
@@ -102,9 +107,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
 
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     let model_path = model.info.path.display().to_string();
-    let mut manifest = serde_json::json!({
-        "command": std::env::args().collect::<Vec<_>>(),
-        "lever_version": env!("CARGO_PKG_VERSION"),
+    let settings = serde_json::json!({
         "model": model_path,
         "data": a.data.display().to_string(),
         "format": data.format.name(),
@@ -118,7 +121,36 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             "validation": prepared.validation.len(), "truncated": prepared.truncated,
             "skipped_long": prepared.skipped_long, "skipped_untrained": prepared.skipped_untrained,
         },
+        "fields": a.fields,
     });
+    let mut manifest = serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>(),
+        "lever_version": env!("CARGO_PKG_VERSION"),
+        "settings": settings,
+    });
+    if a.resume {
+        // The run continues only with exactly the settings it started with.
+        let path = out.join("manifest.json");
+        let old: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&path).with_context(|| path.display().to_string())?,
+        )
+        .with_context(|| path.display().to_string())?;
+        if let Some(map) = settings.as_object() {
+            for (k, v) in map {
+                if old["settings"].get(k) != Some(v) {
+                    bail!(
+                        "--resume: `{k}` was {} in {}, now {v}; resume with the same settings",
+                        old["settings"].get(k).unwrap_or(&serde_json::Value::Null),
+                        path.display()
+                    );
+                }
+            }
+        }
+        trainer.load_checkpoint(&checkpoint)?;
+        truncate_metrics(&out.join("metrics.jsonl"), trainer.step)?;
+        manifest["resumed_at_step"] = serde_json::json!(trainer.step);
+        eprintln!("resuming at step {}", trainer.step);
+    }
     write_atomic(&out.join("manifest.json"), &pretty(&manifest))?;
 
     let metrics_path = out.join("metrics.jsonl");
@@ -135,12 +167,18 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         eprintln!("step {trainer_step}: validation loss {v:.4}");
         Ok(Some(v))
     };
-    let val_before = val(0, &model.decoder)?;
-    if let Some(v) = val_before {
-        writeln!(metrics, "{}", serde_json::json!({"step": 0, "val_loss": v}))?;
-    }
+    let val_before = if a.resume {
+        read_val_loss(&metrics_path, 0)
+    } else {
+        let v = val(0, &model.decoder)?;
+        if let Some(v) = v {
+            writeln!(metrics, "{}", serde_json::json!({"step": 0, "val_loss": v}))?;
+        }
+        v
+    };
 
     let bar = ProgressBar::new(a.steps as u64);
+    bar.set_position(trainer.step as u64);
     bar.set_style(
         ProgressStyle::with_template("train [{bar:30}] {pos}/{len} {msg} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -149,7 +187,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let started = Instant::now();
     let mut tokens = 0usize;
     let mut last_val = val_before;
-    for _ in 0..a.steps {
+    while trainer.step < a.steps {
         let t0 = Instant::now();
         let m = trainer.step(&model.decoder, &prepared.train)?;
         if !m.loss.is_finite() {
@@ -175,6 +213,10 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
                     serde_json::json!({"step": m.step, "val_loss": v})
                 )?;
             }
+        }
+        if a.save_every > 0 && m.step % a.save_every == 0 && m.step < a.steps {
+            metrics.sync_data()?;
+            trainer.save_checkpoint(&checkpoint)?;
         }
     }
     bar.finish_and_clear();
@@ -208,6 +250,34 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         out.join("adapter").display()
     );
     Ok(())
+}
+
+/// Keep the metrics of steps up to `step` (what the checkpoint holds); later lines are
+/// recomputed by the resumed run. Rewritten atomically.
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .collect();
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    write_atomic(path, &body)
+}
+
+fn read_val_loss(path: &Path, step: usize) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["step"].as_u64() == Some(step as u64) && v.get("val_loss").is_some())
+        .and_then(|v| v["val_loss"].as_f64())
 }
 
 fn pretty(v: &serde_json::Value) -> String {

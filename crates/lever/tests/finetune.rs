@@ -166,3 +166,134 @@ fn show_mask_marks_the_answer_and_bad_data_is_named() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--lora"), "{stderr}");
 }
+
+fn step_losses(run: &std::path::Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// A run killed with SIGKILL mid-way and resumed gives the same per-step losses and the same
+/// adapter as a run that was never interrupted.
+#[test]
+fn a_killed_run_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = gsm8k_head(dir.path(), 40);
+    let (full, killed) = (dir.path().join("full"), dir.path().join("killed"));
+    let args = |out: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = ["finetune", "--data", data.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(FIELDS.iter().map(|s| s.to_string()));
+        v.extend(
+            [
+                "--lora",
+                "--lora-r",
+                "2",
+                "--lora-targets",
+                "q,v",
+                "--steps",
+                "6",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "64",
+                "--overlong",
+                "truncate",
+                "--lr",
+                "3e-3",
+                "--warmup",
+                "2",
+                "--val-fraction",
+                "0",
+                "--save-every",
+                "1",
+                "--seed",
+                "11",
+                "--out",
+                out.to_str().unwrap(),
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        v
+    };
+    let (code, _, stderr) = lever(&args(&full).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{stderr}");
+    let want = step_losses(&full);
+    assert_eq!(want.len(), 6);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lever"))
+        .args(args(&killed))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let done = std::fs::read_to_string(killed.join("metrics.jsonl"))
+            .map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count())
+            .unwrap_or(0);
+        if done >= 3 || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let partial = step_losses(&killed);
+    assert!(
+        partial.len() >= 3 && partial.len() < 6,
+        "killed after {} steps",
+        partial.len()
+    );
+
+    let mut resume = args(&killed);
+    resume.push("--resume".into());
+    let (code, _, stderr) = lever(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("resuming at step"), "{stderr}");
+    let got = step_losses(&killed);
+    assert_eq!(
+        got.iter().map(|x| x.0).collect::<Vec<_>>(),
+        (1..=6).collect::<Vec<_>>()
+    );
+    for ((s, a), (_, b)) in got.iter().zip(&want) {
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs(),
+            "step {s}: resumed {a} vs uninterrupted {b}"
+        );
+    }
+    let load = |run: &std::path::Path| {
+        candle_core::safetensors::load(
+            run.join("adapter/adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (a, b) = (load(&full), load(&killed));
+    for (k, t) in &a {
+        let d = (t - &b[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= 1e-6, "{k}: {d}");
+    }
+
+    // Other settings are refused by name.
+    let mut other = args(&killed);
+    other.extend(["--resume".to_string()]);
+    let i = other.iter().position(|s| s == "3e-3").unwrap();
+    other[i] = "1e-3".into();
+    let (code, _, stderr) = lever(&other.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--resume: `train` was"), "{stderr}");
+}
