@@ -72,6 +72,25 @@ for extra in ("README.md",):
         os.remove(os.path.join(made, extra))
 write_reference(made, logits_with(made), f"peft {peft.__version__} get_peft_model(init_lora_weights=False), B x4, seed 0")
 
+# Gradients of the mean next-token cross-entropy over the fixture prompt with respect to every
+# lora_A / lora_B, so lever's backward through the whole decoder is checked against PyTorch's.
+base = transformers.AutoModelForCausalLM.from_pretrained(BASE, torch_dtype=torch.float32)
+model = peft.PeftModel.from_pretrained(base, made, is_trainable=True)
+ids = torch.tensor([input_ids])
+logits = model(ids).logits[0]
+loss = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:])
+loss.backward()
+grads = {}
+for name, p in model.named_parameters():
+    if p.grad is not None and "lora_" in name:
+        key = name.replace(".default", "")
+        grads[key] = p.grad.detach().contiguous()
+from safetensors.torch import save_file  # noqa: E402
+save_file(grads, os.path.join(made, "grads.safetensors"))
+with open(os.path.join(made, "loss.json"), "w") as f:
+    json.dump({"loss": loss.item()}, f)
+    f.write("\n")
+
 # 2. lever trains an adapter; PEFT must run it.
 with tempfile.TemporaryDirectory() as tmp:
     with open(DATA) as f:

@@ -24,7 +24,9 @@ fn adamw_steps_match_pytorch() {
         .unwrap()
         .iter()
         .zip(shapes)
-        .map(|(v, s)| Var::from_tensor(&Tensor::from_vec(flat(v), s, &Device::Cpu).unwrap()).unwrap())
+        .map(|(v, s)| {
+            Var::from_tensor(&Tensor::from_vec(flat(v), s, &Device::Cpu).unwrap()).unwrap()
+        })
         .collect();
     let b = fx["betas"].as_array().unwrap();
     let mut opt = AdamW::new(
@@ -39,7 +41,13 @@ fn adamw_steps_match_pytorch() {
     )
     .unwrap();
     let mut worst = 0f32;
-    for (step, (grads, after)) in fx["grads"].as_array().unwrap().iter().zip(fx["after"].as_array().unwrap()).enumerate() {
+    for (step, (grads, after)) in fx["grads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(fx["after"].as_array().unwrap())
+        .enumerate()
+    {
         // loss = Σ θ·g has gradient g.
         let mut loss = Tensor::new(0f32, &Device::Cpu).unwrap();
         for ((v, g), s) in vars.iter().zip(grads.as_array().unwrap()).zip(shapes) {
@@ -48,7 +56,12 @@ fn adamw_steps_match_pytorch() {
         }
         opt.step(&loss.backward().unwrap()).unwrap();
         for (v, want) in vars.iter().zip(after.as_array().unwrap()) {
-            let got = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = v
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             for (a, b) in got.iter().zip(flat(want)) {
                 worst = worst.max((a - b).abs());
                 assert!((a - b).abs() < 1e-6, "step {}: {a} vs torch {b}", step + 1);
