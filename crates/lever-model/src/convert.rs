@@ -286,7 +286,7 @@ fn float_parts(l: &crate::Linear) -> Result<(Tensor, Option<Tensor>)> {
 /// Rows of each head reordered from rotate-half pairs (i, i + D/2) to adjacent pairs
 /// (2i, 2i + 1): `reshape(H, 2, D/2, ...).swapaxes(1, 2)` in llama.cpp's converter.
 /// Works for a weight (H·D, C) and a bias (H·D,).
-fn rope_permute(t: &Tensor, heads: usize) -> Result<Tensor> {
+pub fn rope_permute(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
     let rest: usize = dims[1..].iter().product();

@@ -335,14 +335,10 @@ pub fn load_peft(decoder: &mut Decoder, dir: &Path) -> Result<usize> {
     Ok(n)
 }
 
-/// llama.cpp's Q/K row permutation for interleaved RoPE (the inverse of `unpermute_rows`).
+/// llama.cpp's Q/K row permutation for interleaved RoPE (the converter's; inverse of
+/// `unpermute_rows`).
 fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
-    let (rows, cols) = t.dims2()?;
-    let d = rows / heads;
-    Ok(t.reshape((heads, 2, d / 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))?)
+    Ok(lever_model::convert::rope_permute(t, heads)?)
 }
 
 /// "blk.3.attn_q" → (3, "q").
