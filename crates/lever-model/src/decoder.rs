@@ -450,37 +450,50 @@ mod tests {
             .unwrap()
     }
 
+    /// One pass over 9 tokens, then the same tokens as single cached steps, then the cache cut
+    /// back to 4 and refilled with the rest: every logit within 1e-5 of the full pass.
+    fn assert_cache_exact(m: &Decoder, label: &str) -> (Tensor, Tensor) {
+        let ids: Vec<u32> = vec![3, 17, 42, 8, 8, 1, 49, 0, 23];
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let full = m
+            .forward(&x, &mut m.new_cache(), Logits::All)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let mut cache = m.new_cache();
+        for (t, id) in ids.iter().enumerate() {
+            let xi = Tensor::new(&[*id], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let step = m
+                .forward(&xi, &mut cache, Logits::Last)
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            let d = max_diff(&step, &full.get(t).unwrap());
+            assert!(d < 1e-5, "{label} position {t}: {d}");
+        }
+        assert_eq!(cache.len(), ids.len());
+        cache.truncate(4).unwrap();
+        let rest = m
+            .forward(&x.narrow(1, 4, 5).unwrap(), &mut cache, Logits::All)
+            .unwrap();
+        let d = max_diff(&rest.squeeze(0).unwrap(), &full.narrow(0, 4, 5).unwrap());
+        assert!(d < 1e-5, "{label} truncated and refilled: {d}");
+        (x, full)
+    }
+
     /// The KV cache is exact: one pass over T tokens gives the logits of T single steps,
     /// and a prompt split in two chunks gives the same as one chunk.
     #[test]
     fn cached_steps_equal_one_full_pass() {
         for arch in [Arch::Llama, Arch::Qwen2] {
             let m = tiny(arch);
-            let ids: Vec<u32> = vec![3, 17, 42, 8, 8, 1, 49, 0, 23];
-            let x = Tensor::new(ids.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let full = m
-                .forward(&x, &mut m.new_cache(), Logits::All)
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
-            let mut cache = m.new_cache();
-            for (t, id) in ids.iter().enumerate() {
-                let xi = Tensor::new(&[*id], &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap();
-                let step = m
-                    .forward(&xi, &mut cache, Logits::Last)
-                    .unwrap()
-                    .squeeze(0)
-                    .unwrap();
-                let d = max_diff(&step, &full.get(t).unwrap());
-                assert!(d < 1e-5, "{arch:?} position {t}: {d}");
-            }
-            assert_eq!(cache.len(), ids.len());
+            let (x, full) = assert_cache_exact(&m, &format!("{arch:?}"));
             let mut cache = m.new_cache();
             m.forward(&x.narrow(1, 0, 4).unwrap(), &mut cache, Logits::Last)
                 .unwrap();
@@ -501,36 +514,7 @@ mod tests {
             let mut cfg = DecoderConfig::tiny(arch, 50);
             cfg.kv_precision = KvPrecision::F16;
             let m = Decoder::load(&mut RandomWeights::new(3, &Device::Cpu), &cfg).unwrap();
-            let ids: Vec<u32> = vec![3, 17, 42, 8, 8, 1, 49, 0, 23];
-            let x = Tensor::new(ids.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let full = m
-                .forward(&x, &mut m.new_cache(), Logits::All)
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
-            let mut cache = m.new_cache();
-            for (t, id) in ids.iter().enumerate() {
-                let xi = Tensor::new(&[*id], &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap();
-                let step = m
-                    .forward(&xi, &mut cache, Logits::Last)
-                    .unwrap()
-                    .squeeze(0)
-                    .unwrap();
-                let d = max_diff(&step, &full.get(t).unwrap());
-                assert!(d < 1e-5, "{arch:?} position {t}: {d}");
-            }
-            cache.truncate(4).unwrap();
-            let rest = m
-                .forward(&x.narrow(1, 4, 5).unwrap(), &mut cache, Logits::All)
-                .unwrap();
-            let d = max_diff(&rest.squeeze(0).unwrap(), &full.narrow(0, 4, 5).unwrap());
-            assert!(d < 1e-5, "{arch:?} truncated and refilled: {d}");
+            let (x, full) = assert_cache_exact(&m, &format!("{arch:?} f16 cache"));
             let batch = Tensor::cat(&[&x, &x], 0).unwrap();
             let tensors = m.forward(&batch, &mut m.new_cache(), Logits::All).unwrap();
             let d = max_diff(&tensors.get(0).unwrap(), &full);

@@ -7,6 +7,15 @@ use candle_core::{DType, Device, Tensor, Var};
 use lever_model::testing::TinyGguf;
 use lever_model::{Logits, Lora, Model};
 
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn first_layer_adapter_gets_a_gradient_through_quantized_layers() {
     for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4_0] {
@@ -45,23 +54,10 @@ fn first_layer_adapter_gets_a_gradient_through_quantized_layers() {
             .decoder
             .forward(&ids, &mut model.decoder.new_cache(), Logits::All)
             .unwrap();
-        let same = (&logits - &base)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let same = max_abs(&(&logits - &base).unwrap());
         // With an adapter the forward takes the differentiable tensor path (f32 attention)
         // instead of the inference kernels (llama.cpp's f16 attention): equal up to that.
-        let scale = base
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(&base);
         assert!(
             same / scale < 2e-2,
             "{dtype:?}: a fresh adapter (B = 0) moved logits by {same} (scale {scale})"
@@ -73,15 +69,7 @@ fn first_layer_adapter_gets_a_gradient_through_quantized_layers() {
         let loss = logits.sqr().unwrap().mean_all().unwrap();
         let grads = loss.backward().unwrap();
         // B = 0, so A's gradient is zero and B's is not: ∂L/∂B = scale · Σ ∂L/∂y · (x·Aᵀ).
-        let gb = grads
-            .get(vars[1].as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let gb = max_abs(grads.get(vars[1].as_tensor()).unwrap());
         assert!(
             gb > 0.0 && gb.is_finite(),
             "{dtype:?}: first layer's lora_B gradient {gb}"

@@ -5,6 +5,7 @@
 //! trained (assistant) tokens only, and adapters saved in Hugging Face PEFT's layout.
 
 pub mod error;
+mod fsutil;
 pub mod lora;
 pub mod optim;
 pub mod trainer;

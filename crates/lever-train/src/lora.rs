@@ -132,7 +132,7 @@ impl LoraSet {
     /// `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` etc. GGUF Llama files
     /// store Q and K with rows permuted for interleaved RoPE (llama.cpp's converter); the
     /// rows of their B matrices are permuted back so the adapter fits the Hugging Face base.
-    /// Written to a temporary folder, then renamed into place.
+    /// Written to a temporary folder, fsynced, then renamed into place.
     pub fn save_peft(&self, decoder: &Decoder, dir: &Path, base_model: &str) -> Result<()> {
         let cfg = decoder.config();
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
@@ -176,29 +176,13 @@ impl LoraSet {
             "use_dora": false,
             "init_lora_weights": true,
         });
-        let parent = dir.parent().unwrap_or(Path::new("."));
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| Error::Io { path, source }
-        };
-        std::fs::create_dir_all(parent).map_err(io(parent))?;
-        let name = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("adapter");
-        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        let text = serde_json::to_string_pretty(&config).unwrap_or_default();
-        std::fs::write(tmp.join("adapter_config.json"), text + "\n").map_err(io(&tmp))?;
-        candle_core::safetensors::save(&tensors, tmp.join("adapter_model.safetensors"))?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(io(dir))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(io(dir))?;
-        Ok(())
+        let text = serde_json::to_string_pretty(&config).unwrap_or_default() + "\n";
+        crate::fsutil::replace_dir(dir, |tmp| {
+            let path = tmp.join("adapter_config.json");
+            std::fs::write(&path, text).map_err(|source| Error::Io { path, source })?;
+            candle_core::safetensors::save(&tensors, tmp.join("adapter_model.safetensors"))?;
+            Ok(())
+        })
     }
 }
 

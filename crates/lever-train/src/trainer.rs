@@ -5,7 +5,6 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{D, Device, Tensor, Var};
-use std::io::Write;
 use std::path::Path;
 
 use lever_data::Tokenized;
@@ -191,17 +190,6 @@ impl Trainer {
     /// temporary folder that is then renamed over `dir`, so a kill at any moment leaves either
     /// the previous checkpoint or this one.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| Error::Io { path, source }
-        };
-        let parent = dir.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(io(parent))?;
-        let tmp = parent.join(format!(".checkpoint.tmp-{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         let (m, v) = self.opt.moments();
         let mut tensors = std::collections::HashMap::new();
         for (i, var) in self.vars.iter().enumerate() {
@@ -209,31 +197,15 @@ impl Trainer {
             tensors.insert(format!("m.{i}"), m[i].clone());
             tensors.insert(format!("v.{i}"), v[i].clone());
         }
-        let st = tmp.join("state.safetensors");
-        candle_core::safetensors::save(&tensors, &st)?;
         let state = serde_json::json!({
             "step": self.step, "optimizer_t": self.opt.t, "cursor": self.cursor,
             "order": self.order, "rng": self.rng.0, "vars": self.vars.len(),
         });
-        let js = tmp.join("trainer.json");
-        let mut f = std::fs::File::create(&js).map_err(io(&js))?;
-        f.write_all(state.to_string().as_bytes()).map_err(io(&js))?;
-        f.sync_all().map_err(io(&js))?;
-        std::fs::File::open(&st)
-            .and_then(|f| f.sync_all())
-            .map_err(io(&st))?;
-        let old = parent.join(format!(".checkpoint.old-{}", std::process::id()));
-        if dir.exists() {
-            std::fs::rename(dir, &old).map_err(io(dir))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(io(dir))?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(io(&old))?;
-        }
-        std::fs::File::open(parent)
-            .and_then(|f| f.sync_all())
-            .map_err(io(parent))?;
-        Ok(())
+        crate::fsutil::replace_dir(dir, |tmp| {
+            candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
+            let path = tmp.join("trainer.json");
+            std::fs::write(&path, state.to_string()).map_err(|source| Error::Io { path, source })
+        })
     }
 
     /// Restore a checkpoint written by `save_checkpoint` into this trainer and its variables.
