@@ -98,6 +98,8 @@ pub enum Overlong {
     Truncate,
     /// Leave it out (counted and reported).
     Skip,
+    /// Stop with an error naming the line.
+    Error,
 }
 
 /// A dataset ready for training: tokenized, length-checked and split.
@@ -145,6 +147,15 @@ impl Prepared {
             let mut t = tokenize(tok, template, example, *line)?;
             if t.ids.len() > max_len {
                 match overlong {
+                    Overlong::Error => {
+                        return Err(Error::Dataset {
+                            path: data.path.clone(),
+                            problem: format!(
+                                "line {line}: the example is {} tokens, longer than --seq-len {max_len} (use --overlong skip or truncate, or a larger --seq-len)",
+                                t.ids.len()
+                            ),
+                        });
+                    }
                     Overlong::Skip => {
                         out.skipped_long += 1;
                         continue;

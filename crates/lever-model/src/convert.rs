@@ -297,3 +297,17 @@ pub fn rope_permute(t: &Tensor, heads: usize) -> Result<Tensor> {
         .contiguous()?;
     Ok(x.reshape(dims)?)
 }
+
+/// Inverse of `rope_permute`: adjacent pairs back to rotate-half halves (GGUF `llama` rows
+/// to Hugging Face rows).
+pub fn rope_unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    let d = rows / heads;
+    let x = t
+        .reshape((heads, d / 2, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    Ok(x.reshape(dims)?)
+}

@@ -9,12 +9,12 @@
 //! Dimensions: B batch, T new tokens, P cached tokens, C hidden, H query heads,
 //! K key/value heads, D head size (C = H·D), F MLP width, V vocabulary.
 
-use candle_core::{D, DType, Device, IndexOp, Result, Tensor};
+use candle_core::{D, DType, Device, IndexOp, Result, Tensor, Var};
 use half::f16;
 
 use crate::config::{DecoderConfig, KvPrecision};
 use crate::kernels::{self, AttnDims};
-use crate::linear::Linear;
+use crate::linear::{Linear, Weight};
 use crate::ops::{self, Rope};
 use crate::weights::{Embedding, Param, WeightSource};
 
@@ -273,8 +273,19 @@ pub struct Decoder {
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: Linear,
+    /// The output layer is the embedding table (no separate `output` weight).
+    tied: bool,
     rope: Rope,
     device: Device,
+}
+
+/// A weight of the decoder as `params` lists it.
+#[derive(Debug, Clone, Copy)]
+pub enum ParamRef<'a> {
+    Embedding(&'a Embedding),
+    /// A norm weight (C,).
+    Vector(&'a Tensor),
+    Linear(&'a Linear),
 }
 
 impl Decoder {
@@ -293,10 +304,11 @@ impl Decoder {
             });
         }
         let norm = w.vector(Param::OutputNorm, c)?;
-        let lm_head = if !cfg.tie_embeddings && w.has(Param::Output) {
-            w.linear(Param::Output, v, c, false)?
-        } else {
+        let tied = cfg.tie_embeddings || !w.has(Param::Output);
+        let lm_head = if tied {
             embed.as_linear()?
+        } else {
+            w.linear(Param::Output, v, c, false)?
         };
         let device = w.device().clone();
         // GGUF models (f16 cache) take llama.cpp's rotation angles too.
@@ -314,9 +326,119 @@ impl Decoder {
             blocks,
             norm,
             lm_head,
+            tied,
             rope,
             device,
         })
+    }
+
+    /// Every weight, once, in llama.cpp's order (the output layer only when it is not the
+    /// embedding table): what export and full fine-tuning walk.
+    pub fn params(&self) -> Vec<(Param, ParamRef<'_>)> {
+        let mut out = vec![(Param::Embed, ParamRef::Embedding(&self.embed))];
+        for (i, b) in self.blocks.iter().enumerate() {
+            out.push((Param::AttnNorm(i), ParamRef::Vector(&b.attn_norm)));
+            for (p, l) in [
+                (Param::Q(i), &b.attn.q),
+                (Param::K(i), &b.attn.k),
+                (Param::V(i), &b.attn.v),
+                (Param::O(i), &b.attn.o),
+            ] {
+                out.push((p, ParamRef::Linear(l)));
+            }
+            out.push((Param::FfnNorm(i), ParamRef::Vector(&b.ffn_norm)));
+            for (p, l) in [
+                (Param::Gate(i), &b.mlp.gate),
+                (Param::Up(i), &b.mlp.up),
+                (Param::Down(i), &b.mlp.down),
+            ] {
+                out.push((p, ParamRef::Linear(l)));
+            }
+        }
+        out.push((Param::OutputNorm, ParamRef::Vector(&self.norm)));
+        if !self.tied {
+            out.push((Param::Output, ParamRef::Linear(&self.lm_head)));
+        }
+        out
+    }
+
+    /// Whether the output layer shares the embedding table.
+    pub fn tied(&self) -> bool {
+        self.tied
+    }
+
+    /// Full fine-tuning: every weight (quantized ones dequantized) becomes an f32 variable,
+    /// biases included; a tied output layer shares the embedding's variable, so its gradient
+    /// is the sum of both uses. Attached adapters stay attached. Returns the variables under
+    /// their GGUF tensor names, in `params` order.
+    pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        let dev = self.device.clone();
+        let mut vars: Vec<(String, Var)> = Vec::new();
+        let mut var = |name: String, t: Tensor| -> Result<Tensor> {
+            let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            let t = v.as_tensor().clone();
+            vars.push((name, v));
+            Ok(t)
+        };
+        let emb = match &self.embed {
+            Embedding::Quantized(q) => q.dequantize(&dev)?,
+            Embedding::Float(t) => t.clone(),
+        };
+        let emb = var(format!("{}.weight", Param::Embed.gguf_name()), emb)?;
+        self.embed = Embedding::Float(emb.clone());
+        let trainable = |l: &mut Linear,
+                         name: String,
+                         var: &mut dyn FnMut(String, Tensor) -> Result<Tensor>|
+         -> Result<()> {
+            let w = match l.weight() {
+                Weight::Quantized(q) => q.dequantize(&dev)?,
+                Weight::Float(t) => t.clone(),
+            };
+            let w = var(format!("{name}.weight"), w)?;
+            let b = match l.bias() {
+                Some(b) => Some(var(format!("{name}.bias"), b.clone())?),
+                None => None,
+            };
+            let lora = l.lora.take();
+            *l = Linear::new(Weight::Float(w), b)?;
+            l.lora = lora;
+            Ok(())
+        };
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            b.attn_norm = var(
+                format!("{}.weight", Param::AttnNorm(i).gguf_name()),
+                b.attn_norm.clone(),
+            )?;
+            for (p, l) in [
+                (Param::Q(i), &mut b.attn.q),
+                (Param::K(i), &mut b.attn.k),
+                (Param::V(i), &mut b.attn.v),
+                (Param::O(i), &mut b.attn.o),
+            ] {
+                trainable(l, p.gguf_name(), &mut var)?;
+            }
+            b.ffn_norm = var(
+                format!("{}.weight", Param::FfnNorm(i).gguf_name()),
+                b.ffn_norm.clone(),
+            )?;
+            for (p, l) in [
+                (Param::Gate(i), &mut b.mlp.gate),
+                (Param::Up(i), &mut b.mlp.up),
+                (Param::Down(i), &mut b.mlp.down),
+            ] {
+                trainable(l, p.gguf_name(), &mut var)?;
+            }
+        }
+        self.norm = var(
+            format!("{}.weight", Param::OutputNorm.gguf_name()),
+            self.norm.clone(),
+        )?;
+        if self.tied {
+            self.lm_head = Linear::new(Weight::Float(emb), None)?;
+        } else {
+            trainable(&mut self.lm_head, Param::Output.gguf_name(), &mut var)?;
+        }
+        Ok(vars)
     }
 
     pub fn config(&self) -> &DecoderConfig {
@@ -377,6 +499,34 @@ impl Decoder {
     /// ids: (B, T) u32 tokens at positions cache.len().. ; appends them to the cache.
     /// Returns logits (B, V) for `Logits::Last` or (B, T, V) for `Logits::All`.
     pub fn forward(&self, ids: &Tensor, cache: &mut Cache, which: Logits) -> Result<Tensor> {
+        let x = self.blocks_forward(ids, cache)?;
+        let t = x.dim(1)?;
+        let x = match which {
+            Logits::Last => x.narrow(1, t - 1, 1)?, // (B, 1, C)
+            Logits::All => x,
+        };
+        let x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        let logits = self.lm_head.forward(&x)?; // (B, T|1, V)
+        match which {
+            Logits::Last => logits.squeeze(1),
+            Logits::All => Ok(logits),
+        }
+    }
+
+    /// The final hidden states (after the last norm), (B, T, C): for losses that send only
+    /// some positions through the output layer (`head`).
+    pub fn hidden(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let x = self.blocks_forward(ids, cache)?;
+        ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Logits for final hidden states: (..., C) -> (..., V).
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(x)
+    }
+
+    /// Embedding and every block: (B, T) ids -> (B, T, C) before the final norm.
+    fn blocks_forward(&self, ids: &Tensor, cache: &mut Cache) -> Result<Tensor> {
         let (_b, t) = ids.dims2()?;
         let past = cache.len;
         if past + t > self.cfg.max_seq_len {
@@ -402,16 +552,7 @@ impl Decoder {
             x = (&x + block.mlp.forward(&h)?)?;
         }
         cache.len = past + t;
-        let x = match which {
-            Logits::Last => x.narrow(1, t - 1, 1)?, // (B, 1, C)
-            Logits::All => x,
-        };
-        let x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
-        let logits = self.lm_head.forward(&x)?; // (B, T|1, V)
-        match which {
-            Logits::Last => logits.squeeze(1),
-            Logits::All => Ok(logits),
-        }
+        Ok(x)
     }
 
     /// Bytes of weights read to produce one token (every linear layer, the norms and one
@@ -562,6 +703,7 @@ mod tests {
             a: Tensor::ones((4, inp), candle_core::DType::F32, &Device::Cpu).unwrap(),
             b: Tensor::zeros((out, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
             scale: 2.0,
+            dropout: None,
         });
         let same = m.forward(&x, &mut m.new_cache(), Logits::All).unwrap();
         assert_eq!(max_diff(&base, &same), 0.0);

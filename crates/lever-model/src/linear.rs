@@ -3,6 +3,7 @@
 //! Adapters wrap the base, they never change it (PEFT `tuners/lora/layer.py`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
@@ -66,12 +67,45 @@ pub enum Weight {
     Float(Tensor),
 }
 
-/// A low-rank adapter: y += scale · (x · Aᵀ) · Bᵀ, A: (r, in), B: (out, r). B starts at zero.
+/// A low-rank adapter: y += scale · (dropout(x) · Aᵀ) · Bᵀ, A: (r, in), B: (out, r). B starts
+/// at zero.
 #[derive(Debug, Clone)]
 pub struct Lora {
     pub a: Tensor,
     pub b: Tensor,
     pub scale: f64,
+    pub dropout: Option<LoraDropout>,
+}
+
+/// The key that turns adapter dropout off (evaluation, inference).
+pub const DROPOUT_OFF: u64 = u64::MAX;
+
+/// Dropout on the adapter's input while training (PEFT's `lora_dropout`). Masks are drawn
+/// from a key the trainer sets before each forward pass (shared by all adapters, each mixing
+/// in its own salt), so a run and its resumption draw the same masks; `DROPOUT_OFF` disables it.
+#[derive(Debug, Clone)]
+pub struct LoraDropout {
+    pub p: f32,
+    pub key: Arc<AtomicU64>,
+    pub salt: u64,
+}
+
+impl LoraDropout {
+    /// x with each value zeroed with probability p and the rest scaled by 1/(1−p), or x
+    /// itself when dropout is off.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let key = self.key.load(Ordering::Relaxed);
+        if key == DROPOUT_OFF || self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let mut rng =
+            crate::weights::SplitMix64(key ^ self.salt.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let keep = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.uniform() < self.p { 0.0 } else { keep })
+            .collect();
+        x * Tensor::from_vec(mask, x.shape(), x.device())?
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +198,10 @@ impl Linear {
         };
         match &self.lora {
             Some(l) => {
+                let x = match &l.dropout {
+                    Some(d) => d.apply(x)?,
+                    None => x.clone(),
+                };
                 let delta = x.broadcast_matmul(&l.a.t()?)?.broadcast_matmul(&l.b.t()?)?;
                 y + (delta * l.scale)?
             }

@@ -25,7 +25,7 @@ pub fn parse_type(name: &str) -> Option<GgmlDType> {
 }
 
 /// llama.cpp's `general.file_type` (`llama_ftype`) for a whole-file type.
-fn file_type(t: GgmlDType) -> u32 {
+pub(crate) fn file_type(t: GgmlDType) -> u32 {
     match t {
         GgmlDType::F32 => 0,
         GgmlDType::F16 => 1,
@@ -103,7 +103,7 @@ pub fn convert_hf(dir: &Path, dst: &Path, target: GgmlDType) -> Result<()> {
 
 /// Write metadata (with `general.file_type` set for `target`) and tensors to `dst`: a temp
 /// name first, synced, then renamed; nothing is left behind on failure.
-fn write_gguf(
+pub(crate) fn write_gguf(
     dst: &Path,
     mut metadata: Vec<(String, Value)>,
     tensors: &[(String, QTensor)],

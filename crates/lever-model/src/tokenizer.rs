@@ -258,6 +258,20 @@ impl Tokenizer {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// The tokenizer as a Hugging Face `tokenizer.json` (what `lever export` writes beside
+    /// the weights). A tokenizer built from GGUF metadata gets the byte-level decoder that
+    /// tokenizer.json files of such models carry.
+    pub fn to_hf_json(&self) -> Result<String> {
+        let mut inner = self.inner.clone();
+        if inner.get_decoder().is_none() {
+            inner.with_decoder(Some(ByteLevel::new(false, false, false)));
+        }
+        inner.to_string(true).map_err(|e| Error::Tokenizer {
+            path: "tokenizer.json".into(),
+            problem: format!("serializing: {e}"),
+        })
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.bytes.len()
     }

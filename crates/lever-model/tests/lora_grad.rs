@@ -45,6 +45,7 @@ fn first_layer_adapter_gets_a_gradient_through_quantized_layers() {
                     a: a.as_tensor().clone(),
                     b: b.as_tensor().clone(),
                     scale: 2.0,
+                    dropout: None,
                 });
                 vars.push(a);
                 vars.push(b);

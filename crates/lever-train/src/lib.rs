@@ -5,9 +5,10 @@
 //! trained (assistant) tokens only, and adapters saved in Hugging Face PEFT's layout.
 
 pub mod error;
-mod fsutil;
 pub mod lora;
+pub mod loss;
 pub mod optim;
+pub mod plot;
 pub mod trainer;
 
 pub use error::{Error, Result};

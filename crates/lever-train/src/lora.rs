@@ -9,7 +9,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use lever_model::ops::RopeStyle;
 use lever_model::weights::SplitMix64;
-use lever_model::{Decoder, Lora};
+use lever_model::{DROPOUT_OFF, Decoder, Lora, LoraDropout};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use crate::error::{Error, Result};
 
@@ -29,6 +31,9 @@ const TARGETS: [(&str, &str, &str); 7] = [
 pub struct LoraConfig {
     pub r: usize,
     pub alpha: f64,
+    /// Probability of zeroing each input value of an adapter while training (PEFT's
+    /// `lora_dropout`).
+    pub dropout: f64,
     /// Short names: q, k, v, o, gate, up, down.
     pub targets: Vec<String>,
 }
@@ -73,6 +78,9 @@ pub struct LoraSet {
     pub config: LoraConfig,
     /// (layer, short target name, A, B)
     pub adapters: Vec<(usize, String, Var, Var)>,
+    /// The dropout key all adapters read (see `LoraDropout`); `DROPOUT_OFF` until the trainer
+    /// sets one.
+    pub dropout_key: Arc<AtomicU64>,
 }
 
 impl LoraSet {
@@ -84,8 +92,15 @@ impl LoraSet {
                 problem: "must be at least 1".into(),
             });
         }
+        if !(0.0..1.0).contains(&config.dropout) {
+            return Err(Error::Config {
+                what: "--lora-dropout".into(),
+                problem: format!("{} is not in [0, 1)", config.dropout),
+            });
+        }
         let mut rng = SplitMix64(seed);
         let mut adapters = Vec::new();
+        let dropout_key = Arc::new(AtomicU64::new(DROPOUT_OFF));
         let scale = config.scale();
         for (name, linear) in decoder.linears_mut() {
             let Some((layer, target)) = split_name(&name) else {
@@ -105,12 +120,18 @@ impl LoraSet {
                 a: a.as_tensor().clone(),
                 b: b.as_tensor().clone(),
                 scale,
+                dropout: (config.dropout > 0.0).then(|| LoraDropout {
+                    p: config.dropout as f32,
+                    key: dropout_key.clone(),
+                    salt: adapters.len() as u64 + 1,
+                }),
             });
             adapters.push((layer, target.to_string(), a, b));
         }
         Ok(LoraSet {
             config: config.clone(),
             adapters,
+            dropout_key,
         })
     }
 
@@ -167,7 +188,7 @@ impl LoraSet {
             "base_model_name_or_path": base_model,
             "r": self.config.r,
             "lora_alpha": self.config.alpha,
-            "lora_dropout": 0.0,
+            "lora_dropout": self.config.dropout,
             "target_modules": modules,
             "bias": "none",
             "fan_in_fan_out": false,
@@ -177,7 +198,7 @@ impl LoraSet {
             "init_lora_weights": true,
         });
         let text = serde_json::to_string_pretty(&config).unwrap_or_default() + "\n";
-        crate::fsutil::replace_dir(dir, |tmp| {
+        lever_model::fsutil::replace_dir(dir, |tmp| {
             let path = tmp.join("adapter_config.json");
             std::fs::write(&path, text).map_err(|source| Error::Io { path, source })?;
             candle_core::safetensors::save(&tensors, tmp.join("adapter_model.safetensors"))?;
@@ -310,7 +331,12 @@ pub fn load_peft(decoder: &mut Decoder, dir: &Path) -> Result<usize> {
                 _ => {}
             }
         }
-        linear.lora = Some(Lora { a, b, scale });
+        linear.lora = Some(Lora {
+            a,
+            b,
+            scale,
+            dropout: None,
+        });
         n += 1;
     }
     if n == 0 {
@@ -335,12 +361,7 @@ fn split_name(name: &str) -> Option<(usize, &'static str)> {
 
 /// Inverse of llama.cpp's Q/K row permutation (rows grouped per head as (2, D/2) → (D/2, 2)).
 fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
-    let (rows, cols) = t.dims2()?;
-    let d = rows / heads;
-    Ok(t.reshape((heads, d / 2, 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))?)
+    Ok(lever_model::convert::rope_unpermute(t, heads)?)
 }
 
 #[cfg(test)]

@@ -33,8 +33,13 @@ pub enum Command {
     Bench(BenchArgs),
     /// Write a GGUF file with its weights in another block type (llama.cpp loads it).
     Quantize(QuantizeArgs),
-    /// Fine-tune the model on a JSONL dataset with LoRA; writes a PEFT adapter.
+    /// Fine-tune the model on a JSONL dataset: LoRA (writes a PEFT adapter) or every weight
+    /// (writes a Hugging Face model folder).
     Finetune(FinetuneArgs),
+    /// Write the model (with --adapter folded in) as a Hugging Face folder or a GGUF file.
+    Export(ExportArgs),
+    /// Fold a LoRA adapter into its base model and write the result (as `export`).
+    Merge(MergeArgs),
     /// Provision and list models.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -57,8 +62,9 @@ pub struct FinetuneArgs {
     /// Print example N (0-based, in file order) token by token, `+` marking trained tokens, and exit.
     #[arg(long, value_name = "N")]
     pub show_mask: Option<usize>,
-    /// Train LoRA adapters on a frozen base (full fine-tuning is not built yet, so this is required).
-    #[arg(long, required_unless_present = "show_mask")]
+    /// Train LoRA adapters on a frozen base (which may stay quantized). Without it, every
+    /// weight is trained in f32 (full fine-tuning).
+    #[arg(long)]
     pub lora: bool,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
@@ -66,6 +72,9 @@ pub struct FinetuneArgs {
     /// LoRA alpha (the update is scaled by alpha / r).
     #[arg(long, default_value_t = 16.0)]
     pub lora_alpha: f64,
+    /// LoRA dropout on the adapters' inputs while training (seeded).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
     /// Projections to adapt: a list of q,k,v,o,gate,up,down, or all-linear.
     #[arg(long, default_value = "all-linear")]
     pub lora_targets: String,
@@ -81,12 +90,14 @@ pub struct FinetuneArgs {
     /// Maximum tokens per example.
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
-    /// Examples longer than --seq-len: cut them (truncate) or leave them out (skip).
-    #[arg(long, default_value = "skip", value_parser = ["skip", "truncate"])]
+    /// Examples longer than --seq-len: cut them (truncate), leave them out (skip), or stop
+    /// with an error naming the line (error).
+    #[arg(long, default_value = "skip", value_parser = ["skip", "truncate", "error"])]
     pub overlong: String,
-    /// Peak learning rate (after warmup; cosine decay to a tenth).
-    #[arg(long, default_value_t = 2e-4, value_parser = positive_f64)]
-    pub lr: f64,
+    /// Peak learning rate (after warmup; cosine decay to a tenth). Default: 2e-4 with --lora,
+    /// 2e-5 for full fine-tuning.
+    #[arg(long, value_parser = positive_f64)]
+    pub lr: Option<f64>,
     /// Warmup steps.
     #[arg(long, default_value_t = 10)]
     pub warmup: usize,
@@ -111,9 +122,43 @@ pub struct FinetuneArgs {
     /// Continue the run in --out from its last checkpoint (the same settings are required).
     #[arg(long)]
     pub resume: bool,
-    /// Run folder: manifest.json, metrics.jsonl, checkpoints/ and adapter/ (PEFT layout).
-    #[arg(long, required_unless_present = "show_mask")]
+    /// Run folder: manifest.json, metrics.jsonl, loss.png, checkpoints/, and the result:
+    /// adapter/ (PEFT layout) or model/ (Hugging Face folder), plus best/. Default:
+    /// runs/<name>.
+    #[arg(long)]
     pub out: Option<PathBuf>,
+    /// The run's name when --out is not given (default: the data file's stem and the method).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Output: a folder (Hugging Face: config.json, model.safetensors, tokenizer files) or a
+    /// `.gguf` file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Block type of a GGUF's matrices: f16, q8_0, q4_1 or q4_0 (default q8_0).
+    #[arg(long = "type", short = 't', value_parser = parse_quant_type)]
+    pub qtype: Option<candle_core::quantized::GgmlDType>,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The base model: a .gguf file, a Hugging Face folder, or a registry name.
+    #[arg(long, short = 'm', env = "LEVER_MODEL", default_value = lever_model::registry::DEFAULT_GENERATOR)]
+    pub model: String,
+    /// The LoRA adapter folder (PEFT layout) to fold in.
+    #[arg(long = "lora", value_name = "ADAPTER_DIR")]
+    pub lora: PathBuf,
+    /// Output: a Hugging Face folder, or a `.gguf` file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Block type of a GGUF's matrices: f16, q8_0, q4_1 or q4_0 (default q8_0).
+    #[arg(long = "type", short = 't', value_parser = parse_quant_type)]
+    pub qtype: Option<candle_core::quantized::GgmlDType>,
 }
 
 fn parse_format(s: &str) -> Result<lever_data::Format, String> {

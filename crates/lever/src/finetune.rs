@@ -1,16 +1,18 @@
-//! `lever finetune`: read and tokenize the dataset, attach LoRA adapters, train with a progress
-//! bar, log every step to metrics.jsonl, evaluate on the held-out split, and write the adapter
-//! in PEFT's layout. The run folder is never left half-written: files go to temporary names
-//! and are renamed into place.
+//! `lever finetune`: read and tokenize the dataset, attach LoRA adapters (or make every weight
+//! trainable), train with a progress bar, log every step to metrics.jsonl, evaluate on the
+//! held-out split, keep the best weights, and write the result: an adapter in PEFT's layout or
+//! a Hugging Face model folder. The run folder is never left half-written: files go to
+//! temporary names and are renamed into place.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use lever_data::sft::{self, Overlong, Prepared};
 use lever_data::{Dataset, Fields};
+use lever_model::Model;
 use lever_train::trainer::evaluate;
 use lever_train::{LoraConfig, LoraSet, TrainConfig, Trainer};
 
@@ -42,7 +44,9 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         print!("{}", sft::show_mask(&model.tokenizer, &t));
         return Ok(());
     }
-    let out = a.out.clone().context("--out is required")?;
+    let method = if a.lora { "lora" } else { "full" };
+    let out = run_dir(&a, method)?;
+    eprintln!("run folder: {}", out.display());
     let checkpoint = out.join("checkpoints").join("last");
     if a.resume {
         if !checkpoint.join("trainer.json").exists() {
@@ -55,11 +59,18 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         );
     }
 
-    let overlong = if a.overlong == "truncate" {
-        Overlong::Truncate
-    } else {
-        Overlong::Skip
+    let overlong = match a.overlong.as_str() {
+        "truncate" => Overlong::Truncate,
+        "error" => Overlong::Error,
+        _ => Overlong::Skip,
     };
+    let context = model.decoder.config().max_seq_len;
+    if a.seq_len > context {
+        bail!(
+            "--seq-len {} is longer than the model's context of {context} tokens",
+            a.seq_len
+        );
+    }
     let prepared = Prepared::new(
         &data,
         &model.tokenizer,
@@ -83,27 +94,43 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let lora = LoraConfig {
         r: a.lora_r,
         alpha: a.lora_alpha,
+        dropout: a.lora_dropout,
         targets: LoraConfig::parse_targets(&a.lora_targets)?,
     };
-    let adapters = LoraSet::attach(&mut model.decoder, &lora, a.seed)?;
-    eprintln!(
-        "lora: r={} alpha={} on {} projections, {} trainable parameters",
-        lora.r,
-        lora.alpha,
-        adapters.adapters.len(),
-        adapters.parameter_count()
-    );
+    let trainable = if a.lora {
+        let adapters = LoraSet::attach(&mut model.decoder, &lora, a.seed)?;
+        eprintln!(
+            "lora: r={} alpha={} dropout={} on {} projections, {} trainable parameters",
+            lora.r,
+            lora.alpha,
+            lora.dropout,
+            adapters.adapters.len(),
+            adapters.parameter_count()
+        );
+        Trainable::Lora(adapters)
+    } else {
+        let vars = model.decoder.make_trainable()?;
+        let n: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+        eprintln!(
+            "full fine-tuning: {} tensors, {n} trainable parameters (f32)",
+            vars.len()
+        );
+        Trainable::Full(vars.into_iter().map(|(_, v)| v).collect())
+    };
     let config = TrainConfig {
         steps: a.steps,
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
-        lr: a.lr,
+        lr: a.lr.unwrap_or(if a.lora { 2e-4 } else { 2e-5 }),
         warmup_steps: a.warmup,
         weight_decay: a.weight_decay,
         grad_clip: a.grad_clip,
         seed: a.seed,
     };
-    let mut trainer = Trainer::new(config.clone(), adapters.vars())?;
+    let mut trainer = Trainer::new(config.clone(), trainable.vars())?;
+    if let Trainable::Lora(set) = &trainable {
+        trainer = trainer.with_dropout_key(set.dropout_key.clone());
+    }
 
     std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     let model_path = model.info.path.display().to_string();
@@ -115,7 +142,12 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         "overlong": a.overlong,
         "val_fraction": a.val_fraction,
         "train": config,
-        "lora": {"r": lora.r, "alpha": lora.alpha, "targets": lora.targets},
+        "method": method,
+        "lora": if a.lora {
+            serde_json::json!({"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "targets": lora.targets})
+        } else {
+            serde_json::Value::Null
+        },
         "examples": {
             "read": data.examples.len(), "train": prepared.train.len(),
             "validation": prepared.validation.len(), "truncated": prepared.truncated,
@@ -167,6 +199,28 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         eprintln!("step {trainer_step}: validation loss {v:.4}");
         Ok(Some(v))
     };
+    let base = model
+        .info
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // The best validation loss so far, and where its weights are kept.
+    let best_dir = out.join("best");
+    let mut best = if a.resume {
+        best_val_loss(&metrics_path, trainer.step)
+    } else {
+        None
+    };
+    let mut keep_best = |step: usize, v: Option<f64>, model: &Model| -> Result<()> {
+        let Some(v) = v else { return Ok(()) };
+        if step == 0 || best.is_some_and(|(_, b)| b <= v) {
+            return Ok(());
+        }
+        trainable.save(model, &best_dir, &base)?;
+        best = Some((step, v));
+        Ok(())
+    };
     let val_before = if a.resume {
         read_val_loss(&metrics_path, 0)
     } else {
@@ -213,6 +267,9 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
                     serde_json::json!({"step": m.step, "val_loss": v})
                 )?;
             }
+            metrics.flush()?;
+            keep_best(m.step, last_val, &model)?;
+            plot(&out)?;
         }
         if a.save_every > 0 && m.step % a.save_every == 0 && m.step < a.steps {
             metrics.sync_data()?;
@@ -230,26 +287,131 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         )?;
     }
     metrics.flush()?;
-    let base = model
-        .info
-        .path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    adapters.save_peft(&model.decoder, &out.join("adapter"), &base)?;
+    keep_best(a.steps, val_after, &model)?;
+    let result = trainable.result_name();
+    trainable.save(&model, &out.join(result), &base)?;
+    plot(&out)?;
+    let best_step = best_val_loss(&metrics_path, a.steps).map(|(s, _)| s);
     manifest["result"] = serde_json::json!({
         "val_loss_before": val_before, "val_loss_after": val_after,
+        "best_step": best_step, "best_val_loss": best_val_loss(&metrics_path, a.steps).map(|(_, v)| v),
         "seconds": secs, "tokens": tokens, "tokens_per_s": tokens as f64 / secs,
-        "adapter": "adapter",
+        result: result, "best": best_step.map(|_| "best"),
     });
     write_atomic(&out.join("manifest.json"), &pretty(&manifest))?;
     eprintln!(
-        "trained {} steps in {secs:.1}s ({:.0} tok/s); adapter written to {}",
+        "trained {} steps in {secs:.1}s ({:.0} tok/s); {result} written to {}",
         a.steps,
         tokens as f64 / secs,
-        out.join("adapter").display()
+        out.join(result).display()
     );
     Ok(())
+}
+
+/// What is trained: adapters on a frozen base, or every weight.
+enum Trainable {
+    Lora(LoraSet),
+    Full(Vec<candle_core::Var>),
+}
+
+impl Trainable {
+    fn vars(&self) -> Vec<candle_core::Var> {
+        match self {
+            Trainable::Lora(set) => set.vars(),
+            Trainable::Full(vars) => vars.clone(),
+        }
+    }
+
+    /// The result folder's name in the run folder.
+    fn result_name(&self) -> &'static str {
+        match self {
+            Trainable::Lora(_) => "adapter",
+            Trainable::Full(_) => "model",
+        }
+    }
+
+    /// The adapter (PEFT layout) or the whole model (Hugging Face folder), atomically.
+    fn save(&self, model: &Model, dir: &Path, base: &str) -> Result<()> {
+        match self {
+            Trainable::Lora(set) => set.save_peft(&model.decoder, dir, base)?,
+            Trainable::Full(_) => lever_model::export::write_hf(model, dir)?,
+        }
+        Ok(())
+    }
+}
+
+/// --out, or runs/<name> with a name from the data file and the method (a new one per run;
+/// --resume continues the newest).
+fn run_dir(a: &FinetuneArgs, method: &str) -> Result<PathBuf> {
+    if let Some(out) = &a.out {
+        return Ok(out.clone());
+    }
+    let name = match &a.name {
+        Some(n) => n.clone(),
+        None => {
+            let stem = a
+                .data
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "data".into());
+            format!("{stem}-{method}")
+        }
+    };
+    let runs = PathBuf::from("runs");
+    let taken = |p: &Path| p.join("metrics.jsonl").exists();
+    let mut dir = runs.join(&name);
+    if a.name.is_some() || a.resume {
+        if a.resume && a.name.is_none() {
+            // The newest run of this name.
+            let mut n = 2;
+            while taken(&runs.join(format!("{name}-{n}"))) {
+                dir = runs.join(format!("{name}-{n}"));
+                n += 1;
+            }
+        }
+        return Ok(dir);
+    }
+    let mut n = 2;
+    while taken(&dir) {
+        dir = runs.join(format!("{name}-{n}"));
+        n += 1;
+    }
+    Ok(dir)
+}
+
+/// The lowest validation loss after step 0 up to `step`, and its step.
+fn best_val_loss(path: &Path, step: usize) -> Option<(usize, f64)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_u64()? as usize, v.get("val_loss")?.as_f64()?)))
+        .filter(|(s, _)| *s > 0 && *s <= step)
+        .fold(None, |best: Option<(usize, f64)>, (s, v)| match best {
+            Some((_, b)) if b <= v => best,
+            _ => Some((s, v)),
+        })
+}
+
+/// loss.png from metrics.jsonl: training loss per step and validation loss.
+fn plot(out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for v in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        let Some(step) = v["step"].as_f64() else {
+            continue;
+        };
+        if let Some(l) = v.get("loss").and_then(|l| l.as_f64()) {
+            train.push((step, l));
+        }
+        if let Some(l) = v.get("val_loss").and_then(|l| l.as_f64()) {
+            val.push((step, l));
+        }
+    }
+    lever_train::plot::write_loss_curve(&out.join("loss.png"), &train, &val)
+        .with_context(|| out.join("loss.png").display().to_string())
 }
 
 /// Keep the metrics of steps up to `step` (what the checkpoint holds); later lines are

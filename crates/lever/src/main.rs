@@ -4,6 +4,7 @@
 mod ask;
 mod chat;
 mod cli;
+mod export;
 mod finetune;
 mod measure;
 mod models;
@@ -54,6 +55,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => measure::bench(a),
         Command::Quantize(a) => measure::quantize(a),
         Command::Finetune(a) => finetune::run(a),
+        Command::Export(a) => export::export(a),
+        Command::Merge(a) => export::merge(a),
         Command::Models(m) => models::run(m),
     }
 }
