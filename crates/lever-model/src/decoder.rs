@@ -217,15 +217,17 @@ impl Attention {
         let (k, v) = cache.append(layer, k, v)?; // (B, K, P+T, D)
         let k = ops::repeat_kv(k, h / k_heads)?.contiguous()?; // (B, H, P+T, D)
         let v = ops::repeat_kv(v, h / k_heads)?.contiguous()?; // (B, H, P+T, D)
-        let att = (q.matmul(&k.t()?)? / (d as f64).sqrt())?; // (B, H, T, P+T)
-        let att = match mask {
-            Some(m) => att.broadcast_add(m)?,
-            None => att,
-        };
-        // candle's fused softmax has no backward; the elementary one when gradients flow.
+        let att = q.matmul(&k.t()?)?; // (B, H, T, P+T)
+        // candle's fused softmax has no backward: lever's fused causal one when gradients
+        // flow (scale and mask inside, two tensors kept instead of six).
         let att = if att.track_op() {
-            candle_nn::ops::softmax(&att, D::Minus1)?
+            crate::grad_ops::causal_softmax(&att, 1.0 / (d as f64).sqrt(), pos)?
         } else {
+            let att = (att / (d as f64).sqrt())?;
+            let att = match mask {
+                Some(m) => att.broadcast_add(m)?,
+                None => att,
+            };
             candle_nn::ops::softmax_last_dim(&att)?
         };
         let y = att.matmul(&v)?; // (B, H, T, D)
@@ -253,8 +255,13 @@ impl Mlp {
 
     /// SwiGLU: down(silu(gate(x)) * up(x)); x: (B, T, C) -> (B, T, C) via (B, T, F).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+        let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
+        let h = if g.track_op() || u.track_op() {
+            crate::grad_ops::silu_mul(&g, &u)?
+        } else {
+            (candle_nn::ops::silu(&g)? * u)?
+        };
+        self.down.forward(&h)
     }
 }
 

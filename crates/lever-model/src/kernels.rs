@@ -154,7 +154,7 @@ impl QuantActs {
             }
         };
         if m * k >= 1 << 15 {
-            candle_core::utils::barrier_pool().execute_chunked(m, rows);
+            parallel(m, m >= LARGE_M, rows);
         } else {
             rows(0..m);
         }
@@ -190,6 +190,26 @@ fn quantize_row(isa: Isa, x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]
 
 /// A raw pointer that tiles running on several threads write through, each into elements no
 /// other tile touches.
+/// Tokens per call from which work goes to rayon instead of the spinning pool.
+const LARGE_M: usize = 64;
+
+/// Run `f` over 0..items split among the threads. Small jobs (a generated token, a short
+/// prompt) go to candle's spinning barrier pool, whose wake-up costs nothing; large ones
+/// (long prompts, training batches) to rayon, which candle's other CPU ops use too: a pool
+/// spinning beside rayon's workers on the same cores takes their time (measured in training:
+/// a quarter of the CPU spent waiting at the barrier).
+fn parallel<F: Fn(std::ops::Range<usize>) + Sync + Send>(items: usize, large: bool, f: F) {
+    if !large {
+        candle_core::utils::barrier_pool().execute_chunked(items, f);
+        return;
+    }
+    use rayon::prelude::*;
+    let chunk = items.div_ceil(rayon::current_num_threads() * 4).max(1);
+    (0..items.div_ceil(chunk))
+        .into_par_iter()
+        .for_each(|c| f(c * chunk..((c + 1) * chunk).min(items)));
+}
+
 #[derive(Clone, Copy)]
 struct SyncPtr<T>(*mut T);
 // SAFETY: used only for disjoint writes, see the callers.
@@ -242,7 +262,7 @@ pub fn matmul_quantized(
         }
     };
     if m * n * nb >= 1 << 12 {
-        candle_core::utils::barrier_pool().execute_chunked(strips, run);
+        parallel(strips, m >= LARGE_M, run);
     } else {
         run(0..strips);
     }
@@ -716,7 +736,7 @@ pub fn attention(
     };
     let items = t * heads;
     if items * (past + t) * d >= 1 << 16 {
-        candle_core::utils::barrier_pool().execute_chunked(items, run);
+        parallel(items, t >= LARGE_M, run);
     } else {
         run(0..items);
     }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod export;
 pub mod fsutil;
 pub mod gguf;
+pub mod grad_ops;
 pub mod kernels;
 pub mod linear;
 pub mod model;

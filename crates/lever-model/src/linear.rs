@@ -202,8 +202,9 @@ impl Linear {
                     Some(d) => d.apply(x)?,
                     None => x.clone(),
                 };
-                let delta = x.broadcast_matmul(&l.a.t()?)?.broadcast_matmul(&l.b.t()?)?;
-                y + (delta * l.scale)?
+                // The scale goes on the rank-r product, the smallest tensor of the three.
+                let xa = (x.broadcast_matmul(&l.a.t()?)? * l.scale)?;
+                y + xa.broadcast_matmul(&l.b.t()?)?
             }
             None => Ok(y),
         }

@@ -104,7 +104,7 @@ impl Rope {
 /// The fused kernel for inference; elementary (differentiable) ops when gradients flow.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     if x.track_op() || w.track_op() {
-        candle_nn::ops::rms_norm_slow(x, w, eps)
+        crate::grad_ops::rms_norm(x, w, eps)
     } else {
         candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)
     }
