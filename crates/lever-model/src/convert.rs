@@ -40,6 +40,14 @@ fn pre_tokenizer_name(pre: &Json) -> Option<&'static str> {
                 .as_slice()
             {
                 ["Digits", "ByteLevel"] if digits_one_by_one => Some("smollm"),
+                // Regex splits then byte-level: how lever writes a GGUF vocabulary out.
+                [splits @ .., "ByteLevel"] if splits.iter().all(|k| *k == "Split") => {
+                    let regexes: Option<Vec<&str>> = parts[..splits.len()]
+                        .iter()
+                        .map(|p| p.pointer("/pattern/Regex").and_then(Json::as_str))
+                        .collect();
+                    crate::tokenizer::pre_name_of_regexes(&regexes?)
+                }
                 _ => None,
             }
         }

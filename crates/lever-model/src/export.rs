@@ -134,7 +134,15 @@ pub fn write_hf(model: &Model, dir: &Path) -> Result<()> {
             .collect();
     let src = &model.info.path;
     crate::fsutil::replace_dir(dir, |tmp| -> Result<()> {
-        candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
+        let st = tmp.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &st)?;
+        // The writer creates it private (0600); the folder's other files are 0644.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&st, std::fs::Permissions::from_mode(0o644))
+                .map_err(io_err(&st))?;
+        }
         let write = |name: &str, text: String| -> Result<()> {
             let p = tmp.join(name);
             std::fs::write(&p, text).map_err(io_err(&p))

@@ -10,13 +10,20 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { path, source }
 }
 
+/// The folder holding `dir`; "." for a bare name (whose `parent()` is empty).
+fn parent_of(dir: &Path) -> &Path {
+    dir.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 /// Replace `dir` with what `fill` writes into a fresh temporary folder. On any error the
 /// temporary folder is removed and `dir` is untouched.
 pub fn replace_dir<E: From<Error>>(
     dir: &Path,
     fill: impl FnOnce(&Path) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
+    let parent = parent_of(dir);
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("dir");
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let r = replace_dir_inner(dir, &tmp, fill);
@@ -31,7 +38,7 @@ fn replace_dir_inner<E: From<Error>>(
     tmp: &Path,
     fill: impl FnOnce(&Path) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
+    let parent = parent_of(dir);
     std::fs::create_dir_all(parent).map_err(io(parent))?;
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("dir");
     let pid = std::process::id();

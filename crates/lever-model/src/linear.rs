@@ -224,3 +224,64 @@ impl Linear {
             .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Off: the input itself. On: about p of the values zeroed, the rest scaled by 1/(1−p),
+    /// the same mask for the same key, another for another key.
+    #[test]
+    fn lora_dropout_is_seeded_and_scaled() {
+        let x = Tensor::ones(
+            (4, 1000),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let d = LoraDropout {
+            p: 0.25,
+            key: Arc::new(AtomicU64::new(DROPOUT_OFF)),
+            salt: 3,
+        };
+        let off = d
+            .apply(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(off.iter().all(|v| *v == 1.0));
+        d.key.store(42, Ordering::Relaxed);
+        let a = d
+            .apply(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let zeros = a.iter().filter(|v| **v == 0.0).count();
+        assert!((900..1100).contains(&zeros), "{zeros} of 4000 dropped");
+        assert!(a.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));
+        assert_eq!(
+            a,
+            d.apply(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+        d.key.store(43, Ordering::Relaxed);
+        assert_ne!(
+            a,
+            d.apply(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+    }
+}

@@ -23,6 +23,18 @@ const GPT2_RE: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{
 const LLAMA3_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The llama.cpp pre-tokenizer name of a sequence of split regexes (before the byte-level
+/// step), as `from_gguf` builds them: what a tokenizer.json lever wrote maps back to.
+pub(crate) fn pre_name_of_regexes(regexes: &[&str]) -> Option<&'static str> {
+    match regexes {
+        [GPT2_RE] => Some("gpt2"),
+        [r"\p{N}", GPT2_RE] => Some("smollm"),
+        [LLAMA3_RE] => Some("llama3"),
+        [QWEN2_RE] => Some("qwen2"),
+        _ => None,
+    }
+}
+
 /// Tokens that end a turn or a document, besides the declared EOS (llama.cpp's EOG list).
 const EOG_TEXTS: &[&str] = &[
     "<|im_end|>",

@@ -110,7 +110,7 @@ pub struct FinetuneArgs {
     /// Fraction of examples held out for validation.
     #[arg(long, default_value_t = 0.05)]
     pub val_fraction: f64,
-    /// Validation loss every N steps (and at the start and end).
+    /// Validation loss every N steps (and at the start and end); 0 turns validation off.
     #[arg(long, default_value_t = 50)]
     pub eval_every: usize,
     /// Seed for the split, the order of examples and the adapter's initial values.

@@ -192,7 +192,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         .open(&metrics_path)
         .with_context(|| metrics_path.display().to_string())?;
     let val = |trainer_step: usize, decoder: &lever_model::Decoder| -> Result<Option<f64>> {
-        if prepared.validation.is_empty() {
+        if prepared.validation.is_empty() || a.eval_every == 0 {
             return Ok(None);
         }
         let v = evaluate(decoder, &prepared.validation, a.batch_size)?;

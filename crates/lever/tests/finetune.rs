@@ -60,6 +60,10 @@ fn lora_run_logs_steps_lowers_validation_loss_and_writes_a_peft_adapter() {
         "1",
         "--val-fraction",
         "0.1",
+        "--eval-every",
+        "2",
+        "--lora-dropout",
+        "0.05",
         "--seed",
         "3",
         "--out",
@@ -67,6 +71,10 @@ fn lora_run_logs_steps_lowers_validation_loss_and_writes_a_peft_adapter() {
     ]);
     let (code, _, stderr) = lever(&args);
     assert_eq!(code, 0, "{stderr}");
+    // The loss curve, and the best weights by validation loss (evaluated at steps 2 and 4).
+    let png = std::fs::read(out.join("loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(out.join("best/adapter_model.safetensors").is_file());
     let lines: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -85,6 +93,9 @@ fn lora_run_logs_steps_lowers_validation_loss_and_writes_a_peft_adapter() {
     let before = manifest["result"]["val_loss_before"].as_f64().unwrap();
     let after = manifest["result"]["val_loss_after"].as_f64().unwrap();
     assert!(after < before, "validation loss {before} -> {after}");
+    let best = manifest["result"]["best_val_loss"].as_f64().unwrap();
+    assert!(best <= after, "best {best} vs last {after}");
+    assert!([2, 4].contains(&manifest["result"]["best_step"].as_u64().unwrap()));
 
     let cfg: Value = serde_json::from_str(
         &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
@@ -92,6 +103,7 @@ fn lora_run_logs_steps_lowers_validation_loss_and_writes_a_peft_adapter() {
     .unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["lora_dropout"], 0.05);
     assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
     let st = candle_core::safetensors::load(
         out.join("adapter/adapter_model.safetensors"),
@@ -162,9 +174,95 @@ fn show_mask_marks_the_answer_and_bad_data_is_named() {
     assert_eq!(code, 1);
     assert!(stderr.contains("bad.jsonl:2: not valid JSON"), "{stderr}");
 
-    let (code, _, stderr) = lever(&["finetune", "--data", data.to_str().unwrap(), "--out", "x"]);
-    assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("--lora"), "{stderr}");
+    // An example longer than --seq-len with --overlong error, and a --seq-len beyond the
+    // model's context: named, nothing written.
+    let out = dir.path().join("never");
+    let mut args = vec!["finetune", "--data", data.to_str().unwrap(), "--lora"];
+    args.extend(FIELDS);
+    args.extend(["--out", out.to_str().unwrap(), "--overlong", "error"]);
+    let (code, _, stderr) = lever(&[args.as_slice(), &["--seq-len", "32"]].concat());
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("gsm8k.jsonl: line 1: the example is") && stderr.contains("--seq-len 32"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = lever(&[args.as_slice(), &["--seq-len", "100000"]].concat());
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("longer than the model's context of 8192"),
+        "{stderr}"
+    );
+    assert!(!out.join("metrics.jsonl").exists());
+}
+
+/// Full fine-tuning: every weight trained in f32. Four examples in one batch, so every step
+/// sees the same set and its loss must fall; the result is a Hugging Face folder that lever
+/// loads back, and that exports to a GGUF file.
+#[test]
+fn full_fine_tuning_lowers_the_loss_and_writes_a_model_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = gsm8k_head(dir.path(), 4);
+    let out = dir.path().join("full");
+    let mut args = vec!["finetune", "--data", data.to_str().unwrap()];
+    args.extend(FIELDS);
+    args.extend([
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "256",
+        "--lr",
+        "1e-4",
+        "--warmup",
+        "1",
+        "--val-fraction",
+        "0",
+        "--save-every",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (code, _, stderr) = lever(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("full fine-tuning: 272 tensors"), "{stderr}");
+    let losses: Vec<f64> = step_losses(&out).into_iter().map(|(_, l)| l).collect();
+    assert_eq!(losses.len(), 3);
+    assert!(losses[2] < losses[0] - 0.05, "losses {losses:?}");
+
+    let model = out.join("model");
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "llama");
+    assert_eq!(cfg["num_hidden_layers"], 30);
+    assert_eq!(cfg["tie_word_embeddings"], true);
+    let m = lever_model::Model::load_hf(&model, &candle_core::Device::Cpu).unwrap();
+    let base = lever_model::Model::load(
+        &lever_model::model::resolve(
+            "smollm2-135m-instruct",
+            &lever_model::registry::lever_home(),
+            &mut |_| {},
+        )
+        .unwrap(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let text = "Natalia sold clips to 48 of her friends in April. <|im_end|>";
+    assert_eq!(
+        m.tokenizer.encode(text, true).unwrap(),
+        base.tokenizer.encode(text, true).unwrap()
+    );
+    let gguf = dir.path().join("full.q8_0.gguf");
+    let (code, _, stderr) = lever(&[
+        "export",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        gguf.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let q = lever_model::Model::load_gguf(&gguf, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(q.decoder.config().num_layers, 30);
 }
 
 fn step_losses(run: &std::path::Path) -> Vec<(u64, f64)> {
