@@ -221,25 +221,10 @@ pub fn write_gguf(model: &Model, dst: &Path, target: GgmlDType) -> Result<()> {
     for (name, t) in named_tensors(&model.decoder, Layout::Gguf)? {
         let ty = if t.rank() < 2 {
             GgmlDType::F32
-        } else if name == "token_embd.weight"
-            && tied
-            && target.type_size() * 8 / target.block_size() < 8
-        {
-            GgmlDType::Q8_0
         } else {
-            target
+            let cols = *t.dims().last().unwrap_or(&0);
+            crate::quantize::matrix_type(&name, cols, tied, target, dst)?
         };
-        let cols = *t.dims().last().unwrap_or(&0);
-        if cols % ty.block_size() != 0 {
-            return Err(Error::Tensor {
-                path: dst.into(),
-                tensor: name,
-                problem: format!(
-                    "row length {cols} is not a multiple of {ty:?}'s block of {}",
-                    ty.block_size()
-                ),
-            });
-        }
         tensors.push((name, QTensor::quantize(&t, ty)?));
     }
     crate::quantize::write_gguf(dst, metadata, &tensors, target)

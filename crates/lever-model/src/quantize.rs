@@ -58,24 +58,8 @@ pub fn quantize_gguf(
                 QTensor::quantize(&q.dequantize(&dev)?, GgmlDType::F32)?
             }
         } else {
-            let mut ty = target;
-            if name == "token_embd.weight"
-                && tied
-                && target.type_size() * 8 / target.block_size() < 8
-            {
-                ty = GgmlDType::Q8_0;
-            }
             let cols = *q.shape().dims().last().unwrap_or(&0);
-            if cols % ty.block_size() != 0 {
-                return Err(Error::Tensor {
-                    path: src.into(),
-                    tensor: name.clone(),
-                    problem: format!(
-                        "row length {cols} is not a multiple of {ty:?}'s block of {}",
-                        ty.block_size()
-                    ),
-                });
-            }
+            let ty = matrix_type(name, cols, tied, target, src)?;
             if q.dtype() == ty {
                 q
             } else {
@@ -93,6 +77,36 @@ pub fn quantize_gguf(
         .collect();
     metadata.sort_by(|a, b| a.0.cmp(&b.0));
     write_gguf(dst, metadata, &tensors, target)
+}
+
+/// The block type a matrix gets when the file's target is `target`: a tied embedding (also the
+/// output layer) stays at 8 bits when the target has fewer; rows must fill whole blocks.
+pub(crate) fn matrix_type(
+    name: &str,
+    cols: usize,
+    tied: bool,
+    target: GgmlDType,
+    path: &Path,
+) -> Result<GgmlDType> {
+    let ty = if name == "token_embd.weight"
+        && tied
+        && target.type_size() * 8 / target.block_size() < 8
+    {
+        GgmlDType::Q8_0
+    } else {
+        target
+    };
+    if cols % ty.block_size() != 0 {
+        return Err(Error::Tensor {
+            path: path.into(),
+            tensor: name.to_string(),
+            problem: format!(
+                "row length {cols} is not a multiple of {ty:?}'s block of {}",
+                ty.block_size()
+            ),
+        });
+    }
+    Ok(ty)
 }
 
 /// Convert a Hugging Face folder into a GGUF file with matrices in `target`.
