@@ -96,7 +96,7 @@ pub(crate) fn matrix_type(
     } else {
         target
     };
-    if cols % ty.block_size() != 0 {
+    if !cols.is_multiple_of(ty.block_size()) {
         return Err(Error::Tensor {
             path: path.into(),
             tensor: name.to_string(),
