@@ -245,43 +245,19 @@ mod tests {
             key: Arc::new(AtomicU64::new(DROPOUT_OFF)),
             salt: 3,
         };
-        let off = d
-            .apply(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let masked = |d: &LoraDropout| -> Vec<f32> {
+            let y = d.apply(&x).unwrap();
+            y.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let off = masked(&d);
         assert!(off.iter().all(|v| *v == 1.0));
         d.key.store(42, Ordering::Relaxed);
-        let a = d
-            .apply(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let a = masked(&d);
         let zeros = a.iter().filter(|v| **v == 0.0).count();
         assert!((900..1100).contains(&zeros), "{zeros} of 4000 dropped");
         assert!(a.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));
-        assert_eq!(
-            a,
-            d.apply(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        );
+        assert_eq!(a, masked(&d));
         d.key.store(43, Ordering::Relaxed);
-        assert_ne!(
-            a,
-            d.apply(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        );
+        assert_ne!(a, masked(&d));
     }
 }
