@@ -9,6 +9,7 @@
 //! Dimensions: B batch, T new tokens, P cached tokens, C hidden, H query heads,
 //! K key/value heads, D head size (C = H·D), F MLP width, V vocabulary.
 
+use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, IndexOp, Result, Tensor, Var};
 use half::f16;
 
@@ -549,17 +550,95 @@ impl Decoder {
             None
         };
         let mut x = self.embed.forward(ids)?; // (B, T, C)
-        for (i, block) in self.blocks.iter().enumerate() {
-            let h = ops::rms_norm(&x, &block.attn_norm, self.cfg.rms_norm_eps)?;
-            let h = block
-                .attn
-                .forward(&h, i, &self.rope, mask.as_ref(), cache)?;
-            x = (x + h)?;
-            let h = ops::rms_norm(&x, &block.ffn_norm, self.cfg.rms_norm_eps)?;
-            x = (&x + block.mlp.forward(&h)?)?;
+        for i in 0..self.blocks.len() {
+            x = self.block_forward(i, &x, mask.as_ref(), cache)?;
         }
         cache.len = past + t;
         Ok(x)
+    }
+
+    /// Block `i`: (B, T, C) -> (B, T, C), pre-norm attention then pre-norm MLP, each residual.
+    fn block_forward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut Cache,
+    ) -> Result<Tensor> {
+        let block = &self.blocks[i];
+        let h = ops::rms_norm(x, &block.attn_norm, self.cfg.rms_norm_eps)?;
+        let h = block.attn.forward(&h, i, &self.rope, mask, cache)?;
+        let x = (x + h)?;
+        let h = ops::rms_norm(&x, &block.ffn_norm, self.cfg.rms_norm_eps)?;
+        &x + block.mlp.forward(&h)?
+    }
+
+    /// Training forward and backward with activation checkpointing per block (Chen et al.
+    /// 2016, "Training Deep Nets with Sublinear Memory Cost", arXiv:1604.06174; PyTorch's
+    /// `torch.utils.checkpoint`). The forward keeps only each block's input, (B, T, C), and
+    /// drops the block's graph; the backward recomputes one block at a time from its input and
+    /// chains the gradient through it. Peak activation memory is one block's graph plus L
+    /// block inputs instead of every block's graph, for one extra forward pass.
+    ///
+    /// `loss_of` maps the final hidden states (after the last norm) to the scalar to
+    /// differentiate. Returns that scalar (detached) and the gradients of every variable it
+    /// depends on, summed over the segments. Whatever drives LoRA dropout must stay set until
+    /// this returns: the recomputation draws the same masks again.
+    pub fn backward_checkpointed(
+        &self,
+        ids: &Tensor,
+        loss_of: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore)> {
+        let (_b, t) = ids.dims2()?;
+        if t > self.cfg.max_seq_len {
+            candle_core::bail!(
+                "sequence of {t} tokens exceeds the context of {}",
+                self.cfg.max_seq_len
+            );
+        }
+        let mask = if t > 1 {
+            Some(ops::causal_mask(t, 0, &self.device)?)
+        } else {
+            None
+        };
+        let embedded = self.embed.forward(ids)?; // (B, T, C), with its graph if trainable
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        let mut x = embedded.detach();
+        for i in 0..self.blocks.len() {
+            let out = self.block_forward(i, &x, mask.as_ref(), &mut self.new_cache())?;
+            inputs.push(x);
+            x = out.detach();
+        }
+        // The head segment: last norm, output layer, loss.
+        let top = Var::from_tensor(&x)?;
+        drop(x);
+        let loss = loss_of(&ops::rms_norm(
+            top.as_tensor(),
+            &self.norm,
+            self.cfg.rms_norm_eps,
+        )?)?;
+        let mut grads = detached(loss.backward()?);
+        let mut upstream = grads
+            .remove(top.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("no gradient reaches the last block".into()))?;
+        drop(top);
+        // Blocks, last to first: recompute, then backpropagate Σ out ⊙ upstream.
+        while let Some(input) = inputs.pop() {
+            let i = inputs.len();
+            let x = Var::from_tensor(&input)?;
+            drop(input);
+            let out = self.block_forward(i, x.as_tensor(), mask.as_ref(), &mut self.new_cache())?;
+            let mut g = detached((out * &upstream)?.sum_all()?.backward()?);
+            upstream = g
+                .remove(x.as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reaches block {i}")))?;
+            grads.extend(g)?;
+        }
+        // The embedding, when it is trained.
+        if embedded.track_op() {
+            grads.extend(detached((embedded * upstream)?.sum_all()?.backward()?))?;
+        }
+        Ok((loss.detach(), grads))
     }
 
     /// Bytes of weights read to produce one token (every linear layer, the norms and one
@@ -568,6 +647,19 @@ impl Decoder {
         let linear: usize = self.linears().iter().map(|(_, l)| l.storage_bytes()).sum();
         linear + self.embed.row_bytes()
     }
+}
+
+/// The same gradients, cut from the graph. candle's backward leaves a variable's gradient
+/// holding the forward tensors it was computed from (`grad · rhs` keeps `rhs`'s graph), so a
+/// kept gradient keeps the whole forward pass alive; detaching frees it.
+fn detached(mut grads: GradStore) -> GradStore {
+    let ids: Vec<_> = grads.get_ids().copied().collect();
+    for id in ids {
+        if let Some(g) = grads.get_id(id).map(Tensor::detach) {
+            grads.insert_id(id, g);
+        }
+    }
+    grads
 }
 
 /// Convenience: the index of the largest value of a 1-D logits vector.

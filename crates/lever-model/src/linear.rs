@@ -15,7 +15,14 @@ use crate::kernels;
 /// (∂x = ∂y · W, with W dequantized), so adapters before a frozen quantized layer train
 /// (QLoRA); W itself gets none.
 #[derive(Debug, Clone)]
-struct KernelMatMul(Arc<QTensor>);
+struct KernelMatMul {
+    w: Arc<QTensor>,
+    /// Dequantize W and multiply in f32 (gemm) instead of lever's block kernels, which
+    /// quantize the activations to 8 bits as llama.cpp does. Training takes this path: at a
+    /// thousand tokens per call the f32 gemm is faster (dequantizing W costs one pass over it),
+    /// and the loss is the float model's, as PyTorch computes it on the dequantized weights.
+    dense: bool,
+}
 
 impl CustomOp1 for KernelMatMul {
     fn name(&self) -> &'static str {
@@ -23,12 +30,12 @@ impl CustomOp1 for KernelMatMul {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let w = self.0.dequantize(grad_res.device())?; // (out, in)
+        let w = self.w.dequantize(grad_res.device())?; // (out, in)
         Ok(Some(grad_res.broadcast_matmul(&w)?))
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, k) = self.0.shape().dims2()?;
+        let (n, k) = self.w.shape().dims2()?;
         let x = match storage {
             CpuStorage::F32(x) => x,
             _ => candle_core::bail!("lever-qmatmul expects f32 input"),
@@ -41,19 +48,26 @@ impl CustomOp1 for KernelMatMul {
             candle_core::bail!("lever-qmatmul: input {dims:?} does not end in {k}");
         }
         let m = (end - start) / k;
-        if !kernels::supports(self.0.dtype()) || k % kernels::QK != 0 {
-            // Other block types (reached when gradients flow): candle's quantized matmul.
-            let xt = Tensor::from_slice(&x[start..end], (m, k), &candle_core::Device::Cpu)?;
-            let y = QMatMul::from_arc(self.0.clone())?.forward(&xt)?;
-            let y = y.flatten_all()?.to_vec1::<f32>()?;
-            let mut out = dims.to_vec();
-            *out.last_mut().unwrap_or(&mut 0) = n;
-            return Ok((CpuStorage::F32(y), Shape::from(out)));
-        }
-        let w = self.0.data()?;
-        let y = kernels::matmul(self.0.dtype(), &w, n, k, &x[start..end], m);
         let mut out = dims.to_vec();
         *out.last_mut().unwrap_or(&mut 0) = n;
+        if self.dense {
+            let cpu = candle_core::Device::Cpu;
+            let xt = Tensor::from_slice(&x[start..end], (m, k), &cpu)?;
+            let y = xt.matmul(&self.w.dequantize(&cpu)?.t()?)?; // (M, N)
+            return Ok((
+                CpuStorage::F32(y.flatten_all()?.to_vec1()?),
+                Shape::from(out),
+            ));
+        }
+        if !kernels::supports(self.w.dtype()) || k % kernels::QK != 0 {
+            // Other block types (reached when gradients flow): candle's quantized matmul.
+            let xt = Tensor::from_slice(&x[start..end], (m, k), &candle_core::Device::Cpu)?;
+            let y = QMatMul::from_arc(self.w.clone())?.forward(&xt)?;
+            let y = y.flatten_all()?.to_vec1::<f32>()?;
+            return Ok((CpuStorage::F32(y), Shape::from(out)));
+        }
+        let w = self.w.data()?;
+        let y = kernels::matmul(self.w.dtype(), &w, n, k, &x[start..end], m);
         Ok((CpuStorage::F32(y), Shape::from(out)))
     }
 }
@@ -126,7 +140,10 @@ impl Linear {
             Weight::Float(_) => None,
         };
         let kernel = match &weight {
-            Weight::Quantized(q) => Some(KernelMatMul(q.clone())),
+            Weight::Quantized(q) => Some(KernelMatMul {
+                w: q.clone(),
+                dense: false,
+            }),
             Weight::Float(_) => None,
         };
         Ok(Self {
@@ -181,8 +198,14 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match (&self.weight, &self.qmatmul) {
             (_, Some(_)) if x.track_op() && self.kernel.is_some() => {
-                let op = self.kernel.clone().unwrap_or_else(|| unreachable!());
-                x.contiguous()?.apply_op1(op)?
+                let w = self
+                    .kernel
+                    .as_ref()
+                    .unwrap_or_else(|| unreachable!())
+                    .w
+                    .clone();
+                let dense = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
+                x.contiguous()?.apply_op1(KernelMatMul { w, dense })?
             }
             (_, Some(_)) if self.kernel_runs(x) => {
                 let op = self.kernel.as_ref().unwrap_or_else(|| unreachable!());

@@ -4,7 +4,7 @@
 //! transformers' `get_cosine_schedule_with_warmup`, floored as nanoGPT does).
 
 use candle_core::backprop::GradStore;
-use candle_core::{D, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +27,11 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     pub grad_clip: f64,
     pub seed: u64,
+    /// Recompute each block in the backward instead of keeping its activations
+    /// (`Decoder::backward_checkpointed`): less memory, one more forward pass. The math is
+    /// the same, so a run may resume with it switched.
+    #[serde(skip)]
+    pub checkpoint: bool,
 }
 
 impl Default for TrainConfig {
@@ -40,6 +45,7 @@ impl Default for TrainConfig {
             weight_decay: 0.0,
             grad_clip: 1.0,
             seed: 0,
+            checkpoint: false,
         }
     }
 }
@@ -159,16 +165,16 @@ impl Trainer {
                 );
                 key.store(mix.next_u64() >> 1, Ordering::Relaxed);
             }
-            let r = masked_loss_sum(decoder, &batch);
+            // Mean over every trained token of the whole step, however it is split. Dropout's
+            // key stays set through the backward: checkpointing draws the masks again there.
+            let r = forward_backward(decoder, &batch, all_trained.max(1), self.config.checkpoint);
             if let Some(key) = &self.dropout_key {
                 key.store(lever_model::DROPOUT_OFF, Ordering::Relaxed);
             }
-            let (sum, n) = r?;
+            let (sum, n, grads) = r?;
             tokens += batch.iter().map(|t| t.ids.len()).sum::<usize>();
             trained += n;
-            loss_sum += sum.to_scalar::<f32>()? as f64;
-            // Mean over every trained token of the whole step, however it is split.
-            let grads = (sum / all_trained.max(1) as f64)?.backward()?;
+            loss_sum += sum;
             total = Some(match total {
                 None => grads,
                 Some(mut acc) => {
@@ -318,58 +324,105 @@ fn clip(grads: &mut GradStore, vars: &[Var], max: f64) -> Result<f64> {
     Ok(norm)
 }
 
+/// Σ loss over the batch's trained tokens, their count, and the gradients of Σ loss /
+/// `divisor`, with or without activation checkpointing (the same numbers either way).
+pub fn forward_backward(
+    decoder: &Decoder,
+    batch: &[&Tokenized],
+    divisor: usize,
+    checkpoint: bool,
+) -> Result<(f64, usize, GradStore)> {
+    let Some(prepared) = Prepared::new(batch)? else {
+        // Nothing trained: an empty set of gradients.
+        let zero = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu)?;
+        return Ok((0.0, 0, zero.backward()?));
+    };
+    let n = prepared.wanted.len();
+    if !checkpoint {
+        let sum = prepared.loss_sum(
+            decoder,
+            &decoder.hidden(&prepared.ids, &mut decoder.new_cache())?,
+        )?;
+        let value = sum.to_scalar::<f32>()? as f64;
+        let grads = (sum / divisor as f64)?.backward()?;
+        return Ok((value, n, grads));
+    }
+    let mut value = 0f64;
+    let (_, grads) = decoder.backward_checkpointed(&prepared.ids, |hidden| {
+        let sum = prepared
+            .loss_sum(decoder, hidden)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        value = sum.to_scalar::<f32>()? as f64;
+        sum / divisor as f64
+    })?;
+    Ok((value, n, grads))
+}
+
 /// Σ −log p(token) over the trained tokens of a right-padded batch, and how many there are.
 /// Padding sits after each sequence's last token, so causal attention never lets a real
 /// token see it.
 pub fn masked_loss_sum(decoder: &Decoder, batch: &[&Tokenized]) -> Result<(Tensor, usize)> {
-    let t = batch.iter().map(|x| x.ids.len()).max().unwrap_or(0);
-    if t < 2 {
-        return Err(Error::Config {
-            what: "batch".into(),
-            problem: "examples need at least 2 tokens".into(),
-        });
-    }
-    let b = batch.len();
-    let mut ids = vec![0u32; b * t];
-    let mut targets = vec![0u32; b * (t - 1)];
-    let mut mask = vec![0f32; b * (t - 1)];
-    for (row, ex) in batch.iter().enumerate() {
-        ids[row * t..row * t + ex.ids.len()].copy_from_slice(&ex.ids);
-        for i in 1..ex.ids.len() {
-            targets[row * (t - 1) + i - 1] = ex.ids[i];
-            mask[row * (t - 1) + i - 1] = if ex.trained[i] { 1.0 } else { 0.0 };
+    match Prepared::new(batch)? {
+        None => Ok((Tensor::zeros((), candle_core::DType::F32, &Device::Cpu)?, 0)),
+        Some(p) => {
+            let hidden = decoder.hidden(&p.ids, &mut decoder.new_cache())?; // (B, T, C)
+            Ok((p.loss_sum(decoder, &hidden)?, p.wanted.len()))
         }
     }
-    // Only the trained positions go through the output layer: (N, C) rows of the hidden
-    // states, then (N, V) logits. At a 49k vocabulary this is a fifth of the model's work.
-    let rows: Vec<u32> = mask
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| **m > 0.0)
-        .map(|(i, _)| {
-            let (row, pos) = (i / (t - 1), i % (t - 1));
-            (row * t + pos) as u32
-        })
-        .collect();
-    let wanted: Vec<u32> = mask
-        .iter()
-        .zip(&targets)
-        .filter(|(m, _)| **m > 0.0)
-        .map(|(_, t)| *t)
-        .collect();
-    let n = rows.len();
-    let dev = Device::Cpu;
-    if n == 0 {
-        return Ok((Tensor::zeros((), candle_core::DType::F32, &dev)?, 0));
+}
+
+/// A right-padded batch: its token ids, and which positions are trained on what target.
+struct Prepared {
+    /// (B, T)
+    ids: Tensor,
+    /// (N,) rows of the flattened (B·T, C) hidden states whose next token is trained.
+    rows: Tensor,
+    /// The N targets.
+    wanted: Vec<u32>,
+}
+
+impl Prepared {
+    /// None when nothing in the batch is trained.
+    fn new(batch: &[&Tokenized]) -> Result<Option<Prepared>> {
+        let t = batch.iter().map(|x| x.ids.len()).max().unwrap_or(0);
+        if t < 2 {
+            return Err(Error::Config {
+                what: "batch".into(),
+                problem: "examples need at least 2 tokens".into(),
+            });
+        }
+        let b = batch.len();
+        let mut ids = vec![0u32; b * t];
+        let (mut rows, mut wanted) = (Vec::new(), Vec::new());
+        for (row, ex) in batch.iter().enumerate() {
+            ids[row * t..row * t + ex.ids.len()].copy_from_slice(&ex.ids);
+            for i in 1..ex.ids.len() {
+                if ex.trained[i] {
+                    rows.push((row * t + i - 1) as u32);
+                    wanted.push(ex.ids[i]);
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(None);
+        }
+        let dev = Device::Cpu;
+        Ok(Some(Prepared {
+            ids: Tensor::from_vec(ids, (b, t), &dev)?,
+            rows: Tensor::from_vec(rows, wanted.len(), &dev)?,
+            wanted,
+        }))
     }
-    let ids = Tensor::from_vec(ids, (b, t), &dev)?;
-    let hidden = decoder.hidden(&ids, &mut decoder.new_cache())?; // (B, T, C)
-    let c = hidden.dim(D::Minus1)?;
-    let rows = Tensor::from_vec(rows, n, &dev)?;
-    let picked = hidden.reshape((b * t, c))?.index_select(&rows, 0)?; // (N, C)
-    let logits = decoder.head(&picked)?; // (N, V)
-    let sum = crate::loss::cross_entropy(&logits, wanted)?.sum_all()?;
-    Ok((sum, n))
+
+    /// Σ cross-entropy of the trained positions, from final hidden states (B, T, C). Only
+    /// those rows go through the output layer: at a 49k vocabulary that is a fifth of the
+    /// model's work.
+    fn loss_sum(&self, decoder: &Decoder, hidden: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = hidden.dims3()?;
+        let picked = hidden.reshape((b * t, c))?.index_select(&self.rows, 0)?; // (N, C)
+        let logits = decoder.head(&picked)?; // (N, V)
+        Ok(crate::loss::cross_entropy(&logits, self.wanted.clone())?.sum_all()?)
+    }
 }
 
 /// Mean loss per trained token over a whole set (validation), without gradients.

@@ -172,34 +172,130 @@ fn decoder_gradients_match_pytorch() {
         "loss {got_loss} vs {}",
         want["loss"]
     );
-    let grads = loss.backward().unwrap();
     let torch =
         candle_core::safetensors::load(dir.join("grads.safetensors"), &Device::Cpu).unwrap();
-    let mut worst = 0f32;
-    for (key, v) in &vars {
-        let g = grads.get(v.as_tensor()).unwrap();
-        let t = &torch[key];
-        let scale = t
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-6);
-        let d = (g - t)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        worst = worst.max(d / scale);
+    // Keeping every activation, and recomputing them block by block (checkpointing): both
+    // must give PyTorch's gradients.
+    for checkpoint in [false, true] {
+        let (value, count, grads) =
+            lever_train::trainer::forward_backward(&model.decoder, &[&ex], n, checkpoint).unwrap();
+        assert_eq!(count, n);
         assert!(
-            d <= 1e-4 * scale + 1e-7,
-            "{key}: max diff {d} (scale {scale})"
+            (value / n as f64 - got_loss).abs() < 1e-6,
+            "checkpoint={checkpoint}"
+        );
+        let mut worst = 0f32;
+        for (key, v) in &vars {
+            let g = grads.get(v.as_tensor()).unwrap();
+            let t = &torch[key];
+            let scale = t
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .max(1e-6);
+            let d = (g - t)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            worst = worst.max(d / scale);
+            assert!(
+                d <= 1e-4 * scale + 1e-7,
+                "checkpoint={checkpoint} {key}: max diff {d} (scale {scale})"
+            );
+        }
+        eprintln!(
+            "gradients vs PyTorch, 28 LoRA tensors, checkpoint={checkpoint}: worst relative diff {worst:.2e}"
         );
     }
-    eprintln!("gradients vs PyTorch, 28 LoRA tensors: worst relative diff {worst:.2e}");
+}
+
+/// Gradient checkpointing changes memory, not math: for every weight of a fully trainable
+/// model (embedding and tied output layer included), and for LoRA adapters with dropout on
+/// (the recomputation must draw the same masks), the gradients with and without it agree.
+#[test]
+fn checkpointing_gives_the_same_gradients() {
+    use std::sync::atomic::Ordering;
+    let batch: Vec<lever_data::Tokenized> = [vec![3u32, 17, 42, 8, 9, 1, 5], vec![7, 7, 2, 11]]
+        .into_iter()
+        .enumerate()
+        .map(|(i, ids)| lever_data::Tokenized {
+            line: i + 1,
+            trained: (0..ids.len()).map(|p| p >= 2).collect(),
+            ids,
+        })
+        .collect();
+    let refs: Vec<&lever_data::Tokenized> = batch.iter().collect();
+    let compare = |decoder: &lever_model::Decoder, vars: &[candle_core::Var], what: &str| {
+        let (v0, n0, g0) =
+            lever_train::trainer::forward_backward(decoder, &refs, 5, false).unwrap();
+        let (v1, n1, g1) = lever_train::trainer::forward_backward(decoder, &refs, 5, true).unwrap();
+        assert_eq!(n0, n1);
+        assert!((v0 - v1).abs() < 1e-5, "{what}: loss {v0} vs {v1}");
+        let mut worst = 0f32;
+        for v in vars {
+            let (a, b) = (
+                g0.get(v.as_tensor()).unwrap(),
+                g1.get(v.as_tensor()).unwrap(),
+            );
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(scale > 0.0, "{what}: a zero gradient");
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            worst = worst.max(d / scale);
+        }
+        eprintln!(
+            "{what}: {} tensors, worst relative diff {worst:.2e}",
+            vars.len()
+        );
+        assert!(worst < 1e-5, "{what}: worst relative diff {worst}");
+    };
+
+    let mut model = Model::load_hf(&base(), &Device::Cpu).unwrap();
+    let vars: Vec<candle_core::Var> = model
+        .decoder
+        .make_trainable()
+        .unwrap()
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    compare(&model.decoder, &vars, "full fine-tuning");
+
+    let mut model = Model::load_hf(&base(), &Device::Cpu).unwrap();
+    let config = lever_train::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.3,
+        targets: lever_train::LoraConfig::parse_targets("all-linear").unwrap(),
+    };
+    let set = lever_train::LoraSet::attach(&mut model.decoder, &config, 1).unwrap();
+    // B starts at zero: give it values so every A gets a gradient too.
+    for (_, _, _, b) in &set.adapters {
+        b.set(&(b.randn_like(0.0, 0.1).unwrap())).unwrap();
+    }
+    set.dropout_key.store(12345, Ordering::Relaxed);
+    let vars: Vec<candle_core::Var> = set
+        .adapters
+        .iter()
+        .flat_map(|(_, _, a, b)| [a.clone(), b.clone()])
+        .collect();
+    compare(&model.decoder, &vars, "LoRA with dropout");
 }

@@ -126,6 +126,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         weight_decay: a.weight_decay,
         grad_clip: a.grad_clip,
         seed: a.seed,
+        checkpoint: a.grad_checkpoint,
     };
     let mut trainer = Trainer::new(config.clone(), trainable.vars())?;
     if let Trainable::Lora(set) = &trainable {
@@ -159,6 +160,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         "command": std::env::args().collect::<Vec<_>>(),
         "lever_version": env!("CARGO_PKG_VERSION"),
         "settings": settings,
+        "grad_checkpoint": a.grad_checkpoint,
     });
     if a.resume {
         // The run continues only with exactly the settings it started with.
