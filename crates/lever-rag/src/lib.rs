@@ -5,9 +5,19 @@
 //! The embedder is behind the [`Embed`] trait so that the index logic can be tested on its own;
 //! lever's BERT encoder (lever-model) implements it in the binary.
 
+pub mod chunk;
 pub mod error;
+pub mod ingest;
+pub mod read;
+pub mod store;
+pub mod testing;
 
+use std::ops::Range;
+
+pub use chunk::{Chunk, ChunkMode, ChunkSettings};
 pub use error::{Error, Result};
+pub use ingest::{AddOptions, AddReport, Event, FileOutcome, Progress};
+pub use store::{ChunkRecord, Hit, Index, OpenOptions, Stats, VectorMatrix};
 
 /// Turns texts into L2-normalized vectors. `id` names the model (and its settings) so that an
 /// index refuses to mix vectors from different embedders.
@@ -15,4 +25,13 @@ pub trait Embed {
     fn id(&self) -> String;
     fn dim(&self) -> usize;
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>>;
+
+    /// Byte ranges, within `text`, of the tokens the model sees, without special tokens such as
+    /// `[CLS]`/`[SEP]`. The chunker counts these to fill a chunk up to the model's limit without
+    /// the encoder truncating it. The default counts whitespace-separated words, which
+    /// undercounts word pieces (about 1.3 per English word for BERT's WordPiece), so an embedder
+    /// that has a tokenizer should override it (e.g. from `tokenizers::Encoding::get_offsets`).
+    fn token_spans(&self, text: &str) -> Result<Vec<Range<usize>>> {
+        Ok(chunk::word_spans(text))
+    }
 }
