@@ -443,6 +443,7 @@ pub fn chunk_text(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -566,7 +567,7 @@ mod tests {
             chunk_text("a", &tokens(3, 3), false, &words),
             Err(Error::Settings(_))
         ));
-        let bad = |_: &str| -> Result<Vec<Range<usize>>> { Ok(vec![0..99]) };
+        let bad = |_: &str| -> Result<Vec<Range<usize>>> { Ok(vec![0..1, 0..99]) };
         let err = chunk_text("abc", &tokens(3, 1), false, &bad).unwrap_err();
         assert!(err.to_string().contains("0..99"), "{err}");
     }

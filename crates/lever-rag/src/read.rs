@@ -723,6 +723,7 @@ fn entity(s: &str) -> Option<(char, usize)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::chunk::{ChunkMode, word_spans};

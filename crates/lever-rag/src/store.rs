@@ -1007,6 +1007,7 @@ impl VectorMatrix {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

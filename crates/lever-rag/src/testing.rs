@@ -103,6 +103,7 @@ impl Embed for HashEmbed {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
