@@ -136,9 +136,9 @@ impl Index {
     /// Indexes the files under `paths` (files or folders) incrementally with `embedder`, which
     /// must be the index's. Errors (database, embedder, a missing path) abort the run; what was
     /// committed before stays, and a re-run continues.
-    pub fn add(
+    pub fn add<P: AsRef<Path>>(
         &mut self,
-        paths: &[PathBuf],
+        paths: &[P],
         embedder: &dyn Embed,
         options: &AddOptions,
         on_event: &mut dyn FnMut(Event<'_>),

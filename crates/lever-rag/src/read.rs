@@ -165,13 +165,14 @@ pub struct Walked {
 /// Finds the files under `paths` (files or folders). A path that does not exist is an error;
 /// everything else that cannot be indexed is listed in `skipped`. `exclude` (the index's own
 /// folder) is never entered.
-pub fn walk(paths: &[PathBuf], exclude: Option<&Path>) -> Result<Walked> {
+pub fn walk<P: AsRef<Path>>(paths: &[P], exclude: Option<&Path>) -> Result<Walked> {
     let exclude = exclude.and_then(|e| e.canonicalize().ok());
     let mut seen = BTreeSet::new();
     let mut out = Walked::default();
     for p in paths {
+        let p = p.as_ref();
         let canon = p.canonicalize().map_err(|source| Error::Io {
-            path: p.clone(),
+            path: p.to_owned(),
             source,
         })?;
         visit(&canon, true, exclude.as_deref(), &mut seen, &mut out);

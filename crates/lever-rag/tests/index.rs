@@ -51,7 +51,7 @@ fn add_counts_skips_and_is_incremental_by_content() {
     let mut index = Index::create(&tmp.path().join("idx"), &e, &s).unwrap();
     let mut events = Vec::new();
     let report = index
-        .add(&[docs.clone()], &e, &AddOptions::default(), &mut |ev| {
+        .add(&[&docs], &e, &AddOptions::default(), &mut |ev| {
             if let Event::File { path, outcome } = ev {
                 events.push((path.file_name().unwrap().to_owned(), outcome.clone()));
             }
@@ -89,7 +89,7 @@ fn add_counts_skips_and_is_incremental_by_content() {
     // Nothing changed: nothing is written, the generation stays.
     let g = index.generation().unwrap();
     let again = index
-        .add(&[docs.clone()], &e, &AddOptions::default(), &mut quiet)
+        .add(&[&docs], &e, &AddOptions::default(), &mut quiet)
         .unwrap();
     assert_eq!(
         (again.added, again.updated, again.unchanged, again.chunks),
@@ -100,7 +100,7 @@ fn add_counts_skips_and_is_incremental_by_content() {
     // Same bytes, new mtime: still unchanged (content hash, not mtime).
     std::fs::write(&txt, std::fs::read(&txt).unwrap()).unwrap();
     let touched = index
-        .add(&[txt.clone()], &e, &AddOptions::default(), &mut quiet)
+        .add(&[&txt], &e, &AddOptions::default(), &mut quiet)
         .unwrap();
     assert_eq!(touched.unchanged, 1);
 
@@ -108,7 +108,7 @@ fn add_counts_skips_and_is_incremental_by_content() {
     let before = content(&index);
     std::fs::write(&txt, format!("{}\n", paragraph(9, 9))).unwrap();
     let changed = index
-        .add(&[docs.clone()], &e, &AddOptions::default(), &mut quiet)
+        .add(&[&docs], &e, &AddOptions::default(), &mut quiet)
         .unwrap();
     assert_eq!(
         (changed.added, changed.updated, changed.unchanged),
@@ -134,7 +134,7 @@ fn add_counts_skips_and_is_incremental_by_content() {
     // An indexed file that becomes empty loses its stale chunks.
     std::fs::write(&txt, "").unwrap();
     let emptied = index
-        .add(&[txt.clone()], &e, &AddOptions::default(), &mut quiet)
+        .add(&[&txt], &e, &AddOptions::default(), &mut quiet)
         .unwrap();
     assert_eq!(emptied.stale_removed, 1);
     assert_eq!(emptied.skipped_by_kind().get("empty"), Some(&1));
@@ -200,7 +200,7 @@ fn chunk_lookup_iterators_and_exact_search_agree() {
     // The cached matrix follows a change of the index.
     std::fs::write(&md, "completely different words here\n").unwrap();
     index
-        .add(&[md.clone()], &e, &AddOptions::default(), &mut quiet)
+        .add(&[&md], &e, &AddOptions::default(), &mut quiet)
         .unwrap();
     let hits = index
         .search_text(&e, "completely different words here", 1)
@@ -219,7 +219,7 @@ fn remove_deletes_a_file_or_everything_under_a_folder() {
     corpus(&docs.join("ab"), 2, |_| 2); // shares the prefix "a" but is not under a/
     let mut index = Index::create(&tmp.path().join("idx"), &e, &s).unwrap();
     index
-        .add(&[docs.clone()], &e, &AddOptions::default(), &mut quiet)
+        .add(&[&docs], &e, &AddOptions::default(), &mut quiet)
         .unwrap();
     assert_eq!(index.stats().unwrap().sources, 5);
 
@@ -270,7 +270,7 @@ fn an_index_refuses_another_embedder_and_keeps_its_content() {
     let dir = tmp.path().join("idx");
     let mut index = Index::create(&dir, &e, &ChunkSettings::default()).unwrap();
     index
-        .add(&[docs.clone()], &e, &AddOptions::default(), &mut quiet)
+        .add(&[&docs], &e, &AddOptions::default(), &mut quiet)
         .unwrap();
     // Byte sizes move with WAL checkpoints; compare everything else.
     let counts = |i: &Index| lever_rag::Stats {
@@ -283,7 +283,7 @@ fn an_index_refuses_another_embedder_and_keeps_its_content() {
     let mut index = Index::open(&dir).unwrap();
     for wrong in [&HashEmbed::new(16) as &dyn Embed, &Other] {
         let err = index
-            .add(&[docs.clone()], wrong, &AddOptions::default(), &mut quiet)
+            .add(&[&docs], wrong, &AddOptions::default(), &mut quiet)
             .unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, Error::EmbedderMismatch { .. }), "{msg}");

@@ -154,7 +154,7 @@ fn sigkill_mid_ingest_keeps_the_committed_state_and_a_rerun_completes() {
 
     // A re-run cleans up and completes; the result equals a clean run.
     let report = index
-        .add(&[docs.clone()], &e, &slow_options(), &mut quiet)
+        .add(&[&docs], &e, &slow_options(), &mut quiet)
         .unwrap();
     assert_eq!(report.recovered, verify.incomplete_sources);
     assert_eq!(report.unchanged, complete.len());
@@ -162,7 +162,7 @@ fn sigkill_mid_ingest_keeps_the_committed_state_and_a_rerun_completes() {
     let clean_dir = tmp.path().join("clean");
     let mut clean = Index::create(&clean_dir, &e, &s).unwrap();
     clean
-        .add(&[docs.clone()], &e, &AddOptions::default(), &mut quiet)
+        .add(&[&docs], &e, &AddOptions::default(), &mut quiet)
         .unwrap();
     let (a, b) = (index.stats().unwrap(), clean.stats().unwrap());
     assert_eq!(
@@ -286,7 +286,7 @@ fn an_embedder_failing_mid_file_leaves_the_previous_state_and_the_next_run_redoe
     // 50 chunks in batches of 4, committed every 8: the 6th embed call fails after 2 commits.
     let failing = HashEmbed::new(32).failing_after(5);
     let err = index
-        .add(&[big.clone()], &failing, &slow_options(), &mut quiet)
+        .add(&[&big], &failing, &slow_options(), &mut quiet)
         .unwrap_err();
     assert!(matches!(err, Error::Embed(_)), "{err}");
     let verify = index.verify(true).unwrap();
@@ -303,7 +303,7 @@ fn an_embedder_failing_mid_file_leaves_the_previous_state_and_the_next_run_redoe
     }
 
     let report = index
-        .add(&[docs.clone()], &good, &slow_options(), &mut quiet)
+        .add(&[&docs], &good, &slow_options(), &mut quiet)
         .unwrap();
     assert_eq!(
         (report.recovered, report.added, report.unchanged),
@@ -331,7 +331,7 @@ fn a_corrupt_database_is_a_one_line_error_and_is_left_untouched() {
     let dir = tmp.path().join("idx");
     let mut index = Index::create(&dir, &e, &small_chunks()).unwrap();
     index
-        .add(&[docs.clone()], &e, &AddOptions::default(), &mut quiet)
+        .add(&[&docs], &e, &AddOptions::default(), &mut quiet)
         .unwrap();
     drop(index); // closing checkpoints the WAL into index.db and removes it
 
@@ -430,7 +430,7 @@ fn a_locked_database_is_a_clear_error_and_loses_nothing() {
 
     assert_eq!(content(&index), before, "nothing lost");
     let report = index
-        .add(&[docs.clone()], &e, &AddOptions::default(), &mut quiet)
+        .add(&[&docs], &e, &AddOptions::default(), &mut quiet)
         .unwrap();
     assert_eq!((report.added, report.unchanged), (2, 2));
 }
