@@ -11,7 +11,8 @@
 //!   are deleted at the start of the next `add`, which then redoes them as new files.
 //! - **Bounded memory**: chunks are embedded `embed_batch` at a time and written at once, so a
 //!   file of any size holds one batch of chunks (plus the chunker's one chunk) in memory.
-//! - A file that was indexed but now cannot be (emptied, turned binary) loses its stale chunks.
+//! - A file that was indexed but now cannot be (emptied, turned binary) loses its stale chunks,
+//!   and with `prune` (the default) so does one deleted from a folder given to `add`.
 //! - The library never prints: progress goes to the caller's callback as [`Event`]s (files
 //!   done of total, chunks, bytes), and the outcome comes back as an [`AddReport`].
 
@@ -34,6 +35,9 @@ pub struct AddOptions {
     pub commit_every: usize,
     /// Longest line accepted (bytes); a file with a longer one is skipped.
     pub max_line_bytes: usize,
+    /// Remove the sources under a folder given to `add` whose files were deleted from disk, so
+    /// that re-adding a folder mirrors it.
+    pub prune: bool,
 }
 
 impl Default for AddOptions {
@@ -42,6 +46,7 @@ impl Default for AddOptions {
             embed_batch: 32,
             commit_every: 4096,
             max_line_bytes: read::MAX_LINE_BYTES,
+            prune: true,
         }
     }
 }
@@ -101,8 +106,11 @@ pub struct AddReport {
     /// Previously indexed files whose chunks were removed because they can no longer be read
     /// (they are also in `skipped`).
     pub stale_removed: usize,
-    /// Incomplete sources from an interrupted run that were cleaned up.
+    /// Incomplete sources from an interrupted run that were cleaned up (and redone if their
+    /// file still exists).
     pub recovered: u64,
+    /// Sources removed because their file is gone from a folder given to `add`.
+    pub pruned: usize,
     /// Chunks written by this run.
     pub chunks: u64,
     /// Bytes of the files that were (re)indexed.
@@ -146,15 +154,29 @@ impl Index {
         self.check_embedder(embedder)?;
         options.validate()?;
         let _lock = self.writer_lock()?;
-        let walked = read::walk(paths, Some(&self.dir))?;
+        let mut walked = read::walk(paths, Some(&self.dir))?;
+        let recovered = self.drop_incomplete()?;
         let mut report = AddReport {
-            recovered: self.drop_incomplete()?,
+            recovered: recovered.len() as u64,
             ..AddReport::default()
         };
-        if report.recovered > 0 {
+        if !recovered.is_empty() {
             on_event(Event::Recovered {
                 sources: report.recovered,
             });
+        }
+        // "A re-run continues": files an interrupted run left half-written are redone even when
+        // this run was given other paths.
+        for path in recovered {
+            let path = PathBuf::from(path);
+            if walked.files.iter().all(|f| f.path != path)
+                && let Ok(entry) = read::entry(&path)
+            {
+                walked.files.push(entry);
+            }
+        }
+        if options.prune {
+            report.pruned = self.prune_missing(paths)?;
         }
         let mut progress = Progress {
             files_total: walked.files.len(),
@@ -205,16 +227,54 @@ impl Index {
         Ok(report)
     }
 
-    /// Deletes sources an interrupted run left incomplete; returns how many.
-    fn drop_incomplete(&self) -> Result<u64> {
+    /// Deletes sources an interrupted run left incomplete; returns their paths.
+    fn drop_incomplete(&self) -> Result<Vec<String>> {
         let tx = WriteTx::begin(self)?;
-        let n = tx.count("SELECT count(*) FROM sources WHERE complete = 0", [])?;
-        if n > 0 {
+        let paths: Vec<String> = tx
+            .conn
+            .prepare("SELECT path FROM sources WHERE complete = 0 ORDER BY path")
+            .and_then(|mut stmt| stmt.query_map([], |r| r.get(0))?.collect())
+            .map_err(|e| self.err(e))?;
+        if !paths.is_empty() {
             tx.conn
                 .execute("DELETE FROM sources WHERE complete = 0", [])
                 .map_err(|e| self.err(e))?;
             tx.commit()?;
         }
+        Ok(paths)
+    }
+
+    /// Deletes the sources under the given folders whose files no longer exist; returns how
+    /// many. Named files are not checked: `walk` already refused missing ones.
+    fn prune_missing<P: AsRef<Path>>(&self, paths: &[P]) -> Result<usize> {
+        let mut missing = Vec::new();
+        for p in paths {
+            let Ok(folder) = p.as_ref().canonicalize() else {
+                continue;
+            };
+            let Some(folder) = folder.to_str().filter(|_| folder.is_dir()) else {
+                continue;
+            };
+            let prefix = format!("{}/", folder.trim_end_matches('/'));
+            let under: Vec<String> = self
+                .conn
+                .prepare("SELECT path FROM sources WHERE substr(path, 1, length(?1)) = ?1")
+                .and_then(|mut stmt| stmt.query_map([&prefix], |r| r.get(0))?.collect())
+                .map_err(|e| self.err(e))?;
+            missing.extend(under.into_iter().filter(|p| !Path::new(p).exists()));
+        }
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let tx = WriteTx::begin(self)?;
+        let mut n = 0;
+        for path in &missing {
+            n += tx
+                .conn
+                .execute("DELETE FROM sources WHERE path = ?1", [path])
+                .map_err(|e| self.err(e))?;
+        }
+        tx.commit()?;
         Ok(n)
     }
 

@@ -212,24 +212,22 @@ fn visit(
             return;
         }
     };
-    let meta = if meta.file_type().is_symlink() {
-        match std::fs::metadata(path) {
-            Ok(m) if m.is_dir() => {
+    if meta.file_type().is_symlink() {
+        match (std::fs::metadata(path), path.canonicalize()) {
+            (Ok(m), _) if m.is_dir() => {
                 let why = "symbolic link to a folder";
                 out.skipped.push((path.to_owned(), Skip::NotWalked { why }));
-                return;
             }
-            Ok(m) => m,
-            Err(e) => {
+            // A link to a file is indexed under its target's path, like a named path.
+            (Ok(_), Ok(target)) => visit(&target, true, exclude, seen, out),
+            (Err(e), _) | (_, Err(e)) => {
                 let message = e.to_string();
                 out.skipped
                     .push((path.to_owned(), Skip::Unreadable { message }));
-                return;
             }
         }
-    } else {
-        meta
-    };
+        return;
+    }
     if meta.is_dir() {
         let entries = match std::fs::read_dir(path) {
             Ok(rd) => rd
@@ -247,34 +245,43 @@ fn visit(
         }
         return;
     }
-    if !meta.is_file() {
-        let why = "not a regular file";
-        out.skipped.push((path.to_owned(), Skip::NotWalked { why }));
-        return;
-    }
     if !seen.insert(path.to_owned()) {
         return;
     }
-    if path.to_str().is_none() {
-        out.skipped.push((path.to_owned(), Skip::NonUtf8Path));
-        return;
-    }
-    match Format::of(path) {
-        Ok(format) => {
-            let mtime_ns = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-            out.files.push(FileEntry {
-                path: path.to_owned(),
-                format,
-                size: meta.len(),
-                mtime_ns,
-            });
-        }
+    match file_entry(path, &meta) {
+        Ok(entry) => out.files.push(entry),
         Err(skip) => out.skipped.push((path.to_owned(), skip)),
     }
+}
+
+/// The entry for one file, or why it cannot be indexed; `path` should be canonical.
+pub fn entry(path: &Path) -> std::result::Result<FileEntry, Skip> {
+    let meta = std::fs::metadata(path).map_err(|e| Skip::Unreadable {
+        message: e.to_string(),
+    })?;
+    file_entry(path, &meta)
+}
+
+fn file_entry(path: &Path, meta: &std::fs::Metadata) -> std::result::Result<FileEntry, Skip> {
+    if !meta.is_file() {
+        let why = "not a regular file";
+        return Err(Skip::NotWalked { why });
+    }
+    if path.to_str().is_none() {
+        return Err(Skip::NonUtf8Path);
+    }
+    let format = Format::of(path)?;
+    let mtime_ns = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    Ok(FileEntry {
+        path: path.to_owned(),
+        format,
+        size: meta.len(),
+        mtime_ns,
+    })
 }
 
 /// Reads a file line by line with a reused buffer, hashing the raw bytes, and turns the first
@@ -874,7 +881,7 @@ mod tests {
     }
 
     #[test]
-    fn walk_sorts_dedups_skips_hidden_unsupported_and_the_index() {
+    fn walk_sorts_dedups_skips_hidden_unsupported_links_and_the_index() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::create_dir_all(d.join("sub/.git")).unwrap();
@@ -886,6 +893,9 @@ mod tests {
         write(&d.join("sub"), "d.html", b"x");
         write(&d.join("sub/.git"), "e.txt", b"x");
         write(&d.join("idx"), "index.db", b"x");
+        // A link to an indexed file is the same source; a link to a folder is not followed.
+        std::os::unix::fs::symlink(d.join("b.md"), d.join("sub/link.md")).unwrap();
+        std::os::unix::fs::symlink(d.join("sub"), d.join("zz")).unwrap();
         let w = walk(&[d.to_owned(), d.join("a.txt")], Some(&d.join("idx"))).unwrap();
         let root = d.canonicalize().unwrap();
         let files: Vec<_> = w
@@ -911,7 +921,8 @@ mod tests {
             [
                 (Path::new("c.pdf"), "pdf"),
                 (Path::new("noext"), "unsupported"),
-                (Path::new("sub/.git"), "not-walked")
+                (Path::new("sub/.git"), "not-walked"),
+                (Path::new("zz"), "not-walked")
             ]
         );
         assert!(

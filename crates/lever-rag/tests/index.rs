@@ -131,6 +131,28 @@ fn add_counts_skips_and_is_incremental_by_content() {
         .collect();
     assert_eq!(txt_chunks, [paragraph(9, 9).as_str()]);
 
+    // A file deleted from an added folder is pruned; with `prune: false` it stays.
+    let jsonl_copy = write(&docs.join("sub/copy.jsonl"), std::fs::read(&jsonl).unwrap());
+    index
+        .add(&[&docs], &e, &AddOptions::default(), &mut quiet)
+        .unwrap();
+    assert_eq!(index.stats().unwrap().sources, 5);
+    std::fs::remove_file(&jsonl_copy).unwrap();
+    let keep = AddOptions {
+        prune: false,
+        ..AddOptions::default()
+    };
+    assert_eq!(
+        index.add(&[&docs], &e, &keep, &mut quiet).unwrap().pruned,
+        0
+    );
+    assert_eq!(index.stats().unwrap().sources, 5);
+    let pruned = index
+        .add(&[&docs], &e, &AddOptions::default(), &mut quiet)
+        .unwrap();
+    assert_eq!((pruned.pruned, pruned.unchanged), (1, 4));
+    assert_eq!(index.stats().unwrap().sources, 4);
+
     // An indexed file that becomes empty loses its stale chunks.
     std::fs::write(&txt, "").unwrap();
     let emptied = index
