@@ -4,6 +4,15 @@
 //!
 //! The embedder is behind the [`Embed`] trait so that the index logic can be tested on its own;
 //! lever's BERT encoder (lever-model) implements it in the binary.
+//!
+//! Storage and ingest, in data-flow order:
+//! - [`read`]: walk paths; stream .txt/.md/.html/.jsonl files line by line; count skips.
+//! - [`chunk`]: token windows or heading/paragraph-aware chunks, each with its line span.
+//! - [`ingest`]: [`Index::add`], incremental by content hash, one transaction per file,
+//!   progress as [`Event`]s.
+//! - [`store`]: the index directory (SQLite, WAL): schema, [`Index::remove`], stats,
+//!   iteration, chunk lookup, exact dense search.
+//! - [`testing`]: a deterministic hashed bag-of-words embedder for tests.
 
 pub mod chunk;
 pub mod error;

@@ -411,8 +411,16 @@ fn a_locked_database_is_a_clear_error_and_loses_nothing() {
     assert!(matches!(err, Error::Locked { .. }), "{msg}");
     assert!(msg.contains("index.db") && msg.contains("locked"), "{msg}");
     assert!(matches!(index.remove(&first[0]), Err(Error::Locked { .. })));
-    // Readers are not blocked by a writer (WAL).
+    // Readers are not blocked by a writer (WAL), and a new connection opens fine.
     assert_eq!(content(&index), before);
+    let second = Index::open_with(&dir, &opts).unwrap();
+    assert_eq!(content(&second), before);
+    assert!(
+        !second
+            .search_text(&e, &paragraph(0, 0), 1)
+            .unwrap()
+            .is_empty()
+    );
     other.execute_batch("ROLLBACK").unwrap();
 
     // Another lever writer holds the advisory writer lock.
