@@ -26,7 +26,8 @@ use std::ops::Range;
 pub use chunk::{Chunk, ChunkMode, ChunkSettings};
 pub use error::{Error, Result};
 pub use ingest::{AddOptions, AddReport, Event, FileOutcome, Progress};
-pub use store::{ChunkRecord, Hit, Index, OpenOptions, Stats, VectorMatrix};
+// `Hit` and `VectorMatrix` stay under `store::`: the search modules may name their own.
+pub use store::{ChunkRecord, Index, OpenOptions, Stats};
 
 /// Turns texts into L2-normalized vectors. `id` names the model (and its settings) so that an
 /// index refuses to mix vectors from different embedders.
