@@ -96,10 +96,26 @@ fn sigkill_mid_ingest_keeps_the_committed_state_and_a_rerun_completes() {
     let mut child = spawn_self("child_ingest", &[(CHILD_INDEX, &dir), (CHILD_DOCS, &docs)]);
     // Kill once some files are committed and a big file is half-committed (the hard case).
     let start = Instant::now();
-    loop {
+    let wanted = || {
         let (complete, partial) = raw_progress(&db);
-        if complete >= 3 && partial >= 1 {
-            break;
+        complete >= 3 && partial >= 1
+    };
+    let signal = |sig: &str, pid: u32| {
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    loop {
+        // Freeze the child, then check: the state it is killed in is the state we saw.
+        if wanted() {
+            signal("-STOP", child.id());
+            if wanted() {
+                break;
+            }
+            signal("-CONT", child.id());
         }
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
@@ -112,7 +128,7 @@ fn sigkill_mid_ingest_keeps_the_committed_state_and_a_rerun_completes() {
         );
         std::thread::sleep(Duration::from_millis(2));
     }
-    child.kill().unwrap(); // SIGKILL on Unix
+    child.kill().unwrap(); // SIGKILL on Unix; it also ends a stopped process
     let status = child.wait().unwrap();
     assert!(!status.success());
 
