@@ -13,6 +13,25 @@
 //! - [`store`]: the index directory (SQLite, WAL): schema, [`Index::remove`], stats,
 //!   iteration, chunk lookup, exact dense search.
 //! - [`testing`]: a deterministic hashed bag-of-words embedder for tests.
+//!
+//! ```
+//! use lever_rag::{AddOptions, ChunkSettings, Index, testing::HashEmbed};
+//! # fn main() -> lever_rag::Result<()> {
+//! # let tmp = tempfile::tempdir().unwrap();
+//! # let docs = tmp.path().join("docs");
+//! # std::fs::create_dir(&docs).unwrap();
+//! # std::fs::write(docs.join("a.md"), "# Title\nsome words\n\nother words\n").unwrap();
+//! let embedder = HashEmbed::new(64); // the binary passes the BERT encoder
+//! let dir = tmp.path().join("idx");
+//! let mut index = Index::create(&dir, &embedder, &ChunkSettings::default())?;
+//! let report = index.add(&[&docs], &embedder, &AddOptions::default(), &mut |_event| {})?;
+//! assert_eq!((report.added, index.stats()?.chunks), (1, 1));
+//!
+//! let hits = index.search_text(&embedder, "some words", 3)?;
+//! let best = index.chunk(hits[0].chunk_id)?.expect("hits name stored chunks");
+//! assert_eq!((best.line_start, best.line_end, best.headings), (1, 4, vec!["Title".to_string()]));
+//! # Ok(()) }
+//! ```
 
 pub mod chunk;
 pub mod error;
