@@ -189,14 +189,12 @@ impl Index {
             skipped: walked.skipped.len(),
         });
         for (path, skip) in walked.skipped {
-            let outcome = FileOutcome::Skipped(skip);
+            let outcome = FileOutcome::Skipped(skip.clone());
             on_event(Event::File {
                 path: &path,
                 outcome: &outcome,
             });
-            if let FileOutcome::Skipped(skip) = outcome {
-                report.skipped.push((path, skip));
-            }
+            report.skipped.push((path, skip));
         }
         let mut bytes_before = 0;
         for file in &walked.files {

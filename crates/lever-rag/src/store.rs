@@ -393,7 +393,7 @@ impl Index {
     }
 
     pub fn stats(&self) -> Result<Stats> {
-        let tx = Snapshot::begin(&self.conn).map_err(|e| self.err(e))?;
+        let snapshot = Snapshot::begin(&self.conn).map_err(|e| self.err(e))?;
         let count = |sql: &str| -> Result<u64> {
             self.conn
                 .query_row(sql, [], |r| r.get::<_, i64>(0))
@@ -424,7 +424,7 @@ impl Index {
                 })
                 .sum(),
         };
-        tx.end();
+        snapshot.end();
         Ok(stats)
     }
 
