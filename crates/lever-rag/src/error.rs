@@ -20,6 +20,38 @@ pub enum Error {
     File { path: PathBuf, problem: String },
     #[error("embedder: {0}")]
     Embed(String),
+
+    // ---- the document index (store.rs, ingest.rs) ----
+    /// Any SQLite failure not covered by a more specific variant below.
+    #[error("{path}: database error: {source}")]
+    Db {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The file exists but is not a lever index (garbage, another program's database, or a
+    /// newer schema). Nothing was written to it.
+    #[error("{path}: not a usable lever index: {problem} (the file was left untouched)")]
+    NotAnIndex { path: PathBuf, problem: String },
+    /// Another connection held the write lock longer than the busy timeout.
+    #[error(
+        "{path}: index is locked by another writer (waited {waited_ms} ms); try again when it has finished"
+    )]
+    Locked { path: PathBuf, waited_ms: u128 },
+    /// The index was built with other vectors than the embedder offered now.
+    #[error(
+        "{path}: index was built with embedder `{index_embedder}` (dim {index_dim}); refusing embedder `{given_embedder}` (dim {given_dim}): their vectors are not comparable; use the same embedder or a new index"
+    )]
+    EmbedderMismatch {
+        path: PathBuf,
+        index_embedder: String,
+        index_dim: usize,
+        given_embedder: String,
+        given_dim: usize,
+    },
+    /// Bad chunker settings (size zero, overlap not below size, ...).
+    #[error("chunker settings: {0}")]
+    Settings(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
