@@ -20,6 +20,18 @@ pub enum Error {
     File { path: PathBuf, problem: String },
     #[error("embedder: {0}")]
     Embed(String),
+    #[error("{what}: expected dimension {expected}, got {got}")]
+    Dim {
+        what: String,
+        expected: usize,
+        got: usize,
+    },
+    #[error("invalid parameter {name} = {value}: {problem}")]
+    Param {
+        name: &'static str,
+        value: String,
+        problem: &'static str,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -5,7 +5,14 @@
 //! The embedder is behind the [`Embed`] trait so that the index logic can be tested on its own;
 //! lever's BERT encoder (lever-model) implements it in the binary.
 
+pub mod analyze;
+pub mod beir;
+pub mod bm25;
 pub mod error;
+pub mod exact;
+pub mod fuse;
+pub mod hnsw;
+pub mod metrics;
 
 pub use error::{Error, Result};
 
