@@ -46,7 +46,10 @@ pub struct Analyzer {
 impl Default for Analyzer {
     /// Anserini's BEIR default: stopwords removed, Porter stemming.
     fn default() -> Self {
-        Analyzer { stopwords: true, stemmer: Stemmer::Porter }
+        Analyzer {
+            stopwords: true,
+            stemmer: Stemmer::Porter,
+        }
     }
 }
 
@@ -74,7 +77,11 @@ impl Analyzer {
             Stemmer::Porter => "porter",
             Stemmer::None => "nostem",
         };
-        if self.stopwords { format!("{stem}+stop") } else { stem.to_string() }
+        if self.stopwords {
+            format!("{stem}+stop")
+        } else {
+            stem.to_string()
+        }
     }
 
     /// A one-byte code of the settings, stored in index files so that a loaded index is queried
@@ -96,7 +103,10 @@ impl Analyzer {
         if code > 3 {
             return None;
         }
-        Some(Analyzer { stopwords: code & 2 == 0, stemmer })
+        Some(Analyzer {
+            stopwords: code & 2 == 0,
+            stemmer,
+        })
     }
 }
 
@@ -135,11 +145,13 @@ fn class(c: char) -> Class {
         ',' | ';' | '\u{037E}' | '\u{0589}' | '\u{060C}' | '\u{060D}' | '\u{066C}' | '\u{07F8}'
         | '\u{2044}' | '\u{FE10}' | '\u{FE14}' | '\u{FE50}' | '\u{FE54}' | '\u{FF0C}'
         | '\u{FF1B}' => Class::MidNum,
-        '.' | '\'' | '\u{2018}' | '\u{2019}' | '\u{2024}' | '\u{FE52}' | '\u{FF07}' | '\u{FF0E}' => {
-            Class::MidNumLet
-        }
-        '\u{3040}'..='\u{309F}' | '\u{3400}'..='\u{4DBF}' | '\u{4E00}'..='\u{9FFF}'
-        | '\u{F900}'..='\u{FAFF}' | '\u{20000}'..='\u{2FA1F}' => Class::Ideograph,
+        '.' | '\'' | '\u{2018}' | '\u{2019}' | '\u{2024}' | '\u{FE52}' | '\u{FF07}'
+        | '\u{FF0E}' => Class::MidNumLet,
+        '\u{3040}'..='\u{309F}'
+        | '\u{3400}'..='\u{4DBF}'
+        | '\u{4E00}'..='\u{9FFF}'
+        | '\u{F900}'..='\u{FAFF}'
+        | '\u{20000}'..='\u{2FA1F}' => Class::Ideograph,
         c if c.is_numeric() => Class::Numeric,
         c if c.is_alphabetic() => Class::Letter,
         _ => Class::Other,
@@ -200,7 +212,10 @@ pub fn tokenize(text: &str) -> Vec<&str> {
         // A token made only of connectors (`___`) is no word (UAX #29 leaves it, Lucene's
         // grammar emits only tokens containing a letter or digit).
         let token = &text[start..end];
-        if token.chars().any(|c| matches!(class(c), Class::Letter | Class::Numeric)) {
+        if token
+            .chars()
+            .any(|c| matches!(class(c), Class::Letter | Class::Numeric))
+        {
             push_token(&mut tokens, token);
         }
         i = j;
@@ -220,18 +235,11 @@ fn push_token<'a>(tokens: &mut Vec<&'a str>, token: &'a str) {
 
 /// Lucene's `EnglishPossessiveFilter`: drops a trailing `'s`, `’s` or `＇s` (either case).
 fn strip_possessive(token: &str) -> &str {
-    for apostrophe in ['\'', '\u{2019}', '\u{FF07}'] {
-        for s in ['s', 'S'] {
-            let mut suffix = [0u8; 8];
-            let a = apostrophe.encode_utf8(&mut suffix).len();
-            let b = s.encode_utf8(&mut suffix[a..]).len();
-            let suffix = std::str::from_utf8(&suffix[..a + b]).unwrap_or("");
-            if let Some(stem) = token.strip_suffix(suffix) {
-                return stem;
-            }
-        }
-    }
-    token
+    let Some(rest) = token.strip_suffix(['s', 'S']) else {
+        return token;
+    };
+    rest.strip_suffix(['\'', '\u{2019}', '\u{FF07}'])
+        .unwrap_or(token)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -302,7 +310,11 @@ impl Word {
             return None;
         }
         let stem = self.end - n;
-        self.b[stem..self.end].iter().copied().eq(suffix.chars()).then_some(stem)
+        self.b[stem..self.end]
+            .iter()
+            .copied()
+            .eq(suffix.chars())
+            .then_some(stem)
     }
 
     /// Replaces everything after `stem` with `with`.
@@ -574,8 +586,24 @@ mod tests {
         assert_eq!(
             tokenize(text),
             [
-                "Don't", "split", "U.S.A", "3.14", "or", "1,000", "but", "split", "a", "b", "x",
-                "and", "end", "Über_alles", "x:y", "日", "本", "語"
+                "Don't",
+                "split",
+                "U.S.A",
+                "3.14",
+                "or",
+                "1,000",
+                "but",
+                "split",
+                "a",
+                "b",
+                "x",
+                "and",
+                "end",
+                "Über_alles",
+                "x:y",
+                "日",
+                "本",
+                "語"
             ]
         );
         assert!(tokenize("").is_empty());
@@ -583,19 +611,36 @@ mod tests {
         assert_eq!(tokenize("1.2.3 a1b2 v2.0"), ["1.2.3", "a1b2", "v2.0"]);
         let long = "x".repeat(600);
         let pieces = tokenize(&long);
-        assert_eq!(pieces.iter().map(|p| p.len()).collect::<Vec<_>>(), [255, 255, 90]);
+        assert_eq!(
+            pieces.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [255, 255, 90]
+        );
     }
 
     #[test]
     fn analyzer_default_chain() {
         let a = Analyzer::default();
         assert_eq!(
-            a.analyze("The patient's 0-dimensional biomaterials lack inductive properties, and \
-                       THEY are RUNNING tests."),
-            ["patient", "0", "dimension", "biomateri", "lack", "induct", "properti", "run",
-             "test"]
+            a.analyze(
+                "The patient's 0-dimensional biomaterials lack inductive properties, and \
+                       THEY are RUNNING tests."
+            ),
+            [
+                "patient",
+                "0",
+                "dimension",
+                "biomateri",
+                "lack",
+                "induct",
+                "properti",
+                "run",
+                "test"
+            ]
         );
-        let plain = Analyzer { stopwords: false, stemmer: Stemmer::None };
+        let plain = Analyzer {
+            stopwords: false,
+            stemmer: Stemmer::None,
+        };
         assert_eq!(plain.analyze("The cats’s Toys"), ["the", "cats", "toys"]);
         for code in 0..4 {
             let a = Analyzer::from_code(code).expect("known code");

@@ -11,7 +11,7 @@
 //! later line for the same pair replaces an earlier one), and a missing `title` is empty. CRLF
 //! line ends and a UTF-8 byte-order mark are tolerated. Every error names file:line and the field.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
@@ -32,7 +32,11 @@ impl Doc {
     /// `title + " " + text`, the single field BEIR's BM25 baselines index (a missing title
     /// gives just the text).
     pub fn contents(&self) -> String {
-        if self.title.is_empty() { self.text.clone() } else { format!("{} {}", self.title, self.text) }
+        if self.title.is_empty() {
+            self.text.clone()
+        } else {
+            format!("{} {}", self.title, self.text)
+        }
     }
 }
 
@@ -55,7 +59,11 @@ pub struct Beir {
 pub fn load(dir: &Path, split: &str) -> Result<Beir> {
     let gz = dir.join("corpus.jsonl.gz");
     let plain = dir.join("corpus.jsonl");
-    let corpus = if plain.exists() { load_corpus(&plain)? } else { load_corpus(&gz)? };
+    let corpus = if plain.exists() {
+        load_corpus(&plain)?
+    } else {
+        load_corpus(&gz)?
+    };
     let qrels_path = dir.join("qrels").join(format!("{split}.tsv"));
     let qrels = load_qrels(&qrels_path)?;
     let queries_path = dir.join("queries.jsonl");
@@ -65,16 +73,25 @@ pub fn load(dir: &Path, split: &str) -> Result<Beir> {
     if let Some(missing) = qrels.keys().find(|q| !have.contains(q.as_str())) {
         return Err(Error::File {
             path: qrels_path,
-            problem: format!("query-id {missing:?} is judged but not in {}", queries_path.display()),
+            problem: format!(
+                "query-id {missing:?} is judged but not in {}",
+                queries_path.display()
+            ),
         });
     }
-    Ok(Beir { corpus, queries, qrels })
+    Ok(Beir {
+        corpus,
+        queries,
+        qrels,
+    })
 }
 
 /// Opens `path`, decompressing when it ends in `.gz`.
 fn open_lines(path: &Path) -> Result<Box<dyn BufRead>> {
-    let file =
-        std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::read::MultiGzDecoder::new(file))
     } else {
@@ -110,7 +127,11 @@ fn for_each_line(path: &Path, mut f: impl FnMut(usize, &str) -> Result<()>) -> R
 }
 
 fn line_error(path: &Path, line: usize, problem: impl Into<String>) -> Error {
-    Error::Line { path: path.to_path_buf(), line, problem: problem.into() }
+    Error::Line {
+        path: path.to_path_buf(),
+        line,
+        problem: problem.into(),
+    }
 }
 
 /// A string field of a JSON object; numbers are accepted as ids (some BEIR exports write them).
@@ -123,7 +144,10 @@ fn field(obj: &Value, name: &str, path: &Path, line: usize, required: bool) -> R
         Some(other) => Err(line_error(
             path,
             line,
-            format!("field \"{name}\": expected a string, found {}", json_kind(other)),
+            format!(
+                "field \"{name}\": expected a string, found {}",
+                json_kind(other)
+            ),
         )),
     }
 }
@@ -147,7 +171,11 @@ fn json_line(path: &Path, line: usize, text: &str) -> Result<Option<Value>> {
     let value: Value = serde_json::from_str(text)
         .map_err(|e| line_error(path, line, format!("invalid JSON: {e}")))?;
     if !value.is_object() {
-        return Err(line_error(path, line, format!("expected a JSON object, found {}", json_kind(&value))));
+        return Err(line_error(
+            path,
+            line,
+            format!("expected a JSON object, found {}", json_kind(&value)),
+        ));
     }
     Ok(Some(value))
 }
@@ -157,12 +185,18 @@ pub fn load_corpus(path: &Path) -> Result<Vec<Doc>> {
     let mut docs = Vec::new();
     let mut seen = HashSet::new();
     for_each_line(path, |line, text| {
-        let Some(obj) = json_line(path, line, text)? else { return Ok(()) };
+        let Some(obj) = json_line(path, line, text)? else {
+            return Ok(());
+        };
         let id = field(&obj, "_id", path, line, true)?;
         let title = field(&obj, "title", path, line, false)?;
         let text = field(&obj, "text", path, line, true)?;
         if !seen.insert(id.clone()) {
-            return Err(line_error(path, line, format!("field \"_id\": {id:?} repeats an earlier document")));
+            return Err(line_error(
+                path,
+                line,
+                format!("field \"_id\": {id:?} repeats an earlier document"),
+            ));
         }
         docs.push(Doc { id, title, text });
         Ok(())
@@ -175,11 +209,17 @@ pub fn load_queries(path: &Path) -> Result<Vec<Query>> {
     let mut queries = Vec::new();
     let mut seen = HashSet::new();
     for_each_line(path, |line, text| {
-        let Some(obj) = json_line(path, line, text)? else { return Ok(()) };
+        let Some(obj) = json_line(path, line, text)? else {
+            return Ok(());
+        };
         let id = field(&obj, "_id", path, line, true)?;
         let text = field(&obj, "text", path, line, true)?;
         if !seen.insert(id.clone()) {
-            return Err(line_error(path, line, format!("field \"_id\": {id:?} repeats an earlier query")));
+            return Err(line_error(
+                path,
+                line,
+                format!("field \"_id\": {id:?} repeats an earlier query"),
+            ));
         }
         queries.push(Query { id, text });
         Ok(())
@@ -207,7 +247,11 @@ pub fn load_qrels(path: &Path) -> Result<Qrels> {
         }
         let cols: Vec<&str> = text.split('\t').collect();
         if cols.len() != 3 {
-            return Err(line_error(path, line, format!("expected 3 tab-separated columns, found {}", cols.len())));
+            return Err(line_error(
+                path,
+                line,
+                format!("expected 3 tab-separated columns, found {}", cols.len()),
+            ));
         }
         let (query, doc, score) = (cols[0].trim(), cols[1].trim(), cols[2].trim());
         for (name, value) in [("query-id", query), ("corpus-id", doc)] {
@@ -216,9 +260,16 @@ pub fn load_qrels(path: &Path) -> Result<Qrels> {
             }
         }
         let score: i32 = score.parse().map_err(|_| {
-            line_error(path, line, format!("column \"score\": {score:?} is not an integer"))
+            line_error(
+                path,
+                line,
+                format!("column \"score\": {score:?} is not an integer"),
+            )
         })?;
-        qrels.entry(query.to_string()).or_insert_with(BTreeMap::new).insert(doc.to_string(), score);
+        qrels
+            .entry(query.to_string())
+            .or_default()
+            .insert(doc.to_string(), score);
         Ok(())
     })?;
     Ok(qrels)
@@ -248,13 +299,34 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(corpus.as_bytes()).expect("gz");
         std::fs::write(dir.join("corpus.jsonl.gz"), gz.finish().expect("gz")).expect("write");
-        write(dir, "queries.jsonl", "{\"_id\": \"q1\", \"text\": \"first?\"}\r\n{\"_id\": \"q2\", \"text\": \"unjudged\"}\r\n");
-        write(dir, "qrels/test.tsv", "query-id\tcorpus-id\tscore\r\nq1\td1\t2\r\nq1\t2\t0\r\n");
+        write(
+            dir,
+            "queries.jsonl",
+            "{\"_id\": \"q1\", \"text\": \"first?\"}\r\n{\"_id\": \"q2\", \"text\": \"unjudged\"}\r\n",
+        );
+        write(
+            dir,
+            "qrels/test.tsv",
+            "query-id\tcorpus-id\tscore\r\nq1\td1\t2\r\nq1\t2\t0\r\n",
+        );
         let b = load(dir, "test").expect("load");
         assert_eq!(b.corpus.len(), 2);
         assert_eq!(b.corpus[0].contents(), "T1 one");
-        assert_eq!(b.corpus[1], Doc { id: "2".into(), title: String::new(), text: "two".into() });
-        assert_eq!(b.queries, [Query { id: "q1".into(), text: "first?".into() }]);
+        assert_eq!(
+            b.corpus[1],
+            Doc {
+                id: "2".into(),
+                title: String::new(),
+                text: "two".into()
+            }
+        );
+        assert_eq!(
+            b.queries,
+            [Query {
+                id: "q1".into(),
+                text: "first?".into()
+            }]
+        );
         assert_eq!(b.qrels["q1"]["d1"], 2);
         assert_eq!(b.qrels["q1"]["2"], 0);
         assert!(load(dir, "dev").is_err());
@@ -264,24 +336,59 @@ mod tests {
     fn errors_name_file_line_and_field() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path();
-        write(dir, "corpus.jsonl", "{\"_id\": \"d1\", \"text\": \"ok\"}\n{\"_id\": \"d2\", \"text\": 5}\n");
-        let err = load_corpus(&dir.join("corpus.jsonl")).expect_err("bad").to_string();
-        assert!(err.contains("corpus.jsonl:2") && err.contains("\"text\""), "{err}");
+        write(
+            dir,
+            "corpus.jsonl",
+            "{\"_id\": \"d1\", \"text\": \"ok\"}\n{\"_id\": \"d2\", \"text\": 5}\n",
+        );
+        let err = load_corpus(&dir.join("corpus.jsonl"))
+            .expect_err("bad")
+            .to_string();
+        assert!(
+            err.contains("corpus.jsonl:2") && err.contains("\"text\""),
+            "{err}"
+        );
         write(dir, "q.jsonl", "{\"text\": \"no id\"}\n");
-        let err = load_queries(&dir.join("q.jsonl")).expect_err("bad").to_string();
-        assert!(err.contains("q.jsonl:1") && err.contains("\"_id\": missing"), "{err}");
-        write(dir, "bad.jsonl", "{\"_id\": \"x\", \"text\": \"a\"}\nnot json\n");
-        let err = load_queries(&dir.join("bad.jsonl")).expect_err("bad").to_string();
-        assert!(err.contains("bad.jsonl:2") && err.contains("invalid JSON"), "{err}");
+        let err = load_queries(&dir.join("q.jsonl"))
+            .expect_err("bad")
+            .to_string();
+        assert!(
+            err.contains("q.jsonl:1") && err.contains("\"_id\": missing"),
+            "{err}"
+        );
+        write(
+            dir,
+            "bad.jsonl",
+            "{\"_id\": \"x\", \"text\": \"a\"}\nnot json\n",
+        );
+        let err = load_queries(&dir.join("bad.jsonl"))
+            .expect_err("bad")
+            .to_string();
+        assert!(
+            err.contains("bad.jsonl:2") && err.contains("invalid JSON"),
+            "{err}"
+        );
         write(dir, "r.tsv", "query-id\tcorpus-id\tscore\nq\td\tx\n");
         let err = load_qrels(&dir.join("r.tsv")).expect_err("bad").to_string();
-        assert!(err.contains("r.tsv:2") && err.contains("\"score\""), "{err}");
+        assert!(
+            err.contains("r.tsv:2") && err.contains("\"score\""),
+            "{err}"
+        );
         write(dir, "h.tsv", "q\td\t1\n");
-        assert!(load_qrels(&dir.join("h.tsv")).expect_err("no header").to_string().contains("h.tsv:1"));
+        assert!(
+            load_qrels(&dir.join("h.tsv"))
+                .expect_err("no header")
+                .to_string()
+                .contains("h.tsv:1")
+        );
         // A judged query missing from queries.jsonl.
         write(dir, "corpus.jsonl", "{\"_id\": \"d1\", \"text\": \"ok\"}\n");
         write(dir, "queries.jsonl", "{\"_id\": \"q1\", \"text\": \"a\"}\n");
-        write(dir, "qrels/test.tsv", "query-id\tcorpus-id\tscore\nq9\td1\t1\n");
+        write(
+            dir,
+            "qrels/test.tsv",
+            "query-id\tcorpus-id\tscore\nq9\td1\t1\n",
+        );
         let err = load(dir, "test").expect_err("missing query").to_string();
         assert!(err.contains("test.tsv") && err.contains("q9"), "{err}");
     }

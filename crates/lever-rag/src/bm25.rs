@@ -172,8 +172,10 @@ impl Bm25 {
             *counts.entry(term).or_insert(0) += 1;
         }
         let slot = self.docs.len() as u32;
-        let mut terms: Vec<Posting> =
-            counts.into_iter().map(|(term, tf)| Posting { slot: term, tf }).collect();
+        let mut terms: Vec<Posting> = counts
+            .into_iter()
+            .map(|(term, tf)| Posting { slot: term, tf })
+            .collect();
         terms.sort_by_key(|p| p.slot);
         for p in &terms {
             self.postings[p.slot as usize].push(Posting { slot, tf: p.tf });
@@ -237,7 +239,10 @@ impl Bm25 {
             terms.push(std::mem::take(&mut self.terms[t]));
             postings.push(
                 list.into_iter()
-                    .map(|p| Posting { slot: new_slot[p.slot as usize], tf: p.tf })
+                    .map(|p| Posting {
+                        slot: new_slot[p.slot as usize],
+                        tf: p.tf,
+                    })
                     .collect(),
             );
         }
@@ -251,7 +256,11 @@ impl Bm25 {
             .enumerate()
             .filter_map(|(s, d)| d.as_ref().map(|d| (d.id, s as u32)))
             .collect();
-        self.term_ids = terms.iter().enumerate().map(|(t, s)| (s.clone(), t as u32)).collect();
+        self.term_ids = terms
+            .iter()
+            .enumerate()
+            .map(|(t, s)| (s.clone(), t as u32))
+            .collect();
         self.terms = terms;
         self.postings = postings;
         self.docs = docs;
@@ -265,7 +274,11 @@ impl Bm25 {
     }
 
     fn avgdl(&self) -> f32 {
-        if self.n_scored == 0 { 1.0 } else { self.total_len as f32 / self.n_scored as f32 }
+        if self.n_scored == 0 {
+            1.0
+        } else {
+            self.total_len as f32 / self.n_scored as f32
+        }
     }
 
     /// The query's distinct known terms with their counts, in first-seen order.
@@ -305,7 +318,9 @@ impl Bm25 {
             }
             let weight = qtf * self.idf(list.len());
             for p in list {
-                let Some(doc) = &self.docs[p.slot as usize] else { continue };
+                let Some(doc) = &self.docs[p.slot as usize] else {
+                    continue;
+                };
                 let tf = p.tf as f32;
                 let norm = k1 * (1.0 - b + b * doc.len as f32 / avgdl);
                 let slot = p.slot as usize;
@@ -318,7 +333,10 @@ impl Bm25 {
         let mut top = TopK::new(k);
         for slot in touched {
             if let Some(doc) = &self.docs[slot as usize] {
-                top.push(Hit { id: doc.id, score: acc[slot as usize] });
+                top.push(Hit {
+                    id: doc.id,
+                    score: acc[slot as usize],
+                });
             }
         }
         top.into_sorted()
@@ -389,7 +407,10 @@ impl Bm25 {
         let code = r.u8("analyzer")?;
         let analyzer = Analyzer::from_code(code)
             .ok_or_else(|| r.corrupt(format!("unknown analyzer code {code}")))?;
-        let params = Bm25Params { k1: r.f32("k1")?, b: r.f32("b")? };
+        let params = Bm25Params {
+            k1: r.f32("k1")?,
+            b: r.f32("b")?,
+        };
         params.check().map_err(|e| r.corrupt(e.to_string()))?;
         let mut index = Bm25::new(params, analyzer)?;
         let n_docs = r.count("document count", 9)?;
@@ -403,7 +424,11 @@ impl Bm25 {
                 index.n_scored += 1;
                 index.total_len += u64::from(len);
             }
-            index.docs.push(Some(Doc { id, len, terms: Vec::new() }));
+            index.docs.push(Some(Doc {
+                id,
+                len,
+                terms: Vec::new(),
+            }));
         }
         let n_terms = r.count("term count", 2)?;
         for t in 0..n_terms as u32 {
@@ -419,7 +444,10 @@ impl Bm25 {
                     return Err(r.corrupt(format!("posting slot {slot} out of order or range")));
                 }
                 let tf = r.var_u32("term frequency")?;
-                list.push(Posting { slot: slot as u32, tf });
+                list.push(Posting {
+                    slot: slot as u32,
+                    tf,
+                });
                 if let Some(doc) = index.docs[slot as usize].as_mut() {
                     doc.terms.push(Posting { slot: t, tf });
                 }
@@ -479,12 +507,19 @@ pub fn write_index_file(
         out.write_all(&head).map_err(io(&tmp))?;
         out.write_all(payload).map_err(io(&tmp))?;
         out.write_all(&digest).map_err(io(&tmp))?;
-        let file = out.into_inner().map_err(|e| Error::Io { path: tmp.clone(), source: e.into_error() })?;
+        let file = out.into_inner().map_err(|e| Error::Io {
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
         file.sync_all().map_err(io(&tmp))?;
     }
     std::fs::rename(&tmp, path).map_err(io(path))?;
     if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
         // Persist the rename; a directory that cannot be opened (some platforms) is no error.
         if let Ok(d) = std::fs::File::open(dir) {
             d.sync_all().map_err(io(dir))?;
@@ -494,25 +529,39 @@ pub fn write_index_file(
 }
 
 fn file_error(path: &Path, problem: impl Into<String>) -> Error {
-    Error::File { path: path.to_path_buf(), problem: problem.into() }
+    Error::File {
+        path: path.to_path_buf(),
+        problem: problem.into(),
+    }
 }
 
 /// Checks the header of `bytes` (magic, version) and returns (generation, payload length).
 fn parse_header(path: &Path, bytes: &[u8], magic: [u8; 8], version: u32) -> Result<(u64, u64)> {
     if bytes.len() < HEADER_LEN {
-        return Err(file_error(path, format!("truncated: {} bytes, no complete header", bytes.len())));
+        return Err(file_error(
+            path,
+            format!("truncated: {} bytes, no complete header", bytes.len()),
+        ));
     }
     if bytes[..8] != magic {
         return Err(file_error(
             path,
-            format!("not a {} file (magic {:?})", String::from_utf8_lossy(&magic[..7]), &bytes[..8]),
+            format!(
+                "not a {} file (magic {:?})",
+                String::from_utf8_lossy(&magic[..7]),
+                &bytes[..8]
+            ),
         ));
     }
-    let u32_at = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    let u32_at =
+        |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
     let u64_at = |i: usize| u64::from(u32_at(i)) | (u64::from(u32_at(i + 4)) << 32);
     let v = u32_at(8);
     if v != version {
-        return Err(file_error(path, format!("format version {v}, this build reads {version}")));
+        return Err(file_error(
+            path,
+            format!("format version {v}, this build reads {version}"),
+        ));
     }
     Ok((u64_at(12), u64_at(20)))
 }
@@ -520,14 +569,19 @@ fn parse_header(path: &Path, bytes: &[u8], magic: [u8; 8], version: u32) -> Resu
 /// Reads a container file: checks magic, version, length and checksum; returns (generation,
 /// payload).
 pub fn read_index_file(path: &Path, magic: [u8; 8], version: u32) -> Result<(u64, Vec<u8>)> {
-    let bytes =
-        std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let (generation, len) = parse_header(path, &bytes, magic, version)?;
     let want = (HEADER_LEN + DIGEST_LEN) as u64 + len;
     if bytes.len() as u64 != want {
         return Err(file_error(
             path,
-            format!("truncated or padded: {} bytes, header says {want}", bytes.len()),
+            format!(
+                "truncated or padded: {} bytes, header says {want}",
+                bytes.len()
+            ),
         ));
     }
     let body = bytes.len() - DIGEST_LEN;
@@ -542,11 +596,14 @@ pub fn read_index_file(path: &Path, magic: [u8; 8], version: u32) -> Result<(u64
 pub fn read_generation(path: &Path, magic: [u8; 8], version: u32) -> Result<u64> {
     use std::io::Read;
     let mut head = [0u8; HEADER_LEN];
-    let mut file =
-        std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    let n = file
-        .read(&mut head)
-        .map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let mut file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let n = file.read(&mut head).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(parse_header(path, &head[..n], magic, version)?.0)
 }
 
@@ -593,7 +650,10 @@ impl<'a> Dec<'a> {
     }
 
     pub(crate) fn corrupt(&self, problem: String) -> Error {
-        file_error(self.path, format!("corrupt at payload byte {}: {problem}", self.pos))
+        file_error(
+            self.path,
+            format!("corrupt at payload byte {}: {problem}", self.pos),
+        )
     }
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
@@ -703,7 +763,12 @@ mod tests {
         for h in &hits {
             let doc: Vec<&str> = all[h.id as usize - 1].iter().map(String::as_str).collect();
             let want = lucene_score(&["lazi", "fox"], &doc, &all, 0.9, 0.4);
-            assert!((h.score - want).abs() < 1e-6, "doc {}: {} vs {want}", h.id, h.score);
+            assert!(
+                (h.score - want).abs() < 1e-6,
+                "doc {}: {} vs {want}",
+                h.id,
+                h.score
+            );
             assert_eq!(idx.score("lazy fox", h.id), Some(h.score));
         }
         assert!(idx.search("the of", 10).is_empty(), "stopwords only");
@@ -719,7 +784,13 @@ mod tests {
         idx.add(2, "a slow brown dog"); // replaces
         idx.add(6, "brown foxes");
         let fresh = Bm25::build(
-            [(1, corpus()[0].1), (2, "a slow brown dog"), (4, corpus()[3].1), (5, corpus()[4].1), (6, "brown foxes")],
+            [
+                (1, corpus()[0].1),
+                (2, "a slow brown dog"),
+                (4, corpus()[3].1),
+                (5, corpus()[4].1),
+                (6, "brown foxes"),
+            ],
             Bm25Params::default(),
             Analyzer::default(),
         )
@@ -740,7 +811,10 @@ mod tests {
         idx.remove(2);
         idx.save(&path, 42).expect("save");
         assert!(!dir.path().join("bm25.bin.tmp").exists());
-        assert_eq!(read_generation(&path, BM25_MAGIC, BM25_VERSION).expect("header"), 42);
+        assert_eq!(
+            read_generation(&path, BM25_MAGIC, BM25_VERSION).expect("header"),
+            42
+        );
         let (back, generation) = Bm25::load(&path).expect("load");
         assert_eq!(generation, 42);
         assert_eq!(back.len(), 4);
@@ -751,7 +825,10 @@ mod tests {
         // Truncated.
         std::fs::write(&path, &bytes[..bytes.len() - 5]).expect("write");
         let err = Bm25::load(&path).expect_err("truncated").to_string();
-        assert!(err.contains("bm25.bin") && err.contains("truncated"), "{err}");
+        assert!(
+            err.contains("bm25.bin") && err.contains("truncated"),
+            "{err}"
+        );
         // A flipped byte.
         let mut flipped = bytes.clone();
         flipped[HEADER_LEN + 3] ^= 0x40;
@@ -760,7 +837,12 @@ mod tests {
         assert!(err.contains("checksum"), "{err}");
         // Not an index at all.
         std::fs::write(&path, b"hello").expect("write");
-        assert!(Bm25::load(&path).expect_err("short").to_string().contains("header"));
+        assert!(
+            Bm25::load(&path)
+                .expect_err("short")
+                .to_string()
+                .contains("header")
+        );
         assert!(Bm25::load(&dir.path().join("missing")).is_err());
     }
 

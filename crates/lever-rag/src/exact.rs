@@ -58,7 +58,11 @@ fn check_shapes(data: &[f32], dim: usize, ids: &[u64], query: &[f32]) -> Result<
         });
     }
     if query.len() != dim {
-        return Err(Error::Dim { what: "query vector".into(), expected: dim, got: query.len() });
+        return Err(Error::Dim {
+            what: "query vector".into(),
+            expected: dim,
+            got: query.len(),
+        });
     }
     Ok(())
 }
@@ -70,7 +74,10 @@ pub fn search(data: &[f32], dim: usize, ids: &[u64], query: &[f32], k: usize) ->
     let scan = |rows: &[f32], ids: &[u64]| {
         let mut top = TopK::new(k);
         for (row, &id) in rows.chunks_exact(dim).zip(ids) {
-            top.push(Hit { id, score: dot(row, query) });
+            top.push(Hit {
+                id,
+                score: dot(row, query),
+            });
         }
         top
     };
@@ -97,7 +104,10 @@ pub struct Flat {
 
 impl Flat {
     pub fn new(dim: usize) -> Flat {
-        Flat { dim, ..Flat::default() }
+        Flat {
+            dim,
+            ..Flat::default()
+        }
     }
 
     /// A matrix from rows already laid out row-major; ids must be distinct.
@@ -119,7 +129,12 @@ impl Flat {
                 });
             }
         }
-        Ok(Flat { dim, ids, data, row_of })
+        Ok(Flat {
+            dim,
+            ids,
+            data,
+            row_of,
+        })
     }
 
     pub fn dim(&self) -> usize {
@@ -143,7 +158,11 @@ impl Flat {
     /// Adds `vector` under `id`, replacing what `id` held.
     pub fn add(&mut self, id: u64, vector: &[f32]) -> Result<()> {
         if vector.len() != self.dim {
-            return Err(Error::Dim { what: format!("vector {id}"), expected: self.dim, got: vector.len() });
+            return Err(Error::Dim {
+                what: format!("vector {id}"),
+                expected: self.dim,
+                got: vector.len(),
+            });
         }
         if let Some(&row) = self.row_of.get(&id) {
             self.data[row * self.dim..(row + 1) * self.dim].copy_from_slice(vector);
@@ -164,7 +183,8 @@ impl Flat {
         if row != last {
             let moved = self.ids[last];
             self.ids[row] = moved;
-            self.data.copy_within(last * self.dim..(last + 1) * self.dim, row * self.dim);
+            self.data
+                .copy_within(last * self.dim..(last + 1) * self.dim, row * self.dim);
             self.row_of.insert(moved, row);
         }
         self.ids.pop();
@@ -187,7 +207,11 @@ mod tests {
         for n in 0..70 {
             let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-            let naive: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+            let naive: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum();
             assert!((f64::from(dot(&a, &b)) - naive).abs() < 1e-5, "n = {n}");
         }
     }

@@ -55,7 +55,10 @@ pub struct TopK {
 
 impl TopK {
     pub fn new(k: usize) -> Self {
-        TopK { k, heap: BinaryHeap::with_capacity(k.saturating_add(1).min(1 << 16)) }
+        TopK {
+            k,
+            heap: BinaryHeap::with_capacity(k.saturating_add(1).min(1 << 16)),
+        }
     }
 
     /// Offers a hit; it is kept if fewer than k are held or it ranks before the worst held.
@@ -72,7 +75,11 @@ impl TopK {
 
     /// The score a new hit must beat to enter once the heap is full (`None` until then).
     pub fn threshold(&self) -> Option<f32> {
-        if self.heap.len() < self.k { None } else { self.heap.peek().map(|h| h.0.score) }
+        if self.heap.len() < self.k {
+            None
+        } else {
+            self.heap.peek().map(|h| h.0.score)
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -114,7 +121,10 @@ pub fn rrf(lists: &[&[Hit]], k: f32, limit: usize) -> Vec<Hit> {
     }
     let mut top = TopK::new(limit);
     for (id, score) in fused {
-        top.push(Hit { id, score: score as f32 });
+        top.push(Hit {
+            id,
+            score: score as f32,
+        });
     }
     top.into_sorted()
 }
@@ -124,7 +134,13 @@ mod tests {
     use super::*;
 
     fn hits(ids: &[u64]) -> Vec<Hit> {
-        ids.iter().enumerate().map(|(i, &id)| Hit { id, score: 100.0 - i as f32 }).collect()
+        ids.iter()
+            .enumerate()
+            .map(|(i, &id)| Hit {
+                id,
+                score: 100.0 - i as f32,
+            })
+            .collect()
     }
 
     #[test]
@@ -151,7 +167,12 @@ mod tests {
         let fused = rrf(&[&a, &b], RRF_K, 10);
         let ids: Vec<u64> = fused.iter().map(|h| h.id).collect();
         assert_eq!(ids, [10, 30, 20, 40]);
-        let want = [0.032_522_475_f32, 0.032_266_46, 0.016_129_032, 0.015_873_017];
+        let want = [
+            0.032_522_475_f32,
+            0.032_266_46,
+            0.016_129_032,
+            0.015_873_017,
+        ];
         for (h, w) in fused.iter().zip(want) {
             assert!((h.score - w).abs() < 1e-8, "{} vs {w}", h.score);
         }

@@ -46,14 +46,23 @@ impl Default for HnswParams {
     /// M = 16 and ef_construction = 200 (hnswlib's usual settings); ef_search = 64 reaches
     /// recall@10 ≥ 0.95 on the clustered 384-dim test set (tests/hnsw_recall.rs).
     fn default() -> Self {
-        HnswParams { m: 16, ef_construction: 200, ef_search: 64, seed: 0x1e7e_4a45_u64 }
+        HnswParams {
+            m: 16,
+            ef_construction: 200,
+            ef_search: 64,
+            seed: 0x1e7e_4a45_u64,
+        }
     }
 }
 
 impl HnswParams {
     fn check(&self) -> Result<()> {
         let bad = |name, value: usize, problem| {
-            Err(Error::Param { name, value: value.to_string(), problem })
+            Err(Error::Param {
+                name,
+                value: value.to_string(),
+                problem,
+            })
         };
         if !(2..=1024).contains(&self.m) {
             return bad("m", self.m, "must be in 2..=1024");
@@ -146,7 +155,11 @@ impl Hnsw {
     pub fn new(dim: usize, params: HnswParams) -> Result<Hnsw> {
         params.check()?;
         if dim == 0 {
-            return Err(Error::Param { name: "dim", value: "0".into(), problem: "must be >= 1" });
+            return Err(Error::Param {
+                name: "dim",
+                value: "0".into(),
+                problem: "must be >= 1",
+            });
         }
         Ok(Hnsw {
             dim,
@@ -207,7 +220,9 @@ impl Hnsw {
     }
 
     pub fn contains(&self, id: u64) -> bool {
-        self.node_of.get(&id).is_some_and(|&n| !self.deleted[n as usize])
+        self.node_of
+            .get(&id)
+            .is_some_and(|&n| !self.deleted[n as usize])
     }
 
     fn vector(&self, node: u32) -> &[f32] {
@@ -220,7 +235,11 @@ impl Hnsw {
     }
 
     fn max_links(&self, layer: usize) -> usize {
-        if layer == 0 { 2 * self.params.m } else { self.params.m }
+        if layer == 0 {
+            2 * self.params.m
+        } else {
+            self.params.m
+        }
     }
 
     fn top_level(&self) -> usize {
@@ -231,7 +250,11 @@ impl Hnsw {
     /// the new vector becomes a new node.
     pub fn insert(&mut self, id: u64, vector: &[f32]) -> Result<()> {
         if vector.len() != self.dim {
-            return Err(Error::Dim { what: format!("vector {id}"), expected: self.dim, got: vector.len() });
+            return Err(Error::Dim {
+                what: format!("vector {id}"),
+                expected: self.dim,
+                got: vector.len(),
+            });
         }
         if self.ids.len() >= u32::MAX as usize {
             return Err(Error::Param {
@@ -386,7 +409,11 @@ impl Hnsw {
     /// [`Hnsw::search`] with an explicit beam width.
     pub fn search_ef(&self, query: &[f32], k: usize, ef: usize) -> Result<Vec<Hit>> {
         if query.len() != self.dim {
-            return Err(Error::Dim { what: "query vector".into(), expected: self.dim, got: query.len() });
+            return Err(Error::Dim {
+                what: "query vector".into(),
+                expected: self.dim,
+                got: query.len(),
+            });
         }
         let Some(mut ep) = self.entry else {
             return Ok(Vec::new());
@@ -397,11 +424,13 @@ impl Hnsw {
         for layer in (1..=self.top_level()).rev() {
             ep = self.greedy(query, ep, layer);
         }
-        let found =
-            self.search_layer(query, &[(self.dist(query, ep), ep)], ef.max(k), 0, true);
+        let found = self.search_layer(query, &[(self.dist(query, ep), ep)], ef.max(k), 0, true);
         let mut top = TopK::new(k);
         for (d, n) in found {
-            top.push(Hit { id: self.ids[n as usize], score: 1.0 - d });
+            top.push(Hit {
+                id: self.ids[n as usize],
+                score: 1.0 - d,
+            });
         }
         Ok(top.into_sorted())
     }
@@ -426,7 +455,12 @@ impl Hnsw {
     pub fn save(&self, path: &Path, generation: u64) -> Result<()> {
         let mut w = Enc::default();
         w.buf.reserve(self.vectors.len() * 4 + self.ids.len() * 64);
-        for v in [self.dim, self.params.m, self.params.ef_construction, self.params.ef_search] {
+        for v in [
+            self.dim,
+            self.params.m,
+            self.params.ef_construction,
+            self.params.ef_search,
+        ] {
             w.var(v as u64);
         }
         w.u64(self.params.seed);
@@ -459,7 +493,12 @@ impl Hnsw {
         let ef_construction = r.var("ef_construction")? as usize;
         let ef_search = r.var("ef_search")? as usize;
         let seed = r.u64("seed")?;
-        let params = HnswParams { m, ef_construction, ef_search, seed };
+        let params = HnswParams {
+            m,
+            ef_construction,
+            ef_search,
+            seed,
+        };
         let mut g = Hnsw::new(dim, params).map_err(|e| r.corrupt(e.to_string()))?;
         g.rng = SplitMix64(r.u64("generator state")?);
         let n = r.count("node count", 11 + 4 * dim)?;
@@ -543,7 +582,10 @@ pub fn clustered_unit_vectors(
     let mut out = Vec::with_capacity(n * dim);
     for _ in 0..n {
         let c = &centres[(rng.next_u64() % centres.len() as u64) as usize];
-        let v: Vec<f64> = c.iter().map(|x| x + noise * scale * rng.next_normal()).collect();
+        let v: Vec<f64> = c
+            .iter()
+            .map(|x| x + noise * scale * rng.next_normal())
+            .collect();
         let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
         out.extend(v.iter().map(|x| (x / norm) as f32));
     }
@@ -570,7 +612,10 @@ mod tests {
             let want = exact::search(&data, 16, &ids, q, 10).expect("exact");
             let got = g.search(q, 10).expect("hnsw");
             assert_eq!(got.len(), 10);
-            hit += got.iter().filter(|h| want.iter().any(|w| w.id == h.id)).count();
+            hit += got
+                .iter()
+                .filter(|h| want.iter().any(|w| w.id == h.id))
+                .count();
             // Scores are true dot products.
             for h in &got {
                 let row = (h.id - 1000) as usize;
@@ -628,16 +673,37 @@ mod tests {
         bytes[len / 2] ^= 1;
         std::fs::write(&path, &bytes).expect("write");
         let err = Hnsw::load(&path).expect_err("corrupt").to_string();
-        assert!(err.contains("vectors.hnsw") && err.contains("checksum"), "{err}");
+        assert!(
+            err.contains("vectors.hnsw") && err.contains("checksum"),
+            "{err}"
+        );
         std::fs::write(&path, &bytes[..40]).expect("write");
-        assert!(Hnsw::load(&path).expect_err("truncated").to_string().contains("truncated"));
+        assert!(
+            Hnsw::load(&path)
+                .expect_err("truncated")
+                .to_string()
+                .contains("truncated")
+        );
     }
 
     #[test]
     fn empty_graph_and_bad_params() {
         let g = Hnsw::new(4, HnswParams::default()).expect("new");
-        assert!(g.search(&[1.0, 0.0, 0.0, 0.0], 3).expect("search").is_empty());
-        assert!(Hnsw::new(4, HnswParams { m: 1, ..HnswParams::default() }).is_err());
+        assert!(
+            g.search(&[1.0, 0.0, 0.0, 0.0], 3)
+                .expect("search")
+                .is_empty()
+        );
+        assert!(
+            Hnsw::new(
+                4,
+                HnswParams {
+                    m: 1,
+                    ..HnswParams::default()
+                }
+            )
+            .is_err()
+        );
         assert!(Hnsw::new(0, HnswParams::default()).is_err());
     }
 }

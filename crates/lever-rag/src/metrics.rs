@@ -66,7 +66,12 @@ pub fn ndcg_at(judged: &BTreeMap<String, i32>, ranked: &[(String, f64)], k: usiz
         .sum();
     let mut ideal: Vec<i32> = judged.values().copied().filter(|&r| r > 0).collect();
     ideal.sort_unstable_by(|a, b| b.cmp(a));
-    let idcg: f64 = ideal.iter().take(k).enumerate().map(|(i, &r)| gain(r) / discount(i)).sum();
+    let idcg: f64 = ideal
+        .iter()
+        .take(k)
+        .enumerate()
+        .map(|(i, &r)| gain(r) / discount(i))
+        .sum();
     if idcg > 0.0 { dcg / idcg } else { 0.0 }
 }
 
@@ -76,8 +81,11 @@ pub fn recall_at(judged: &BTreeMap<String, i32>, ranked: &[(String, f64)], k: us
     if relevant == 0 {
         return 0.0;
     }
-    let found =
-        ranked.iter().take(k).filter(|(doc, _)| judged.get(doc).is_some_and(|&r| r >= 1)).count();
+    let found = ranked
+        .iter()
+        .take(k)
+        .filter(|(doc, _)| judged.get(doc).is_some_and(|&r| r >= 1))
+        .count();
     found as f64 / relevant as f64
 }
 
@@ -149,7 +157,10 @@ mod tests {
         let j = judged(&[("a", 1), ("b", 2), ("c", 0)]);
         let run = hits(&[("a", 1.0), ("b", 1.0), ("z", 2.0)]);
         let ranked = trec_order(&run);
-        assert_eq!(ranked.iter().map(|h| h.0.as_str()).collect::<Vec<_>>(), ["z", "b", "a"]);
+        assert_eq!(
+            ranked.iter().map(|h| h.0.as_str()).collect::<Vec<_>>(),
+            ["z", "b", "a"]
+        );
         // DCG = 2/log2(3) + 1/log2(4); IDCG = 2 + 1/log2(3).
         let want = (2.0 / 3f64.log2() + 0.5) / (2.0 + 1.0 / 3f64.log2());
         assert!((ndcg_at(&j, &ranked, 10) - want).abs() < 1e-15);

@@ -28,7 +28,13 @@ fn hnsw_recall_at_10_vs_exact() {
     let t = Instant::now();
     let truth: Vec<Vec<u64>> = queries
         .chunks_exact(DIM)
-        .map(|q| exact::search(data, DIM, &ids, q, K).expect("exact").iter().map(|h| h.id).collect())
+        .map(|q| {
+            exact::search(data, DIM, &ids, q, K)
+                .expect("exact")
+                .iter()
+                .map(|h| h.id)
+                .collect()
+        })
         .collect();
     let exact_s = t.elapsed().as_secs_f64() / QUERIES as f64;
 
@@ -41,7 +47,14 @@ fn hnsw_recall_at_10_vs_exact() {
         let t = Instant::now();
         let results: Vec<Vec<u64>> = queries
             .chunks_exact(DIM)
-            .map(|q| graph.search(q, K).expect("search").iter().map(|h| h.id).collect())
+            .map(|q| {
+                graph
+                    .search(q, K)
+                    .expect("search")
+                    .iter()
+                    .map(|h| h.id)
+                    .collect()
+            })
             .collect();
         let hnsw_s = t.elapsed().as_secs_f64() / QUERIES as f64;
         let found: usize = results
@@ -59,5 +72,8 @@ fn hnsw_recall_at_10_vs_exact() {
             default_recall = recall;
         }
     }
-    assert!(default_recall >= 0.95, "recall@10 at default ef_search {default_ef}: {default_recall}");
+    assert!(
+        default_recall >= 0.95,
+        "recall@10 at default ef_search {default_ef}: {default_recall}"
+    );
 }
