@@ -118,7 +118,20 @@ fn main() -> anyhow::Result<()> {
             name: "porter+stop k1=1.2 b=0.75",
             analyzer: porter,
             porter2: false,
-            params: Bm25Params { k1: 1.2, b: 0.75 },
+            params: Bm25Params {
+                k1: 1.2,
+                b: 0.75,
+                ..default
+            },
+        },
+        Variant {
+            name: "porter+stop, Lucene's 1-byte lengths",
+            analyzer: porter,
+            porter2: false,
+            params: Bm25Params {
+                lucene_norms: true,
+                ..default
+            },
         },
     ];
     println!(

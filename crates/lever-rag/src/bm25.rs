@@ -35,12 +35,19 @@ pub struct Bm25Params {
     pub k1: f32,
     /// Document-length normalization, 0 (none) to 1 (full).
     pub b: f32,
+    /// Use |d| as Lucene stores it, rounded to 4 significant bits above 24 terms
+    /// ([`lucene_length`]), instead of the exact length.
+    pub lucene_norms: bool,
 }
 
 impl Default for Bm25Params {
     /// Anserini's BEIR regressions: k1 = 0.9, b = 0.4.
     fn default() -> Self {
-        Bm25Params { k1: 0.9, b: 0.4 }
+        Bm25Params {
+            k1: 0.9,
+            b: 0.4,
+            lucene_norms: false,
+        }
     }
 }
 
@@ -273,6 +280,15 @@ impl Bm25 {
         (1.0 + (n - df + 0.5) / (df + 0.5)).ln()
     }
 
+    /// |d| as the score sees it.
+    fn doc_len(&self, len: u32) -> f32 {
+        if self.params.lucene_norms {
+            lucene_length(len) as f32
+        } else {
+            len as f32
+        }
+    }
+
     fn avgdl(&self) -> f32 {
         if self.n_scored == 0 {
             1.0
@@ -322,7 +338,7 @@ impl Bm25 {
                     continue;
                 };
                 let tf = p.tf as f32;
-                let norm = k1 * (1.0 - b + b * doc.len as f32 / avgdl);
+                let norm = k1 * (1.0 - b + b * self.doc_len(doc.len) / avgdl);
                 let slot = p.slot as usize;
                 if acc[slot] == 0.0 {
                     touched.push(p.slot);
@@ -354,7 +370,8 @@ impl Bm25 {
                 continue;
             };
             let df = self.postings[t as usize].len();
-            score += qtf * self.idf(df) * tf / (tf + k1 * (1.0 - b + b * doc.len as f32 / avgdl));
+            score +=
+                qtf * self.idf(df) * tf / (tf + k1 * (1.0 - b + b * self.doc_len(doc.len) / avgdl));
         }
         Some(score)
     }
@@ -362,7 +379,7 @@ impl Bm25 {
     /// Writes the index to `path` atomically (temp file, fsync, rename), tagged with
     /// `generation` (the store's counter, read back by [`Bm25::load`] and [`read_generation`]).
     ///
-    /// Payload: analyzer code u8, k1 f32, b f32, doc count, then (id u64, length) per live
+    /// Payload: analyzer code u8, k1 f32, b f32, lucene_norms u8, doc count, then (id u64, length) per live
     /// document in slot order, term count, then per term its text and its postings as
     /// (slot delta, tf) varints.
     pub fn save(&self, path: &Path, generation: u64) -> Result<()> {
@@ -371,6 +388,7 @@ impl Bm25 {
         w.u8(self.analyzer.code());
         w.f32(self.params.k1);
         w.f32(self.params.b);
+        w.u8(u8::from(self.params.lucene_norms));
         w.var(self.slot_of.len() as u64);
         let mut n = 0u32;
         for (slot, doc) in self.docs.iter().enumerate() {
@@ -407,9 +425,17 @@ impl Bm25 {
         let code = r.u8("analyzer")?;
         let analyzer = Analyzer::from_code(code)
             .ok_or_else(|| r.corrupt(format!("unknown analyzer code {code}")))?;
+        let k1 = r.f32("k1")?;
+        let b = r.f32("b")?;
+        let lucene_norms = match r.u8("lucene_norms")? {
+            0 => false,
+            1 => true,
+            x => return Err(r.corrupt(format!("lucene_norms flag {x}"))),
+        };
         let params = Bm25Params {
-            k1: r.f32("k1")?,
-            b: r.f32("b")?,
+            k1,
+            b,
+            lucene_norms,
         };
         params.check().map_err(|e| r.corrupt(e.to_string()))?;
         let mut index = Bm25::new(params, analyzer)?;
@@ -461,6 +487,24 @@ impl Bm25 {
         r.finish()?;
         Ok((index, generation))
     }
+}
+
+/// A document length as Lucene's norms keep it: `SmallFloat.byte4ToInt(SmallFloat.intToByte4(len))`
+/// (Lucene 7+, `org.apache.lucene.util.SmallFloat`). Lengths below 24 are exact; above, the
+/// length minus 24 keeps its 4 most significant bits (rounded down), e.g. 200..=215 → 200.
+pub fn lucene_length(len: u32) -> u32 {
+    // 255 − longToInt4(i32::MAX) = 255 − 231 = 24 byte values encode small lengths directly.
+    const FREE: u32 = 24;
+    if len < FREE {
+        return len;
+    }
+    let i = len - FREE;
+    let bits = 32 - i.leading_zeros();
+    if bits < 4 {
+        return len; // "subnormal": exact
+    }
+    let shift = bits - 4;
+    ((i >> shift) << shift) + FREE
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -847,8 +891,61 @@ mod tests {
     }
 
     #[test]
+    fn lucene_lengths_match_smallfloat() {
+        // Hand-worked SmallFloat values: 176 = 0b1011_0000 keeps 1011 << 4.
+        let cases = [
+            (0, 0),
+            (23, 23),
+            (24, 24),
+            (31, 31),
+            (32, 32),
+            (39, 39),
+            (40, 40),
+            (41, 40),
+            (200, 200),
+            (215, 200),
+            (216, 216),
+            (1000, 984),
+            (1_000_000, 983_064),
+        ];
+        for (len, want) in cases {
+            assert_eq!(lucene_length(len), want, "length {len}");
+        }
+        let exact = index();
+        let lucene = Bm25::build(
+            corpus(),
+            Bm25Params {
+                lucene_norms: true,
+                ..Bm25Params::default()
+            },
+            Analyzer::default(),
+        )
+        .expect("valid");
+        // All these docs are shorter than 24 terms: identical scores.
+        assert_eq!(exact.search("lazy fox", 10), lucene.search("lazy fox", 10));
+    }
+
+    #[test]
     fn rejects_bad_params() {
-        assert!(Bm25::new(Bm25Params { k1: -1.0, b: 0.4 }, Analyzer::default()).is_err());
-        assert!(Bm25::new(Bm25Params { k1: 0.9, b: 1.5 }, Analyzer::default()).is_err());
+        assert!(
+            Bm25::new(
+                Bm25Params {
+                    k1: -1.0,
+                    ..Bm25Params::default()
+                },
+                Analyzer::default()
+            )
+            .is_err()
+        );
+        assert!(
+            Bm25::new(
+                Bm25Params {
+                    b: 1.5,
+                    ..Bm25Params::default()
+                },
+                Analyzer::default()
+            )
+            .is_err()
+        );
     }
 }
