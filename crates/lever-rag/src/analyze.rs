@@ -4,8 +4,10 @@
 //!
 //! 1. word tokenization after Unicode UAX #29 word boundaries, as Lucene's `StandardTokenizer`
 //!    does it: runs of letters and digits; `don't`, `U.S.A`, `3.14` and `1,000` stay one token;
-//!    ideographs and kana are one token each; a token longer than 255 characters is cut into
-//!    255-character pieces (Lucene's `maxTokenLength`);
+//!    combining marks and soft hyphens stay in the token they follow; superscript digits are
+//!    not digits (`m²` → `m`); ideographs, kana and emoji/pictographs (`©`, `™`) are one token
+//!    each; a token longer than 255 characters is cut into 255-character pieces (Lucene's
+//!    `maxTokenLength`);
 //! 2. possessive removal (`EnglishPossessiveFilter`: a trailing `'s`/`’s` goes);
 //! 3. lowercasing;
 //! 4. Lucene's English stopword list (`EnglishAnalyzer.ENGLISH_STOP_WORDS_SET`, 33 words);
@@ -13,8 +15,10 @@
 //!    with the two departures of Porter's own reference implementations that Lucene's
 //!    `PorterStemmer` carries: `-bli → -ble` (instead of `-abli → -able`) and `-logi → -log`.
 //!
-//! The tokenizer is a simplification of UAX #29 (no Katakana/Hebrew special rules, letters and
-//! digits taken from Rust's `char` properties); on English text it gives Lucene's tokens.
+//! The tokenizer is a simplification of UAX #29 (no Katakana/Hebrew/regional-indicator rules,
+//! no emoji ZWJ sequences; letters and digits from Rust's `char` properties). On SciFact's
+//! 5,183 abstracts and 1,109 claims it gives Lucene 8's `EnglishAnalyzer` tokens on every text
+//! (scripts/lucene-bm25-reference.sh compares them).
 
 /// Lucene's `EnglishAnalyzer.ENGLISH_STOP_WORDS_SET`.
 pub const ENGLISH_STOPWORDS: [&str; 33] = [
@@ -133,6 +137,12 @@ enum Class {
     MidNumLet,
     /// A Han ideograph or kana: a token by itself (Lucene's `<IDEOGRAPHIC>`, `<HIRAGANA>`).
     Ideograph,
+    /// An emoji or pictographic symbol (©, ®, ™, ↔, 😀...): a token by itself (Lucene's
+    /// `<EMOJI>`).
+    Emoji,
+    /// Combining marks, format characters (soft hyphen, joiners), variation selectors and emoji
+    /// modifiers: part of the token they follow (WB4), never the start of one.
+    Extend,
     Other,
 }
 
@@ -152,10 +162,149 @@ fn class(c: char) -> Class {
         | '\u{4E00}'..='\u{9FFF}'
         | '\u{F900}'..='\u{FAFF}'
         | '\u{20000}'..='\u{2FA1F}' => Class::Ideograph,
+        '\u{00AD}'
+        | '\u{0300}'..='\u{036F}'
+        | '\u{1AB0}'..='\u{1AFF}'
+        | '\u{1DC0}'..='\u{1DFF}'
+        | '\u{200C}'..='\u{200F}'
+        | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}'
+        | '\u{20D0}'..='\u{20FF}'
+        | '\u{FE00}'..='\u{FE0F}'
+        | '\u{FE20}'..='\u{FE2F}'
+        | '\u{FEFF}'
+        | '\u{1F3FB}'..='\u{1F3FF}'
+        | '\u{E0020}'..='\u{E007F}' => Class::Extend,
+        c if is_pictographic(c) => Class::Emoji,
+        // Digits that UAX #29 does not count as Numeric (General_Category No): superscripts,
+        // subscripts, vulgar fractions, enclosed numbers. `m²` is the token `m`.
+        '\u{00B2}'
+        | '\u{00B3}'
+        | '\u{00B9}'
+        | '\u{00BC}'..='\u{00BE}'
+        | '\u{2070}'
+        | '\u{2074}'..='\u{2079}'
+        | '\u{2080}'..='\u{2089}'
+        | '\u{2150}'..='\u{215F}'
+        | '\u{2189}'
+        | '\u{2460}'..='\u{24B5}'
+        | '\u{24EA}'..='\u{24FF}'
+        | '\u{2776}'..='\u{2793}' => Class::Other,
         c if c.is_numeric() => Class::Numeric,
         c if c.is_alphabetic() => Class::Letter,
         _ => Class::Other,
     }
+}
+
+/// Emoji and pictographic symbols, after Unicode's emoji-data.txt `Emoji` property, whose
+/// characters Lucene's StandardTokenizer emits as `<EMOJI>` tokens (keycap digits and `#`/`*`
+/// stay ordinary characters). Exact for U+2600..U+27BF (the dingbats English text uses:
+/// `☀` is an emoji, `☆` is not); the supplementary-plane blocks are taken whole.
+fn is_pictographic(c: char) -> bool {
+    matches!(c,
+        '\u{00A9}' | '\u{00AE}' | '\u{203C}' | '\u{2049}' | '\u{2122}' | '\u{2139}'
+        | '\u{2194}'..='\u{2199}'
+        | '\u{21A9}'..='\u{21AA}'
+        | '\u{231A}'..='\u{231B}'
+        | '\u{2328}' | '\u{2388}' | '\u{23CF}'
+        | '\u{23E9}'..='\u{23F3}'
+        | '\u{23F8}'..='\u{23FA}'
+        | '\u{24C2}'
+        | '\u{25AA}'..='\u{25AB}'
+        | '\u{25B6}' | '\u{25C0}'
+        | '\u{25FB}'..='\u{25FE}'
+        | '\u{2600}'..='\u{2604}'
+        | '\u{260E}'
+        | '\u{2611}'
+        | '\u{2614}'..='\u{2615}'
+        | '\u{2618}'
+        | '\u{261D}'
+        | '\u{2620}'
+        | '\u{2622}'..='\u{2623}'
+        | '\u{2626}'
+        | '\u{262A}'
+        | '\u{262E}'..='\u{262F}'
+        | '\u{2638}'..='\u{263A}'
+        | '\u{2640}'
+        | '\u{2642}'
+        | '\u{2648}'..='\u{2653}'
+        | '\u{265F}'..='\u{2660}'
+        | '\u{2663}'
+        | '\u{2665}'..='\u{2666}'
+        | '\u{2668}'
+        | '\u{267B}'
+        | '\u{267E}'..='\u{267F}'
+        | '\u{2692}'..='\u{2697}'
+        | '\u{2699}'
+        | '\u{269B}'..='\u{269C}'
+        | '\u{26A0}'..='\u{26A1}'
+        | '\u{26A7}'
+        | '\u{26AA}'..='\u{26AB}'
+        | '\u{26B0}'..='\u{26B1}'
+        | '\u{26BD}'..='\u{26BE}'
+        | '\u{26C4}'..='\u{26C5}'
+        | '\u{26C8}'
+        | '\u{26CE}'..='\u{26CF}'
+        | '\u{26D1}'
+        | '\u{26D3}'..='\u{26D4}'
+        | '\u{26E9}'..='\u{26EA}'
+        | '\u{26F0}'..='\u{26F5}'
+        | '\u{26F7}'..='\u{26FA}'
+        | '\u{26FD}'
+        | '\u{2702}'
+        | '\u{2705}'
+        | '\u{2708}'..='\u{270D}'
+        | '\u{270F}'
+        | '\u{2712}'
+        | '\u{2714}'
+        | '\u{2716}'
+        | '\u{271D}'
+        | '\u{2721}'
+        | '\u{2728}'
+        | '\u{2733}'..='\u{2734}'
+        | '\u{2744}'
+        | '\u{2747}'
+        | '\u{274C}'
+        | '\u{274E}'
+        | '\u{2753}'..='\u{2755}'
+        | '\u{2757}'
+        | '\u{2763}'..='\u{2764}'
+        | '\u{2795}'..='\u{2797}'
+        | '\u{27A1}'
+        | '\u{27B0}'
+        | '\u{27BF}'
+        | '\u{2934}'..='\u{2935}'
+        | '\u{2B05}'..='\u{2B07}'
+        | '\u{2B1B}'..='\u{2B1C}'
+        | '\u{2B50}' | '\u{2B55}' | '\u{3030}' | '\u{303D}' | '\u{3297}' | '\u{3299}'
+        | '\u{1F000}'..='\u{1F0FF}'
+        | '\u{1F10D}'..='\u{1F10F}'
+        | '\u{1F12F}'
+        | '\u{1F16C}'..='\u{1F171}'
+        | '\u{1F17E}'..='\u{1F17F}'
+        | '\u{1F18E}'
+        | '\u{1F191}'..='\u{1F19A}'
+        | '\u{1F1AD}'..='\u{1F1FF}'
+        | '\u{1F201}'..='\u{1F20F}'
+        | '\u{1F21A}' | '\u{1F22F}'
+        | '\u{1F232}'..='\u{1F23A}'
+        | '\u{1F23C}'..='\u{1F23F}'
+        | '\u{1F249}'..='\u{1F3FA}'
+        | '\u{1F400}'..='\u{1F53D}'
+        | '\u{1F546}'..='\u{1F64F}'
+        | '\u{1F680}'..='\u{1F6FF}'
+        | '\u{1F774}'..='\u{1F77F}'
+        | '\u{1F7D5}'..='\u{1F7FF}'
+        | '\u{1F80C}'..='\u{1F80F}'
+        | '\u{1F848}'..='\u{1F84F}'
+        | '\u{1F85A}'..='\u{1F85F}'
+        | '\u{1F888}'..='\u{1F88F}'
+        | '\u{1F8AE}'..='\u{1F8FF}'
+        | '\u{1F90C}'..='\u{1F93A}'
+        | '\u{1F93C}'..='\u{1F945}'
+        | '\u{1F947}'..='\u{1FAFF}'
+        | '\u{1FC00}'..='\u{1FFFD}'
+    )
 }
 
 /// Whether a middle character of class `mid` joins `left` and `right` (UAX #29 WB6/7, WB11/12).
@@ -182,10 +331,18 @@ pub fn tokenize(text: &str) -> Vec<&str> {
     let mut tokens = Vec::new();
     let mut i = 0;
     while i < chars.len() {
-        let (start, c0, k0) = chars[i];
-        if k0 == Class::Ideograph {
-            push_token(&mut tokens, &text[start..start + c0.len_utf8()]);
-            i += 1;
+        let (start, _, k0) = chars[i];
+        if matches!(k0, Class::Ideograph | Class::Emoji) {
+            // One character, with the marks and modifiers that follow it.
+            let mut j = i + 1;
+            while j < chars.len() && chars[j].2 == Class::Extend {
+                j += 1;
+            }
+            push_token(
+                &mut tokens,
+                &text[start..chars.get(j).map_or(text.len(), |c| c.0)],
+            );
+            i = j;
             continue;
         }
         if !wordlike(k0) {
@@ -200,6 +357,8 @@ pub fn tokenize(text: &str) -> Vec<&str> {
             let k = chars[j].2;
             if wordlike(k) {
                 last = k;
+                j += 1;
+            } else if k == Class::Extend {
                 j += 1;
             } else if j + 1 < chars.len() && mid_joins(last, k, chars[j + 1].2) {
                 last = chars[j + 1].2;
@@ -582,7 +741,7 @@ mod tests {
     #[test]
     fn tokenizer_follows_word_boundaries() {
         let text = "Don't split U.S.A, 3.14 or 1,000; but split a-b, (x) and end. Über_alles x:y \
-                    日本語 ___";
+                    日本語 ___ km² H₂O ¼20 ©2020 shrink\u{ad} 😀\u{fe0f}x";
         assert_eq!(
             tokenize(text),
             [
@@ -603,7 +762,16 @@ mod tests {
                 "x:y",
                 "日",
                 "本",
-                "語"
+                "語",
+                "km",
+                "H",
+                "O",
+                "20",
+                "©",
+                "2020",
+                "shrink\u{ad}",
+                "😀\u{fe0f}",
+                "x"
             ]
         );
         assert!(tokenize("").is_empty());

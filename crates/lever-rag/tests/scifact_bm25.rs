@@ -1,8 +1,11 @@
-//! BM25 (Anserini's BEIR settings: Porter, Lucene stopwords, k1 = 0.9, b = 0.4) on SciFact's
+//! BM25 (Anserini's BEIR settings: Porter, Lucene stopwords, k1 = 0.9, b = 0.4, Lucene's
+//! 1-byte document lengths) on SciFact's
 //! train split from ../shared/data/scifact: index title + " " + text, retrieve the top 100 for
 //! every judged query, evaluate as BEIR does. Published BM25 on SciFact *test*: nDCG@10 0.665
 //! (BEIR paper, Elasticsearch) to 0.679 (Anserini flat); train is drawn from the same
-//! distribution. `cargo run --release -p lever-rag --example scifact_bm25` prints ablations.
+//! distribution. Lucene 8.7 itself, on the same split, gives nDCG@10 0.6974, recall@100 0.9289,
+//! MRR@10 0.6666 with identical top-10 lists (scripts/lucene-bm25-reference.sh).
+//! `cargo run --release -p lever-rag --example scifact_bm25` prints ablations.
 
 use std::path::PathBuf;
 
@@ -44,7 +47,7 @@ fn bm25_on_scifact_train() {
     let ev = evaluate(&data.qrels, &run, true);
     let m = ev.mean;
     println!(
-        "SciFact train, {} queries, BM25 k1=0.9 b=0.4 porter+stop: nDCG@10 {:.4}, recall@100 {:.4}, MRR@10 {:.4}",
+        "SciFact train, {} queries, BM25 k1=0.9 b=0.4 porter+stop (Lucene 8.7: 0.6974 / 0.9289 / 0.6666): nDCG@10 {:.4}, recall@100 {:.4}, MRR@10 {:.4}",
         ev.queries(),
         m.ndcg_10,
         m.recall_100,
