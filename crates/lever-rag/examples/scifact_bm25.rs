@@ -45,7 +45,7 @@ fn run_variant(v: &Variant, data: &Beir) -> anyhow::Result<(Bm25, Run, f64)> {
     let t = Instant::now();
     let mut index = Bm25::new(v.params, v.analyzer)?;
     for (i, doc) in data.corpus.iter().enumerate() {
-        index.add_terms(i as u64, &tokens(v, &stemmer, &doc.contents()));
+        index.add_terms(i as u64, &tokens(v, &stemmer, &doc.contents()))?;
     }
     let mut run = Run::new();
     for q in &data.queries {

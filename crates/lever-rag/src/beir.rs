@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::metrics::Qrels;
+use crate::fuse::Hit;
+use crate::metrics::{Evaluation, Qrels, Run, evaluate};
 use crate::{Error, Result};
 
 /// A corpus document.
@@ -53,6 +54,31 @@ pub struct Beir {
     pub corpus: Vec<Doc>,
     pub queries: Vec<Query>,
     pub qrels: Qrels,
+}
+
+impl Beir {
+    /// Runs `search` for every judged query and evaluates its hits as BEIR does (identical ids
+    /// ignored). Hit ids are positions in `self.corpus`. Returns the run (BEIR doc ids) too.
+    pub fn evaluate(
+        &self,
+        mut search: impl FnMut(&Query) -> Result<Vec<Hit>>,
+    ) -> Result<(Run, Evaluation)> {
+        let mut run = Run::new();
+        for q in &self.queries {
+            let mut list = Vec::new();
+            for h in search(q)? {
+                let doc = self.corpus.get(h.id as usize).ok_or_else(|| Error::Param {
+                    name: "hit id",
+                    value: h.id.to_string(),
+                    problem: "not a position in the corpus",
+                })?;
+                list.push((doc.id.clone(), f64::from(h.score)));
+            }
+            run.insert(q.id.clone(), list);
+        }
+        let evaluation = evaluate(&self.qrels, &run, true);
+        Ok((run, evaluation))
+    }
 }
 
 /// Loads `dir` for `split` (e.g. "test", "train", "dev").
@@ -330,6 +356,16 @@ mod tests {
         assert_eq!(b.qrels["q1"]["d1"], 2);
         assert_eq!(b.qrels["q1"]["2"], 0);
         assert!(load(dir, "dev").is_err());
+        // Evaluate a retriever that returns corpus position 0 (d1, grade 2) then 1.
+        let two = |_: &Query| Ok(vec![Hit { id: 0, score: 2.0 }, Hit { id: 1, score: 1.0 }]);
+        let (run, ev) = b.evaluate(two).expect("evaluate");
+        assert_eq!(run["q1"][0], ("d1".to_string(), 2.0));
+        assert_eq!(
+            (ev.mean.ndcg_10, ev.mean.recall_100, ev.mean.mrr_10),
+            (1.0, 1.0, 1.0)
+        );
+        let bad = |_: &Query| Ok(vec![Hit { id: 9, score: 1.0 }]);
+        assert!(b.evaluate(bad).is_err());
     }
 
     #[test]

@@ -132,7 +132,7 @@ impl Bm25 {
     ) -> Result<Bm25> {
         let mut index = Bm25::new(params, analyzer)?;
         for (id, text) in docs {
-            index.add(id, text);
+            index.add(id, text)?;
         }
         Ok(index)
     }
@@ -159,14 +159,31 @@ impl Bm25 {
     }
 
     /// Indexes `text` under `id`, replacing what `id` held before.
-    pub fn add(&mut self, id: u64, text: &str) {
+    pub fn add(&mut self, id: u64, text: &str) -> Result<()> {
         let tokens = self.analyzer.analyze(text);
-        self.add_terms(id, &tokens);
+        self.add_terms(id, &tokens)
     }
 
-    /// Indexes already-analyzed terms under `id`, replacing what `id` held before.
-    pub fn add_terms(&mut self, id: u64, tokens: &[String]) {
+    /// Indexes already-analyzed terms under `id`, replacing what `id` held before. Fails only
+    /// past 2^32 − 1 documents, distinct terms or terms in one document (slots are u32).
+    pub fn add_terms(&mut self, id: u64, tokens: &[String]) -> Result<()> {
+        let too_many = |name, value: usize| Error::Param {
+            name,
+            value: value.to_string(),
+            problem: "a BM25 index counts documents, terms and lengths in u32",
+        };
+        let len =
+            u32::try_from(tokens.len()).map_err(|_| too_many("document length", tokens.len()))?;
         self.remove(id);
+        if self.docs.len() >= u32::MAX as usize {
+            self.compact();
+            if self.docs.len() >= u32::MAX as usize {
+                return Err(too_many("documents", self.docs.len()));
+            }
+        }
+        if self.terms.len() + tokens.len() >= u32::MAX as usize {
+            return Err(too_many("terms", self.terms.len()));
+        }
         let mut counts: HashMap<u32, u32> = HashMap::new();
         for token in tokens {
             let term = match self.term_ids.get(token.as_str()) {
@@ -190,16 +207,13 @@ impl Bm25 {
         for p in &terms {
             self.postings[p.slot as usize].push(Posting { slot, tf: p.tf });
         }
-        let len = tokens.len() as u32;
         if len > 0 {
             self.n_scored += 1;
             self.total_len += u64::from(len);
         }
         self.docs.push(Some(Doc { id, len, terms }));
         self.slot_of.insert(id, slot);
-        if self.docs.len() as u64 >= u64::from(u32::MAX) {
-            self.compact();
-        }
+        Ok(())
     }
 
     /// Removes `id`; returns whether it was there.
@@ -419,6 +433,11 @@ impl Bm25 {
             }
         }
         write_index_file(path, BM25_MAGIC, BM25_VERSION, generation, &w.buf)
+    }
+
+    /// The generation tag of a saved index, from its header alone (cheap staleness check).
+    pub fn read_generation(path: &Path) -> Result<u64> {
+        read_generation(path, BM25_MAGIC, BM25_VERSION)
     }
 
     /// Reads an index written by [`Bm25::save`]; returns it with its generation tag.
@@ -828,8 +847,8 @@ mod tests {
         let mut idx = index();
         assert!(idx.remove(3));
         assert!(!idx.remove(3));
-        idx.add(2, "a slow brown dog"); // replaces
-        idx.add(6, "brown foxes");
+        idx.add(2, "a slow brown dog").expect("add"); // replaces
+        idx.add(6, "brown foxes").expect("add");
         let fresh = Bm25::build(
             [
                 (1, corpus()[0].1),

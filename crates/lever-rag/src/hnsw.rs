@@ -484,6 +484,11 @@ impl Hnsw {
         write_index_file(path, HNSW_MAGIC, HNSW_VERSION, generation, &w.buf)
     }
 
+    /// The generation tag of a saved graph, from its header alone (cheap staleness check).
+    pub fn read_generation(path: &Path) -> Result<u64> {
+        crate::bm25::read_generation(path, HNSW_MAGIC, HNSW_VERSION)
+    }
+
     /// Reads a graph written by [`Hnsw::save`]; returns it with its generation tag.
     pub fn load(path: &Path) -> Result<(Hnsw, u64)> {
         let (generation, payload) = read_index_file(path, HNSW_MAGIC, HNSW_VERSION)?;
@@ -658,6 +663,13 @@ mod tests {
         a.save(&path, 7).expect("save");
         let (mut back, generation) = Hnsw::load(&path).expect("load");
         assert_eq!(generation, 7);
+        assert_eq!(Hnsw::read_generation(&path).expect("header"), 7);
+        assert!(
+            crate::bm25::Bm25::load(&path)
+                .expect_err("wrong kind")
+                .to_string()
+                .contains("not a")
+        );
         assert_eq!(back.links, a.links);
         assert_eq!(back.len(), a.len());
         let q = &data[16 * 3..16 * 4];

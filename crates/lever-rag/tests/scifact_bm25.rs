@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use lever_rag::analyze::Analyzer;
 use lever_rag::beir;
 use lever_rag::bm25::{Bm25, Bm25Params};
-use lever_rag::metrics::{Run, evaluate};
 
 fn scifact() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/scifact")
@@ -32,19 +31,11 @@ fn bm25_on_scifact_train() {
     // Ids are positions in the corpus.
     let mut index = Bm25::new(Bm25Params::default(), Analyzer::default()).expect("params");
     for (i, doc) in data.corpus.iter().enumerate() {
-        index.add(i as u64, &doc.contents());
+        index.add(i as u64, &doc.contents()).expect("add");
     }
-    let mut run = Run::new();
-    for q in &data.queries {
-        let hits = index.search(&q.text, 100);
-        run.insert(
-            q.id.clone(),
-            hits.iter()
-                .map(|h| (data.corpus[h.id as usize].id.clone(), f64::from(h.score)))
-                .collect(),
-        );
-    }
-    let ev = evaluate(&data.qrels, &run, true);
+    let (_, ev) = data
+        .evaluate(|q| Ok(index.search(&q.text, 100)))
+        .expect("evaluate");
     let m = ev.mean;
     println!(
         "SciFact train, {} queries, BM25 k1=0.9 b=0.4 porter+stop (Lucene 8.7: 0.6974 / 0.9289 / 0.6666): nDCG@10 {:.4}, recall@100 {:.4}, MRR@10 {:.4}",
