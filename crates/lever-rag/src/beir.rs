@@ -90,7 +90,7 @@ pub fn load(dir: &Path, split: &str) -> Result<Beir> {
     } else {
         load_corpus(&gz)?
     };
-    let qrels_path = dir.join("qrels").join(format!("{split}.tsv"));
+    let qrels_path = qrels_path(dir, split);
     let qrels = load_qrels(&qrels_path)?;
     let queries_path = dir.join("queries.jsonl");
     let mut queries = load_queries(&queries_path)?;
@@ -301,7 +301,7 @@ pub fn load_qrels(path: &Path) -> Result<Qrels> {
     Ok(qrels)
 }
 
-/// The path of a split's qrels file, for messages.
+/// The qrels file of `split` in a BEIR folder.
 pub fn qrels_path(dir: &Path, split: &str) -> PathBuf {
     dir.join("qrels").join(format!("{split}.tsv"))
 }

@@ -506,7 +506,7 @@ impl Hnsw {
         };
         let mut g = Hnsw::new(dim, params).map_err(|e| r.corrupt(e.to_string()))?;
         g.rng = SplitMix64(r.u64("generator state")?);
-        let n = r.count("node count", 11 + 4 * dim)?;
+        let n = r.count("node count", dim.saturating_mul(4).saturating_add(11))?;
         let entry = r.var("entry node")?;
         for node in 0..n {
             let id = r.u64("node id")?;
