@@ -412,8 +412,8 @@ struct Word {
 }
 
 impl Word {
-    /// Whether `b[i]` is a consonant: not a, e, i, o, u, and `y` only after a vowel... i.e.
-    /// `y` is a consonant at the start or after a vowel, a vowel after a consonant.
+    /// Whether `b[i]` is a consonant (Porter's definition): not a, e, i, o, u; `y` is a
+    /// consonant at the start of the word or after a vowel, a vowel after a consonant.
     fn cons(&self, i: usize) -> bool {
         match self.b[i] {
             'a' | 'e' | 'i' | 'o' | 'u' => false,

@@ -877,10 +877,7 @@ mod tests {
         idx.remove(2);
         idx.save(&path, 42).expect("save");
         assert!(!dir.path().join("bm25.bin.tmp").exists());
-        assert_eq!(
-            read_generation(&path, BM25_MAGIC, BM25_VERSION).expect("header"),
-            42
-        );
+        assert_eq!(Bm25::read_generation(&path).expect("header"), 42);
         let (back, generation) = Bm25::load(&path).expect("load");
         assert_eq!(generation, 42);
         assert_eq!(back.len(), 4);
