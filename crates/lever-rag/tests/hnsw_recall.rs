@@ -76,4 +76,34 @@ fn hnsw_recall_at_10_vs_exact() {
         default_recall >= 0.95,
         "recall@10 at default ef_search {default_ef}: {default_recall}"
     );
+
+    // Tombstone every 10th item: results must skip them and keep their recall against exact
+    // search over the survivors.
+    graph.set_ef_search(default_ef);
+    let keep: Vec<usize> = (0..N).filter(|i| i % 10 != 3).collect();
+    for i in (0..N).filter(|i| i % 10 == 3) {
+        assert!(graph.remove(i as u64));
+    }
+    let kept_ids: Vec<u64> = keep.iter().map(|&i| i as u64).collect();
+    let kept: Vec<f32> = keep
+        .iter()
+        .flat_map(|&i| data[i * DIM..(i + 1) * DIM].iter().copied())
+        .collect();
+    let mut found = 0;
+    for q in queries.chunks_exact(DIM) {
+        let want = exact::search(&kept, DIM, &kept_ids, q, K).expect("exact");
+        let got = graph.search(q, K).expect("search");
+        assert_eq!(got.len(), K);
+        assert!(
+            got.iter().all(|h| h.id % 10 != 3),
+            "a deleted item was returned"
+        );
+        found += got
+            .iter()
+            .filter(|h| want.iter().any(|w| w.id == h.id))
+            .count();
+    }
+    let recall = found as f64 / (QUERIES * K) as f64;
+    println!("after deleting 10%: recall@10 = {recall:.4} at ef_search={default_ef}");
+    assert!(recall >= 0.95, "recall@10 after deletions: {recall}");
 }
