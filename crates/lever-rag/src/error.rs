@@ -52,6 +52,20 @@ pub enum Error {
     /// Bad chunker settings (size zero, overlap not below size, ...).
     #[error("chunker settings: {0}")]
     Settings(String),
+
+    // ---- retrieval (bm25.rs, hnsw.rs, exact.rs) ----
+    #[error("{what}: expected dimension {expected}, got {got}")]
+    Dim {
+        what: String,
+        expected: usize,
+        got: usize,
+    },
+    #[error("invalid parameter {name} = {value}: {problem}")]
+    Param {
+        name: &'static str,
+        value: String,
+        problem: &'static str,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

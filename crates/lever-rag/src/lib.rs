@@ -33,9 +33,16 @@
 //! # Ok(()) }
 //! ```
 
+pub mod analyze;
+pub mod beir;
+pub mod bm25;
 pub mod chunk;
 pub mod error;
+pub mod exact;
+pub mod fuse;
+pub mod hnsw;
 pub mod ingest;
+pub mod metrics;
 pub mod read;
 pub mod store;
 pub mod testing;
