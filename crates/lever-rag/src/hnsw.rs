@@ -219,6 +219,15 @@ impl Hnsw {
         self.n_deleted
     }
 
+    /// The live (not deleted) ids.
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ids
+            .iter()
+            .zip(&self.deleted)
+            .filter(|(_, d)| !**d)
+            .map(|(id, _)| *id)
+    }
+
     pub fn contains(&self, id: u64) -> bool {
         self.node_of
             .get(&id)

@@ -44,6 +44,7 @@ pub mod hnsw;
 pub mod ingest;
 pub mod metrics;
 pub mod read;
+pub mod retrieve;
 pub mod store;
 pub mod testing;
 
@@ -53,6 +54,7 @@ pub use chunk::{Chunk, ChunkMode, ChunkSettings};
 pub use error::{Error, Result};
 pub use ingest::{AddOptions, AddReport, Event, FileOutcome, Progress};
 // `Hit` and `VectorMatrix` stay under `store::`: the search modules may name their own.
+pub use retrieve::{DenseIndex, Mode, Retriever};
 pub use store::{ChunkRecord, Index, OpenOptions, Stats};
 
 /// Turns texts into L2-normalized vectors. `id` names the model (and its settings) so that an
