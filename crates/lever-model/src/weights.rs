@@ -115,7 +115,7 @@ pub trait WeightSource {
     fn embedding(&mut self, p: Param, vocab: usize, hidden: usize) -> Result<Embedding>;
 }
 
-fn check_shape(path: &Path, key: &str, got: &[usize], want: &[usize]) -> Result<()> {
+pub(crate) fn check_shape(path: &Path, key: &str, got: &[usize], want: &[usize]) -> Result<()> {
     if got != want {
         return Err(Error::Tensor {
             path: path.to_path_buf(),
@@ -250,7 +250,7 @@ impl SafetensorsWeights {
 }
 
 /// Reject a truncated or corrupt safetensors file with a clear message before mapping it.
-fn check_safetensors_header(path: &Path) -> Result<()> {
+pub(crate) fn check_safetensors_header(path: &Path) -> Result<()> {
     use std::io::Read;
     let bad = |problem: String| Error::Tensor {
         path: path.to_path_buf(),

@@ -27,6 +27,8 @@ pub enum Command {
     Chat(ChatArgs),
     /// Print the token ids of a text.
     Tokenize(TokenizeArgs),
+    /// Sentence embeddings of texts (BERT-family encoder, default all-MiniLM-L6-v2).
+    Embed(EmbedArgs),
     /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does.
     Perplexity(PerplexityArgs),
     /// Prompt-processing and generation speed, and peak memory.
@@ -272,6 +274,25 @@ pub struct TokenizeArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// The texts to embed.
+    #[arg(required_unless_present = "file")]
+    pub texts: Vec<String>,
+    /// Also embed every line of this UTF-8 file (after the TEXT arguments).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// The encoder: a Hugging Face (sentence-transformers) folder or a registry name.
+    #[arg(long, short = 'm', env = "LEVER_EMBEDDER", default_value = lever_model::registry::DEFAULT_EMBEDDER)]
+    pub model: String,
+    /// Print {"model", "dim", "truncated", "data": [{"index", "embedding"}]}.
+    #[arg(long)]
+    pub json: bool,
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Args)]
 pub struct PerplexityArgs {
     /// A UTF-8 text file.
     pub file: PathBuf,
@@ -333,6 +354,13 @@ pub enum ModelsCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a whole number of at least 1")),
+    }
 }
 
 fn parse_key_val(s: &str) -> Result<(String, String), String> {

@@ -4,6 +4,7 @@
 mod ask;
 mod chat;
 mod cli;
+mod embed;
 mod export;
 mod finetune;
 mod measure;
@@ -66,6 +67,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ask(a) => ask::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Tokenize(a) => measure::tokenize(a),
+        Command::Embed(a) => embed::run(a),
         Command::Perplexity(a) => measure::perplexity(a),
         Command::Bench(a) => measure::bench(a),
         Command::Quantize(a) => measure::quantize(a),

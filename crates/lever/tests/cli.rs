@@ -1036,3 +1036,126 @@ fn quantize_tiny_model_round_trips() {
         .collect();
     assert!(!names.iter().any(|n| n.contains("tmp")), "{names:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// embed
+
+/// sentence-transformers' vectors (crates/lever-model/tests/fixtures/embed, made by
+/// scripts/make-embed-fixtures.sh): (text, truncated, embedding) of each case.
+fn embed_fixture() -> Vec<(String, bool, Vec<f64>)> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lever-model/tests/fixtures/embed/minilm.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["text"].as_str().unwrap().to_string(),
+                c["truncated"].as_bool().unwrap(),
+                serde_json::from_value(c["embedding"].clone()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Whether the default embedder is provisioned (CI provisions it); says so when it is not.
+fn embedder_provisioned(d: &Path) -> bool {
+    let list = lever(d, &["models", "list", "--json"]).ok().json();
+    let row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "embedder")
+        .cloned()
+        .unwrap();
+    let ok = row["size"].as_u64().is_some();
+    if !ok {
+        eprintln!(
+            "SKIPPED: {} is not provisioned (lever models pull)",
+            row["name"]
+        );
+    }
+    ok
+}
+
+#[test]
+fn embed_json_matches_sentence_transformers() {
+    let d = tmp();
+    if !embedder_provisioned(d.path()) {
+        return;
+    }
+    let cases = embed_fixture();
+    let short = cases
+        .iter()
+        .find(|c| c.0 == "A man is eating food.")
+        .unwrap();
+    let long = cases.iter().find(|c| c.1).unwrap();
+    let out = lever(
+        d.path(),
+        &["embed", "--json", &short.0, &long.0, "--batch-size", "1"],
+    )
+    .ok();
+    let v = out.json();
+    assert!(
+        v["model"]
+            .as_str()
+            .unwrap()
+            .starts_with("all-minilm-l6-v2:"),
+        "{}",
+        v["model"]
+    );
+    assert_eq!(v["dim"], 384);
+    assert_eq!(v["truncated"], 1);
+    assert!(
+        out.stderr
+            .contains("1 of 2 texts were longer than 256 tokens"),
+        "{}",
+        out.stderr
+    );
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    for (i, (row, want)) in data.iter().zip([short, long]).enumerate() {
+        assert_eq!(row["index"], i);
+        let got: Vec<f64> = serde_json::from_value(row["embedding"].clone()).unwrap();
+        assert_eq!(got.len(), 384);
+        let dot: f64 = got.iter().zip(&want.2).map(|(a, b)| a * b).sum();
+        let norm = |x: &[f64]| x.iter().map(|a| a * a).sum::<f64>().sqrt();
+        let cos = dot / (norm(&got) * norm(&want.2));
+        assert!(
+            cos >= 0.9999,
+            "text {i}: cosine {cos} with sentence-transformers"
+        );
+    }
+}
+
+#[test]
+fn embed_prints_one_line_per_text() {
+    let d = tmp();
+    if !embedder_provisioned(d.path()) {
+        return;
+    }
+    let out = lever(d.path(), &["embed", "first text", "second"]).ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", out.stdout);
+    assert!(lines[0].starts_with("0\tdim 384\t[") && lines[0].ends_with("\"first text\""));
+    assert!(lines[1].starts_with("1\tdim 384\t["));
+}
+
+#[test]
+fn embed_with_a_generator_model_is_a_one_line_error() {
+    let d = tmp();
+    let gguf = write_tiny(d.path(), "tiny.gguf", &TinyGguf::default());
+    let out = lever(d.path(), &["embed", "-m", gguf.to_str().unwrap(), "text"]);
+    out.one_line_error(&["tiny.gguf", "not a sentence encoder"]);
+    let out = lever(d.path(), &["embed", "-m", "no-such-folder", "text"]);
+    out.one_line_error(&["no-such-folder"]);
+}
+
+#[test]
+fn embed_without_texts_or_with_batch_size_zero_is_bad_usage() {
+    let d = tmp();
+    lever(d.path(), &["embed"]).usage_error();
+    lever(d.path(), &["embed", "--batch-size", "0", "x"]).usage_error();
+}
