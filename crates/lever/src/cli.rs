@@ -42,9 +42,150 @@ pub enum Command {
     Export(ExportArgs),
     /// Fold a LoRA adapter into its base model and write the result (as `export`).
     Merge(MergeArgs),
+    /// A document index for retrieval: add files and folders, remove, stats, search.
+    #[command(subcommand)]
+    Index(IndexCommand),
+    /// Retrieval-augmented generation: answer from an index's passages, with citations.
+    #[command(subcommand)]
+    Rag(RagCommand),
+    /// Measure: retrieval quality on a BEIR folder.
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Provision and list models.
     #[command(subcommand)]
     Models(ModelsCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct IndexArg {
+    /// The index folder (created by `index add`).
+    #[arg(long, env = "LEVER_INDEX", default_value = "lever-index")]
+    pub index: PathBuf,
+    /// The sentence encoder: a Hugging Face (sentence-transformers) folder or a registry name.
+    /// An index keeps the vectors of one encoder and refuses another.
+    #[arg(long, env = "LEVER_EMBEDDER", default_value = lever_model::registry::DEFAULT_EMBEDDER)]
+    pub embedder: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IndexCommand {
+    /// Index files and folders (.txt, .md, .html, .jsonl with a `text` field); re-adding only
+    /// re-embeds files whose content changed, and drops files deleted from an added folder.
+    Add {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[command(flatten)]
+        index: IndexArg,
+        /// How documents are cut (fixed when the index is created).
+        #[arg(long, default_value = "structure", value_parser = ["structure", "tokens"])]
+        chunking: String,
+        /// Largest chunk, in the encoder's tokens (default: 224, or the encoder's limit).
+        #[arg(long, value_parser = at_least_one)]
+        chunk_size: Option<usize>,
+        /// Tokens shared by consecutive windows.
+        #[arg(long, default_value_t = 32)]
+        overlap: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove files (or everything under a folder) from the index.
+    Rm {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, env = "LEVER_INDEX", default_value = "lever-index")]
+        index: PathBuf,
+    },
+    /// Counts, sizes and settings of the index.
+    Stats {
+        #[arg(long, env = "LEVER_INDEX", default_value = "lever-index")]
+        index: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The best chunks for a query.
+    Search(SearchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    pub query: String,
+    #[command(flatten)]
+    pub index: IndexArg,
+    /// How many results.
+    #[arg(short, long, default_value_t = 10, value_parser = at_least_one)]
+    pub k: usize,
+    /// dense (encoder vectors), bm25 (words), or hybrid (both, fused by reciprocal rank).
+    #[arg(long, default_value = "hybrid", value_parser = parse_mode)]
+    pub mode: lever_rag::Mode,
+    /// Dense search: `exact` scans every vector, `hnsw` walks a graph, `auto` picks HNSW above
+    /// 20,000 chunks.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "exact", "hnsw"])]
+    pub dense_index: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RagCommand {
+    /// Retrieve passages for the question, answer from them, and list the cited sources.
+    Ask(RagAskArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RagAskArgs {
+    pub question: String,
+    #[command(flatten)]
+    pub index: IndexArg,
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Passages to retrieve.
+    #[arg(short, long, default_value_t = 4, value_parser = at_least_one)]
+    pub k: usize,
+    #[arg(long, default_value = "hybrid", value_parser = parse_mode)]
+    pub mode: lever_rag::Mode,
+    /// Most prompt tokens the passages may take (default: what the model's context leaves
+    /// after the question and --max-tokens). Passages that do not fit are dropped and reported.
+    #[arg(long)]
+    pub context_tokens: Option<usize>,
+    /// Print the prompt the model sees before the answer.
+    #[arg(long)]
+    pub show_context: bool,
+    /// Print {"answer", "citations", "passages", "dropped", ...} instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// nDCG@10, recall@100 and MRR@10 on a BEIR folder (corpus.jsonl[.gz], queries.jsonl,
+    /// qrels/SPLIT.tsv), per retrieval mode.
+    Retrieval(EvalRetrievalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalRetrievalArgs {
+    pub dir: PathBuf,
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// dense, bm25, hybrid, or all.
+    #[arg(long, default_value = "all")]
+    pub mode: String,
+    /// The sentence encoder for dense and hybrid.
+    #[arg(long, env = "LEVER_EMBEDDER", default_value = lever_model::registry::DEFAULT_EMBEDDER)]
+    pub embedder: String,
+    /// Texts per encoder call.
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
+    pub batch_size: usize,
+    /// Print {"dense": {"ndcg@10", "recall@100", "mrr@10"}, "bm25": {...}, "hybrid": {...}}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_mode(s: &str) -> Result<lever_rag::Mode, String> {
+    s.parse()
 }
 
 #[derive(Debug, Args)]

@@ -10,6 +10,7 @@ mod finetune;
 mod measure;
 mod models;
 mod progress;
+mod rag;
 
 use std::process::ExitCode;
 
@@ -74,6 +75,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Finetune(a) => finetune::run(a),
         Command::Export(a) => export::export(a),
         Command::Merge(a) => export::merge(a),
+        Command::Index(c) => rag::index(c),
+        Command::Rag(c) => rag::rag(c),
+        Command::Eval(c) => rag::eval(c),
         Command::Models(m) => models::run(m),
     }
 }

@@ -1,0 +1,530 @@
+//! `lever index …`, `lever rag ask` and `lever eval retrieval`: rung 3 from the command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use lever_generate::{Flow, Session, generate};
+use lever_rag::embedder::BertEmbed;
+use lever_rag::prompt::{self, Passage};
+use lever_rag::{
+    AddOptions, ChunkMode, ChunkSettings, DenseIndex, Event, FileOutcome, Index, Mode, Retriever,
+};
+use serde_json::json;
+
+use crate::cli::{
+    EvalCommand, EvalRetrievalArgs, IndexArg, IndexCommand, RagAskArgs, RagCommand, SearchArgs,
+};
+
+fn embedder(reference: &str) -> Result<BertEmbed> {
+    Ok(BertEmbed::new(crate::embed::load_encoder(reference, 32)?)?)
+}
+
+/// An existing index, or a clear error saying how to make one.
+fn open(dir: &Path) -> Result<Index> {
+    if !Index::exists(dir) {
+        bail!(
+            "{}: no index here; create one with `lever index add PATH… --index {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(Index::open(dir)?)
+}
+
+/// A path as the user would type it: relative to the working directory when inside it.
+fn shown(path: &Path) -> String {
+    let cwd = std::env::current_dir().ok();
+    cwd.and_then(|c| path.strip_prefix(c).ok().map(Path::to_path_buf))
+        .unwrap_or_else(|| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+pub fn index(cmd: IndexCommand) -> Result<()> {
+    match cmd {
+        IndexCommand::Add {
+            paths,
+            index,
+            chunking,
+            chunk_size,
+            overlap,
+            json,
+        } => add(&paths, &index, &chunking, chunk_size, overlap, json),
+        IndexCommand::Rm { paths, index } => {
+            let mut idx = open(&index)?;
+            for p in &paths {
+                let r = idx.remove(p)?;
+                if r.sources == 0 {
+                    eprintln!("{}: not in the index", p.display());
+                } else {
+                    println!(
+                        "removed {}: {} source(s), {} chunk(s)",
+                        p.display(),
+                        r.sources,
+                        r.chunks
+                    );
+                }
+            }
+            Ok(())
+        }
+        IndexCommand::Stats { index, json } => {
+            let s = open(&index)?.stats()?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!("index       {}", index.display());
+                println!("sources     {}", s.sources);
+                if s.incomplete_sources > 0 {
+                    println!(
+                        "incomplete  {} (an interrupted add; the next add redoes them)",
+                        s.incomplete_sources
+                    );
+                }
+                println!("chunks      {}", s.chunks);
+                println!("vectors     {} × {}", s.vectors, s.dim);
+                println!("embedder    {}", s.embedder);
+                println!(
+                    "chunking    {} (size {}, overlap {})",
+                    serde_json::to_value(s.chunking.mode)?
+                        .as_str()
+                        .unwrap_or("?"),
+                    s.chunking.size,
+                    s.chunking.overlap
+                );
+                println!("on disk     {:.1} MB", s.db_bytes as f64 / 1e6);
+            }
+            Ok(())
+        }
+        IndexCommand::Search(a) => search(a),
+    }
+}
+
+fn add(
+    paths: &[PathBuf],
+    arg: &IndexArg,
+    chunking: &str,
+    chunk_size: Option<usize>,
+    overlap: usize,
+    json: bool,
+) -> Result<()> {
+    let embed = embedder(&arg.embedder)?;
+    let mut index = if Index::exists(&arg.index) {
+        let index = Index::open(&arg.index)?;
+        index.check_embedder(&embed)?;
+        index
+    } else {
+        // Room for [CLS] and [SEP] under the encoder's limit.
+        let limit = embed.encoder().max_tokens().saturating_sub(2).max(1);
+        let size = chunk_size.unwrap_or(224.min(limit));
+        if size > limit {
+            bail!("--chunk-size {size}: the encoder reads at most {limit} tokens per chunk");
+        }
+        let settings = ChunkSettings {
+            mode: if chunking == "tokens" {
+                ChunkMode::Tokens
+            } else {
+                ChunkMode::Structure
+            },
+            size,
+            overlap,
+        };
+        Index::create(&arg.index, &embed, &settings)?
+    };
+    let bar = crate::progress::counter(0, "indexing");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} files, {per_sec}, eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let start = Instant::now();
+    let mut on_event = |e: Event<'_>| match e {
+        Event::Walked { files, .. } => bar.set_length(files as u64),
+        Event::Recovered { sources } => bar.println(format!(
+            "recovering {sources} file(s) an interrupted add left incomplete"
+        )),
+        Event::File { path, outcome } => {
+            if let FileOutcome::Skipped(why) = outcome {
+                bar.println(format!("skipped {}: {why}", shown(path)));
+            }
+        }
+        Event::Warning(w) => bar.println(format!("warning: {w}")),
+        Event::Progress(p) => {
+            bar.set_position(p.files_done as u64);
+            bar.set_message(format!("indexing ({} chunks)", p.chunks));
+        }
+    };
+    let report = index.add(paths, &embed, &AddOptions::default(), &mut on_event)?;
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let stats = index.stats()?;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "added": report.added, "updated": report.updated, "unchanged": report.unchanged,
+                "skipped": report.skipped_by_kind(), "pruned": report.pruned,
+                "recovered": report.recovered, "chunks_written": report.chunks,
+                "warnings": report.warnings.len(), "seconds": secs,
+                "index": {"sources": stats.sources, "chunks": stats.chunks},
+            })
+        );
+    } else {
+        let done = report.added + report.updated;
+        println!(
+            "{}: {} added, {} updated, {} unchanged, {} skipped, {} removed; {} chunks written in {secs:.1} s ({:.1} files/s); the index holds {} sources, {} chunks",
+            arg.index.display(),
+            report.added,
+            report.updated,
+            report.unchanged,
+            report.skipped.len(),
+            report.pruned,
+            report.chunks,
+            done as f64 / secs.max(1e-9),
+            stats.sources,
+            stats.chunks
+        );
+        for (kind, n) in report.skipped_by_kind() {
+            println!("  skipped ({kind}): {n}");
+        }
+        if !report.warnings.is_empty() {
+            println!("  warnings: {}", report.warnings.len());
+        }
+    }
+    if embed.truncated() > 0 {
+        eprintln!(
+            "warning: {} chunk(s) were longer than the encoder's {} tokens and were cut to it",
+            embed.truncated(),
+            embed.encoder().max_tokens()
+        );
+    }
+    Ok(())
+}
+
+fn dense_index(s: &str) -> DenseIndex {
+    match s {
+        "exact" => DenseIndex::Exact,
+        "hnsw" => DenseIndex::Hnsw,
+        _ => DenseIndex::Auto,
+    }
+}
+
+/// The `k` best chunks as passages, with their scores.
+fn retrieve(
+    index: &Index,
+    embed: &BertEmbed,
+    query: &str,
+    mode: Mode,
+    k: usize,
+    dense: DenseIndex,
+) -> Result<Vec<(i64, Passage)>> {
+    let mut r = Retriever::new(index, dense);
+    let hits = r.search(embed, query, mode, k)?;
+    let mut out = Vec::with_capacity(hits.len());
+    for h in hits {
+        let id = h.id as i64;
+        let c = index
+            .chunk(id)?
+            .with_context(|| format!("{}: chunk {id} vanished", index.dir().display()))?;
+        out.push((
+            id,
+            Passage {
+                path: c.path,
+                line_start: c.line_start,
+                line_end: c.line_end,
+                headings: c.headings,
+                text: c.text,
+                score: h.score,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+fn search(a: SearchArgs) -> Result<()> {
+    let index = open(&a.index.index)?;
+    let embed = embedder(&a.index.embedder)?;
+    let start = Instant::now();
+    let found = retrieve(
+        &index,
+        &embed,
+        &a.query,
+        a.mode,
+        a.k,
+        dense_index(&a.dense_index),
+    )?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    if a.json {
+        let results: Vec<_> = found
+            .iter()
+            .enumerate()
+            .map(|(i, (id, p))| {
+                json!({
+                    "rank": i + 1, "score": p.score, "chunk_id": id,
+                    "path": shown(&p.path), "line_start": p.line_start, "line_end": p.line_end,
+                    "headings": p.headings, "text": p.text,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"query": a.query, "mode": a.mode.name(), "results": results})
+        );
+    } else {
+        for (i, (_, p)) in found.iter().enumerate() {
+            let mut p = p.clone();
+            p.path = PathBuf::from(shown(&p.path));
+            let preview: String = p.text.split_whitespace().collect::<Vec<_>>().join(" ");
+            let preview: String = preview.chars().take(160).collect();
+            println!("{:>2}. {:.4}  {}\n    {preview}", i + 1, p.score, p.citation());
+        }
+        eprintln!("{} results ({}, {ms:.0} ms)", found.len(), a.mode.name());
+    }
+    Ok(())
+}
+
+pub fn rag(cmd: RagCommand) -> Result<()> {
+    match cmd {
+        RagCommand::Ask(a) => ask(a),
+    }
+}
+
+fn ask(a: RagAskArgs) -> Result<()> {
+    if a.question.trim().is_empty() {
+        bail!("the question is empty");
+    }
+    let index = open(&a.index.index)?;
+    let embed = embedder(&a.index.embedder)?;
+    let found = retrieve(
+        &index,
+        &embed,
+        &a.question,
+        a.mode,
+        a.k,
+        DenseIndex::Auto,
+    )?;
+    let model = crate::load_model(&a.model)?;
+    let render = |user: &str| crate::ask::build_prompt(&model, None, user, false);
+    let count = |s: &str| -> lever_rag::Result<usize> {
+        model
+            .tokenizer
+            .encode(s, false)
+            .map(|ids| ids.len())
+            .map_err(|e| lever_rag::Error::Embed(e.to_string()))
+    };
+    // The budget: the model's context less the frame (instruction, question, template) and
+    // the answer's room.
+    let context = model.decoder.config().max_seq_len;
+    let frame = model
+        .tokenizer
+        .encode(&render(&prompt::user_turn(&a.question, &[]))?, true)?
+        .len();
+    let room = context.saturating_sub(frame + a.sampling.max_tokens);
+    let budget = a.context_tokens.map_or(room, |c| c.min(room));
+    let passages: Vec<Passage> = found.into_iter().map(|(_, p)| p).collect();
+    let g = prompt::grounded(&a.question, passages, budget, &count)?;
+    for p in &g.dropped {
+        eprintln!(
+            "dropped a passage that does not fit the {budget}-token budget: {}",
+            shown(&p.path)
+        );
+    }
+    let text = render(&g.user)?;
+    if a.show_context {
+        eprintln!("----- prompt -----\n{text}\n------------------");
+    }
+    let ids = model.tokenizer.encode(&text, true)?;
+    let mut session = Session::new(&model);
+    let mut stdout = std::io::stdout();
+    let json_mode = a.json;
+    let out = generate(
+        &model,
+        &mut session,
+        &ids,
+        &a.sampling.request(),
+        &mut |piece| {
+            if !json_mode
+                && stdout
+                    .write_all(piece.as_bytes())
+                    .and_then(|()| stdout.flush())
+                    .is_err()
+            {
+                return Flow::Stop;
+            }
+            Flow::Continue
+        },
+    )?;
+    let cited = prompt::cited(&out.text, g.used.len());
+    let cite = |n: usize| {
+        let p = &g.used[n - 1];
+        let mut p = p.clone();
+        p.path = PathBuf::from(shown(&p.path));
+        p.citation()
+    };
+    if json_mode {
+        let passages: Vec<_> = g
+            .used
+            .iter()
+            .enumerate()
+            .map(|(i, p)| json!({"n": i + 1, "source": cite(i + 1), "score": p.score, "text": p.text}))
+            .collect();
+        let dropped: Vec<_> = g.dropped.iter().map(|p| shown(&p.path)).collect();
+        println!(
+            "{}",
+            json!({
+                "answer": out.text, "citations": cited.iter().map(|&n| json!({"n": n, "source": cite(n)})).collect::<Vec<_>>(),
+                "passages": passages, "dropped": dropped, "finish_reason": out.finish_reason,
+                "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            })
+        );
+    } else {
+        println!();
+        if cited.is_empty() {
+            println!("\nSources (none cited; the passages given):");
+            for n in 1..=g.used.len() {
+                println!("  [{n}] {}", cite(n));
+            }
+        } else {
+            println!("\nSources:");
+            for n in cited {
+                println!("  [{n}] {}", cite(n));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn eval(cmd: EvalCommand) -> Result<()> {
+    match cmd {
+        EvalCommand::Retrieval(a) => eval_retrieval(a),
+    }
+}
+
+fn eval_retrieval(a: EvalRetrievalArgs) -> Result<()> {
+    let modes: Vec<Mode> = if a.mode == "all" {
+        Mode::ALL.to_vec()
+    } else {
+        vec![a.mode.parse().map_err(anyhow::Error::msg)?]
+    };
+    let beir = lever_rag::beir::load(&a.dir, &a.split)?;
+    if beir.queries.is_empty() {
+        bail!(
+            "{}: no judged queries in split `{}`",
+            a.dir.display(),
+            a.split
+        );
+    }
+    eprintln!(
+        "{}: {} documents, {} judged queries ({} split)",
+        a.dir.display(),
+        beir.corpus.len(),
+        beir.queries.len(),
+        a.split
+    );
+    let needs_dense = modes.iter().any(|m| *m != Mode::Bm25);
+    let embed = if needs_dense {
+        Some(embedder(&a.embedder)?)
+    } else {
+        None
+    };
+    let vectors = match &embed {
+        Some(e) => Some(corpus_vectors(&a, &beir, e)?),
+        None => None,
+    };
+    let unused;
+    let embed_ref: &dyn lever_rag::Embed = match &embed {
+        Some(e) => e,
+        None => {
+            unused = lever_rag::testing::HashEmbed::new(1);
+            &unused
+        }
+    };
+    let results = lever_rag::evaluate::evaluate(&beir, &modes, embed_ref, vectors.as_deref())?;
+    if a.json {
+        let mut m = serde_json::Map::new();
+        for (mode, e) in &results {
+            m.insert(
+                mode.name().into(),
+                json!({"ndcg@10": e.mean.ndcg_10, "recall@100": e.mean.recall_100, "mrr@10": e.mean.mrr_10}),
+            );
+        }
+        println!("{}", serde_json::Value::Object(m));
+    } else {
+        println!(
+            "{} ({} split, {} queries)",
+            a.dir.display(),
+            a.split,
+            beir.queries.len()
+        );
+        println!("| mode | nDCG@10 | recall@100 | MRR@10 |");
+        println!("|---|---|---|---|");
+        for (mode, e) in &results {
+            println!(
+                "| {} | {:.4} | {:.4} | {:.4} |",
+                mode.name(),
+                e.mean.ndcg_10,
+                e.mean.recall_100,
+                e.mean.mrr_10
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The corpus vectors, from `$LEVER_HOME/cache/beir/` when this corpus was embedded with this
+/// encoder before (keyed by both), else embedded now (with a progress bar) and cached.
+fn corpus_vectors(
+    a: &EvalRetrievalArgs,
+    beir: &lever_rag::beir::Beir,
+    embed: &BertEmbed,
+) -> Result<Vec<f32>> {
+    use lever_rag::Embed;
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(embed.id().as_bytes());
+    for d in &beir.corpus {
+        h.update(d.id.as_bytes());
+        h.update([0]);
+        h.update(d.contents().as_bytes());
+        h.update([0]);
+    }
+    let key: String = h.finalize()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let dir = lever_model::registry::lever_home().join("cache/beir");
+    let path = dir.join(format!("{key}.f32"));
+    let dim = embed.dim();
+    if let Ok(bytes) = std::fs::read(&path)
+        && bytes.len() == beir.corpus.len() * dim * 4
+    {
+        eprintln!("corpus vectors: {} (cached)", path.display());
+        return Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect());
+    }
+    let bar = crate::progress::counter(beir.corpus.len() as u64, "embedding the corpus");
+    let start = Instant::now();
+    let data = lever_rag::evaluate::embed_corpus(beir, embed, a.batch_size, &mut |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "embedded {} documents in {:.0} s ({:.1} docs/s); {} were longer than {} tokens and cut to it, as sentence-transformers does",
+        beir.corpus.len(),
+        start.elapsed().as_secs_f64(),
+        beir.corpus.len() as f64 / start.elapsed().as_secs_f64().max(1e-9),
+        embed.truncated(),
+        embed.encoder().max_tokens()
+    );
+    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+    let tmp = dir.join(format!("{key}.f32.tmp"));
+    std::fs::write(&tmp, &bytes).with_context(|| tmp.display().to_string())?;
+    std::fs::rename(&tmp, &path).with_context(|| path.display().to_string())?;
+    Ok(data)
+}
