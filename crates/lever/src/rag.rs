@@ -232,7 +232,7 @@ fn retrieve(
         out.push((
             id,
             Passage {
-                path: c.path,
+                path: PathBuf::from(shown(&c.path)),
                 line_start: c.line_start,
                 line_end: c.line_end,
                 headings: c.headings,
@@ -264,7 +264,7 @@ fn search(a: SearchArgs) -> Result<()> {
             .map(|(i, (id, p))| {
                 json!({
                     "rank": i + 1, "score": p.score, "chunk_id": id,
-                    "path": shown(&p.path), "line_start": p.line_start, "line_end": p.line_end,
+                    "path": p.path, "line_start": p.line_start, "line_end": p.line_end,
                     "headings": p.headings, "text": p.text,
                 })
             })
@@ -275,11 +275,14 @@ fn search(a: SearchArgs) -> Result<()> {
         );
     } else {
         for (i, (_, p)) in found.iter().enumerate() {
-            let mut p = p.clone();
-            p.path = PathBuf::from(shown(&p.path));
             let preview: String = p.text.split_whitespace().collect::<Vec<_>>().join(" ");
             let preview: String = preview.chars().take(160).collect();
-            println!("{:>2}. {:.4}  {}\n    {preview}", i + 1, p.score, p.citation());
+            println!(
+                "{:>2}. {:.4}  {}\n    {preview}",
+                i + 1,
+                p.score,
+                p.citation()
+            );
         }
         eprintln!("{} results ({}, {ms:.0} ms)", found.len(), a.mode.name());
     }
@@ -298,14 +301,7 @@ fn ask(a: RagAskArgs) -> Result<()> {
     }
     let index = open(&a.index.index)?;
     let embed = embedder(&a.index.embedder)?;
-    let found = retrieve(
-        &index,
-        &embed,
-        &a.question,
-        a.mode,
-        a.k,
-        DenseIndex::Auto,
-    )?;
+    let found = retrieve(&index, &embed, &a.question, a.mode, a.k, DenseIndex::Auto)?;
     let model = crate::load_model(&a.model)?;
     let render = |user: &str| crate::ask::build_prompt(&model, None, user, false);
     let count = |s: &str| -> lever_rag::Result<usize> {
@@ -329,7 +325,7 @@ fn ask(a: RagAskArgs) -> Result<()> {
     for p in &g.dropped {
         eprintln!(
             "dropped a passage that does not fit the {budget}-token budget: {}",
-            shown(&p.path)
+            p.citation()
         );
     }
     let text = render(&g.user)?;
@@ -358,12 +354,7 @@ fn ask(a: RagAskArgs) -> Result<()> {
         },
     )?;
     let cited = prompt::cited(&out.text, g.used.len());
-    let cite = |n: usize| {
-        let p = &g.used[n - 1];
-        let mut p = p.clone();
-        p.path = PathBuf::from(shown(&p.path));
-        p.citation()
-    };
+    let cite = |n: usize| g.used[n - 1].citation();
     if json_mode {
         let passages: Vec<_> = g
             .used
@@ -371,7 +362,7 @@ fn ask(a: RagAskArgs) -> Result<()> {
             .enumerate()
             .map(|(i, p)| json!({"n": i + 1, "source": cite(i + 1), "score": p.score, "text": p.text}))
             .collect();
-        let dropped: Vec<_> = g.dropped.iter().map(|p| shown(&p.path)).collect();
+        let dropped: Vec<_> = g.dropped.iter().map(|p| p.citation()).collect();
         println!(
             "{}",
             json!({
