@@ -6,6 +6,8 @@
 #   STEPS=6 B=4 L=256 WARMUP=2 LORA_LR=1e-3 FULL_LR=1e-5 SEED=0 LEVER=target/release/lever \
 #     MODEL=path/to/model.gguf DATA=../shared/data/instructions/gsm8k_train_first5000.jsonl \
 #     VENV=~/.cache/lever-ref-venv bench/finetune-vs-pytorch.sh 2
+#   GC=1 bench/finetune-vs-pytorch.sh      # both sides with gradient checkpointing (activations
+#                                          # recomputed layer by layer in the backward pass)
 #
 # tokens/s, both tools: non-padding tokens of optimizer steps 2..STEPS divided by those steps'
 # seconds (step 1 is a warm-up; model loading, data preparation and lever's validation passes are
@@ -27,6 +29,8 @@ VENV=${VENV:-${HOME}/.cache/lever-ref-venv}
 MODEL=${MODEL:-${LEVER_HOME:-$HOME/.cache/lever}/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf}
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/lever-ft-bench.XXXXXX")
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+GC=${GC:-0}
+if [ "$GC" = 1 ]; then PY_GC=--grad-checkpoint; LEVER_GC=--grad-checkpoint; else PY_GC=; LEVER_GC=; fi
 
 [ -f "$DATA" ] || { echo "error: $DATA: no such file" >&2; exit 1; }
 [ -x "$LEVER" ] || cargo build --release -q -p lever || { echo "error: cannot build lever" >&2; exit 1; }
@@ -96,7 +100,7 @@ for mode in lora full; do
   pj=$TMP/pytorch-$mode.json
   if run "$TMP/pytorch-$mode.log" "$TMP/pytorch-$mode.rss" "$PY" bench/finetune_pytorch.py \
       --gguf "$MODEL" --data "$DATA" --mode "$mode" --steps "$STEPS" --batch-size "$B" \
-      --seq-len "$L" --threads "$THREADS" --seed "$SEED" --lr "$lr" --warmup "$WARMUP" --json "$pj"; then
+      --seq-len "$L" --threads "$THREADS" --seed "$SEED" --lr "$lr" --warmup "$WARMUP" $PY_GC --json "$pj"; then
     PTPS[$mode]=$(pyfield "$pj" '"%.1f" % d["tokens_per_s"]')
     PLOSS[$mode]=$(pyfield "$pj" '" ".join("%.4f" % x for x in d["losses"])')
     if [ "$HAVE_TIME" = 1 ]; then
@@ -117,7 +121,7 @@ for mode in lora full; do
   if run "$TMP/lever-$mode.log" "$TMP/lever-$mode.rss" "$LEVER" --threads "$THREADS" finetune \
       --model "$MODEL" --data "$DATA" --field instruction=question --field output=answer \
       --steps "$STEPS" --batch-size "$B" --seq-len "$L" --lr "$lr" --warmup "$WARMUP" \
-      --seed "$SEED" --eval-every 0 --save-every 0 --val-fraction 0.05 --out "$out" $flag \
+      --seed "$SEED" --eval-every 0 --save-every 0 --val-fraction 0.05 --out "$out" $flag $LEVER_GC \
       && [ -s "$out/metrics.jsonl" ]; then
     LTPS[$mode]=$(lever_tps "$out/metrics.jsonl")
     LLOSS[$mode]=$(lever_losses "$out/metrics.jsonl")
@@ -133,7 +137,7 @@ echo "== load: $(uptime)" >&2
 ratio() { python3 -c 'import sys; a,b=sys.argv[1:]; print(f"{float(a)/float(b):.2f}x" if "n/a" not in (a,b) else "n/a")' "$1" "$2"; }
 mb() { [ "$1" = n/a ] && echo n/a || echo "$1 MB"; }
 echo
-echo "Fine-tuning, $(basename "$MODEL"), $THREADS threads, $STEPS steps (tok/s over steps 2..$STEPS), batch $B, seq-len $L, $(basename "$DATA")"
+echo "Fine-tuning, $(basename "$MODEL"), $THREADS threads, gradient checkpointing $([ "$GC" = 1 ] && echo on || echo off), $STEPS steps (tok/s over steps 2..$STEPS), batch $B, seq-len $L, $(basename "$DATA")"
 echo
 echo "| mode | lever tok/s | PyTorch tok/s | ratio | lever peak RSS | PyTorch peak RSS |"
 echo "|---|---|---|---|---|---|"

@@ -18,7 +18,8 @@
 # LoRA: PEFT r=8 alpha=16 dropout 0 on q,k,v,o,gate,up,down (not lm_head), on the dequantized f32
 # base. Full: every parameter trainable (the embedding is tied to lm_head, so it counts once), f32.
 # The base weights come from the GGUF through transformers' GGUF loader, which dequantizes to f32
-# (needs the `gguf` package). model.train(); no torch.compile; no gradient checkpointing.
+# (needs the `gguf` package). model.train(); no torch.compile; gradient checkpointing only with
+# --grad-checkpoint.
 #
 # Timing: every optimizer step (batch to tensors, zero_grad, forward, backward, clip, AdamW step,
 # schedule step) is timed alone; tokens/s = non-padding tokens of steps 2..N / their seconds
@@ -162,6 +163,8 @@ def main():
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-alpha", type=float, default=16.0)
+    ap.add_argument("--grad-checkpoint", action="store_true",
+                    help="recompute each layer's activations in the backward pass")
     ap.add_argument("--json", required=True, help="where to write the result")
     a = ap.parse_args()
     lr = a.lr if a.lr is not None else (1e-3 if a.mode == "lora" else 1e-5)
@@ -191,7 +194,13 @@ def main():
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-    if getattr(model, "is_gradient_checkpointing", False):
+    if a.grad_checkpoint:
+        # transformers' per-layer checkpointing; with frozen embeddings (LoRA) the checkpointed
+        # inputs must require grad for the backward to reach the adapters.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if a.mode == "lora":
+            model.enable_input_require_grads()
+    elif getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

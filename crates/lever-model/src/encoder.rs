@@ -165,7 +165,7 @@ impl EncoderConfig {
                 format!("`{p}`: lever's encoder runs `absolute`"),
             ));
         }
-        if hf.num_attention_heads == 0 || hf.hidden_size % hf.num_attention_heads != 0 {
+        if hf.num_attention_heads == 0 || !hf.hidden_size.is_multiple_of(hf.num_attention_heads) {
             return Err(bad(
                 "num_attention_heads",
                 format!(
@@ -901,7 +901,7 @@ pub fn exp(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let y = p * z + r + 1.0;
     y * f32::from_bits(((n + 127) as u32) << 23)
 }
