@@ -4,12 +4,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// (The I/O error is in the message, not a `source`, so the one-line chain says it once.)
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     /// A data line that is not a usable item (bad JSON, a missing or mistyped field, ...).
     #[error("{path}:{line}: {problem}")]
     Line {

@@ -8,6 +8,6 @@ pub mod mc;
 
 pub use error::{Error, Result};
 pub use mc::{
-    ChoiceScore, ItemScore, McItem, McOptions, McReport, encode_pair, evaluate, read_items,
-    report, score_item,
+    ChoiceScore, ItemScore, McItem, McOptions, McReport, encode_pair, evaluate, read_items, report,
+    score_item,
 };

@@ -51,9 +51,9 @@ pub struct McItem {
 /// Read a JSONL file of `{"query": str, "choices": [str, ...], "gold": int}` lines (other
 /// fields are ignored, blank lines skipped). Any bad line is an error naming `FILE:LINE`.
 pub fn read_items(path: &Path) -> Result<Vec<McItem>> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+    let text = std::fs::read_to_string(path).map_err(|err| Error::Io {
         path: path.to_path_buf(),
-        source,
+        err,
     })?;
     let mut items = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -106,10 +106,9 @@ fn parse_item(line: &str, origin: String) -> std::result::Result<McItem, String>
         return Err("`choices` is empty".into());
     }
     let gold = field("gold")?;
-    let gold = gold
-        .as_u64()
-        .ok_or(format!("`gold` must be a non-negative integer, got {gold}"))?
-        as usize;
+    let gold =
+        gold.as_u64()
+            .ok_or(format!("`gold` must be a non-negative integer, got {gold}"))? as usize;
     if gold >= choices.len() {
         return Err(format!(
             "`gold` is {gold}, out of range for {} choices (0-based)",
@@ -126,7 +125,11 @@ fn parse_item(line: &str, origin: String) -> std::result::Result<McItem, String>
 
 /// lm-eval's `_encode_pair`: (context tokens, continuation tokens). BOS leads the context when
 /// the model's tokenizer adds one; an empty context becomes the prefix token (BOS, else EOS).
-pub fn encode_pair(model: &Model, context: &str, continuation: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+pub fn encode_pair(
+    model: &Model,
+    context: &str,
+    continuation: &str,
+) -> Result<(Vec<u32>, Vec<u32>)> {
     let tok = &model.tokenizer;
     if context.is_empty() {
         let prefix = tok.bos().or(tok.eos()).ok_or_else(|| Error::Item {
@@ -141,7 +144,10 @@ pub fn encode_pair(model: &Model, context: &str, continuation: &str) -> Result<(
     }
     let stripped = context.trim_end();
     let (context, continuation) = if stripped.len() < context.len() {
-        (stripped, format!("{}{continuation}", &context[stripped.len()..]))
+        (
+            stripped,
+            format!("{}{continuation}", &context[stripped.len()..]),
+        )
     } else {
         (context, continuation.to_string())
     };
@@ -404,10 +410,22 @@ mod tests {
         let o = || "x:1".to_string();
         let err = |l: &str| parse_item(l, o()).unwrap_err();
         assert!(err("{").starts_with("not JSON"));
-        assert_eq!(err(r#"{"choices": ["a"], "gold": 0}"#), "missing field `query`");
-        assert_eq!(err(r#"{"query": "q", "gold": 0}"#), "missing field `choices`");
-        assert_eq!(err(r#"{"query": "q", "choices": ["a"]}"#), "missing field `gold`");
-        assert_eq!(err(r#"{"query": "q", "choices": [], "gold": 0}"#), "`choices` is empty");
+        assert_eq!(
+            err(r#"{"choices": ["a"], "gold": 0}"#),
+            "missing field `query`"
+        );
+        assert_eq!(
+            err(r#"{"query": "q", "gold": 0}"#),
+            "missing field `choices`"
+        );
+        assert_eq!(
+            err(r#"{"query": "q", "choices": ["a"]}"#),
+            "missing field `gold`"
+        );
+        assert_eq!(
+            err(r#"{"query": "q", "choices": [], "gold": 0}"#),
+            "`choices` is empty"
+        );
         assert_eq!(
             err(r#"{"query": "q", "choices": ["a", "b"], "gold": 2}"#),
             "`gold` is 2, out of range for 2 choices (0-based)"
@@ -417,7 +435,10 @@ mod tests {
             "`choices[1]` is empty"
         );
         assert!(err(r#"{"query": "q", "choices": ["a"], "gold": -1}"#).starts_with("`gold` must"));
-        let ok = parse_item(r#"{"query": "q ", "choices": ["a", "b"], "gold": 1, "id": 7}"#, o());
+        let ok = parse_item(
+            r#"{"query": "q ", "choices": ["a", "b"], "gold": 1, "id": 7}"#,
+            o(),
+        );
         assert_eq!(ok.unwrap().gold, 1);
     }
 }

@@ -60,7 +60,12 @@ fn loglikelihoods_acc_and_acc_norm_match_transformers() {
         for (choice, rc) in item.choices.iter().zip(r["choices"].as_array().unwrap()) {
             let (ctx, cont) = encode_pair(&model, &item.query, choice).unwrap();
             assert_eq!(ctx, ids(&r["ctx_ids"]), "{}: context ids", item.origin);
-            assert_eq!(cont, ids(&rc["cont_ids"]), "{}: {choice:?} ids", item.origin);
+            assert_eq!(
+                cont,
+                ids(&rc["cont_ids"]),
+                "{}: {choice:?} ids",
+                item.origin
+            );
         }
     }
 
@@ -78,11 +83,17 @@ fn loglikelihoods_acc_and_acc_norm_match_transformers() {
         }
         if s.pred != r["pred"].as_u64().unwrap() as usize {
             acc_differ += 1;
-            eprintln!("{}: acc pick {} vs transformers {}", item.origin, s.pred, r["pred"]);
+            eprintln!(
+                "{}: acc pick {} vs transformers {}",
+                item.origin, s.pred, r["pred"]
+            );
         }
         if s.pred_norm != r["pred_norm"].as_u64().unwrap() as usize {
             norm_differ += 1;
-            eprintln!("{}: acc_norm pick {} vs {}", item.origin, s.pred_norm, r["pred_norm"]);
+            eprintln!(
+                "{}: acc_norm pick {} vs {}",
+                item.origin, s.pred_norm, r["pred_norm"]
+            );
         }
     }
     let greedy_differ = scores
@@ -114,12 +125,24 @@ fn loglikelihoods_acc_and_acc_norm_match_transformers() {
 fn prefix_reuse_equals_scoring_from_scratch() {
     let model = default_model();
     let items = read_items(&fixtures().join("mc_items.jsonl")).unwrap();
-    let reuse = evaluate(&model, &items, McOptions { prefix_reuse: true }, &mut |_, _| {})
-        .unwrap()
-        .1;
-    let scratch = evaluate(&model, &items, McOptions { prefix_reuse: false }, &mut |_, _| {})
-        .unwrap()
-        .1;
+    let reuse = evaluate(
+        &model,
+        &items,
+        McOptions { prefix_reuse: true },
+        &mut |_, _| {},
+    )
+    .unwrap()
+    .1;
+    let scratch = evaluate(
+        &model,
+        &items,
+        McOptions {
+            prefix_reuse: false,
+        },
+        &mut |_, _| {},
+    )
+    .unwrap()
+    .1;
     let mut max = 0f64;
     for (a, b) in reuse.iter().zip(&scratch) {
         for (x, y) in a.choices.iter().zip(&b.choices) {
