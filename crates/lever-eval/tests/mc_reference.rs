@@ -9,8 +9,10 @@
 //! choices: max |Δ ll| per choice 1.035 (a 10-token choice at ll -101; bound 1.25), max per
 //! token 0.32 (one-token choices at ll ≈ -8; bound 0.4); acc and acc_norm picks and is_greedy
 //! agree on all 32 items (bound: at most 1 item's pick may differ).
-//! Prefix reuse against scoring each (query + choice) from scratch: measured max 2e-3,
-//! bound 1e-2 (the two paths batch the attention and matrix products differently).
+//! Prefix reuse against scoring each (query + choice) from scratch: measured identical (max
+//! |Δ| 0: lever's kernels compute each token's row alike however the tokens are batched);
+//! bound 1e-4, for a query over 64 tokens, whose attention takes the f32-softmax path when fed
+//! whole but the f16 one-query path for the choice tokens fed after it.
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -22,7 +24,8 @@ use serde_json::Value;
 const LL_BOUND: f64 = 1.25;
 const TOKEN_BOUND: f64 = 0.4;
 const PICKS_MAY_DIFFER: usize = 1;
-const REUSE_BOUND: f64 = 1e-2;
+const REUSE_BOUND: f64 = 1e-4;
+const F32_BOUND: f64 = 1e-3;
 
 fn default_model() -> Model {
     let home = registry::lever_home();
@@ -35,6 +38,11 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+fn reference() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("mc_reference.json")).unwrap())
+        .unwrap()
+}
+
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
@@ -43,14 +51,20 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-#[test]
-fn loglikelihoods_acc_and_acc_norm_match_transformers() {
-    let model = default_model();
+/// What lever's scores of the fixture items differ from transformers' by.
+struct Gap {
+    max_ll: f64,
+    max_tok: f64,
+    acc_differ: usize,
+    norm_differ: usize,
+    acc: f64,
+    acc_norm: f64,
+}
+
+fn compare(model: &Model) -> Gap {
+    let model = model;
     let items = read_items(&fixtures().join("mc_items.jsonl")).unwrap();
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("mc_reference.json")).unwrap(),
-    )
-    .unwrap();
+    let reference = reference();
     let refs = reference["items"].as_array().unwrap();
     assert_eq!(items.len(), refs.len());
     assert_eq!(items.len(), 32);
@@ -103,22 +117,58 @@ fn loglikelihoods_acc_and_acc_norm_match_transformers() {
         .filter(|(c, rc)| c.is_greedy != rc["is_greedy"].as_bool().unwrap())
         .count();
     eprintln!(
-        "max |Δ loglikelihood| {max_ll:.4} per choice, {max_tok:.4} per token (mean {:.4} per token over {count} choices); picks differing: acc {acc_differ}, acc_norm {norm_differ}, is_greedy {greedy_differ}; lever acc {} acc_norm {} vs transformers {} {}",
+        "max |Δ loglikelihood| {max_ll:.3e} per choice, {max_tok:.3e} per token (mean {:.3e} per token over {count} choices); picks differing: acc {acc_differ}, acc_norm {norm_differ}, is_greedy {greedy_differ}; lever acc {} acc_norm {} vs transformers {} {}",
         sum_tok / count as f64,
         report.acc,
         report.acc_norm,
         reference["acc"],
         reference["acc_norm"]
     );
-    assert!(max_ll < LL_BOUND, "per-choice difference {max_ll}");
-    assert!(max_tok < TOKEN_BOUND, "per-token difference {max_tok}");
-    assert!(acc_differ <= PICKS_MAY_DIFFER && norm_differ <= PICKS_MAY_DIFFER);
     assert_eq!(report.n, 32);
-    let n = report.n as f64;
+    Gap {
+        max_ll,
+        max_tok,
+        acc_differ,
+        norm_differ,
+        acc: report.acc,
+        acc_norm: report.acc_norm,
+    }
+}
+
+#[test]
+fn loglikelihoods_acc_and_acc_norm_match_transformers() {
+    let g = compare(&default_model());
+    assert!(g.max_ll < LL_BOUND, "per-choice difference {}", g.max_ll);
+    assert!(
+        g.max_tok < TOKEN_BOUND,
+        "per-token difference {}",
+        g.max_tok
+    );
+    assert!(g.acc_differ <= PICKS_MAY_DIFFER && g.norm_differ <= PICKS_MAY_DIFFER);
+    let reference = reference();
+    let n = 32.0;
     let want_acc = reference["acc"].as_f64().unwrap();
     let want_norm = reference["acc_norm"].as_f64().unwrap();
-    assert!((report.acc - want_acc).abs() <= PICKS_MAY_DIFFER as f64 / n + 1e-9);
-    assert!((report.acc_norm - want_norm).abs() <= PICKS_MAY_DIFFER as f64 / n + 1e-9);
+    assert!((g.acc - want_acc).abs() <= PICKS_MAY_DIFFER as f64 / n + 1e-9);
+    assert!((g.acc_norm - want_norm).abs() <= PICKS_MAY_DIFFER as f64 / n + 1e-9);
+}
+
+/// The scoring itself, without quantization: the same model exported to an f32 Hugging Face
+/// folder (`lever export --out DIR`, dequantized as transformers dequantizes the GGUF) must
+/// match transformers to float rounding. Needs the folder, so it is opt-in:
+/// `LEVER_MC_F32_MODEL=DIR cargo test --release -p lever-eval --test mc_reference -- --ignored`.
+/// Measured 2026-11-28: max |Δ ll| per choice 1.4e-4, per token 2.8e-5 (bound 1e-3 per choice);
+/// acc, acc_norm and is_greedy agree everywhere. So the Q4_1 gap above is the quantized
+/// arithmetic, not the scoring.
+#[test]
+#[ignore = "needs LEVER_MC_F32_MODEL, an f32 Hugging Face folder from `lever export`"]
+fn f32_export_matches_transformers_to_rounding() {
+    let dir = std::env::var("LEVER_MC_F32_MODEL").expect("LEVER_MC_F32_MODEL=DIR");
+    let source = lever_model::model::ModelSource::HfFolder(PathBuf::from(dir));
+    let model = Model::load(&source, &candle_core::Device::Cpu).unwrap();
+    let g = compare(&model);
+    assert!(g.max_ll < F32_BOUND, "per-choice difference {}", g.max_ll);
+    assert_eq!((g.acc_differ, g.norm_differ), (0, 0));
 }
 
 #[test]
@@ -152,5 +202,4 @@ fn prefix_reuse_equals_scoring_from_scratch() {
     }
     eprintln!("prefix reuse vs from scratch: max |Δ loglikelihood| {max:.2e}");
     assert!(max < REUSE_BOUND, "{max}");
-    assert!(max > 0.0 || items.len() == reuse.len());
 }
