@@ -62,7 +62,6 @@ struct Gap {
 }
 
 fn compare(model: &Model) -> Gap {
-    let model = model;
     let items = read_items(&fixtures().join("mc_items.jsonl")).unwrap();
     let reference = reference();
     let refs = reference["items"].as_array().unwrap();
@@ -72,7 +71,7 @@ fn compare(model: &Model) -> Gap {
     // Tokenization: lm-eval's _encode_pair split, id for id.
     for (item, r) in items.iter().zip(refs) {
         for (choice, rc) in item.choices.iter().zip(r["choices"].as_array().unwrap()) {
-            let (ctx, cont) = encode_pair(&model, &item.query, choice).unwrap();
+            let (ctx, cont) = encode_pair(model, &item.query, choice).unwrap();
             assert_eq!(ctx, ids(&r["ctx_ids"]), "{}: context ids", item.origin);
             assert_eq!(
                 cont,
@@ -83,7 +82,7 @@ fn compare(model: &Model) -> Gap {
         }
     }
 
-    let (report, scores) = evaluate(&model, &items, McOptions::default(), &mut |_, _| {}).unwrap();
+    let (report, scores) = evaluate(model, &items, McOptions::default(), &mut |_, _| {}).unwrap();
     let (mut max_ll, mut max_tok, mut sum_tok, mut count) = (0f64, 0f64, 0f64, 0usize);
     let (mut acc_differ, mut norm_differ) = (0, 0);
     for ((item, s), r) in items.iter().zip(&scores).zip(refs) {
