@@ -50,6 +50,31 @@ impl Session {
         self.feed(model, &ids[common..])
     }
 
+    /// Keep only the first `len` tokens (and their keys and values), to score another
+    /// continuation of a shared prefix.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        self.cache.truncate(len)?;
+        self.ids.truncate(len);
+        Ok(())
+    }
+
+    /// Append `ids` and return the logits after each of the last `n` of them, (n, V), for
+    /// scoring: only those `n` rows go through the output layer. `n` is at most `ids.len()`.
+    pub fn feed_tail(&mut self, model: &Model, ids: &[u32], n: usize) -> Result<Tensor> {
+        if n == 0 || n > ids.len() {
+            return Err(Error::Invalid(format!(
+                "feed_tail: {n} logit rows asked of {} tokens",
+                ids.len()
+            )));
+        }
+        let dev = model.decoder.device();
+        let input = Tensor::new(ids, dev)?.unsqueeze(0)?; // (1, T)
+        let hidden = model.decoder.hidden(&input, &mut self.cache)?; // (1, T, C)
+        self.ids.extend_from_slice(ids);
+        let tail = hidden.narrow(1, ids.len() - n, n)?; // (1, n, C)
+        Ok(model.decoder.head(&tail)?.squeeze(0)?) // (n, V)
+    }
+
     /// Append `ids` and return the logits after the last (V,).
     pub fn feed(&mut self, model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
         let dev = model.decoder.device();

@@ -48,7 +48,7 @@ pub enum Command {
     /// Retrieval-augmented generation: answer from an index's passages, with citations.
     #[command(subcommand)]
     Rag(RagCommand),
-    /// Measure: retrieval quality on a BEIR folder.
+    /// Measure: retrieval quality on a BEIR folder; multiple-choice accuracy by log-likelihood.
     #[command(subcommand)]
     Eval(EvalCommand),
     /// Provision and list models.
@@ -163,6 +163,27 @@ pub enum EvalCommand {
     /// nDCG@10, recall@100 and MRR@10 on a BEIR folder (corpus.jsonl[.gz], queries.jsonl,
     /// qrels/SPLIT.tsv), per retrieval mode.
     Retrieval(EvalRetrievalArgs),
+    /// Multiple-choice accuracy by log-likelihood, as lm-evaluation-harness scores it: each
+    /// choice is a continuation of the query; acc and acc_norm (per character).
+    Mc(EvalMcArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalMcArgs {
+    /// JSONL items: {"query": str, "choices": [str, ...], "gold": int (0-based)}.
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Score only the first N items.
+    #[arg(long, value_parser = at_least_one)]
+    pub limit: Option<usize>,
+    /// Score every (query + choice) from scratch instead of reusing the query's keys and
+    /// values (for measuring what the reuse buys).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+    /// Print {"acc", "acc_norm", "n", "acc_stderr", "acc_norm_stderr", "examples_per_s"}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@ mod ask;
 mod chat;
 mod cli;
 mod embed;
+mod eval;
 mod export;
 mod finetune;
 mod measure;

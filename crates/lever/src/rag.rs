@@ -391,6 +391,7 @@ fn ask(a: RagAskArgs) -> Result<()> {
 pub fn eval(cmd: EvalCommand) -> Result<()> {
     match cmd {
         EvalCommand::Retrieval(a) => eval_retrieval(a),
+        EvalCommand::Mc(a) => crate::eval::mc(a),
     }
 }
 
