@@ -3,53 +3,13 @@
 //! `--no-prefix-cache` giving the same result, and one-line `FILE:LINE` errors for bad data.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+mod common;
+
+use std::path::PathBuf;
 
 use serde_json::Value;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn ok(self) -> Self {
-        assert_eq!(self.code, 0, "stderr:\n{}", self.stderr);
-        self
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(self.stdout.trim())
-            .unwrap_or_else(|e| panic!("{e}: stdout {:?}", self.stdout))
-    }
-
-    /// Exit 1 with one line of error on stderr, no panic.
-    fn failed(&self) -> String {
-        assert_eq!(self.code, 1, "stderr:\n{}", self.stderr);
-        assert!(!self.stderr.contains("panicked"), "{}", self.stderr);
-        let lines: Vec<&str> = self.stderr.trim().lines().collect();
-        assert_eq!(lines.len(), 1, "{}", self.stderr);
-        assert!(lines[0].starts_with("error: "), "{}", self.stderr);
-        lines[0].to_string()
-    }
-}
-
-fn lever(dir: &Path, args: &[&str]) -> Out {
-    let out = Command::new(env!("CARGO_BIN_EXE_lever"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("LEVER_MODEL")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run lever");
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+use common::lever_in as lever;
 
 fn items() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../lever-eval/tests/fixtures/mc_items.jsonl")
@@ -156,16 +116,16 @@ fn eval_mc_bad_data_is_one_line_naming_file_and_line() {
         )
         .unwrap();
         let out = lever(dir.path(), &["eval", "mc", "bad.jsonl"]);
-        let err = out.failed();
+        let err = out.failed_alone();
         assert!(err.starts_with(&format!("error: {want}")), "{line}: {err}");
     }
     std::fs::write(dir.path().join("empty.jsonl"), "\n\n").unwrap();
-    let err = lever(dir.path(), &["eval", "mc", "empty.jsonl"]).failed();
+    let err = lever(dir.path(), &["eval", "mc", "empty.jsonl"]).failed_alone();
     assert_eq!(
         err,
         "error: empty.jsonl: no items (expected JSON lines {\"query\", \"choices\", \"gold\"})"
     );
-    let err = lever(dir.path(), &["eval", "mc", "missing.jsonl"]).failed();
+    let err = lever(dir.path(), &["eval", "mc", "missing.jsonl"]).failed_alone();
     assert!(
         err.starts_with("error: missing.jsonl: No such file"),
         "{err}"
@@ -176,7 +136,7 @@ fn eval_mc_bad_data_is_one_line_naming_file_and_line() {
         serde_json::json!({"query": "word ".repeat(9000), "choices": [" a"], "gold": 0})
     );
     std::fs::write(dir.path().join("long.jsonl"), long).unwrap();
-    let err = lever(dir.path(), &["eval", "mc", "long.jsonl"]).failed();
+    let err = lever(dir.path(), &["eval", "mc", "long.jsonl"]).failed_alone();
     assert!(
         err.starts_with("error: long.jsonl:2: query + choice 0 is"),
         "{err}"

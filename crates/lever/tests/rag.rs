@@ -6,53 +6,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn ok(self) -> Self {
-        assert_eq!(self.code, 0, "stderr:\n{}", self.stderr);
-        self
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(self.stdout.trim())
-            .unwrap_or_else(|e| panic!("{e}: stdout {:?}", self.stdout))
-    }
-
-    /// Exit 1 with one line of error on stderr, no panic.
-    fn failed(&self) -> &str {
-        assert_eq!(self.code, 1, "stderr:\n{}", self.stderr);
-        assert!(!self.stderr.contains("panicked"), "{}", self.stderr);
-        let line = self.stderr.trim().lines().last().unwrap();
-        assert!(line.starts_with("error: "), "{}", self.stderr);
-        line
-    }
-}
-
-fn lever(dir: &Path, args: &[&str]) -> Out {
-    let out = Command::new(env!("CARGO_BIN_EXE_lever"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("LEVER_MODEL")
-        .env_remove("LEVER_EMBEDDER")
-        .env_remove("LEVER_INDEX")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run lever");
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+use common::lever_in as lever;
 
 fn write(path: &Path, bytes: impl AsRef<[u8]>) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
