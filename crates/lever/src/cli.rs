@@ -48,9 +48,14 @@ pub enum Command {
     /// Retrieval-augmented generation: answer from an index's passages, with citations.
     #[command(subcommand)]
     Rag(RagCommand),
-    /// Measure: retrieval quality on a BEIR folder; multiple-choice accuracy by log-likelihood.
+    /// Measure a model on a task file (zero-, one- and few-shot, prompt variants side by
+    /// side, 95% intervals); or retrieval quality on a BEIR folder (`eval retrieval`); or
+    /// multiple-choice accuracy of a JSONL file (`eval mc`).
+    Eval(EvalArgs),
+    /// Few-shot example sets: `fewshot search` tries random sets on dev, keeps the best,
+    /// reports it on test.
     #[command(subcommand)]
-    Eval(EvalCommand),
+    Fewshot(FewshotCommand),
     /// Provision and list models.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -156,6 +161,98 @@ pub struct RagAskArgs {
     pub json: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct EvalArgs {
+    #[command(subcommand)]
+    pub command: Option<EvalCommand>,
+    #[command(flatten)]
+    pub task: EvalTaskArgs,
+}
+
+/// What `eval TASK` and `fewshot search` share.
+#[derive(Debug, Args)]
+pub struct TaskRunArgs {
+    /// The task file (TOML: data, fields, prompt template, metric; see docs/tasks.md).
+    #[arg(required = true)]
+    pub task: Option<PathBuf>,
+    /// Prompt format: block (examples and question as one text) or chat (user/assistant
+    /// turns under the model's chat template). Default: the task's [fewshot] format.
+    #[arg(long, value_parser = ["block", "chat"])]
+    pub format: Option<String>,
+    /// Evaluate only the first N examples of the split.
+    #[arg(long, value_parser = at_least_one)]
+    pub limit: Option<usize>,
+    /// Folder for per-example JSONL and summary.json (default runs/eval-<task name>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Neither read nor write the result cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// The result cache's folder (default $LEVER_HOME/cache/eval).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Bootstrap resamples for the 95% interval.
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// The sentence encoder for the knn and mmr selectors.
+    #[arg(long, env = "LEVER_EMBEDDER", default_value = lever_model::registry::DEFAULT_EMBEDDER)]
+    pub embedder: String,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalTaskArgs {
+    #[command(flatten)]
+    pub run: TaskRunArgs,
+    /// Split to evaluate.
+    #[arg(long, default_value = "test", value_parser = ["train", "dev", "test"])]
+    pub split: String,
+    /// Numbers of worked examples, e.g. 0,1,5 (default: the task's [fewshot] k).
+    #[arg(long, value_delimiter = ',')]
+    pub shots: Vec<usize>,
+    /// Example selectors: fixed, random, knn, mmr (default: the task's [fewshot] select).
+    #[arg(long, value_delimiter = ',', value_parser = parse_select)]
+    pub select: Vec<lever_eval::Select>,
+    /// Prompt templates by name: default, or a [prompt.variants] name (default: default).
+    #[arg(long = "template", value_delimiter = ',')]
+    pub templates: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FewshotCommand {
+    /// Try N random k-example sets on the dev split, keep the best, report it on test.
+    Search(FewshotSearchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FewshotSearchArgs {
+    #[command(flatten)]
+    pub run: TaskRunArgs,
+    /// Examples per set (default: the task's [fewshot] k, else 5).
+    #[arg(long, short)]
+    pub k: Option<usize>,
+    /// Random sets to try.
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    pub trials: usize,
+    /// Seed of the first set (trial t uses seed + t).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "default")]
+    pub template: String,
+    /// Evaluate the best set on only the first N test examples.
+    #[arg(long, value_parser = at_least_one)]
+    pub test_limit: Option<usize>,
+}
+
+fn parse_select(s: &str) -> Result<lever_eval::Select, String> {
+    lever_eval::Select::parse(s)
 }
 
 #[derive(Debug, Subcommand)]

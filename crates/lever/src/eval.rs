@@ -1,11 +1,13 @@
-//! `lever eval mc`: multiple-choice accuracy by log-likelihood (lever-eval).
+//! `lever eval TASK.toml` (task specs, few-shot settings side by side), `lever fewshot
+//! search`, and `lever eval mc` (multiple-choice accuracy by log-likelihood), on lever-eval.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Result;
-use lever_eval::McOptions;
+use anyhow::{Context, Result};
+use lever_eval::{Evaluator, Format, McOptions, Record, Setting, Shots, Summary, Task};
 
-use crate::cli::EvalMcArgs;
+use crate::cli::{EvalMcArgs, EvalTaskArgs, FewshotSearchArgs, TaskRunArgs};
 
 pub fn mc(a: EvalMcArgs) -> Result<()> {
     let mut items = lever_eval::read_items(&a.data)?;
@@ -50,4 +52,328 @@ pub fn mc(a: EvalMcArgs) -> Result<()> {
         println!("n         {}", report.n);
     }
     Ok(())
+}
+
+/// `lever eval TASK.toml`: every combination of --shots, --select and --template, one
+/// comparison table.
+pub fn task(a: EvalTaskArgs) -> Result<()> {
+    let r = &a.run;
+    let task = load_task(r)?;
+    let fs = &task.fewshot;
+    let shots = if a.shots.is_empty() {
+        vec![fs.k]
+    } else {
+        a.shots.clone()
+    };
+    let selects = if a.select.is_empty() {
+        vec![fs.select]
+    } else {
+        a.select.clone()
+    };
+    let templates = if a.templates.is_empty() {
+        vec![lever_eval::task::DEFAULT_TEMPLATE.to_string()]
+    } else {
+        a.templates.clone()
+    };
+    let format = format_of(r, &task);
+    // Zero shots need no selector: one 0-shot setting per template.
+    let mut settings: Vec<Setting> = Vec::new();
+    for t in &templates {
+        for &k in &shots {
+            for &sel in &selects {
+                let s = Setting {
+                    shots: k,
+                    select: if k == 0 { fs.select } else { sel },
+                    template: t.clone(),
+                    format,
+                };
+                if !settings.iter().any(|x| x.label() == s.label()) {
+                    settings.push(s);
+                }
+            }
+        }
+    }
+    let mut examples = task.split(&a.split)?.to_vec();
+    if let Some(n) = r.limit {
+        examples.truncate(n);
+    }
+    let model = crate::load_model(&r.model)?;
+    let encoder = needs_encoder(&settings, r)?;
+    let mut ev = evaluator(&model, &task, r, encoder.as_ref())?;
+    // Check every setting before spending time on any.
+    for s in &settings {
+        ev.check(s)?;
+    }
+    let out = out_dir(r, &task);
+    let mut summaries = Vec::new();
+    for s in &settings {
+        let bar = crate::progress::counter(examples.len() as u64, &s.label());
+        let result = ev.run(s, &a.split, &examples, Shots::Select, &mut |d, _| {
+            bar.set_position(d as u64)
+        });
+        bar.finish_and_clear();
+        let (summary, records) = result?;
+        write_records(&out, &format!("{}-{}.jsonl", a.split, s.slug()), &records)?;
+        eprintln!(
+            "{}: {} = {:.4} (n {}, {:.1} s{})",
+            summary.setting,
+            summary.metric,
+            summary.score,
+            summary.n,
+            summary.seconds,
+            if summary.cached > 0 {
+                format!(", {} from the cache", summary.cached)
+            } else {
+                String::new()
+            }
+        );
+        summaries.push(summary);
+    }
+    let report = serde_json::json!({
+        "task": task.name,
+        "task_file": task.path,
+        "model": model.info.path,
+        "split": a.split,
+        "settings": summaries,
+    });
+    write_atomic(
+        &out.join("summary.json"),
+        &serde_json::to_string_pretty(&report)?,
+    )?;
+    if r.json {
+        println!("{report}");
+    } else {
+        print_table(&task, &summaries);
+        eprintln!("per-example records and summary.json: {}", out.display());
+    }
+    Ok(())
+}
+
+/// `lever fewshot search TASK.toml`.
+pub fn fewshot_search(a: FewshotSearchArgs) -> Result<()> {
+    let r = &a.run;
+    let task = load_task(r)?;
+    let k = a.k.unwrap_or(if task.fewshot.k > 0 {
+        task.fewshot.k
+    } else {
+        5
+    });
+    if k == 0 {
+        anyhow::bail!(
+            "{}: fewshot search needs k of at least 1",
+            task.path.display()
+        );
+    }
+    let setting = Setting {
+        shots: k,
+        select: lever_eval::Select::Random,
+        template: a.template.clone(),
+        format: format_of(r, &task),
+    };
+    let mut dev = task.split("dev")?.to_vec();
+    if let Some(n) = r.limit {
+        dev.truncate(n);
+    }
+    let mut test = task.split("test")?.to_vec();
+    if let Some(n) = a.test_limit {
+        test.truncate(n);
+    }
+    let model = crate::load_model(&r.model)?;
+    let mut ev = evaluator(&model, &task, r, None)?;
+    let mut bar: Option<(String, indicatif::ProgressBar)> = None;
+    let result = lever_eval::search(
+        &mut ev,
+        &setting,
+        a.trials,
+        a.seed,
+        &dev,
+        &test,
+        &mut |what, d, all| {
+            if bar.as_ref().is_none_or(|(w, _)| w != what) {
+                if let Some((_, b)) = bar.take() {
+                    b.finish_and_clear();
+                }
+                bar = Some((what.to_string(), crate::progress::counter(all as u64, what)));
+            }
+            if let Some((_, b)) = &bar {
+                b.set_position(d as u64);
+            }
+        },
+    );
+    if let Some((_, b)) = bar.take() {
+        b.finish_and_clear();
+    }
+    let (trials, best, test_summary, records) = result?;
+    let out = out_dir(r, &task);
+    write_records(&out, &format!("search-k{k}-best-test.jsonl"), &records)?;
+    let report = serde_json::json!({
+        "task": task.name,
+        "k": k,
+        "trials": trials,
+        "best_trial": best,
+        "best_shots": trials.get(best).map(|t| t.shots.clone()),
+        "test": test_summary,
+    });
+    write_atomic(
+        &out.join(format!("search-k{k}.json")),
+        &serde_json::to_string_pretty(&report)?,
+    )?;
+    if r.json {
+        println!("{report}");
+        return Ok(());
+    }
+    let metric = task.metric.name();
+    println!(
+        "{} k={k}: {} random sets on dev (n {}), metric {metric}",
+        task.name,
+        trials.len(),
+        dev.len()
+    );
+    println!(
+        "{:<7} {:>8}  {:<18}  shots (train indices)",
+        "trial", "dev", "95% CI"
+    );
+    for t in &trials {
+        println!(
+            "{:<7} {:>8.4}  {:<18}  {:?}{}",
+            t.trial,
+            t.dev.score,
+            ci(t.dev.ci95),
+            t.shots,
+            if t.trial == best { "  <- best" } else { "" }
+        );
+    }
+    println!(
+        "best set on test (n {}): {metric} {:.4} {}",
+        test_summary.n,
+        test_summary.score,
+        ci(test_summary.ci95)
+    );
+    eprintln!("records and search-k{k}.json: {}", out.display());
+    Ok(())
+}
+
+fn load_task(r: &TaskRunArgs) -> Result<Task> {
+    let Some(path) = &r.task else {
+        anyhow::bail!("a task file is needed: lever eval TASK.toml");
+    };
+    Ok(lever_eval::task::load(path)?)
+}
+
+fn format_of(r: &TaskRunArgs, task: &Task) -> Format {
+    match r.format.as_deref() {
+        Some("chat") => Format::Chat,
+        Some(_) => Format::Block,
+        None => task.fewshot.format,
+    }
+}
+
+fn needs_encoder(settings: &[Setting], r: &TaskRunArgs) -> Result<Option<lever_model::Encoder>> {
+    let knn = settings.iter().any(|s| {
+        s.shots > 0 && matches!(s.select, lever_eval::Select::Knn | lever_eval::Select::Mmr)
+    });
+    Ok(if knn {
+        Some(crate::embed::load_encoder(&r.embedder, 32)?)
+    } else {
+        None
+    })
+}
+
+fn evaluator<'a>(
+    model: &'a lever_model::Model,
+    task: &'a Task,
+    r: &TaskRunArgs,
+    encoder: Option<&'a lever_model::Encoder>,
+) -> Result<Evaluator<'a>> {
+    let mut ev = Evaluator::new(model, task);
+    ev.encoder = encoder;
+    ev.bootstrap = r.bootstrap;
+    if !r.no_cache {
+        let dir = r.cache.clone().unwrap_or_else(|| {
+            lever_model::registry::lever_home()
+                .join("cache")
+                .join("eval")
+        });
+        ev.cache = Some(lever_eval::cache::Cache::open(
+            &dir,
+            &lever_eval::model_key(model),
+        )?);
+    }
+    Ok(ev)
+}
+
+fn out_dir(r: &TaskRunArgs, task: &Task) -> PathBuf {
+    r.out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("eval-{}", task.name)))
+}
+
+fn write_records(dir: &Path, name: &str, records: &[Record]) -> Result<()> {
+    let mut text = String::new();
+    for r in records {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+    }
+    write_atomic(&dir.join(name), &text)
+}
+
+/// Write to a temp name beside `path`, fsync, rename: a reader sees the old file or the new.
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    let mut tmp =
+        tempfile::NamedTempFile::new_in(dir).with_context(|| format!("{}", dir.display()))?;
+    tmp.write_all(text.as_bytes())
+        .and_then(|_| tmp.as_file().sync_all())
+        .with_context(|| format!("{}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(())
+}
+
+fn ci(c: Option<[f64; 2]>) -> String {
+    c.map_or("-".into(), |[a, b]| format!("[{a:.4}, {b:.4}]"))
+}
+
+fn print_table(task: &Task, rows: &[Summary]) {
+    let n = rows.first().map_or(0, |s| s.n);
+    let split = rows.first().map_or("", |s| s.split.as_str());
+    println!(
+        "{}: split {split}, n {n}, metric {}",
+        task.name,
+        task.metric.name()
+    );
+    let extra = match &task.metric {
+        lever_eval::metrics::Metric::Regex(_) => "format",
+        m if m.is_multiple_choice() => "acc/acc_norm",
+        _ => "",
+    };
+    let w = rows
+        .iter()
+        .map(|s| s.setting.len())
+        .max()
+        .unwrap_or(7)
+        .max(7);
+    println!(
+        "{:<w$}  {:>8}  {:<18}  {:>13}  {:>9}  {:>10}  {:>7}",
+        "setting", "score", "95% CI", extra, "ms/ex", "prompt tok", "dropped"
+    );
+    for s in rows {
+        let x = match (s.format_rate, s.acc, s.acc_norm) {
+            (Some(f), _, _) => format!("{f:.3}"),
+            (_, Some(a), Some(b)) => format!("{a:.3}/{b:.3}"),
+            _ => String::new(),
+        };
+        println!(
+            "{:<w$}  {:>8.4}  {:<18}  {:>13}  {:>9.0}  {:>10.0}  {:>7}",
+            s.setting,
+            s.score,
+            ci(s.ci95),
+            x,
+            s.mean_latency_ms,
+            s.mean_prompt_tokens,
+            s.examples_dropped
+        );
+    }
 }

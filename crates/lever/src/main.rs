@@ -78,7 +78,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => export::merge(a),
         Command::Index(c) => rag::index(c),
         Command::Rag(c) => rag::rag(c),
-        Command::Eval(c) => rag::eval(c),
+        Command::Eval(a) => match a.command {
+            Some(c) => rag::eval(c),
+            None => eval::task(a.task),
+        },
+        Command::Fewshot(c) => match c {
+            cli::FewshotCommand::Search(a) => eval::fewshot_search(a),
+        },
         Command::Models(m) => models::run(m),
     }
 }
