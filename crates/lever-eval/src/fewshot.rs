@@ -6,6 +6,15 @@ use lever_model::weights::SplitMix64;
 
 use crate::task::Select;
 
+/// How to choose: the selector and its settings (`[fewshot]` in the task file).
+#[derive(Debug, Clone, Copy)]
+pub struct Selector<'a> {
+    pub how: Select,
+    pub seed: u64,
+    pub fixed: Option<&'a [usize]>,
+    pub lambda: f64,
+}
+
 /// Rank `k` training examples (out of `n`) for the question `q`.
 ///
 /// - `fixed`: `fixed` if given, else 0..k — the same for every question;
@@ -14,15 +23,18 @@ use crate::task::Select;
 /// - `mmr`: maximal marginal relevance (Carbonell & Goldstein 1998): each pick maximizes
 ///   λ·sim(question, d) − (1−λ)·max sim(d, already picked).
 pub fn select(
-    how: Select,
+    sel: &Selector,
     k: usize,
     n: usize,
     q: usize,
-    seed: u64,
-    fixed: Option<&[usize]>,
     sim: Option<(&[f32], &[Vec<f32>])>,
-    lambda: f64,
 ) -> Vec<usize> {
+    let Selector {
+        how,
+        seed,
+        fixed,
+        lambda,
+    } = *sel;
     let k = k.min(n);
     match how {
         Select::Fixed => match fixed {
@@ -102,6 +114,15 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    fn sel(how: Select, seed: u64, fixed: Option<&[usize]>, lambda: f64) -> Selector<'_> {
+        Selector {
+            how,
+            seed,
+            fixed,
+            lambda,
+        }
+    }
+
     fn unit(v: &[f32]) -> Vec<f32> {
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         v.iter().map(|x| x / n).collect()
@@ -110,16 +131,22 @@ mod tests {
     #[test]
     fn fixed_and_random() {
         assert_eq!(
-            select(Select::Fixed, 3, 10, 0, 0, None, None, 0.5),
+            select(&sel(Select::Fixed, 0, None, 0.5), 3, 10, 0, None),
             vec![0, 1, 2]
         );
         assert_eq!(
-            select(Select::Fixed, 2, 10, 5, 0, Some(&[7, 3, 1]), None, 0.5),
+            select(
+                &sel(Select::Fixed, 0, Some(&[7, 3, 1]), 0.5),
+                2,
+                10,
+                5,
+                None
+            ),
             vec![7, 3]
         );
-        let a = select(Select::Random, 4, 10, 0, 42, None, None, 0.5);
-        let b = select(Select::Random, 4, 10, 0, 42, None, None, 0.5);
-        let c = select(Select::Random, 4, 10, 1, 42, None, None, 0.5);
+        let a = select(&sel(Select::Random, 42, None, 0.5), 4, 10, 0, None);
+        let b = select(&sel(Select::Random, 42, None, 0.5), 4, 10, 0, None);
+        let c = select(&sel(Select::Random, 42, None, 0.5), 4, 10, 1, None);
         assert_eq!(a, b);
         assert_ne!(a, c);
         let mut d = a.clone();
@@ -140,13 +167,13 @@ mod tests {
             unit(&[0.0, 1.0, 0.0]),  // 3: far
         ];
         let q = unit(&[1.0, 0.02, 0.3]);
-        let knn = select(Select::Knn, 2, 4, 0, 0, None, Some((&q, &pool)), 0.5);
+        let knn = select(&sel(Select::Knn, 0, None, 0.5), 2, 4, 0, Some((&q, &pool)));
         assert_eq!(knn, vec![0, 1]);
-        let m = select(Select::Mmr, 2, 4, 0, 0, None, Some((&q, &pool)), 0.5);
+        let m = select(&sel(Select::Mmr, 0, None, 0.5), 2, 4, 0, Some((&q, &pool)));
         assert_eq!(m, vec![0, 2]);
         // λ = 1 is knn.
         assert_eq!(
-            select(Select::Mmr, 3, 4, 0, 0, None, Some((&q, &pool)), 1.0),
+            select(&sel(Select::Mmr, 0, None, 1.0), 3, 4, 0, Some((&q, &pool))),
             vec![0, 1, 2]
         );
     }

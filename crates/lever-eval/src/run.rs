@@ -254,16 +254,13 @@ impl<'a> Evaluator<'a> {
                         _ => None,
                     };
                     let n = if needs_vecs { pool_n } else { task.train.len() };
-                    fewshot::select(
-                        setting.select,
-                        k,
-                        n,
-                        i,
-                        fs.seed,
-                        fs.fixed.as_deref(),
-                        sim,
-                        fs.mmr_lambda,
-                    )
+                    let how = fewshot::Selector {
+                        how: setting.select,
+                        seed: fs.seed,
+                        fixed: fs.fixed.as_deref(),
+                        lambda: fs.mmr_lambda,
+                    };
+                    fewshot::select(&how, k, n, i, sim)
                 }
             };
             let record = self.one(setting, i, ex, &ranked)?;

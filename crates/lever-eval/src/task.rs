@@ -58,8 +58,9 @@ struct RawData {
 struct RawPrompt {
     template: String,
     target: Option<String>,
-    /// The variable holding the list of choices (multiple-choice metrics).
-    choices: Option<String>,
+    /// The variable holding the list of choices (multiple-choice metrics), or a list of
+    /// variables, one per choice (PIQA's `["sol1", "sol2"]`).
+    choices: Option<ChoicesSpec>,
     /// How one choice is written after the prompt; `choice` is its text.
     choice: Option<String>,
     /// Renders to the gold choice: a 0-based index, a label (with `labels`), or the text.
@@ -71,6 +72,13 @@ struct RawPrompt {
     instruction: Option<String>,
     #[serde(default)]
     variants: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum ChoicesSpec {
+    List(String),
+    Fields(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -343,6 +351,20 @@ pub fn load(path: &Path) -> Result<Task> {
     let mut env = Environment::new();
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    // `{{ text | regex_replace("\\[.*?\\]", "") }}`: for data that needs cleaning the way
+    // benchmark harnesses preprocess it (HellaSwag's `[title]` tags).
+    env.add_filter(
+        "regex_replace",
+        |s: String,
+         pattern: String,
+         with: String|
+         -> std::result::Result<String, minijinja::Error> {
+            let re = regex::Regex::new(&pattern).map_err(|e| {
+                minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string())
+            })?;
+            Ok(re.replace_all(&s, with.as_str()).into_owned())
+        },
+    );
     let mut templates = vec![DEFAULT_TEMPLATE.to_string()];
     let mut sources_of: BTreeMap<String, String> = BTreeMap::new();
     let mut add = |env: &mut Environment<'static>, key: String, src: &str| -> Result<()> {
@@ -407,7 +429,7 @@ pub fn load(path: &Path) -> Result<Task> {
         tpl: &tpl,
         templates: &templates,
         fields: &raw.fields,
-        choices: raw.prompt.choices.as_deref(),
+        choices: raw.prompt.choices.as_ref(),
         labels: raw.prompt.labels.as_deref(),
     };
     let d = &raw.data;
@@ -516,7 +538,7 @@ struct Render<'a> {
     tpl: &'a Templates,
     templates: &'a [String],
     fields: &'a BTreeMap<String, String>,
-    choices: Option<&'a str>,
+    choices: Option<&'a ChoicesSpec>,
     labels: Option<&'a str>,
 }
 
@@ -580,19 +602,27 @@ fn render_example(
         prompts.insert(t.clone(), r.tpl.render(&format!("prompt.{t}"), &ctx)?);
     }
     let (target, choices, gold) = match r.choices {
-        Some(var) => {
-            let list = vars
-                .get(var)
-                .ok_or_else(|| format!("missing field `{var}` ([prompt] choices)"))?;
-            let texts: Vec<String> = match list {
-                Value::Array(a) if !a.is_empty() => a
+        Some(spec) => {
+            let text_of = |v: &Value| match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let texts: Vec<String> = match spec {
+                ChoicesSpec::List(var) => match vars.get(var) {
+                    Some(Value::Array(a)) if !a.is_empty() => a.iter().map(text_of).collect(),
+                    Some(_) => {
+                        return Err(format!("field `{var}` is not a non-empty list of choices"));
+                    }
+                    None => return Err(format!("missing field `{var}` ([prompt] choices)")),
+                },
+                ChoicesSpec::Fields(names) => names
                     .iter()
-                    .map(|c| match c {
-                        Value::String(s) => Ok(s.clone()),
-                        other => Ok(other.to_string()),
+                    .map(|n| {
+                        vars.get(n)
+                            .map(text_of)
+                            .ok_or_else(|| format!("missing field `{n}` ([prompt] choices)"))
                     })
                     .collect::<std::result::Result<_, String>>()?,
-                _ => return Err(format!("field `{var}` is not a non-empty list of choices")),
             };
             let mut conts = Vec::with_capacity(texts.len());
             for t in &texts {
@@ -711,6 +741,33 @@ name = "exact_match"
         assert_eq!(task.test[0].target, "4");
         assert!(task.test[0].origin.ends_with("qa.jsonl:1"));
         assert_eq!(task.name, "t");
+    }
+
+    #[test]
+    fn regex_replace_filter() {
+        let d = tempfile::tempdir().unwrap();
+        write(
+            d.path(),
+            "h.jsonl",
+            r#"{"ctx": "Howto [title] Tie a knot [step] Loop it."}"#,
+        );
+        let t = write(
+            d.path(),
+            "t.toml",
+            r#"
+[data]
+test = "h.jsonl"
+[prompt]
+template = '{{ ctx | replace(" [title]", ".") | regex_replace("\[.*?\]", "") | replace("  ", " ") | trim }}'
+target = "x"
+[metric]
+name = "exact_match"
+"#,
+        );
+        assert_eq!(
+            load(&t).unwrap().test[0].prompt("default"),
+            "Howto. Tie a knot Loop it."
+        );
     }
 
     #[test]
