@@ -235,6 +235,52 @@ impl Attention {
         let y = y.transpose(1, 2)?.reshape((b, t, h * d))?; // (B, T, C)
         self.o.forward(&y)
     }
+
+    /// Whether `forward_rows` can run (lever's host attention kernel).
+    fn rows_supported(&self, dev: &Device) -> bool {
+        self.kv_precision == KvPrecision::F16
+            && dev.is_cpu()
+            && self.head_dim <= kernels::MAX_HEAD_DIM
+    }
+
+    /// One new token for each of several sequences: x (1, B, C), row r belonging to the
+    /// sequence whose cache is `caches[r]`. The projections run once over all B rows; RoPE
+    /// and attention run per row at its own position, against its own cache.
+    fn forward_rows(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        rope: &Rope,
+        caches: &mut [&mut Cache],
+    ) -> Result<Tensor> {
+        let (_, b, _) = x.dims3()?;
+        let (h, k_heads, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
+        let k = self.k.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
+        let v = self.v.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
+        let dims = AttnDims {
+            heads: h,
+            kv_heads: k_heads,
+            head_dim: d,
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let round = |x: &f32| f16::from_f32(*x).to_f32();
+        let mut y = Vec::with_capacity(b * h * d);
+        for (r, cache) in caches.iter_mut().enumerate() {
+            let pos = cache.len;
+            let mut qr = q[r * h * d..(r + 1) * h * d].to_vec();
+            let mut kr = k[r * k_heads * d..(r + 1) * k_heads * d].to_vec();
+            let vr = &v[r * k_heads * d..(r + 1) * k_heads * d];
+            rope.apply_host(&mut qr, h, pos);
+            rope.apply_host(&mut kr, k_heads, pos);
+            let (ck, cv) = cache.host(layer)?;
+            ck.extend(kr.iter().map(round));
+            cv.extend(vr.iter().map(round));
+            y.extend(kernels::attention(&qr, ck, cv, 1, pos, dims, scale));
+        }
+        self.o
+            .forward(&Tensor::from_vec(y, (1, b, h * d), x.device())?)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -519,6 +565,55 @@ impl Decoder {
             Logits::Last => logits.squeeze(1),
             Logits::All => Ok(logits),
         }
+    }
+
+    /// One decoding step for several independent sequences (continuous batching): `ids[r]`
+    /// is the next token of the sequence whose keys and values `caches[r]` holds, each at its
+    /// own position. The matrix products run once over all rows, so the weights are read once
+    /// per step for every sequence; attention runs per sequence. Returns logits (B, V), row r
+    /// equal to what `forward` gives for that sequence alone.
+    pub fn step_batch(&self, ids: &[u32], caches: &mut [&mut Cache]) -> Result<Tensor> {
+        if ids.len() != caches.len() || ids.is_empty() {
+            candle_core::bail!(
+                "step_batch: {} tokens for {} caches",
+                ids.len(),
+                caches.len()
+            );
+        }
+        if let Some(c) = caches.iter().find(|c| c.len + 1 > self.cfg.max_seq_len) {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the context of {}",
+                c.len + 1,
+                self.cfg.max_seq_len
+            );
+        }
+        if !self
+            .blocks
+            .iter()
+            .all(|b| b.attn.rows_supported(&self.device))
+        {
+            // The tensor path: one sequence at a time.
+            let mut rows = Vec::with_capacity(ids.len());
+            for (id, cache) in ids.iter().zip(caches.iter_mut()) {
+                let input = Tensor::new(&[*id], &self.device)?.unsqueeze(0)?;
+                rows.push(self.forward(&input, cache, Logits::Last)?);
+            }
+            return Tensor::cat(&rows, 0);
+        }
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?; // (1, B)
+        let mut x = self.embed.forward(&input)?; // (1, B, C)
+        for (i, block) in self.blocks.iter().enumerate() {
+            let h = ops::rms_norm(&x, &block.attn_norm, self.cfg.rms_norm_eps)?;
+            let h = block.attn.forward_rows(&h, i, &self.rope, caches)?;
+            x = (x + h)?;
+            let h = ops::rms_norm(&x, &block.ffn_norm, self.cfg.rms_norm_eps)?;
+            x = (&x + block.mlp.forward(&h)?)?;
+        }
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        let x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        self.lm_head.forward(&x)?.squeeze(0) // (B, V)
     }
 
     /// The final hidden states (after the last norm), (B, T, C): for losses that send only
