@@ -56,9 +56,61 @@ pub enum Command {
     /// reports it on test.
     #[command(subcommand)]
     Fewshot(FewshotCommand),
+    /// An OpenAI-compatible HTTP server: chat and text completions (streaming or not),
+    /// embeddings, models, health; concurrent requests are batched together.
+    Serve(ServeArgs),
     /// Provision and list models.
     #[command(subcommand)]
     Models(ModelsCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The generator: a .gguf file, a Hugging Face folder, or a registry name.
+    #[arg(long, short = 'm', env = "LEVER_MODEL", default_value = lever_model::registry::DEFAULT_GENERATOR)]
+    pub model: String,
+    /// A LoRA adapter a request can choose with "model": "BASE:NAME" (repeatable).
+    #[arg(long = "adapter", value_name = "NAME=DIR", value_parser = parse_adapter)]
+    pub adapters: Vec<(String, PathBuf)>,
+    /// The sentence encoder behind /v1/embeddings.
+    #[arg(long, env = "LEVER_EMBEDDER", default_value = lever_model::registry::DEFAULT_EMBEDDER)]
+    pub embedder: String,
+    /// Serve no embeddings (and load no encoder).
+    #[arg(long)]
+    pub no_embedder: bool,
+    /// Address to bind; the default takes connections from this machine only.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every route but /health.
+    #[arg(long, env = "LEVER_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Most sequences generated together in one batched step.
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
+    pub max_batch: usize,
+    /// Most requests waiting for a place in the batch; more get 429.
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+    pub queue: usize,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 4096, value_parser = at_least_one)]
+    pub max_tokens_limit: usize,
+    /// max_tokens for a request that does not say.
+    #[arg(long, default_value_t = 512, value_parser = at_least_one)]
+    pub default_max_tokens: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = 1 << 20, value_parser = at_least_one)]
+    pub max_body_bytes: usize,
+}
+
+fn parse_adapter(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() && !name.contains(':') => {
+            Ok((name.to_string(), PathBuf::from(dir)))
+        }
+        _ => Err(format!("`{s}`: expected NAME=DIR (NAME without ':')")),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,7 @@ mod measure;
 mod models;
 mod progress;
 mod rag;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -85,6 +86,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fewshot(c) => match c {
             cli::FewshotCommand::Search(a) => eval::fewshot_search(a),
         },
+        Command::Serve(a) => serve::run(a),
         Command::Models(m) => models::run(m),
     }
 }

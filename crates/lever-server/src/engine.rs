@@ -1,0 +1,286 @@
+//! The generation engine: one thread that owns the decoding loop. Requests wait in a bounded
+//! queue; each loop turn admits waiting requests (prefilling their prompts), then advances
+//! every running sequence by one token in a single batched step per model variant
+//! (`Decoder::step_batch`: the weights are read once for all sequences), so a request that
+//! arrives mid-way joins the next step instead of waiting for the others to finish
+//! (continuous batching, as in Orca, OSDI '22, and vLLM). A sequence whose client went away
+//! (its event receiver dropped) is dropped at the next step.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::time::Duration;
+
+use lever_generate::stream::{StopMatcher, Utf8Stream};
+use lever_generate::{FinishReason, Sampler, SamplingParams};
+use lever_model::{Cache, Model};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What a request streams back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Printable text, in order.
+    Text(String),
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The engine failed on this request (a model error); the message is for the client.
+    Failed(String),
+}
+
+pub struct Job {
+    /// Index of the model variant (base, or base + an adapter).
+    pub variant: usize,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub events: UnboundedSender<Event>,
+}
+
+/// Why a job was not taken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The queue is full: try later (HTTP 429).
+    Busy,
+    /// The engine has stopped (HTTP 503).
+    Stopped,
+}
+
+/// The handle the HTTP side holds.
+#[derive(Clone)]
+pub struct Engine {
+    tx: SyncSender<Job>,
+    stats: Arc<Stats>,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    /// The largest batch one step has run.
+    pub max_batch_seen: AtomicUsize,
+}
+
+impl Engine {
+    /// Start the engine thread over `variants` (index 0 is the base model). At most
+    /// `max_batch` sequences run at once; at most `queue` more wait.
+    pub fn start(variants: Vec<Arc<Model>>, max_batch: usize, queue: usize) -> Engine {
+        let (tx, rx) = sync_channel(queue.max(1));
+        let stats = Arc::new(Stats::default());
+        let st = stats.clone();
+        std::thread::Builder::new()
+            .name("lever-engine".into())
+            .spawn(move || run(variants, rx, max_batch.max(1), st))
+            .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"));
+        Engine { tx, stats }
+    }
+
+    pub fn submit(&self, job: Job) -> Result<(), Refused> {
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => Err(Refused::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(Refused::Stopped),
+        }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+}
+
+struct Seq {
+    job: Job,
+    cache: Cache,
+    /// Prompt + generated tokens fed so far (for the repetition penalty's history).
+    history: Vec<u32>,
+    sampler: Sampler,
+    utf8: Utf8Stream,
+    stops: StopMatcher,
+    generated: usize,
+    /// The token sampled last, to feed at the next step.
+    next: u32,
+}
+
+fn run(variants: Vec<Arc<Model>>, rx: Receiver<Job>, max_batch: usize, stats: Arc<Stats>) {
+    let mut running: Vec<Seq> = Vec::new();
+    let mut closed = false;
+    loop {
+        // Admit: block when idle, otherwise take what is waiting without stopping the batch.
+        while running.len() < max_batch && !closed {
+            let job = if running.is_empty() {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(j) => Some(j),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        closed = true;
+                        None
+                    }
+                }
+            } else {
+                rx.try_recv().ok()
+            };
+            let Some(job) = job else { break };
+            stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            if job.events.is_closed() {
+                continue;
+            }
+            if let Some(seq) = admit(&variants, job) {
+                running.push(seq);
+            }
+        }
+        if running.is_empty() {
+            if closed {
+                return;
+            }
+            continue;
+        }
+        stats.running.store(running.len(), Ordering::Relaxed);
+        step(&variants, &mut running, &stats);
+        stats.running.store(running.len(), Ordering::Relaxed);
+    }
+}
+
+/// Prefill the prompt and sample the first token; None if the request ended already.
+fn admit(variants: &[Arc<Model>], job: Job) -> Option<Seq> {
+    let model = &variants[job.variant];
+    let mut cache = model.decoder.new_cache();
+    let logits = (|| -> candle_core::Result<Vec<f32>> {
+        let input = candle_core::Tensor::new(job.prompt.as_slice(), model.decoder.device())?
+            .unsqueeze(0)?;
+        model
+            .decoder
+            .forward(&input, &mut cache, lever_model::Logits::Last)?
+            .squeeze(0)?
+            .to_vec1::<f32>()
+    })();
+    let logits = match logits {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = job.events.send(Event::Failed(e.to_string()));
+            return None;
+        }
+    };
+    let mut seq = Seq {
+        sampler: Sampler::new(job.sampling.clone()),
+        stops: StopMatcher::new(&job.stop),
+        history: job.prompt.clone(),
+        utf8: Utf8Stream::default(),
+        generated: 0,
+        next: 0,
+        cache,
+        job,
+    };
+    if advance(model, &mut seq, &logits) {
+        Some(seq)
+    } else {
+        None
+    }
+}
+
+/// One batched step for every running sequence, grouped by model variant.
+fn step(variants: &[Arc<Model>], running: &mut Vec<Seq>, stats: &Stats) {
+    // Clients that left: drop their sequences before spending a step on them.
+    running.retain(|s| !s.job.events.is_closed());
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, s) in running.iter().enumerate() {
+        groups.entry(s.job.variant).or_default().push(i);
+    }
+    let mut keep = vec![true; running.len()];
+    for (variant, idx) in groups {
+        let model = &variants[variant];
+        let ids: Vec<u32> = idx.iter().map(|&i| running[i].next).collect();
+        stats.max_batch_seen.fetch_max(ids.len(), Ordering::Relaxed);
+        // Take the caches out for the step, and put them back after.
+        let mut caches: Vec<Cache> = idx
+            .iter()
+            .map(|&i| std::mem::replace(&mut running[i].cache, model.decoder.new_cache()))
+            .collect();
+        let rows = {
+            let mut refs: Vec<&mut Cache> = caches.iter_mut().collect();
+            model
+                .decoder
+                .step_batch(&ids, &mut refs)
+                .and_then(|t| t.to_vec2::<f32>())
+        };
+        for (&i, c) in idx.iter().zip(caches) {
+            running[i].cache = c;
+        }
+        match rows {
+            Ok(rows) => {
+                for (&i, logits) in idx.iter().zip(&rows) {
+                    let s = &mut running[i];
+                    s.history.push(s.next);
+                    keep[i] = advance(model, s, logits);
+                }
+            }
+            Err(e) => {
+                for &i in &idx {
+                    let _ = running[i].job.events.send(Event::Failed(e.to_string()));
+                    keep[i] = false;
+                }
+            }
+        }
+    }
+    let mut k = keep.into_iter();
+    running.retain(|_| k.next().unwrap_or(false));
+}
+
+/// Sample after `logits`, stream the text, and say whether the sequence goes on.
+fn advance(model: &Model, s: &mut Seq, logits: &[f32]) -> bool {
+    let tok = &model.tokenizer;
+    let ctx = model.decoder.config().max_seq_len;
+    let next = s.sampler.sample(logits, &s.history);
+    let finish = if tok.is_eog(next) {
+        Some(FinishReason::Eog)
+    } else {
+        s.generated += 1;
+        let piece = s.utf8.push(tok.token_bytes(next));
+        let check = s.stops.push(&piece);
+        if !check.emit.is_empty() && s.job.events.send(Event::Text(check.emit)).is_err() {
+            return false;
+        }
+        if check.stopped {
+            Some(FinishReason::Stop)
+        } else if s.generated >= s.job.max_tokens {
+            Some(FinishReason::Length)
+        } else if s.cache.len() + 1 >= ctx {
+            Some(FinishReason::Context)
+        } else {
+            None
+        }
+    };
+    match finish {
+        None => {
+            s.next = next;
+            true
+        }
+        Some(finish) => {
+            let mut finish = finish;
+            if finish != FinishReason::Stop {
+                let tail = s.stops.push(&s.utf8.flush());
+                let rest = if tail.stopped {
+                    finish = FinishReason::Stop;
+                    tail.emit
+                } else {
+                    format!("{}{}", tail.emit, s.stops.flush())
+                };
+                if !rest.is_empty() {
+                    let _ = s.job.events.send(Event::Text(rest));
+                }
+            }
+            let _ = s.job.events.send(Event::Done {
+                finish,
+                prompt_tokens: s.job.prompt.len(),
+                completion_tokens: s.generated,
+            });
+            false
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! `lever serve`: load the models, bind, and run lever-server until SIGTERM or Ctrl-C.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use lever_server::{Limits, Served};
+
+use crate::cli::{ModelArg, ServeArgs};
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let base = crate::load_model(&ModelArg {
+        model: a.model.clone(),
+        adapter: None,
+    })?;
+    // The name clients use: a registry name as given, else the file or folder name.
+    let base_id = if Path::new(&a.model).exists() {
+        Path::new(&a.model)
+            .file_stem()
+            .map_or_else(|| a.model.clone(), |s| s.to_string_lossy().into_owned())
+    } else {
+        a.model.clone()
+    };
+    let mut variants = vec![(base_id.clone(), Arc::new(base.clone()))];
+    for (name, dir) in &a.adapters {
+        let mut m = base.clone();
+        let n = lever_train::load_peft(&mut m.decoder, dir)
+            .with_context(|| format!("--adapter {name}={}", dir.display()))?;
+        eprintln!(
+            "adapter {base_id}:{name}: {} ({n} projections)",
+            dir.display()
+        );
+        variants.push((format!("{base_id}:{name}"), Arc::new(m)));
+    }
+    let embedder = if a.no_embedder {
+        None
+    } else {
+        let enc = crate::embed::load_encoder(&a.embedder, 32)?;
+        let id = if Path::new(&a.embedder).exists() {
+            Path::new(&a.embedder)
+                .file_name()
+                .map_or_else(|| a.embedder.clone(), |s| s.to_string_lossy().into_owned())
+        } else {
+            a.embedder.clone()
+        };
+        Some((id, Arc::new(enc)))
+    };
+    let names: Vec<String> = variants
+        .iter()
+        .map(|(id, _)| id.clone())
+        .chain(embedder.iter().map(|(id, _)| id.clone()))
+        .collect();
+    let limits = Limits {
+        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        max_body_bytes: a.max_body_bytes,
+        max_tokens: a.max_tokens_limit,
+        default_max_tokens: a.default_max_tokens.min(a.max_tokens_limit),
+        max_batch: a.max_batch,
+        queue: a.queue,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", a.host, a.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("bind {addr}"))?;
+        let local = listener.local_addr().context("local address")?;
+        eprintln!(
+            "lever serve: listening on http://{local} (models: {}; {})",
+            names.join(", "),
+            if limits.api_key.is_some() {
+                "API key required"
+            } else {
+                "no API key"
+            }
+        );
+        lever_server::serve(
+            listener,
+            Served { variants, embedder },
+            limits,
+            lever_server::shutdown_signal(),
+        )
+        .await
+        .context("server")?;
+        eprintln!("lever serve: stopped");
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,69 @@
+"""The official `openai` Python client against `lever serve` (run by tests/serve.rs):
+chat, streaming chat, embeddings, and errors raised as the client's own exception types."""
+import math
+import os
+import sys
+
+import openai
+
+base = os.environ["LEVER_URL"]
+key = os.environ["LEVER_KEY"]
+client = openai.OpenAI(base_url=base, api_key=key, max_retries=0)
+
+
+def check(cond, what):
+    if not cond:
+        print(f"FAILED: {what}")
+        sys.exit(1)
+
+
+models = [m.id for m in client.models.list()]
+check(models == ["smollm2-135m-instruct", "all-minilm-l6-v2"], f"models {models}")
+
+msgs = [{"role": "user", "content": "What is the capital of France?"}]
+r = client.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, max_tokens=12, temperature=0, seed=1)
+text = r.choices[0].message.content
+check(r.object == "chat.completion" and text and r.choices[0].message.role == "assistant", f"chat {r}")
+check(r.choices[0].finish_reason in ("stop", "length"), f"finish {r.choices[0].finish_reason}")
+check(r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens, f"usage {r.usage}")
+
+stream = client.chat.completions.create(
+    model="smollm2-135m-instruct", messages=msgs, max_tokens=12, temperature=0, stream=True,
+    stream_options={"include_usage": True},
+)
+pieces, usage, finish = [], None, None
+for chunk in stream:
+    if chunk.usage:
+        usage = chunk.usage
+    for c in chunk.choices:
+        if c.delta.content:
+            pieces.append(c.delta.content)
+        if c.finish_reason:
+            finish = c.finish_reason
+check("".join(pieces) == text, f"stream {''.join(pieces)!r} vs {text!r}")
+check(finish == r.choices[0].finish_reason and usage == r.usage, f"stream end {finish} {usage}")
+
+e = client.embeddings.create(model="all-minilm-l6-v2", input=["hello world", "second"])
+check(len(e.data) == 2 and len(e.data[0].embedding) == 384, "embedding shape")
+norm = math.sqrt(sum(x * x for x in e.data[0].embedding))
+check(abs(norm - 1) < 1e-4, f"embedding norm {norm}")
+
+try:
+    client.chat.completions.create(model="no-such-model", messages=msgs)
+    check(False, "unknown model accepted")
+except openai.NotFoundError as err:
+    check(err.status_code == 404 and "no-such-model" in str(err), f"not found {err}")
+
+try:
+    openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+    check(False, "wrong key accepted")
+except openai.AuthenticationError as err:
+    check(err.status_code == 401, f"auth {err}")
+
+try:
+    client.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, temperature=9)
+    check(False, "temperature 9 accepted")
+except openai.BadRequestError as err:
+    check(err.status_code == 400, f"bad request {err}")
+
+print("openai client: all checks passed")

@@ -1,0 +1,544 @@
+//! `lever serve` on the real default model and embedder, over real sockets: OpenAI shapes
+//! (chat, streaming chat, completions, embeddings, models, health), answers equal to `lever
+//! ask` / `lever embed` for the same input, errors in OpenAI's shape with the right status,
+//! the API key, body and max_tokens limits, the bounded queue (429), per-request adapters,
+//! batching of concurrent requests, cancellation when a client goes away, graceful SIGTERM,
+//! and the official `openai` Python client.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use common::http::{self, get, post};
+use common::{Server, lever_in as lever};
+
+const KEY: &str = "sekrit-test-key";
+
+fn content(v: &Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn openai_shapes_and_answers_equal_lever_ask() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        d.path(),
+        &[
+            "--api-key",
+            KEY,
+            "--max-tokens-limit",
+            "64",
+            "--max-body-bytes",
+            "4096",
+        ],
+    );
+    let a = s.addr.as_str();
+    // Health needs no key; everything else does.
+    let h = get(a, "/health", None);
+    assert_eq!(h.status, 200);
+    assert_eq!(h.json()["status"], "ok");
+    let r = get(a, "/v1/models", None);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    assert_eq!(get(a, "/v1/models", Some("wrong")).status, 401);
+    let m = get(a, "/v1/models", Some(KEY)).json();
+    let ids: Vec<&str> = m["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["smollm2-135m-instruct", "all-minilm-l6-v2"]);
+
+    // Greedy chat equals `lever ask` (same chat template, same tokens, same decoder).
+    let q = "What is the capital of France?";
+    let ask = lever(
+        d.path(),
+        &[
+            "ask",
+            q,
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "0",
+            "--json",
+        ],
+    )
+    .ok()
+    .json();
+    let body = json!({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": q}], "max_tokens": 16, "temperature": 0});
+    let v = post(a, "/v1/chat/completions", Some(KEY), &body);
+    assert_eq!(v.status, 200, "{}", v.text());
+    let v = v.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(content(&v), ask["text"].as_str().unwrap());
+    assert_eq!(v["usage"]["prompt_tokens"], ask["prompt_tokens"]);
+    assert_eq!(v["usage"]["completion_tokens"], ask["completion_tokens"]);
+    let u = &v["usage"];
+    assert_eq!(
+        u["total_tokens"].as_u64(),
+        Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
+    );
+    let want_finish = if ask["finish_reason"] == "length" {
+        "length"
+    } else {
+        "stop"
+    };
+    assert_eq!(v["choices"][0]["finish_reason"], want_finish);
+
+    // Streaming: role first, the same text in pieces, the finish, usage, [DONE].
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    sb["stream_options"] = json!({"include_usage": true});
+    let r = post(a, "/v1/chat/completions", Some(KEY), &sb);
+    assert_eq!(r.status, 200);
+    assert!(
+        r.headers
+            .iter()
+            .any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream"))
+    );
+    let ev = r.events();
+    assert_eq!(ev.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, content(&v));
+    let fin = &chunks[chunks.len() - 2];
+    assert_eq!(fin["choices"][0]["finish_reason"], want_finish);
+    assert_eq!(chunks.last().unwrap()["usage"], v["usage"]);
+
+    // A stop string ends the answer before it, with finish_reason "stop".
+    let full = content(&v);
+    let word = full.split_whitespace().nth(1).unwrap().to_string();
+    let mut stop = body.clone();
+    stop["stop"] = json!(word);
+    let st = post(a, "/v1/chat/completions", Some(KEY), &stop).json();
+    assert_eq!(st["choices"][0]["finish_reason"], "stop");
+    assert_eq!(content(&st), full[..full.find(&word).unwrap()]);
+
+    // Text completion: no chat template.
+    let c = post(
+        a,
+        "/v1/completions",
+        Some(KEY),
+        &json!({"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}),
+    )
+    .json();
+    assert_eq!(c["object"], "text_completion");
+    assert_eq!(
+        c["usage"]["completion_tokens"].as_u64().unwrap()
+            + c["usage"]["prompt_tokens"].as_u64().unwrap(),
+        c["usage"]["total_tokens"].as_u64().unwrap()
+    );
+    let raw = lever(
+        d.path(),
+        &[
+            "ask",
+            "The capital of France is",
+            "--raw",
+            "--max-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--json",
+        ],
+    )
+    .ok()
+    .json();
+    assert_eq!(c["choices"][0]["text"], raw["text"]);
+
+    // Embeddings equal `lever embed`.
+    let e = post(
+        a,
+        "/v1/embeddings",
+        Some(KEY),
+        &json!({"model": "all-minilm-l6-v2", "input": ["hello world", "a second text"]}),
+    )
+    .json();
+    let local = lever(
+        d.path(),
+        &["embed", "hello world", "a second text", "--json"],
+    )
+    .ok()
+    .json();
+    for i in 0..2 {
+        let got = e["data"][i]["embedding"].as_array().unwrap();
+        let want = local["data"][i]["embedding"].as_array().unwrap();
+        assert_eq!(got.len(), 384);
+        let diff = got
+            .iter()
+            .zip(want)
+            .map(|(x, y)| (x.as_f64().unwrap() - y.as_f64().unwrap()).abs())
+            .fold(0.0, f64::max);
+        assert!(diff < 1e-6, "{diff}");
+    }
+    assert!(e["usage"]["prompt_tokens"].as_u64().unwrap() >= 4);
+
+    // Errors: OpenAI's shape, the right status.
+    let err = |r: http::Reply, status: u16, param: Option<&str>| {
+        assert_eq!(r.status, status, "{}", r.text());
+        let v = r.json();
+        assert!(v["error"]["message"].as_str().unwrap().len() > 5, "{v}");
+        assert!(v["error"]["type"].is_string());
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], p);
+        }
+        v
+    };
+    let v = err(
+        post(
+            a,
+            "/v1/chat/completions",
+            Some(KEY),
+            &json!({"model": "/etc/passwd", "messages": [{"role": "user", "content": "x"}]}),
+        ),
+        404,
+        Some("model"),
+    );
+    assert_eq!(v["error"]["code"], "model_not_found");
+    err(
+        post(
+            a,
+            "/v1/chat/completions",
+            Some(KEY),
+            &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}),
+        ),
+        400,
+        Some("max_tokens"),
+    );
+    err(
+        post(
+            a,
+            "/v1/chat/completions",
+            Some(KEY),
+            &json!({"messages": [{"role": "user", "content": "x"}], "n": 2}),
+        ),
+        400,
+        Some("n"),
+    );
+    err(
+        post(
+            a,
+            "/v1/chat/completions",
+            Some(KEY),
+            &json!({"messages": [{"role": "wizard", "content": "x"}]}),
+        ),
+        400,
+        Some("messages"),
+    );
+    err(
+        post(
+            a,
+            "/v1/chat/completions",
+            Some(KEY),
+            &json!({"messages": [{"role": "user", "content": "x"}], "temperature": 5}),
+        ),
+        400,
+        Some("temperature"),
+    );
+    err(
+        http::request(
+            a,
+            "POST",
+            "/v1/chat/completions",
+            &[("Authorization", &format!("Bearer {KEY}"))],
+            b"{not json",
+        ),
+        400,
+        None,
+    );
+    let big = json!({"messages": [{"role": "user", "content": "x".repeat(5000)}]});
+    err(post(a, "/v1/chat/completions", Some(KEY), &big), 413, None);
+    err(get(a, "/v1/nothing", Some(KEY)), 404, None);
+    let long =
+        json!({"messages": [{"role": "user", "content": "word ".repeat(9000)}], "max_tokens": 4});
+    let s2 = Server::start(d.path(), &["--no-embedder"]);
+    err(
+        post(&s2.addr, "/v1/chat/completions", None, &long),
+        400,
+        Some("messages"),
+    );
+    err(
+        post(&s2.addr, "/v1/embeddings", None, &json!({"input": "x"})),
+        404,
+        Some("model"),
+    );
+}
+
+#[test]
+fn a_full_queue_answers_429_and_sigterm_ends_streams_cleanly() {
+    let d = tempfile::tempdir().unwrap();
+    let mut s = Server::start(
+        d.path(),
+        &["--no-embedder", "--max-batch", "1", "--queue", "1"],
+    );
+    let a = s.addr.clone();
+    let counting =
+        json!({"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 48, "temperature": 0, "stream": true});
+    // One runs, one waits; the third finds the queue full.
+    let (st1, _, mut first) = http::open(
+        &a,
+        "POST",
+        "/v1/completions",
+        &[("Content-Type", "application/json")],
+        counting.to_string().as_bytes(),
+    );
+    assert_eq!(st1, 200);
+    let got_first = http::next_chunk(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&got_first).contains("data: "));
+    let b2 = counting.clone();
+    let a2 = a.clone();
+    let second = std::thread::spawn(move || http::post(&a2, "/v1/completions", None, &b2));
+    // Let the second reach the queue.
+    let t0 = Instant::now();
+    while get(&a, "/health", None).json()["waiting"] != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the second request never queued"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let third = http::post(
+        &a,
+        "/v1/completions",
+        None,
+        &json!({"prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(third.status, 429, "{}", third.text());
+    assert_eq!(third.json()["error"]["code"], "rate_limit_exceeded");
+
+    // SIGTERM while streams are in flight: they finish with [DONE]; exit 0.
+    let code = {
+        let term = std::thread::spawn({
+            let pid = s.child.id();
+            move || {
+                std::thread::sleep(Duration::from_millis(200));
+                std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()
+                    .unwrap();
+            }
+        });
+        let mut rest = Vec::new();
+        while let Some(c) = http::next_chunk(&mut first) {
+            rest.extend(c);
+        }
+        term.join().unwrap();
+        let text = String::from_utf8_lossy(&rest).into_owned();
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        let second = second.join().unwrap();
+        assert_eq!(second.status, 200);
+        assert_eq!(second.events().last().unwrap(), "[DONE]");
+        s.child.wait().unwrap().code()
+    };
+    assert_eq!(code, Some(0), "{}", s.log.lock().unwrap());
+    assert!(s.log.lock().unwrap().contains("lever serve: stopped"));
+    assert!(std::net::TcpStream::connect(&a).is_err());
+}
+
+#[test]
+fn concurrent_requests_share_steps_and_a_gone_client_is_cancelled() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path(), &["--no-embedder", "--max-tokens-limit", "2000"]);
+    let a = s.addr.clone();
+    // Four at once, greedy: each answer equals the same request made alone.
+    let prompts = [
+        "Name a fruit.",
+        "Count to five.",
+        "What is 2+2?",
+        "Say hello.",
+    ];
+    let body = |p: &str| json!({"messages": [{"role": "user", "content": p}], "max_tokens": 24, "temperature": 0});
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| content(&post(&a, "/v1/chat/completions", None, &body(p)).json()))
+        .collect();
+    let together: Vec<String> = std::thread::scope(|sc| {
+        let hs: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let a = a.clone();
+                let b = body(p);
+                sc.spawn(move || content(&post(&a, "/v1/chat/completions", None, &b).json()))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    assert!(
+        get(&a, "/health", None).json()["max_batch_seen"]
+            .as_u64()
+            .unwrap()
+            >= 2
+    );
+
+    // A client that leaves mid-stream: its sequence stops long before its 2000 tokens.
+    let long = json!({"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 2000, "temperature": 0, "stream": true});
+    let (st, _, mut r) = http::open(
+        &a,
+        "POST",
+        "/v1/completions",
+        &[("Content-Type", "application/json")],
+        long.to_string().as_bytes(),
+    );
+    assert_eq!(st, 200);
+    http::next_chunk(&mut r).unwrap();
+    let t0 = Instant::now();
+    while get(&a, "/health", None).json()["running"] != 1 {
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(r);
+    let t0 = Instant::now();
+    while get(&a, "/health", None).json()["running"] != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the abandoned generation kept running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn adapters_are_chosen_per_request() {
+    let d = tempfile::tempdir().unwrap();
+    // A small real adapter: a few LoRA steps on GSM8K at a high learning rate.
+    let data = common::shared_data("instructions/gsm8k_train_first5000.jsonl");
+    lever(
+        d.path(),
+        &[
+            "finetune",
+            "--data",
+            data.to_str().unwrap(),
+            "--field",
+            "instruction=question",
+            "--field",
+            "output=answer",
+            "--lora",
+            "--steps",
+            "3",
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "256",
+            "--overlong",
+            "truncate",
+            "--lr",
+            "5e-3",
+            "--val-fraction",
+            "0",
+            "--out",
+            "run",
+        ],
+    )
+    .ok();
+    let adapter: PathBuf = d.path().join("run/adapter");
+    let s = Server::start(
+        d.path(),
+        &[
+            "--no-embedder",
+            "--adapter",
+            &format!("gsm={}", adapter.display()),
+        ],
+    );
+    let q = "Tom has 3 apples and buys 4 more. How many apples does he have?";
+    let body = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": q}], "max_tokens": 24, "temperature": 0});
+    let base = content(
+        &post(
+            &s.addr,
+            "/v1/chat/completions",
+            None,
+            &body("smollm2-135m-instruct"),
+        )
+        .json(),
+    );
+    let tuned = content(
+        &post(
+            &s.addr,
+            "/v1/chat/completions",
+            None,
+            &body("smollm2-135m-instruct:gsm"),
+        )
+        .json(),
+    );
+    let ask_tuned = lever(
+        d.path(),
+        &[
+            "ask",
+            q,
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "0",
+            "--json",
+        ],
+    )
+    .ok()
+    .json();
+    assert_eq!(tuned, ask_tuned["text"].as_str().unwrap());
+    assert_ne!(base, tuned);
+    let ids: Vec<String> = get(&s.addr, "/v1/models", None).json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["smollm2-135m-instruct", "smollm2-135m-instruct:gsm"]);
+}
+
+/// The official `openai` Python package against the server. It needs a python with `openai`
+/// (`LEVER_TEST_PYTHON`, else python3); .ci/run installs one.
+#[test]
+fn the_openai_python_client_works() {
+    let python = std::env::var("LEVER_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has = std::process::Command::new(&python)
+        .args(["-c", "import openai"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        has,
+        "{python} cannot import openai: pip install openai, or set LEVER_TEST_PYTHON"
+    );
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path(), &["--api-key", KEY]);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .env("LEVER_URL", format!("http://{}/v1", s.addr))
+        .env("LEVER_KEY", KEY)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("openai client: all checks passed"),
+        "{stdout}"
+    );
+}
