@@ -11,6 +11,7 @@
 //! bodies and `max_tokens` are bounded; with an API key every route but `/health` needs
 //! `Authorization: Bearer KEY`.
 
+pub mod client;
 pub mod engine;
 
 use std::convert::Infallible;

@@ -11,6 +11,32 @@ use crate::cli::AskArgs;
 
 pub fn run(a: AskArgs) -> Result<()> {
     let question = question(&a)?;
+    if let Some(b) = crate::backend::backend(&a.backend)? {
+        // The server applies its own chat template; --raw sends a text completion.
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(("system".to_string(), s.clone()));
+        }
+        messages.push(("user".to_string(), question.clone()));
+        let raw = a.raw.then(|| match &a.system {
+            Some(s) => format!("{s}\n\n{question}"),
+            None => question.clone(),
+        });
+        let out = crate::backend::generate(&b, &messages, raw.as_deref(), &a.sampling, a.json)?;
+        if a.json {
+            let v = json!({
+                "text": out.text,
+                "prompt_tokens": out.prompt_tokens,
+                "completion_tokens": out.completion_tokens,
+                "finish_reason": out.finish_reason,
+                "backend": out.backend,
+            });
+            println!("{v}");
+        } else {
+            println!();
+        }
+        return Ok(());
+    }
     let model = crate::load_model(&a.model)?;
     let prompt = build_prompt(&model, a.system.as_deref(), &question, a.raw)?;
     let ids = model.tokenizer.encode(&prompt, true)?;

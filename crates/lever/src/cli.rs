@@ -64,6 +64,21 @@ pub enum Command {
     Models(ModelsCommand),
 }
 
+/// Generate on a remote OpenAI-compatible server instead of in this process.
+#[derive(Debug, Args, Clone)]
+pub struct BackendArg {
+    /// An OpenAI-compatible server (vLLM, llama.cpp's server, Ollama, `lever serve`) at
+    /// http://HOST:PORT[/v1] to generate with.
+    #[arg(long, env = "LEVER_BACKEND")]
+    pub backend: Option<String>,
+    /// The backend's API key (sent as a Bearer token).
+    #[arg(long, env = "LEVER_BACKEND_KEY", hide_env_values = true)]
+    pub backend_key: Option<String>,
+    /// The model to ask the backend for (default: the server's own).
+    #[arg(long)]
+    pub backend_model: Option<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// The generator: a .gguf file, a Hugging Face folder, or a registry name.
@@ -192,6 +207,8 @@ pub enum RagCommand {
 #[derive(Debug, Args)]
 pub struct RagAskArgs {
     pub question: String,
+    #[command(flatten)]
+    pub backend: BackendArg,
     #[command(flatten)]
     pub index: IndexArg,
     #[command(flatten)]
@@ -554,6 +571,8 @@ pub struct AskArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub backend: BackendArg,
 }
 
 #[derive(Debug, Args)]

@@ -2,6 +2,7 @@
 //! Exit codes: 0 ok, 1 failure, 2 bad usage.
 
 mod ask;
+mod backend;
 mod chat;
 mod cli;
 mod embed;

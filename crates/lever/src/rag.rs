@@ -289,6 +289,14 @@ fn search(a: SearchArgs) -> Result<()> {
     Ok(())
 }
 
+/// An answer, generated here or on a backend.
+struct RagOut {
+    text: String,
+    finish_reason: serde_json::Value,
+    prompt_tokens: serde_json::Value,
+    completion_tokens: serde_json::Value,
+}
+
 pub fn rag(cmd: RagCommand) -> Result<()> {
     match cmd {
         RagCommand::Ask(a) => ask(a),
@@ -332,27 +340,51 @@ fn ask(a: RagAskArgs) -> Result<()> {
     if a.show_context {
         eprintln!("----- prompt -----\n{text}\n------------------");
     }
-    let ids = model.tokenizer.encode(&text, true)?;
-    let mut session = Session::new(&model);
-    let mut stdout = std::io::stdout();
     let json_mode = a.json;
-    let out = generate(
-        &model,
-        &mut session,
-        &ids,
-        &a.sampling.request(),
-        &mut |piece| {
-            if !json_mode
-                && stdout
-                    .write_all(piece.as_bytes())
-                    .and_then(|()| stdout.flush())
-                    .is_err()
-            {
-                return Flow::Stop;
-            }
-            Flow::Continue
-        },
-    )?;
+    // With --backend the local model only measures the budget (its tokenizer stands in for
+    // the server's); the server renders the same user turn with its own chat template.
+    let out = if let Some(b) = crate::backend::backend(&a.backend)? {
+        let r = crate::backend::generate(
+            &b,
+            &[("user".to_string(), g.user.clone())],
+            None,
+            &a.sampling,
+            json_mode,
+        )?;
+        RagOut {
+            text: r.text,
+            finish_reason: json!(r.finish_reason),
+            prompt_tokens: json!(r.prompt_tokens),
+            completion_tokens: json!(r.completion_tokens),
+        }
+    } else {
+        let ids = model.tokenizer.encode(&text, true)?;
+        let mut session = Session::new(&model);
+        let mut stdout = std::io::stdout();
+        let out = generate(
+            &model,
+            &mut session,
+            &ids,
+            &a.sampling.request(),
+            &mut |piece| {
+                if !json_mode
+                    && stdout
+                        .write_all(piece.as_bytes())
+                        .and_then(|()| stdout.flush())
+                        .is_err()
+                {
+                    return Flow::Stop;
+                }
+                Flow::Continue
+            },
+        )?;
+        RagOut {
+            text: out.text,
+            finish_reason: json!(out.finish_reason),
+            prompt_tokens: json!(out.prompt_tokens),
+            completion_tokens: json!(out.completion_tokens),
+        }
+    };
     let cited = prompt::cited(&out.text, g.used.len());
     let cite = |n: usize| g.used[n - 1].citation();
     if json_mode {

@@ -542,3 +542,57 @@ fn the_openai_python_client_works() {
         "{stdout}"
     );
 }
+
+#[test]
+fn ask_and_rag_ask_generate_through_a_backend() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path(), &["--api-key", KEY]);
+    let url = format!("http://{}", s.addr);
+    let q = "Name a large animal.";
+    let local = lever(d.path(), &["ask", q, "--max-tokens", "12", "--json"]).ok().json();
+    let remote = lever(
+        d.path(),
+        &["ask", q, "--max-tokens", "12", "--json", "--backend", &url, "--backend-key", KEY],
+    )
+    .ok()
+    .json();
+    assert_eq!(remote["text"], local["text"]);
+    assert_eq!(remote["completion_tokens"], local["completion_tokens"]);
+    assert_eq!(remote["backend"], format!("{url}/v1"));
+    // --raw: a text completion.
+    let local = lever(d.path(), &["ask", "Once upon a time", "--raw", "-n", "8", "--json"]).ok().json();
+    let remote = lever(
+        d.path(),
+        &["ask", "Once upon a time", "--raw", "-n", "8", "--json", "--backend", &url, "--backend-key", KEY],
+    )
+    .ok()
+    .json();
+    assert_eq!(remote["text"], local["text"]);
+
+    // rag ask: the same grounded prompt, answered by the server.
+    std::fs::create_dir(d.path().join("docs")).unwrap();
+    std::fs::write(
+        d.path().join("docs/keys.md"),
+        "# Keys\n\nRotate the API keys every 90 days with `keyctl rotate`.\n",
+    )
+    .unwrap();
+    lever(d.path(), &["index", "add", "docs"]).ok();
+    let question = "How often are API keys rotated?";
+    let local = lever(d.path(), &["rag", "ask", question, "-n", "24", "--json"]).ok().json();
+    let remote = lever(
+        d.path(),
+        &["rag", "ask", question, "-n", "24", "--json", "--backend", &url, "--backend-key", KEY],
+    )
+    .ok()
+    .json();
+    assert_eq!(remote["answer"], local["answer"]);
+    assert_eq!(remote["passages"], local["passages"]);
+
+    // Errors name the backend.
+    let e = lever(d.path(), &["ask", q, "--backend", &url]).failed_alone();
+    assert!(e.contains("HTTP 401"), "{e}");
+    let e = lever(d.path(), &["ask", q, "--backend", "http://127.0.0.1:9"]).failed_alone();
+    assert!(e.contains("http://127.0.0.1:9/v1/chat/completions"), "{e}");
+    let e = lever(d.path(), &["ask", q, "--backend", "https://example.com"]).failed_alone();
+    assert!(e.contains("https backends are not supported"), "{e}");
+}
