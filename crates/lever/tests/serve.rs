@@ -549,10 +549,22 @@ fn ask_and_rag_ask_generate_through_a_backend() {
     let s = Server::start(d.path(), &["--api-key", KEY]);
     let url = format!("http://{}", s.addr);
     let q = "Name a large animal.";
-    let local = lever(d.path(), &["ask", q, "--max-tokens", "12", "--json"]).ok().json();
+    let local = lever(d.path(), &["ask", q, "--max-tokens", "12", "--json"])
+        .ok()
+        .json();
     let remote = lever(
         d.path(),
-        &["ask", q, "--max-tokens", "12", "--json", "--backend", &url, "--backend-key", KEY],
+        &[
+            "ask",
+            q,
+            "--max-tokens",
+            "12",
+            "--json",
+            "--backend",
+            &url,
+            "--backend-key",
+            KEY,
+        ],
     )
     .ok()
     .json();
@@ -560,10 +572,26 @@ fn ask_and_rag_ask_generate_through_a_backend() {
     assert_eq!(remote["completion_tokens"], local["completion_tokens"]);
     assert_eq!(remote["backend"], format!("{url}/v1"));
     // --raw: a text completion.
-    let local = lever(d.path(), &["ask", "Once upon a time", "--raw", "-n", "8", "--json"]).ok().json();
+    let local = lever(
+        d.path(),
+        &["ask", "Once upon a time", "--raw", "-n", "8", "--json"],
+    )
+    .ok()
+    .json();
     let remote = lever(
         d.path(),
-        &["ask", "Once upon a time", "--raw", "-n", "8", "--json", "--backend", &url, "--backend-key", KEY],
+        &[
+            "ask",
+            "Once upon a time",
+            "--raw",
+            "-n",
+            "8",
+            "--json",
+            "--backend",
+            &url,
+            "--backend-key",
+            KEY,
+        ],
     )
     .ok()
     .json();
@@ -578,10 +606,23 @@ fn ask_and_rag_ask_generate_through_a_backend() {
     .unwrap();
     lever(d.path(), &["index", "add", "docs"]).ok();
     let question = "How often are API keys rotated?";
-    let local = lever(d.path(), &["rag", "ask", question, "-n", "24", "--json"]).ok().json();
+    let local = lever(d.path(), &["rag", "ask", question, "-n", "24", "--json"])
+        .ok()
+        .json();
     let remote = lever(
         d.path(),
-        &["rag", "ask", question, "-n", "24", "--json", "--backend", &url, "--backend-key", KEY],
+        &[
+            "rag",
+            "ask",
+            question,
+            "-n",
+            "24",
+            "--json",
+            "--backend",
+            &url,
+            "--backend-key",
+            KEY,
+        ],
     )
     .ok()
     .json();
