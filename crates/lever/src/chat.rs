@@ -54,14 +54,28 @@ impl Conversation {
     }
 }
 
+/// Where the answers come from.
+enum Engine {
+    Local(Box<Model>, Session),
+    /// `--backend`: the server keeps no state; each turn sends the whole conversation.
+    Remote(lever_server::client::Backend),
+}
+
 pub fn run(a: ChatArgs) -> Result<()> {
-    let model = crate::load_model(&a.model)?;
-    if model.chat_template.is_none() {
-        bail!(
-            "{}: the model has no chat template, so it cannot chat",
-            model.info.path.display()
-        );
-    }
+    let mut engine = match crate::backend::backend(&a.backend)? {
+        Some(b) => Engine::Remote(b),
+        None => {
+            let model = crate::load_model(&a.model)?;
+            if model.chat_template.is_none() {
+                bail!(
+                    "{}: the model has no chat template, so it cannot chat",
+                    model.info.path.display()
+                );
+            }
+            let session = Session::new(&model);
+            Engine::Local(Box::new(model), session)
+        }
+    };
     let mut conv = match &a.load {
         Some(p) => Conversation::load(p)?,
         None => Conversation::default(),
@@ -77,12 +91,14 @@ pub fn run(a: ChatArgs) -> Result<()> {
     }
     let interactive = std::io::stdin().is_terminal();
     if interactive {
+        let with = match &engine {
+            Engine::Local(model, _) => model.info.path.display().to_string(),
+            Engine::Remote(b) => b.url(),
+        };
         eprintln!(
-            "lever chat with {} — /reset, /system TEXT, /save FILE, /load FILE, /exit; Ctrl-C stops an answer",
-            model.info.path.display()
+            "lever chat with {with} — /reset, /system TEXT, /save FILE, /load FILE, /exit; Ctrl-C stops an answer"
         );
     }
-    let mut session = Session::new(&model);
     let mut failed_turns = 0;
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
@@ -107,7 +123,9 @@ pub fn run(a: ChatArgs) -> Result<()> {
                     let system = conv.system().map(str::to_string);
                     conv = Conversation::default();
                     conv.set_system(system);
-                    session.reset();
+                    if let Engine::Local(_, session) = &mut engine {
+                        session.reset();
+                    }
                     eprintln!("(history cleared)");
                 }
                 "system" => {
@@ -135,7 +153,11 @@ pub fn run(a: ChatArgs) -> Result<()> {
             continue;
         }
         conv.messages.push(Message::new("user", line));
-        match turn(&model, &mut session, &conv, &a, &cancel) {
+        let result = match &mut engine {
+            Engine::Local(model, session) => turn(model, session, &conv, &a, &cancel),
+            Engine::Remote(b) => remote_turn(b, &conv, &a, &cancel),
+        };
+        match result {
             Ok((text, finish)) => {
                 if finish == FinishReason::Cancelled {
                     eprintln!("\n(stopped)");
@@ -187,4 +209,41 @@ fn turn(
     })?;
     println!();
     Ok((out.text, out.finish_reason))
+}
+
+fn remote_turn(
+    b: &lever_server::client::Backend,
+    conv: &Conversation,
+    a: &ChatArgs,
+    cancel: &AtomicBool,
+) -> Result<(String, FinishReason)> {
+    let messages: Vec<(String, String)> = conv
+        .messages
+        .iter()
+        .map(|m| (m.role.clone(), m.content.clone()))
+        .collect();
+    let p = lever_server::client::Params {
+        max_tokens: a.sampling.max_tokens,
+        temperature: a.sampling.temperature,
+        top_p: a.sampling.top_p,
+        seed: Some(a.sampling.seed),
+        stop: a.sampling.stop.clone(),
+    };
+    let mut stdout = std::io::stdout();
+    let out = b
+        .chat(&messages, &p, &mut |t| {
+            !cancel.load(Ordering::SeqCst)
+                && stdout
+                    .write_all(t.as_bytes())
+                    .and_then(|()| stdout.flush())
+                    .is_ok()
+        })
+        .map_err(anyhow::Error::msg)?;
+    println!();
+    let finish = match out.finish_reason.as_deref() {
+        Some("cancelled") => FinishReason::Cancelled,
+        Some("length") => FinishReason::Length,
+        _ => FinishReason::Stop,
+    };
+    Ok((out.text, finish))
 }

@@ -587,6 +587,8 @@ pub struct ChatArgs {
     pub load: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub backend: BackendArg,
 }
 
 #[derive(Debug, Args)]

@@ -629,6 +629,28 @@ fn ask_and_rag_ask_generate_through_a_backend() {
     assert_eq!(remote["answer"], local["answer"]);
     assert_eq!(remote["passages"], local["passages"]);
 
+    // chat: two piped turns, the conversation sent whole each turn.
+    let chat = |extra: &[&str]| -> String {
+        use std::io::Write;
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lever"))
+            .args(["chat", "-n", "10"])
+            .args(extra)
+            .current_dir(d.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(b"Hi there.\nWhat is 2+2?\n").unwrap();
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let local = chat(&[]);
+    let remote = chat(&["--backend", &url, "--backend-key", KEY]);
+    assert_eq!(remote, local);
+    assert_eq!(local.lines().count(), 2, "{local}");
+
     // Errors name the backend.
     let e = lever(d.path(), &["ask", q, "--backend", &url]).failed_alone();
     assert!(e.contains("HTTP 401"), "{e}");
