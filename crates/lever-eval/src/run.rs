@@ -143,6 +143,10 @@ pub struct Evaluator<'a> {
     pub encoder: Option<&'a Encoder>,
     /// Bootstrap resamples for the interval.
     pub bootstrap: usize,
+    /// Generate on this OpenAI-compatible server instead of in-process (generation metrics
+    /// only; prompts are still built and budgeted with the local model's tokenizer and chat
+    /// template, and chat-format prompts are sent as messages).
+    pub backend: Option<lever_generate::remote::Backend>,
     session: Session,
     /// Embeddings of the training pool's prompts, per template.
     pool_vecs: HashMap<String, Vec<Vec<f32>>>,
@@ -186,6 +190,7 @@ impl<'a> Evaluator<'a> {
             cache: None,
             encoder: None,
             bootstrap: 1000,
+            backend: None,
             session: Session::new(model),
             pool_vecs: HashMap::new(),
         }
@@ -194,6 +199,12 @@ impl<'a> Evaluator<'a> {
     /// Check a setting against the task and the model before running it.
     pub fn check(&self, s: &Setting) -> Result<()> {
         self.task.check_k(s.shots)?;
+        if self.backend.is_some() && !self.task.metric.generates() {
+            return Err(self.task.err(format!(
+                "metric {} needs log-likelihoods, which lever reads from the model in-process; --backend serves the generation metrics (exact_match, f1, contains, regex)",
+                self.task.metric.name()
+            )));
+        }
         if !self.task.templates.contains(&s.template) {
             return Err(self.task.err(format!(
                 "no template {:?} (the task has {})",
@@ -303,20 +314,7 @@ impl<'a> Evaluator<'a> {
         let train = |i: usize| &task.train[i];
         match s.format {
             Format::Block => {
-                let mut parts: Vec<String> = Vec::new();
-                if let Some(instr) = &task.instruction {
-                    parts.push(instr.clone());
-                }
-                for &i in shots {
-                    let e = train(i);
-                    parts.push(format!(
-                        "{}{}",
-                        e.prompt(&s.template),
-                        e.answer_continuation(&fs.target_delimiter)
-                    ));
-                }
-                parts.push(ex.prompt(&s.template).to_string());
-                let text = parts.join(&fs.separator);
+                let text = self.block_text(s, ex, shots);
                 if fs.chat_template {
                     self.chat(&[Message::new("user", text)])
                 } else {
@@ -337,6 +335,43 @@ impl<'a> Evaluator<'a> {
                 self.chat(&msgs)
             }
         }
+    }
+
+    /// Block format's text: instruction, worked examples, the question, joined by the
+    /// separator.
+    fn block_text(&self, s: &Setting, ex: &Example, shots: &[usize]) -> String {
+        let task = self.task;
+        let fs = &task.fewshot;
+        let mut parts: Vec<String> = Vec::new();
+        if let Some(instr) = &task.instruction {
+            parts.push(instr.clone());
+        }
+        for &i in shots {
+            let e = &task.train[i];
+            parts.push(format!(
+                "{}{}",
+                e.prompt(&s.template),
+                e.answer_continuation(&fs.target_delimiter)
+            ));
+        }
+        parts.push(ex.prompt(&s.template).to_string());
+        parts.join(&fs.separator)
+    }
+
+    /// The chat-format prompt as (role, content) messages, for a backend.
+    fn messages(&self, s: &Setting, ex: &Example, shots: &[usize]) -> Vec<(String, String)> {
+        let task = self.task;
+        let mut msgs = Vec::new();
+        if let Some(instr) = &task.instruction {
+            msgs.push(("system".to_string(), instr.clone()));
+        }
+        for &i in shots {
+            let e = &task.train[i];
+            msgs.push(("user".to_string(), e.prompt(&s.template).to_string()));
+            msgs.push(("assistant".to_string(), e.target.trim().to_string()));
+        }
+        msgs.push(("user".to_string(), ex.prompt(&s.template).to_string()));
+        msgs
     }
 
     fn chat(&self, msgs: &[Message]) -> Result<String> {
@@ -458,6 +493,41 @@ impl<'a> Evaluator<'a> {
                 let v = match self.cache.as_mut().and_then(|c| c.get(&key)) {
                     Some(v) => {
                         rec.cached = true;
+                        v
+                    }
+                    None if self.backend.is_some() => {
+                        let b = self.backend.as_ref().unwrap_or_else(|| unreachable!());
+                        let p = lever_generate::remote::Params {
+                            max_tokens: g.max_tokens,
+                            temperature: g.temperature,
+                            top_p: g.top_p,
+                            seed: Some(seed),
+                            stop: g.stop.clone(),
+                        };
+                        let chat = s.format == Format::Chat || task.fewshot.chat_template;
+                        let r = if chat && s.format == Format::Chat {
+                            b.chat(&self.messages(s, ex, &rec.shots), &p, &mut |_| true)
+                        } else if chat {
+                            // A block sent as one user turn.
+                            b.chat(
+                                &[("user".to_string(), self.block_text(s, ex, &rec.shots))],
+                                &p,
+                                &mut |_| true,
+                            )
+                        } else {
+                            b.complete(&prompt, &p, &mut |_| true)
+                        }
+                        .map_err(|e| Error::Item {
+                            origin: ex.origin.clone(),
+                            problem: e,
+                        })?;
+                        let v = json!({
+                            "text": r.text,
+                            "prompt_tokens": r.prompt_tokens,
+                            "completion_tokens": r.completion_tokens,
+                            "latency_ms": t0.elapsed().as_secs_f64() * 1e3,
+                        });
+                        self.put(key, &v)?;
                         v
                     }
                     None => {

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod generate;
 pub mod perplexity;
+pub mod remote;
 pub mod sampling;
 pub mod stream;
 

@@ -15,8 +15,10 @@
 // (clippy: result_large_err) costs nothing worth boxing for.
 #![allow(clippy::result_large_err)]
 
-pub mod client;
 pub mod engine;
+
+/// The OpenAI client (for `--backend`) lives in lever-generate.
+pub use lever_generate::remote as client;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -274,6 +274,10 @@ pub struct TaskRunArgs {
     /// The sentence encoder for the knn and mmr selectors.
     #[arg(long, env = "LEVER_EMBEDDER", default_value = lever_model::registry::DEFAULT_EMBEDDER)]
     pub embedder: String,
+    /// Generation metrics only: the prompts are built and budgeted with --model's tokenizer
+    /// and chat template, and answered by the backend.
+    #[command(flatten)]
+    pub backend: BackendArg,
 }
 
 #[derive(Debug, Args)]

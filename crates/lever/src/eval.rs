@@ -288,6 +288,7 @@ fn evaluator<'a>(
     let mut ev = Evaluator::new(model, task);
     ev.encoder = encoder;
     ev.bootstrap = r.bootstrap;
+    ev.backend = crate::backend::backend(&r.backend)?;
     if !r.no_cache {
         let dir = r.cache.clone().unwrap_or_else(|| {
             lever_model::registry::lever_home()

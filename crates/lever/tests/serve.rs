@@ -641,15 +641,69 @@ fn ask_and_rag_ask_generate_through_a_backend() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        c.stdin.take().unwrap().write_all(b"Hi there.\nWhat is 2+2?\n").unwrap();
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(b"Hi there.\nWhat is 2+2?\n")
+            .unwrap();
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let local = chat(&[]);
     let remote = chat(&["--backend", &url, "--backend-key", KEY]);
     assert_eq!(remote, local);
     assert_eq!(local.lines().count(), 2, "{local}");
+
+    // eval: a generation task answered by the server, the same records as in-process;
+    // a log-likelihood metric is refused.
+    std::fs::write(d.path().join("qa.jsonl"), "{\"q\": \"What is the capital of France?\", \"a\": \"Paris\"}\n{\"q\": \"What is the capital of Japan?\", \"a\": \"Tokyo\"}\n").unwrap();
+    let task = "[data]\ntrain = \"qa.jsonl\"\ntest = \"qa.jsonl\"\n[prompt]\ntemplate = \"Question: {{ q }}\\nAnswer:\"\ntarget = \"{{ a }}\"\n[metric]\nname = \"contains\"\n[generation]\nmax_tokens = 6\nstop = [\"\\n\"]\n";
+    std::fs::write(d.path().join("t.toml"), task).unwrap();
+    let ev = |extra: &[&str]| -> Value {
+        let mut args = vec![
+            "eval",
+            "t.toml",
+            "--shots",
+            "0,1",
+            "--format",
+            "chat",
+            "--no-cache",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        lever(d.path(), &args).ok().json()
+    };
+    let here = ev(&["--out", "here"]);
+    let there = ev(&["--out", "there", "--backend", &url, "--backend-key", KEY]);
+    for (a, b) in here["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(there["settings"].as_array().unwrap())
+    {
+        assert_eq!(a["score"], b["score"]);
+        assert_eq!(a["mean_completion_tokens"], b["mean_completion_tokens"]);
+    }
+    let outs = |dir: &str| -> Vec<Value> {
+        std::fs::read_to_string(d.path().join(dir).join("test-1-shot_fixed_chat.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["output"].clone())
+            .collect()
+    };
+    assert_eq!(outs("here"), outs("there"));
+    std::fs::write(
+        d.path().join("p.toml"),
+        task.replace("contains", "perplexity"),
+    )
+    .unwrap();
+    let e = lever(d.path(), &["eval", "p.toml", "--backend", &url]).failed_alone();
+    assert!(e.contains("needs log-likelihoods"), "{e}");
 
     // Errors name the backend.
     let e = lever(d.path(), &["ask", q, "--backend", &url]).failed_alone();
