@@ -22,7 +22,14 @@
 //! an assertion before the loop that uses it.
 #![allow(unsafe_code)]
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
+
+thread_local! {
+    /// The bf16 copy of a block of rows (at most MC·⌈K/2⌉ pairs).
+    static A_BUF: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Output columns per panel (two 16-lane registers).
 pub const NR: usize = 32;
@@ -128,11 +135,26 @@ impl PackedBf16 {
         let (n, k, kp) = (self.n, self.k, self.kp);
         let rows = y.len() / n;
         assert!(x.len() == rows * k && y.len() == rows * n);
-        // Rows rounded to bf16, row stride kp pairs.
-        let mut a = vec![0u32; rows * kp];
-        for (src, dst) in x.chunks_exact(k).zip(a.chunks_exact_mut(kp)) {
-            to_bf16_pairs(src, dst);
-        }
+        // Rows rounded to bf16, row stride kp pairs, in a buffer each thread keeps (a fresh
+        // one per block costs page faults).
+        A_BUF.with_borrow_mut(|a| {
+            a.clear();
+            a.resize(rows * kp, 0);
+            for (src, dst) in x.chunks_exact(k).zip(a.chunks_exact_mut(kp)) {
+                to_bf16_pairs(src, dst);
+            }
+            // SAFETY: as `block_bf16` requires; `a` holds rows·kp pairs.
+            unsafe { self.block_bf16(a, y) }
+        })
+    }
+
+    /// One block of rows already rounded: a (rows × kp pairs), y (rows × N).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn block_bf16(&self, a: &[u32], y: &mut [f32]) {
+        let (n, kp) = (self.n, self.kp);
+        let rows = y.len() / n;
+        assert!(a.len() == rows * kp);
         let panels = n.div_ceil(NR);
         assert!(self.data.len() == panels * kp * NR);
         for j in 0..panels {

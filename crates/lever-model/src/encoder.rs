@@ -731,36 +731,46 @@ fn f32_slice_mut<'a>(
 /// Rows of work per rayon task for the row-wise kernels.
 const ROWS_PER_TASK: usize = 16;
 
-/// Runs `f` in a copy compiled for AVX-512 (else AVX2) when the CPU has it. lever builds for
-/// baseline x86-64, where the row loops below (exp, erf, the lane sums) vectorize 4 lanes wide;
-/// here they take 16. The lane sums fix their order and nothing is contracted into FMAs, so
-/// the results are the same bits on every path.
-#[allow(unsafe_code)]
-#[inline(always)]
-fn wide<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2")]
-        fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
+/// Defines a function whose body also runs in copies compiled for AVX-512 (else AVX2), picked
+/// when the CPU has them. lever builds for baseline x86-64, where the row loops below (exp,
+/// erf, the lane sums) vectorize 4 lanes wide; here they take 16. The lane sums fix their order
+/// and nothing is contracted into FMAs, so the results are the same bits on every path.
+///
+/// The body is an `#[inline(always)]` function called straight from each copy: a closure
+/// handed to a generic `#[target_feature]` function is not reliably inlined into it (LLVM kept
+/// it out of line, compiled for the baseline, and the copy only jumped to it).
+macro_rules! wide_fn {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        #[allow(unsafe_code)]
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2")]
+                fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                {
+                    // SAFETY: the CPU has the features `avx512` is compiled for (checked above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: as above, for AVX2.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
         }
-        #[target_feature(enable = "avx2")]
-        fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-        {
-            // SAFETY: the CPU has the features `avx512` is compiled for (checked above).
-            return unsafe { avx512(f) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above, for AVX2.
-            return unsafe { avx2(f) };
-        }
-    }
-    f()
+    };
 }
 
 /// Sum and maximum in 8 independent lanes, so that the compiler vectorizes them (a single
@@ -911,7 +921,7 @@ fn text_attention(
                 gemm::Parallelism::None,
             );
         }
-        wide(|| scores.chunks_mut(n).for_each(softmax_in_place));
+        softmax_rows(&mut scores, n);
         // SAFETY: as above.
         unsafe {
             // out_h (n, D) = probs (n, n) · v_h (n, D)
@@ -940,6 +950,24 @@ fn text_attention(
     }
 }
 
+wide_fn! {
+    /// Softmax of each row of n; `scores` holds whole rows.
+    fn softmax_rows(scores: &mut [f32], n: usize) {
+        scores.chunks_mut(n).for_each(softmax_in_place)
+    }
+}
+
+wide_fn! {
+    /// gelu(x + b) on each row of `rows` (whole rows of the bias' width).
+    fn bias_gelu_rows(rows: &mut [f32], bias: &[f32]) {
+        for row in rows.chunks_mut(bias.len()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v = gelu(*v + b);
+            }
+        }
+    }
+}
+
 #[inline(always)]
 fn softmax_in_place(x: &mut [f32]) {
     let max = lanes_max(x);
@@ -963,15 +991,8 @@ impl InplaceOp1 for BiasGelu {
             candle_core::bail!("bias gelu: {:?} with a bias of {f}", l.dims());
         }
         let x = f32_slice_mut(s, l, self.name())?;
-        x.par_chunks_mut(f * ROWS_PER_TASK).for_each(|rows| {
-            wide(|| {
-                for row in rows.chunks_mut(f) {
-                    for (v, b) in row.iter_mut().zip(&self.bias) {
-                        *v = gelu(*v + b);
-                    }
-                }
-            })
-        });
+        x.par_chunks_mut(f * ROWS_PER_TASK)
+            .for_each(|rows| bias_gelu_rows(rows, &self.bias));
         Ok(())
     }
 }
@@ -981,6 +1002,24 @@ struct AddNorm {
     weight: Vec<f32>,
     beta: Vec<f32>,
     eps: f32,
+}
+
+wide_fn! {
+    /// LayerNorm(x + b + r) in place on xs; xs, rs: whole rows of width C.
+    fn add_norm_rows(op: &AddNorm, xs: &mut [f32], rs: &[f32]) {
+        let c = op.weight.len();
+        for (x, r) in xs.chunks_mut(c).zip(rs.chunks(c)) {
+            for ((x, r), b) in x.iter_mut().zip(r).zip(&op.bias) {
+                *x += b + r;
+            }
+            let mean = lanes_sum(x) / c as f32;
+            x.iter_mut().for_each(|v| *v -= mean);
+            let inv = 1.0 / (lanes_sum_sq(x) / c as f32 + op.eps).sqrt();
+            for ((v, w), b) in x.iter_mut().zip(&op.weight).zip(&op.beta) {
+                *v = *v * inv * w + b;
+            }
+        }
+    }
 }
 
 impl InplaceOp2 for AddNorm {
@@ -1003,21 +1042,7 @@ impl InplaceOp2 for AddNorm {
         let x = f32_slice_mut(s1, l1, self.name())?;
         x.par_chunks_mut(c * ROWS_PER_TASK)
             .zip(r.par_chunks(c * ROWS_PER_TASK))
-            .for_each(|(xs, rs)| {
-                wide(|| {
-                    for (x, r) in xs.chunks_mut(c).zip(rs.chunks(c)) {
-                        for ((x, r), b) in x.iter_mut().zip(r).zip(&self.bias) {
-                            *x += b + r;
-                        }
-                        let mean = lanes_sum(x) / c as f32;
-                        x.iter_mut().for_each(|v| *v -= mean);
-                        let inv = 1.0 / (lanes_sum_sq(x) / c as f32 + self.eps).sqrt();
-                        for ((v, w), b) in x.iter_mut().zip(&self.weight).zip(&self.beta) {
-                            *v = *v * inv * w + b;
-                        }
-                    }
-                })
-            });
+            .for_each(|(xs, rs)| add_norm_rows(self, xs, rs));
         Ok(())
     }
 }
@@ -1025,7 +1050,7 @@ impl InplaceOp2 for AddNorm {
 /// e^x in f32 from arithmetic only (so loops over it vectorize): Cephes `expf` — range
 /// reduction x = n·ln2 + r, a degree-6 polynomial for e^r, then 2^n in the exponent bits.
 /// Relative error < 2e-7 on [-87, 88].
-#[inline]
+#[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     let x = x.clamp(-87.0, 88.0);
@@ -1045,7 +1070,7 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// erf(x) in f32 (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7), arithmetic only.
-#[inline]
+#[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
@@ -1057,7 +1082,7 @@ pub fn erf(x: f32) -> f32 {
 }
 
 /// The exact GELU, x·Φ(x) = x/2·(1 + erf(x/√2)) (Hendrycks & Gimpel 2016).
-#[inline]
+#[inline(always)]
 pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
