@@ -953,7 +953,10 @@ fn text_attention(
 wide_fn! {
     /// Softmax of each row of n; `scores` holds whole rows.
     fn softmax_rows(scores: &mut [f32], n: usize) {
-        scores.chunks_mut(n).for_each(softmax_in_place)
+        // Plain loops, not `for_each`: its fold stays out of line, outside the wide copies.
+        for row in scores.chunks_mut(n) {
+            softmax_in_place(row);
+        }
     }
 }
 
@@ -971,9 +974,13 @@ wide_fn! {
 #[inline(always)]
 fn softmax_in_place(x: &mut [f32]) {
     let max = lanes_max(x);
-    x.iter_mut().for_each(|v| *v = exp(*v - max));
+    for v in x.iter_mut() {
+        *v = exp(*v - max);
+    }
     let inv = 1.0 / lanes_sum(x);
-    x.iter_mut().for_each(|v| *v *= inv);
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
 }
 
 struct BiasGelu {
@@ -1013,7 +1020,9 @@ wide_fn! {
                 *x += b + r;
             }
             let mean = lanes_sum(x) / c as f32;
-            x.iter_mut().for_each(|v| *v -= mean);
+            for v in x.iter_mut() {
+                *v -= mean;
+            }
             let inv = 1.0 / (lanes_sum_sq(x) / c as f32 + op.eps).sqrt();
             for ((v, w), b) in x.iter_mut().zip(&op.weight).zip(&op.beta) {
                 *v = *v * inv * w + b;
