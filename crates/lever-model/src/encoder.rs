@@ -20,16 +20,17 @@
 //! (gemm crate) in both. The test `fused_and_elementary_kernels_agree` holds them together.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{
-    CpuStorage, CustomOp3, DType, Device, InplaceOp1, InplaceOp2, Layout, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp3, DType, Device, InplaceOp1, InplaceOp2, Layout, Shape, Tensor,
 };
 use rayon::prelude::*;
 use serde::Deserialize;
 use tokenizers::Tokenizer as HfTokenizer;
 
+use crate::bf16_gemm::{self, PackedBf16};
 use crate::error::{Error, Result, io_err};
 use crate::weights::SplitMix64;
 
@@ -284,24 +285,91 @@ enum Init {
 pub struct Dense {
     pub weight: Tensor,
     pub bias: Tensor,
+    /// W rounded to bf16 and packed for [`MatMul::Bf16`]; present when the CPU runs it.
+    packed: Option<Arc<PackedBf16>>,
 }
 
 impl Dense {
     fn load(src: &mut Source, name: &str, out: usize, inp: usize) -> Result<Self> {
+        let weight = src.get(&format!("{name}.weight"), &[out, inp], Init::Normal)?;
+        let packed = if bf16_gemm::supported() {
+            let w = weight.flatten_all()?.to_vec1::<f32>()?;
+            Some(Arc::new(PackedBf16::pack(&w, out, inp)))
+        } else {
+            None
+        };
         Ok(Self {
-            weight: src.get(&format!("{name}.weight"), &[out, inp], Init::Normal)?,
+            weight,
             bias: src.get(&format!("{name}.bias"), &[out], Init::Zero)?,
+            packed,
         })
     }
 
     /// x: (N, in) -> (N, out), without the bias (the fused kernels add it in their pass).
-    fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.weight.t()?)
+    fn matmul(&self, x: &Tensor, mm: MatMul) -> candle_core::Result<Tensor> {
+        match mm {
+            MatMul::F32 => x.matmul(&self.weight.t()?),
+            MatMul::Bf16 => {
+                let Some(packed) = &self.packed else {
+                    candle_core::bail!("bf16 matmul: this CPU lacks AVX-512 BF16");
+                };
+                x.contiguous()?.apply_op1_no_bwd(&Bf16Linear(packed))
+            }
+        }
     }
 
     /// x: (N, in) -> (N, out)
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.matmul(x)?.broadcast_add(&self.bias)
+    fn forward(&self, x: &Tensor, mm: MatMul) -> candle_core::Result<Tensor> {
+        self.matmul(x, mm)?.broadcast_add(&self.bias)
+    }
+}
+
+/// How the linear layers multiply on the CPU in the fused (inference) forward; the
+/// elementary (training) forward always multiplies in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatMul {
+    /// candle's f32 matrix product (gemm crate): the reference.
+    F32,
+    /// bf16 inputs, f32 sums ([`crate::bf16_gemm`]): about twice as fast, vectors within
+    /// cosine 0.9999 of the f32 ones. Needs AVX-512 BF16.
+    Bf16,
+}
+
+impl MatMul {
+    /// `LEVER_ENCODER_GEMM` (`f32` or `bf16`) when set, else bf16 where the CPU has AVX-512
+    /// BF16 and f32 elsewhere. Asking for bf16 on a CPU without it is an error.
+    pub fn from_env() -> Result<Self> {
+        let bad = |problem: String| {
+            Error::Candle(candle_core::Error::Msg(format!(
+                "LEVER_ENCODER_GEMM: {problem}"
+            )))
+        };
+        match std::env::var("LEVER_ENCODER_GEMM").as_deref() {
+            Err(_) | Ok("") if bf16_gemm::supported() => Ok(MatMul::Bf16),
+            Err(_) | Ok("") | Ok("f32") => Ok(MatMul::F32),
+            Ok("bf16") if bf16_gemm::supported() => Ok(MatMul::Bf16),
+            Ok("bf16") => Err(bad("bf16 needs AVX-512 BF16, which this CPU lacks".into())),
+            Ok(other) => Err(bad(format!("`{other}`: expected `f32` or `bf16`"))),
+        }
+    }
+}
+
+/// x·Wᵀ through [`PackedBf16::matmul`]. x: (N, in) contiguous f32 -> (N, out).
+struct Bf16Linear<'a>(&'a PackedBf16);
+
+impl CustomOp1 for Bf16Linear<'_> {
+    fn name(&self) -> &'static str {
+        "lever-bf16-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, k) = l.shape().dims2()?;
+        if k != self.0.k() {
+            candle_core::bail!("bf16 linear: input {:?} for K {}", l.dims(), self.0.k());
+        }
+        let x = f32_slice(s, l, self.name())?;
+        let y = self.0.matmul(x);
+        Ok((CpuStorage::F32(y), Shape::from((rows, self.0.n()))))
     }
 }
 
@@ -373,15 +441,22 @@ impl Layer {
     }
 
     /// x: (B·T, C) -> (B·T, C); `mask` as built by [`BertModel::forward`].
-    fn forward(&self, x: &Tensor, mask: &Mask, cfg: &EncoderConfig, k: Kernels) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Mask,
+        cfg: &EncoderConfig,
+        k: Kernels,
+        mm: MatMul,
+    ) -> Result<Tensor> {
         let (b, t) = (mask.b, mask.t);
         let (h, d) = (cfg.num_heads, cfg.head_dim());
         // The 1/√D of scaled dot-product attention goes on q (B·T·C values), not on the
         // scores (B·H·T·T values).
         let scale = 1.0 / (d as f64).sqrt();
-        let q = (self.query.forward(x)? * scale)?; // (B·T, C)
-        let kk = self.key.forward(x)?; // (B·T, C)
-        let v = self.value.forward(x)?; // (B·T, C)
+        let q = (self.query.forward(x, mm)? * scale)?; // (B·T, C)
+        let kk = self.key.forward(x, mm)?; // (B·T, C)
+        let v = self.value.forward(x, mm)?; // (B·T, C)
         let ctx = match k {
             Kernels::Elementary => {
                 let heads = |y: Tensor| -> candle_core::Result<Tensor> {
@@ -404,15 +479,15 @@ impl Layer {
             )?, // (B·T, C)
         };
         let a = add_norm(
-            self.attn_out.matmul(&ctx)?,
+            self.attn_out.matmul(&ctx, mm)?,
             &self.attn_out.bias,
             x,
             &self.attn_norm,
             k,
         )?; // (B·T, C)
-        let f = bias_gelu(self.up.matmul(&a)?, &self.up.bias, k)?; // (B·T, F)
+        let f = bias_gelu(self.up.matmul(&a, mm)?, &self.up.bias, k)?; // (B·T, F)
         add_norm(
-            self.down.matmul(&f)?,
+            self.down.matmul(&f, mm)?,
             &self.down.bias,
             &a,
             &self.ffn_norm,
@@ -441,6 +516,8 @@ pub struct BertModel {
     pub embed_norm: LayerNorm,
     pub layers: Vec<Layer>,
     pub cfg: EncoderConfig,
+    /// The linear layers' product in the fused forward ([`MatMul::from_env`] at load).
+    matmul: MatMul,
 }
 
 impl BertModel {
@@ -472,6 +549,7 @@ impl BertModel {
             embed_norm,
             layers,
             cfg: cfg.clone(),
+            matmul: MatMul::from_env()?,
         })
     }
 
@@ -483,6 +561,21 @@ impl BertModel {
     /// Seeded random weights (tests).
     pub fn random(cfg: &EncoderConfig, seed: u64) -> Result<Self> {
         Self::load_from(&mut Source::Random(SplitMix64(seed)), cfg)
+    }
+
+    pub fn matmul(&self) -> MatMul {
+        self.matmul
+    }
+
+    /// Choose the fused forward's matrix product; bf16 needs a CPU with AVX-512 BF16.
+    pub fn set_matmul(&mut self, mm: MatMul) -> Result<()> {
+        if mm == MatMul::Bf16 && !bf16_gemm::supported() {
+            return Err(Error::Candle(candle_core::Error::Msg(
+                "bf16 matmul needs AVX-512 BF16, which this CPU lacks".into(),
+            )));
+        }
+        self.matmul = mm;
+        Ok(())
     }
 
     /// ids: (B, T) u32, right-padded; lens: tokens per text. -> last hidden states (B, T, C).
@@ -512,8 +605,13 @@ impl BertModel {
         let x = words.broadcast_add(&pos)?.reshape((b * t, c))?; // (B·T, C)
         let zeros = Tensor::zeros((b * t, c), DType::F32, ids.device())?;
         let mut x = add_norm(x, &seg, &zeros, &self.embed_norm, k)?; // (B·T, C)
+        // Training (elementary kernels) multiplies in f32 whatever was chosen.
+        let mm = match k {
+            Kernels::Fused => self.matmul,
+            Kernels::Elementary => MatMul::F32,
+        };
         for layer in &self.layers {
-            x = layer.forward(&x, &mask, &self.cfg, k)?;
+            x = layer.forward(&x, &mask, &self.cfg, k, mm)?;
         }
         Ok(x.reshape((b, t, c))?)
     }
@@ -633,36 +731,46 @@ fn f32_slice_mut<'a>(
 /// Rows of work per rayon task for the row-wise kernels.
 const ROWS_PER_TASK: usize = 16;
 
-/// Runs `f` in a copy compiled for AVX-512 (else AVX2) when the CPU has it. lever builds for
-/// baseline x86-64, where the row loops below (exp, erf, the lane sums) vectorize 4 lanes wide;
-/// here they take 16. The lane sums fix their order and nothing is contracted into FMAs, so
-/// the results are the same bits on every path.
-#[allow(unsafe_code)]
-#[inline(always)]
-fn wide<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2")]
-        fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
+/// Defines a function whose body also runs in copies compiled for AVX-512 (else AVX2), picked
+/// when the CPU has them. lever builds for baseline x86-64, where the row loops below (exp,
+/// erf, the lane sums) vectorize 4 lanes wide; here they take 16. The lane sums fix their order
+/// and nothing is contracted into FMAs, so the results are the same bits on every path.
+///
+/// The body is an `#[inline(always)]` function called straight from each copy: a closure
+/// handed to a generic `#[target_feature]` function is not reliably inlined into it (LLVM kept
+/// it out of line, compiled for the baseline, and the copy only jumped to it).
+macro_rules! wide_fn {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        #[allow(unsafe_code)]
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2")]
+                fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                {
+                    // SAFETY: the CPU has the features `avx512` is compiled for (checked above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: as above, for AVX2.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
         }
-        #[target_feature(enable = "avx2")]
-        fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-        {
-            // SAFETY: the CPU has the features `avx512` is compiled for (checked above).
-            return unsafe { avx512(f) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above, for AVX2.
-            return unsafe { avx2(f) };
-        }
-    }
-    f()
+    };
 }
 
 /// Sum and maximum in 8 independent lanes, so that the compiler vectorizes them (a single
@@ -813,7 +921,7 @@ fn text_attention(
                 gemm::Parallelism::None,
             );
         }
-        wide(|| scores.chunks_mut(n).for_each(softmax_in_place));
+        softmax_rows(&mut scores, n);
         // SAFETY: as above.
         unsafe {
             // out_h (n, D) = probs (n, n) · v_h (n, D)
@@ -842,12 +950,37 @@ fn text_attention(
     }
 }
 
+wide_fn! {
+    /// Softmax of each row of n; `scores` holds whole rows.
+    fn softmax_rows(scores: &mut [f32], n: usize) {
+        // Plain loops, not `for_each`: its fold stays out of line, outside the wide copies.
+        for row in scores.chunks_mut(n) {
+            softmax_in_place(row);
+        }
+    }
+}
+
+wide_fn! {
+    /// gelu(x + b) on each row of `rows` (whole rows of the bias' width).
+    fn bias_gelu_rows(rows: &mut [f32], bias: &[f32]) {
+        for row in rows.chunks_mut(bias.len()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v = gelu(*v + b);
+            }
+        }
+    }
+}
+
 #[inline(always)]
 fn softmax_in_place(x: &mut [f32]) {
     let max = lanes_max(x);
-    x.iter_mut().for_each(|v| *v = exp(*v - max));
+    for v in x.iter_mut() {
+        *v = exp(*v - max);
+    }
     let inv = 1.0 / lanes_sum(x);
-    x.iter_mut().for_each(|v| *v *= inv);
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
 }
 
 struct BiasGelu {
@@ -865,15 +998,8 @@ impl InplaceOp1 for BiasGelu {
             candle_core::bail!("bias gelu: {:?} with a bias of {f}", l.dims());
         }
         let x = f32_slice_mut(s, l, self.name())?;
-        x.par_chunks_mut(f * ROWS_PER_TASK).for_each(|rows| {
-            wide(|| {
-                for row in rows.chunks_mut(f) {
-                    for (v, b) in row.iter_mut().zip(&self.bias) {
-                        *v = gelu(*v + b);
-                    }
-                }
-            })
-        });
+        x.par_chunks_mut(f * ROWS_PER_TASK)
+            .for_each(|rows| bias_gelu_rows(rows, &self.bias));
         Ok(())
     }
 }
@@ -883,6 +1009,26 @@ struct AddNorm {
     weight: Vec<f32>,
     beta: Vec<f32>,
     eps: f32,
+}
+
+wide_fn! {
+    /// LayerNorm(x + b + r) in place on xs; xs, rs: whole rows of width C.
+    fn add_norm_rows(op: &AddNorm, xs: &mut [f32], rs: &[f32]) {
+        let c = op.weight.len();
+        for (x, r) in xs.chunks_mut(c).zip(rs.chunks(c)) {
+            for ((x, r), b) in x.iter_mut().zip(r).zip(&op.bias) {
+                *x += b + r;
+            }
+            let mean = lanes_sum(x) / c as f32;
+            for v in x.iter_mut() {
+                *v -= mean;
+            }
+            let inv = 1.0 / (lanes_sum_sq(x) / c as f32 + op.eps).sqrt();
+            for ((v, w), b) in x.iter_mut().zip(&op.weight).zip(&op.beta) {
+                *v = *v * inv * w + b;
+            }
+        }
+    }
 }
 
 impl InplaceOp2 for AddNorm {
@@ -905,21 +1051,7 @@ impl InplaceOp2 for AddNorm {
         let x = f32_slice_mut(s1, l1, self.name())?;
         x.par_chunks_mut(c * ROWS_PER_TASK)
             .zip(r.par_chunks(c * ROWS_PER_TASK))
-            .for_each(|(xs, rs)| {
-                wide(|| {
-                    for (x, r) in xs.chunks_mut(c).zip(rs.chunks(c)) {
-                        for ((x, r), b) in x.iter_mut().zip(r).zip(&self.bias) {
-                            *x += b + r;
-                        }
-                        let mean = lanes_sum(x) / c as f32;
-                        x.iter_mut().for_each(|v| *v -= mean);
-                        let inv = 1.0 / (lanes_sum_sq(x) / c as f32 + self.eps).sqrt();
-                        for ((v, w), b) in x.iter_mut().zip(&self.weight).zip(&self.beta) {
-                            *v = *v * inv * w + b;
-                        }
-                    }
-                })
-            });
+            .for_each(|(xs, rs)| add_norm_rows(self, xs, rs));
         Ok(())
     }
 }
@@ -927,7 +1059,7 @@ impl InplaceOp2 for AddNorm {
 /// e^x in f32 from arithmetic only (so loops over it vectorize): Cephes `expf` — range
 /// reduction x = n·ln2 + r, a degree-6 polynomial for e^r, then 2^n in the exponent bits.
 /// Relative error < 2e-7 on [-87, 88].
-#[inline]
+#[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     let x = x.clamp(-87.0, 88.0);
@@ -947,7 +1079,7 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// erf(x) in f32 (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7), arithmetic only.
-#[inline]
+#[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
@@ -959,7 +1091,7 @@ pub fn erf(x: f32) -> f32 {
 }
 
 /// The exact GELU, x·Φ(x) = x/2·(1 + erf(x/√2)) (Hendrycks & Gimpel 2016).
-#[inline]
+#[inline(always)]
 pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
@@ -1367,8 +1499,11 @@ pub fn embed_batch(
 mod tests {
     use super::*;
 
+    /// f32 products, whatever the CPU or LEVER_ENCODER_GEMM.
     fn tiny() -> BertModel {
-        BertModel::random(&EncoderConfig::tiny(50), 7).unwrap()
+        let mut m = BertModel::random(&EncoderConfig::tiny(50), 7).unwrap();
+        m.set_matmul(MatMul::F32).unwrap();
+        m
     }
 
     fn seq(seed: u64, n: usize) -> Vec<u32> {

@@ -1,6 +1,7 @@
 //! lever-model: the one decoder (llama family) that lever runs and trains, weight loading from
 //! GGUF and Hugging Face folders, tokenizers, chat templates and the model registry.
 
+pub mod bf16_gemm;
 pub mod chat;
 pub mod config;
 pub mod convert;
