@@ -14,6 +14,7 @@ use candle_core::{D, DType, Device, IndexOp, Result, Tensor, Var};
 use half::f16;
 
 use crate::config::{DecoderConfig, KvPrecision};
+use crate::grad_ops::AttnShape;
 use crate::kernels::{self, AttnDims};
 use crate::linear::{Linear, Weight};
 use crate::ops::{self, Rope};
@@ -92,8 +93,18 @@ impl Cache {
         Ok(())
     }
 
+    /// A training pass (the fused attention of `grad_ops`) counts its tokens but keeps no
+    /// keys: continuing from such a cache is an error, not a silently wrong answer.
+    fn check_kept(&self, layer: usize) -> Result<()> {
+        if self.len > 0 && matches!(self.layers[layer], LayerKv::Empty) {
+            candle_core::bail!("this cache holds no keys (a training pass); start a new one");
+        }
+        Ok(())
+    }
+
     /// Append this layer's new (B, K, T, D) keys/values; returns all (B, K, P+T, D).
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        self.check_kept(layer)?;
         let kv = match std::mem::replace(&mut self.layers[layer], LayerKv::Empty) {
             LayerKv::Empty => (k, v),
             LayerKv::Tensors(pk, pv) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
@@ -114,6 +125,7 @@ impl Cache {
 
     /// This layer's host rows, converted from tensors if an earlier call left them there.
     fn host(&mut self, layer: usize) -> Result<(&mut Vec<f32>, &mut Vec<f32>)> {
+        self.check_kept(layer)?;
         let kv = &mut self.layers[layer];
         match std::mem::replace(kv, LayerKv::Empty) {
             LayerKv::Empty => *kv = LayerKv::Host(Vec::new(), Vec::new()),
@@ -171,8 +183,26 @@ impl Attention {
         let (h, k_heads, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let pos = cache.len;
         let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        // Training (gradients flowing) over a whole prefix on CPU: the fused attention core,
+        // one graph node with its own backward. The cache counts the tokens but keeps no keys.
+        if (q.track_op() || k.track_op() || v.track_op())
+            && pos == 0
+            && x.device().is_cpu()
+            && q.dtype() == DType::F32
+        {
+            let shape = AttnShape {
+                batch: b,
+                len: t,
+                heads: h,
+                kv_heads: k_heads,
+                head_dim: d,
+            };
+            let round = self.kv_precision == KvPrecision::F16;
+            let y = crate::grad_ops::causal_attention(&q, &k, &v, shape, rope, round)?; // (B, T, C)
+            return self.o.forward(&y);
+        }
         // Inference on CPU with llama.cpp's f16 cache: lever's fused attention kernel over the
-        // host cache. Anything that needs gradients, a batch or another device takes the
+        // host cache. A batch, another device, or gradients with a cache take the
         // tensor path below, which is the same computation in candle ops.
         if self.kv_precision == KvPrecision::F16
             && x.device().is_cpu()

@@ -4,8 +4,12 @@
 //! input and output only, which is most of a training step's memory and much of its time.
 //! Each is checked against the elementary version (values and gradients) in the tests below.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::ops::{Rope, RopeStyle};
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
@@ -259,11 +263,420 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     g.contiguous()?.apply_op2(&u.contiguous()?, SiluMul)
 }
 
+/// A strided matrix: element (i, j) of `data` at i·rs + j·cs.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    pub(crate) fn rows(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a row-major (·, cols) matrix.
+    pub(crate) fn t(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    }
+
+    fn covers(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// dst (m, n) row-major = a (m, k) · b (k, n), added to dst when `acc`; one thread (callers
+/// run many in parallel).
+fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], acc: bool, a: Mat, b: Mat) {
+    gemm_into(m, n, k, dst, acc, 1.0, a, b, false)
+}
+
+/// dst (m, n) row-major = [dst +] scale · a (m, k) · b (k, n), on rayon's threads when
+/// `parallel`.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+pub(crate) fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    acc: bool,
+    scale: f32,
+    a: Mat,
+    b: Mat,
+    parallel: bool,
+) {
+    assert!(dst.len() >= m * n && a.covers(m, k) && b.covers(k, n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: every element gemm reads or writes is in bounds (checked above); dst is
+    // exclusively borrowed, so it overlaps neither input.
+    // gemm: dst[i·rs + j·cs] = α·dst + β·Σ_l lhs[i·rs + l·cs]·rhs[l·rs + j·cs].
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            if acc { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            if parallel {
+                gemm::Parallelism::Rayon(rayon::current_num_threads())
+            } else {
+                gemm::Parallelism::None
+            },
+        );
+    }
+}
+
+/// Shapes of a fused attention call: q (B, T, H·D), k and v (B, T, K·D).
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub len: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The whole attention core of a decoder layer on a prefix (no cache): RoPE on q and k,
+/// grouped-query heads, causal softmax(q·kᵀ/√D)·v, heads merged back to (B, T, H·D), with
+/// keys and values optionally rounded to f16 after the rotation (llama.cpp's cache; the
+/// gradient passes straight through the rounding). One graph node instead of the twenty-odd
+/// of the elementary version (reshapes, transposes, copies, the rotation's pieces, the
+/// repeated heads, two products, the softmax), none of whose (B, H, T, T) scores are kept:
+/// the backward recomputes them head by head, as FlashAttention does (Dao et al. 2022,
+/// arXiv:2205.14135, §3.1), which costs one small product per head.
+#[derive(Debug, Clone)]
+struct CausalAttention {
+    shape: AttnShape,
+    /// (T, D/2) each, positions 0..T.
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    style: RopeStyle,
+    round_kv: bool,
+}
+
+/// Head `h` of token rows (B, T, heads·D) for batch row `b`: (T, D), copied.
+fn head_rows(x: &[f32], b: usize, h: usize, s: &AttnShape, heads: usize) -> Vec<f32> {
+    let (t, d) = (s.len, s.head_dim);
+    let mut out = Vec::with_capacity(t * d);
+    for ti in 0..t {
+        let at = (b * t + ti) * heads * d + h * d;
+        out.extend_from_slice(&x[at..at + d]);
+    }
+    out
+}
+
+/// Write (T, D) rows back as head `h` of (B, T, heads·D).
+fn put_head(x: &mut [f32], rows: &[f32], b: usize, h: usize, s: &AttnShape, heads: usize) {
+    let (t, d) = (s.len, s.head_dim);
+    for ti in 0..t {
+        let at = (b * t + ti) * heads * d + h * d;
+        x[at..at + d].copy_from_slice(&rows[ti * d..ti * d + d]);
+    }
+}
+
+fn round_f16(x: &mut [f32]) {
+    x.iter_mut()
+        .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+}
+
+impl CausalAttention {
+    /// RoPE on (T, D) rows in place; `inverse` applies the transposed rotation (the backward).
+    fn rotate(&self, x: &mut [f32], inverse: bool) {
+        let d = self.shape.head_dim;
+        let half = d / 2;
+        for (ti, row) in x.chunks_exact_mut(d).enumerate() {
+            let cos = &self.cos[ti * half..ti * half + half];
+            let sin = &self.sin[ti * half..ti * half + half];
+            for i in 0..half {
+                let (a, b) = match self.style {
+                    RopeStyle::Neox => (i, i + half),
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                };
+                let (x0, x1, c, s) = (row[a], row[b], cos[i], sin[i]);
+                if inverse {
+                    row[a] = x0 * c + x1 * s;
+                    row[b] = x1 * c - x0 * s;
+                } else {
+                    row[a] = x0 * c - x1 * s;
+                    row[b] = x0 * s + x1 * c;
+                }
+            }
+        }
+    }
+
+    /// Rotated (and rounded) keys and values of kv head g, batch row b: (T, D) each.
+    fn keys_values(&self, k: &[f32], v: &[f32], b: usize, g: usize) -> (Vec<f32>, Vec<f32>) {
+        let s = &self.shape;
+        let mut kr = head_rows(k, b, g, s, s.kv_heads);
+        let mut vv = head_rows(v, b, g, s, s.kv_heads);
+        self.rotate(&mut kr, false);
+        if self.round_kv {
+            round_f16(&mut kr);
+            round_f16(&mut vv);
+        }
+        (kr, vv)
+    }
+
+    /// Rotated query head h of batch row b: (T, D).
+    fn query(&self, q: &[f32], b: usize, h: usize) -> Vec<f32> {
+        let s = &self.shape;
+        let mut qr = head_rows(q, b, h, s, s.heads);
+        self.rotate(&mut qr, false);
+        qr
+    }
+
+    /// Probabilities of query rows i0..i1 over keys 0..i1 into p (i1 − i0, i1): row i zero
+    /// past key i. The keys after i1 are masked for every row of the block, so they are
+    /// never computed: blocks of rows make the products follow the causal triangle.
+    fn block_probs(&self, qr: &[f32], kr: &[f32], i0: usize, i1: usize, p: &mut [f32]) {
+        let d = self.shape.head_dim;
+        let q = &qr[i0 * d..i1 * d];
+        matmul(
+            i1 - i0,
+            i1,
+            d,
+            p,
+            false,
+            Mat::rows(q, d),
+            Mat::t(&kr[..i1 * d], d),
+        );
+        let scale = 1.0 / (d as f32).sqrt();
+        for (r, row) in p.chunks_exact_mut(i1).enumerate() {
+            let (seen, masked) = row.split_at_mut(i0 + r + 1);
+            let max = seen.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * scale));
+            let mut sum = 0f32;
+            for v in seen.iter_mut() {
+                *v = (*v * scale - max).exp();
+                sum += *v;
+            }
+            seen.iter_mut().for_each(|v| *v /= sum);
+            masked.fill(0.0);
+        }
+    }
+}
+
+/// Query rows per block of the causal attention products.
+const QUERY_BLOCK: usize = 64;
+
+/// (i0, i1) row blocks of 0..t.
+fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t)
+        .step_by(QUERY_BLOCK)
+        .map(move |i0| (i0, (i0 + QUERY_BLOCK).min(t)))
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "lever-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let s = self.shape;
+        let (q, k, v) = (
+            f32_slice(s1, l1, self.name())?,
+            f32_slice(s2, l2, self.name())?,
+            f32_slice(s3, l3, self.name())?,
+        );
+        let (t, d, rep) = (s.len, s.head_dim, s.heads / s.kv_heads);
+        // One unit per (batch row, kv head): its rep query heads' outputs, (rep, T, D).
+        let units: Vec<Vec<f32>> = (0..s.batch * s.kv_heads)
+            .into_par_iter()
+            .map(|u| {
+                let (b, g) = (u / s.kv_heads, u % s.kv_heads);
+                let (kr, vv) = self.keys_values(k, v, b, g);
+                let mut p = vec![0f32; QUERY_BLOCK.min(t) * t];
+                let mut out = vec![0f32; rep * t * d];
+                for (r, out) in out.chunks_exact_mut(t * d).enumerate() {
+                    let qr = self.query(q, b, g * rep + r);
+                    for (i0, i1) in row_blocks(t) {
+                        let p = &mut p[..(i1 - i0) * i1];
+                        self.block_probs(&qr, &kr, i0, i1, p);
+                        let out = &mut out[i0 * d..i1 * d];
+                        matmul(
+                            i1 - i0,
+                            d,
+                            i1,
+                            out,
+                            false,
+                            Mat::rows(p, i1),
+                            Mat::rows(&vv, d),
+                        );
+                    }
+                }
+                out
+            })
+            .collect();
+        let mut y = vec![0f32; q.len()];
+        for (u, out) in units.iter().enumerate() {
+            let (b, g) = (u / s.kv_heads, u % s.kv_heads);
+            for (r, rows) in out.chunks_exact(t * d).enumerate() {
+                put_head(&mut y, rows, b, g * rep + r, &s, s.heads);
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = self.shape;
+        let host = |x: &Tensor| x.contiguous()?.flatten_all()?.to_vec1::<f32>();
+        let (qs, ks, vs, dys) = (host(q)?, host(k)?, host(v)?, host(grad)?);
+        let (t, d, rep) = (s.len, s.head_dim, s.heads / s.kv_heads);
+        let scale = 1.0 / (d as f32).sqrt();
+        // Per (batch row, kv head): dq of its rep heads (rep, T, D), dk and dv (T, D).
+        type Unit = (Vec<f32>, Vec<f32>, Vec<f32>);
+        let units: Vec<Unit> = (0..s.batch * s.kv_heads)
+            .into_par_iter()
+            .map(|u| {
+                let (b, g) = (u / s.kv_heads, u % s.kv_heads);
+                let (kr, vv) = self.keys_values(&ks, &vs, b, g);
+                let rows = QUERY_BLOCK.min(t) * t;
+                let (mut p, mut ds) = (vec![0f32; rows], vec![0f32; rows]);
+                let mut dq = vec![0f32; rep * t * d];
+                let (mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d]);
+                for (r, dq) in dq.chunks_exact_mut(t * d).enumerate() {
+                    let h = g * rep + r;
+                    let qr = self.query(&qs, b, h);
+                    let dy = head_rows(&dys, b, h, &s, s.heads);
+                    for (i0, i1) in row_blocks(t) {
+                        let m = i1 - i0;
+                        let (p, ds) = (&mut p[..m * i1], &mut ds[..m * i1]);
+                        self.block_probs(&qr, &kr, i0, i1, p);
+                        let dy = &dy[i0 * d..i1 * d];
+                        // dv[..i1] += pᵀ·dy; dp = dy·v[..i1]ᵀ
+                        let dv = &mut dv[..i1 * d];
+                        matmul(i1, d, m, dv, true, Mat::t(p, i1), Mat::rows(dy, d));
+                        matmul(
+                            m,
+                            i1,
+                            d,
+                            ds,
+                            false,
+                            Mat::rows(dy, d),
+                            Mat::t(&vv[..i1 * d], d),
+                        );
+                        // ds = scale · p ⊙ (dp − Σ_j dp ⊙ p), row by row (zero where p is).
+                        for (ds, p) in ds.chunks_exact_mut(i1).zip(p.chunks_exact(i1)) {
+                            let dot: f32 = ds.iter().zip(p.iter()).map(|(a, b)| a * b).sum();
+                            ds.iter_mut()
+                                .zip(p.iter())
+                                .for_each(|(ds, p)| *ds = scale * p * (*ds - dot));
+                        }
+                        // dq_rot = ds·k_rot[..i1]; dk_rot[..i1] += dsᵀ·q_rot
+                        let dq = &mut dq[i0 * d..i1 * d];
+                        matmul(m, d, i1, dq, false, Mat::rows(ds, i1), Mat::rows(&kr, d));
+                        let (dk, q) = (&mut dk[..i1 * d], &qr[i0 * d..i1 * d]);
+                        matmul(i1, d, m, dk, true, Mat::t(ds, i1), Mat::rows(q, d));
+                    }
+                    self.rotate(dq, true);
+                }
+                self.rotate(&mut dk, true);
+                (dq, dk, dv)
+            })
+            .collect();
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; qs.len()],
+            vec![0f32; ks.len()],
+            vec![0f32; vs.len()],
+        );
+        for (u, (uq, uk, uv)) in units.iter().enumerate() {
+            let (b, g) = (u / s.kv_heads, u % s.kv_heads);
+            for (r, rows) in uq.chunks_exact(t * d).enumerate() {
+                put_head(&mut dq, rows, b, g * rep + r, &s, s.heads);
+            }
+            put_head(&mut dk, uk, b, g, &s, s.kv_heads);
+            put_head(&mut dv, uv, b, g, &s, s.kv_heads);
+        }
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// Causal self-attention over a whole prefix (positions 0..T, no cache) from projected
+/// q: (B, T, H·D), k, v: (B, T, K·D) to (B, T, H·D): RoPE, grouped heads, scaled causal
+/// softmax, with keys and values rounded to f16 when `round_kv`. Differentiable in q, k, v.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    shape: AttnShape,
+    rope: &Rope,
+    round_kv: bool,
+) -> Result<Tensor> {
+    let AttnShape {
+        batch: b,
+        len: t,
+        heads: h,
+        kv_heads: kh,
+        head_dim: d,
+    } = shape;
+    if kh == 0 || h % kh != 0 || d % 2 != 0 || t == 0 {
+        candle_core::bail!("causal attention: bad shape {shape:?}");
+    }
+    for (x, heads) in [(q, h), (k, kh), (v, kh)] {
+        if x.dims() != [b, t, heads * d] {
+            candle_core::bail!("causal attention: {:?} for {shape:?}", x.dims());
+        }
+    }
+    let (cos, sin) = rope.host_tables(0, t);
+    let op = CausalAttention {
+        shape,
+        cos: Arc::new(cos.to_vec()),
+        sin: Arc::new(sin.to_vec()),
+        style: rope.style(),
+        round_kv,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use candle_core::{D, Device, Var};
+    use candle_core::{D, DType, Device, Var};
 
     fn var(seed: u64, shape: &[usize]) -> Var {
         let mut rng = crate::weights::SplitMix64(seed);
@@ -339,5 +752,86 @@ mod tests {
         let fused = silu_mul(g.as_tensor(), u.as_tensor()).unwrap();
         let plain = (candle_nn::ops::silu(g.as_tensor()).unwrap() * u.as_tensor()).unwrap();
         check(&[&g, &u], fused, plain, "silu mul");
+    }
+
+    /// The fused attention core equals the decoder's elementary one (RoPE, repeated kv heads,
+    /// q·kᵀ, scaled causal softmax, ·v, heads merged), values and gradients in q, k and v, for
+    /// both rotation styles, grouped heads, and with keys and values rounded to f16.
+    #[test]
+    fn causal_attention_equals_the_elementary_one() {
+        // Two blocks of query rows, the second partial.
+        let (b, t, h, kh, d) = (2, QUERY_BLOCK + 6, 4, 2, 8);
+        let dev = Device::Cpu;
+        for (style, round) in [
+            (RopeStyle::Neox, false),
+            (RopeStyle::Interleaved, false),
+            (RopeStyle::Interleaved, true),
+        ] {
+            let rope = Rope::new(d, 10000.0, t, style, round, &dev).unwrap();
+            let q = var(6, &[b, t, h * d]);
+            let k = var(7, &[b, t, kh * d]);
+            let v = var(8, &[b, t, kh * d]);
+            let shape = AttnShape {
+                batch: b,
+                len: t,
+                heads: h,
+                kv_heads: kh,
+                head_dim: d,
+            };
+            let fused = causal_attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                shape,
+                &rope,
+                round,
+            )
+            .unwrap();
+            let heads = |x: &Var, n: usize| {
+                x.as_tensor()
+                    .reshape((b, t, n, d))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+            };
+            let qr = rope.apply(&heads(&q, h), 0).unwrap();
+            let mut kr = rope.apply(&heads(&k, kh), 0).unwrap();
+            let mut vr = heads(&v, kh);
+            if round {
+                // Straight through: the rounded value, the gradient of the identity.
+                let r = |x: Tensor| {
+                    let rounded = x
+                        .to_dtype(DType::F16)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap();
+                    (&x + (rounded - &x).unwrap().detach()).unwrap()
+                };
+                (kr, vr) = (r(kr), r(vr));
+            }
+            let kr = crate::ops::repeat_kv(kr, h / kh)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let vr = crate::ops::repeat_kv(vr, h / kh)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let att = qr.matmul(&kr.t().unwrap()).unwrap();
+            let att = causal_softmax(&att, 1.0 / (d as f64).sqrt(), 0).unwrap();
+            let plain = att
+                .matmul(&vr)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, t, h * d))
+                .unwrap();
+            check(
+                &[&q, &k, &v],
+                fused,
+                plain,
+                &format!("attention {style:?} {round}"),
+            );
+        }
     }
 }

@@ -6,7 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor,
+};
+
+use crate::grad_ops::{Mat, gemm_into};
 
 use crate::kernels;
 
@@ -72,6 +76,306 @@ impl CustomOp1 for KernelMatMul {
     }
 }
 
+/// A frozen quantized layer with its LoRA adapter as one operation (the training path):
+/// y = x · Wᵀ + scale · (x · Aᵀ) · Bᵀ with W dequantized to f32, x: (M, in), A: (r, in),
+/// B: (out, r). Its backward gives x, A and B their gradients straight from gemm calls
+/// (∂x = ∂y · W + scale · (∂y · B) · A, ∂A = scale · (∂y · B)ᵀ · x, ∂B = scale · ∂yᵀ · (x · Aᵀ)),
+/// where the elementary version is seven graph nodes, each gradient of which candle
+/// materializes and sums separately.
+#[derive(Debug, Clone)]
+struct LoraMatMul {
+    w: Arc<QTensor>,
+    scale: f32,
+}
+
+fn host_rows(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f32>> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: expects f32");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: expects a contiguous tensor");
+    };
+    Ok(v[a..b].to_vec())
+}
+
+impl LoraMatMul {
+    /// W as f32 rows (out, in).
+    fn dense(&self) -> Result<Vec<f32>> {
+        self.w
+            .dequantize(&candle_core::Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()
+    }
+}
+
+impl CustomOp3 for LoraMatMul {
+    fn name(&self) -> &'static str {
+        "lever-lora-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = self.w.shape().dims2()?;
+        let (r, ka) = l2.shape().dims2()?;
+        let (nb, rb) = l3.shape().dims2()?;
+        let dims = l1.dims();
+        if dims.last() != Some(&k) || ka != k || nb != n || rb != r {
+            candle_core::bail!(
+                "lora matmul: x {dims:?}, A {:?}, B {:?} for W ({n}, {k})",
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let x = host_rows(s1, l1, self.name())?;
+        let (a, b) = (
+            host_rows(s2, l2, self.name())?,
+            host_rows(s3, l3, self.name())?,
+        );
+        let m = x.len() / k;
+        let w = self.dense()?;
+        let mut y = vec![0f32; m * n];
+        let mut xa = vec![0f32; m * r];
+        // y = x·Wᵀ; xa = x·Aᵀ; y += scale · xa·Bᵀ
+        gemm_into(
+            m,
+            n,
+            k,
+            &mut y,
+            false,
+            1.0,
+            Mat::rows(&x, k),
+            Mat::t(&w, k),
+            true,
+        );
+        gemm_into(
+            m,
+            r,
+            k,
+            &mut xa,
+            false,
+            1.0,
+            Mat::rows(&x, k),
+            Mat::t(&a, k),
+            true,
+        );
+        gemm_into(
+            m,
+            n,
+            r,
+            &mut y,
+            true,
+            self.scale,
+            Mat::rows(&xa, r),
+            Mat::t(&b, r),
+            true,
+        );
+        let mut out = dims.to_vec();
+        *out.last_mut().unwrap_or(&mut 0) = n;
+        Ok((CpuStorage::F32(y), Shape::from(out)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = self.w.shape().dims2()?;
+        let r = a.dim(0)?;
+        let host = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
+        let (xs, as_, bs, dy) = (host(x)?, host(a)?, host(b)?, host(grad)?);
+        let m = xs.len() / k;
+        let s = self.scale;
+        // xa = x·Aᵀ (M, r); dxa = scale · dy·B (M, r)
+        let (mut xa, mut dxa) = (vec![0f32; m * r], vec![0f32; m * r]);
+        gemm_into(
+            m,
+            r,
+            k,
+            &mut xa,
+            false,
+            1.0,
+            Mat::rows(&xs, k),
+            Mat::t(&as_, k),
+            true,
+        );
+        gemm_into(
+            m,
+            r,
+            n,
+            &mut dxa,
+            false,
+            s,
+            Mat::rows(&dy, n),
+            Mat::rows(&bs, r),
+            true,
+        );
+        // dB = scale · dyᵀ·xa (out, r); dA = dxaᵀ·x (r, in)
+        let (mut db, mut da) = (vec![0f32; n * r], vec![0f32; r * k]);
+        gemm_into(
+            n,
+            r,
+            m,
+            &mut db,
+            false,
+            s,
+            Mat::t(&dy, n),
+            Mat::rows(&xa, r),
+            true,
+        );
+        gemm_into(
+            r,
+            k,
+            m,
+            &mut da,
+            false,
+            1.0,
+            Mat::t(&dxa, r),
+            Mat::rows(&xs, k),
+            true,
+        );
+        let dev = x.device();
+        // dx = dy·W + dxa·A, only when x needs it (the first layer's input does not).
+        let dx = if x.track_op() {
+            let w = self.dense()?;
+            let mut dx = vec![0f32; m * k];
+            gemm_into(
+                m,
+                k,
+                n,
+                &mut dx,
+                false,
+                1.0,
+                Mat::rows(&dy, n),
+                Mat::rows(&w, k),
+                true,
+            );
+            gemm_into(
+                m,
+                k,
+                r,
+                &mut dx,
+                true,
+                1.0,
+                Mat::rows(&dxa, r),
+                Mat::rows(&as_, k),
+                true,
+            );
+            Some(Tensor::from_vec(dx, x.shape(), dev)?)
+        } else {
+            None
+        };
+        Ok((
+            dx,
+            Some(Tensor::from_vec(da, a.shape(), dev)?),
+            Some(Tensor::from_vec(db, b.shape(), dev)?),
+        ))
+    }
+}
+
+/// y = x · Wᵀ for a float W (out, in) and x (..., in) as one operation with its own backward
+/// (∂x = ∂y · W, ∂W = ∂yᵀ · x over all rows at once): candle's broadcast matmul would
+/// expand W over the batch, compute a per-batch ∂W and sum it, and transpose both ways.
+#[derive(Debug, Clone, Copy)]
+struct DenseMatMul;
+
+impl CustomOp2 for DenseMatMul {
+    fn name(&self) -> &'static str {
+        "lever-dense-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = l2.shape().dims2()?;
+        let dims = l1.dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("dense matmul: x {dims:?} for W ({n}, {k})");
+        }
+        let (x, w) = (
+            host_rows(s1, l1, self.name())?,
+            host_rows(s2, l2, self.name())?,
+        );
+        let m = x.len() / k;
+        let mut y = vec![0f32; m * n];
+        gemm_into(
+            m,
+            n,
+            k,
+            &mut y,
+            false,
+            1.0,
+            Mat::rows(&x, k),
+            Mat::t(&w, k),
+            true,
+        );
+        let mut out = dims.to_vec();
+        *out.last_mut().unwrap_or(&mut 0) = n;
+        Ok((CpuStorage::F32(y), Shape::from(out)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let host = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
+        let (xs, ws, dy) = (host(x)?, host(w)?, host(grad)?);
+        let m = xs.len() / k;
+        let dx = if x.track_op() {
+            let mut dx = vec![0f32; m * k];
+            gemm_into(
+                m,
+                k,
+                n,
+                &mut dx,
+                false,
+                1.0,
+                Mat::rows(&dy, n),
+                Mat::rows(&ws, k),
+                true,
+            );
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let mut dw = vec![0f32; n * k];
+            gemm_into(
+                n,
+                k,
+                m,
+                &mut dw,
+                false,
+                1.0,
+                Mat::t(&dy, n),
+                Mat::rows(&xs, k),
+                true,
+            );
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
 /// The base weight W: (out, in).
 #[derive(Debug, Clone)]
 pub enum Weight {
@@ -105,6 +409,11 @@ pub struct LoraDropout {
 }
 
 impl LoraDropout {
+    /// Whether `apply` changes anything now.
+    fn active(&self) -> bool {
+        self.p > 0.0 && self.key.load(Ordering::Relaxed) != DROPOUT_OFF
+    }
+
     /// x with each value zeroed with probability p and the rest scaled by 1/(1−p), or x
     /// itself when dropout is off.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
@@ -196,6 +505,25 @@ impl Linear {
 
     /// x: (..., in) -> (..., out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Some(l), Some(k)) = (&self.lora, &self.kernel)
+            && (x.track_op() || l.a.track_op() || l.b.track_op())
+            && x.device().is_cpu()
+            && x.dtype() == candle_core::DType::F32
+            && !l.dropout.as_ref().is_some_and(LoraDropout::active)
+        {
+            // Training an adapter on a frozen quantized layer: one fused node.
+            let op = LoraMatMul {
+                w: k.w.clone(),
+                scale: l.scale as f32,
+            };
+            let y = x
+                .contiguous()?
+                .apply_op3(&l.a.contiguous()?, &l.b.contiguous()?, op)?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
         let y = match (&self.weight, &self.qmatmul) {
             (_, Some(_)) if x.track_op() && self.kernel.is_some() => {
                 let w = self
@@ -212,6 +540,14 @@ impl Linear {
                 x.contiguous()?.apply_op1_no_bwd(op)?
             }
             (_, Some(q)) => q.forward(&x.contiguous()?)?,
+            (Weight::Float(w), None)
+                if (x.track_op() || w.track_op())
+                    && x.device().is_cpu()
+                    && x.dtype() == candle_core::DType::F32
+                    && w.dtype() == candle_core::DType::F32 =>
+            {
+                x.contiguous()?.apply_op2(&w.contiguous()?, DenseMatMul)?
+            }
             (Weight::Float(w), None) => x.broadcast_matmul(&w.t()?)?,
             (Weight::Quantized(_), None) => unreachable!("quantized weight always has a QMatMul"),
         };
@@ -282,5 +618,107 @@ mod tests {
         assert_eq!(a, masked(&d));
         d.key.store(43, Ordering::Relaxed);
         assert_ne!(a, masked(&d));
+    }
+
+    /// The fused adapter-on-quantized-base node equals the elementary ops on the dequantized
+    /// weight: values, and gradients of a weighted sum in x, A and B (within 1e-4 relative).
+    #[test]
+    fn fused_lora_on_a_quantized_base_equals_the_elementary_one() {
+        use candle_core::Var;
+        let dev = candle_core::Device::Cpu;
+        let mut rng = crate::weights::SplitMix64(11);
+        let mut randn = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+            Tensor::from_vec(v, shape, &dev).unwrap()
+        };
+        let (m, k, n, r) = (6, 64, 48, 4);
+        let w = QTensor::quantize(&randn(&[n, k]), GgmlDType::Q4_1).unwrap();
+        let wd = w.dequantize(&dev).unwrap();
+        let x = Var::from_tensor(&randn(&[2, m / 2, k])).unwrap();
+        let a = Var::from_tensor(&randn(&[r, k])).unwrap();
+        let b = Var::from_tensor(&randn(&[n, r])).unwrap();
+        let mut lin = Linear::new(Weight::Quantized(Arc::new(w)), None).unwrap();
+        lin.lora = Some(Lora {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: 0.5,
+            dropout: None,
+        });
+        let fused = lin.forward(x.as_tensor()).unwrap();
+        let xa = (x
+            .as_tensor()
+            .broadcast_matmul(&a.as_tensor().t().unwrap())
+            .unwrap()
+            * 0.5)
+            .unwrap();
+        let plain = (x.as_tensor().broadcast_matmul(&wd.t().unwrap()).unwrap()
+            + xa.broadcast_matmul(&b.as_tensor().t().unwrap()).unwrap())
+        .unwrap();
+        let rel = |p: &Tensor, q: &Tensor| {
+            let d = (p - q).unwrap().abs().unwrap().max_all().unwrap();
+            let s = q
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            d.to_scalar::<f32>().unwrap() / s.max(1e-6)
+        };
+        assert!(rel(&fused, &plain) < 1e-5, "values");
+        let weights = randn(fused.dims());
+        let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
+        let (gf, gp) = (
+            loss(&fused).backward().unwrap(),
+            loss(&plain).backward().unwrap(),
+        );
+        for (v, what) in [(&x, "x"), (&a, "A"), (&b, "B")] {
+            let d = rel(
+                gf.get(v.as_tensor()).unwrap(),
+                gp.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-4, "gradient of {what} differs by {d} (relative)");
+        }
+    }
+
+    /// The fused float product equals candle's broadcast matmul: values and the gradients of
+    /// a weighted sum in x and W.
+    #[test]
+    fn fused_float_matmul_equals_the_elementary_one() {
+        use candle_core::Var;
+        let dev = candle_core::Device::Cpu;
+        let mut rng = crate::weights::SplitMix64(12);
+        let mut randn = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+            Tensor::from_vec(v, shape, &dev).unwrap()
+        };
+        let x = Var::from_tensor(&randn(&[2, 3, 16])).unwrap();
+        let w = Var::from_tensor(&randn(&[24, 16])).unwrap();
+        let lin = Linear::new(Weight::Float(w.as_tensor().clone()), None).unwrap();
+        let fused = lin.forward(x.as_tensor()).unwrap();
+        let plain = x
+            .as_tensor()
+            .broadcast_matmul(&w.as_tensor().t().unwrap())
+            .unwrap();
+        let diff = |p: &Tensor, q: &Tensor| {
+            let d = (p - q).unwrap().abs().unwrap().max_all().unwrap();
+            d.to_scalar::<f32>().unwrap()
+        };
+        assert!(diff(&fused, &plain) < 1e-4, "values");
+        let weights = randn(fused.dims());
+        let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
+        let (gf, gp) = (
+            loss(&fused).backward().unwrap(),
+            loss(&plain).backward().unwrap(),
+        );
+        for (v, what) in [(&x, "x"), (&w, "W")] {
+            let d = diff(
+                gf.get(v.as_tensor()).unwrap(),
+                gp.get(v.as_tensor()).unwrap(),
+            );
+            assert!(d < 1e-4, "gradient of {what} differs by {d}");
+        }
     }
 }

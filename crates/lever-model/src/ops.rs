@@ -79,6 +79,16 @@ impl Rope {
         }
     }
 
+    /// The host tables for positions pos..pos+t, each (t, D/2): (cos, sin).
+    pub(crate) fn host_tables(&self, pos: usize, t: usize) -> (&[f32], &[f32]) {
+        let span = pos * self.half..(pos + t) * self.half;
+        (&self.cos_host[span.clone()], &self.sin_host[span])
+    }
+
+    pub(crate) fn style(&self) -> RopeStyle {
+        self.style
+    }
+
     /// The same rotation in place on host rows x: (T, heads, D) at positions pos..pos+T.
     pub fn apply_host(&self, x: &mut [f32], heads: usize, pos: usize) {
         let (half, d) = (self.half, 2 * self.half);
