@@ -287,7 +287,7 @@ fn score_rows(rows: &[Vec<f32>], targets: &[u32]) -> ChoiceScore {
 }
 
 /// Index of the first maximum (numpy's `argmax`).
-fn argmax(xs: impl Iterator<Item = f64>) -> usize {
+pub(crate) fn argmax(xs: impl Iterator<Item = f64>) -> usize {
     let mut best = (0, f64::NEG_INFINITY);
     for (i, x) in xs.enumerate() {
         if x > best.1 {

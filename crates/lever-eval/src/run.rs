@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::cache::{self, Cache};
 use crate::fewshot;
-use crate::mc::{McItem, McOptions, score_item};
+use crate::mc::{McItem, McOptions, argmax, score_item};
 use crate::metrics::{Metric, bootstrap_ci, mean_ci};
 use crate::task::{DEFAULT_TEMPLATE, Example, Format, Select, Task};
 use crate::{Error, Result};
@@ -309,9 +309,7 @@ impl<'a> Evaluator<'a> {
 
     /// The prompt text with the given worked examples, in the setting's format.
     pub fn build(&self, s: &Setting, ex: &Example, shots: &[usize]) -> Result<String> {
-        let task = self.task;
-        let fs = &task.fewshot;
-        let train = |i: usize| &task.train[i];
+        let fs = &self.task.fewshot;
         match s.format {
             Format::Block => {
                 let text = self.block_text(s, ex, shots);
@@ -322,16 +320,11 @@ impl<'a> Evaluator<'a> {
                 }
             }
             Format::Chat => {
-                let mut msgs = Vec::new();
-                if let Some(instr) = &task.instruction {
-                    msgs.push(Message::new("system", instr.clone()));
-                }
-                for &i in shots {
-                    let e = train(i);
-                    msgs.push(Message::new("user", e.prompt(&s.template)));
-                    msgs.push(Message::new("assistant", e.target.trim()));
-                }
-                msgs.push(Message::new("user", ex.prompt(&s.template)));
+                let msgs: Vec<Message> = self
+                    .messages(s, ex, shots)
+                    .into_iter()
+                    .map(|(role, content)| Message::new(&role, content))
+                    .collect();
                 self.chat(&msgs)
             }
         }
@@ -783,17 +776,6 @@ pub fn search(
 
 fn as_usize(v: &Value) -> usize {
     v.as_u64().unwrap_or(0) as usize
-}
-
-/// Index of the first maximum (numpy's `argmax`).
-fn argmax(xs: impl Iterator<Item = f64>) -> usize {
-    let mut best = (0, f64::NEG_INFINITY);
-    for (i, x) in xs.enumerate() {
-        if x > best.1 {
-            best = (i, x);
-        }
-    }
-    best.0
 }
 
 #[cfg(test)]

@@ -13,14 +13,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         model: a.model.clone(),
         adapter: None,
     })?;
-    // The name clients use: a registry name as given, else the file or folder name.
-    let base_id = if Path::new(&a.model).exists() {
-        Path::new(&a.model)
-            .file_stem()
-            .map_or_else(|| a.model.clone(), |s| s.to_string_lossy().into_owned())
-    } else {
-        a.model.clone()
-    };
+    let base_id = client_name(&a.model, true);
     let mut variants = vec![(base_id.clone(), Arc::new(base.clone()))];
     for (name, dir) in &a.adapters {
         let mut m = base.clone();
@@ -36,14 +29,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         None
     } else {
         let enc = crate::embed::load_encoder(&a.embedder, 32)?;
-        let id = if Path::new(&a.embedder).exists() {
-            Path::new(&a.embedder)
-                .file_name()
-                .map_or_else(|| a.embedder.clone(), |s| s.to_string_lossy().into_owned())
-        } else {
-            a.embedder.clone()
-        };
-        Some((id, Arc::new(enc)))
+        Some((client_name(&a.embedder, false), Arc::new(enc)))
     };
     let names: Vec<String> = variants
         .iter()
@@ -88,4 +74,18 @@ pub fn run(a: ServeArgs) -> Result<()> {
         eprintln!("lever serve: stopped");
         anyhow::Ok(())
     })
+}
+
+/// The name clients use for a model: a registry name as given, else the file's stem (a .gguf)
+/// or the folder's name.
+fn client_name(reference: &str, stem: bool) -> String {
+    let p = Path::new(reference);
+    if !p.exists() {
+        return reference.to_string();
+    }
+    let part = if stem { p.file_stem() } else { p.file_name() };
+    part.map_or_else(
+        || reference.to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    )
 }
