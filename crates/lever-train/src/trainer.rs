@@ -191,14 +191,14 @@ impl Trainer {
                 }
             });
         }
-        let Some(mut grads) = total else {
+        let Some(grads) = total else {
             return Err(Error::Config {
                 what: "--grad-accum".into(),
                 problem: "must be at least 1".into(),
             });
         };
-        let grad_norm = clip(&mut grads, &self.vars, self.config.grad_clip)?;
-        self.opt.step(&grads)?;
+        let (grad_norm, scale) = clip_factor(&grads, &self.vars, self.config.grad_clip)?;
+        self.opt.step_scaled(&grads, scale)?;
         let m = StepMetrics {
             step: self.step + 1,
             loss: loss_sum / trained.max(1) as f64,
@@ -218,7 +218,7 @@ impl Trainer {
     /// temporary folder that is then renamed over `dir`, so a kill at any moment leaves either
     /// the previous checkpoint or this one.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let (m, v) = self.opt.moments();
+        let (m, v) = self.opt.moments()?;
         let mut tensors = std::collections::HashMap::new();
         for (i, var) in self.vars.iter().enumerate() {
             tensors.insert(format!("param.{i}"), var.as_tensor().clone());
@@ -302,26 +302,23 @@ impl Trainer {
     }
 }
 
-/// Scale gradients so their global L2 norm is at most `max` (0 = no clipping); returns the
-/// norm before clipping.
-fn clip(grads: &mut GradStore, vars: &[Var], max: f64) -> Result<f64> {
+/// The gradients' global L2 norm, and the factor that brings it down to `max` (1 when it is
+/// at most `max`, or `max` is 0): the optimizer folds the factor into its update rather than
+/// rescaling every gradient first.
+fn clip_factor(grads: &GradStore, vars: &[Var], max: f64) -> Result<(f64, f64)> {
     let mut sq = 0f64;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            sq += crate::optim::sum_of_squares(g)?;
         }
     }
     let norm = sq.sqrt();
-    if max > 0.0 && norm > max {
-        let k = max / (norm + 1e-6);
-        for v in vars {
-            if let Some(g) = grads.get(v.as_tensor()) {
-                let scaled = (g * k)?;
-                grads.insert(v.as_tensor(), scaled);
-            }
-        }
-    }
-    Ok(norm)
+    let k = if max > 0.0 && norm > max {
+        max / (norm + 1e-6)
+    } else {
+        1.0
+    };
+    Ok((norm, k))
 }
 
 /// Σ loss over the batch's trained tokens, their count, and the gradients of Σ loss /
