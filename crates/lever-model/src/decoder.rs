@@ -454,7 +454,9 @@ impl Decoder {
     /// Full fine-tuning: every weight (quantized ones dequantized) becomes an f32 variable,
     /// biases included; a tied output layer shares the embedding's variable, so its gradient
     /// is the sum of both uses. Attached adapters stay attached. Returns the variables under
-    /// their GGUF tensor names, in `params` order.
+    /// their GGUF tensor names, in `params` order. The linear layers then keep their weight
+    /// gradients until collected: take gradients with `backward` or `backward_checkpointed`,
+    /// not `Tensor::backward`.
     pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
         let dev = self.device.clone();
         let mut vars: Vec<(String, Var)> = Vec::new();
@@ -486,6 +488,7 @@ impl Decoder {
             let lora = l.lora.take();
             *l = Linear::new(Weight::Float(w), b)?;
             l.lora = lora;
+            l.collect_weight_grad();
             Ok(())
         };
         for (i, b) in self.blocks.iter_mut().enumerate() {
@@ -519,6 +522,7 @@ impl Decoder {
         )?;
         if self.tied {
             self.lm_head = Linear::new(Weight::Float(emb), None)?;
+            self.lm_head.collect_weight_grad();
         } else {
             trainable(&mut self.lm_head, Param::Output.gguf_name(), &mut var)?;
         }
@@ -698,6 +702,22 @@ impl Decoder {
         &x + block.mlp.forward(&h)?
     }
 
+    /// The gradients of `loss` (`Tensor::backward`), with the weight gradients the linear
+    /// layers collected (`make_trainable`) moved in.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        self.take_weight_grads(&mut grads)?;
+        Ok(grads)
+    }
+
+    /// Move the weight gradients the linear layers collected into `grads`.
+    fn take_weight_grads(&self, grads: &mut GradStore) -> Result<()> {
+        for (_, l) in self.linears() {
+            l.take_weight_grad(grads)?;
+        }
+        Ok(())
+    }
+
     /// Training forward and backward with activation checkpointing per block (Chen et al.
     /// 2016, "Training Deep Nets with Sublinear Memory Cost", arXiv:1604.06174; PyTorch's
     /// `torch.utils.checkpoint`). The forward keeps only each block's input, (B, T, C), and
@@ -763,6 +783,7 @@ impl Decoder {
         if embedded.track_op() {
             grads.extend(detached((embedded * upstream)?.sum_all()?.backward()?))?;
         }
+        self.take_weight_grads(&mut grads)?;
         Ok((loss.detach(), grads))
     }
 

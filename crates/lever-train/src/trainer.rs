@@ -341,7 +341,7 @@ pub fn forward_backward(
             &decoder.hidden(&prepared.ids, &mut decoder.new_cache())?,
         )?;
         let value = sum.to_scalar::<f32>()? as f64;
-        let grads = (sum / divisor as f64)?.backward()?;
+        let grads = decoder.backward(&(sum / divisor as f64)?)?;
         return Ok((value, n, grads));
     }
     let mut value = 0f64;
