@@ -79,26 +79,34 @@ impl Sampler {
         if p.temperature <= 0.0 {
             return argmax(&logits);
         }
-        // Candidates sorted by logit, best first.
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l))
-            .collect();
-        if cand.is_empty() {
+        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            // Nothing cut: draw from the whole vocabulary in token order (the same
+            // distribution as walking it best first, without ranking it).
+            return self.draw_all(&logits, p.temperature);
+        }
+        // Candidates best first, sorted only as far as the filters and the draw look (a
+        // vocabulary of 49k sorted in full costs milliseconds per token; the draw rarely goes
+        // past the first few).
+        let mut cand = Ranked::new(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.is_finite())
+                .map(|(i, &l)| (i as u32, l))
+                .collect(),
+        );
+        if cand.len() == 0 {
             return argmax(&logits);
         }
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1));
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.truncate(p.top_k);
         }
         if p.top_p < 1.0 {
-            let probs = softmax(&cand, 1.0);
+            let (max, sum) = cand.normalizer(1.0);
             let mut cum = 0.0;
             let mut keep = cand.len();
-            for (i, pr) in probs.iter().enumerate() {
-                cum += pr;
+            for i in 0..cand.len() {
+                cum += (cand.get(i).1 - max).exp() / sum;
                 if cum >= p.top_p {
                     keep = i + 1;
                     break;
@@ -108,30 +116,149 @@ impl Sampler {
         }
         if p.min_p > 0.0 {
             // Keep tokens whose probability is at least min_p times the best one's.
-            let floor = cand[0].1 + p.min_p.ln();
-            cand.retain(|(_, l)| *l >= floor);
+            let floor = cand.get(0).1 + p.min_p.ln();
+            let keep = cand.count_at_least(floor);
+            cand.truncate(keep.max(1));
         }
-        let probs = softmax(&cand, p.temperature);
+        let (max, sum) = cand.normalizer(p.temperature);
         let r = self.rng.uniform();
         let mut cum = 0.0;
-        for (i, pr) in probs.iter().enumerate() {
-            cum += pr;
+        for i in 0..cand.len() {
+            let (id, l) = cand.get(i);
+            cum += ((l - max) / p.temperature).exp() / sum;
             if r < cum {
-                return cand[i].0;
+                return id;
             }
         }
-        cand[cand.len() - 1].0
+        cand.get(cand.len() - 1).0
     }
 }
 
-fn softmax(cand: &[(u32, f32)], temperature: f32) -> Vec<f32> {
-    let max = cand[0].1;
-    let exps: Vec<f32> = cand
-        .iter()
-        .map(|(_, l)| ((l - max) / temperature).exp())
-        .collect();
-    let sum: f32 = exps.iter().sum();
-    exps.into_iter().map(|e| e / sum).collect()
+impl Sampler {
+    fn draw_all(&mut self, logits: &[f32], temperature: f32) -> u32 {
+        let max = logits
+            .iter()
+            .filter(|l| l.is_finite())
+            .fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+        if max == f32::NEG_INFINITY {
+            return argmax(logits);
+        }
+        let inv = 1.0 / temperature;
+        let weights: Vec<f32> = logits
+            .iter()
+            .map(|&l| {
+                if l.is_finite() {
+                    exp_approx((l - max) * inv)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let sum: f32 = weights.iter().sum();
+        let r = self.rng.uniform() * sum;
+        let mut cum = 0.0;
+        let mut last = 0;
+        for (i, &w) in weights.iter().enumerate() {
+            if w > 0.0 {
+                cum += w;
+                last = i;
+                if r < cum {
+                    return i as u32;
+                }
+            }
+        }
+        last as u32
+    }
+}
+
+/// e^x for x ≤ 0, within 2e-7 relative of `f32::exp` above −87 (below, e^−87): 2^n · e^r with
+/// n = round(x / ln 2) and e^r by its degree-6 Taylor polynomial, |r| ≤ ln 2 / 2. Plain
+/// arithmetic, so a loop over the vocabulary vectorizes (libm's expf does not).
+fn exp_approx(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    let x = x.max(-87.0);
+    let n = (x * LOG2_E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// Candidates (token, logit) of which the first `sorted` are in order — logit descending, then
+/// token ascending, as a stable sort of the vocabulary gives — and the rest are all worse.
+struct Ranked {
+    cand: Vec<(u32, f32)>,
+    sorted: usize,
+}
+
+/// Candidates sorted up front: the draw at temperature ≤ 1 almost always ends inside them.
+const FIRST: usize = 64;
+
+fn order(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+impl Ranked {
+    fn new(mut cand: Vec<(u32, f32)>) -> Self {
+        if cand.len() > FIRST {
+            cand.select_nth_unstable_by(FIRST - 1, order);
+            cand[..FIRST].sort_unstable_by(order);
+            Ranked {
+                cand,
+                sorted: FIRST,
+            }
+        } else {
+            cand.sort_unstable_by(order);
+            let sorted = cand.len();
+            Ranked { cand, sorted }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.cand.len()
+    }
+
+    /// The i-th best candidate.
+    fn get(&mut self, i: usize) -> (u32, f32) {
+        if i >= self.sorted {
+            self.cand[self.sorted..].sort_unstable_by(order);
+            self.sorted = self.cand.len();
+        }
+        self.cand[i]
+    }
+
+    /// Keep the best n.
+    fn truncate(&mut self, n: usize) {
+        if n < self.len() {
+            if n > self.sorted {
+                let rest = &mut self.cand[self.sorted..];
+                rest.select_nth_unstable_by(n - self.sorted - 1, order);
+            }
+            self.cand.truncate(n);
+            self.sorted = self.sorted.min(n);
+        }
+    }
+
+    /// How many have a logit of at least `floor`.
+    fn count_at_least(&self, floor: f32) -> usize {
+        self.cand.iter().filter(|(_, l)| *l >= floor).count()
+    }
+
+    /// The best logit and Σ exp((l − best) / temperature) over every candidate.
+    fn normalizer(&self, temperature: f32) -> (f32, f32) {
+        let max = self.cand[0].1;
+        let sum = self
+            .cand
+            .iter()
+            .map(|(_, l)| ((l - max) / temperature).exp())
+            .sum();
+        (max, sum)
+    }
 }
 
 /// Index of the largest logit (the first one on ties, like llama.cpp's greedy sampler).
@@ -217,6 +344,52 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    /// Past the candidates sorted up front: flat logits over 1000 tokens reach all of them;
+    /// top-k keeps the first k on ties (token order, as a stable sort), top-p the nucleus.
+    #[test]
+    fn large_vocabularies_draw_past_the_first_candidates() {
+        let flat = vec![0.5f32; 1000];
+        let mut s = Sampler::new(params(|p| p.seed = 3));
+        let mut seen = vec![0usize; 1000];
+        for _ in 0..20_000 {
+            seen[s.sample(&flat, &[]) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&c| c > 0), "every token drawn");
+        let mut s = Sampler::new(params(|p| p.top_k = 100));
+        for _ in 0..2000 {
+            assert!(s.sample(&flat, &[]) < 100);
+        }
+        // Two clear tokens over a long tail: top-p 0.5 keeps the larger one only.
+        let mut tail = vec![-20f32; 5000];
+        tail[4321] = 10.0;
+        tail[17] = 9.0;
+        let mut s = Sampler::new(params(|p| p.top_p = 0.5));
+        for _ in 0..200 {
+            assert_eq!(s.sample(&tail, &[]), 4321);
+        }
+        let mut s = Sampler::new(params(|p| p.seed = 9));
+        let picks: Vec<u32> = (0..2000).map(|_| s.sample(&tail, &[])).collect();
+        assert!(
+            picks
+                .iter()
+                .all(|&t| t == 4321 || t == 17 || tail[t as usize] == -20.0)
+        );
+        let seventeen = picks.iter().filter(|&&t| t == 17).count() as f64 / 2000.0;
+        assert!((seventeen - 0.269).abs() < 0.04, "{seventeen}");
+    }
+
+    #[test]
+    fn fast_exp_is_within_rounding_of_libm() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let (got, want) = (exp_approx(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 5e-7, "{worst}");
+        assert_eq!(exp_approx(0.0), 1.0);
     }
 
     #[test]

@@ -295,7 +295,7 @@ impl Attention {
         };
         let scale = 1.0 / (d as f32).sqrt();
         let round = |x: &f32| f16::from_f32(*x).to_f32();
-        let mut y = Vec::with_capacity(b * h * d);
+        let mut qs = Vec::with_capacity(b * h * d);
         for (r, cache) in caches.iter_mut().enumerate() {
             let pos = cache.len;
             let mut qr = q[r * h * d..(r + 1) * h * d].to_vec();
@@ -306,8 +306,17 @@ impl Attention {
             let (ck, cv) = cache.host(layer)?;
             ck.extend(kr.iter().map(round));
             cv.extend(vr.iter().map(round));
-            y.extend(kernels::attention(&qr, ck, cv, 1, pos, dims, scale));
+            qs.extend(qr);
         }
+        // Every row's heads in one parallel pass (rows alone are too small to split).
+        let views: Vec<(&[f32], &[f32])> = caches
+            .iter()
+            .map(|c| match &c.layers[layer] {
+                LayerKv::Host(k, v) => (k.as_slice(), v.as_slice()),
+                _ => unreachable!("host() made this layer's cache a host cache"),
+            })
+            .collect();
+        let y = kernels::attention_rows(&qs, &views, dims, scale);
         self.o
             .forward(&Tensor::from_vec(y, (1, b, h * d), x.device())?)
     }

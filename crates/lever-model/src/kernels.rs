@@ -191,14 +191,18 @@ fn quantize_row(isa: Isa, x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]
 /// A raw pointer that tiles running on several threads write through, each into elements no
 /// other tile touches.
 /// Tokens per call from which work goes to rayon instead of the spinning pool.
-const LARGE_M: usize = 64;
+pub(crate) const LARGE_M: usize = 64;
 
 /// Run `f` over 0..items split among the threads. Small jobs (a generated token, a short
 /// prompt) go to candle's spinning barrier pool, whose wake-up costs nothing; large ones
 /// (long prompts, training batches) to rayon, which candle's other CPU ops use too: a pool
 /// spinning beside rayon's workers on the same cores takes their time (measured in training:
 /// a quarter of the CPU spent waiting at the barrier).
-fn parallel<F: Fn(std::ops::Range<usize>) + Sync + Send>(items: usize, large: bool, f: F) {
+pub(crate) fn parallel<F: Fn(std::ops::Range<usize>) + Sync + Send>(
+    items: usize,
+    large: bool,
+    f: F,
+) {
     if !large {
         candle_core::utils::barrier_pool().execute_chunked(items, f);
         return;
@@ -211,7 +215,7 @@ fn parallel<F: Fn(std::ops::Range<usize>) + Sync + Send>(items: usize, large: bo
 }
 
 #[derive(Clone, Copy)]
-struct SyncPtr<T>(*mut T);
+pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
 // SAFETY: used only for disjoint writes, see the callers.
 unsafe impl<T> Sync for SyncPtr<T> {}
 unsafe impl<T> Send for SyncPtr<T> {}
@@ -737,6 +741,48 @@ pub fn attention(
     let items = t * heads;
     if items * (past + t) * d >= 1 << 16 {
         parallel(items, t >= LARGE_M, run);
+    } else {
+        run(0..items);
+    }
+    out
+}
+
+/// One new query per sequence (a batched decoding step): row r's query q[r] (H, D), after
+/// RoPE, attends over its own cache `kv[r]` = (keys, values), each (P_r, K, D) with the new
+/// token's key already appended. The same arithmetic as `attention` with T = 1 for each row
+/// (llama.cpp's one-query f16 path), with rows × heads spread over the threads at once.
+pub fn attention_rows(q: &[f32], kv: &[(&[f32], &[f32])], dims: AttnDims, scale: f32) -> Vec<f32> {
+    let AttnDims {
+        heads,
+        kv_heads,
+        head_dim: d,
+    } = dims;
+    assert!(d <= MAX_HEAD_DIM && heads % kv_heads == 0);
+    assert_eq!(q.len(), kv.len() * heads * d);
+    let isa = isa();
+    let mut out = vec![0f32; q.len()];
+    let ptr = SyncPtr(out.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        let ptr = &ptr;
+        for item in range {
+            let (r, h) = (item / heads, item % heads);
+            let (k, v) = kv[r];
+            let view = KvView {
+                k,
+                v,
+                stride: kv_heads * d,
+                offset: (h / (heads / kv_heads)) * d,
+                len: k.len() / (kv_heads * d),
+            };
+            // SAFETY: item (row r, head h) owns out[item·D..(item+1)·D].
+            let o = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(item * d), d) };
+            attend_f16(isa, &q[item * d..(item + 1) * d], &view, scale, o);
+        }
+    };
+    let items = kv.len() * heads;
+    let work: usize = kv.iter().map(|(k, _)| k.len()).sum::<usize>() * (heads / kv_heads);
+    if work >= 1 << 16 {
+        parallel(items, false, run);
     } else {
         run(0..items);
     }

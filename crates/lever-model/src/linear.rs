@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Storage, Tensor,
 };
@@ -14,6 +14,7 @@ use candle_core::{
 use crate::grad_ops::{Mat, f32_slice, gemm_into};
 
 use crate::kernels;
+use crate::qweight::QWeight;
 
 /// y = x · Wᵀ for a frozen quantized W: lever's own kernels (`kernels.rs`) for the block types
 /// they cover on CPU, candle's otherwise. Its backward passes the gradient through to x
@@ -21,7 +22,7 @@ use crate::kernels;
 /// (QLoRA); W itself gets none.
 #[derive(Debug, Clone)]
 struct KernelMatMul {
-    w: Arc<QTensor>,
+    w: Arc<QWeight>,
     /// Dequantize W and multiply in f32 (gemm) instead of lever's block kernels, which
     /// quantize the activations to 8 bits as llama.cpp does. Training takes this path: at a
     /// thousand tokens per call the f32 gemm is faster (dequantizing W costs one pass over it),
@@ -67,12 +68,18 @@ impl CustomOp1 for KernelMatMul {
         if !kernels::supports(self.w.dtype()) || k % kernels::QK != 0 {
             // Other block types (reached when gradients flow): candle's quantized matmul.
             let xt = Tensor::from_slice(&x[start..end], (m, k), &candle_core::Device::Cpu)?;
-            let y = QMatMul::from_arc(self.w.clone())?.forward(&xt)?;
+            let y = QMatMul::from_arc(self.w.qtensor()?)?.forward(&xt)?;
             let y = y.flatten_all()?.to_vec1::<f32>()?;
             return Ok((CpuStorage::F32(y), Shape::from(out)));
         }
-        let w = self.w.data()?;
-        let y = kernels::matmul(self.w.dtype(), &w, n, k, &x[start..end], m);
+        if let Some(p) = self.w.packed() {
+            return Ok((
+                CpuStorage::F32(p.matmul(&x[start..end], m)),
+                Shape::from(out),
+            ));
+        }
+        let q = self.w.qtensor()?;
+        let y = kernels::matmul(q.dtype(), &q.data()?, n, k, &x[start..end], m);
         Ok((CpuStorage::F32(y), Shape::from(out)))
     }
 }
@@ -85,7 +92,7 @@ impl CustomOp1 for KernelMatMul {
 /// materializes and sums separately.
 #[derive(Debug, Clone)]
 struct LoraMatMul {
-    w: Arc<QTensor>,
+    w: Arc<QWeight>,
     scale: f32,
 }
 
@@ -425,8 +432,9 @@ impl CustomOp2 for DenseMatMul {
 /// The base weight W: (out, in).
 #[derive(Debug, Clone)]
 pub enum Weight {
-    /// Frozen, block-quantized; y = x · Wᵀ runs in candle's quantized kernels.
-    Quantized(Arc<QTensor>),
+    /// Frozen, block-quantized; y = x · Wᵀ runs in lever's kernels (`kernels.rs`, `packed.rs`)
+    /// on CPU, candle's elsewhere.
+    Quantized(Arc<QWeight>),
     /// Float (f32 on CPU); trainable when it is a `Var`.
     Float(Tensor),
 }
@@ -480,7 +488,7 @@ impl LoraDropout {
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Weight,
-    /// Prebuilt matmul for the quantized case (holds the same Arc as `weight`).
+    /// Prebuilt candle matmul for a quantized weight kept in GGUF blocks (shares its storage).
     qmatmul: Option<QMatMul>,
     /// lever's kernels, for the quantized types and devices they cover.
     kernel: Option<KernelMatMul>,
@@ -493,7 +501,8 @@ pub struct Linear {
 impl Linear {
     pub fn new(weight: Weight, bias: Option<Tensor>) -> Result<Self> {
         let qmatmul = match &weight {
-            Weight::Quantized(q) => Some(QMatMul::from_arc(q.clone())?),
+            Weight::Quantized(q) if q.packed().is_none() => Some(QMatMul::from_arc(q.qtensor()?)?),
+            Weight::Quantized(_) => None,
             Weight::Float(_) => None,
         };
         let kernel = match &weight {
@@ -597,23 +606,29 @@ impl Linear {
                 None => Ok(y),
             };
         }
-        let y = match (&self.weight, &self.qmatmul) {
-            (_, Some(_)) if x.track_op() && self.kernel.is_some() => {
-                let w = self
-                    .kernel
-                    .as_ref()
-                    .unwrap_or_else(|| unreachable!())
-                    .w
-                    .clone();
+        let y = match (&self.weight, &self.kernel) {
+            (Weight::Quantized(_), Some(kernel)) if x.track_op() => {
                 let dense = x.device().is_cpu() && x.dtype() == candle_core::DType::F32;
-                x.contiguous()?.apply_op1(KernelMatMul { w, dense })?
+                let op = KernelMatMul {
+                    dense,
+                    ..kernel.clone()
+                };
+                x.contiguous()?.apply_op1(op)?
             }
-            (_, Some(_)) if self.kernel_runs(x) => {
-                let op = self.kernel.as_ref().unwrap_or_else(|| unreachable!());
-                x.contiguous()?.apply_op1_no_bwd(op)?
+            (Weight::Quantized(_), Some(kernel)) if self.kernel_runs(x) => {
+                x.contiguous()?.apply_op1_no_bwd(kernel)?
             }
-            (_, Some(q)) => q.forward(&x.contiguous()?)?,
-            (Weight::Float(w), None)
+            (Weight::Quantized(q), _) => match &self.qmatmul {
+                Some(qm) => qm.forward(&x.contiguous()?)?,
+                // Packed (CPU) weights with an input the kernels do not take (not f32).
+                None => {
+                    let w = q.dequantize(x.device())?;
+                    x.to_dtype(candle_core::DType::F32)?
+                        .broadcast_matmul(&w.t()?)?
+                        .to_dtype(x.dtype())?
+                }
+            },
+            (Weight::Float(w), _)
                 if (x.track_op() || w.track_op())
                     && x.device().is_cpu()
                     && x.dtype() == candle_core::DType::F32
@@ -624,8 +639,7 @@ impl Linear {
                 };
                 x.contiguous()?.apply_op2(&w.contiguous()?, op)?
             }
-            (Weight::Float(w), None) => x.broadcast_matmul(&w.t()?)?,
-            (Weight::Quantized(_), None) => unreachable!("quantized weight always has a QMatMul"),
+            (Weight::Float(w), _) => x.broadcast_matmul(&w.t()?)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -664,6 +678,7 @@ impl Linear {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use candle_core::quantized::QTensor;
 
     /// Off: the input itself. On: about p of the values zeroed, the rest scaled by 1/(1−p),
     /// the same mask for the same key, another for another key.
@@ -714,7 +729,7 @@ mod tests {
         let x = Var::from_tensor(&randn(&[2, m / 2, k])).unwrap();
         let a = Var::from_tensor(&randn(&[r, k])).unwrap();
         let b = Var::from_tensor(&randn(&[n, r])).unwrap();
-        let mut lin = Linear::new(Weight::Quantized(Arc::new(w)), None).unwrap();
+        let mut lin = Linear::new(Weight::Quantized(Arc::new(QWeight::new(w))), None).unwrap();
         lin.lora = Some(Lora {
             a: a.as_tensor().clone(),
             b: b.as_tensor().clone(),

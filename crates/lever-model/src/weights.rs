@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
+
+use crate::qweight::QWeight;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
@@ -71,7 +73,7 @@ impl Param {
 /// The token embedding table (V, C), quantized (GGUF) or float.
 #[derive(Debug, Clone)]
 pub enum Embedding {
-    Quantized(Arc<QTensor>),
+    Quantized(Arc<QWeight>),
     Float(Tensor),
 }
 
@@ -150,7 +152,7 @@ impl GgufWeights<'_> {
         let q = self.qtensor(key, want)?;
         Ok(match q.dtype() {
             G::F32 | G::F16 | G::BF16 => Weight::Float(q.dequantize(&self.device)?),
-            _ => Weight::Quantized(Arc::new(q)),
+            _ => Weight::Quantized(Arc::new(QWeight::new(q))),
         })
     }
 }
