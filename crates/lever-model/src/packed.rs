@@ -58,7 +58,7 @@ impl Packed {
     /// do not run (another block type, k not whole blocks, a CPU without AVX-512 VNNI, or
     /// `LEVER_ISA` asking for a lower instruction set).
     pub fn new(dtype: GgmlDType, w: &[u8], n: usize, k: usize) -> Option<Packed> {
-        if kernels::isa() != Isa::Avx512Vnni || k % QK != 0 || !kernels::supports(dtype) {
+        if kernels::isa() != Isa::Avx512Vnni || !k.is_multiple_of(QK) || !kernels::supports(dtype) {
             return None;
         }
         Some(Self::repack(dtype, w, n, k))
@@ -245,13 +245,19 @@ impl Packed {
         }
     }
 
-    /// The whole matrix in f32, n × k row-major.
+    /// The whole matrix in f32, n × k row-major (rows spread over rayon's threads: training
+    /// with LoRA on a quantized base does this twice per step).
     pub fn dequantize(&self) -> Vec<f32> {
+        use rayon::prelude::*;
         let k = self.nb * QK;
         let mut out = vec![0f32; self.n * k];
-        for (r, row) in out.chunks_exact_mut(k).enumerate() {
-            self.dequantize_row(r, row);
-        }
+        out.par_chunks_mut(k * GROUP)
+            .enumerate()
+            .for_each(|(g, rows)| {
+                for (j, row) in rows.chunks_exact_mut(k).enumerate() {
+                    self.dequantize_row(g * GROUP + j, row);
+                }
+            });
         out
     }
 
@@ -523,7 +529,7 @@ mod tests {
                 "{dtype:?}"
             );
             let ids = Tensor::new(&[[3u32, 36, 0]], &Device::Cpu).unwrap();
-            let w = crate::qweight::QWeight::new(q);
+            let w = crate::qweight::QWeight::packed_if_possible(q);
             assert!(w.packed().is_some());
             let got = w.embedding(&ids).unwrap();
             assert_eq!(got.dims(), &[1, 3, k]);

@@ -1,9 +1,12 @@
-//! A frozen block-quantized weight, held once: in the AVX-512 VNNI interleaved layout
-//! (`packed.rs`) on CPUs that run those kernels, else as candle's `QTensor` in GGUF blocks. The
-//! GGUF blocks are not kept beside the packed copy (a 7B Q4 model would need twice its size);
-//! the rare paths that want them (candle's kernels, writing files) unpack them again.
+//! A frozen block-quantized weight, held once: as candle's `QTensor` in GGUF blocks (computed by
+//! `kernels.rs` in llama.cpp's lane order), or, where packing is on and the CPU has AVX-512 VNNI,
+//! in the interleaved layout of `packed.rs` (batched steps nearly free; float rounding differs
+//! from llama.cpp's). `lever serve` turns packing on; `LEVER_PACKED=1|0` decides for any
+//! command. The GGUF blocks are not kept beside the packed copy (a 7B Q4 model would need twice
+//! its size); the rare paths that want them (candle's kernels, writing files) unpack them again.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Result, Shape, Tensor};
@@ -22,9 +25,44 @@ enum Repr {
     Packed(Packed),
 }
 
+static PACK: AtomicBool = AtomicBool::new(false);
+
+/// Whether weights loaded from now on are packed (when the CPU runs the packed kernels);
+/// `LEVER_PACKED=1|0` overrides what the program asks for.
+pub fn set_packing(on: bool) {
+    let on = match std::env::var("LEVER_PACKED").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => on,
+    };
+    PACK.store(on, Ordering::Relaxed);
+}
+
+fn packing() -> bool {
+    match std::env::var("LEVER_PACKED").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => PACK.load(Ordering::Relaxed),
+    }
+}
+
 impl QWeight {
-    /// Packed when the tensor is a CPU matrix these kernels cover, on a CPU that runs them.
+    /// Packed when packing is on and the tensor is a CPU matrix these kernels cover, on a CPU
+    /// that runs them; else in GGUF blocks.
     pub fn new(q: QTensor) -> Self {
+        if packing() {
+            Self::pack(q)
+        } else {
+            Self::blocks(q)
+        }
+    }
+
+    /// Packed where the CPU and block type allow, whatever the setting.
+    pub fn packed_if_possible(q: QTensor) -> Self {
+        Self::pack(q)
+    }
+
+    fn pack(q: QTensor) -> Self {
         let shape = q.shape().clone();
         if q.device().is_cpu()
             && let Ok((n, k)) = shape.dims2()

@@ -63,6 +63,8 @@ pub struct Stats {
     pub waiting: AtomicUsize,
     /// The largest batch one step has run.
     pub max_batch_seen: AtomicUsize,
+    /// Prompt tokens taken from the prompt cache instead of being computed.
+    pub prompt_tokens_reused: AtomicUsize,
 }
 
 impl Engine {
@@ -110,6 +112,7 @@ struct Seq {
 
 fn run(variants: Vec<Arc<Model>>, rx: Receiver<Job>, max_batch: usize, stats: Arc<Stats>) {
     let mut running: Vec<Seq> = Vec::new();
+    let mut prompts: Vec<Option<(Vec<u32>, Cache)>> = vec![None; variants.len()];
     let mut closed = false;
     loop {
         // Admit: block when idle, otherwise take what is waiting without stopping the batch.
@@ -131,7 +134,7 @@ fn run(variants: Vec<Arc<Model>>, rx: Receiver<Job>, max_batch: usize, stats: Ar
             if job.events.is_closed() {
                 continue;
             }
-            if let Some(seq) = admit(&variants, job) {
+            if let Some(seq) = admit(&variants, job, &mut prompts, &stats) {
                 running.push(seq);
             }
         }
@@ -147,19 +150,56 @@ fn run(variants: Vec<Arc<Model>>, rx: Receiver<Job>, max_batch: usize, stats: Ar
     }
 }
 
+/// A prompt prefix shorter than this is computed again rather than copied.
+const MIN_REUSE: usize = 8;
+
 /// Prefill the prompt and sample the first token; None if the request ended already.
-fn admit(variants: &[Arc<Model>], job: Job) -> Option<Seq> {
+///
+/// Prompt caching (llama.cpp server's `cache_prompt`, vLLM's prefix caching, reduced to one
+/// entry per model variant): the last prompt's keys and values are kept, and a new prompt
+/// that starts with the same tokens (a shared system prompt, the earlier turns of a chat)
+/// computes only what follows. Without it every arrival stalls the running batch for a whole
+/// prefill. The reused positions hold the same values a full prefill computes, except that a
+/// prompt of 64 tokens or more is then attended in two chunks (README: attention precision).
+fn admit(
+    variants: &[Arc<Model>],
+    job: Job,
+    prompts: &mut [Option<(Vec<u32>, Cache)>],
+    stats: &Stats,
+) -> Option<Seq> {
     let model = &variants[job.variant];
-    let mut cache = model.decoder.new_cache();
+    let (mut cache, start) = match &prompts[job.variant] {
+        Some((tokens, cached)) if !job.prompt.is_empty() => {
+            let common = tokens
+                .iter()
+                .zip(&job.prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(job.prompt.len() - 1); // the last token is fed for its logits
+            let mut c = cached.clone();
+            if common >= MIN_REUSE && c.truncate(common).is_ok() {
+                (c, common)
+            } else {
+                (model.decoder.new_cache(), 0)
+            }
+        }
+        _ => (model.decoder.new_cache(), 0),
+    };
     let logits = (|| -> candle_core::Result<Vec<f32>> {
-        let input = candle_core::Tensor::new(job.prompt.as_slice(), model.decoder.device())?
-            .unsqueeze(0)?;
+        let input =
+            candle_core::Tensor::new(&job.prompt[start..], model.decoder.device())?.unsqueeze(0)?;
         model
             .decoder
             .forward(&input, &mut cache, lever_model::Logits::Last)?
             .squeeze(0)?
             .to_vec1::<f32>()
     })();
+    if logits.is_ok() {
+        stats
+            .prompt_tokens_reused
+            .fetch_add(start, Ordering::Relaxed);
+        prompts[job.variant] = Some((job.prompt.clone(), cache.clone()));
+    }
     let logits = match logits {
         Ok(l) => l,
         Err(e) => {

@@ -184,6 +184,7 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
         "running": s.running.load(Ordering::Relaxed),
         "waiting": s.waiting.load(Ordering::Relaxed),
         "max_batch_seen": s.max_batch_seen.load(Ordering::Relaxed),
+        "prompt_tokens_reused": s.prompt_tokens_reused.load(Ordering::Relaxed),
     }))
     .into_response()
 }

@@ -9,6 +9,8 @@ use lever_server::{Limits, Served};
 use crate::cli::{ModelArg, ServeArgs};
 
 pub fn run(a: ServeArgs) -> Result<()> {
+    // Batched steps: the packed kernels make extra sequences nearly free (LEVER_PACKED=0: off).
+    lever_model::qweight::set_packing(true);
     let base = crate::load_model(&ModelArg {
         model: a.model.clone(),
         adapter: None,

@@ -14,7 +14,13 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use common::http::{self, get, post};
-use common::{Server, lever_in as lever};
+use common::{Server, lever_in_env};
+
+/// The in-process side of every comparison: the same packed kernels `lever serve` uses, so
+/// the two must give the same bits (other commands default to llama.cpp's lane order).
+fn lever(dir: &std::path::Path, args: &[&str]) -> common::Out {
+    lever_in_env(dir, args, &[("LEVER_PACKED", "1")])
+}
 
 const KEY: &str = "sekrit-test-key";
 
@@ -385,11 +391,12 @@ fn concurrent_requests_share_steps_and_a_gone_client_is_cancelled() {
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(together, alone);
+    let health = get(&a, "/health", None).json();
+    assert!(health["max_batch_seen"].as_u64().unwrap() >= 2);
+    // The chat template's shared opening came from the prompt cache, with the same answers.
     assert!(
-        get(&a, "/health", None).json()["max_batch_seen"]
-            .as_u64()
-            .unwrap()
-            >= 2
+        health["prompt_tokens_reused"].as_u64().unwrap() >= 8,
+        "{health}"
     );
 
     // A client that leaves mid-stream: its sequence stops long before its 2000 tokens.
@@ -634,6 +641,7 @@ fn ask_and_rag_ask_generate_through_a_backend() {
         use std::io::Write;
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lever"))
             .args(["chat", "-n", "10"])
+            .env("LEVER_PACKED", "1")
             .args(extra)
             .current_dir(d.path())
             .stdin(std::process::Stdio::piped())

@@ -79,8 +79,14 @@ impl Out {
 /// Runs the lever binary in `dir` with `args`, stdin closed and the model, embedder and index
 /// environment variables removed (so a developer's settings do not leak into tests).
 pub fn lever_in(dir: &Path, args: &[&str]) -> Out {
+    lever_in_env(dir, args, &[])
+}
+
+/// `lever_in` with extra environment variables.
+pub fn lever_in_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Out {
     let out = Command::new(env!("CARGO_BIN_EXE_lever"))
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(dir)
         .env_remove("LEVER_MODEL")
         .env_remove("LEVER_EMBEDDER")
@@ -113,6 +119,7 @@ impl Server {
             .env_remove("LEVER_MODEL")
             .env_remove("LEVER_EMBEDDER")
             .env_remove("LEVER_API_KEY")
+            .env_remove("LEVER_PACKED")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
