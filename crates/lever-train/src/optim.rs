@@ -67,10 +67,22 @@ fn fusable(t: &Tensor) -> bool {
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, params: AdamWParams) -> Result<AdamW> {
+        Self::with_moments(vars, params, true)
+    }
+
+    /// The same optimizer with every variable on the tensor formula: the fused pass's
+    /// reference in tests.
+    #[cfg(test)]
+    fn new_unfused(vars: Vec<Var>, params: AdamWParams) -> Result<AdamW> {
+        Self::with_moments(vars, params, false)
+    }
+
+    /// Zero moments, kept as plain vectors for the fused pass where `fuse` allows it.
+    fn with_moments(vars: Vec<Var>, params: AdamWParams, fuse: bool) -> Result<AdamW> {
         let state = vars
             .iter()
             .map(|var| {
-                Ok(if fusable(var.as_tensor()) {
+                Ok(if fuse && fusable(var.as_tensor()) {
                     let n = var.elem_count();
                     Moments::Fused {
                         m: vec![0.0; n],
@@ -81,27 +93,6 @@ impl AdamW {
                         m: var.as_tensor().zeros_like()?,
                         v: var.as_tensor().zeros_like()?,
                     }
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW {
-            params,
-            vars,
-            state,
-            t: 0,
-        })
-    }
-
-    /// The same optimizer with every variable on the tensor formula: the fused pass's
-    /// reference in tests.
-    #[cfg(test)]
-    fn new_unfused(vars: Vec<Var>, params: AdamWParams) -> Result<AdamW> {
-        let state = vars
-            .iter()
-            .map(|var| {
-                Ok(Moments::Tensors {
-                    m: var.as_tensor().zeros_like()?,
-                    v: var.as_tensor().zeros_like()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
