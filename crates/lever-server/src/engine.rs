@@ -6,7 +6,7 @@
 //! (continuous batching, as in Orca, OSDI '22, and vLLM). A sequence whose client went away
 //! (its event receiver dropped) is dropped at the next step.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
@@ -112,7 +112,7 @@ struct Seq {
 
 fn run(variants: Vec<Arc<Model>>, rx: Receiver<Job>, max_batch: usize, stats: Arc<Stats>) {
     let mut running: Vec<Seq> = Vec::new();
-    let mut prompts: Vec<Option<(Vec<u32>, Cache)>> = vec![None; variants.len()];
+    let mut prompts = PromptCache::new(PROMPT_CACHE_BYTES);
     let mut closed = false;
     loop {
         // Admit: block when idle, otherwise take what is waiting without stopping the batch.
@@ -145,7 +145,7 @@ fn run(variants: Vec<Arc<Model>>, rx: Receiver<Job>, max_batch: usize, stats: Ar
             continue;
         }
         stats.running.store(running.len(), Ordering::Relaxed);
-        step(&variants, &mut running, &stats);
+        step(&variants, &mut running, &mut prompts, &stats);
         stats.running.store(running.len(), Ordering::Relaxed);
     }
 }
@@ -153,38 +153,122 @@ fn run(variants: Vec<Arc<Model>>, rx: Receiver<Job>, max_batch: usize, stats: Ar
 /// A prompt prefix shorter than this is computed again rather than copied.
 const MIN_REUSE: usize = 8;
 
+/// Keys and values the prompt cache may hold, all variants together.
+const PROMPT_CACHE_BYTES: usize = 256 << 20;
+/// Sequences it may hold.
+const PROMPT_CACHE_ENTRIES: usize = 32;
+
+/// Recent sequences' keys and values (llama.cpp server's per-slot `cache_prompt`, vLLM's
+/// prefix caching at the granularity of whole sequences): every admitted prompt, and every
+/// finished sequence (prompt + answer, so a chat's next turn starts after the last answer).
+/// A new prompt continues from the entry that shares the longest prefix with it, so clients
+/// that take turns (several chats, several system prompts) each find their own. Most recent
+/// first; the oldest go when the entries or bytes run out.
+struct PromptCache {
+    entries: VecDeque<Entry>,
+    bytes: usize,
+    budget: usize,
+}
+
+struct Entry {
+    variant: usize,
+    tokens: Vec<u32>,
+    cache: Cache,
+    bytes: usize,
+}
+
+impl PromptCache {
+    fn new(budget: usize) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    /// A cache holding the longest cached prefix of `prompt` (at most all but its last
+    /// token, which is fed for its logits), and that prefix's length; None below `MIN_REUSE`.
+    fn lookup(&mut self, variant: usize, prompt: &[u32]) -> Option<(Cache, usize)> {
+        let limit = prompt.len().checked_sub(1)?;
+        let (at, common) = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.variant == variant)
+            .map(|(i, e)| {
+                let n = e
+                    .tokens
+                    .iter()
+                    .zip(prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                (i, n.min(limit))
+            })
+            .max_by_key(|&(i, n)| (n, std::cmp::Reverse(i)))?;
+        if common < MIN_REUSE {
+            return None;
+        }
+        let mut cache = self.entries[at].cache.clone();
+        cache.truncate(common).ok()?;
+        let e = self.entries.remove(at)?;
+        self.entries.push_front(e);
+        Some((cache, common))
+    }
+
+    /// Keep `tokens` with the keys and values `cache` holds for them. An entry whose tokens
+    /// begin the new ones says nothing more and goes.
+    fn insert(&mut self, variant: usize, tokens: Vec<u32>, cache: Cache, bytes_per_token: usize) {
+        let bytes = cache.len() * bytes_per_token;
+        if tokens.len() != cache.len() || bytes > self.budget {
+            return;
+        }
+        let mut freed = 0;
+        self.entries.retain(|e| {
+            let covered = e.variant == variant && tokens.starts_with(&e.tokens);
+            if covered {
+                freed += e.bytes;
+            }
+            !covered
+        });
+        self.bytes -= freed;
+        self.entries.push_front(Entry {
+            variant,
+            tokens,
+            cache,
+            bytes,
+        });
+        self.bytes += bytes;
+        while self.bytes > self.budget || self.entries.len() > PROMPT_CACHE_ENTRIES {
+            match self.entries.pop_back() {
+                Some(e) => self.bytes -= e.bytes,
+                None => break,
+            }
+        }
+    }
+}
+
+/// Bytes of keys and values per token (f32 host rows, every layer).
+fn kv_bytes_per_token(model: &Model) -> usize {
+    let c = model.decoder.config();
+    2 * c.num_layers * c.num_kv_heads * c.head_dim * std::mem::size_of::<f32>()
+}
+
 /// Prefill the prompt and sample the first token; None if the request ended already.
 ///
-/// Prompt caching (llama.cpp server's `cache_prompt`, vLLM's prefix caching, reduced to one
-/// entry per model variant): the last prompt's keys and values are kept, and a new prompt
-/// that starts with the same tokens (a shared system prompt, the earlier turns of a chat)
-/// computes only what follows. Without it every arrival stalls the running batch for a whole
-/// prefill. The reused positions hold the same values a full prefill computes, except that a
-/// prompt of 64 tokens or more is then attended in two chunks (README: attention precision).
+/// Prompt caching (`PromptCache`): a prompt that starts like a recent sequence computes only
+/// what follows. Without it every arrival stalls the running batch for a whole prefill. The
+/// reused positions hold the same values a full prefill computes, except that a prompt of
+/// 64 tokens or more is then attended in two chunks (README: attention precision).
 fn admit(
     variants: &[Arc<Model>],
     job: Job,
-    prompts: &mut [Option<(Vec<u32>, Cache)>],
+    prompts: &mut PromptCache,
     stats: &Stats,
 ) -> Option<Seq> {
     let model = &variants[job.variant];
-    let (mut cache, start) = match &prompts[job.variant] {
-        Some((tokens, cached)) if !job.prompt.is_empty() => {
-            let common = tokens
-                .iter()
-                .zip(&job.prompt)
-                .take_while(|(a, b)| a == b)
-                .count()
-                .min(job.prompt.len() - 1); // the last token is fed for its logits
-            let mut c = cached.clone();
-            if common >= MIN_REUSE && c.truncate(common).is_ok() {
-                (c, common)
-            } else {
-                (model.decoder.new_cache(), 0)
-            }
-        }
-        _ => (model.decoder.new_cache(), 0),
-    };
+    let (mut cache, start) = prompts
+        .lookup(job.variant, &job.prompt)
+        .unwrap_or_else(|| (model.decoder.new_cache(), 0));
     let logits = (|| -> candle_core::Result<Vec<f32>> {
         let input =
             candle_core::Tensor::new(&job.prompt[start..], model.decoder.device())?.unsqueeze(0)?;
@@ -198,7 +282,12 @@ fn admit(
         stats
             .prompt_tokens_reused
             .fetch_add(start, Ordering::Relaxed);
-        prompts[job.variant] = Some((job.prompt.clone(), cache.clone()));
+        prompts.insert(
+            job.variant,
+            job.prompt.clone(),
+            cache.clone(),
+            kv_bytes_per_token(model),
+        );
     }
     let logits = match logits {
         Ok(l) => l,
@@ -225,7 +314,7 @@ fn admit(
 }
 
 /// One batched step for every running sequence, grouped by model variant.
-fn step(variants: &[Arc<Model>], running: &mut Vec<Seq>, stats: &Stats) {
+fn step(variants: &[Arc<Model>], running: &mut Vec<Seq>, prompts: &mut PromptCache, stats: &Stats) {
     // Clients that left: drop their sequences before spending a step on them.
     running.retain(|s| !s.job.events.is_closed());
     let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
@@ -233,6 +322,7 @@ fn step(variants: &[Arc<Model>], running: &mut Vec<Seq>, stats: &Stats) {
         groups.entry(s.job.variant).or_default().push(i);
     }
     let mut keep = vec![true; running.len()];
+    let mut failed = vec![false; running.len()];
     for (variant, idx) in groups {
         let model = &variants[variant];
         let ids: Vec<u32> = idx.iter().map(|&i| running[i].next).collect();
@@ -264,12 +354,22 @@ fn step(variants: &[Arc<Model>], running: &mut Vec<Seq>, stats: &Stats) {
                 for &i in &idx {
                     let _ = running[i].job.events.send(Event::Failed(e.to_string()));
                     keep[i] = false;
+                    failed[i] = true;
                 }
             }
         }
     }
-    let mut k = keep.into_iter();
-    running.retain(|_| k.next().unwrap_or(false));
+    // Finished sequences leave their keys and values to the prompt cache (a chat's next
+    // turn repeats this one's prompt and answer).
+    let ended = keep.into_iter().zip(failed);
+    for (s, (keep, failed)) in std::mem::take(running).into_iter().zip(ended) {
+        if keep {
+            running.push(s);
+        } else if !failed {
+            let bytes = kv_bytes_per_token(&variants[s.job.variant]);
+            prompts.insert(s.job.variant, s.history, s.cache, bytes);
+        }
+    }
 }
 
 /// Sample after `logits`, stream the text, and say whether the sequence goes on.
