@@ -42,12 +42,14 @@ fn main() -> Result<()> {
     let prompt: Vec<u32> = (0..40).map(|i| 100 + i * 7).collect();
     for b in batches {
         let mut caches = Vec::with_capacity(b);
+        let t0 = Instant::now();
         for _ in 0..b {
             let mut c = dec.new_cache();
             let input = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
             dec.forward(&input, &mut c, Logits::Last)?;
             caches.push(c);
         }
+        let prefill_ms = t0.elapsed().as_secs_f64() * 1000.0 / b as f64;
         let ids: Vec<u32> = (0..b as u32).map(|i| 200 + i).collect();
         let t = Instant::now();
         for _ in 0..steps {
@@ -56,8 +58,9 @@ fn main() -> Result<()> {
         }
         let ms = t.elapsed().as_secs_f64() * 1000.0 / steps as f64;
         println!(
-            "B={b:2} step {ms:7.2} ms  {:7.1} tok/s",
-            b as f64 * 1000.0 / ms
+            "B={b:2} step {ms:7.2} ms  {:7.1} tok/s  (prefill of {} tokens {prefill_ms:.1} ms)",
+            b as f64 * 1000.0 / ms,
+            prompt.len()
         );
     }
     Ok(())

@@ -35,9 +35,9 @@ enum LayerKv {
     Empty,
     /// (B, K, P, D) tensors: the differentiable path and other devices.
     Tensors(Tensor, Tensor),
-    /// Host rows (P, K, D), each value rounded to f16 as llama.cpp's cache stores it: the CPU
-    /// inference path, appended in place without copying what is there.
-    Host(Vec<f32>, Vec<f32>),
+    /// Host rows (P, K, D) in f16 as llama.cpp's cache stores them: the CPU inference path,
+    /// appended in place without copying what is there.
+    Host(Vec<f16>, Vec<f16>),
 }
 
 /// Per-sequence state: keys and values of every layer for the tokens seen so far.
@@ -112,7 +112,10 @@ impl Cache {
                 let (_, kh, _, d) = k.dims4()?;
                 let p = hk.len() / (kh * d);
                 let dev = k.device();
-                let to_t = |x: Vec<f32>| Tensor::from_vec(x, (1, p, kh, d), dev)?.transpose(1, 2);
+                let to_t = |x: Vec<f16>| {
+                    let x: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+                    Tensor::from_vec(x, (1, p, kh, d), dev)?.transpose(1, 2)
+                };
                 (
                     Tensor::cat(&[&to_t(hk)?, &k], 2)?,
                     Tensor::cat(&[&to_t(hv)?, &v], 2)?,
@@ -124,13 +127,16 @@ impl Cache {
     }
 
     /// This layer's host rows, converted from tensors if an earlier call left them there.
-    fn host(&mut self, layer: usize) -> Result<(&mut Vec<f32>, &mut Vec<f32>)> {
+    fn host(&mut self, layer: usize) -> Result<(&mut Vec<f16>, &mut Vec<f16>)> {
         self.check_kept(layer)?;
         let kv = &mut self.layers[layer];
         match std::mem::replace(kv, LayerKv::Empty) {
             LayerKv::Empty => *kv = LayerKv::Host(Vec::new(), Vec::new()),
             LayerKv::Tensors(k, v) => {
-                let rows = |t: Tensor| t.i(0)?.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>();
+                let rows = |t: Tensor| {
+                    let x = t.i(0)?.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>()?;
+                    Ok::<_, candle_core::Error>(x.iter().map(|&v| f16::from_f32(v)).collect())
+                };
                 *kv = LayerKv::Host(rows(k)?, rows(v)?);
             }
             host => *kv = host,
@@ -216,9 +222,8 @@ impl Attention {
             rope.apply_host(&mut qh, h, pos);
             rope.apply_host(&mut kh, k_heads, pos);
             let (ck, cv) = cache.host(layer)?;
-            let round = |x: &f32| f16::from_f32(*x).to_f32();
-            ck.extend(kh.iter().map(round));
-            cv.extend(vh.iter().map(round));
+            ck.extend(kh.iter().map(|&x| f16::from_f32(x)));
+            cv.extend(vh.iter().map(|&x| f16::from_f32(x)));
             let dims = AttnDims {
                 heads: h,
                 kv_heads: k_heads,
@@ -294,7 +299,6 @@ impl Attention {
             head_dim: d,
         };
         let scale = 1.0 / (d as f32).sqrt();
-        let round = |x: &f32| f16::from_f32(*x).to_f32();
         let mut qs = Vec::with_capacity(b * h * d);
         for (r, cache) in caches.iter_mut().enumerate() {
             let pos = cache.len;
@@ -304,12 +308,12 @@ impl Attention {
             rope.apply_host(&mut qr, h, pos);
             rope.apply_host(&mut kr, k_heads, pos);
             let (ck, cv) = cache.host(layer)?;
-            ck.extend(kr.iter().map(round));
-            cv.extend(vr.iter().map(round));
+            ck.extend(kr.iter().map(|&x| f16::from_f32(x)));
+            cv.extend(vr.iter().map(|&x| f16::from_f32(x)));
             qs.extend(qr);
         }
         // Every row's heads in one parallel pass (rows alone are too small to split).
-        let views: Vec<(&[f32], &[f32])> = caches
+        let views: Vec<(&[f16], &[f16])> = caches
             .iter()
             .map(|c| match &c.layers[layer] {
                 LayerKv::Host(k, v) => (k.as_slice(), v.as_slice()),
