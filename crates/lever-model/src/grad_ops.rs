@@ -21,6 +21,26 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
     Ok(&v[a..b])
 }
 
+/// A contiguous f32 CPU tensor's storage, held while its values are read in place.
+pub(crate) struct HostRows {
+    t: Tensor,
+}
+
+impl HostRows {
+    pub(crate) fn new(t: &Tensor) -> Result<Self> {
+        Ok(Self { t: t.contiguous()? })
+    }
+
+    /// Calls `f` with the values, borrowed.
+    pub(crate) fn with<R>(&self, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+        let (s, l) = self.t.storage_and_layout();
+        let candle_core::Storage::Cpu(s) = &*s else {
+            candle_core::bail!("{what}: expects a CPU tensor");
+        };
+        f(f32_slice(s, l, what)?)
+    }
+}
+
 /// softmax(scale · x + causal mask) over the last dimension of (..., T, P) scores, where
 /// query i (of T) sits at position past + i and sees keys 0..=past + i.
 #[derive(Debug, Clone, Copy)]

@@ -670,6 +670,33 @@ x86_kernels!(vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", |w, a| {
     _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
 });
 
+/// SwiGLU's silu(g) ⊙ u for inference, with candle's silu (g / (1 + e^−g)) and then the
+/// product, so the values are those of the two tensor ops; one pass, over the threads.
+pub fn silu_mul(g: &[f32], u: &[f32]) -> Vec<f32> {
+    assert_eq!(g.len(), u.len());
+    const CHUNK: usize = 2048;
+    let mut y = vec![0f32; g.len()];
+    let ptr = SyncPtr(y.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        let ptr = &ptr;
+        for c in range {
+            let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(g.len()));
+            // SAFETY: chunk c owns y[a..b].
+            let out = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(a), b - a) };
+            for ((o, &g), &u) in out.iter_mut().zip(&g[a..b]).zip(&u[a..b]) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        }
+    };
+    let chunks = g.len().div_ceil(CHUNK);
+    if chunks > 1 {
+        parallel(chunks, false, run);
+    } else {
+        run(0..chunks);
+    }
+    y
+}
+
 /// llama.cpp's CPU flash attention takes one query at a time, with the query rounded to f16 and
 /// the output accumulated in f16 (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`), until a
 /// batch has this many queries; from there on it works in f32 tiles (`GGML_FA_TILE_Q`).
@@ -1218,13 +1245,9 @@ mod attn_avx512 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::testing::random;
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
-
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = crate::weights::SplitMix64(seed);
-        (0..n).map(|_| rng.normal()).collect()
-    }
 
     /// Naive attention in f64 for query `i` of head `h`.
     fn reference_attention(

@@ -96,23 +96,10 @@ struct LoraMatMul {
     scale: f32,
 }
 
-fn host_rows(s: &CpuStorage, l: &Layout, what: &str) -> Result<Vec<f32>> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: expects f32");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: expects a contiguous tensor");
-    };
-    Ok(v[a..b].to_vec())
-}
-
 impl LoraMatMul {
     /// W as f32 rows (out, in).
     fn dense(&self) -> Result<Vec<f32>> {
-        self.w
-            .dequantize(&candle_core::Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()
+        self.w.dequantize_vec()
     }
 }
 
@@ -141,11 +128,9 @@ impl CustomOp3 for LoraMatMul {
                 l3.dims()
             );
         }
-        let x = host_rows(s1, l1, self.name())?;
-        let (a, b) = (
-            host_rows(s2, l2, self.name())?,
-            host_rows(s3, l3, self.name())?,
-        );
+        let x = crate::grad_ops::f32_slice(s1, l1, self.name())?;
+        let a = crate::grad_ops::f32_slice(s2, l2, self.name())?;
+        let b = crate::grad_ops::f32_slice(s3, l3, self.name())?;
         let m = x.len() / k;
         let w = self.dense()?;
         let mut y = vec![0f32; m * n];
@@ -158,7 +143,7 @@ impl CustomOp3 for LoraMatMul {
             &mut y,
             false,
             1.0,
-            Mat::rows(&x, k),
+            Mat::rows(x, k),
             Mat::t(&w, k),
             true,
         );
@@ -169,8 +154,8 @@ impl CustomOp3 for LoraMatMul {
             &mut xa,
             false,
             1.0,
-            Mat::rows(&x, k),
-            Mat::t(&a, k),
+            Mat::rows(x, k),
+            Mat::t(a, k),
             true,
         );
         gemm_into(
@@ -181,7 +166,7 @@ impl CustomOp3 for LoraMatMul {
             true,
             self.scale,
             Mat::rows(&xa, r),
-            Mat::t(&b, r),
+            Mat::t(b, r),
             true,
         );
         let mut out = dims.to_vec();
@@ -197,10 +182,44 @@ impl CustomOp3 for LoraMatMul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let name = self.name();
+        let (hx, ha, hb, hg) = (
+            crate::grad_ops::HostRows::new(x)?,
+            crate::grad_ops::HostRows::new(a)?,
+            crate::grad_ops::HostRows::new(b)?,
+            crate::grad_ops::HostRows::new(grad)?,
+        );
+        let dev = x.device();
+        let needs_dx = x.track_op();
+        let (dx, da, db) = hx.with(name, |xs| {
+            ha.with(name, |as_| {
+                hb.with(name, |bs| {
+                    hg.with(name, |dy| self.grads(xs, as_, bs, dy, needs_dx))
+                })
+            })
+        })?;
+        Ok((
+            dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev))
+                .transpose()?,
+            Some(Tensor::from_vec(da, a.shape(), dev)?),
+            Some(Tensor::from_vec(db, b.shape(), dev)?),
+        ))
+    }
+}
+
+impl LoraMatMul {
+    /// (∂x if wanted, ∂A, ∂B) from x (M, in), A (r, in), B (out, r) and ∂y (M, out).
+    #[allow(clippy::type_complexity)]
+    fn grads(
+        &self,
+        xs: &[f32],
+        as_: &[f32],
+        bs: &[f32],
+        dy: &[f32],
+        needs_dx: bool,
+    ) -> Result<(Option<Vec<f32>>, Vec<f32>, Vec<f32>)> {
         let (n, k) = self.w.shape().dims2()?;
-        let r = a.dim(0)?;
-        let host = |t: &Tensor| t.contiguous()?.flatten_all()?.to_vec1::<f32>();
-        let (xs, as_, bs, dy) = (host(x)?, host(a)?, host(b)?, host(grad)?);
+        let r = as_.len() / k;
         let m = xs.len() / k;
         let s = self.scale;
         // xa = x·Aᵀ (M, r); dxa = scale · dy·B (M, r)
@@ -212,8 +231,8 @@ impl CustomOp3 for LoraMatMul {
             &mut xa,
             false,
             1.0,
-            Mat::rows(&xs, k),
-            Mat::t(&as_, k),
+            Mat::rows(xs, k),
+            Mat::t(as_, k),
             true,
         );
         gemm_into(
@@ -223,8 +242,8 @@ impl CustomOp3 for LoraMatMul {
             &mut dxa,
             false,
             s,
-            Mat::rows(&dy, n),
-            Mat::rows(&bs, r),
+            Mat::rows(dy, n),
+            Mat::rows(bs, r),
             true,
         );
         // dB = scale · dyᵀ·xa (out, r); dA = dxaᵀ·x (r, in)
@@ -236,7 +255,7 @@ impl CustomOp3 for LoraMatMul {
             &mut db,
             false,
             s,
-            Mat::t(&dy, n),
+            Mat::t(dy, n),
             Mat::rows(&xa, r),
             true,
         );
@@ -248,12 +267,11 @@ impl CustomOp3 for LoraMatMul {
             false,
             1.0,
             Mat::t(&dxa, r),
-            Mat::rows(&xs, k),
+            Mat::rows(xs, k),
             true,
         );
-        let dev = x.device();
         // dx = dy·W + dxa·A, only when x needs it (the first layer's input does not).
-        let dx = if x.track_op() {
+        let dx = if needs_dx {
             let w = self.dense()?;
             let mut dx = vec![0f32; m * k];
             gemm_into(
@@ -263,7 +281,7 @@ impl CustomOp3 for LoraMatMul {
                 &mut dx,
                 false,
                 1.0,
-                Mat::rows(&dy, n),
+                Mat::rows(dy, n),
                 Mat::rows(&w, k),
                 true,
             );
@@ -275,18 +293,14 @@ impl CustomOp3 for LoraMatMul {
                 true,
                 1.0,
                 Mat::rows(&dxa, r),
-                Mat::rows(&as_, k),
+                Mat::rows(as_, k),
                 true,
             );
-            Some(Tensor::from_vec(dx, x.shape(), dev)?)
+            Some(dx)
         } else {
             None
         };
-        Ok((
-            dx,
-            Some(Tensor::from_vec(da, a.shape(), dev)?),
-            Some(Tensor::from_vec(db, b.shape(), dev)?),
-        ))
+        Ok((dx, da, db))
     }
 }
 
@@ -717,12 +731,8 @@ mod tests {
     fn fused_lora_on_a_quantized_base_equals_the_elementary_one() {
         use candle_core::Var;
         let dev = candle_core::Device::Cpu;
-        let mut rng = crate::weights::SplitMix64(11);
-        let mut randn = |shape: &[usize]| {
-            let n: usize = shape.iter().product();
-            let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
-            Tensor::from_vec(v, shape, &dev).unwrap()
-        };
+        let mut rng = crate::testing::Randn::new(11);
+        let mut randn = |shape: &[usize]| rng.tensor(shape);
         let (m, k, n, r) = (6, 64, 48, 4);
         let w = QTensor::quantize(&randn(&[n, k]), GgmlDType::Q4_1).unwrap();
         let wd = w.dequantize(&dev).unwrap();
@@ -778,13 +788,8 @@ mod tests {
     #[test]
     fn fused_float_matmul_equals_the_elementary_one() {
         use candle_core::Var;
-        let dev = candle_core::Device::Cpu;
-        let mut rng = crate::weights::SplitMix64(12);
-        let mut randn = |shape: &[usize]| {
-            let n: usize = shape.iter().product();
-            let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
-            Tensor::from_vec(v, shape, &dev).unwrap()
-        };
+        let mut rng = crate::testing::Randn::new(12);
+        let mut randn = |shape: &[usize]| rng.tensor(shape);
         let x = Var::from_tensor(&randn(&[2, 3, 16])).unwrap();
         let w = Var::from_tensor(&randn(&[24, 16])).unwrap();
         let lin = Linear::new(Weight::Float(w.as_tensor().clone()), None).unwrap();

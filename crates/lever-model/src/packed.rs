@@ -445,20 +445,9 @@ mod vnni {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::testing::random;
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
-
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// Bit for bit the scalar formula, for every tile shape, remainder of tokens and of rows;
     /// and within the 8-bit activations' error of the dequantized product.

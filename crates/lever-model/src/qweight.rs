@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Result, Shape, Tensor};
 
+use crate::kernels;
 use crate::packed::Packed;
 
 #[derive(Debug)]
@@ -30,11 +31,6 @@ static PACK: AtomicBool = AtomicBool::new(false);
 /// Whether weights loaded from now on are packed (when the CPU runs the packed kernels);
 /// `LEVER_PACKED=1|0` overrides what the program asks for.
 pub fn set_packing(on: bool) {
-    let on = match std::env::var("LEVER_PACKED").as_deref() {
-        Ok("1") => true,
-        Ok("0") => false,
-        _ => on,
-    };
     PACK.store(on, Ordering::Relaxed);
 }
 
@@ -135,8 +131,35 @@ impl QWeight {
     /// The f32 matrix.
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
         match &self.repr {
-            Repr::Blocks(q) => q.dequantize(device),
-            Repr::Packed(p) => Tensor::from_vec(p.dequantize(), self.shape.clone(), device),
+            Repr::Blocks(q) if !lever_blocks(q) => q.dequantize(device),
+            _ => Tensor::from_vec(self.dequantize_vec()?, self.shape.clone(), device),
+        }
+    }
+
+    /// The f32 matrix as rows, in parallel and straight into one buffer (no tensor to copy
+    /// out of): the values candle's `to_float` gives.
+    pub fn dequantize_vec(&self) -> Result<Vec<f32>> {
+        use rayon::prelude::*;
+        match &self.repr {
+            Repr::Packed(p) => Ok(p.dequantize()),
+            Repr::Blocks(q) if lever_blocks(q) => {
+                let data = q.data()?;
+                let (dtype, bytes) = match q.dtype() {
+                    GgmlDType::Q4_1 => (GgmlDType::Q4_1, kernels::Q4_1_BYTES),
+                    _ => (GgmlDType::Q8_0, kernels::Q8_0_BYTES),
+                };
+                let mut out = vec![0f32; data.len() / bytes * kernels::QK];
+                const CHUNK: usize = 1024;
+                out.par_chunks_mut(CHUNK * kernels::QK)
+                    .zip(data.par_chunks(CHUNK * bytes))
+                    .for_each(|(o, d)| {
+                        for (o, blk) in o.chunks_exact_mut(kernels::QK).zip(d.chunks_exact(bytes)) {
+                            dequantize_block(dtype, blk, o);
+                        }
+                    });
+                Ok(out)
+            }
+            Repr::Blocks(q) => q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>(),
         }
     }
 
@@ -158,6 +181,57 @@ impl QWeight {
                 let mut dims = ids.dims().to_vec();
                 dims.push(k);
                 Tensor::from_vec(out, dims, ids.device())
+            }
+        }
+    }
+}
+
+/// Blocks on the CPU of a type lever dequantizes itself.
+fn lever_blocks(q: &QTensor) -> bool {
+    q.device().is_cpu() && matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0)
+}
+
+/// One GGUF block of 32 values: Q4_1 q·d + m (low nibbles first), Q8_0 q·d.
+fn dequantize_block(dtype: GgmlDType, blk: &[u8], out: &mut [f32]) {
+    let half = |i: usize| half::f16::from_le_bytes([blk[i], blk[i + 1]]).to_f32();
+    let d = half(0);
+    if dtype == GgmlDType::Q4_1 {
+        let m = half(2);
+        for (i, &q) in blk[4..20].iter().enumerate() {
+            out[i] = (q & 0x0F) as f32 * d + m;
+            out[i + 16] = (q >> 4) as f32 * d + m;
+        }
+    } else {
+        for (o, &q) in out.iter_mut().zip(&blk[2..34]) {
+            *o = q as i8 as f32 * d;
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// lever's parallel dequantization gives candle's values bit for bit, in both layouts.
+    #[test]
+    fn dequantize_vec_equals_candles() {
+        let mut rng = crate::weights::SplitMix64(3);
+        let (n, k) = (40, 96);
+        let x: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
+        let t = Tensor::from_vec(x, (n, k), &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = QTensor::quantize(&t, dtype).unwrap();
+            let want = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+            let want = want.to_vec1::<f32>().unwrap();
+            let q2 = QTensor::quantize(&t, dtype).unwrap();
+            for w in [QWeight::blocks(q), QWeight::packed_if_possible(q2)] {
+                let got = w.dequantize_vec().unwrap();
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same && got.len() == want.len(), "{dtype:?}");
             }
         }
     }

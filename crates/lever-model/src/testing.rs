@@ -133,3 +133,24 @@ impl TinyGguf {
         Ok(())
     }
 }
+
+/// n standard normal values, the same for the same seed (test data).
+pub fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64(seed);
+    (0..n).map(|_| rng.normal()).collect()
+}
+
+/// Random normal tensors of any shape from one seeded stream, one after another.
+pub struct Randn(SplitMix64);
+
+impl Randn {
+    pub fn new(seed: u64) -> Self {
+        Self(SplitMix64(seed))
+    }
+
+    pub fn tensor(&mut self, shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| self.0.normal()).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap_or_else(|e| panic!("randn {shape:?}: {e}"))
+    }
+}
