@@ -106,7 +106,8 @@ struct Seq {
     utf8: Utf8Stream,
     stops: StopMatcher,
     generated: usize,
-    /// The token sampled last, to feed at the next step.
+    /// The token to feed at the next step: the one sampled last, or the prompt's last one
+    /// for a sequence that joined after a cached prefix.
     next: u32,
 }
 
@@ -269,6 +270,24 @@ fn admit(
     let (mut cache, start) = prompts
         .lookup(job.variant, &job.prompt)
         .unwrap_or_else(|| (model.decoder.new_cache(), 0));
+    if start + 1 == job.prompt.len() {
+        // Everything but the last token came from the cache: that token joins the next
+        // batched step as this sequence's row (its logits there equal a prefill's), so the
+        // arrival costs the running batch one more row, not a step of its own.
+        stats
+            .prompt_tokens_reused
+            .fetch_add(start, Ordering::Relaxed);
+        return Some(Seq {
+            sampler: Sampler::new(job.sampling.clone()),
+            stops: StopMatcher::new(&job.stop),
+            history: job.prompt[..start].to_vec(),
+            utf8: Utf8Stream::default(),
+            generated: 0,
+            next: job.prompt[start],
+            cache,
+            job,
+        });
+    }
     let logits = (|| -> candle_core::Result<Vec<f32>> {
         let input =
             candle_core::Tensor::new(&job.prompt[start..], model.decoder.device())?.unsqueeze(0)?;
