@@ -248,10 +248,10 @@ impl PromptCache {
     }
 }
 
-/// Bytes of keys and values per token (f32 host rows, every layer).
+/// Bytes of keys and values per token (f16 host rows, every layer).
 fn kv_bytes_per_token(model: &Model) -> usize {
     let c = model.decoder.config();
-    2 * c.num_layers * c.num_kv_heads * c.head_dim * std::mem::size_of::<f32>()
+    2 * c.num_layers * c.num_kv_heads * c.head_dim * 2
 }
 
 /// Prefill the prompt and sample the first token; None if the request ended already.
@@ -267,64 +267,57 @@ fn admit(
     stats: &Stats,
 ) -> Option<Seq> {
     let model = &variants[job.variant];
-    let (mut cache, start) = prompts
+    let (cache, start) = prompts
         .lookup(job.variant, &job.prompt)
         .unwrap_or_else(|| (model.decoder.new_cache(), 0));
-    if start + 1 == job.prompt.len() {
-        // Everything but the last token came from the cache: that token joins the next
-        // batched step as this sequence's row (its logits there equal a prefill's), so the
-        // arrival costs the running batch one more row, not a step of its own.
-        stats
-            .prompt_tokens_reused
-            .fetch_add(start, Ordering::Relaxed);
-        return Some(Seq {
-            sampler: Sampler::new(job.sampling.clone()),
-            stops: StopMatcher::new(&job.stop),
-            history: job.prompt[..start].to_vec(),
-            utf8: Utf8Stream::default(),
-            generated: 0,
-            next: job.prompt[start],
-            cache,
-            job,
-        });
-    }
-    let logits = (|| -> candle_core::Result<Vec<f32>> {
-        let input =
-            candle_core::Tensor::new(&job.prompt[start..], model.decoder.device())?.unsqueeze(0)?;
-        model
-            .decoder
-            .forward(&input, &mut cache, lever_model::Logits::Last)?
-            .squeeze(0)?
-            .to_vec1::<f32>()
-    })();
-    if logits.is_ok() {
-        stats
-            .prompt_tokens_reused
-            .fetch_add(start, Ordering::Relaxed);
-        prompts.insert(
-            job.variant,
-            job.prompt.clone(),
-            cache.clone(),
-            kv_bytes_per_token(model),
-        );
-    }
-    let logits = match logits {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = job.events.send(Event::Failed(e.to_string()));
-            return None;
-        }
-    };
     let mut seq = Seq {
         sampler: Sampler::new(job.sampling.clone()),
         stops: StopMatcher::new(&job.stop),
-        history: job.prompt.clone(),
+        history: job.prompt.get(..start).unwrap_or_default().to_vec(),
         utf8: Utf8Stream::default(),
         generated: 0,
         next: 0,
         cache,
         job,
     };
+    let prompt = &seq.job.prompt;
+    if start > 0 && start + 1 == prompt.len() {
+        // Everything but the last token came from the cache: that token joins the next
+        // batched step as this sequence's row (its logits there equal a prefill's), so the
+        // arrival costs the running batch one more row, not a step of its own.
+        stats
+            .prompt_tokens_reused
+            .fetch_add(start, Ordering::Relaxed);
+        seq.next = prompt[start];
+        return Some(seq);
+    }
+    let logits = (|| -> candle_core::Result<Vec<f32>> {
+        let input =
+            candle_core::Tensor::new(&prompt[start..], model.decoder.device())?.unsqueeze(0)?;
+        model
+            .decoder
+            .forward(&input, &mut seq.cache, lever_model::Logits::Last)?
+            .squeeze(0)?
+            .to_vec1::<f32>()
+    })();
+    let logits = match logits {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = seq.job.events.send(Event::Failed(e.to_string()));
+            return None;
+        }
+    };
+    stats
+        .prompt_tokens_reused
+        .fetch_add(start, Ordering::Relaxed);
+    seq.history = prompt.clone();
+    let bytes = kv_bytes_per_token(model);
+    prompts.insert(
+        seq.job.variant,
+        seq.history.clone(),
+        seq.cache.clone(),
+        bytes,
+    );
     if advance(model, &mut seq, &logits) {
         Some(seq)
     } else {
