@@ -867,6 +867,21 @@ fn attend_f16_heads(
     }
 }
 
+/// One key of an online softmax with running maximum `m`: (factor for what was summed so
+/// far, weight of this key). A new maximum rescales by e^(m−s) and weighs the key 1; else the
+/// key weighs e^(s−m). A factor of 1 changes nothing (the accumulators hold f16 values, which
+/// × 1 rounds back to themselves), so callers skip it.
+#[inline]
+fn online_softmax_step(s: f32, m: &mut f32) -> (f32, f32) {
+    if s > *m {
+        let ms = (*m - s).exp();
+        *m = s;
+        (ms, 1.0)
+    } else {
+        (1.0, (s - *m).exp())
+    }
+}
+
 /// llama.cpp's one-query flash attention: f16 query, online softmax, f16 accumulator.
 fn attend_f16(isa: Isa, q: &[f32], kv: &KvView, scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -883,14 +898,10 @@ fn attend_f16(isa: Isa, q: &[f32], kv: &KvView, scale: f32, out: &mut [f32]) {
     for j in 0..kv.len {
         let key = &kv.key(j)[..d];
         let s = qh.iter().zip(key).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
-        let (ms, vs) = if s > m {
-            let ms = (m - s).exp();
-            m = s;
+        let (ms, vs) = online_softmax_step(s, &mut m);
+        if ms != 1.0 {
             acc.iter_mut().for_each(|a| *a = f16_round(*a * ms));
-            (ms, 1.0)
-        } else {
-            (1.0, (s - m).exp())
-        };
+        }
         for (a, &x) in acc.iter_mut().zip(&kv.value(j)[..d]) {
             *a = f16_round(x.to_f32().mul_add(vs, *a));
         }
@@ -938,7 +949,7 @@ fn attend_f32(isa: Isa, q: &[f32], kv: &KvView, scale: f32, scores: &mut [f32], 
 
 #[cfg(target_arch = "x86_64")]
 mod attn_avx2 {
-    use super::{KvView, MAX_HEAD_DIM};
+    use super::{KvView, MAX_HEAD_DIM, online_softmax_step};
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -1023,18 +1034,14 @@ mod attn_avx2 {
             let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
             for j in 0..kv.len {
                 let s = dot(qh.as_ptr(), kv.key(j).as_ptr(), d) * scale;
-                let (ms, vs) = if s > m {
-                    let ms = (m - s).exp();
-                    m = s;
+                let (ms, vs) = online_softmax_step(s, &mut m);
+                if ms != 1.0 {
                     let msv = _mm256_set1_ps(ms);
                     for c in (0..d).step_by(8) {
                         let a = acc.as_mut_ptr().add(c);
                         _mm256_storeu_ps(a, round_f16(_mm256_mul_ps(_mm256_loadu_ps(a), msv)));
                     }
-                    (ms, 1.0)
-                } else {
-                    (1.0, (s - m).exp())
-                };
+                }
                 let vsv = _mm256_set1_ps(vs);
                 let val = kv.value(j).as_ptr();
                 for c in (0..d).step_by(8) {
@@ -1103,7 +1110,7 @@ mod attn_avx2 {
 #[cfg(target_arch = "x86_64")]
 mod attn_avx512 {
     use super::attn_avx2::{dot, round_f16};
-    use super::{KvView, MAX_HEAD_DIM};
+    use super::{KvView, MAX_HEAD_DIM, online_softmax_step};
     use std::arch::x86_64::*;
 
     /// Query heads whose accumulators are interleaved (4 × 4 registers of 16 lanes).
@@ -1145,13 +1152,7 @@ mod attn_avx512 {
                 // Online softmax: a new maximum rescales what was summed (factor ≠ 1).
                 let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
                 for (j, &s) in s.iter().enumerate() {
-                    let (ms, vs) = if s > m {
-                        let ms = (m - s).exp();
-                        m = s;
-                        (ms, 1.0)
-                    } else {
-                        (1.0, (s - m).exp())
-                    };
+                    let (ms, vs) = online_softmax_step(s, &mut m);
                     rescale[h * n + j] = ms;
                     weight[h * n + j] = vs;
                     s_sum = s_sum.mul_add(ms, vs);
