@@ -16,6 +16,13 @@ pub enum Error {
         line: usize,
         message: String,
     },
+    /// A line that is not text (bytes that are not UTF-8).
+    #[error("{path}:{line}: {problem}")]
+    Text {
+        path: PathBuf,
+        line: usize,
+        problem: String,
+    },
     #[error("{path}:{line}: field `{field}`: {problem}")]
     Field {
         path: PathBuf,

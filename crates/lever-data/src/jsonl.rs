@@ -134,13 +134,39 @@ fn lookup<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
     })
 }
 
+/// The file as text: a UTF-8 byte-order mark (which editors on Windows write) is skipped, and
+/// bytes that are not UTF-8 are an error naming their line.
+fn utf8_text<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    std::str::from_utf8(bytes).map_err(|e| {
+        let at = e.valid_up_to();
+        let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
+        let column = at
+            - bytes[..at]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1)
+            + 1;
+        let problem = match bytes[..2.min(bytes.len())] {
+            [0xFF, 0xFE] | [0xFE, 0xFF] => "the file is UTF-16 (save it as UTF-8)".to_string(),
+            _ => format!("byte 0x{:02X} at column {column} is not UTF-8", bytes[at]),
+        };
+        Error::Text {
+            path: path.into(),
+            line,
+            problem,
+        }
+    })
+}
+
 impl Dataset {
     /// Read `path`; the format is detected from the first line unless given.
     pub fn read(path: &Path, format: Option<Format>, fields: &Fields) -> Result<Dataset> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
             path: path.into(),
             source,
         })?;
+        let text = utf8_text(path, &bytes)?;
         let mut format = format;
         let mut examples = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -307,6 +333,27 @@ mod tests {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), lines).unwrap();
         f
+    }
+
+    #[test]
+    fn a_bom_is_skipped_and_bytes_that_are_not_utf8_name_their_line() {
+        let f = write("\u{feff}{\"text\": \"a\"}\n{\"text\": \"b\"}\n");
+        let d = Dataset::read(f.path(), None, &Fields::default()).unwrap();
+        assert_eq!(d.examples.len(), 2);
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), b"{\"text\": \"a\"}\n{\"text\": \"caf\xe9\"}\n").unwrap();
+        let e = Dataset::read(f.path(), None, &Fields::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with(":2: byte 0xE9 at column 14 is not UTF-8"),
+            "{e}"
+        );
+        std::fs::write(f.path(), b"\xff\xfe{\x00").unwrap();
+        let e = Dataset::read(f.path(), None, &Fields::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":1: the file is UTF-16"), "{e}");
     }
 
     #[test]

@@ -492,8 +492,11 @@ impl<'a> Evaluator<'a> {
                         let b = self.backend.as_ref().unwrap_or_else(|| unreachable!());
                         let p = lever_generate::remote::Params {
                             max_tokens: g.max_tokens,
-                            temperature: g.temperature,
-                            top_p: g.top_p,
+                            temperature: Some(g.temperature),
+                            top_p: Some(g.top_p),
+                            top_k: (g.top_k > 0).then_some(g.top_k),
+                            min_p: None,
+                            repeat_penalty: None,
                             seed: Some(seed),
                             stop: g.stop.clone(),
                         };

@@ -497,10 +497,15 @@ pub fn load(path: &Path) -> Result<Task> {
     if !(0.0..=1.0).contains(&raw.fewshot.mmr_lambda) {
         return Err(spec_err("[fewshot] mmr_lambda must be within 0..1".into()));
     }
-    let name = raw.name.clone().unwrap_or_else(|| {
-        path.file_stem()
-            .map_or("task".into(), |s| s.to_string_lossy().into_owned())
-    });
+    let name = match &raw.name {
+        Some(n) => {
+            check_name(n).map_err(|problem| spec_err(format!("name {n:?}: {problem}")))?;
+            n.clone()
+        }
+        None => path
+            .file_stem()
+            .map_or("task".into(), |s| s.to_string_lossy().into_owned()),
+    };
     Ok(Task {
         path: path.to_path_buf(),
         name,
@@ -697,6 +702,26 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// A task's name becomes part of a folder name (`runs/eval-<name>`): one path component of
+/// letters, digits, `.`, `-` and `_`, so that a task file cannot write outside the runs folder.
+pub fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() || name.len() > 100 {
+        return Err("must be 1 to 100 characters".into());
+    }
+    if name.starts_with('.') {
+        return Err("must not start with '.'".into());
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+    {
+        Some(c) => Err(format!(
+            "{c:?} is not allowed (letters, digits, '.', '-' and '_' only)"
+        )),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -847,6 +872,24 @@ name = "acc_norm"
             "[data]\ntest = \"qa.jsonl\"\n[prompt]\ntemplate = \"x\"\ntarget = \"y\"\n[metric]\nname = \"bleu\"\n",
         );
         assert!(e.contains("[metric] unknown metric \"bleu\""), "{e}");
+    }
+
+    #[test]
+    fn a_task_name_cannot_leave_the_runs_folder() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "qa.jsonl", QA);
+        let body = |name: &str| {
+            format!(
+                "name = {name:?}\n[data]\ntest = \"qa.jsonl\"\n[prompt]\ntemplate = \"{{{{ q }}}}\"\ntarget = \"{{{{ a }}}}\"\n[metric]\nname = \"f1\"\n"
+            )
+        };
+        for bad in ["../../x", "/etc/x", "a/b", "..", ".hidden", "", "a\\b"] {
+            let t = write(d.path(), "t.toml", &body(bad));
+            let e = load(&t).unwrap_err().to_string();
+            assert!(e.contains("t.toml") && e.contains("name"), "{bad}: {e}");
+        }
+        let t = write(d.path(), "t.toml", &body("gsm8k-v2_1.0"));
+        assert_eq!(load(&t).unwrap().name, "gsm8k-v2_1.0");
     }
 
     #[test]

@@ -32,8 +32,15 @@ pub struct Remote {
 #[derive(Debug, Clone)]
 pub struct Params {
     pub max_tokens: usize,
-    pub temperature: f32,
-    pub top_p: f32,
+    /// None: the server's default.
+    pub temperature: Option<f32>,
+    /// None: the server's default.
+    pub top_p: Option<f32>,
+    /// Sent as `top_k`, `min_p` and `repetition_penalty`, the names vLLM, llama.cpp's server
+    /// and lever serve accept beyond OpenAI's; None: not sent.
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
 }
@@ -118,11 +125,21 @@ impl Backend {
     fn body(&self, p: &Params) -> Value {
         let mut b = json!({
             "max_tokens": p.max_tokens,
-            "temperature": p.temperature,
-            "top_p": p.top_p,
             "stream": true,
             "stream_options": {"include_usage": true},
         });
+        let optional = [
+            ("temperature", p.temperature.map(|v| json!(v))),
+            ("top_p", p.top_p.map(|v| json!(v))),
+            ("top_k", p.top_k.map(|v| json!(v))),
+            ("min_p", p.min_p.map(|v| json!(v))),
+            ("repetition_penalty", p.repeat_penalty.map(|v| json!(v))),
+        ];
+        for (key, value) in optional {
+            if let Some(v) = value {
+                b[key] = v;
+            }
+        }
         if let Some(m) = &self.model {
             b["model"] = json!(m);
         }

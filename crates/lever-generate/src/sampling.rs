@@ -39,6 +39,31 @@ impl SamplingParams {
             seed: 0,
         }
     }
+
+    /// What to sample `model` with when the user says nothing: the settings its authors
+    /// publish (unnamed ones off, temperature 1 as transformers' `GenerationConfig`), else
+    /// llama.cpp's defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05;
+    /// `common/common.h`). Greedy decoding with no repetition penalty makes small models loop,
+    /// so greedy is for explicit requests (and exact comparisons with llama.cpp).
+    pub fn for_model(g: &lever_model::GenerationConfig) -> Self {
+        if g.is_empty() {
+            return Self {
+                temperature: 0.8,
+                top_k: 40,
+                top_p: 0.95,
+                min_p: 0.05,
+                ..Self::greedy()
+            };
+        }
+        Self {
+            temperature: g.temperature.unwrap_or(1.0),
+            top_k: g.top_k.unwrap_or(0),
+            top_p: g.top_p.unwrap_or(1.0),
+            min_p: g.min_p.unwrap_or(0.0),
+            repeat_penalty: g.repeat_penalty.unwrap_or(1.0),
+            ..Self::greedy()
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -133,7 +133,8 @@ pub fn write_hf(model: &Model, dir: &Path) -> Result<()> {
             .into_iter()
             .collect();
     let src = &model.info.path;
-    crate::fsutil::replace_dir(dir, |tmp| -> Result<()> {
+    crate::fsutil::write_atomic(dir, |tmp| -> Result<()> {
+        std::fs::create_dir(tmp).map_err(io_err(dir))?;
         let st = tmp.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &st)?;
         // The writer creates it private (0600); the folder's other files are 0644.
@@ -141,11 +142,10 @@ pub fn write_hf(model: &Model, dir: &Path) -> Result<()> {
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&st, std::fs::Permissions::from_mode(0o644))
-                .map_err(io_err(&st))?;
+                .map_err(io_err(&dir.join("model.safetensors")))?;
         }
         let write = |name: &str, text: String| -> Result<()> {
-            let p = tmp.join(name);
-            std::fs::write(&p, text).map_err(io_err(&p))
+            std::fs::write(tmp.join(name), text).map_err(io_err(&dir.join(name)))
         };
         if model.info.format == "hf" {
             let cfg_path = src.join("config.json");

@@ -10,6 +10,7 @@ use crate::chat::ChatTemplate;
 use crate::config::{DecoderConfig, HfConfig};
 use crate::decoder::Decoder;
 use crate::error::{Error, Result, io_err};
+use crate::generation_config::GenerationConfig;
 use crate::gguf::GgufFile;
 use crate::registry::{self, Progress};
 use crate::tokenizer::Tokenizer;
@@ -73,6 +74,8 @@ pub struct ModelInfo {
     pub path: PathBuf,
     pub format: &'static str,
     pub quantization: String,
+    /// The sampling settings the model's authors publish (empty when unknown).
+    pub generation: GenerationConfig,
 }
 
 /// A runnable generator: decoder, tokenizer, chat template.
@@ -119,6 +122,12 @@ impl Model {
             None => None,
         };
         let quantization = file.quantization();
+        let mut generation = GenerationConfig::from_gguf(&file);
+        if generation.is_empty()
+            && let Some(p) = registry::published_for_file(path)
+        {
+            generation = p.config();
+        }
         let decoder = Decoder::load(
             &mut GgufWeights {
                 file: &mut file,
@@ -134,6 +143,7 @@ impl Model {
                 path: path.into(),
                 format: "gguf",
                 quantization,
+                generation,
             },
         })
     }
@@ -178,6 +188,7 @@ impl Model {
             info: ModelInfo {
                 path: dir.into(),
                 format: "hf",
+                generation: GenerationConfig::from_hf_folder(dir),
                 quantization: hf
                     .torch_dtype
                     .clone()

@@ -4,6 +4,7 @@
 //! so the table is also the output layer) is kept at 8 bits when the target has fewer.
 //! The file is written to a temp name, synced, then renamed.
 
+use std::io::Write;
 use std::path::Path;
 
 use candle_core::Device;
@@ -127,20 +128,9 @@ pub(crate) fn write_gguf(
     metadata.push(("general.file_type".into(), Value::U32(file_type(target))));
     let meta_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let tmp = dst.with_extension("gguf.tmp-lever");
-    let write = || -> std::result::Result<(), Error> {
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io_err(&tmp))?);
+    crate::fsutil::write_atomic(dst, |tmp| -> Result<()> {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(tmp).map_err(io_err(dst))?);
         gguf_file::write(&mut out, &meta_refs, &tensor_refs)?;
-        let f = out.into_inner().map_err(|e| Error::Io {
-            path: tmp.clone(),
-            source: e.into_error(),
-        })?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, dst).map_err(io_err(dst))
-    };
-    let r = write();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
+        out.flush().map_err(io_err(dst))
+    })
 }

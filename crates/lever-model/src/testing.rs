@@ -125,12 +125,14 @@ impl TinyGguf {
         let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let tensor_refs: Vec<(&str, &QTensor)> =
             tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        let tmp = path.with_extension("tmp-gguf");
-        let mut file = std::fs::File::create(&tmp)?;
-        gguf_file::write(&mut file, &meta_refs, &tensor_refs)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
+        crate::fsutil::write_atomic(path, |tmp| -> crate::Result<()> {
+            let mut file = std::fs::File::create(tmp).map_err(|source| crate::Error::Io {
+                path: path.into(),
+                source,
+            })?;
+            Ok(gguf_file::write(&mut file, &meta_refs, &tensor_refs)?)
+        })
+        .map_err(candle_core::Error::wrap)
     }
 }
 

@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
@@ -542,8 +542,8 @@ pub const BM25_VERSION: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8;
 const DIGEST_LEN: usize = 32;
 
-/// Writes `payload` to `path` in the container format: to `path` + `.tmp`, fsynced, renamed over
-/// `path`, then the directory fsynced, so a crash leaves the old file or the new one.
+/// Writes `payload` to `path` in the container format, atomically (`fsutil::write_atomic`):
+/// a crash leaves the old file or the new one.
 pub fn write_index_file(
     path: &Path,
     magic: [u8; 8],
@@ -555,9 +555,6 @@ pub fn write_index_file(
         let path = path.to_path_buf();
         move |source| Error::Io { path, source }
     };
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
     let mut head = Vec::with_capacity(HEADER_LEN);
     head.extend_from_slice(&magic);
     head.extend_from_slice(&version.to_le_bytes());
@@ -567,31 +564,14 @@ pub fn write_index_file(
     hasher.update(&head);
     hasher.update(payload);
     let digest = hasher.finalize();
-    {
-        let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    lever_model::fsutil::write_atomic(path, |tmp| {
+        let file = std::fs::File::create(tmp).map_err(io(path))?;
         let mut out = std::io::BufWriter::new(file);
-        out.write_all(&head).map_err(io(&tmp))?;
-        out.write_all(payload).map_err(io(&tmp))?;
-        out.write_all(&digest).map_err(io(&tmp))?;
-        let file = out.into_inner().map_err(|e| Error::Io {
-            path: tmp.clone(),
-            source: e.into_error(),
-        })?;
-        file.sync_all().map_err(io(&tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        // Persist the rename; a directory that cannot be opened (some platforms) is no error.
-        if let Ok(d) = std::fs::File::open(dir) {
-            d.sync_all().map_err(io(dir))?;
-        }
-    }
-    Ok(())
+        out.write_all(&head).map_err(io(path))?;
+        out.write_all(payload).map_err(io(path))?;
+        out.write_all(&digest).map_err(io(path))?;
+        out.flush().map_err(io(path))
+    })
 }
 
 fn file_error(path: &Path, problem: impl Into<String>) -> Error {

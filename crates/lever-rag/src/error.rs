@@ -20,6 +20,8 @@ pub enum Error {
     File { path: PathBuf, problem: String },
     #[error("embedder: {0}")]
     Embed(String),
+    #[error(transparent)]
+    Model(#[from] lever_model::Error),
 
     // ---- the document index (store.rs, ingest.rs) ----
     /// Any SQLite failure not covered by a more specific variant below.

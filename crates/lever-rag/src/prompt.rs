@@ -102,10 +102,19 @@ pub fn user_turn(question: &str, blocks: &[String]) -> String {
     )
 }
 
-/// The passage numbers an answer cites (`[2]`, `[1, 3]`, `[1][2]`), in order of first
-/// citation, within 1..=n.
-pub fn cited(answer: &str, n: usize) -> Vec<usize> {
-    let mut out = Vec::new();
+/// The passage numbers an answer cites.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Citations {
+    /// Numbers of passages that were given (1..=n), in order of first citation.
+    pub given: Vec<usize>,
+    /// Numbers the answer cites that no given passage has (0, or above n): a sign that the
+    /// model made the citation up.
+    pub unknown: Vec<usize>,
+}
+
+/// Read the citations of an answer (`[2]`, `[1, 3]`, `[1][2]`) given `n` passages.
+pub fn cited(answer: &str, n: usize) -> Citations {
+    let mut out = Citations::default();
     let mut rest = answer;
     while let Some(open) = rest.find('[') {
         rest = &rest[open + 1..];
@@ -116,8 +125,13 @@ pub fn cited(answer: &str, n: usize) -> Vec<usize> {
             .map(|s| s.trim().parse::<usize>().ok())
             .collect();
         for k in numbers.unwrap_or_default() {
-            if (1..=n).contains(&k) && !out.contains(&k) {
-                out.push(k);
+            let list = if (1..=n).contains(&k) {
+                &mut out.given
+            } else {
+                &mut out.unknown
+            };
+            if !list.contains(&k) {
+                list.push(k);
             }
         }
         rest = &rest[close + 1..];
@@ -169,8 +183,17 @@ mod tests {
 
     #[test]
     fn citations_are_read_from_brackets() {
-        assert_eq!(cited("Yes [2]. Also [1, 3] and [1][4].", 3), vec![2, 1, 3]);
-        assert_eq!(cited("See [x] or [0] or [12", 3), Vec::<usize>::new());
+        let c = cited("Yes [2]. Also [1, 3] and [1][4].", 3);
+        assert_eq!(c.given, vec![2, 1, 3]);
+        assert_eq!(c.unknown, vec![4]);
+        let c = cited("See [x] or [0] or [12", 3);
+        assert_eq!(
+            c,
+            Citations {
+                given: vec![],
+                unknown: vec![0]
+            }
+        );
         let mut p = passage("d/e.txt", 1);
         p.line_end = 3;
         assert_eq!(p.citation(), "d/e.txt:3");

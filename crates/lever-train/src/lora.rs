@@ -198,9 +198,14 @@ impl LoraSet {
             "init_lora_weights": true,
         });
         let text = serde_json::to_string_pretty(&config).unwrap_or_default() + "\n";
-        lever_model::fsutil::replace_dir(dir, |tmp| {
-            let path = tmp.join("adapter_config.json");
-            std::fs::write(&path, text).map_err(|source| Error::Io { path, source })?;
+        let io = |name: &str| {
+            let path = dir.join(name);
+            move |source| Error::Io { path, source }
+        };
+        lever_model::fsutil::write_atomic(dir, |tmp| {
+            std::fs::create_dir(tmp).map_err(io(""))?;
+            std::fs::write(tmp.join("adapter_config.json"), text)
+                .map_err(io("adapter_config.json"))?;
             candle_core::safetensors::save(&tensors, tmp.join("adapter_model.safetensors"))?;
             Ok(())
         })

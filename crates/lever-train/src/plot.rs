@@ -27,9 +27,13 @@ const VALIDATION_COLOR: [u8; 3] = [255, 127, 14];
 /// Largest side accepted, so that a bad argument cannot ask for gigabytes of pixels.
 pub const MAX_SIDE: u32 = 8192;
 
-/// Write the training and validation losses as an 800×500 PNG, atomically: the bytes go to a
-/// temporary name beside `path`, are synced, and are renamed over it.
-pub fn write_loss_curve(path: &Path, train: &[(f64, f64)], val: &[(f64, f64)]) -> io::Result<()> {
+/// Write the training and validation losses as an 800×500 PNG, atomically
+/// (`lever_model::fsutil::write_atomic`).
+pub fn write_loss_curve(
+    path: &Path,
+    train: &[(f64, f64)],
+    val: &[(f64, f64)],
+) -> crate::Result<()> {
     let series = [
         Series {
             name: "train",
@@ -44,8 +48,12 @@ pub fn write_loss_curve(path: &Path, train: &[(f64, f64)], val: &[(f64, f64)]) -
             markers: true,
         },
     ];
-    let png = line_chart_png("training loss", &series, 800, 500)?;
-    write_atomic(path, &png)
+    let io = |source| crate::Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let png = line_chart_png("training loss", &series, 800, 500).map_err(io)?;
+    lever_model::fsutil::write_atomic(path, |tmp| std::fs::write(tmp, &png).map_err(io))
 }
 
 /// Render a line chart of `series` (x label "step", y label "loss") as PNG bytes.
@@ -70,32 +78,6 @@ pub fn line_chart_png(
     }
     frame.draw_legend(&mut canvas, series);
     encode_png(width, height, &canvas.rgb)
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let name = path.file_name().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{}: not a file path", path.display()),
-        )
-    })?;
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = parent.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if written.is_err() {
-        // Best effort: the write already failed, and that error is the one to report.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -229,10 +229,14 @@ impl Trainer {
             "step": self.step, "optimizer_t": self.opt.t, "cursor": self.cursor,
             "order": self.order, "rng": self.rng.0, "vars": self.vars.len(),
         });
-        lever_model::fsutil::replace_dir(dir, |tmp| {
+        let io = |name: &str| {
+            let path = dir.join(name);
+            move |source| Error::Io { path, source }
+        };
+        lever_model::fsutil::write_atomic(dir, |tmp| {
+            std::fs::create_dir(tmp).map_err(io(""))?;
             candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
-            let path = tmp.join("trainer.json");
-            std::fs::write(&path, state.to_string()).map_err(|source| Error::Io { path, source })
+            std::fs::write(tmp.join("trainer.json"), state.to_string()).map_err(io("trainer.json"))
         })
     }
 

@@ -41,7 +41,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     let prompt = build_prompt(&model, a.system.as_deref(), &question, a.raw)?;
     let ids = model.tokenizer.encode(&prompt, true)?;
     let mut session = Session::new(&model);
-    let req = a.sampling.request();
+    let req = a.sampling.request(&model);
     let mut stdout = std::io::stdout();
     let json_mode = a.json;
     let out = generate(&model, &mut session, &ids, &req, &mut |piece| {
@@ -66,6 +66,15 @@ pub fn run(a: AskArgs) -> Result<()> {
             "generation_ms": out.generation_ms,
             "finish_reason": out.finish_reason,
             "model": model.info.path,
+            "sampling": {
+                "temperature": req.sampling.temperature,
+                "top_k": req.sampling.top_k,
+                "top_p": req.sampling.top_p,
+                "min_p": req.sampling.min_p,
+                "repeat_penalty": req.sampling.repeat_penalty,
+                "seed": req.sampling.seed,
+                "defaults_from": model.info.generation.source,
+            },
         });
         println!("{v}");
     } else {

@@ -25,11 +25,15 @@ pub fn backend(b: &BackendArg) -> Result<Option<Backend>> {
     }
 }
 
-fn params(s: &SamplingArgs) -> Params {
+/// Only what the user set is sent: the server applies its own defaults for the rest.
+pub fn params(s: &SamplingArgs) -> Params {
     Params {
         max_tokens: s.max_tokens,
         temperature: s.temperature,
         top_p: s.top_p,
+        top_k: s.top_k,
+        min_p: s.min_p,
+        repeat_penalty: s.repeat_penalty,
         seed: Some(s.seed),
         stop: s.stop.clone(),
     }

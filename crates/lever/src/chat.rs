@@ -41,16 +41,43 @@ impl Conversation {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
         let c: Conversation = serde_json::from_str(&text)
             .with_context(|| format!("{}: not a saved conversation", path.display()))?;
+        c.check()
+            .map_err(|problem| anyhow::anyhow!("{}: {problem}", path.display()))?;
         Ok(c)
     }
 
-    /// Written to a temp name, then renamed: a crash never leaves half a file.
-    fn save(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("tmp-lever");
-        let text = serde_json::to_string_pretty(self)?;
-        std::fs::write(&tmp, text).with_context(|| format!("{}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("{}", path.display()))?;
+    /// A conversation the chat template can render: a system message only first, then user and
+    /// assistant turns, starting with the user.
+    fn check(&self) -> std::result::Result<(), String> {
+        let mut expect_user = true;
+        for (i, m) in self.messages.iter().enumerate() {
+            match m.role.as_str() {
+                "system" if i == 0 => {}
+                "system" => return Err(format!("messages[{i}]: a system message must come first")),
+                "user" | "assistant" => {
+                    let is_user = m.role == "user";
+                    if is_user != expect_user {
+                        return Err(format!(
+                            "messages[{i}]: role \"{}\" where \"{}\" was expected (turns alternate, user first)",
+                            m.role,
+                            if expect_user { "user" } else { "assistant" }
+                        ));
+                    }
+                    expect_user = !expect_user;
+                }
+                other => {
+                    return Err(format!(
+                        "messages[{i}]: unknown role {other:?} (system, user or assistant)"
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Written atomically: a crash never leaves half a file.
+    fn save(&self, path: &Path) -> Result<()> {
+        crate::write_file(path, serde_json::to_string_pretty(self)?.as_bytes())
     }
 }
 
@@ -194,19 +221,25 @@ fn turn(
         .with_context(|| model.info.path.display().to_string())?;
     let ids = model.tokenizer.encode(&prompt, true)?;
     let mut stdout = std::io::stdout();
-    let out = generate(model, session, &ids, &a.sampling.request(), &mut |piece| {
-        if cancel.load(Ordering::SeqCst) {
-            return Flow::Stop;
-        }
-        if stdout
-            .write_all(piece.as_bytes())
-            .and_then(|()| stdout.flush())
-            .is_err()
-        {
-            return Flow::Stop;
-        }
-        Flow::Continue
-    })?;
+    let out = generate(
+        model,
+        session,
+        &ids,
+        &a.sampling.request(model),
+        &mut |piece| {
+            if cancel.load(Ordering::SeqCst) {
+                return Flow::Stop;
+            }
+            if stdout
+                .write_all(piece.as_bytes())
+                .and_then(|()| stdout.flush())
+                .is_err()
+            {
+                return Flow::Stop;
+            }
+            Flow::Continue
+        },
+    )?;
     println!();
     Ok((out.text, out.finish_reason))
 }
@@ -222,13 +255,7 @@ fn remote_turn(
         .iter()
         .map(|m| (m.role.clone(), m.content.clone()))
         .collect();
-    let p = lever_server::client::Params {
-        max_tokens: a.sampling.max_tokens,
-        temperature: a.sampling.temperature,
-        top_p: a.sampling.top_p,
-        seed: Some(a.sampling.seed),
-        stop: a.sampling.stop.clone(),
-    };
+    let p = crate::backend::params(&a.sampling);
     let mut stdout = std::io::stdout();
     let out = b
         .chat(&messages, &p, &mut |t| {

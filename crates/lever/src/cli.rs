@@ -148,15 +148,16 @@ pub enum IndexCommand {
         paths: Vec<PathBuf>,
         #[command(flatten)]
         index: IndexArg,
-        /// How documents are cut (fixed when the index is created).
-        #[arg(long, default_value = "structure", value_parser = ["structure", "tokens"])]
-        chunking: String,
+        /// How documents are cut: structure (the default) or tokens. Fixed when the index is
+        /// created; an existing index refuses other settings.
+        #[arg(long, value_parser = ["structure", "tokens"])]
+        chunking: Option<String>,
         /// Largest chunk, in the encoder's tokens (default: 224, or the encoder's limit).
         #[arg(long, value_parser = at_least_one)]
         chunk_size: Option<usize>,
-        /// Tokens shared by consecutive windows.
-        #[arg(long, default_value_t = 32)]
-        overlap: usize,
+        /// Tokens shared by consecutive windows (default 32).
+        #[arg(long)]
+        overlap: Option<usize>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -254,9 +255,15 @@ pub struct TaskRunArgs {
     /// Evaluate only the first N examples of the split.
     #[arg(long, value_parser = at_least_one)]
     pub limit: Option<usize>,
-    /// Folder for per-example JSONL and summary.json (default runs/eval-<task name>).
+    /// Folder for per-example JSONL and summary.json (default runs/eval-<task name>, or
+    /// runs/eval-<task name>-N when that one is taken). An existing folder that is not empty
+    /// is refused unless --force.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace --out when it exists and is not empty (the new results replace the folder
+    /// once they are complete).
+    #[arg(long)]
+    pub force: bool,
     /// Neither read nor write the result cache.
     #[arg(long)]
     pub no_cache: bool,
@@ -382,7 +389,7 @@ fn parse_mode(s: &str) -> Result<lever_rag::Mode, String> {
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
     #[command(flatten)]
-    pub model: ModelArg,
+    pub model: BaseModelArg,
     /// JSONL training data (Alpaca, chat `messages`, ShareGPT `conversations` or `text`).
     #[arg(long)]
     pub data: PathBuf,
@@ -460,6 +467,10 @@ pub struct FinetuneArgs {
     /// Continue the run in --out from its last checkpoint (the same settings are required).
     #[arg(long)]
     pub resume: bool,
+    /// Start over in an --out that already holds a run (its checkpoints, metrics and result
+    /// are replaced), or write into an --out folder that holds other files.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     /// Run folder: manifest.json, metrics.jsonl, loss.png, checkpoints/, and the result:
     /// adapter/ (PEFT layout) or model/ (Hugging Face folder), plus best/. Default:
     /// runs/<name>.
@@ -481,6 +492,9 @@ pub struct ExportArgs {
     /// Block type of a GGUF's matrices: f16, q8_0, q4_1 or q4_0 (default q8_0).
     #[arg(long = "type", short = 't', value_parser = parse_quant_type)]
     pub qtype: Option<candle_core::quantized::GgmlDType>,
+    /// Replace an existing output (a file, or a folder that is not empty).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -497,6 +511,9 @@ pub struct MergeArgs {
     /// Block type of a GGUF's matrices: f16, q8_0, q4_1 or q4_0 (default q8_0).
     #[arg(long = "type", short = 't', value_parser = parse_quant_type)]
     pub qtype: Option<candle_core::quantized::GgmlDType>,
+    /// Replace an existing output (a file, or a folder that is not empty).
+    #[arg(long)]
+    pub force: bool,
 }
 
 fn parse_format(s: &str) -> Result<lever_data::Format, String> {
@@ -517,27 +534,49 @@ pub struct ModelArg {
     pub model: String,
     /// A LoRA adapter folder in Hugging Face PEFT's layout (adapter_config.json +
     /// adapter_model.safetensors), e.g. one `lever finetune` wrote.
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub adapter: Option<PathBuf>,
 }
 
+/// A generator without an adapter (commands that do not apply one).
+#[derive(Debug, Args, Clone)]
+pub struct BaseModelArg {
+    /// A .gguf file, a Hugging Face folder, or a registry name (see `lever models list`).
+    #[arg(long, short = 'm', env = "LEVER_MODEL", default_value = lever_model::registry::DEFAULT_GENERATOR)]
+    pub model: String,
+}
+
+impl BaseModelArg {
+    pub fn without_adapter(&self) -> ModelArg {
+        ModelArg {
+            model: self.model.clone(),
+            adapter: None,
+        }
+    }
+}
+
+/// Sampling. Settings left out come from the model's published generation settings
+/// (generation_config.json, GGUF `general.sampling.*`, or its model card in the registry:
+/// SmolLM2 temperature 0.2, top-p 0.9), else llama.cpp's defaults (temperature 0.8, top-k 40,
+/// top-p 0.95, min-p 0.05). `--temperature 0` is greedy.
 #[derive(Debug, Args, Clone)]
 pub struct SamplingArgs {
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
-    pub temperature: f32,
-    /// Keep only the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Nucleus sampling: keep the smallest set with this much probability (1 = off).
-    #[arg(long, default_value_t = 1.0, value_parser = unit_interval)]
-    pub top_p: f32,
-    /// Drop tokens less likely than min-p times the best one (0 = off).
-    #[arg(long, default_value_t = 0.0, value_parser = unit_interval)]
-    pub min_p: f32,
-    /// Penalty for repeating recent tokens (1 = off).
-    #[arg(long, default_value_t = 1.0, value_parser = positive)]
-    pub repeat_penalty: f32,
+    /// Sampling temperature; 0 is greedy [default: the model's].
+    #[arg(long, value_parser = non_negative)]
+    pub temperature: Option<f32>,
+    /// Keep only the k most likely tokens (0 = off) [default: the model's].
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: keep the smallest set with this much probability (1 = off)
+    /// [default: the model's].
+    #[arg(long, value_parser = unit_interval)]
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than min-p times the best one (0 = off) [default: the model's].
+    #[arg(long, value_parser = unit_interval)]
+    pub min_p: Option<f32>,
+    /// Penalty for repeating recent tokens (1 = off) [default: the model's].
+    #[arg(long, value_parser = positive)]
+    pub repeat_penalty: Option<f32>,
     /// How many recent tokens the repeat penalty looks at.
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,
@@ -545,7 +584,7 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Maximum new tokens.
-    #[arg(long, short = 'n', default_value_t = 256)]
+    #[arg(long, short = 'n', default_value_t = 256, value_parser = at_least_one)]
     pub max_tokens: usize,
     /// Stop when this string is produced (repeatable); it is not printed.
     #[arg(long)]
@@ -600,7 +639,7 @@ pub struct TokenizeArgs {
     /// The text to tokenize.
     pub text: String,
     #[command(flatten)]
-    pub model: ModelArg,
+    pub model: BaseModelArg,
     /// Do not add BOS even if the model asks for it.
     #[arg(long)]
     pub no_bos: bool,
@@ -671,6 +710,9 @@ pub struct QuantizeArgs {
     /// Block type of the weight matrices: q8_0, q4_1, q4_0 or f16.
     #[arg(long = "type", short = 't', value_parser = parse_quant_type)]
     pub qtype: candle_core::quantized::GgmlDType,
+    /// Replace an existing output file (also the input itself).
+    #[arg(long)]
+    pub force: bool,
 }
 
 fn parse_quant_type(s: &str) -> Result<candle_core::quantized::GgmlDType, String> {

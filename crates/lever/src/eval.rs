@@ -97,6 +97,7 @@ pub fn task(a: EvalTaskArgs) -> Result<()> {
     if let Some(n) = r.limit {
         examples.truncate(n);
     }
+    let out = out_dir(r, &format!("eval-{}", task.name))?;
     let model = crate::load_model(&r.model)?;
     let encoder = needs_encoder(&settings, r)?;
     let mut ev = evaluator(&model, &task, r, encoder.as_ref())?;
@@ -104,42 +105,53 @@ pub fn task(a: EvalTaskArgs) -> Result<()> {
     for s in &settings {
         ev.check(s)?;
     }
-    let out = out_dir(r, &task);
     let mut summaries = Vec::new();
-    for s in &settings {
-        let bar = crate::progress::counter(examples.len() as u64, &s.label());
-        let result = ev.run(s, &a.split, &examples, Shots::Select, &mut |d, _| {
-            bar.set_position(d as u64)
+    let mut report = serde_json::Value::Null;
+    // The folder appears (or replaces the old one, with --force) once every file is written.
+    lever_model::fsutil::write_atomic(&out, |tmp| -> Result<()> {
+        std::fs::create_dir(tmp).with_context(|| out.display().to_string())?;
+        for s in &settings {
+            let bar = crate::progress::counter(examples.len() as u64, &s.label());
+            let result = ev.run(s, &a.split, &examples, Shots::Select, &mut |d, _| {
+                bar.set_position(d as u64)
+            });
+            bar.finish_and_clear();
+            let (summary, records) = result?;
+            write_records(
+                tmp,
+                &out,
+                &format!("{}-{}.jsonl", a.split, s.slug()),
+                &records,
+            )?;
+            eprintln!(
+                "{}: {} = {:.4} (n {}, {:.1} s{})",
+                summary.setting,
+                summary.metric,
+                summary.score,
+                summary.n,
+                summary.seconds,
+                if summary.cached > 0 {
+                    format!(", {} from the cache", summary.cached)
+                } else {
+                    String::new()
+                }
+            );
+            summaries.push(summary);
+        }
+        report = serde_json::json!({
+            "task": task.name,
+            "task_file": task.path,
+            "model": model.info.path,
+            "split": a.split,
+            "settings": summaries,
         });
-        bar.finish_and_clear();
-        let (summary, records) = result?;
-        write_records(&out, &format!("{}-{}.jsonl", a.split, s.slug()), &records)?;
-        eprintln!(
-            "{}: {} = {:.4} (n {}, {:.1} s{})",
-            summary.setting,
-            summary.metric,
-            summary.score,
-            summary.n,
-            summary.seconds,
-            if summary.cached > 0 {
-                format!(", {} from the cache", summary.cached)
-            } else {
-                String::new()
-            }
-        );
-        summaries.push(summary);
-    }
-    let report = serde_json::json!({
-        "task": task.name,
-        "task_file": task.path,
-        "model": model.info.path,
-        "split": a.split,
-        "settings": summaries,
-    });
-    write_atomic(
-        &out.join("summary.json"),
-        &serde_json::to_string_pretty(&report)?,
-    )?;
+        put(
+            tmp,
+            &out,
+            "summary.json",
+            &serde_json::to_string_pretty(&report)?,
+        )
+    })?;
     if r.json {
         println!("{report}");
     } else {
@@ -178,6 +190,7 @@ pub fn fewshot_search(a: FewshotSearchArgs) -> Result<()> {
     if let Some(n) = a.test_limit {
         test.truncate(n);
     }
+    let out = out_dir(r, &format!("fewshot-{}", task.name))?;
     let model = crate::load_model(&r.model)?;
     let mut ev = evaluator(&model, &task, r, None)?;
     let mut bar: Option<(String, indicatif::ProgressBar)> = None;
@@ -204,8 +217,6 @@ pub fn fewshot_search(a: FewshotSearchArgs) -> Result<()> {
         b.finish_and_clear();
     }
     let (trials, best, test_summary, records) = result?;
-    let out = out_dir(r, &task);
-    write_records(&out, &format!("search-k{k}-best-test.jsonl"), &records)?;
     let report = serde_json::json!({
         "task": task.name,
         "k": k,
@@ -214,10 +225,12 @@ pub fn fewshot_search(a: FewshotSearchArgs) -> Result<()> {
         "best_shots": trials.get(best).map(|t| t.shots.clone()),
         "test": test_summary,
     });
-    write_atomic(
-        &out.join(format!("search-k{k}.json")),
-        &serde_json::to_string_pretty(&report)?,
-    )?;
+    lever_model::fsutil::write_atomic(&out, |tmp| -> Result<()> {
+        std::fs::create_dir(tmp).with_context(|| out.display().to_string())?;
+        write_records(tmp, &out, &format!("search-k{k}-best-test.jsonl"), &records)?;
+        let text = serde_json::to_string_pretty(&report)?;
+        put(tmp, &out, &format!("search-k{k}.json"), &text)
+    })?;
     if r.json {
         println!("{report}");
         return Ok(());
@@ -303,34 +316,36 @@ fn evaluator<'a>(
     Ok(ev)
 }
 
-fn out_dir(r: &TaskRunArgs, task: &Task) -> PathBuf {
-    r.out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("runs").join(format!("eval-{}", task.name)))
+/// `--out` (refused when it holds anything, unless --force), or the first of runs/NAME,
+/// runs/NAME-2, ... that is missing or empty: every run gets its own folder.
+fn out_dir(r: &TaskRunArgs, name: &str) -> Result<PathBuf> {
+    if let Some(out) = &r.out {
+        crate::check_target(out, r.force)?;
+        return Ok(out.clone());
+    }
+    let runs = PathBuf::from("runs");
+    let free = |p: &Path| crate::check_target(p, false).is_ok();
+    let mut dir = runs.join(name);
+    let mut n = 2;
+    while !free(&dir) {
+        dir = runs.join(format!("{name}-{n}"));
+        n += 1;
+    }
+    Ok(dir)
 }
 
-fn write_records(dir: &Path, name: &str, records: &[Record]) -> Result<()> {
+/// Write `name` into the folder being built (`tmp`); errors name the final folder `out`.
+fn put(tmp: &Path, out: &Path, name: &str, text: &str) -> Result<()> {
+    std::fs::write(tmp.join(name), text).with_context(|| out.join(name).display().to_string())
+}
+
+fn write_records(tmp: &Path, out: &Path, name: &str, records: &[Record]) -> Result<()> {
     let mut text = String::new();
     for r in records {
         text.push_str(&serde_json::to_string(r)?);
         text.push('\n');
     }
-    write_atomic(&dir.join(name), &text)
-}
-
-/// Write to a temp name beside `path`, fsync, rename: a reader sees the old file or the new.
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
-    let mut tmp =
-        tempfile::NamedTempFile::new_in(dir).with_context(|| format!("{}", dir.display()))?;
-    tmp.write_all(text.as_bytes())
-        .and_then(|_| tmp.as_file().sync_all())
-        .with_context(|| format!("{}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("{}", path.display()))?;
-    Ok(())
+    put(tmp, out, name, &text)
 }
 
 fn ci(c: Option<[f64; 2]>) -> String {

@@ -10,11 +10,13 @@ use lever_model::Model;
 use crate::cli::{ExportArgs, MergeArgs, ModelArg};
 
 pub fn export(a: ExportArgs) -> Result<()> {
+    crate::check_target(&a.out, a.force)?;
     let model = crate::load_model(&a.model)?;
     write(&model, &a.out, a.qtype)
 }
 
 pub fn merge(a: MergeArgs) -> Result<()> {
+    crate::check_target(&a.out, a.force)?;
     let model = crate::load_model(&ModelArg {
         model: a.model,
         adapter: Some(a.lora),

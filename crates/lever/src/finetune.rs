@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use lever_data::sft::{self, Overlong, Prepared};
 use lever_data::{Dataset, Fields};
 use lever_model::Model;
@@ -23,13 +22,8 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     for f in &a.fields {
         fields.set(f)?;
     }
-    if a.model.adapter.is_some() && a.show_mask.is_none() {
-        bail!(
-            "--adapter: continuing training from an adapter is not supported yet; train a fresh one"
-        );
-    }
     let data = Dataset::read(&a.data, a.format, &fields)?;
-    let mut model = crate::load_model(&a.model)?;
+    let mut model = crate::load_model(&a.model.without_adapter())?;
     let template = model.chat_template.clone();
 
     if let Some(n) = a.show_mask {
@@ -52,11 +46,26 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         if !checkpoint.join("trainer.json").exists() {
             bail!("{}: no checkpoint to resume from", checkpoint.display());
         }
-    } else if out.join("metrics.jsonl").exists() {
+    } else if out.join("metrics.jsonl").exists() && !a.force {
         bail!(
-            "{}: already holds a run (metrics.jsonl); choose another --out, or --resume",
+            "{}: already holds a run (metrics.jsonl); choose another --out, --resume it, or --force to start over",
             out.display()
         );
+    } else if a.force {
+        // Start over: only what a run writes is removed; other files stay.
+        for name in RUN_FILES {
+            let p = out.join(name);
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else if p.exists() {
+                std::fs::remove_file(&p)
+            } else {
+                Ok(())
+            }
+            .with_context(|| p.display().to_string())?;
+        }
+    } else {
+        crate::check_target(&out, false).context("--out holds other files")?;
     }
 
     let overlong = match a.overlong.as_str() {
@@ -117,6 +126,12 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         );
         Trainable::Full(vars.into_iter().map(|(_, v)| v).collect())
     };
+    if a.warmup >= a.steps {
+        eprintln!(
+            "warning: --warmup {} is not shorter than --steps {}: the learning rate never reaches its peak",
+            a.warmup, a.steps
+        );
+    }
     let config = TrainConfig {
         steps: a.steps,
         batch_size: a.batch_size,
@@ -185,7 +200,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         manifest["resumed_at_step"] = serde_json::json!(trainer.step);
         eprintln!("resuming at step {}", trainer.step);
     }
-    write_atomic(&out.join("manifest.json"), &pretty(&manifest))?;
+    crate::write_file(&out.join("manifest.json"), &pretty(&manifest))?;
 
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
@@ -233,13 +248,12 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         v
     };
 
-    let bar = ProgressBar::new(a.steps as u64);
-    bar.set_position(trainer.step as u64);
-    bar.set_style(
-        ProgressStyle::with_template("train [{bar:30}] {pos}/{len} {msg} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+    let bar = crate::progress::bar(
+        a.steps as u64,
+        "train [{bar:30}] {pos}/{len} {msg} eta {eta}",
+        "",
     );
+    bar.set_position(trainer.step as u64);
     let started = Instant::now();
     let mut tokens = 0usize;
     let mut last_val = val_before;
@@ -300,7 +314,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         "seconds": secs, "tokens": tokens, "tokens_per_s": tokens as f64 / secs,
         result: result, "best": best_step.map(|_| "best"),
     });
-    write_atomic(&out.join("manifest.json"), &pretty(&manifest))?;
+    crate::write_file(&out.join("manifest.json"), &pretty(&manifest))?;
     eprintln!(
         "trained {} steps in {secs:.1}s ({:.0} tok/s); {result} written to {}",
         a.steps,
@@ -342,6 +356,17 @@ impl Trainable {
     }
 }
 
+/// What a run writes into its folder (`--force` removes these and nothing else).
+const RUN_FILES: [&str; 7] = [
+    "manifest.json",
+    "metrics.jsonl",
+    "loss.png",
+    "checkpoints",
+    "best",
+    "adapter",
+    "model",
+];
+
 /// --out, or runs/<name> with a name from the data file and the method (a new one per run;
 /// --resume continues the newest).
 fn run_dir(a: &FinetuneArgs, method: &str) -> Result<PathBuf> {
@@ -349,7 +374,10 @@ fn run_dir(a: &FinetuneArgs, method: &str) -> Result<PathBuf> {
         return Ok(out.clone());
     }
     let name = match &a.name {
-        Some(n) => n.clone(),
+        Some(n) => {
+            lever_eval::task::check_name(n).map_err(|p| anyhow::anyhow!("--name {n:?}: {p}"))?;
+            n.clone()
+        }
         None => {
             let stem = a
                 .data
@@ -433,7 +461,7 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     if !body.is_empty() {
         body.push('\n');
     }
-    write_atomic(path, &body)
+    crate::write_file(path, &body)
 }
 
 fn read_val_loss(path: &Path, step: usize) -> Option<f64> {
@@ -446,12 +474,4 @@ fn read_val_loss(path: &Path, step: usize) -> Option<f64> {
 
 fn pretty(v: &serde_json::Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
-}
-
-/// Write to a temporary name beside the target, then rename over it.
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| tmp.display().to_string())?;
-    std::fs::rename(&tmp, path).with_context(|| path.display().to_string())?;
-    Ok(())
 }

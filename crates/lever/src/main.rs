@@ -92,6 +92,38 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Never write over what a user made: an existing file, or a folder with anything in it, is
+/// refused unless `force`. Empty folders and missing paths are fine.
+pub fn check_target(path: &std::path::Path, force: bool) -> Result<()> {
+    if force {
+        return Ok(());
+    }
+    let taken = match std::fs::read_dir(path) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(_) => path.exists(),
+    };
+    if taken {
+        let what = if path.is_dir() {
+            "a folder that is not empty"
+        } else {
+            "a file"
+        };
+        anyhow::bail!(
+            "{}: already exists ({what}); choose another path, or pass --force to replace it",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Write a file atomically (lever_model::fsutil::write_atomic); errors name `path`.
+pub fn write_file(path: &std::path::Path, bytes: impl AsRef<[u8]>) -> Result<()> {
+    lever_model::fsutil::write_atomic(path, |tmp| {
+        std::fs::write(tmp, bytes)
+            .map_err(|e| anyhow::Error::new(e).context(path.display().to_string()))
+    })
+}
+
 pub fn device() -> Device {
     Device::Cpu
 }
@@ -109,23 +141,25 @@ pub fn load_model(arg: &ModelArg) -> Result<Model> {
 }
 
 impl SamplingArgs {
-    pub fn params(&self) -> SamplingParams {
+    /// The flags given, the rest from `model`'s published settings (or lever's fallback).
+    pub fn params(&self, model: &Model) -> SamplingParams {
+        let d = SamplingParams::for_model(&model.info.generation);
         SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
             repeat_last_n: self.repeat_last_n,
             seed: self.seed,
         }
     }
 
-    pub fn request(&self) -> lever_generate::GenerateRequest {
+    pub fn request(&self, model: &Model) -> lever_generate::GenerateRequest {
         lever_generate::GenerateRequest {
             max_new_tokens: self.max_tokens,
             stop: self.stop.clone(),
-            sampling: self.params(),
+            sampling: self.params(model),
         }
     }
 }

@@ -6,7 +6,7 @@ use serde_json::json;
 use crate::cli::{BenchArgs, PerplexityArgs, QuantizeArgs, TokenizeArgs};
 
 pub fn tokenize(a: TokenizeArgs) -> Result<()> {
-    let model = crate::load_model(&a.model)?;
+    let model = crate::load_model(&a.model.without_adapter())?;
     let ids = model.tokenizer.encode(&a.text, !a.no_bos)?;
     if a.json {
         println!("{}", json!({ "ids": ids }));
@@ -133,6 +133,7 @@ fn median(v: &mut [f64]) -> Option<f64> {
 }
 
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
+    crate::check_target(&a.output, a.force)?;
     let home = lever_model::registry::lever_home();
     let source =
         lever_model::model::resolve(&a.input, &home, &mut crate::progress::provisioning())?;

@@ -8,9 +8,7 @@ use anyhow::{Context, Result, bail};
 use lever_generate::{Flow, Session, generate};
 use lever_rag::embedder::BertEmbed;
 use lever_rag::prompt::{self, Passage};
-use lever_rag::{
-    AddOptions, ChunkMode, ChunkSettings, DenseIndex, Event, FileOutcome, Index, Mode, Retriever,
-};
+use lever_rag::{AddOptions, ChunkMode, ChunkSettings, DenseIndex, Event, Index, Mode, Retriever};
 use serde_json::json;
 
 use crate::cli::{
@@ -51,13 +49,21 @@ pub fn index(cmd: IndexCommand) -> Result<()> {
             chunk_size,
             overlap,
             json,
-        } => add(&paths, &index, &chunking, chunk_size, overlap, json),
+        } => add(
+            &paths,
+            &index,
+            chunking.as_deref(),
+            chunk_size,
+            overlap,
+            json,
+        ),
         IndexCommand::Rm { paths, index } => {
             let mut idx = open(&index)?;
+            let mut missing = Vec::new();
             for p in &paths {
                 let r = idx.remove(p)?;
                 if r.sources == 0 {
-                    eprintln!("{}: not in the index", p.display());
+                    missing.push(p.display().to_string());
                 } else {
                     println!(
                         "removed {}: {} source(s), {} chunk(s)",
@@ -66,6 +72,13 @@ pub fn index(cmd: IndexCommand) -> Result<()> {
                         r.chunks
                     );
                 }
+            }
+            if !missing.is_empty() {
+                bail!(
+                    "{}: not in the index {} (see `lever index stats`; paths are matched as `index add` stored them)",
+                    missing.join(", "),
+                    index.display()
+                );
             }
             Ok(())
         }
@@ -104,15 +117,26 @@ pub fn index(cmd: IndexCommand) -> Result<()> {
 fn add(
     paths: &[PathBuf],
     arg: &IndexArg,
-    chunking: &str,
+    chunking: Option<&str>,
     chunk_size: Option<usize>,
-    overlap: usize,
+    overlap: Option<usize>,
     json: bool,
 ) -> Result<()> {
+    // Every path named on the command line must be there and readable before anything is
+    // created or changed.
+    for p in paths {
+        let readable = match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => std::fs::read_dir(p).map(|_| ()),
+            Ok(_) => std::fs::File::open(p).map(|_| ()),
+            Err(e) => Err(e),
+        };
+        readable.with_context(|| format!("{}: cannot be read", p.display()))?;
+    }
     let embed = embedder(&arg.embedder)?;
     let mut index = if Index::exists(&arg.index) {
         let index = Index::open(&arg.index)?;
         index.check_embedder(&embed)?;
+        check_chunking(&index, chunking, chunk_size, overlap)?;
         index
     } else {
         // Room for [CLS] and [SEP] under the encoder's limit.
@@ -122,23 +146,20 @@ fn add(
             bail!("--chunk-size {size}: the encoder reads at most {limit} tokens per chunk");
         }
         let settings = ChunkSettings {
-            mode: if chunking == "tokens" {
+            mode: if chunking == Some("tokens") {
                 ChunkMode::Tokens
             } else {
                 ChunkMode::Structure
             },
             size,
-            overlap,
+            overlap: overlap.unwrap_or(32),
         };
         Index::create(&arg.index, &embed, &settings)?
     };
-    let bar = crate::progress::counter(0, "indexing");
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} files, {per_sec}, eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
+    let bar = crate::progress::bar(
+        0,
+        "{msg} [{bar:30}] {pos}/{len} files, {per_sec}, eta {eta}",
+        "indexing",
     );
     let start = Instant::now();
     let mut on_event = |e: Event<'_>| match e {
@@ -146,11 +167,7 @@ fn add(
         Event::Recovered { sources } => bar.println(format!(
             "recovering {sources} file(s) an interrupted add left incomplete"
         )),
-        Event::File { path, outcome } => {
-            if let FileOutcome::Skipped(why) = outcome {
-                bar.println(format!("skipped {}: {why}", shown(path)));
-            }
-        }
+        Event::File { .. } => {}
         Event::Warning(w) => bar.println(format!("warning: {w}")),
         Event::Progress(p) => {
             bar.set_position(p.files_done as u64);
@@ -167,6 +184,9 @@ fn add(
             json!({
                 "added": report.added, "updated": report.updated, "unchanged": report.unchanged,
                 "skipped": report.skipped_by_kind(), "pruned": report.pruned,
+                "skipped_files": report.skipped.iter()
+                    .map(|(p, why)| json!({"path": shown(p), "kind": why.kind(), "reason": why.to_string()}))
+                    .collect::<Vec<_>>(),
                 "recovered": report.recovered, "chunks_written": report.chunks,
                 "warnings": report.warnings.len(), "seconds": secs,
                 "index": {"sources": stats.sources, "chunks": stats.chunks},
@@ -187,8 +207,8 @@ fn add(
             stats.sources,
             stats.chunks
         );
-        for (kind, n) in report.skipped_by_kind() {
-            println!("  skipped ({kind}): {n}");
+        for (path, why) in &report.skipped {
+            println!("  skipped {}: {why}", shown(path));
         }
         if !report.warnings.is_empty() {
             println!("  warnings: {}", report.warnings.len());
@@ -200,6 +220,38 @@ fn add(
             embed.truncated(),
             embed.encoder().max_tokens()
         );
+    }
+    Ok(())
+}
+
+/// `--chunking`, `--chunk-size` and `--overlap` are fixed when an index is created; asking an
+/// existing index for others is refused by name rather than silently ignored.
+fn check_chunking(
+    index: &Index,
+    chunking: Option<&str>,
+    chunk_size: Option<usize>,
+    overlap: Option<usize>,
+) -> Result<()> {
+    let have = index.stats()?.chunking;
+    let mode = serde_json::to_value(have.mode)?;
+    let mode = mode.as_str().unwrap_or("?");
+    let differs = |flag: &str, asked: String, has: String| -> Result<()> {
+        if asked != has {
+            bail!(
+                "{}: {flag} {asked}, but this index was built with {flag} {has} (settings are fixed when an index is created; use another --index, or leave {flag} out)",
+                index.dir().display()
+            );
+        }
+        Ok(())
+    };
+    if let Some(c) = chunking {
+        differs("--chunking", c.to_string(), mode.to_string())?;
+    }
+    if let Some(size) = chunk_size {
+        differs("--chunk-size", size.to_string(), have.size.to_string())?;
+    }
+    if let Some(o) = overlap {
+        differs("--overlap", o.to_string(), have.overlap.to_string())?;
     }
     Ok(())
 }
@@ -245,6 +297,9 @@ fn retrieve(
 }
 
 fn search(a: SearchArgs) -> Result<()> {
+    if a.query.trim().is_empty() {
+        bail!("the query is empty");
+    }
     let index = open(&a.index.index)?;
     let embed = embedder(&a.index.embedder)?;
     let start = Instant::now();
@@ -308,8 +363,22 @@ fn ask(a: RagAskArgs) -> Result<()> {
         bail!("the question is empty");
     }
     let index = open(&a.index.index)?;
+    if index.stats()?.chunks == 0 {
+        bail!(
+            "{}: the index holds no passages; add documents with `lever index add PATH… --index {}`",
+            a.index.index.display(),
+            a.index.index.display()
+        );
+    }
     let embed = embedder(&a.index.embedder)?;
     let found = retrieve(&index, &embed, &a.question, a.mode, a.k, DenseIndex::Auto)?;
+    if found.is_empty() {
+        bail!(
+            "no passage of {} matches the question ({} search); try --mode hybrid",
+            a.index.index.display(),
+            a.mode.name()
+        );
+    }
     let model = crate::load_model(&a.model)?;
     let render = |user: &str| crate::ask::build_prompt(&model, None, user, false);
     let count = |s: &str| -> lever_rag::Result<usize> {
@@ -365,7 +434,7 @@ fn ask(a: RagAskArgs) -> Result<()> {
             &model,
             &mut session,
             &ids,
-            &a.sampling.request(),
+            &a.sampling.request(&model),
             &mut |piece| {
                 if !json_mode
                     && stdout
@@ -385,8 +454,16 @@ fn ask(a: RagAskArgs) -> Result<()> {
             completion_tokens: json!(out.completion_tokens),
         }
     };
-    let cited = prompt::cited(&out.text, g.used.len());
+    let prompt::Citations {
+        given: cited,
+        unknown,
+    } = prompt::cited(&out.text, g.used.len());
     let cite = |n: usize| g.used[n - 1].citation();
+    let unknown_text = unknown
+        .iter()
+        .map(|n| format!("[{n}]"))
+        .collect::<Vec<_>>()
+        .join(", ");
     if json_mode {
         let passages: Vec<_> = g
             .used
@@ -399,6 +476,7 @@ fn ask(a: RagAskArgs) -> Result<()> {
             "{}",
             json!({
                 "answer": out.text, "citations": cited.iter().map(|&n| json!({"n": n, "source": cite(n)})).collect::<Vec<_>>(),
+                "unknown_citations": unknown,
                 "passages": passages, "dropped": dropped, "finish_reason": out.finish_reason,
                 "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
             })
@@ -415,6 +493,12 @@ fn ask(a: RagAskArgs) -> Result<()> {
             for n in cited {
                 println!("  [{n}] {}", cite(n));
             }
+        }
+        if !unknown.is_empty() {
+            println!(
+                "  warning: the answer cites {unknown_text}, which no given passage has ({} were given)",
+                g.used.len()
+            );
         }
     }
     Ok(())
@@ -546,9 +630,6 @@ fn corpus_vectors(
         embed.encoder().max_tokens()
     );
     let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-    std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
-    let tmp = dir.join(format!("{key}.f32.tmp"));
-    std::fs::write(&tmp, &bytes).with_context(|| tmp.display().to_string())?;
-    std::fs::rename(&tmp, &path).with_context(|| path.display().to_string())?;
+    crate::write_file(&path, &bytes)?;
     Ok(data)
 }

@@ -184,6 +184,81 @@ fn index_add_search_update_remove_with_the_real_encoder() {
     );
 }
 
+/// Issue 16: what a user gets wrong with `index` and `rag ask` is refused by name, and
+/// nothing is created or changed by a command that fails.
+#[test]
+fn index_and_rag_refuse_bad_requests_by_name_and_create_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    docs(root);
+    // A path that does not exist: an error naming it, and no index folder.
+    let e = lever(root, &["index", "add", "docs", "nowhere"]).failed_alone();
+    assert!(e.contains("nowhere") && e.contains("cannot be read"), "{e}");
+    assert!(!root.join("lever-index").exists());
+
+    // Skipped files are listed with their reasons (text and --json).
+    let add = lever(
+        root,
+        &[
+            "index",
+            "add",
+            "docs/empty.txt",
+            "docs/facts.jsonl",
+            "--json",
+        ],
+    )
+    .ok()
+    .json();
+    let skipped = add["skipped_files"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{add}");
+    assert_eq!(skipped[0]["path"], "docs/empty.txt");
+    assert_eq!(skipped[0]["kind"], "empty");
+    let text = lever(root, &["index", "add", "docs"]).ok();
+    assert!(
+        text.stdout.contains("skipped docs/latin1.txt: ")
+            && text.stdout.contains("skipped docs/blob.txt: "),
+        "{}",
+        text.stdout
+    );
+
+    // Settings fixed at creation are refused by name when they differ.
+    let e = lever(root, &["index", "add", "docs", "--chunking", "tokens"]).failed_alone();
+    assert!(
+        e.contains("--chunking tokens") && e.contains("structure"),
+        "{e}"
+    );
+    let e = lever(root, &["index", "add", "docs", "--chunk-size", "100"]).failed_alone();
+    assert!(e.contains("--chunk-size 100"), "{e}");
+    lever(root, &["index", "add", "docs", "--chunking", "structure"]).ok();
+
+    // Removing what is not there, and searching for nothing.
+    let e = lever(root, &["index", "rm", "docs/none.md"]).failed_alone();
+    assert!(
+        e.contains("docs/none.md") && e.contains("not in the index"),
+        "{e}"
+    );
+    let e = lever(root, &["index", "search", "  "]).failed_alone();
+    assert!(e.contains("empty"), "{e}");
+
+    // An index with no passages cannot answer.
+    std::fs::create_dir(root.join("only-empty")).unwrap();
+    write(&root.join("only-empty/empty.txt"), "");
+    lever(
+        root,
+        &["index", "add", "only-empty", "--index", "empty-index"],
+    )
+    .ok();
+    let e = lever(
+        root,
+        &["rag", "ask", "What is tea?", "--index", "empty-index"],
+    )
+    .failed_alone();
+    assert!(
+        e.contains("empty-index") && e.contains("no passages"),
+        "{e}"
+    );
+}
+
 #[test]
 fn an_index_refuses_another_embedder_and_a_corrupt_database_is_one_line() {
     let tmp = tempfile::tempdir().unwrap();
