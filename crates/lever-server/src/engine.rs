@@ -1,21 +1,49 @@
-//! The generation engine: one thread that owns the decoding loop. Requests wait in a bounded
-//! queue; each loop turn admits waiting requests (prefilling their prompts), then advances
-//! every running sequence by one token in a single batched step per model variant
-//! (`Decoder::step_batch`: the weights are read once for all sequences), so a request that
-//! arrives mid-way joins the next step instead of waiting for the others to finish
-//! (continuous batching, as in Orca, OSDI '22, and vLLM). A sequence whose client went away
-//! (its event receiver dropped) is dropped at the next step.
+//! The generation engine: one thread that owns the decoding loop.
+//!
+//! Requests wait in a bounded queue. Each loop turn admits waiting requests, computes one
+//! chunk of a waiting prompt (chunked prefill), then advances every decoding sequence by one
+//! token in a single batched step per model variant (`Decoder::step_batch`: the weights are
+//! read once for all sequences), so a request that arrives mid-way joins the next step
+//! instead of waiting for the others to finish (continuous batching, as in Orca, OSDI '22,
+//! and vLLM).
+//!
+//! Chunked prefill (Sarathi-Serve, OSDI '24; vLLM's `enable_chunked_prefill`): a prompt is
+//! computed `prefill_chunk` tokens at a time, its keys and values kept in its cache between
+//! chunks, and the prompts waiting take turns chunk by chunk. A prompt's next chunk runs only
+//! once the decoding sequences have had as much time as its last chunk took (a new prompt's
+//! first chunk runs at once), so a long prompt costs the running requests at most about half
+//! their speed, and a short request that arrives behind an 8k-token prompt waits for the
+//! chunk in progress, then is computed and answered while the long prompt waits its turn.
+//! Splitting a prompt gives the same keys, values and logits as computing it at once as long
+//! as no chunk is shorter than `MIN_PREFILL_CHUNK`: shorter ones would take llama.cpp's
+//! one-query f16 attention path instead of the f32 tiles (`lever_model::kernels::attention`),
+//! so the last chunk takes up to `MIN_PREFILL_CHUNK - 1` extra tokens instead.
+//!
+//! A sequence whose client went away (its event receiver dropped) is dropped at the next
+//! step, or before its next prompt chunk.
+
+mod prompt_cache;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lever_generate::stream::{StopMatcher, Utf8Stream};
 use lever_generate::{FinishReason, Sampler, SamplingParams};
 use lever_model::{Cache, Model};
 use tokio::sync::mpsc::UnboundedSender;
+
+use prompt_cache::{PROMPT_CACHE_BYTES, PromptCache, kv_bytes_per_token};
+
+/// Prompt tokens computed at a time by default: about a second of work on 2 cores for the
+/// default model, early in a prompt.
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+
+/// The shortest chunk that keeps a split prompt's numbers equal to an unsplit one's (the
+/// attention kernel's switch from one-query f16 to f32 tiles).
+pub const MIN_PREFILL_CHUNK: usize = lever_model::kernels::ATTN_TILE_Q;
 
 /// What a request streams back.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +78,17 @@ pub enum Refused {
     Stopped,
 }
 
+/// How much the engine takes on.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Sequences at once, prefilling and decoding together.
+    pub max_batch: usize,
+    /// Requests waiting for a place.
+    pub queue: usize,
+    /// Prompt tokens per prefill chunk (at least `MIN_PREFILL_CHUNK`).
+    pub prefill_chunk: usize,
+}
+
 /// The handle the HTTP side holds.
 #[derive(Clone)]
 pub struct Engine {
@@ -59,7 +98,10 @@ pub struct Engine {
 
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Sequences decoding.
     pub running: AtomicUsize,
+    /// Sequences whose prompt is being computed.
+    pub prefilling: AtomicUsize,
     pub waiting: AtomicUsize,
     /// The largest batch one step has run.
     pub max_batch_seen: AtomicUsize,
@@ -68,15 +110,19 @@ pub struct Stats {
 }
 
 impl Engine {
-    /// Start the engine thread over `variants` (index 0 is the base model). At most
-    /// `max_batch` sequences run at once; at most `queue` more wait.
-    pub fn start(variants: Vec<Arc<Model>>, max_batch: usize, queue: usize) -> Engine {
-        let (tx, rx) = sync_channel(queue.max(1));
+    /// Start the engine thread over `variants` (index 0 is the base model).
+    pub fn start(variants: Vec<Arc<Model>>, cfg: EngineConfig) -> Engine {
+        let (tx, rx) = sync_channel(cfg.queue.max(1));
         let stats = Arc::new(Stats::default());
         let st = stats.clone();
+        let cfg = EngineConfig {
+            max_batch: cfg.max_batch.max(1),
+            prefill_chunk: cfg.prefill_chunk.max(MIN_PREFILL_CHUNK),
+            ..cfg
+        };
         std::thread::Builder::new()
             .name("lever-engine".into())
-            .spawn(move || run(variants, rx, max_batch.max(1), st))
+            .spawn(move || run(variants, rx, cfg, st))
             .unwrap_or_else(|e| panic!("cannot start the engine thread: {e}"));
         Engine { tx, stats }
     }
@@ -111,14 +157,36 @@ struct Seq {
     next: u32,
 }
 
-fn run(variants: Vec<Arc<Model>>, rx: Receiver<Job>, max_batch: usize, stats: Arc<Stats>) {
+/// A sequence whose prompt is being computed: `done` of its tokens are in its cache.
+struct Prefill {
+    seq: Seq,
+    done: usize,
+    /// How long its last chunk took: the estimate for its next one.
+    last_chunk: Duration,
+}
+
+/// Where the prefill chunk that starts at `done` of `total` prompt tokens ends: `chunk`
+/// tokens on, or the end when fewer than `chunk + MIN_PREFILL_CHUNK` are left, so that no
+/// chunk after the first is shorter than `MIN_PREFILL_CHUNK`.
+pub fn chunk_end(done: usize, total: usize, chunk: usize) -> usize {
+    if total - done < chunk + MIN_PREFILL_CHUNK {
+        total
+    } else {
+        done + chunk
+    }
+}
+
+fn run(variants: Vec<Arc<Model>>, rx: Receiver<Job>, cfg: EngineConfig, stats: Arc<Stats>) {
     let mut running: Vec<Seq> = Vec::new();
+    let mut prefilling: VecDeque<Prefill> = VecDeque::new();
     let mut prompts = PromptCache::new(PROMPT_CACHE_BYTES);
     let mut closed = false;
+    // Decoding time the running sequences have had, less the prefill chunks' time since.
+    let mut credit = Duration::ZERO;
     loop {
         // Admit: block when idle, otherwise take what is waiting without stopping the batch.
-        while running.len() < max_batch && !closed {
-            let job = if running.is_empty() {
+        while running.len() + prefilling.len() < cfg.max_batch && !closed {
+            let job = if running.is_empty() && prefilling.is_empty() {
                 match rx.recv_timeout(Duration::from_millis(200)) {
                     Ok(j) => Some(j),
                     Err(RecvTimeoutError::Timeout) => None,
@@ -135,141 +203,77 @@ fn run(variants: Vec<Arc<Model>>, rx: Receiver<Job>, max_batch: usize, stats: Ar
             if job.events.is_closed() {
                 continue;
             }
-            if let Some(seq) = admit(&variants, job, &mut prompts, &stats) {
-                running.push(seq);
+            match admit(&variants, job, &mut prompts, &stats) {
+                Admitted::Decoding(seq) => running.push(seq),
+                Admitted::Prefill(p) => prefilling.push_back(p),
             }
         }
-        if running.is_empty() {
+        // Clients that left while their prompt waited.
+        prefilling.retain(|p| !p.seq.job.events.is_closed());
+        stats.prefilling.store(prefilling.len(), Ordering::Relaxed);
+        stats.running.store(running.len(), Ordering::Relaxed);
+        if running.is_empty() && prefilling.is_empty() {
             if closed {
                 return;
             }
             continue;
         }
-        stats.running.store(running.len(), Ordering::Relaxed);
-        step(&variants, &mut running, &mut prompts, &stats);
-        stats.running.store(running.len(), Ordering::Relaxed);
-    }
-}
-
-/// A prompt prefix shorter than this is computed again rather than copied.
-const MIN_REUSE: usize = 8;
-
-/// Keys and values the prompt cache may hold, all variants together.
-const PROMPT_CACHE_BYTES: usize = 256 << 20;
-/// Sequences it may hold.
-const PROMPT_CACHE_ENTRIES: usize = 32;
-
-/// Recent sequences' keys and values (llama.cpp server's per-slot `cache_prompt`, vLLM's
-/// prefix caching at the granularity of whole sequences): every admitted prompt, and every
-/// finished sequence (prompt + answer, so a chat's next turn starts after the last answer).
-/// A new prompt continues from the entry that shares the longest prefix with it, so clients
-/// that take turns (several chats, several system prompts) each find their own. Most recent
-/// first; the oldest go when the entries or bytes run out.
-struct PromptCache {
-    entries: VecDeque<Entry>,
-    bytes: usize,
-    budget: usize,
-}
-
-struct Entry {
-    variant: usize,
-    tokens: Vec<u32>,
-    cache: Cache,
-    bytes: usize,
-}
-
-impl PromptCache {
-    fn new(budget: usize) -> Self {
-        Self {
-            entries: VecDeque::new(),
-            bytes: 0,
-            budget,
+        // One prefill chunk, when the decoding sequences have had their share: a prompt's
+        // next chunk runs once they have decoded for as long as its last chunk took, and a
+        // new prompt's first chunk before any other prompt's next one. With nobody decoding,
+        // prompts go back to back, taking turns.
+        if running.is_empty() {
+            credit = Duration::ZERO;
         }
-    }
-
-    /// A cache holding the longest cached prefix of `prompt` (at most all but its last
-    /// token, which is fed for its logits), and that prefix's length; None below `MIN_REUSE`.
-    fn lookup(&mut self, variant: usize, prompt: &[u32]) -> Option<(Cache, usize)> {
-        let limit = prompt.len().checked_sub(1)?;
-        let (at, common) = self
-            .entries
+        let pick = prefilling
             .iter()
-            .enumerate()
-            .filter(|(_, e)| e.variant == variant)
-            .map(|(i, e)| {
-                let n = e
-                    .tokens
-                    .iter()
-                    .zip(prompt)
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                (i, n.min(limit))
-            })
-            .max_by_key(|&(i, n)| (n, std::cmp::Reverse(i)))?;
-        if common < MIN_REUSE {
-            return None;
-        }
-        let mut cache = self.entries[at].cache.clone();
-        cache.truncate(common).ok()?;
-        let e = self.entries.remove(at)?;
-        self.entries.push_front(e);
-        Some((cache, common))
-    }
-
-    /// Keep `tokens` with the keys and values `cache` holds for them. An entry whose tokens
-    /// begin the new ones says nothing more and goes.
-    fn insert(&mut self, variant: usize, tokens: Vec<u32>, cache: Cache, bytes_per_token: usize) {
-        let bytes = cache.len() * bytes_per_token;
-        if tokens.len() != cache.len() || bytes > self.budget {
-            return;
-        }
-        let mut freed = 0;
-        self.entries.retain(|e| {
-            let covered = e.variant == variant && tokens.starts_with(&e.tokens);
-            if covered {
-                freed += e.bytes;
+            .position(|p| p.last_chunk <= credit)
+            .or_else(|| (running.is_empty() && !prefilling.is_empty()).then_some(0));
+        if let Some(p) = pick.and_then(|i| prefilling.remove(i)) {
+            let t0 = Instant::now();
+            let out = prefill_chunk(&variants, p, cfg.prefill_chunk, &mut prompts);
+            let took = t0.elapsed();
+            credit = credit.saturating_sub(took);
+            match out {
+                Chunked::More(mut p) => {
+                    p.last_chunk = took;
+                    prefilling.push_back(p);
+                }
+                Chunked::Decoding(seq) => running.push(seq),
+                Chunked::Ended => {}
             }
-            !covered
-        });
-        self.bytes -= freed;
-        self.entries.push_front(Entry {
-            variant,
-            tokens,
-            cache,
-            bytes,
-        });
-        self.bytes += bytes;
-        while self.bytes > self.budget || self.entries.len() > PROMPT_CACHE_ENTRIES {
-            match self.entries.pop_back() {
-                Some(e) => self.bytes -= e.bytes,
-                None => break,
-            }
+            stats.prefilling.store(prefilling.len(), Ordering::Relaxed);
         }
+        if running.is_empty() {
+            continue;
+        }
+        stats.running.store(running.len(), Ordering::Relaxed);
+        let t0 = Instant::now();
+        step(&variants, &mut running, &mut prompts, &stats);
+        credit += t0.elapsed();
+        stats.running.store(running.len(), Ordering::Relaxed);
     }
 }
 
-/// Bytes of keys and values per token (f16 host rows, every layer).
-fn kv_bytes_per_token(model: &Model) -> usize {
-    let c = model.decoder.config();
-    2 * c.num_layers * c.num_kv_heads * c.head_dim * 2
+enum Admitted {
+    Decoding(Seq),
+    Prefill(Prefill),
 }
 
-/// Prefill the prompt and sample the first token; None if the request ended already.
+/// Take a job: its cached prefix from the prompt cache, and the rest to prefill.
 ///
 /// Prompt caching (`PromptCache`): a prompt that starts like a recent sequence computes only
-/// what follows. Without it every arrival stalls the running batch for a whole prefill. The
-/// reused positions hold the same values a full prefill computes, except that a prompt of
-/// 64 tokens or more is then attended in two chunks (README: attention precision).
-fn admit(
-    variants: &[Arc<Model>],
-    job: Job,
-    prompts: &mut PromptCache,
-    stats: &Stats,
-) -> Option<Seq> {
+/// what follows. The reused positions hold the same values a full prefill computes, except
+/// that a prompt of 64 tokens or more is then attended in two parts, and the part after the
+/// cached prefix may be shorter than 64 (README: attention precision).
+fn admit(variants: &[Arc<Model>], job: Job, prompts: &mut PromptCache, stats: &Stats) -> Admitted {
     let model = &variants[job.variant];
     let (cache, start) = prompts
         .lookup(job.variant, &job.prompt)
         .unwrap_or_else(|| (model.decoder.new_cache(), 0));
+    stats
+        .prompt_tokens_reused
+        .fetch_add(start, Ordering::Relaxed);
     let mut seq = Seq {
         sampler: Sampler::new(job.sampling.clone()),
         stops: StopMatcher::new(&job.stop),
@@ -280,52 +284,78 @@ fn admit(
         cache,
         job,
     };
-    let prompt = &seq.job.prompt;
-    if start > 0 && start + 1 == prompt.len() {
+    if start > 0 && start + 1 == seq.job.prompt.len() {
         // Everything but the last token came from the cache: that token joins the next
         // batched step as this sequence's row (its logits there equal a prefill's), so the
         // arrival costs the running batch one more row, not a step of its own.
-        stats
-            .prompt_tokens_reused
-            .fetch_add(start, Ordering::Relaxed);
-        seq.next = prompt[start];
-        return Some(seq);
+        seq.next = seq.job.prompt[start];
+        return Admitted::Decoding(seq);
     }
-    let logits = (|| -> candle_core::Result<Vec<f32>> {
-        let input =
-            candle_core::Tensor::new(&prompt[start..], model.decoder.device())?.unsqueeze(0)?;
-        model
-            .decoder
-            .forward(&input, &mut seq.cache, lever_model::Logits::Last)?
-            .squeeze(0)?
-            .to_vec1::<f32>()
+    Admitted::Prefill(Prefill {
+        seq,
+        done: start,
+        last_chunk: Duration::ZERO,
+    })
+}
+
+enum Chunked {
+    /// More of the prompt is left.
+    More(Prefill),
+    /// The prompt is done and the first token sampled: the sequence decodes from now on.
+    Decoding(Seq),
+    /// The request ended (its first token ended it, or the model failed).
+    Ended,
+}
+
+/// Compute the next chunk of a prompt; after the last, keep the prompt in the prompt cache
+/// and sample the first token.
+fn prefill_chunk(
+    variants: &[Arc<Model>],
+    mut p: Prefill,
+    chunk: usize,
+    prompts: &mut PromptCache,
+) -> Chunked {
+    let model = &variants[p.seq.job.variant];
+    let total = p.seq.job.prompt.len();
+    let end = chunk_end(p.done, total, chunk);
+    let out = (|| -> candle_core::Result<Option<Vec<f32>>> {
+        let ids = &p.seq.job.prompt[p.done..end];
+        let input = candle_core::Tensor::new(ids, model.decoder.device())?.unsqueeze(0)?;
+        let dec = &model.decoder;
+        if end < total {
+            // Only the keys and values are needed from a chunk before the last.
+            dec.hidden(&input, &mut p.seq.cache)?;
+            return Ok(None);
+        }
+        let logits = dec.forward(&input, &mut p.seq.cache, lever_model::Logits::Last)?;
+        Ok(Some(logits.squeeze(0)?.to_vec1::<f32>()?))
     })();
-    let logits = match logits {
-        Ok(l) => l,
+    let logits = match out {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            p.done = end;
+            return Chunked::More(p);
+        }
         Err(e) => {
-            let _ = seq.job.events.send(Event::Failed(e.to_string()));
-            return None;
+            let _ = p.seq.job.events.send(Event::Failed(e.to_string()));
+            return Chunked::Ended;
         }
     };
-    stats
-        .prompt_tokens_reused
-        .fetch_add(start, Ordering::Relaxed);
-    seq.history = prompt.clone();
-    let bytes = kv_bytes_per_token(model);
+    let mut s = p.seq;
+    s.history = s.job.prompt.clone();
     prompts.insert(
-        seq.job.variant,
-        seq.history.clone(),
-        seq.cache.clone(),
-        bytes,
+        s.job.variant,
+        s.history.clone(),
+        s.cache.clone(),
+        kv_bytes_per_token(model),
     );
-    if advance(model, &mut seq, &logits) {
-        Some(seq)
+    if advance(model, &mut s, &logits) {
+        Chunked::Decoding(s)
     } else {
-        None
+        Chunked::Ended
     }
 }
 
-/// One batched step for every running sequence, grouped by model variant.
 fn step(variants: &[Arc<Model>], running: &mut Vec<Seq>, prompts: &mut PromptCache, stats: &Stats) {
     // Clients that left: drop their sequences before spending a step on them.
     running.retain(|s| !s.job.events.is_closed());
@@ -433,6 +463,36 @@ fn advance(model: &Model, s: &mut Seq, logits: &[f32]) -> bool {
                 completion_tokens: s.generated,
             });
             false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_chunks_cover_the_prompt_and_none_is_short() {
+        for total in [1, 63, 64, 255, 256, 300, 319, 320, 321, 512, 7000] {
+            for chunk in [64, 100, 256] {
+                let (mut done, mut sizes) = (0, Vec::new());
+                while done < total {
+                    let end = chunk_end(done, total, chunk);
+                    sizes.push(end - done);
+                    done = end;
+                }
+                assert_eq!(sizes.iter().sum::<usize>(), total);
+                assert!(sizes.iter().all(|&n| n < chunk + MIN_PREFILL_CHUNK));
+                if total >= MIN_PREFILL_CHUNK {
+                    assert!(
+                        sizes.iter().all(|&n| n >= MIN_PREFILL_CHUNK),
+                        "{total} by {chunk}: {sizes:?}"
+                    );
+                }
+                if total >= chunk + MIN_PREFILL_CHUNK {
+                    assert!(sizes.len() >= 2, "{total} by {chunk}: {sizes:?}");
+                }
+            }
         }
     }
 }

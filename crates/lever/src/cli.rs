@@ -114,9 +114,44 @@ pub struct ServeArgs {
     /// max_tokens for a request that does not say.
     #[arg(long, default_value_t = 512, value_parser = at_least_one)]
     pub default_max_tokens: usize,
-    /// Largest request body, in bytes.
+    /// Largest request body, in bytes; a larger Content-Length is refused (413) unread.
     #[arg(long, default_value_t = 1 << 20, value_parser = at_least_one)]
     pub max_body_bytes: usize,
+    /// Seconds a client has to send a request's line and headers (and an idle keep-alive
+    /// connection to send its next request) before the connection is closed.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
+    pub header_timeout: f64,
+    /// Seconds a client has to send a request's body once its headers are in (then 408).
+    #[arg(long, default_value_t = 30.0, value_parser = positive_seconds)]
+    pub body_timeout: f64,
+    /// Seconds after SIGTERM/Ctrl-C for the requests in flight to finish; then the
+    /// connections still open are closed and the server exits.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
+    pub shutdown_timeout: f64,
+    /// Prompt tokens computed at a time, between the decoding steps of the running requests
+    /// (chunked prefill: a long prompt does not stall the others). At least 64.
+    #[arg(long, default_value_t = lever_server::engine::DEFAULT_PREFILL_CHUNK, value_parser = prefill_chunk)]
+    pub prefill_chunk: usize,
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 && x <= 86_400.0 => Ok(x),
+        _ => Err(format!(
+            "`{s}`: expected seconds, more than 0 and at most 86400"
+        )),
+    }
+}
+
+fn prefill_chunk(s: &str) -> Result<usize, String> {
+    let min = lever_server::engine::MIN_PREFILL_CHUNK;
+    match s.parse::<usize>() {
+        Ok(n) if n >= min => Ok(n),
+        _ => Err(format!(
+            "`{s}`: expected a number of tokens, at least {min} (shorter chunks would change \
+             the attention arithmetic)"
+        )),
+    }
 }
 
 fn parse_adapter(s: &str) -> Result<(String, PathBuf), String> {

@@ -1,7 +1,9 @@
-//! `lever serve`: load the models, bind, and run lever-server until SIGTERM or Ctrl-C.
+//! `lever serve`: load the models, bind, and run lever-server until SIGTERM or Ctrl-C (then
+//! at most `--shutdown-timeout` seconds for the requests in flight).
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use lever_server::{Limits, Served};
@@ -45,12 +47,16 @@ pub fn run(a: ServeArgs) -> Result<()> {
         default_max_tokens: a.default_max_tokens.min(a.max_tokens_limit),
         max_batch: a.max_batch,
         queue: a.queue,
+        header_timeout: Duration::from_secs_f64(a.header_timeout),
+        body_timeout: Duration::from_secs_f64(a.body_timeout),
+        shutdown_timeout: Duration::from_secs_f64(a.shutdown_timeout),
+        prefill_chunk: a.prefill_chunk,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    rt.block_on(async move {
+    let out = rt.block_on(async move {
         let addr = format!("{}:{}", a.host, a.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -65,7 +71,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 "no API key"
             }
         );
-        lever_server::serve(
+        let stopped = lever_server::serve(
             listener,
             Served { variants, embedder },
             limits,
@@ -73,9 +79,18 @@ pub fn run(a: ServeArgs) -> Result<()> {
         )
         .await
         .context("server")?;
+        if stopped.cut > 0 {
+            eprintln!(
+                "lever serve: {} connection(s) still open at the shutdown deadline were closed",
+                stopped.cut
+            );
+        }
         eprintln!("lever serve: stopped");
         anyhow::Ok(())
-    })
+    });
+    // Tasks still running (an embedding in spawn_blocking) must not hold the exit.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    out
 }
 
 /// The name clients use for a model: a registry name as given, else the file's stem (a .gguf)

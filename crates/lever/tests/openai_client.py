@@ -1,5 +1,6 @@
 """The official `openai` Python client against `lever serve` (run by tests/serve.rs):
-chat, streaming chat, embeddings, and errors raised as the client's own exception types."""
+chat, streaming chat, embeddings, and errors raised as the client's own exception types (with
+the parameter at fault named for one lever does not support)."""
 import math
 import os
 import sys
@@ -65,5 +66,11 @@ try:
     check(False, "temperature 9 accepted")
 except openai.BadRequestError as err:
     check(err.status_code == 400, f"bad request {err}")
+
+try:
+    client.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, logprobs=True)
+    check(False, "logprobs accepted")
+except openai.BadRequestError as err:
+    check(err.status_code == 400 and err.param == "logprobs", f"unsupported {err}")
 
 print("openai client: all checks passed")

@@ -1,13 +1,18 @@
 //! `lever serve` on the real default model and embedder, over real sockets: OpenAI shapes
 //! (chat, streaming chat, completions, embeddings, models, health), answers equal to `lever
-//! ask` / `lever embed` for the same input, errors in OpenAI's shape with the right status,
-//! the API key, body and max_tokens limits, the bounded queue (429), per-request adapters,
-//! batching of concurrent requests, cancellation when a client goes away, graceful SIGTERM,
-//! and the official `openai` Python client.
+//! ask` / `lever embed` for the same input, errors in OpenAI's shape with the right status
+//! (on every route: 404, 405; unknown and unsupported parameters named; prompt + max_tokens
+//! over the context), the API key, body and max_tokens limits, the bounded queue (429),
+//! per-request adapters, batching of concurrent requests, cancellation when a client goes
+//! away, graceful SIGTERM, hostile and slow clients (half a request, a huge Content-Length,
+//! half-open connections at SIGTERM), a long prompt that must not stall a short request
+//! (chunked prefill), and the official `openai` Python client.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -24,6 +29,14 @@ fn lever(dir: &std::path::Path, args: &[&str]) -> common::Out {
 
 const KEY: &str = "sekrit-test-key";
 
+/// The test that times an answer (`a_long_prompt_does_not_stall_a_short_request`) has the
+/// machine to itself; the others share it with each other.
+static MACHINE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared_machine() -> std::sync::RwLockReadGuard<'static, ()> {
+    MACHINE.read().unwrap_or_else(|e| e.into_inner())
+}
+
 fn content(v: &Value) -> String {
     v["choices"][0]["message"]["content"]
         .as_str()
@@ -33,6 +46,7 @@ fn content(v: &Value) -> String {
 
 #[test]
 fn openai_shapes_and_answers_equal_lever_ask() {
+    let _machine = shared_machine();
     let d = tempfile::tempdir().unwrap();
     let s = Server::start(
         d.path(),
@@ -293,10 +307,21 @@ fn openai_shapes_and_answers_equal_lever_ask() {
 
 #[test]
 fn a_full_queue_answers_429_and_sigterm_ends_streams_cleanly() {
+    let _machine = shared_machine();
     let d = tempfile::tempdir().unwrap();
+    // A shutdown deadline far beyond the two streams, however loaded the machine: this test
+    // is about finishing them; the deadline has its own test.
     let mut s = Server::start(
         d.path(),
-        &["--no-embedder", "--max-batch", "1", "--queue", "1"],
+        &[
+            "--no-embedder",
+            "--max-batch",
+            "1",
+            "--queue",
+            "1",
+            "--shutdown-timeout",
+            "300",
+        ],
     );
     let a = s.addr.clone();
     let counting =
@@ -364,6 +389,7 @@ fn a_full_queue_answers_429_and_sigterm_ends_streams_cleanly() {
 
 #[test]
 fn concurrent_requests_share_steps_and_a_gone_client_is_cancelled() {
+    let _machine = shared_machine();
     let d = tempfile::tempdir().unwrap();
     let s = Server::start(d.path(), &["--no-embedder", "--max-tokens-limit", "2000"]);
     let a = s.addr.clone();
@@ -437,6 +463,7 @@ fn concurrent_requests_share_steps_and_a_gone_client_is_cancelled() {
 
 #[test]
 fn adapters_are_chosen_per_request() {
+    let _machine = shared_machine();
     let d = tempfile::tempdir().unwrap();
     // A small real adapter: a few LoRA steps on GSM8K at a high learning rate.
     let data = common::shared_data("instructions/gsm8k_train_first5000.jsonl");
@@ -528,6 +555,7 @@ fn adapters_are_chosen_per_request() {
 /// (`LEVER_TEST_PYTHON`, else python3); .ci/run installs one.
 #[test]
 fn the_openai_python_client_works() {
+    let _machine = shared_machine();
     let python = std::env::var("LEVER_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let has = std::process::Command::new(&python)
         .args(["-c", "import openai"])
@@ -561,6 +589,7 @@ fn the_openai_python_client_works() {
 
 #[test]
 fn ask_and_rag_ask_generate_through_a_backend() {
+    let _machine = shared_machine();
     let d = tempfile::tempdir().unwrap();
     let s = Server::start(d.path(), &["--api-key", KEY]);
     let url = format!("http://{}", s.addr);
@@ -729,4 +758,332 @@ fn ask_and_rag_ask_generate_through_a_backend() {
     assert!(e.contains("http://127.0.0.1:9/v1/chat/completions"), "{e}");
     let e = lever(d.path(), &["ask", q, "--backend", "https://example.com"]).failed_alone();
     assert!(e.contains("https backends are not supported"), "{e}");
+}
+
+/// Open a connection and send `bytes` (part of a request), leaving it open.
+fn send_part(addr: &str, bytes: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(bytes).unwrap();
+    s
+}
+
+/// Read until the server closes the connection; what it sent. Fails if it is still open
+/// `limit` after `since`.
+fn read_until_closed(s: &mut TcpStream, since: Instant, limit: Duration) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let left = limit.saturating_sub(since.elapsed());
+        assert!(
+            !left.is_zero(),
+            "the connection is still open after {limit:?}"
+        );
+        s.set_read_timeout(Some(left)).unwrap();
+        let mut buf = [0u8; 4096];
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
+            Err(e) => panic!("the connection is still open after {limit:?} ({e})"),
+        }
+    }
+}
+
+/// The status and JSON body of a raw HTTP/1.1 response (not chunked).
+fn raw_reply(bytes: &[u8]) -> (u16, Value) {
+    let text = String::from_utf8_lossy(bytes);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn slow_clients_are_dropped_and_an_oversized_body_is_refused_unread() {
+    let _machine = shared_machine();
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        d.path(),
+        &[
+            "--no-embedder",
+            "--header-timeout",
+            "2",
+            "--body-timeout",
+            "2",
+            "--max-body-bytes",
+            "4096",
+        ],
+    );
+    let a = s.addr.as_str();
+    let t0 = Instant::now();
+    // Headers never finished; a body shorter than its Content-Length; nothing at all.
+    let mut half_headers = send_part(
+        a,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le",
+    );
+    let mut half_body = send_part(
+        a,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{\"messages\": [",
+    );
+    let mut silent = TcpStream::connect(a).unwrap();
+    // Meanwhile the others are answered.
+    assert_eq!(get(a, "/health", None).status, 200);
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        None,
+        &json!({"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 4}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Each slow one is closed at its timeout (2 s), with a 408 where a request had begun.
+    let limit = Duration::from_secs(8);
+    for c in [&mut half_headers, &mut silent] {
+        let got = read_until_closed(c, t0, limit);
+        assert!(got.is_empty() || raw_reply(&got).0 == 408, "{got:?}");
+    }
+    let (status, body) = raw_reply(&read_until_closed(&mut half_body, t0, limit));
+    assert_eq!(status, 408);
+    assert_eq!(body["error"]["code"], "request_timeout", "{body}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        t0.elapsed()
+    );
+
+    // A Content-Length over the limit: 413 at once, the body never sent.
+    let t1 = Instant::now();
+    let mut big = send_part(
+        a,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n",
+    );
+    let (status, body) = raw_reply(&read_until_closed(&mut big, t1, Duration::from_secs(1)));
+    assert_eq!(status, 413);
+    assert_eq!(body["error"]["code"], "request_too_large", "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    // A chunked body (no Content-Length) is cut off where it passes the limit.
+    let mut chunked = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1388\r\n".to_vec();
+    chunked.extend(vec![b' '; 4200]); // of the 5000 its chunk declares: the server reads all
+    let t2 = Instant::now();
+    let mut c = send_part(a, &chunked);
+    let (status, _) = raw_reply(&read_until_closed(&mut c, t2, Duration::from_secs(5)));
+    assert_eq!(status, 413);
+}
+
+#[test]
+fn sigterm_ends_the_server_within_the_deadline_despite_open_connections() {
+    let _machine = shared_machine();
+    let d = tempfile::tempdir().unwrap();
+    let mut s = Server::start(d.path(), &["--no-embedder"]);
+    let a = s.addr.clone();
+    // Half-open: headers unfinished, and a body that stops short (its handler waits on it).
+    let _half_headers = send_part(&a, b"GET /health HTTP/1.1\r\nHost: x\r\n");
+    let _half_body = send_part(
+        &a,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\": ",
+    );
+    // An idle keep-alive connection after one answered request.
+    let mut idle = send_part(&a, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut first = [0u8; 12];
+    idle.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    // A long stream in flight.
+    let long = json!({"prompt": "1, 2, 3,", "max_tokens": 4000, "temperature": 0, "stream": true});
+    let (st, _, mut stream) = http::open(
+        &a,
+        "POST",
+        "/v1/completions",
+        &[("Content-Type", "application/json")],
+        long.to_string().as_bytes(),
+    );
+    assert_eq!(st, 200);
+    http::next_chunk(&mut stream).unwrap();
+    let t0 = Instant::now();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let code = loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "still running 15 s after SIGTERM: {}",
+            s.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = s.log.lock().unwrap().clone();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("closed"), "{log}");
+    assert!(log.contains("lever serve: stopped"), "{log}");
+    assert!(TcpStream::connect(&a).is_err());
+}
+
+#[test]
+fn a_long_prompt_does_not_stall_a_short_request() {
+    let _machine = MACHINE.write().unwrap_or_else(|e| e.into_inner());
+    let d = tempfile::tempdir().unwrap();
+    // About 7,000 tokens of real text, counted by the model's tokenizer.
+    let text: String = std::fs::read_to_string(common::shared_data("tinyshakespeare/input.txt"))
+        .unwrap()
+        .chars()
+        .take(22_800)
+        .collect();
+    let n = lever(d.path(), &["tokenize", &text, "--json"]).ok().json()["ids"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert!((6500..7500).contains(&n), "{n} tokens");
+    let s = Server::start(d.path(), &["--no-embedder"]);
+    let a = s.addr.as_str();
+    // The prompt and max_tokens must fit the context (8192) together.
+    let r = post(
+        a,
+        "/v1/completions",
+        None,
+        &json!({"prompt": text, "max_tokens": 4000}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let e = r.json();
+    assert_eq!(e["error"]["param"], "max_tokens");
+    assert_eq!(e["error"]["code"], "context_length_exceeded");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("{n} in the prompt")) && msg.contains("8192"),
+        "{msg}"
+    );
+
+    // The long prompt starts; while it is computed, a short chat is answered.
+    let long = json!({"prompt": text, "max_tokens": 8, "temperature": 0, "stream": true});
+    let (st, _, long_reply) = http::open(
+        a,
+        "POST",
+        "/v1/completions",
+        &[("Content-Type", "application/json")],
+        long.to_string().as_bytes(),
+    );
+    assert_eq!(st, 200);
+    let t0 = Instant::now();
+    while get(a, "/health", None).json()["prefilling"] != 1 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never prefilling");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let t1 = Instant::now();
+    let short = post(
+        a,
+        "/v1/chat/completions",
+        None,
+        &json!({"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16, "temperature": 0}),
+    );
+    let took = t1.elapsed();
+    assert_eq!(short.status, 200, "{}", short.text());
+    assert!(!content(&short.json()).is_empty());
+    // Answered between two chunks of the long prompt, not after it.
+    let h = get(a, "/health", None).json();
+    assert_eq!(h["prefilling"], 1, "{h}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the short request took {took:?}"
+    );
+    eprintln!("short request answered in {took:?} during a {n}-token prefill");
+    // The long one's client leaves: its prefill stops between two chunks.
+    drop(long_reply);
+    let t2 = Instant::now();
+    while get(a, "/health", None).json()["prefilling"] != 0 {
+        assert!(
+            t2.elapsed() < Duration::from_secs(10),
+            "the prefill went on"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn errors_are_openai_shaped_on_every_route_and_unsupported_parameters_named() {
+    let _machine = shared_machine();
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path(), &["--no-embedder", "--max-tokens-limit", "9000"]);
+    let a = s.addr.as_str();
+    let check = |r: http::Reply, status: u16, param: Option<&str>| -> Value {
+        assert_eq!(r.status, status, "{}", r.text());
+        let v = r.json();
+        let e = &v["error"];
+        assert!(e["message"].as_str().unwrap().len() > 5, "{v}");
+        assert_eq!(e["type"], "invalid_request_error", "{v}");
+        assert_eq!(e["param"], param.map_or(Value::Null, |p| json!(p)), "{v}");
+        assert!(e.get("code").is_some(), "{v}");
+        v
+    };
+    // A wrong method (405, with Allow), an unknown route (404).
+    let r = get(a, "/v1/chat/completions", None);
+    assert!(r.headers.iter().any(|(k, v)| k == "allow" && v == "POST"));
+    check(r, 405, None);
+    check(post(a, "/health", None, &json!({})), 405, None);
+    check(get(a, "/v2/anything", None), 404, None);
+    check(post(a, "/v1/responses", None, &json!({})), 404, None);
+
+    let msg = json!([{"role": "user", "content": "Hi"}]);
+    let chat = |extra: Value| {
+        let mut b = json!({"messages": msg, "max_tokens": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        post(a, "/v1/chat/completions", None, &b)
+    };
+    for (k, v) in [
+        ("logprobs", json!(true)),
+        ("top_logprobs", json!(3)),
+        ("logit_bias", json!({"42": 10})),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+        ("tool_choice", json!("required")),
+        ("functions", json!([{"name": "f"}])),
+        ("response_format", json!({"type": "json_object"})),
+        ("presence_penalty", json!(0.5)),
+        ("frequency_penalty", json!(1)),
+        ("n", json!(2)),
+    ] {
+        let v = check(chat(json!({k: v})), 400, Some(k));
+        assert_eq!(v["error"]["code"], "unsupported_parameter", "{v}");
+    }
+    // Their neutral values are fine, and so is `user`.
+    let r =
+        chat(json!({"n": 1, "logprobs": false, "presence_penalty": 0, "tools": [], "user": "u"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    for (k, v) in [
+        ("best_of", json!(2)),
+        ("echo", json!(true)),
+        ("suffix", json!("the end")),
+        ("logprobs", json!(2)),
+    ] {
+        let mut b = json!({"prompt": "Hi", "max_tokens": 2});
+        b[k] = v;
+        check(post(a, "/v1/completions", None, &b), 400, Some(k));
+    }
+    // Unknown parameters, as OpenAI answers them; a wrongly typed one by name.
+    let v = check(chat(json!({"temprature": 0})), 400, Some("temprature"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Unrecognized request argument supplied: temprature")
+    );
+    check(chat(json!({"top_p": "high"})), 400, Some("top_p"));
+    // Prompt + max_completion_tokens over the context names the parameter used.
+    let v = check(
+        chat(json!({"max_completion_tokens": 8190})),
+        400,
+        Some("max_completion_tokens"),
+    );
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
 }

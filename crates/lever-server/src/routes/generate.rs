@@ -1,0 +1,534 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: check the request, build the
+//! prompt's tokens, hand a job to the engine, and answer whole or as server-sent events.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use lever_generate::{FinishReason, SamplingParams};
+use lever_model::chat::Message;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{AppState, created};
+use crate::engine::{Event, Job, Refused};
+use crate::error::ApiError;
+use crate::openai::{
+    AssistantMessage, CHAT_FIELDS, COMPLETION_FIELDS, ChatChoice, ChatChunk, ChatCompletion,
+    ChatRequest, ChunkChoice, Completion, CompletionRequest, Content, Delta, GenParams, TextChoice,
+    Usage, known, parse,
+};
+
+/// A generation request, checked: what the engine and the response need.
+struct Checked {
+    variant: usize,
+    model_id: String,
+    /// max_tokens as asked, and under which name (None: the server's default applies).
+    max_tokens: Option<(usize, &'static str)>,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+impl AppState {
+    fn variant(&self, model: Option<&str>) -> Result<usize, ApiError> {
+        let Some(name) = model else { return Ok(0) };
+        self.variants
+            .iter()
+            .position(|(id, _)| id == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.variants.iter().map(|(id, _)| id.as_str()).collect();
+                ApiError::model_not_found(format!(
+                    "the model `{name}` does not exist (served: {})",
+                    known.join(", ")
+                ))
+            })
+    }
+
+    fn check(&self, p: GenParams, max_completion_tokens: Option<i64>) -> Result<Checked, ApiError> {
+        let variant = self.variant(p.model.as_deref())?;
+        let asked = match (max_completion_tokens, p.max_tokens) {
+            (Some(m), _) => Some((m, "max_completion_tokens")),
+            (None, Some(m)) => Some((m, "max_tokens")),
+            (None, None) => None,
+        };
+        let max_tokens = match asked {
+            None => None,
+            Some((m, name)) if m < 1 => {
+                return Err(ApiError::bad_param(
+                    name,
+                    format!("{name} must be at least 1"),
+                ));
+            }
+            Some((m, name)) if m as u64 > self.limits.max_tokens as u64 => {
+                return Err(ApiError::bad_param(
+                    name,
+                    format!(
+                        "{name} {m} is more than this server allows ({})",
+                        self.limits.max_tokens
+                    ),
+                ));
+            }
+            Some((m, name)) => Some((m as usize, name)),
+        };
+        let temperature = p.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::bad_param(
+                "temperature",
+                "temperature must be within 0..2",
+            ));
+        }
+        let top_p = p.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::bad_param("top_p", "top_p must be within (0, 1]"));
+        }
+        let stop = p
+            .stop
+            .map(crate::openai::OneOrMany::into_vec)
+            .unwrap_or_default();
+        if stop.len() > 4 {
+            return Err(ApiError::bad_param("stop", "at most 4 stop sequences"));
+        }
+        let seed = p.seed.unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
+        let stream = p.stream.unwrap_or(false);
+        if p.stream_options.is_some() && !stream {
+            return Err(ApiError::bad_param(
+                "stream_options",
+                "stream_options is only allowed with \"stream\": true",
+            ));
+        }
+        Ok(Checked {
+            variant,
+            model_id: self.variants[variant].0.clone(),
+            max_tokens,
+            sampling: SamplingParams {
+                temperature,
+                top_p,
+                seed,
+                ..SamplingParams::greedy()
+            },
+            stop,
+            stream,
+            include_usage: p.stream_options.is_some_and(|o| o.include_usage),
+        })
+    }
+
+    /// Tokenize the prompt and fit it and the answer into the context: a prompt that fills
+    /// the context, or an explicit max_tokens that does not fit after the prompt, is a 400;
+    /// without one the answer gets the server's default or what is left, whichever is less.
+    fn prompt_ids(
+        &self,
+        c: &Checked,
+        text: &str,
+        param: &str,
+    ) -> Result<(Vec<u32>, usize), ApiError> {
+        let model = &self.variants[c.variant].1;
+        let ids = model
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| ApiError::bad_param(param, e.to_string()))?;
+        if ids.is_empty() {
+            return Err(ApiError::bad_param(param, "the prompt is empty"));
+        }
+        let ctx = model.decoder.config().max_seq_len;
+        let n = ids.len();
+        if n >= ctx {
+            return Err(ApiError::bad_param(
+                param,
+                format!("the prompt is {n} tokens; this model's context is {ctx} tokens"),
+            )
+            .code("context_length_exceeded"));
+        }
+        let max_tokens = match c.max_tokens {
+            Some((m, name)) if n + m > ctx => {
+                return Err(ApiError::bad_param(
+                    name,
+                    format!(
+                        "this model's context is {ctx} tokens, but {} were asked for: {n} in the \
+                         prompt and {m} ({name}) for the answer; ask for at most {}",
+                        n + m,
+                        ctx - n
+                    ),
+                )
+                .code("context_length_exceeded"));
+            }
+            Some((m, _)) => m,
+            None => self.limits.default_max_tokens.min(ctx - n),
+        };
+        Ok((ids, max_tokens))
+    }
+}
+
+pub(super) async fn chat(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    match chat_request(&st, &body) {
+        Ok((c, ids, max_tokens)) => generate(st, c, ids, max_tokens, Kind::Chat).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn chat_request(st: &AppState, body: &[u8]) -> Result<(Checked, Vec<u32>, usize), ApiError> {
+    let req: ChatRequest = parse(body, known(CHAT_FIELDS, true))?;
+    if let Some(e) = req.unsupported() {
+        return Err(e);
+    }
+    let c = st.check(req.params, req.max_completion_tokens)?;
+    let Some(messages) = req.messages else {
+        return Err(ApiError::bad_param(
+            "messages",
+            "missing required parameter: messages",
+        ));
+    };
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.into_iter().enumerate() {
+        if !matches!(
+            m.role.as_str(),
+            "system" | "developer" | "user" | "assistant" | "tool"
+        ) {
+            return Err(ApiError::bad_param(
+                "messages",
+                format!("messages[{i}].role: unknown role {:?}", m.role),
+            ));
+        }
+        for (field, set) in [
+            ("name", m.name.is_some()),
+            (
+                "tool_calls",
+                m.tool_calls.as_ref().is_some_and(|v| !v.is_null()),
+            ),
+            ("tool_call_id", m.tool_call_id.is_some()),
+            (
+                "function_call",
+                m.function_call.as_ref().is_some_and(|v| !v.is_null()),
+            ),
+            ("refusal", m.refusal.is_some()),
+        ] {
+            if set {
+                return Err(ApiError::bad_param(
+                    "messages",
+                    format!(
+                        "messages[{i}].{field} is not supported by lever serve (the chat \
+                         template renders role and content only)"
+                    ),
+                )
+                .code("unsupported_parameter"));
+            }
+        }
+        let role = if m.role == "developer" {
+            "system".to_string()
+        } else {
+            m.role
+        };
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    if p.kind != "text" {
+                        return Err(ApiError::bad_param(
+                            "messages",
+                            format!(
+                                "messages[{i}].content: only text parts are supported (got {:?})",
+                                p.kind
+                            ),
+                        ));
+                    }
+                    text.push_str(p.text.as_deref().unwrap_or_default());
+                }
+                text
+            }
+        };
+        out.push(Message::new(&role, content));
+    }
+    if out.is_empty() {
+        return Err(ApiError::bad_param(
+            "messages",
+            "messages must not be empty",
+        ));
+    }
+    let model = &st.variants[c.variant].1;
+    let Some(template) = &model.chat_template else {
+        return Err(ApiError::bad_param(
+            "model",
+            "this model has no chat template: use /v1/completions",
+        ));
+    };
+    let text = template
+        .render(&out, true)
+        .map_err(|e| ApiError::bad_param("messages", e.to_string()))?;
+    let (ids, max_tokens) = st.prompt_ids(&c, &text, "messages")?;
+    Ok((c, ids, max_tokens))
+}
+
+pub(super) async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    match completion_request(&st, &body) {
+        Ok((c, ids, max_tokens)) => generate(st, c, ids, max_tokens, Kind::Completion).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn completion_request(st: &AppState, body: &[u8]) -> Result<(Checked, Vec<u32>, usize), ApiError> {
+    let req: CompletionRequest = parse(body, known(COMPLETION_FIELDS, true))?;
+    if let Some(e) = req.unsupported() {
+        return Err(e);
+    }
+    let Some(prompt) = req.prompt else {
+        return Err(ApiError::bad_param(
+            "prompt",
+            "missing required parameter: prompt",
+        ));
+    };
+    let prompts = prompt.into_vec();
+    if prompts.len() != 1 {
+        return Err(ApiError::bad_param(
+            "prompt",
+            "one prompt per request is supported",
+        ));
+    }
+    let c = st.check(req.params, None)?;
+    let (ids, max_tokens) = st.prompt_ids(&c, &prompts[0], "prompt")?;
+    Ok((c, ids, max_tokens))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Eog | FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Context => "length",
+        FinishReason::Cancelled => "stop",
+    }
+}
+
+/// What the response's pieces share.
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+impl Meta {
+    fn whole(&self, text: String, finish: FinishReason, usage: Usage) -> Response {
+        let finish = finish_reason(finish);
+        match self.kind {
+            Kind::Chat => axum::Json(ChatCompletion {
+                id: self.id.clone(),
+                object: "chat.completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![ChatChoice {
+                    index: 0,
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content: text,
+                    },
+                    logprobs: None,
+                    finish_reason: finish,
+                }],
+                usage,
+            })
+            .into_response(),
+            Kind::Completion => axum::Json(Completion {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![TextChoice {
+                    index: 0,
+                    text,
+                    logprobs: None,
+                    finish_reason: Some(finish),
+                }],
+                usage: Some(usage),
+            })
+            .into_response(),
+        }
+    }
+
+    /// One streamed piece: text, the opening role (chat), the finish, or the usage alone.
+    fn chunk(
+        &self,
+        role: bool,
+        text: Option<String>,
+        finish: Option<FinishReason>,
+        usage: Option<Usage>,
+    ) -> SseEvent {
+        let finish_reason = finish.map(finish_reason);
+        match self.kind {
+            Kind::Chat => event(&ChatChunk {
+                id: self.id.clone(),
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: self.model.clone(),
+                choices: if usage.is_some() {
+                    Vec::new()
+                } else {
+                    vec![ChunkChoice {
+                        index: 0,
+                        delta: Delta {
+                            role: role.then_some("assistant"),
+                            content: text,
+                        },
+                        logprobs: None,
+                        finish_reason,
+                    }]
+                },
+                usage,
+            }),
+            Kind::Completion => event(&Completion {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: if usage.is_some() {
+                    Vec::new()
+                } else {
+                    vec![TextChoice {
+                        index: 0,
+                        text: text.unwrap_or_default(),
+                        logprobs: None,
+                        finish_reason,
+                    }]
+                },
+                usage,
+            }),
+        }
+    }
+}
+
+fn event<T: Serialize>(v: &T) -> SseEvent {
+    SseEvent::default().data(serde_json::to_string(v).unwrap_or_default())
+}
+
+async fn generate(
+    st: Arc<AppState>,
+    c: Checked,
+    ids: Vec<u32>,
+    max_tokens: usize,
+    kind: Kind,
+) -> Response {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let job = Job {
+        variant: c.variant,
+        prompt: ids,
+        max_tokens,
+        sampling: c.sampling.clone(),
+        stop: c.stop.clone(),
+        events: tx,
+    };
+    match st.engine.submit(job) {
+        Ok(()) => {}
+        Err(Refused::Busy) => {
+            return ApiError::busy(format!(
+                "the server is at capacity ({} running, {} waiting); retry later",
+                st.limits.max_batch, st.limits.queue
+            ))
+            .into_response();
+        }
+        Err(Refused::Stopped) => return ApiError::stopping().into_response(),
+    }
+    let meta = Meta {
+        id: st.id(if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        }),
+        created: created(),
+        model: c.model_id.clone(),
+        kind,
+    };
+    if !c.stream {
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Text(t) => text.push_str(&t),
+                Event::Failed(m) => return ApiError::internal(m).into_response(),
+                Event::Done {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    return meta.whole(text, finish, Usage::new(prompt_tokens, completion_tokens));
+                }
+            }
+        }
+        return ApiError::internal("the engine stopped").into_response();
+    }
+    // Streaming: a task turns engine events into SSE chunks. When the client goes away the
+    // SSE body is dropped (hyper sees the connection's end even while no event is due, as
+    // during a long prefill); the task notices, drops `rx`, and the engine drops the
+    // sequence at its next step or before the next chunk of its prompt.
+    let (out, body) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    let include_usage = c.include_usage;
+    tokio::spawn(async move {
+        if kind == Kind::Chat
+            && out
+                .send(Ok(meta.chunk(true, Some(String::new()), None, None)))
+                .await
+                .is_err()
+        {
+            return;
+        }
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                () = out.closed() => return,
+            };
+            let Some(ev) = ev else { break };
+            let sent = match ev {
+                Event::Text(t) => out.send(Ok(meta.chunk(false, Some(t), None, None))).await,
+                Event::Failed(m) => {
+                    let _ = out.send(Ok(event(&ApiError::internal(m).body()))).await;
+                    break;
+                }
+                Event::Done {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    let text = (kind == Kind::Completion).then(String::new);
+                    if out
+                        .send(Ok(meta.chunk(false, text, Some(finish), None)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if include_usage {
+                        let usage = Usage::new(prompt_tokens, completion_tokens);
+                        if out
+                            .send(Ok(meta.chunk(false, None, None, Some(usage))))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    break;
+                }
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+        let _ = out.send(Ok(SseEvent::default().data("[DONE]"))).await;
+    });
+    Sse::new(ReceiverStream::new(body))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
