@@ -72,7 +72,16 @@ impl Session {
         let hidden = model.decoder.hidden(&input, &mut self.cache)?; // (1, T, C)
         self.ids.extend_from_slice(ids);
         let tail = hidden.narrow(1, ids.len() - n, n)?; // (1, n, C)
-        Ok(model.decoder.head(&tail)?.squeeze(0)?) // (n, V)
+        let logits = model.decoder.head(&tail)?.squeeze(0)?; // (n, V)
+        // One sum finds a NaN or an infinity anywhere (finite logits are far from overflow).
+        if !logits.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            let rows = logits.to_vec2::<f32>()?;
+            let first = self.ids.len() - n;
+            for (i, row) in rows.iter().enumerate() {
+                crate::check_logits(model, row, first + i)?;
+            }
+        }
+        Ok(logits)
     }
 
     /// Append `ids` and return the logits after the last (V,).
@@ -83,7 +92,9 @@ impl Session {
             .decoder
             .forward(&input, &mut self.cache, Logits::Last)?; // (1, V)
         self.ids.extend_from_slice(ids);
-        Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
+        let logits = logits.squeeze(0)?.to_vec1::<f32>()?;
+        crate::check_logits(model, &logits, self.ids.len() - 1)?;
+        Ok(logits)
     }
 }
 

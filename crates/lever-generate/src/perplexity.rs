@@ -71,6 +71,13 @@ pub fn perplexity(
         let targets: Vec<u32> = tokens[start + first + 1..start + ctx].to_vec();
         let targets = Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?; // (n, 1)
         let picked = logp.gather(&targets, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+        // A NaN or infinite logit makes its row's log-probabilities NaN or infinite: an
+        // error naming where, never a NaN perplexity.
+        if let Some(i) = picked.iter().position(|x| !x.is_finite()) {
+            let row = logits.get(i)?.to_vec1::<f32>()?;
+            crate::check_logits(model, &row, start + first + i)?;
+            crate::check_logits(model, &[picked[i]], start + first + i)?;
+        }
         nll -= picked.iter().map(|&x| x as f64).sum::<f64>();
         count += picked.len();
         progress(c + 1, chunks);

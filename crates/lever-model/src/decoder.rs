@@ -17,7 +17,7 @@ use crate::config::{DecoderConfig, KvPrecision};
 use crate::grad_ops::{AttnShape, HostRows};
 use crate::kernels::{self, AttnDims};
 use crate::linear::{Linear, Weight};
-use crate::ops::{self, Rope};
+use crate::ops::{self, Rope, RopeTables};
 use crate::weights::{Embedding, Param, WeightSource};
 
 /// Which positions get logits.
@@ -181,7 +181,7 @@ impl Attention {
         &self,
         x: &Tensor,
         layer: usize,
-        rope: &Rope,
+        rope: &RopeTables,
         mask: Option<&Tensor>,
         cache: &mut Cache,
     ) -> Result<Tensor> {
@@ -285,7 +285,7 @@ impl Attention {
         &self,
         x: &Tensor,
         layer: usize,
-        rope: &Rope,
+        rope: &RopeTables,
         caches: &mut [&mut Cache],
     ) -> Result<Tensor> {
         let (_, b, _) = x.dims3()?;
@@ -654,11 +654,13 @@ impl Decoder {
             }
             return Tensor::cat(&rows, 0);
         }
+        let longest = caches.iter().map(|c| c.len + 1).max().unwrap_or(1);
+        let rope = self.rope.upto(longest)?;
         let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?; // (1, B)
         let mut x = self.embed.forward(&input)?; // (1, B, C)
         for (i, block) in self.blocks.iter().enumerate() {
             let h = ops::rms_norm(&x, &block.attn_norm, self.cfg.rms_norm_eps)?;
-            let h = block.attn.forward_rows(&h, i, &self.rope, caches)?;
+            let h = block.attn.forward_rows(&h, i, &rope, caches)?;
             x = (x + h)?;
             let h = ops::rms_norm(&x, &block.ffn_norm, self.cfg.rms_norm_eps)?;
             x = (&x + block.mlp.forward(&h)?)?;
@@ -698,9 +700,10 @@ impl Decoder {
         } else {
             None
         };
+        let rope = self.rope.upto(past + t)?;
         let mut x = self.embed.forward(ids)?; // (B, T, C)
         for i in 0..self.blocks.len() {
-            x = self.block_forward(i, &x, mask.as_ref(), cache)?;
+            x = self.block_forward(i, &x, &rope, mask.as_ref(), cache)?;
         }
         cache.len = past + t;
         Ok(x)
@@ -711,12 +714,13 @@ impl Decoder {
         &self,
         i: usize,
         x: &Tensor,
+        rope: &RopeTables,
         mask: Option<&Tensor>,
         cache: &mut Cache,
     ) -> Result<Tensor> {
         let block = &self.blocks[i];
         let h = ops::rms_norm(x, &block.attn_norm, self.cfg.rms_norm_eps)?;
-        let h = block.attn.forward(&h, i, &self.rope, mask, cache)?;
+        let h = block.attn.forward(&h, i, rope, mask, cache)?;
         let x = (x + h)?;
         let h = ops::rms_norm(&x, &block.ffn_norm, self.cfg.rms_norm_eps)?;
         &x + block.mlp.forward(&h)?
@@ -766,11 +770,12 @@ impl Decoder {
         } else {
             None
         };
+        let rope = self.rope.upto(t)?;
         let embedded = self.embed.forward(ids)?; // (B, T, C), with its graph if trainable
         let mut inputs = Vec::with_capacity(self.blocks.len());
         let mut x = embedded.detach();
         for i in 0..self.blocks.len() {
-            let out = self.block_forward(i, &x, mask.as_ref(), &mut self.new_cache())?;
+            let out = self.block_forward(i, &x, &rope, mask.as_ref(), &mut self.new_cache())?;
             inputs.push(x);
             x = out.detach();
         }
@@ -792,7 +797,13 @@ impl Decoder {
             let i = inputs.len();
             let x = Var::from_tensor(&input)?;
             drop(input);
-            let out = self.block_forward(i, x.as_tensor(), mask.as_ref(), &mut self.new_cache())?;
+            let out = self.block_forward(
+                i,
+                x.as_tensor(),
+                &rope,
+                mask.as_ref(),
+                &mut self.new_cache(),
+            )?;
             let mut g = detached((out * &upstream)?.sum_all()?.backward()?);
             upstream = g
                 .remove(x.as_tensor())

@@ -44,8 +44,12 @@ impl GgufFile {
                     problem: format!("{elems} elements is not a multiple of block size {bs}"),
                 });
             }
-            let bytes = (elems / bs * info.ggml_dtype.type_size()) as u64;
-            let end = content.tensor_data_offset + info.offset + bytes;
+            // Checked: the prescan bounds each tensor's element count, not the offsets.
+            let end = ((elems / bs) as u64)
+                .checked_mul(info.ggml_dtype.type_size() as u64)
+                .and_then(|bytes| bytes.checked_add(info.offset))
+                .and_then(|b| b.checked_add(content.tensor_data_offset))
+                .unwrap_or(u64::MAX);
             if end > len {
                 return Err(Error::Truncated {
                     path: path.to_path_buf(),
@@ -118,7 +122,7 @@ impl GgufFile {
         let v = self.get(key).ok_or_else(|| self.meta_err(key, "missing"))?;
         value_u64(v)
             .map(|n| n as usize)
-            .ok_or_else(|| self.meta_err(key, "not an integer"))
+            .ok_or_else(|| self.meta_err(key, "not a non-negative integer"))
     }
 
     pub fn opt_usize(&self, key: &str) -> Option<usize> {
@@ -180,7 +184,9 @@ impl GgufFile {
             .unwrap_or_else(|| "unknown".into())
     }
 
-    /// Resolve the decoder config from `{arch}.*` metadata.
+    /// Resolve the decoder config from `{arch}.*` metadata, checked by
+    /// [`DecoderConfig::validate`] before anything is allocated from it; an error names the
+    /// key. A key of the wrong type is an error too, never a silent default.
     pub fn decoder_config(&self) -> Result<DecoderConfig> {
         let arch = self.architecture()?;
         let a = self.string("general.architecture")?;
@@ -188,17 +194,11 @@ impl GgufFile {
         let hidden = self.usize(&k("embedding_length"))?;
         let heads = self.usize(&k("attention.head_count"))?;
         let kv_heads = self
-            .opt_usize(&k("attention.head_count_kv"))
+            .opt_usize_checked(&k("attention.head_count_kv"))?
             .unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
-            return Err(self.meta_err(
-                &k("attention.head_count_kv"),
-                format!("{kv_heads} does not divide head_count {heads}"),
-            ));
-        }
         let head_dim = self
-            .opt_usize(&k("attention.key_length"))
-            .unwrap_or(hidden / heads);
+            .opt_usize_checked(&k("attention.key_length"))?
+            .unwrap_or(hidden / heads.max(1));
         let vocab = match self
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
@@ -207,7 +207,7 @@ impl GgufFile {
             None => self.usize(&k("vocab_size"))?,
         };
         let tie = !self.has_tensor("output.weight");
-        Ok(DecoderConfig {
+        let cfg = DecoderConfig {
             arch,
             vocab_size: vocab,
             hidden_size: hidden,
@@ -217,9 +217,11 @@ impl GgufFile {
             num_kv_heads: kv_heads,
             head_dim,
             rms_norm_eps: self
-                .opt_f32(&k("attention.layer_norm_rms_epsilon"))
+                .opt_f32_checked(&k("attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5),
-            rope_theta: self.opt_f32(&k("rope.freq_base")).unwrap_or(10_000.0),
+            rope_theta: self
+                .opt_f32_checked(&k("rope.freq_base"))?
+                .unwrap_or(10_000.0),
             // llama.cpp's converter permutes Q/K of `llama` checkpoints for interleaved RoPE;
             // qwen2 keeps the NeoX layout (llama.cpp `llama_model_rope_type`).
             rope_style: match arch {
@@ -229,7 +231,30 @@ impl GgufFile {
             max_seq_len: self.usize(&k("context_length"))?,
             tie_embeddings: tie,
             kv_precision: crate::config::KvPrecision::F16,
-        })
+        };
+        cfg.validate()
+            .map_err(|(field, problem)| self.meta_err(&field.gguf_key(&a), problem))?;
+        Ok(cfg)
+    }
+
+    /// An optional integer: absent is None, any other type an error naming the key.
+    fn opt_usize_checked(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => value_u64(v)
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.meta_err(key, "not a non-negative integer")),
+        }
+    }
+
+    /// An optional float: absent is None, any other type an error naming the key.
+    fn opt_f32_checked(&self, key: &str) -> Result<Option<f32>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::F32(x)) => Ok(Some(*x)),
+            Some(Value::F64(x)) => Ok(Some(*x as f32)),
+            Some(_) => Err(self.meta_err(key, "not a float")),
+        }
     }
 
     /// Names and block types of all tensors, in file order.
@@ -290,8 +315,16 @@ fn prescan<R: Read + Seek>(r: &mut R, len: u64) -> std::result::Result<(), Strin
         if n_dims == 0 || n_dims > 4 {
             return Err(format!("tensor `{name}`: {n_dims} dimensions"));
         }
+        // The element count must not overflow (candle multiplies the dimensions unchecked);
+        // no block type stores an element in less than one bit.
+        let mut elems = 1u64;
         for _ in 0..n_dims {
-            s.u64()?;
+            elems = elems.saturating_mul(s.u64()?);
+        }
+        if elems > len.saturating_mul(8) {
+            return Err(format!(
+                "tensor `{name}`: {elems} elements, more than a {len}-byte file holds"
+            ));
         }
         s.u32()?; // type
         s.u64()?; // offset

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::{Rope, RopeStyle};
+use crate::ops::{RopeStyle, RopeTables};
 
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
@@ -662,7 +662,7 @@ pub fn causal_attention(
     k: &Tensor,
     v: &Tensor,
     shape: AttnShape,
-    rope: &Rope,
+    rope: &RopeTables,
     round_kv: bool,
 ) -> Result<Tensor> {
     let AttnShape {
@@ -787,7 +787,10 @@ mod tests {
             (RopeStyle::Interleaved, false),
             (RopeStyle::Interleaved, true),
         ] {
-            let rope = Rope::new(d, 10000.0, t, style, round, &dev).unwrap();
+            let rope = crate::ops::Rope::new(d, 10000.0, t, style, round, &dev)
+                .unwrap()
+                .upto(t)
+                .unwrap();
             let q = var(6, &[b, t, h * d]);
             let k = var(7, &[b, t, kh * d]);
             let v = var(8, &[b, t, kh * d]);

@@ -1,6 +1,8 @@
 //! The shared kernels of the decoder family: RMS norm, rotary embedding tables, causal mask,
 //! grouped-query head repetition. One copy each, used by every model file.
 
+use std::sync::{Arc, RwLock};
+
 use candle_core::{D, Device, Result, Tensor};
 
 /// How rotary position embedding pairs up the channels of a head.
@@ -13,16 +15,37 @@ pub enum RopeStyle {
     Interleaved,
 }
 
-/// Precomputed cos/sin tables for positions 0..max_len. Derived from the config, read-only.
-#[derive(Debug, Clone)]
+/// Rotary position embedding for positions 0..max_len, its cos/sin tables computed only up
+/// to the positions used so far and grown on demand: a model's context may be a million
+/// positions or more (tables of 512 MB for 4 billion positions were once allocated up front
+/// from a model file's `context_length`), while a chat uses a few thousand.
+#[derive(Debug)]
 pub struct Rope {
-    cos: Tensor, // (max_len, D/2)
-    sin: Tensor, // (max_len, D/2)
-    cos_host: Vec<f32>,
-    sin_host: Vec<f32>,
-    half: usize,
+    head_dim: usize,
+    theta: f32,
+    max_len: usize,
     style: RopeStyle,
+    ggml_angles: bool,
+    device: Device,
+    tables: RwLock<Arc<RopeTables>>,
 }
+
+impl Clone for Rope {
+    fn clone(&self) -> Self {
+        Self {
+            head_dim: self.head_dim,
+            theta: self.theta,
+            max_len: self.max_len,
+            style: self.style,
+            ggml_angles: self.ggml_angles,
+            device: self.device.clone(),
+            tables: RwLock::new(self.current()),
+        }
+    }
+}
+
+/// Positions the first tables cover; they then at least double each time they grow.
+const ROPE_FIRST: usize = 512;
 
 impl Rope {
     /// Angles p·θ^(-2i/D) as transformers computes them (inverse frequencies, then one
@@ -36,29 +59,111 @@ impl Rope {
         ggml_angles: bool,
         dev: &Device,
     ) -> Result<Self> {
-        let half = head_dim / 2;
+        let rope = Self {
+            head_dim,
+            theta,
+            max_len,
+            style,
+            ggml_angles,
+            device: dev.clone(),
+            tables: RwLock::new(Arc::new(RopeTables::empty(head_dim / 2, style, dev)?)),
+        };
+        rope.upto(ROPE_FIRST.min(max_len))?;
+        Ok(rope)
+    }
+
+    fn current(&self) -> Arc<RopeTables> {
+        // A panic while growing leaves the old tables in place: still valid.
+        self.tables
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Tables covering positions 0..end (at least), computing the missing ones.
+    pub fn upto(&self, end: usize) -> Result<Arc<RopeTables>> {
+        if end > self.max_len {
+            candle_core::bail!(
+                "position {end} is beyond the context of {} tokens",
+                self.max_len
+            );
+        }
+        let have = self.current();
+        if have.len >= end {
+            return Ok(have);
+        }
+        let mut slot = self
+            .tables
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if slot.len >= end {
+            return Ok(slot.clone());
+        }
+        let len = end.max(2 * slot.len).max(ROPE_FIRST).min(self.max_len);
+        let grown = Arc::new(self.extend(&slot, len)?);
+        *slot = grown.clone();
+        Ok(grown)
+    }
+
+    /// `have` extended to positions 0..len. Each position's angles depend on it alone, so
+    /// the tables are the same however they grew.
+    fn extend(&self, have: &RopeTables, len: usize) -> Result<RopeTables> {
+        let (head_dim, theta, half) = (self.head_dim, self.theta, self.head_dim / 2);
         let inv_freq: Vec<f32> = (0..head_dim)
             .step_by(2)
             .map(|i| 1f32 / theta.powf(i as f32 / head_dim as f32))
             .collect();
         let step = theta.powf(-2.0 / head_dim as f32);
-        let mut cos_host = Vec::with_capacity(max_len * half);
-        let mut sin_host = Vec::with_capacity(max_len * half);
-        for p in 0..max_len {
+        let mut cos_host = Vec::with_capacity(len * half);
+        let mut sin_host = Vec::with_capacity(len * half);
+        cos_host.extend_from_slice(&have.cos_host);
+        sin_host.extend_from_slice(&have.sin_host);
+        for p in have.len..len {
             let mut angle = p as f32;
             for f in &inv_freq {
-                let a = if ggml_angles { angle } else { p as f32 * f };
+                let a = if self.ggml_angles {
+                    angle
+                } else {
+                    p as f32 * f
+                };
                 cos_host.push(a.cos());
                 sin_host.push(a.sin());
                 angle *= step;
             }
         }
-        Ok(Self {
-            cos: Tensor::from_slice(&cos_host, (max_len, half), dev)?,
-            sin: Tensor::from_slice(&sin_host, (max_len, half), dev)?,
+        Ok(RopeTables {
+            cos: Tensor::from_slice(&cos_host, (len, half), &self.device)?,
+            sin: Tensor::from_slice(&sin_host, (len, half), &self.device)?,
             cos_host,
             sin_host,
             half,
+            len,
+            style: self.style,
+        })
+    }
+}
+
+/// cos/sin tables for positions 0..len, read-only (see [`Rope::upto`]).
+#[derive(Debug)]
+pub struct RopeTables {
+    cos: Tensor, // (len, D/2)
+    sin: Tensor, // (len, D/2)
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
+    half: usize,
+    len: usize,
+    style: RopeStyle,
+}
+
+impl RopeTables {
+    fn empty(half: usize, style: RopeStyle, dev: &Device) -> Result<Self> {
+        Ok(Self {
+            cos: Tensor::zeros((0, half), candle_core::DType::F32, dev)?,
+            sin: Tensor::zeros((0, half), candle_core::DType::F32, dev)?,
+            cos_host: Vec::new(),
+            sin_host: Vec::new(),
+            half,
+            len: 0,
             style,
         })
     }
@@ -145,4 +250,42 @@ pub fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
 /// Numerically stable log-softmax over the last dimension.
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::log_softmax(x, D::Minus1)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Regression: the tables for every position of the context were built up front (512 GB
+    /// for a context of 0xFFFFFFFF). Now they grow with use, and grown tables equal tables
+    /// built at once.
+    #[test]
+    fn rope_tables_grow_on_demand_to_the_same_values() {
+        let dev = Device::Cpu;
+        for ggml in [false, true] {
+            let huge =
+                Rope::new(64, 10_000.0, 1 << 24, RopeStyle::Interleaved, ggml, &dev).unwrap();
+            assert_eq!(huge.current().len, ROPE_FIRST);
+            let t = huge.upto(700).unwrap();
+            assert_eq!(t.len, 2 * ROPE_FIRST, "at least doubles");
+            let t = huge.upto(3000).unwrap();
+            assert_eq!(t.len, 3000);
+            let at_once = Rope::new(64, 10_000.0, 3000, RopeStyle::Interleaved, ggml, &dev)
+                .unwrap()
+                .upto(3000)
+                .unwrap();
+            assert_eq!(t.host_tables(0, 3000), at_once.host_tables(0, 3000));
+            assert_eq!(
+                t.cos.to_vec2::<f32>().unwrap(),
+                at_once.cos.to_vec2::<f32>().unwrap()
+            );
+            // A clone shares what is built; growth stops at the context.
+            assert_eq!(huge.clone().current().len, 3000);
+            let small = Rope::new(64, 10_000.0, 100, RopeStyle::Neox, ggml, &dev).unwrap();
+            assert_eq!(small.upto(100).unwrap().len, 100);
+            let e = small.upto(101).unwrap_err().to_string();
+            assert!(e.contains("beyond the context of 100"), "{e}");
+        }
+    }
 }

@@ -136,6 +136,38 @@ impl TinyGguf {
     }
 }
 
+/// A copy of the GGUF at `src`, written to `dst` with its metadata edited by `meta` and its
+/// tensors by `tensors` (kept in file order): real models made hostile or broken, for tests.
+pub fn rewrite_gguf(
+    src: &Path,
+    dst: &Path,
+    meta: impl FnOnce(&mut std::collections::BTreeMap<String, Value>),
+    tensors: impl FnOnce(&mut Vec<(String, QTensor)>) -> candle_core::Result<()>,
+) -> candle_core::Result<()> {
+    let mut reader = std::io::BufReader::new(std::fs::File::open(src)?);
+    let content = gguf_file::Content::read(&mut reader)?;
+    let mut order: Vec<(u64, String)> = content
+        .tensor_infos
+        .iter()
+        .map(|(name, info)| (info.offset, name.clone()))
+        .collect();
+    order.sort();
+    let mut ts = Vec::with_capacity(order.len());
+    for (_, name) in order {
+        let t = content.tensor(&mut reader, &name, &Device::Cpu)?;
+        ts.push((name, t));
+    }
+    tensors(&mut ts)?;
+    let mut m: std::collections::BTreeMap<String, Value> = content.metadata.into_iter().collect();
+    meta(&mut m);
+    let meta_refs: Vec<(&str, &Value)> = m.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = ts.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(dst)?);
+    gguf_file::write(&mut file, &meta_refs, &tensor_refs)?;
+    std::io::Write::flush(&mut file)?;
+    Ok(())
+}
+
 /// n standard normal values, the same for the same seed (test data).
 pub fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = SplitMix64(seed);

@@ -236,11 +236,30 @@ pub fn load_peft(decoder: &mut Decoder, dir: &Path) -> Result<usize> {
     let r = cfg
         .get("r")
         .and_then(|v| v.as_u64())
-        .ok_or_else(|| bad("`r` missing".into()))? as f64;
+        .ok_or_else(|| bad("`r` missing or not a whole number".into()))?;
+    if r == 0 {
+        return Err(bad("`r` is 0; a LoRA rank is at least 1".into()));
+    }
     let alpha = cfg
         .get("lora_alpha")
         .and_then(|v| v.as_f64())
-        .ok_or_else(|| bad("`lora_alpha` missing".into()))?;
+        .ok_or_else(|| bad("`lora_alpha` missing or not a number".into()))?;
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err(bad(format!(
+            "`lora_alpha` is {alpha}; it must be a positive number"
+        )));
+    }
+    // Per-module ranks and alphas (PEFT `LoraConfig.rank_pattern`/`alpha_pattern`) would
+    // change the scale of some projections: refused rather than silently ignored.
+    for key in ["rank_pattern", "alpha_pattern"] {
+        if cfg
+            .get(key)
+            .and_then(|v| v.as_object())
+            .is_some_and(|m| !m.is_empty())
+        {
+            return Err(bad(format!("`{key}` is not supported")));
+        }
+    }
     let flag = |k: &str| cfg.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
     if flag("use_dora") || flag("fan_in_fan_out") {
         return Err(bad(
@@ -249,9 +268,9 @@ pub fn load_peft(decoder: &mut Decoder, dir: &Path) -> Result<usize> {
     }
     // rsLoRA scales by α/√r (PEFT `LoraLayer.update_layer`).
     let scale = if flag("use_rslora") {
-        alpha / r.sqrt()
+        alpha / (r as f64).sqrt()
     } else {
-        alpha / r
+        alpha / r as f64
     };
     let st_path = dir.join("adapter_model.safetensors");
     if !st_path.exists() {
@@ -261,7 +280,12 @@ pub fn load_peft(decoder: &mut Decoder, dir: &Path) -> Result<usize> {
                 .into(),
         });
     }
-    let tensors = candle_core::safetensors::load(&st_path, &Device::Cpu)?;
+    // A truncated or garbage file is named (candle's error alone does not say which file).
+    let tensors =
+        candle_core::safetensors::load(&st_path, &Device::Cpu).map_err(|e| Error::Config {
+            what: st_path.display().to_string(),
+            problem: format!("not a valid safetensors file ({e})"),
+        })?;
     let dcfg = decoder.config().clone();
     let tensor_err = |key: &str, problem: String| Error::Config {
         what: format!("{}: tensor `{key}`", st_path.display()),
@@ -293,10 +317,28 @@ pub fn load_peft(decoder: &mut Decoder, dir: &Path) -> Result<usize> {
                 format!("layer {layer}, but the model has {}", dcfg.num_layers),
             ));
         }
+        if !matches!(
+            t.dtype(),
+            DType::F16 | DType::BF16 | DType::F32 | DType::F64
+        ) {
+            return Err(tensor_err(
+                key,
+                format!("{:?} is not a floating-point type", t.dtype()),
+            ));
+        }
+        let t = t.to_dtype(DType::F32)?;
+        if let Some(i) = t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .position(|x| !x.is_finite())
+        {
+            return Err(tensor_err(key, format!("element {i} is NaN or infinite")));
+        }
         let slot = pairs.entry((layer, target)).or_default();
         match which {
-            "lora_A" => slot.0 = Some(t.to_dtype(DType::F32)?),
-            "lora_B" => slot.1 = Some(t.to_dtype(DType::F32)?),
+            "lora_A" => slot.0 = Some(t),
+            "lora_B" => slot.1 = Some(t),
             _ => return Err(tensor_err(key, "expected lora_A or lora_B".into())),
         }
     }
@@ -318,7 +360,16 @@ pub fn load_peft(decoder: &mut Decoder, dir: &Path) -> Result<usize> {
             return Err(tensor_err(&key, "needs both lora_A and lora_B".into()));
         };
         let (out, inp) = linear.dims();
-        let rank = a.dim(0)?;
+        let rank = a.dims().first().copied().unwrap_or(0);
+        if rank as u64 != r {
+            return Err(tensor_err(
+                &key,
+                format!(
+                    "lora_A {:?} has rank {rank}, but adapter_config.json says r = {r} (the scale α/r would be wrong)",
+                    a.dims()
+                ),
+            ));
+        }
         if a.dims() != [rank, inp] || b.dims() != [out, rank] {
             return Err(tensor_err(
                 &key,

@@ -299,3 +299,120 @@ fn checkpointing_gives_the_same_gradients() {
         .collect();
     compare(&model.decoder, &vars, "LoRA with dropout");
 }
+
+/// A copy of the PEFT-made adapter in a temp folder, with its config edited by `config` and
+/// its tensors by `tensors`.
+fn edited_adapter(
+    tmp: &Path,
+    config: impl FnOnce(&mut serde_json::Value),
+    tensors: impl FnOnce(&mut std::collections::HashMap<String, Tensor>),
+) -> PathBuf {
+    let src = fixtures().join("peft-made");
+    let dir = tmp.join("adapter");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    config(&mut c);
+    std::fs::write(dir.join("adapter_config.json"), c.to_string()).unwrap();
+    let mut t = candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
+    tensors(&mut t);
+    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).unwrap();
+    dir
+}
+
+fn load_err(dir: &Path) -> String {
+    let mut model = Model::load_hf(&base(), &Device::Cpu).unwrap();
+    lever_train::load_peft(&mut model.decoder, dir)
+        .unwrap_err()
+        .to_string()
+}
+
+/// Regression: `r` was read but never compared with the tensors, so an adapter whose config
+/// said r = 8 for rank-4 tensors loaded with half its scale.
+#[test]
+fn an_adapter_whose_r_differs_from_its_tensors_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = edited_adapter(tmp.path(), |c| c["r"] = 8.into(), |_| {});
+    let e = load_err(&dir);
+    assert!(e.contains("adapter_model.safetensors"), "{e}");
+    assert!(
+        e.contains("has rank 4, but adapter_config.json says r = 8"),
+        "{e}"
+    );
+    let dir = edited_adapter(tmp.path(), |c| c["r"] = 0.into(), |_| {});
+    let e = load_err(&dir);
+    assert!(
+        e.contains("adapter_config.json") && e.contains("`r` is 0"),
+        "{e}"
+    );
+}
+
+/// Regression: a zero, negative or absurd alpha loaded (scale 0 or a sign flip).
+#[test]
+fn an_adapter_with_alpha_not_positive_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    for alpha in [
+        serde_json::json!(0),
+        serde_json::json!(-8.0),
+        serde_json::json!("8"),
+    ] {
+        let dir = edited_adapter(tmp.path(), |c| c["lora_alpha"] = alpha.clone(), |_| {});
+        let e = load_err(&dir);
+        assert!(
+            e.contains("adapter_config.json") && e.contains("`lora_alpha`"),
+            "{alpha}: {e}"
+        );
+    }
+    let dir = edited_adapter(
+        tmp.path(),
+        |c| c["rank_pattern"] = serde_json::json!({"q_proj": 8}),
+        |_| {},
+    );
+    assert!(load_err(&dir).contains("`rank_pattern` is not supported"));
+}
+
+/// Regression: NaN weights in an adapter loaded silently and turned every logit into NaN.
+#[test]
+fn an_adapter_with_nan_weights_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight";
+    let dir = edited_adapter(
+        tmp.path(),
+        |_| {},
+        |t| {
+            let dims = t[key].dims().to_vec();
+            let mut v = t[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v[5] = f32::NAN;
+            t.insert(key.into(), Tensor::from_vec(v, dims, &Device::Cpu).unwrap());
+        },
+    );
+    let e = load_err(&dir);
+    assert!(
+        e.contains(key) && e.contains("element 5 is NaN or infinite"),
+        "{e}"
+    );
+}
+
+/// Regression: a truncated or garbage adapter_model.safetensors gave candle's error alone,
+/// naming no file.
+#[test]
+fn a_broken_safetensors_file_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = edited_adapter(tmp.path(), |_| {}, |_| {});
+    let st = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    for (what, content) in [
+        ("truncated", bytes[..bytes.len() / 2].to_vec()),
+        ("garbage", b"this is not a safetensors file at all".to_vec()),
+        ("empty", Vec::new()),
+    ] {
+        std::fs::write(&st, &content).unwrap();
+        let e = load_err(&dir);
+        assert!(
+            e.contains(&st.display().to_string()) && e.contains("not a valid safetensors file"),
+            "{what}: {e}"
+        );
+    }
+}

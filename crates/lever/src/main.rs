@@ -34,6 +34,7 @@ fn main() -> ExitCode {
         }
         set_threads(n);
     }
+    cap_threads();
     if matches!(cli.command, Command::Finetune(_)) {
         short_spins();
     }
@@ -52,6 +53,30 @@ fn main() -> ExitCode {
 fn set_threads(n: usize) {
     // SAFETY: called first thing in main, before any other thread exists.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+}
+
+/// More threads than cores only wait for each other: candle's barrier pool (lever's matrix
+/// kernels use it for small jobs) spins in every worker and in the caller until all workers
+/// are done, so a spinning thread holds the core a worker needs (measured on 2 cores: 3 tokens
+/// took 58.6 s with --threads 256 instead of 0.4 s), and rayon's matrix products split into
+/// pieces that take turns (a 331-token prompt about twice as slow). Both pools are capped at
+/// the cores this process may use, with a warning.
+#[allow(unsafe_code)]
+fn cap_threads() {
+    let Some(asked) = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+    else {
+        return;
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if asked > cores {
+        eprintln!(
+            "warning: {asked} threads asked for, more than the {cores} cores here; using {cores}"
+        );
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", cores.to_string()) };
+    }
 }
 
 /// Training interleaves candle's spinning barrier pool with rayon (matrix products) on the
