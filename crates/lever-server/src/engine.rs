@@ -418,6 +418,12 @@ fn step(variants: &[Arc<Model>], running: &mut Vec<Seq>, prompts: &mut PromptCac
 fn advance(model: &Model, s: &mut Seq, logits: &[f32]) -> bool {
     let tok = &model.tokenizer;
     let ctx = model.decoder.config().max_seq_len;
+    // A model whose weights hold NaN or infinity: the request fails with that, never a
+    // token drawn from garbage.
+    if let Err(e) = lever_generate::check_logits(model, logits, s.cache.len()) {
+        let _ = s.job.events.send(Event::Failed(e.to_string()));
+        return false;
+    }
     let next = s.sampler.sample(logits, &s.history);
     let finish = if tok.is_eog(next) {
         Some(FinishReason::Eog)

@@ -613,9 +613,33 @@ fn ask_and_rag_ask_generate_through_a_backend() {
     )
     .ok()
     .json();
+    // Defaults on both sides are the model's published settings (sampled, seed 42).
     assert_eq!(remote["text"], local["text"]);
     assert_eq!(remote["completion_tokens"], local["completion_tokens"]);
     assert_eq!(remote["backend"], format!("{url}/v1"));
+    // Settings beyond OpenAI's (top_k, min_p, repetition_penalty) travel and are applied.
+    let hot = [
+        "--temperature",
+        "1.2",
+        "--top-k",
+        "3",
+        "--min-p",
+        "0.02",
+        "--repeat-penalty",
+        "1.3",
+        "--seed",
+        "7",
+    ];
+    let mut args = vec!["ask", q, "--max-tokens", "12", "--json"];
+    args.extend_from_slice(&hot);
+    let local_hot = lever(d.path(), &args).ok().json();
+    args.extend_from_slice(&["--backend", &url, "--backend-key", KEY]);
+    let remote_hot = lever(d.path(), &args).ok().json();
+    assert_eq!(remote_hot["text"], local_hot["text"]);
+    assert_ne!(
+        local_hot["text"], local["text"],
+        "the settings changed nothing"
+    );
     // --raw: a text completion.
     let local = lever(
         d.path(),

@@ -77,16 +77,37 @@ impl AppState {
             }
             Some((m, name)) => Some((m as usize, name)),
         };
-        let temperature = p.temperature.unwrap_or(1.0);
+        // What a request leaves out comes from the model's published generation settings
+        // (as vLLM's `--generation-config auto`), else llama.cpp's defaults.
+        let d = SamplingParams::for_model(&self.variants[variant].1.info.generation);
+        let temperature = p.temperature.unwrap_or(d.temperature);
         if !(0.0..=2.0).contains(&temperature) {
             return Err(ApiError::bad_param(
                 "temperature",
                 "temperature must be within 0..2",
             ));
         }
-        let top_p = p.top_p.unwrap_or(1.0);
+        let top_p = p.top_p.unwrap_or(d.top_p);
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(ApiError::bad_param("top_p", "top_p must be within (0, 1]"));
+        }
+        let top_k = match p.top_k {
+            None => d.top_k,
+            // vLLM's "off".
+            Some(-1 | 0) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(_) => return Err(ApiError::bad_param("top_k", "top_k must be -1, 0 or more")),
+        };
+        let min_p = p.min_p.unwrap_or(d.min_p);
+        if !(0.0..=1.0).contains(&min_p) {
+            return Err(ApiError::bad_param("min_p", "min_p must be within 0..1"));
+        }
+        let repeat_penalty = p.repetition_penalty.unwrap_or(d.repeat_penalty);
+        if !(repeat_penalty > 0.0 && repeat_penalty.is_finite()) {
+            return Err(ApiError::bad_param(
+                "repetition_penalty",
+                "repetition_penalty must be above 0",
+            ));
         }
         let stop = p
             .stop
@@ -114,6 +135,9 @@ impl AppState {
             sampling: SamplingParams {
                 temperature,
                 top_p,
+                top_k,
+                min_p,
+                repeat_penalty,
                 seed,
                 ..SamplingParams::greedy()
             },
