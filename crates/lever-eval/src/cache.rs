@@ -33,7 +33,7 @@ impl Cache {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(format!(
             "{}.jsonl",
-            hex(&Sha256::digest(model_key))[..24].to_owned()
+            format!("{:x}", Sha256::digest(model_key))[..24].to_owned()
         ));
         let mut entries = HashMap::new();
         if path.exists() {
@@ -102,11 +102,7 @@ impl Cache {
 
 /// The cache key of a request: a hash of everything that determines the answer.
 pub fn key(parts: &Value) -> String {
-    hex(&Sha256::digest(parts.to_string()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    format!("{:x}", Sha256::digest(parts.to_string()))
 }
 
 #[cfg(test)]

@@ -350,7 +350,7 @@ fn provision_into(
         }
         out.sync_all()
             .map_err(|e| format!("{}: {e}", dest.display()))?;
-        let got = hex(&hasher.finalize());
+        let got = format!("{:x}", hasher.finalize());
         if got != *want {
             return Err(format!("{f}: sha256 {got}, expected {want}"));
         }
@@ -373,9 +373,5 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hex(&hasher.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Ok(format!("{:x}", hasher.finalize()))
 }

@@ -198,6 +198,44 @@ impl Flat {
     }
 }
 
+/// The vectors of an index in one row-major `n × dim` matrix, for exact search.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VectorMatrix {
+    pub dim: usize,
+    /// The index generation these vectors were read at.
+    pub generation: u64,
+    /// Chunk id of each row.
+    pub ids: Vec<u64>,
+    /// `ids.len() × dim` values.
+    pub data: Vec<f32>,
+}
+
+impl VectorMatrix {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The `k` rows with the largest dot product with `query`, best first; ties go to the
+    /// smaller chunk id so results are deterministic ([`search`]).
+    pub fn top_k(&self, query: &[f32], k: usize) -> Result<Vec<Hit>> {
+        if query.len() != self.dim {
+            return Err(Error::Embed(format!(
+                "query vector has dimension {}, the index has {}",
+                query.len(),
+                self.dim
+            )));
+        }
+        if self.is_empty() {
+            return Ok(Vec::new());
+        }
+        search(&self.data, self.dim, &self.ids, query, k)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,5 +299,21 @@ mod tests {
         let hits = flat.search(&[1.0, 0.0], 5).expect("dim");
         assert_eq!(hits.iter().map(|h| h.id).collect::<Vec<_>>(), [9, 8]);
         assert!(Flat::from_rows(2, vec![1, 1], vec![0.0; 4]).is_err());
+    }
+
+    #[test]
+    fn top_k_orders_by_score_then_id() {
+        let m = VectorMatrix {
+            dim: 2,
+            generation: 1,
+            ids: vec![10, 11, 12, 13],
+            data: vec![1.0, 0.0, 0.0, 1.0, 0.6, 0.8, 1.0, 0.0],
+        };
+        let hits = m.top_k(&[1.0, 0.0], 3).expect("dim");
+        let got: Vec<(u64, f32)> = hits.iter().map(|h| (h.id, h.score)).collect();
+        assert_eq!(got, [(10, 1.0), (13, 1.0), (12, 0.6)]);
+        assert_eq!(m.top_k(&[1.0, 0.0], 0).expect("dim"), []);
+        assert_eq!(m.top_k(&[1.0, 0.0], 99).expect("dim").len(), 4);
+        assert!(m.top_k(&[1.0], 1).is_err());
     }
 }

@@ -56,7 +56,7 @@ use std::ops::Range;
 pub use chunk::{Chunk, ChunkMode, ChunkSettings};
 pub use error::{Error, Result};
 pub use ingest::{AddOptions, AddReport, Event, FileOutcome, Progress};
-// `Hit` and `VectorMatrix` stay under `store::`: the search modules may name their own.
+// `store::Hit` (chunk ids as SQLite keeps them) and `exact::VectorMatrix` stay in their modules.
 pub use retrieve::{DenseIndex, Mode, Retriever};
 pub use store::{ChunkRecord, Index, OpenOptions, Stats};
 

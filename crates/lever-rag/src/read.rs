@@ -367,12 +367,8 @@ impl Lines {
 
     /// Hex sha256 of the bytes consumed so far (the whole file once `next_line` returned None).
     pub fn sha256(&self) -> String {
-        hex(&self.hasher.clone().finalize())
+        format!("{:x}", self.hasher.clone().finalize())
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What a full pass over a file found.
@@ -876,7 +872,10 @@ mod tests {
         // The hash covers the raw bytes, BOM and CRs included.
         assert_eq!(
             lines.sha256(),
-            hex(&Sha256::digest(b"\xEF\xBB\xBFone\r\ntwo\r\n0123456789\n"))
+            format!(
+                "{:x}",
+                Sha256::digest(b"\xEF\xBB\xBFone\r\ntwo\r\n0123456789\n")
+            )
         );
     }
 

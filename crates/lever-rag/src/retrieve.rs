@@ -12,9 +12,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::bm25::{Bm25, Bm25Params};
+use crate::exact::VectorMatrix;
 use crate::fuse::{self, Hit, RRF_K};
 use crate::hnsw::{Hnsw, HnswParams};
-use crate::store::{Index, VectorMatrix};
+use crate::store::Index;
 use crate::{Embed, Error, Result};
 
 /// Above this many chunks, dense search walks an HNSW graph instead of scanning every vector
@@ -163,17 +164,14 @@ impl<'a> Retriever<'a> {
         if graph.deleted_count() > graph.len() / 4 {
             graph = Hnsw::new(matrix.dim, HnswParams::default())?;
         }
-        let live: HashSet<u64> = matrix.ids.iter().map(|&i| i as u64).collect();
+        let live: HashSet<u64> = matrix.ids.iter().copied().collect();
         let stale: Vec<u64> = graph.ids().filter(|id| !live.contains(id)).collect();
         for id in stale {
             graph.remove(id);
         }
         for (row, &id) in matrix.ids.iter().enumerate() {
-            if !graph.contains(id as u64) {
-                graph.insert(
-                    id as u64,
-                    &matrix.data[row * matrix.dim..(row + 1) * matrix.dim],
-                )?;
+            if !graph.contains(id) {
+                graph.insert(id, &matrix.data[row * matrix.dim..(row + 1) * matrix.dim])?;
             }
         }
         graph.save(&path, matrix.generation)?;
@@ -207,14 +205,7 @@ impl<'a> Retriever<'a> {
             .pop()
             .ok_or_else(|| Error::Embed("no vector for the query".into()))?;
         match self.dense()? {
-            Dense::Exact(m) => Ok(m
-                .top_k(&q, k)?
-                .into_iter()
-                .map(|h| Hit {
-                    id: h.chunk_id as u64,
-                    score: h.score,
-                })
-                .collect()),
+            Dense::Exact(m) => m.top_k(&q, k),
             Dense::Graph(g) => g.search(&q, k),
         }
     }

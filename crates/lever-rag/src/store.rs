@@ -37,7 +37,7 @@
 //! - **Refuse, never repair**: a file that is not our database, a newer schema or another
 //!   embedder's vectors is an error naming the file; nothing is created or overwritten.
 //! - Vectors are stored as raw little-endian f32 blobs (4·dim bytes), the cheapest format to
-//!   load into one contiguous matrix for exact search ([`VectorMatrix`]).
+//!   load into one contiguous matrix for exact search (`exact::VectorMatrix`).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -50,6 +50,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::ChunkSettings;
+use crate::exact::VectorMatrix;
 use crate::{Embed, Error, Result};
 
 pub const SCHEMA_VERSION: i64 = 1;
@@ -549,7 +550,8 @@ impl Index {
         };
         for row in &mut iter {
             let (id, v) = row?;
-            m.ids.push(id);
+            // SQLite rowids of chunks are positive.
+            m.ids.push(id as u64);
             m.data.extend_from_slice(&v);
         }
         Ok(m)
@@ -573,7 +575,14 @@ impl Index {
                 m
             }
         };
-        matrix.top_k(query, k)
+        Ok(matrix
+            .top_k(query, k)?
+            .into_iter()
+            .map(|h| Hit {
+                chunk_id: h.id as i64,
+                score: h.score,
+            })
+            .collect())
     }
 
     /// Embeds `query` (checking that the embedder is the index's) and searches.
@@ -949,83 +958,10 @@ impl<T> Iterator for Paged<'_, T> {
     }
 }
 
-/// The vectors of an index in one row-major `n × dim` matrix, for exact search.
-#[derive(Clone, Debug, PartialEq)]
-pub struct VectorMatrix {
-    pub dim: usize,
-    /// The index generation these vectors were read at.
-    pub generation: u64,
-    /// Chunk id of each row.
-    pub ids: Vec<i64>,
-    /// `ids.len() × dim` values.
-    pub data: Vec<f32>,
-}
-
-impl VectorMatrix {
-    pub fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
-    /// The `k` rows with the largest dot product with `query`, best first; ties go to the
-    /// smaller chunk id so results are deterministic.
-    pub fn top_k(&self, query: &[f32], k: usize) -> Result<Vec<Hit>> {
-        if query.len() != self.dim {
-            return Err(Error::Embed(format!(
-                "query vector has dimension {}, the index has {}",
-                query.len(),
-                self.dim
-            )));
-        }
-        let mut hits: Vec<Hit> = self
-            .data
-            .chunks_exact(self.dim)
-            .zip(&self.ids)
-            .map(|(row, &chunk_id)| Hit {
-                chunk_id,
-                score: row.iter().zip(query).map(|(a, b)| a * b).sum(),
-            })
-            .collect();
-        let order = |a: &Hit, b: &Hit| {
-            b.score
-                .total_cmp(&a.score)
-                .then(a.chunk_id.cmp(&b.chunk_id))
-        };
-        let k = k.min(hits.len());
-        if k == 0 {
-            return Ok(Vec::new());
-        }
-        // Partition around the k-th best in O(n), then sort only the k winners.
-        hits.select_nth_unstable_by(k - 1, order);
-        hits.truncate(k);
-        hits.sort_by(order);
-        Ok(hits)
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn top_k_orders_by_score_then_id() {
-        let m = VectorMatrix {
-            dim: 2,
-            generation: 1,
-            ids: vec![10, 11, 12, 13],
-            data: vec![1.0, 0.0, 0.0, 1.0, 0.6, 0.8, 1.0, 0.0],
-        };
-        let hits = m.top_k(&[1.0, 0.0], 3).unwrap();
-        let got: Vec<(i64, f32)> = hits.iter().map(|h| (h.chunk_id, h.score)).collect();
-        assert_eq!(got, [(10, 1.0), (13, 1.0), (12, 0.6)]);
-        assert_eq!(m.top_k(&[1.0, 0.0], 0).unwrap(), []);
-        assert_eq!(m.top_k(&[1.0, 0.0], 99).unwrap().len(), 4);
-        assert!(m.top_k(&[1.0], 1).is_err());
-    }
 
     #[test]
     fn vectors_round_trip_little_endian() {

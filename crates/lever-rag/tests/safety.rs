@@ -561,6 +561,6 @@ fn a_100_mb_file_streams_in_bounded_memory() {
         .unwrap();
     assert_eq!((first.line_start, first.line_end), (1, 20));
     let last_id = index.load_vectors().unwrap().ids.last().copied().unwrap();
-    let last = index.chunk(last_id).unwrap().unwrap();
+    let last = index.chunk(last_id as i64).unwrap().unwrap();
     assert_eq!(last.line_end, lines);
 }

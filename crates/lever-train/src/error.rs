@@ -12,6 +12,9 @@ pub enum Error {
     },
     #[error("{what}: {problem}")]
     Config { what: String, problem: String },
+    /// A run folder that cannot be used as asked (a run already there, no checkpoint, ...).
+    #[error("{path}: {problem}")]
+    Run { path: PathBuf, problem: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

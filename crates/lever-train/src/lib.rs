@@ -2,15 +2,18 @@
 //! 2021, arXiv:2106.09685) on a frozen base that may stay quantized (QLoRA: gradients pass
 //! through the quantized layers), AdamW with decoupled weight decay (Loshchilov & Hutter,
 //! arXiv:1711.05101), linear warmup then cosine decay, gradient clipping, a loss over the
-//! trained (assistant) tokens only, and adapters saved in Hugging Face PEFT's layout.
+//! trained (assistant) tokens only, adapters saved in Hugging Face PEFT's layout, and the run
+//! folder (run.rs: start, resume, start over, metrics, best weights, loss curve).
 
 pub mod error;
 pub mod lora;
 pub mod loss;
 pub mod optim;
 pub mod plot;
+pub mod run;
 pub mod trainer;
 
 pub use error::{Error, Result};
 pub use lora::{LoraConfig, LoraSet, load_peft};
+pub use run::{Best, RunDir, Start};
 pub use trainer::{StepMetrics, TrainConfig, Trainer};

@@ -5,15 +5,15 @@
 //! temporary names and are renamed into place.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use lever_data::sft::{self, Overlong, Prepared};
 use lever_data::{Dataset, Fields};
 use lever_model::Model;
 use lever_train::trainer::evaluate;
-use lever_train::{LoraConfig, LoraSet, TrainConfig, Trainer};
+use lever_train::{Best, LoraConfig, LoraSet, RunDir, Start, TrainConfig, Trainer};
 
 use crate::cli::FinetuneArgs;
 
@@ -39,34 +39,37 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         return Ok(());
     }
     let method = if a.lora { "lora" } else { "full" };
-    let out = run_dir(&a, method)?;
-    eprintln!("run folder: {}", out.display());
-    let checkpoint = out.join("checkpoints").join("last");
-    if a.resume {
-        if !checkpoint.join("trainer.json").exists() {
-            bail!("{}: no checkpoint to resume from", checkpoint.display());
+    let start = match (a.resume, a.force) {
+        (true, _) => Start::Resume,
+        (false, true) => Start::Over,
+        (false, false) => Start::New,
+    };
+    let name = match &a.name {
+        Some(n) => {
+            lever_eval::task::check_name(n).map_err(|p| anyhow::anyhow!("--name {n:?}: {p}"))?;
+            n.clone()
         }
-    } else if out.join("metrics.jsonl").exists() && !a.force {
-        bail!(
-            "{}: already holds a run (metrics.jsonl); choose another --out, --resume it, or --force to start over",
-            out.display()
-        );
-    } else if a.force {
-        // Start over: only what a run writes is removed; other files stay.
-        for name in RUN_FILES {
-            let p = out.join(name);
-            if p.is_dir() {
-                std::fs::remove_dir_all(&p)
-            } else if p.exists() {
-                std::fs::remove_file(&p)
-            } else {
-                Ok(())
-            }
-            .with_context(|| p.display().to_string())?;
+        None => {
+            let stem = a
+                .data
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "data".into());
+            format!("{stem}-{method}")
         }
-    } else {
-        crate::check_target(&out, false).context("--out holds other files")?;
-    }
+    };
+    // --name is used as given; a name made from the data file gets a new folder per run.
+    let dir = RunDir::locate(
+        a.out.as_deref(),
+        Path::new("runs"),
+        &name,
+        a.name.is_none(),
+        start,
+    );
+    eprintln!("run folder: {}", dir.display());
+    let run = RunDir::open(&dir, start)?;
+    let out = run.dir().to_path_buf();
+    let checkpoint = run.checkpoint();
 
     let overlong = match a.overlong.as_str() {
         "truncate" => Overlong::Truncate,
@@ -148,7 +151,6 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         trainer = trainer.with_dropout_key(set.dropout_key.clone());
     }
 
-    std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
     let model_path = model.info.path.display().to_string();
     let settings = serde_json::json!({
         "model": model_path,
@@ -178,36 +180,14 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         "grad_checkpoint": a.grad_checkpoint,
     });
     if a.resume {
-        // The run continues only with exactly the settings it started with.
-        let path = out.join("manifest.json");
-        let old: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&path).with_context(|| path.display().to_string())?,
-        )
-        .with_context(|| path.display().to_string())?;
-        if let Some(map) = settings.as_object() {
-            for (k, v) in map {
-                if old["settings"].get(k) != Some(v) {
-                    bail!(
-                        "--resume: `{k}` was {} in {}, now {v}; resume with the same settings",
-                        old["settings"].get(k).unwrap_or(&serde_json::Value::Null),
-                        path.display()
-                    );
-                }
-            }
-        }
+        run.check_resume(&settings)?;
         trainer.load_checkpoint(&checkpoint)?;
-        truncate_metrics(&out.join("metrics.jsonl"), trainer.step)?;
+        run.truncate_metrics(trainer.step)?;
         manifest["resumed_at_step"] = serde_json::json!(trainer.step);
         eprintln!("resuming at step {}", trainer.step);
     }
-    crate::write_file(&out.join("manifest.json"), &pretty(&manifest))?;
-
-    let metrics_path = out.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| metrics_path.display().to_string())?;
+    run.write_manifest(&manifest)?;
+    let mut metrics = run.metrics()?;
     let val = |trainer_step: usize, decoder: &lever_model::Decoder| -> Result<Option<f64>> {
         if prepared.validation.is_empty() || a.eval_every == 0 {
             return Ok(None);
@@ -224,22 +204,21 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         .unwrap_or_default();
     // The best validation loss so far, and where its weights are kept.
     let best_dir = out.join("best");
-    let mut best = if a.resume {
-        best_val_loss(&metrics_path, trainer.step)
+    let mut best = Best(if a.resume {
+        run.best_val_loss(trainer.step)
     } else {
         None
-    };
+    });
     let mut keep_best = |step: usize, v: Option<f64>, model: &Model| -> Result<()> {
-        let Some(v) = v else { return Ok(()) };
-        if step == 0 || best.is_some_and(|(_, b)| b <= v) {
-            return Ok(());
+        if let Some(v) = v
+            && best.improves(step, v)
+        {
+            trainable.save(model, &best_dir, &base)?;
         }
-        trainable.save(model, &best_dir, &base)?;
-        best = Some((step, v));
         Ok(())
     };
     let val_before = if a.resume {
-        read_val_loss(&metrics_path, 0)
+        run.val_loss_at(0)
     } else {
         let v = val(0, &model.decoder)?;
         if let Some(v) = v {
@@ -285,7 +264,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             }
             metrics.flush()?;
             keep_best(m.step, last_val, &model)?;
-            plot(&out)?;
+            run.plot()?;
         }
         if a.save_every > 0 && m.step % a.save_every == 0 && m.step < a.steps {
             metrics.sync_data()?;
@@ -306,15 +285,16 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     keep_best(a.steps, val_after, &model)?;
     let result = trainable.result_name();
     trainable.save(&model, &out.join(result), &base)?;
-    plot(&out)?;
-    let best_step = best_val_loss(&metrics_path, a.steps).map(|(s, _)| s);
+    run.plot()?;
+    let best = run.best_val_loss(a.steps);
+    let best_step = best.map(|(s, _)| s);
     manifest["result"] = serde_json::json!({
         "val_loss_before": val_before, "val_loss_after": val_after,
-        "best_step": best_step, "best_val_loss": best_val_loss(&metrics_path, a.steps).map(|(_, v)| v),
+        "best_step": best_step, "best_val_loss": best.map(|(_, v)| v),
         "seconds": secs, "tokens": tokens, "tokens_per_s": tokens as f64 / secs,
         result: result, "best": best_step.map(|_| "best"),
     });
-    crate::write_file(&out.join("manifest.json"), &pretty(&manifest))?;
+    run.write_manifest(&manifest)?;
     eprintln!(
         "trained {} steps in {secs:.1}s ({:.0} tok/s); {result} written to {}",
         a.steps,
@@ -354,124 +334,4 @@ impl Trainable {
         }
         Ok(())
     }
-}
-
-/// What a run writes into its folder (`--force` removes these and nothing else).
-const RUN_FILES: [&str; 7] = [
-    "manifest.json",
-    "metrics.jsonl",
-    "loss.png",
-    "checkpoints",
-    "best",
-    "adapter",
-    "model",
-];
-
-/// --out, or runs/<name> with a name from the data file and the method (a new one per run;
-/// --resume continues the newest).
-fn run_dir(a: &FinetuneArgs, method: &str) -> Result<PathBuf> {
-    if let Some(out) = &a.out {
-        return Ok(out.clone());
-    }
-    let name = match &a.name {
-        Some(n) => {
-            lever_eval::task::check_name(n).map_err(|p| anyhow::anyhow!("--name {n:?}: {p}"))?;
-            n.clone()
-        }
-        None => {
-            let stem = a
-                .data
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "data".into());
-            format!("{stem}-{method}")
-        }
-    };
-    let runs = PathBuf::from("runs");
-    let taken = |p: &Path| p.join("metrics.jsonl").exists();
-    let mut dir = runs.join(&name);
-    if a.name.is_some() || a.resume {
-        if a.resume && a.name.is_none() {
-            // The newest run of this name.
-            let mut n = 2;
-            while taken(&runs.join(format!("{name}-{n}"))) {
-                dir = runs.join(format!("{name}-{n}"));
-                n += 1;
-            }
-        }
-        return Ok(dir);
-    }
-    let mut n = 2;
-    while taken(&dir) {
-        dir = runs.join(format!("{name}-{n}"));
-        n += 1;
-    }
-    Ok(dir)
-}
-
-/// The lowest validation loss after step 0 up to `step`, and its step.
-fn best_val_loss(path: &Path, step: usize) -> Option<(usize, f64)> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["step"].as_u64()? as usize, v.get("val_loss")?.as_f64()?)))
-        .filter(|(s, _)| *s > 0 && *s <= step)
-        .fold(None, |best: Option<(usize, f64)>, (s, v)| match best {
-            Some((_, b)) if b <= v => best,
-            _ => Some((s, v)),
-        })
-}
-
-/// loss.png from metrics.jsonl: training loss per step and validation loss.
-fn plot(out: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
-    let (mut train, mut val) = (Vec::new(), Vec::new());
-    for v in text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-    {
-        let Some(step) = v["step"].as_f64() else {
-            continue;
-        };
-        if let Some(l) = v.get("loss").and_then(|l| l.as_f64()) {
-            train.push((step, l));
-        }
-        if let Some(l) = v.get("val_loss").and_then(|l| l.as_f64()) {
-            val.push((step, l));
-        }
-    }
-    lever_train::plot::write_loss_curve(&out.join("loss.png"), &train, &val)
-        .with_context(|| out.join("loss.png").display().to_string())
-}
-
-/// Keep the metrics of steps up to `step` (what the checkpoint holds); later lines are
-/// recomputed by the resumed run. Rewritten atomically.
-fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s as usize <= step)
-        })
-        .collect();
-    let mut body = kept.join("\n");
-    if !body.is_empty() {
-        body.push('\n');
-    }
-    crate::write_file(path, &body)
-}
-
-fn read_val_loss(path: &Path, step: usize) -> Option<f64> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["step"].as_u64() == Some(step as u64) && v.get("val_loss").is_some())
-        .and_then(|v| v["val_loss"].as_f64())
-}
-
-fn pretty(v: &serde_json::Value) -> String {
-    serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
 }

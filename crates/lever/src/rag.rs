@@ -599,10 +599,7 @@ fn corpus_vectors(
         h.update(d.contents().as_bytes());
         h.update([0]);
     }
-    let key: String = h.finalize()[..12]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let key = format!("{:x}", h.finalize())[..24].to_string();
     let dir = lever_model::registry::lever_home().join("cache/beir");
     let path = dir.join(format!("{key}.f32"));
     let dim = embed.dim();
