@@ -6,9 +6,9 @@ pub mod config;
 pub mod decoder;
 pub mod encoder;
 pub mod error;
+pub mod formats;
 pub mod fsutil;
 pub mod generation_config;
-pub mod formats;
 #[path = "ops/grad.rs"]
 pub mod grad_ops;
 pub mod kernels;
@@ -22,7 +22,6 @@ pub mod tokenizer;
 
 // Kept while the moved modules' paths are updated (next commit).
 pub use formats::{convert, export, gguf, quantize, weights};
-pub use kernels::{bf16_gemm, packed};
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, DecoderConfig, HfConfig, KvPrecision};

@@ -16,7 +16,7 @@ use crate::grad_ops::{Mat, f32_slice, gemm_into};
 use crate::kernels;
 use crate::qweight::QWeight;
 
-/// y = x · Wᵀ for a frozen quantized W: lever's own kernels (`kernels.rs`) for the block types
+/// y = x · Wᵀ for a frozen quantized W: lever's own kernels (`kernels/quant_matmul.rs`) for the block types
 /// they cover on CPU, candle's otherwise. Its backward passes the gradient through to x
 /// (∂x = ∂y · W, with W dequantized), so adapters before a frozen quantized layer train
 /// (QLoRA); W itself gets none.
@@ -446,8 +446,8 @@ impl CustomOp2 for DenseMatMul {
 /// The base weight W: (out, in).
 #[derive(Debug, Clone)]
 pub enum Weight {
-    /// Frozen, block-quantized; y = x · Wᵀ runs in lever's kernels (`kernels.rs`, `packed.rs`)
-    /// on CPU, candle's elsewhere.
+    /// Frozen, block-quantized; y = x · Wᵀ runs in lever's kernels (`kernels/quant_matmul.rs`,
+    /// `kernels/packed.rs`) on CPU, candle's elsewhere.
     Quantized(Arc<QWeight>),
     /// Float (f32 on CPU); trainable when it is a `Var`.
     Float(Tensor),

@@ -11,8 +11,8 @@
 use std::path::PathBuf;
 
 use lever_model::Encoder;
-use lever_model::bf16_gemm;
 use lever_model::encoder::{Kernels, MatMul, Pooling, embed_batch};
+use lever_model::kernels::bf16_gemm;
 use serde_json::Value;
 
 fn model_dir() -> Option<PathBuf> {

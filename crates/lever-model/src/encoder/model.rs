@@ -30,8 +30,8 @@ use rayon::prelude::*;
 use serde::Deserialize;
 use tokenizers::Tokenizer as HfTokenizer;
 
-use crate::bf16_gemm::{self, PackedBf16};
 use crate::error::{Error, Result, io_err};
+use crate::kernels::bf16_gemm::{self, PackedBf16};
 use crate::weights::SplitMix64;
 
 // ---------------------------------------------------------------------------------------------
@@ -330,7 +330,7 @@ impl Dense {
 pub enum MatMul {
     /// candle's f32 matrix product (gemm crate): the reference.
     F32,
-    /// bf16 inputs, f32 sums ([`crate::bf16_gemm`]): about twice as fast, vectors within
+    /// bf16 inputs, f32 sums ([`crate::kernels::bf16_gemm`]): about twice as fast, vectors within
     /// cosine 0.9999 of the f32 ones. Needs AVX-512 BF16.
     Bf16,
 }

@@ -32,11 +32,11 @@ thread_local! {
 }
 
 /// Output columns per panel (two 16-lane registers).
-pub const NR: usize = 32;
+pub(crate) const NR: usize = 32;
 /// Rows per micro-kernel: 2·MR = 24 accumulators + 2 panel registers + 1 broadcast ≤ 32.
-pub const MR: usize = 12;
+pub(crate) const MR: usize = 12;
 /// Rows per parallel task (a multiple of MR); their bf16 copy stays in L2.
-pub const MC: usize = 96;
+pub(crate) const MC: usize = 96;
 
 /// Whether this CPU runs [`PackedBf16::matmul`] (AVX-512 F + BF16).
 pub fn supported() -> bool {
@@ -54,7 +54,7 @@ pub fn supported() -> bool {
 
 /// A (N × K) weight rounded to bf16 and packed for the micro-kernel.
 #[derive(Debug)]
-pub struct PackedBf16 {
+pub(crate) struct PackedBf16 {
     n: usize,
     k: usize,
     /// ⌈K/2⌉: pairs of K (an odd K gets a zero at the end).
@@ -71,7 +71,7 @@ fn bf16_bits(x: f32) -> u32 {
 
 impl PackedBf16 {
     /// w: (N × K) row-major f32.
-    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+    pub(crate) fn pack(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(
             w.len(),
             n * k,
@@ -95,17 +95,17 @@ impl PackedBf16 {
     }
 
     /// Output width N.
-    pub fn n(&self) -> usize {
+    pub(crate) fn n(&self) -> usize {
         self.n
     }
 
     /// Input width K.
-    pub fn k(&self) -> usize {
+    pub(crate) fn k(&self) -> usize {
         self.k
     }
 
     /// x: (M × K) row-major -> x·Wᵀ: (M × N) row-major. Panics unless [`supported`].
-    pub fn matmul(&self, x: &[f32]) -> Vec<f32> {
+    pub(crate) fn matmul(&self, x: &[f32]) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         assert!(supported(), "bf16 matmul on a CPU without AVX-512 BF16");
         assert_eq!(

@@ -2,8 +2,8 @@
 //! `vpdpbusd` multiplies 4 values of each of 16 rows by the same 4 activations, and 8 of them
 //! give 16 whole block dot products in the 16 lanes of one register — no horizontal sums.
 //!
-//! `kernels.rs` computes one (row, token) pair per 256-bit register and follows llama.cpp's lane
-//! arithmetic; it spends about five instructions per 32 multiply-adds and is compute-bound as
+//! `quant_matmul.rs` computes one (row, token) pair per 256-bit register and follows llama.cpp's
+//! lane arithmetic; it spends about five instructions per 32 multiply-adds and is compute-bound as
 //! soon as several tokens share a pass over the weights (continuous batching: 8 sequences cost
 //! almost 8 single steps). Here a 16-row × T-token tile costs 8 `vpdpbusd` + 4 float
 //! instructions per block and token (64 multiply-adds per instruction), so extra tokens are
@@ -33,16 +33,18 @@ use std::cell::RefCell;
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use crate::kernels::{self, Isa, Q4_1_BYTES, Q8_0_BYTES, QK, QuantActs};
+use super::pool::{LARGE_M, SyncPtr, parallel};
+use super::quant_matmul::{Q4_1_BYTES, Q8_0_BYTES, QK, QuantActs, supports};
+use super::{Isa, isa};
 
 /// Rows per group: the 16 f32 lanes of a 512-bit register.
-pub const GROUP: usize = 16;
+pub(crate) const GROUP: usize = 16;
 const Q4_1_GROUP_BLOCK: usize = GROUP * 20;
 const Q8_0_GROUP_BLOCK: usize = GROUP * 38;
 
 /// A quantized n × k matrix in the interleaved layout above.
 #[derive(Debug)]
-pub struct Packed {
+pub(crate) struct Packed {
     dtype: GgmlDType,
     n: usize,
     nb: usize,
@@ -57,8 +59,8 @@ impl Packed {
     /// Repack GGUF blocks (`w`: n rows of k/32 blocks of `dtype`), or None where these kernels
     /// do not run (another block type, k not whole blocks, a CPU without AVX-512 VNNI, or
     /// `LEVER_ISA` asking for a lower instruction set).
-    pub fn new(dtype: GgmlDType, w: &[u8], n: usize, k: usize) -> Option<Packed> {
-        if kernels::isa() != Isa::Avx512Vnni || !k.is_multiple_of(QK) || !kernels::supports(dtype) {
+    pub(crate) fn new(dtype: GgmlDType, w: &[u8], n: usize, k: usize) -> Option<Packed> {
+        if isa() != Isa::Avx512Vnni || !k.is_multiple_of(QK) || !supports(dtype) {
             return None;
         }
         Some(Self::repack(dtype, w, n, k))
@@ -111,12 +113,8 @@ impl Packed {
         }
     }
 
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
     /// Bytes held.
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.data.len()
     }
 
@@ -129,7 +127,7 @@ impl Packed {
     }
 
     /// y (m × n, row-major) = x (m × k) · Wᵀ; activations quantized as `kernels::matmul` does.
-    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+    pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         ACTS.with(|acts| {
             let mut acts = acts.borrow_mut();
             let (ref mut q, ref mut unsigned) = *acts;
@@ -141,7 +139,7 @@ impl Packed {
     }
 
     /// y = acts · Wᵀ; `unsigned` is scratch for Q8_0's q+128 activations.
-    pub fn matmul_quantized(&self, acts: &QuantActs, unsigned: &mut Vec<u8>, y: &mut [f32]) {
+    pub(crate) fn matmul_quantized(&self, acts: &QuantActs, unsigned: &mut Vec<u8>, y: &mut [f32]) {
         assert_eq!(acts.nb, self.nb, "packed matmul: activation blocks");
         assert_eq!(y.len(), acts.rows * self.n, "packed matmul: output size");
         let xs: &[u8] = match self.dtype {
@@ -156,7 +154,7 @@ impl Packed {
             }
         };
         let groups = self.n.div_ceil(GROUP);
-        let out = kernels::SyncPtr(y.as_mut_ptr());
+        let out = SyncPtr(y.as_mut_ptr());
         let run = |range: std::ops::Range<usize>| {
             let out = &out;
             for g in range {
@@ -166,14 +164,15 @@ impl Packed {
             }
         };
         if acts.rows * self.n * self.nb >= 1 << 12 {
-            kernels::parallel(groups, acts.rows >= kernels::LARGE_M, run);
+            parallel(groups, acts.rows >= LARGE_M, run);
         } else {
             run(0..groups);
         }
     }
 
     /// The same arithmetic in scalar code, from the original GGUF blocks (for tests).
-    pub fn reference(dtype: GgmlDType, w: &[u8], n: usize, acts: &QuantActs) -> Vec<f32> {
+    #[cfg(test)]
+    pub(crate) fn reference(dtype: GgmlDType, w: &[u8], n: usize, acts: &QuantActs) -> Vec<f32> {
         let nb = acts.nb;
         let mut y = vec![0f32; acts.rows * n];
         for t in 0..acts.rows {
@@ -213,7 +212,7 @@ impl Packed {
 
 impl Packed {
     /// Row r's values in f32, as candle dequantizes GGUF blocks (Q4_1: q·d + m; Q8_0: q·d).
-    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+    pub(crate) fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         assert!(r < self.n && out.len() == self.nb * QK, "packed row {r}");
         let (g, j) = (r / GROUP, r % GROUP);
         let gb = self.group_bytes();
@@ -247,7 +246,7 @@ impl Packed {
 
     /// The whole matrix in f32, n × k row-major (rows spread over rayon's threads: training
     /// with LoRA on a quantized base does this twice per step).
-    pub fn dequantize(&self) -> Vec<f32> {
+    pub(crate) fn dequantize(&self) -> Vec<f32> {
         use rayon::prelude::*;
         let k = self.nb * QK;
         let mut out = vec![0f32; self.n * k];
@@ -262,7 +261,7 @@ impl Packed {
     }
 
     /// The GGUF blocks again (for writing files and for candle's kernels).
-    pub fn unpack(&self) -> Vec<u8> {
+    pub(crate) fn unpack(&self) -> Vec<u8> {
         let bytes = match self.dtype {
             GgmlDType::Q4_1 => Q4_1_BYTES,
             _ => Q8_0_BYTES,
@@ -303,12 +302,12 @@ impl Packed {
         w
     }
 
-    pub fn dtype(&self) -> GgmlDType {
+    pub(crate) fn dtype(&self) -> GgmlDType {
         self.dtype
     }
 
     /// (n, k)
-    pub fn dims(&self) -> (usize, usize) {
+    pub(crate) fn dims(&self) -> (usize, usize) {
         (self.n, self.nb * QK)
     }
 }
@@ -320,7 +319,7 @@ thread_local! {
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::{GROUP, Packed, Q4_1_GROUP_BLOCK, Q8_0_GROUP_BLOCK};
-    use crate::kernels::{QK, QuantActs};
+    use crate::kernels::quant_matmul::{QK, QuantActs};
     use candle_core::quantized::GgmlDType;
     use std::arch::x86_64::*;
 
@@ -332,7 +331,7 @@ mod vnni {
     /// SAFETY: AVX-512 VNNI is available; `y` points to acts.rows × p.n floats, whose columns
     /// 16g..16g+16 no other thread writes; `xs` holds acts.rows × nb × 32 bytes.
     #[target_feature(enable = "avx512f,avx512vnni,avx512bw,f16c")]
-    pub unsafe fn group(p: &Packed, g: usize, acts: &QuantActs, xs: &[u8], y: *mut f32) {
+    pub(super) unsafe fn group(p: &Packed, g: usize, acts: &QuantActs, xs: &[u8], y: *mut f32) {
         let m = acts.rows;
         let mut t0 = 0;
         unsafe {
@@ -435,8 +434,8 @@ mod vnni {
 #[cfg(not(target_arch = "x86_64"))]
 mod vnni {
     use super::Packed;
-    use crate::kernels::QuantActs;
-    pub unsafe fn group(_: &Packed, _: usize, _: &QuantActs, _: &[u8], _: *mut f32) {
+    use crate::kernels::quant_matmul::QuantActs;
+    pub(super) unsafe fn group(_: &Packed, _: usize, _: &QuantActs, _: &[u8], _: *mut f32) {
         unreachable!("Packed::new returns None off x86-64")
     }
 }
@@ -453,7 +452,7 @@ mod tests {
     /// and within the 8-bit activations' error of the dequantized product.
     #[test]
     fn packed_matmul_equals_its_scalar_formula() {
-        if kernels::isa() != Isa::Avx512Vnni {
+        if isa() != Isa::Avx512Vnni {
             eprintln!("no AVX-512 VNNI here: packed kernels not run");
             return;
         }
@@ -501,7 +500,7 @@ mod tests {
     /// candle's values bit for bit, and looks embedding rows up as candle does.
     #[test]
     fn packing_round_trips_and_dequantizes_as_candle() {
-        if kernels::isa() != Isa::Avx512Vnni {
+        if isa() != Isa::Avx512Vnni {
             return;
         }
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
