@@ -9,8 +9,6 @@ pub mod error;
 pub mod formats;
 pub mod fsutil;
 pub mod generation_config;
-#[path = "ops/grad.rs"]
-pub mod grad_ops;
 pub mod kernels;
 pub mod linear;
 pub mod model;

@@ -11,7 +11,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Storage, Tensor,
 };
 
-use crate::grad_ops::{Mat, f32_slice, gemm_into};
+use crate::ops::host::{HostRows, Mat, f32_slice, gemm_into};
 
 use crate::kernels;
 use crate::qweight::QWeight;
@@ -128,9 +128,9 @@ impl CustomOp3 for LoraMatMul {
                 l3.dims()
             );
         }
-        let x = crate::grad_ops::f32_slice(s1, l1, self.name())?;
-        let a = crate::grad_ops::f32_slice(s2, l2, self.name())?;
-        let b = crate::grad_ops::f32_slice(s3, l3, self.name())?;
+        let x = f32_slice(s1, l1, self.name())?;
+        let a = f32_slice(s2, l2, self.name())?;
+        let b = f32_slice(s3, l3, self.name())?;
         let m = x.len() / k;
         let w = self.dense()?;
         let mut y = vec![0f32; m * n];
@@ -184,10 +184,10 @@ impl CustomOp3 for LoraMatMul {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let name = self.name();
         let (hx, ha, hb, hg) = (
-            crate::grad_ops::HostRows::new(x)?,
-            crate::grad_ops::HostRows::new(a)?,
-            crate::grad_ops::HostRows::new(b)?,
-            crate::grad_ops::HostRows::new(grad)?,
+            HostRows::new(x)?,
+            HostRows::new(a)?,
+            HostRows::new(b)?,
+            HostRows::new(grad)?,
         );
         let dev = x.device();
         let needs_dx = x.track_op();

@@ -14,9 +14,10 @@ use candle_core::{D, DType, Device, IndexOp, Result, Tensor, Var};
 use half::f16;
 
 use crate::config::{DecoderConfig, KvPrecision};
-use crate::grad_ops::{AttnShape, HostRows};
 use crate::kernels::{self, AttnDims};
 use crate::linear::{Linear, Weight};
+use crate::ops::grad::{self, AttnShape};
+use crate::ops::host::HostRows;
 use crate::ops::{self, Rope, RopeTables};
 use crate::weights::{Embedding, Param, WeightSource};
 
@@ -93,7 +94,7 @@ impl Cache {
         Ok(())
     }
 
-    /// A training pass (the fused attention of `grad_ops`) counts its tokens but keeps no
+    /// A training pass (the fused attention of `ops::grad`) counts its tokens but keeps no
     /// keys: continuing from such a cache is an error, not a silently wrong answer.
     fn check_kept(&self, layer: usize) -> Result<()> {
         if self.len > 0 && matches!(self.layers[layer], LayerKv::Empty) {
@@ -204,7 +205,7 @@ impl Attention {
                 head_dim: d,
             };
             let round = self.kv_precision == KvPrecision::F16;
-            let y = crate::grad_ops::causal_attention(&q, &k, &v, shape, rope, round)?; // (B, T, C)
+            let y = grad::causal_attention(&q, &k, &v, shape, rope, round)?; // (B, T, C)
             return self.o.forward(&y);
         }
         // Inference on CPU with llama.cpp's f16 cache: lever's fused attention kernel over the
@@ -257,7 +258,7 @@ impl Attention {
         // candle's fused softmax has no backward: lever's fused causal one when gradients
         // flow (scale and mask inside, two tensors kept instead of six).
         let att = if att.track_op() {
-            crate::grad_ops::causal_softmax(&att, 1.0 / (d as f64).sqrt(), pos)?
+            grad::causal_softmax(&att, 1.0 / (d as f64).sqrt(), pos)?
         } else {
             let att = (att / (d as f64).sqrt())?;
             let att = match mask {
@@ -347,7 +348,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
         let h = if g.track_op() || u.track_op() {
-            crate::grad_ops::silu_mul(&g, &u)?
+            grad::silu_mul(&g, &u)?
         } else if g.device().is_cpu() && g.dtype() == DType::F32 && g.shape() == u.shape() {
             // Inference: the same values as the two tensor ops, in one parallel pass.
             let (hg, hu) = (HostRows::new(&g)?, HostRows::new(&u)?);

@@ -7,7 +7,7 @@
 //! with the additive padding mask, BertSelfOutput/BertOutput post-norm residuals, exact erf
 //! GELU) and sentence-transformers `models/Pooling.py` + `models/Normalize.py`; checked
 //! against a sentence-transformers dump of all-MiniLM-L6-v2 in `tests/encoder.rs`. candle's
-//! `candle-transformers/src/models/bert.rs` was read as a second reference; this file is our
+//! `candle-transformers/src/models/bert.rs` was read as a second reference; this module is our
 //! own (one forward for inference and training, fused CPU kernels, counted truncation).
 //!
 //! Dimension legend: B batch (texts), T tokens (padded to the batch's longest), C hidden

@@ -11,9 +11,10 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use super::config::{EncoderConfig, Pooling};
-use super::ops::{TextAttention, add_norm, bias_gelu, f32_slice, masked_softmax};
+use super::ops::{TextAttention, add_norm, bias_gelu, masked_softmax};
 use crate::error::{Error, Result};
 use crate::kernels::bf16_gemm::{self, PackedBf16};
+use crate::ops::host::f32_slice;
 use crate::weights::SplitMix64;
 
 /// Where encoder tensors come from: a safetensors file (keys as in transformers' BertModel,

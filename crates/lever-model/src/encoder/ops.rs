@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use super::model::{Kernels, LayerNorm, Mask};
 use crate::error::Result;
+use crate::ops::host::{f32_slice, f32_slice_mut};
 
 /// softmax over keys with padding keys excluded, as transformers does it: finfo.min added
 /// to the scores of padding keys. scores: (B, H, T, T) -> (B, H, T, T).
@@ -57,34 +58,6 @@ pub(super) fn add_norm(
             x
         }
     })
-}
-
-pub(super) fn f32_slice<'a>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: expects f32");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: expects a contiguous tensor");
-    };
-    Ok(&v[a..b])
-}
-
-fn f32_slice_mut<'a>(
-    s: &'a mut CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a mut [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: expects f32");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: expects a contiguous tensor");
-    };
-    Ok(&mut v[a..b])
 }
 
 /// Rows of work per rayon task for the row-wise kernels.

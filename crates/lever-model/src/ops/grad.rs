@@ -9,37 +9,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::{RopeStyle, RopeTables};
-
-pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: expects f32");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: expects a contiguous tensor");
-    };
-    Ok(&v[a..b])
-}
-
-/// A contiguous f32 CPU tensor's storage, held while its values are read in place.
-pub(crate) struct HostRows {
-    t: Tensor,
-}
-
-impl HostRows {
-    pub(crate) fn new(t: &Tensor) -> Result<Self> {
-        Ok(Self { t: t.contiguous()? })
-    }
-
-    /// Calls `f` with the values, borrowed.
-    pub(crate) fn with<R>(&self, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-        let (s, l) = self.t.storage_and_layout();
-        let candle_core::Storage::Cpu(s) = &*s else {
-            candle_core::bail!("{what}: expects a CPU tensor");
-        };
-        f(f32_slice(s, l, what)?)
-    }
-}
+use super::host::{Mat, f32_slice, gemm_into};
+use super::{RopeStyle, RopeTables};
 
 /// softmax(scale · x + causal mask) over the last dimension of (..., T, P) scores, where
 /// query i (of T) sits at position past + i and sees keys 0..=past + i.
@@ -117,7 +88,7 @@ impl CustomOp2 for SoftmaxGrad {
 
 /// Causal softmax of raw attention scores (B, H, T, P): scaled, masked for queries at
 /// positions past.., normalized. Differentiable.
-pub fn causal_softmax(scores: &Tensor, scale: f64, past: usize) -> Result<Tensor> {
+pub(crate) fn causal_softmax(scores: &Tensor, scale: f64, past: usize) -> Result<Tensor> {
     scores.contiguous()?.apply_op1(CausalSoftmax {
         scale: scale as f32,
         past,
@@ -205,7 +176,7 @@ impl CustomOp2 for RmsNorm {
 }
 
 /// RMS norm over the last dimension with weight w: (C,). Differentiable in x and w.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm(eps))
 }
 
@@ -279,39 +250,8 @@ impl CustomOp2 for SiluMul {
 }
 
 /// silu(g) ⊙ u, differentiable in both.
-pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+pub(crate) fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     g.contiguous()?.apply_op2(&u.contiguous()?, SiluMul)
-}
-
-/// A strided matrix: element (i, j) of `data` at i·rs + j·cs.
-#[derive(Clone, Copy)]
-pub(crate) struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> Mat<'a> {
-    pub(crate) fn rows(data: &'a [f32], cols: usize) -> Self {
-        Self {
-            data,
-            rs: cols,
-            cs: 1,
-        }
-    }
-
-    /// The transpose of a row-major (·, cols) matrix.
-    pub(crate) fn t(data: &'a [f32], cols: usize) -> Self {
-        Self {
-            data,
-            rs: 1,
-            cs: cols,
-        }
-    }
-
-    fn covers(&self, rows: usize, cols: usize) -> bool {
-        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
-    }
 }
 
 /// dst (m, n) row-major = a (m, k) · b (k, n), added to dst when `acc`; one thread (callers
@@ -320,64 +260,14 @@ fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], acc: bool, a: Mat, b: M
     gemm_into(m, n, k, dst, acc, 1.0, a, b, false)
 }
 
-/// dst (m, n) row-major = [dst +] scale · a (m, k) · b (k, n), on rayon's threads when
-/// `parallel`.
-#[allow(unsafe_code, clippy::too_many_arguments)]
-pub(crate) fn gemm_into(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    acc: bool,
-    scale: f32,
-    a: Mat,
-    b: Mat,
-    parallel: bool,
-) {
-    assert!(dst.len() >= m * n && a.covers(m, k) && b.covers(k, n));
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: every element gemm reads or writes is in bounds (checked above); dst is
-    // exclusively borrowed, so it overlaps neither input.
-    // gemm: dst[i·rs + j·cs] = α·dst + β·Σ_l lhs[i·rs + l·cs]·rhs[l·rs + j·cs].
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            acc,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            if acc { 1.0 } else { 0.0 },
-            scale,
-            false,
-            false,
-            false,
-            if parallel {
-                gemm::Parallelism::Rayon(rayon::current_num_threads())
-            } else {
-                gemm::Parallelism::None
-            },
-        );
-    }
-}
-
 /// Shapes of a fused attention call: q (B, T, H·D), k and v (B, T, K·D).
 #[derive(Debug, Clone, Copy)]
-pub struct AttnShape {
-    pub batch: usize,
-    pub len: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
+pub(crate) struct AttnShape {
+    pub(crate) batch: usize,
+    pub(crate) len: usize,
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
 }
 
 /// The whole attention core of a decoder layer on a prefix (no cache): RoPE on q and k,
@@ -657,7 +547,7 @@ impl CustomOp3 for CausalAttention {
 /// Causal self-attention over a whole prefix (positions 0..T, no cache) from projected
 /// q: (B, T, H·D), k, v: (B, T, K·D) to (B, T, H·D): RoPE, grouped heads, scaled causal
 /// softmax, with keys and values rounded to f16 when `round_kv`. Differentiable in q, k, v.
-pub fn causal_attention(
+pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
