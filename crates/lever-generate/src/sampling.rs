@@ -2,7 +2,7 @@
 //! sampler chain (`common/sampling.cpp`): repetition penalty, top-k, top-p, min-p, then
 //! temperature and a draw; temperature 0 is greedy.
 
-use lever_model::weights::SplitMix64;
+use lever_model::rng::SplitMix64;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {

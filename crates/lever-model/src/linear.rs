@@ -489,8 +489,7 @@ impl LoraDropout {
         if key == DROPOUT_OFF || self.p <= 0.0 {
             return Ok(x.clone());
         }
-        let mut rng =
-            crate::weights::SplitMix64(key ^ self.salt.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng = crate::rng::SplitMix64(key ^ self.salt.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let keep = 1.0 / (1.0 - self.p);
         let mask: Vec<f32> = (0..x.elem_count())
             .map(|_| if rng.uniform() < self.p { 0.0 } else { keep })
@@ -825,7 +824,7 @@ mod tests {
     fn a_collected_weight_gradient_equals_candles() {
         use candle_core::Var;
         let dev = candle_core::Device::Cpu;
-        let mut rng = crate::weights::SplitMix64(13);
+        let mut rng = crate::rng::SplitMix64(13);
         let mut randn = |shape: &[usize]| {
             let n: usize = shape.iter().product();
             let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();

@@ -210,7 +210,7 @@ mod tests {
     /// lever's parallel dequantization gives candle's values bit for bit, in both layouts.
     #[test]
     fn dequantize_vec_equals_candles() {
-        let mut rng = crate::weights::SplitMix64(3);
+        let mut rng = crate::rng::SplitMix64(3);
         let (n, k) = (40, 96);
         let x: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
         let t = Tensor::from_vec(x, (n, k), &Device::Cpu).unwrap();

@@ -7,7 +7,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use crate::weights::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// What to put in a tiny GGUF; the defaults make a valid model.
 #[derive(Debug, Clone)]

@@ -233,7 +233,7 @@ fn merged_equals_unmerged() {
         targets: vec!["q".into(), "v".into()],
     };
     let set = lever_train::LoraSet::attach(&mut gguf.decoder, &config, 7).unwrap();
-    let mut rng = lever_model::weights::SplitMix64(11);
+    let mut rng = lever_model::rng::SplitMix64(11);
     for (_, _, _, b) in &set.adapters {
         let (rows, cols) = b.dims2().unwrap();
         let v: Vec<f32> = (0..rows * cols)

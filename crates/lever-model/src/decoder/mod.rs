@@ -14,12 +14,12 @@ use candle_core::{D, DType, Device, IndexOp, Result, Tensor, Var};
 use half::f16;
 
 use crate::config::{DecoderConfig, KvPrecision};
+use crate::formats::weights::{Embedding, Param, WeightSource};
 use crate::kernels::{self, AttnDims};
 use crate::linear::{Linear, Weight};
 use crate::ops::grad::{self, AttnShape};
 use crate::ops::host::HostRows;
 use crate::ops::{self, Rope, RopeTables};
-use crate::weights::{Embedding, Param, WeightSource};
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -850,7 +850,7 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
 mod tests {
     use super::*;
     use crate::config::{Arch, DecoderConfig};
-    use crate::weights::RandomWeights;
+    use crate::formats::weights::RandomWeights;
 
     fn tiny(arch: Arch) -> Decoder {
         let cfg = DecoderConfig::tiny(arch, 50);

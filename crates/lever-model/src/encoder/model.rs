@@ -15,7 +15,7 @@ use super::ops::{TextAttention, add_norm, bias_gelu, masked_softmax};
 use crate::error::{Error, Result};
 use crate::kernels::bf16_gemm::{self, PackedBf16};
 use crate::ops::host::f32_slice;
-use crate::weights::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// Where encoder tensors come from: a safetensors file (keys as in transformers' BertModel,
 /// with or without a `bert.` prefix) or seeded random values for tests.
@@ -30,7 +30,7 @@ enum Source {
 
 impl Source {
     fn open(path: &Path) -> Result<Self> {
-        crate::weights::check_safetensors_header(path)?;
+        crate::formats::weights::check_safetensors_header(path)?;
         // SAFETY: read-only memory map of a model file lever does not write while it is open
         // (as in weights.rs).
         #[allow(unsafe_code)]
@@ -65,7 +65,7 @@ impl Source {
                     tensor: full.clone(),
                     problem: "missing".into(),
                 })?;
-                crate::weights::check_shape(path, &full, view.shape(), want)?;
+                crate::formats::weights::check_shape(path, &full, view.shape(), want)?;
                 let t = files.load(&full, &Device::Cpu).map_err(|e| Error::Tensor {
                     path: path.clone(),
                     tensor: full.clone(),

@@ -412,7 +412,7 @@ pub fn embed_batch(
 mod tests {
     use super::*;
     use crate::encoder::MatMul;
-    use crate::weights::SplitMix64;
+    use crate::rng::SplitMix64;
 
     /// f32 products, whatever the CPU or LEVER_ENCODER_GEMM.
     fn tiny() -> BertModel {

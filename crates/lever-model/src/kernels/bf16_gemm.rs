@@ -283,7 +283,7 @@ unsafe fn tile<const R: usize>(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::weights::SplitMix64;
+    use crate::rng::SplitMix64;
 
     fn round(x: f32) -> f32 {
         half::bf16::from_f32(x).to_f32()

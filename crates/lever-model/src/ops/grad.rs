@@ -589,7 +589,7 @@ mod tests {
     use candle_core::{D, DType, Device, Var};
 
     fn var(seed: u64, shape: &[usize]) -> Var {
-        let mut rng = crate::weights::SplitMix64(seed);
+        let mut rng = crate::rng::SplitMix64(seed);
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
         Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
