@@ -11,7 +11,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Storage, Tensor,
 };
 
-use crate::ops::host::{HostRows, Mat, f32_slice, gemm_into};
+use crate::ops::host::{Gemm, HostRows, Mat, f32_slice, gemm_into};
 
 use crate::kernels;
 use crate::qweight::QWeight;
@@ -136,38 +136,13 @@ impl CustomOp3 for LoraMatMul {
         let mut y = vec![0f32; m * n];
         let mut xa = vec![0f32; m * r];
         // y = x·Wᵀ; xa = x·Aᵀ; y += scale · xa·Bᵀ
+        gemm_into(&mut y, Mat::rows(x, k), Mat::t(&w, k), Gemm::new(m, n, k));
+        gemm_into(&mut xa, Mat::rows(x, k), Mat::t(a, k), Gemm::new(m, r, k));
         gemm_into(
-            m,
-            n,
-            k,
             &mut y,
-            false,
-            1.0,
-            Mat::rows(x, k),
-            Mat::t(&w, k),
-            true,
-        );
-        gemm_into(
-            m,
-            r,
-            k,
-            &mut xa,
-            false,
-            1.0,
-            Mat::rows(x, k),
-            Mat::t(a, k),
-            true,
-        );
-        gemm_into(
-            m,
-            n,
-            r,
-            &mut y,
-            true,
-            self.scale,
             Mat::rows(&xa, r),
             Mat::t(b, r),
-            true,
+            Gemm::new(m, n, r).accumulate().scaled(self.scale),
         );
         let mut out = dims.to_vec();
         *out.last_mut().unwrap_or(&mut 0) = n;
@@ -225,76 +200,46 @@ impl LoraMatMul {
         // xa = x·Aᵀ (M, r); dxa = scale · dy·B (M, r)
         let (mut xa, mut dxa) = (vec![0f32; m * r], vec![0f32; m * r]);
         gemm_into(
-            m,
-            r,
-            k,
             &mut xa,
-            false,
-            1.0,
             Mat::rows(xs, k),
             Mat::t(as_, k),
-            true,
+            Gemm::new(m, r, k),
         );
         gemm_into(
-            m,
-            r,
-            n,
             &mut dxa,
-            false,
-            s,
             Mat::rows(dy, n),
             Mat::rows(bs, r),
-            true,
+            Gemm::new(m, r, n).scaled(s),
         );
         // dB = scale · dyᵀ·xa (out, r); dA = dxaᵀ·x (r, in)
         let (mut db, mut da) = (vec![0f32; n * r], vec![0f32; r * k]);
         gemm_into(
-            n,
-            r,
-            m,
             &mut db,
-            false,
-            s,
             Mat::t(dy, n),
             Mat::rows(&xa, r),
-            true,
+            Gemm::new(n, r, m).scaled(s),
         );
         gemm_into(
-            r,
-            k,
-            m,
             &mut da,
-            false,
-            1.0,
             Mat::t(&dxa, r),
             Mat::rows(xs, k),
-            true,
+            Gemm::new(r, k, m),
         );
         // dx = dy·W + dxa·A, only when x needs it (the first layer's input does not).
         let dx = if needs_dx {
             let w = self.dense()?;
             let mut dx = vec![0f32; m * k];
             gemm_into(
-                m,
-                k,
-                n,
                 &mut dx,
-                false,
-                1.0,
                 Mat::rows(dy, n),
                 Mat::rows(&w, k),
-                true,
+                Gemm::new(m, k, n),
             );
             gemm_into(
-                m,
-                k,
-                r,
                 &mut dx,
-                true,
-                1.0,
                 Mat::rows(&dxa, r),
                 Mat::rows(as_, k),
-                true,
+                Gemm::new(m, k, r).accumulate(),
             );
             Some(dx)
         } else {
@@ -359,17 +304,7 @@ impl CustomOp2 for DenseMatMul {
         );
         let m = x.len() / k;
         let mut y = vec![0f32; m * n];
-        gemm_into(
-            m,
-            n,
-            k,
-            &mut y,
-            false,
-            1.0,
-            Mat::rows(x, k),
-            Mat::t(w, k),
-            true,
-        );
+        gemm_into(&mut y, Mat::rows(x, k), Mat::t(w, k), Gemm::new(m, n, k));
         let mut out = dims.to_vec();
         *out.last_mut().unwrap_or(&mut 0) = n;
         Ok((CpuStorage::F32(y), Shape::from(out)))
@@ -401,15 +336,10 @@ impl CustomOp2 for DenseMatMul {
         let dx = if x.track_op() {
             let mut dx = vec![0f32; m * k];
             gemm_into(
-                m,
-                k,
-                n,
                 &mut dx,
-                false,
-                1.0,
                 Mat::rows(dy, n),
                 Mat::rows(ws, k),
-                true,
+                Gemm::new(m, k, n),
             );
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         } else {
@@ -417,17 +347,7 @@ impl CustomOp2 for DenseMatMul {
         };
         let dw = if w.track_op() {
             let mut dw = vec![0f32; n * k];
-            gemm_into(
-                n,
-                k,
-                m,
-                &mut dw,
-                false,
-                1.0,
-                Mat::t(dy, n),
-                Mat::rows(xs, k),
-                true,
-            );
+            gemm_into(&mut dw, Mat::t(dy, n), Mat::rows(xs, k), Gemm::new(n, k, m));
             let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
             match &self.weight_grad {
                 Some(slot) => {

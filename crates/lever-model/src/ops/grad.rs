@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::host::{Mat, f32_slice, gemm_into};
+use super::host::{Gemm, Mat, f32_slice, gemm_into};
 use super::{RopeStyle, RopeTables};
 
 /// softmax(scale · x + causal mask) over the last dimension of (..., T, P) scores, where
@@ -254,12 +254,6 @@ pub(crate) fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     g.contiguous()?.apply_op2(&u.contiguous()?, SiluMul)
 }
 
-/// dst (m, n) row-major = a (m, k) · b (k, n), added to dst when `acc`; one thread (callers
-/// run many in parallel).
-fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], acc: bool, a: Mat, b: Mat) {
-    gemm_into(m, n, k, dst, acc, 1.0, a, b, false)
-}
-
 /// Shapes of a fused attention call: q (B, T, H·D), k and v (B, T, K·D).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AttnShape {
@@ -365,14 +359,11 @@ impl CausalAttention {
     fn block_probs(&self, qr: &[f32], kr: &[f32], i0: usize, i1: usize, p: &mut [f32]) {
         let d = self.shape.head_dim;
         let q = &qr[i0 * d..i1 * d];
-        matmul(
-            i1 - i0,
-            i1,
-            d,
+        gemm_into(
             p,
-            false,
             Mat::rows(q, d),
             Mat::t(&kr[..i1 * d], d),
+            Gemm::new(i1 - i0, i1, d).serial(),
         );
         let scale = 1.0 / (d as f32).sqrt();
         for (r, row) in p.chunks_exact_mut(i1).enumerate() {
@@ -434,14 +425,11 @@ impl CustomOp3 for CausalAttention {
                         let p = &mut p[..(i1 - i0) * i1];
                         self.block_probs(&qr, &kr, i0, i1, p);
                         let out = &mut out[i0 * d..i1 * d];
-                        matmul(
-                            i1 - i0,
-                            d,
-                            i1,
+                        gemm_into(
                             out,
-                            false,
                             Mat::rows(p, i1),
                             Mat::rows(&vv, d),
+                            Gemm::new(i1 - i0, d, i1).serial(),
                         );
                     }
                 }
@@ -493,15 +481,17 @@ impl CustomOp3 for CausalAttention {
                         let dy = &dy[i0 * d..i1 * d];
                         // dv[..i1] += pᵀ·dy; dp = dy·v[..i1]ᵀ
                         let dv = &mut dv[..i1 * d];
-                        matmul(i1, d, m, dv, true, Mat::t(p, i1), Mat::rows(dy, d));
-                        matmul(
-                            m,
-                            i1,
-                            d,
+                        gemm_into(
+                            dv,
+                            Mat::t(p, i1),
+                            Mat::rows(dy, d),
+                            Gemm::new(i1, d, m).accumulate().serial(),
+                        );
+                        gemm_into(
                             ds,
-                            false,
                             Mat::rows(dy, d),
                             Mat::t(&vv[..i1 * d], d),
+                            Gemm::new(m, i1, d).serial(),
                         );
                         // ds = scale · p ⊙ (dp − Σ_j dp ⊙ p), row by row (zero where p is).
                         for (ds, p) in ds.chunks_exact_mut(i1).zip(p.chunks_exact(i1)) {
@@ -512,9 +502,19 @@ impl CustomOp3 for CausalAttention {
                         }
                         // dq_rot = ds·k_rot[..i1]; dk_rot[..i1] += dsᵀ·q_rot
                         let dq = &mut dq[i0 * d..i1 * d];
-                        matmul(m, d, i1, dq, false, Mat::rows(ds, i1), Mat::rows(&kr, d));
+                        gemm_into(
+                            dq,
+                            Mat::rows(ds, i1),
+                            Mat::rows(&kr, d),
+                            Gemm::new(m, d, i1).serial(),
+                        );
                         let (dk, q) = (&mut dk[..i1 * d], &qr[i0 * d..i1 * d]);
-                        matmul(i1, d, m, dk, true, Mat::t(ds, i1), Mat::rows(q, d));
+                        gemm_into(
+                            dk,
+                            Mat::t(ds, i1),
+                            Mat::rows(q, d),
+                            Gemm::new(i1, d, m).accumulate().serial(),
+                        );
                     }
                     self.rotate(dq, true);
                 }

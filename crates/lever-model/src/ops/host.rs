@@ -82,20 +82,66 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// dst (m, n) row-major = [dst +] scale · a (m, k) · b (k, n), on rayon's threads when
-/// `parallel`.
-#[allow(unsafe_code, clippy::too_many_arguments)]
-pub(crate) fn gemm_into(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    acc: bool,
-    scale: f32,
-    a: Mat,
-    b: Mat,
-    parallel: bool,
-) {
+/// One product for [`gemm_into`]: dst (m, n) = [dst +] scale · a (m, k) · b (k, n).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Gemm {
+    pub(crate) m: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    /// Add the product to what dst holds instead of overwriting it.
+    pub(crate) accumulate: bool,
+    pub(crate) scale: f32,
+    /// Spread over rayon's threads; else on the calling one (for callers that already run
+    /// many products in parallel).
+    pub(crate) parallel: bool,
+}
+
+impl Gemm {
+    /// dst = a · b, (m, k) · (k, n), on rayon's threads.
+    pub(crate) fn new(m: usize, n: usize, k: usize) -> Self {
+        Self {
+            m,
+            n,
+            k,
+            accumulate: false,
+            scale: 1.0,
+            parallel: true,
+        }
+    }
+
+    /// dst += the product.
+    pub(crate) fn accumulate(self) -> Self {
+        Self {
+            accumulate: true,
+            ..self
+        }
+    }
+
+    /// The product times `scale`.
+    pub(crate) fn scaled(self, scale: f32) -> Self {
+        Self { scale, ..self }
+    }
+
+    /// On the calling thread.
+    pub(crate) fn serial(self) -> Self {
+        Self {
+            parallel: false,
+            ..self
+        }
+    }
+}
+
+/// dst (m, n) row-major = [dst +] scale · a (m, k) · b (k, n), as `g` says.
+#[allow(unsafe_code)]
+pub(crate) fn gemm_into(dst: &mut [f32], a: Mat, b: Mat, g: Gemm) {
+    let Gemm {
+        m,
+        n,
+        k,
+        accumulate: acc,
+        scale,
+        parallel,
+    } = g;
     assert!(dst.len() >= m * n && a.covers(m, k) && b.covers(k, n));
     if m == 0 || n == 0 {
         return;
