@@ -54,7 +54,7 @@ pub mod testing;
 pub(crate) mod tokenizer;
 
 pub use chat::{ChatTemplate, Message};
-pub use config::{Arch, DecoderConfig, HfConfig, KvPrecision};
+pub use config::{Arch, DecoderConfig, HfConfig, Numerics};
 pub use decoder::{Cache, Decoder, Logits};
 pub use encoder::{Embeddings, Encoder, EncoderConfig, Pooling};
 pub use error::{Error, Result};
