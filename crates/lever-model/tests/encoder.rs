@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use lever_model::Encoder;
 use lever_model::encoder::{Kernels, MatMul, Pooling, embed_batch};
 use lever_model::kernels::bf16_gemm;
+use lever_model::testing::max_abs_diff;
 use serde_json::Value;
 
 fn model_dir() -> Option<PathBuf> {
@@ -75,11 +76,7 @@ fn compare(got: &[Vec<f32>], cases: &[Case]) -> (f64, usize, f32) {
             worst.0 = cos;
             worst.1 = i;
         }
-        let d = g
-            .iter()
-            .zip(&c.embedding)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let d = max_abs_diff(g, &c.embedding);
         worst.2 = worst.2.max(d);
     }
     worst
@@ -191,12 +188,7 @@ fn minilm_fused_and_elementary_kernels_agree() {
     let batch: Vec<&[u32]> = cases[40..52].iter().map(|c| c.ids.as_slice()).collect();
     let a = embed_batch(&enc.model, &batch, Some(Kernels::Elementary)).unwrap();
     let b = embed_batch(&enc.model, &batch, Some(Kernels::Fused)).unwrap();
-    let d = a
-        .iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let d = max_abs_diff(&a.concat(), &b.concat());
     println!("fused vs elementary kernels: max abs diff {d:.2e}");
     assert!(d < 1e-5, "{d}");
     let (min_cos, _, _) = compare(&a, &cases[40..52]);

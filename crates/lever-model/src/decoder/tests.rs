@@ -4,21 +4,11 @@
 use super::*;
 use crate::config::Arch;
 use crate::formats::weights::RandomWeights;
+use crate::testing::max_abs_diff_tensors as max_diff;
 
 fn tiny(arch: Arch) -> Decoder {
     let cfg = DecoderConfig::tiny(arch, 50);
     Decoder::load(&mut RandomWeights::new(3, &Device::Cpu), &cfg).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// One pass over 9 tokens, then the same tokens as single cached steps, then the cache cut

@@ -413,6 +413,7 @@ mod tests {
     use super::*;
     use crate::encoder::MatMul;
     use crate::rng::SplitMix64;
+    use crate::testing::max_abs_diff;
 
     /// f32 products, whatever the CPU or LEVER_ENCODER_GEMM.
     fn tiny() -> BertModel {
@@ -427,11 +428,7 @@ mod tests {
     }
 
     fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-        a.iter()
-            .flatten()
-            .zip(b.iter().flatten())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
+        max_abs_diff(&a.concat(), &b.concat())
     }
 
     /// Padding changes nothing: a text alone equals the same text in a batch with longer

@@ -589,7 +589,7 @@ x86_kernels!(vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", |w, a| {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::testing::random;
+    use crate::testing::{max_abs_diff, random};
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
     /// Every instruction set gives the same activations, and they follow llama.cpp's rules.
@@ -637,10 +637,7 @@ mod tests {
                     acts.quantize(isa, &x, m, k);
                     let mut y = vec![f32::NAN; m * n];
                     matmul_quantized(isa, dtype, &q.data().unwrap(), n, &acts, &mut y);
-                    let err = y
-                        .iter()
-                        .zip(&exact)
-                        .fold(0f32, |a, (g, e)| a.max((g - e).abs()));
+                    let err = max_abs_diff(&y, &exact);
                     assert!(
                         err / scale < 0.02,
                         "{dtype:?} {isa:?} {m}x{k}x{n}: {err} vs {scale}"

@@ -586,6 +586,7 @@ pub(crate) fn causal_attention(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff_tensors as max_diff;
     use candle_core::{D, DType, Device, Var};
 
     fn var(seed: u64, shape: &[usize]) -> Var {
@@ -593,17 +594,6 @@ mod tests {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
         Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// Values and gradients (of a weighted sum, so every output counts differently) agree
