@@ -99,24 +99,33 @@ enum Init {
 pub(crate) struct Dense {
     pub(crate) weight: Tensor,
     pub(crate) bias: Tensor,
-    /// W rounded to bf16 and packed for [`MatMul::Bf16`]; present when the CPU runs it.
+    /// W rounded to bf16 and packed for [`MatMul::Bf16`]: at load where the CPU runs it, on
+    /// demand ([`BertModel::set_matmul`]) elsewhere.
     packed: Option<Arc<PackedBf16>>,
 }
 
 impl Dense {
     fn load(src: &mut Source, name: &str, out: usize, inp: usize) -> Result<Self> {
         let weight = src.get(&format!("{name}.weight"), &[out, inp], Init::Normal)?;
-        let packed = if bf16_gemm::supported() {
-            let w = weight.flatten_all()?.to_vec1::<f32>()?;
-            Some(Arc::new(PackedBf16::pack(&w, out, inp)))
-        } else {
-            None
-        };
-        Ok(Self {
+        let mut dense = Self {
             weight,
             bias: src.get(&format!("{name}.bias"), &[out], Init::Zero)?,
-            packed,
-        })
+            packed: None,
+        };
+        if bf16_gemm::supported() {
+            dense.pack()?;
+        }
+        Ok(dense)
+    }
+
+    /// Round W to bf16 and pack it, unless that is done.
+    fn pack(&mut self) -> Result<()> {
+        if self.packed.is_none() {
+            let (out, inp) = self.weight.dims2()?;
+            let w = self.weight.flatten_all()?.to_vec1::<f32>()?;
+            self.packed = Some(Arc::new(PackedBf16::pack(&w, out, inp)));
+        }
+        Ok(())
     }
 
     /// x: (N, in) -> (N, out), without the bias (the fused kernels add it in their pass).
@@ -125,7 +134,7 @@ impl Dense {
             MatMul::F32 => x.matmul(&self.weight.t()?),
             MatMul::Bf16 => {
                 let Some(packed) = &self.packed else {
-                    candle_core::bail!("bf16 matmul: this CPU lacks AVX-512 BF16");
+                    candle_core::bail!("bf16 matmul: the weights are not packed for it");
                 };
                 x.contiguous()?.apply_op1_no_bwd(&Bf16Linear(packed))
             }
@@ -144,8 +153,9 @@ impl Dense {
 pub enum MatMul {
     /// candle's f32 matrix product (gemm crate): the reference.
     F32,
-    /// bf16 inputs, f32 sums ([`crate::kernels::bf16_gemm`]): about twice as fast, vectors within
-    /// cosine 0.9999 of the f32 ones. Needs AVX-512 BF16.
+    /// bf16 inputs, f32 sums ([`crate::kernels::bf16_gemm`]): about twice as fast with
+    /// AVX-512 BF16, vectors within cosine 0.9999 of the f32 ones. Without it, only by
+    /// [`BertModel::set_matmul`] (the portable kernel, slow).
     Bf16,
 }
 
@@ -381,12 +391,23 @@ impl BertModel {
         self.matmul
     }
 
-    /// Choose the fused forward's matrix product; bf16 needs a CPU with AVX-512 BF16.
+    /// Choose the fused forward's matrix product. Bf16 on a CPU without AVX-512 BF16 (which
+    /// [`MatMul::from_env`] never picks there) packs the weights now and runs the portable
+    /// kernel: the same arithmetic, slowly (for tests).
     pub fn set_matmul(&mut self, mm: MatMul) -> Result<()> {
-        if mm == MatMul::Bf16 && !bf16_gemm::supported() {
-            return Err(Error::Candle(candle_core::Error::Msg(
-                "bf16 matmul needs AVX-512 BF16, which this CPU lacks".into(),
-            )));
+        if mm == MatMul::Bf16 {
+            for l in &mut self.layers {
+                for d in [
+                    &mut l.query,
+                    &mut l.key,
+                    &mut l.value,
+                    &mut l.attn_out,
+                    &mut l.up,
+                    &mut l.down,
+                ] {
+                    d.pack()?;
+                }
+            }
         }
         self.matmul = mm;
         Ok(())
