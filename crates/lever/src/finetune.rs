@@ -200,7 +200,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         manifest["resumed_at_step"] = serde_json::json!(trainer.step);
         eprintln!("resuming at step {}", trainer.step);
     }
-    crate::write_file(&out.join("manifest.json"), &pretty(&manifest))?;
+    crate::write_file(&out.join("manifest.json"), pretty(&manifest))?;
 
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
@@ -314,7 +314,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         "seconds": secs, "tokens": tokens, "tokens_per_s": tokens as f64 / secs,
         result: result, "best": best_step.map(|_| "best"),
     });
-    crate::write_file(&out.join("manifest.json"), &pretty(&manifest))?;
+    crate::write_file(&out.join("manifest.json"), pretty(&manifest))?;
     eprintln!(
         "trained {} steps in {secs:.1}s ({:.0} tok/s); {result} written to {}",
         a.steps,

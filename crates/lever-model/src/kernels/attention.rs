@@ -116,7 +116,8 @@ fn attend_items<'a>(
             };
             let at = (i * heads + h0) * d;
             let qs = &q[at..at + group * d];
-            // SAFETY: item (position i, heads h0..h0+group) owns out[at..at + group·D].
+            // SAFETY: at + group·D ≤ n·H·D = out.len(), and item (position i, heads
+            // h0..h0+group), run once, is the only one that writes out[at..at + group·D].
             let o = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(at), group * d) };
             if f16_mode {
                 attend_f16_heads(isa, qs, group, &kv, scale, &mut scratch, o);
@@ -145,6 +146,15 @@ struct KvView<'a> {
 }
 
 impl KvView<'_> {
+    /// Whether rows 0..len hold `d` keys and values each from `offset` on, inside the row:
+    /// what the SIMD paths read without bounds checks.
+    fn holds(&self, d: usize) -> bool {
+        self.len == 0 || {
+            let end = (self.len - 1) * self.stride + self.offset + d;
+            self.offset + d <= self.stride && end <= self.k.len() && end <= self.v.len()
+        }
+    }
+
     fn key(&self, j: usize) -> &[f16] {
         let at = j * self.stride + self.offset;
         &self.k[at..at + self.stride.min(self.k.len() - at)]
@@ -177,7 +187,10 @@ fn attend_f16_heads(
     let d = q.len() / g;
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512Vnni && d.is_multiple_of(64) {
-        // SAFETY: AVX-512F, AVX2, FMA and F16C were detected; q and out hold g·D floats.
+        assert!(isa.runs_here() && d <= MAX_HEAD_DIM && kv.holds(d));
+        assert!(q.len() == g * d && out.len() == g * d);
+        // SAFETY: the CPU has AVX-512 (VNNI implies F, with AVX2, FMA, F16C) and the sizes
+        // are as the contract asks (asserted above).
         unsafe { attn_avx512::attend_f16_heads(q, g, kv, scale, scratch, out) };
         return;
     }
@@ -206,7 +219,10 @@ fn online_softmax_step(s: f32, m: &mut f32) -> (f32, f32) {
 fn attend_f16(isa: Isa, q: &[f32], kv: &KvView, scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 && q.len().is_multiple_of(8) {
-        // SAFETY: AVX2/FMA/F16C were detected; all slices are at least D long.
+        assert!(isa.runs_here() && q.len() <= MAX_HEAD_DIM && out.len() >= q.len());
+        assert!(kv.holds(q.len()));
+        // SAFETY: the CPU has AVX2, FMA and F16C, and the sizes are as the contract asks
+        // (asserted above).
         unsafe { attn_avx2::attend_f16(q, kv, scale, out) };
         return;
     }
@@ -237,7 +253,10 @@ fn attend_f16(isa: Isa, q: &[f32], kv: &KvView, scale: f32, out: &mut [f32]) {
 fn attend_f32(isa: Isa, q: &[f32], kv: &KvView, scale: f32, scores: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 && q.len().is_multiple_of(8) {
-        // SAFETY: AVX2/FMA/F16C were detected; all slices are at least D long.
+        assert!(isa.runs_here() && q.len() <= MAX_HEAD_DIM && out.len() >= q.len());
+        assert!(kv.holds(q.len()) && scores.len() == kv.len);
+        // SAFETY: the CPU has AVX2, FMA and F16C, and the sizes are as the contract asks
+        // (asserted above).
         unsafe { attn_avx2::attend_f32(q, kv, scale, scores, out) };
         return;
     }
@@ -289,16 +308,25 @@ mod attn_avx2 {
     }
 
     /// 8 f16 values as f32 (exact).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; p points to 8 readable f16 values (any alignment).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn load_f16(p: *const f16) -> __m256 {
+        // SAFETY: the 16 bytes read are the 8 values the contract gives.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
     }
 
     /// Σ a·b over D (a multiple of 8), two accumulators.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; d is a multiple of 8; `a` points to d readable f32 and
+    /// `b` to d readable f16 values.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot(a: *const f32, b: *const f16, d: usize) -> f32 {
+        // SAFETY: every load reads 8 values at c + 8 ≤ d (d a multiple of 8).
         unsafe {
             let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let mut c = 0;
@@ -339,8 +367,15 @@ mod attn_avx2 {
         _mm256_mul_ps(p, _mm256_castsi256_ps(pow2))
     }
 
+    /// `super::attend_f16` in AVX2, the same arithmetic.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; D = q.len() is a multiple of 8 and at most
+    /// `MAX_HEAD_DIM`; out.len() ≥ D; `kv.holds(D)`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn attend_f16(q: &[f32], kv: &KvView, scale: f32, out: &mut [f32]) {
+        // SAFETY: loads and stores at c < D ≤ MAX_HEAD_DIM in q, out and the two local arrays;
+        // keys and values j < kv.len hold D values (`kv.holds(D)`).
         unsafe {
             let d = q.len();
             let mut qh = [0f32; MAX_HEAD_DIM];
@@ -379,6 +414,12 @@ mod attn_avx2 {
         }
     }
 
+    /// `super::attend_f32` in AVX2 (the exponentials by `exp8`).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; D = q.len() is a multiple of 8 and at most
+    /// `MAX_HEAD_DIM`; out.len() ≥ D; `kv.holds(D)`.
+    /// And scores.len() = kv.len.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn attend_f32(
         q: &[f32],
@@ -387,6 +428,9 @@ mod attn_avx2 {
         scores: &mut [f32],
         out: &mut [f32],
     ) {
+        // SAFETY: score j < n = kv.len reads key j (D values, `kv.holds(D)`); loads of scores
+        // stop at j + 8 ≤ n; the accumulators cover D / 8 ≤ MAX_HEAD_DIM / 8 registers; out
+        // holds D floats.
         unsafe {
             let d = q.len();
             let n = scores.len();
@@ -436,8 +480,12 @@ mod attn_avx512 {
     /// Query heads whose accumulators are interleaved (4 × 4 registers of 16 lanes).
     const HEADS: usize = 4;
 
-    /// SAFETY: AVX-512F, AVX2, FMA and F16C are available; q and out hold g·D floats, D a
-    /// multiple of 64 and at most `MAX_HEAD_DIM`; kv holds len keys and values of D.
+    /// `super::attend_f16_heads` with AVX-512: scores, then weights, then the interleaved
+    /// accumulators.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, AVX2, FMA and F16C; q and out hold g·D floats, D a multiple of
+    /// 64 and at most `MAX_HEAD_DIM`; `kv.holds(D)`.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     pub(super) unsafe fn attend_f16_heads(
         q: &[f32],
@@ -454,6 +502,9 @@ mod attn_avx512 {
         let (scores, rest) = scratch.split_at_mut(g * n);
         let (rescale, rest) = rest.split_at_mut(g * n);
         let (weight, inv) = rest.split_at_mut(g * n);
+        // SAFETY: query and output reads and writes stay in head h < g's D values; keys and
+        // values j < n hold D values (`kv.holds(D)`); `accumulate` gets HEADS or fewer heads
+        // from h0 < g, with their n factors each in `rescale` and `weight` (g·n long).
         unsafe {
             for h in 0..g {
                 // The f16 query (as `attn_avx2::attend_f16` rounds it) and its scores.
@@ -502,7 +553,8 @@ mod attn_avx512 {
     #[inline]
     fn prefetch(p: *const half::f16, n: usize) {
         for off in (0..n * 2).step_by(64) {
-            // SAFETY: a prefetch does not fault; the address lies within the cache rows.
+            // SAFETY: a prefetch never faults, whatever the address (formed with
+            // `wrapping_add`, so no out-of-bounds pointer arithmetic either).
             unsafe { _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(off)) };
         }
     }
@@ -516,6 +568,11 @@ mod attn_avx512 {
     /// H heads' outputs: for each 64-wide slice of D, every key's value into the f16
     /// accumulators (rescaled first where the maximum moved), then × 1/Σ. `rescale` and
     /// `weight` hold len factors per head, head after head.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, AVX2, FMA and F16C; d is a multiple of 64 and `kv.holds(d)`;
+    /// `rescale` and `weight` point to H·kv.len readable floats; inv.len() ≥ H; `out` is valid
+    /// for writes of H·d floats.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn accumulate<const H: usize>(
@@ -527,6 +584,8 @@ mod attn_avx512 {
         out: *mut f32,
     ) {
         let n = kv.len;
+        // SAFETY: value rows j < n hold d values, read 64 at a time from c0 < d; factors are
+        // read at h·n + j < H·n; outputs written at h·d + c0 + 16u + 16 ≤ H·d.
         unsafe {
             for c0 in (0..d).step_by(64) {
                 let mut acc = [[_mm512_setzero_ps(); 4]; H];

@@ -215,10 +215,11 @@ impl PackedBf16 {
                 let mr = MR.min(rows - r);
                 let a = &a[r * kp..(r + mr) * kp];
                 let y = &mut y[r * n + j * NR..];
-                // SAFETY: `a` holds mr rows of kp pairs and `panel` kp·NR values; the stores
-                // write `cols` columns of mr rows at stride n, the last ending at
-                // (mr-1)·n + cols ≤ y.len() (cols ≤ n - j·NR and y starts at row r, column j·NR).
                 assert!(y.len() >= (mr - 1) * n + cols);
+                // SAFETY: the CPU has the features (our contract); `a` holds mr rows of kp
+                // pairs and `panel` kp·NR values; the stores write `cols` columns of mr rows at
+                // stride n, the last ending at (mr-1)·n + cols ≤ y.len() (asserted; y starts at
+                // row r, column j·NR).
                 unsafe {
                     match mr {
                         12 => tile::<12>(a, panel, kp, y.as_mut_ptr(), n, cols),
@@ -240,6 +241,8 @@ impl PackedBf16 {
         }
     }
 
+    /// # Safety
+    /// Never called: [`supported`] is false off x86-64.
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn block(&self, _x: &[f32], _y: &mut [f32]) {
         unreachable!("bf16 matmul is x86-64 only")
@@ -297,7 +300,8 @@ unsafe fn tile<const R: usize>(
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     let (a, b) = (a.as_ptr(), panel.as_ptr());
     for p in 0..kp {
-        // SAFETY: p < kp, so b + p·NR + 16 + 15 < kp·NR and a + r·kp + p < R·kp.
+        // SAFETY: p < kp, so b + p·NR + 16 + 15 < kp·NR and a + r·kp + p < R·kp (the
+        // contract's sizes); the CPU has the features.
         unsafe {
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR).cast()));
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16).cast()));

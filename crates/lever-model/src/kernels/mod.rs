@@ -62,6 +62,13 @@ impl Isa {
         Isa::Scalar
     }
 
+    /// Whether this CPU runs it (it is at most the best one detected): what the kernels assert
+    /// before they call code compiled for an instruction set.
+    pub(crate) fn runs_here(self) -> bool {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        self <= *BEST.get_or_init(Isa::detect)
+    }
+
     /// Every instruction set this CPU can run, from the portable one up (for tests).
     #[cfg(test)]
     pub(crate) fn available() -> Vec<Isa> {

@@ -142,9 +142,14 @@ impl Packed {
     pub(crate) fn matmul_quantized(&self, acts: &QuantActs, unsigned: &mut Vec<u8>, y: &mut [f32]) {
         assert_eq!(acts.nb, self.nb, "packed matmul: activation blocks");
         assert_eq!(y.len(), acts.rows * self.n, "packed matmul: output size");
+        assert!(acts.qs.len() >= acts.rows * self.nb * QK && acts.d.len() >= acts.rows * self.nb);
+        assert!(acts.s.len() >= acts.rows * self.nb);
+        // `new` made this only on such a CPU; asserted again because `group` relies on it.
+        assert!(Isa::Avx512Vnni.runs_here());
         let xs: &[u8] = match self.dtype {
             GgmlDType::Q4_1 => {
-                // SAFETY: i8 and u8 have the same size and alignment.
+                // SAFETY: the same memory read as u8 instead of i8 (same size and alignment),
+                // borrowed as long as `acts`.
                 unsafe { std::slice::from_raw_parts(acts.qs.as_ptr() as *const u8, acts.qs.len()) }
             }
             _ => {
@@ -158,8 +163,9 @@ impl Packed {
         let run = |range: std::ops::Range<usize>| {
             let out = &out;
             for g in range {
-                // SAFETY: the CPU has AVX-512 VNNI (checked in `new`); group g's outputs
-                // (columns 16g..16g+16 of every token) are written by this call only.
+                // SAFETY: the CPU has AVX-512 VNNI and `acts` holds rows × nb blocks (asserted
+                // above), `xs` its rows × nb × 32 bytes, `y` rows × n floats; group g's columns
+                // 16g..16g+16 of every token are written by this call only (each group once).
                 unsafe { vnni::group(self, g, acts, xs, out.0) };
             }
         };
@@ -328,12 +334,15 @@ mod vnni {
 
     /// Every token × the 16 rows of group g.
     ///
-    /// SAFETY: AVX-512 VNNI is available; `y` points to acts.rows × p.n floats, whose columns
-    /// 16g..16g+16 no other thread writes; `xs` holds acts.rows × nb × 32 bytes.
+    /// # Safety
+    /// The CPU has AVX-512 F, VNNI and BW; g < ⌈p.n / 16⌉; `acts` holds acts.rows tokens of
+    /// p.nb blocks (qs, d, s) and `xs` acts.rows × p.nb × 32 bytes; `y` is valid for writes of
+    /// acts.rows × p.n floats, and no other thread touches its columns 16g..16g+16 meanwhile.
     #[target_feature(enable = "avx512f,avx512vnni,avx512bw,f16c")]
     pub(super) unsafe fn group(p: &Packed, g: usize, acts: &QuantActs, xs: &[u8], y: *mut f32) {
         let m = acts.rows;
         let mut t0 = 0;
+        // SAFETY: each tile gets tokens t0..t0+TT < m of group g: `tile`'s contract, from ours.
         unsafe {
             while t0 < m {
                 match (m - t0).min(T) {
@@ -348,6 +357,9 @@ mod vnni {
     }
 
     /// Tokens t0..t0+TT × the rows of group g.
+    ///
+    /// # Safety
+    /// As for [`group`], with t0 + TT ≤ acts.rows.
     #[inline]
     #[target_feature(enable = "avx512f,avx512vnni,avx512bw,f16c")]
     unsafe fn tile<const TT: usize>(
@@ -360,10 +372,15 @@ mod vnni {
     ) {
         let nb = p.nb;
         let q4 = p.dtype == GgmlDType::Q4_1;
+        // SAFETY: group g < ⌈n / 16⌉ starts inside `p.data` (groups × group_bytes bytes).
         let base = unsafe { p.data.as_ptr().add(g * p.group_bytes()) };
         let mut acc = [_mm512_setzero_ps(); TT];
         let mut mins = [_mm512_setzero_ps(); TT];
         let x = xs.as_ptr();
+        // SAFETY: block b < nb of group g lies in `p.data` (the loads read its 320 or 608
+        // bytes); token t0 + t < acts.rows, so its 32 activation bytes in `xs` and its d and s
+        // are in bounds; the masked store writes only columns r0..r0+keep (< n) of those tokens,
+        // the ones the contract gives this call.
         unsafe {
             for b in 0..nb {
                 let mut w = [_mm512_setzero_si512(); 8];
@@ -435,6 +452,8 @@ mod vnni {
 mod vnni {
     use super::Packed;
     use crate::kernels::quant_matmul::QuantActs;
+    /// # Safety
+    /// Never called: `Packed::new` returns None off x86-64.
     pub(super) unsafe fn group(_: &Packed, _: usize, _: &QuantActs, _: &[u8], _: *mut f32) {
         unreachable!("Packed::new returns None off x86-64")
     }

@@ -31,6 +31,9 @@ pub(crate) fn parallel<F: Fn(std::ops::Range<usize>) + Sync + Send>(
 /// other tile touches.
 #[derive(Clone, Copy)]
 pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
-// SAFETY: used only for disjoint writes, see the callers.
+// SAFETY: the pointer is only dereferenced inside `unsafe` blocks of the callers, each of
+// which writes elements that no other thread reads or writes while the parallel call runs
+// (and the buffer outlives the call, which returns after every thread is done).
 unsafe impl<T> Sync for SyncPtr<T> {}
+// SAFETY: as for `Sync`: sending the pointer to a worker thread shares nothing else.
 unsafe impl<T> Send for SyncPtr<T> {}

@@ -98,11 +98,16 @@ impl QuantActs {
 
 /// One row: per block d = max|x|/127, q = round-half-even(x·127/max|x|), s = d·Σq.
 fn quantize_row(isa: Isa, x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    assert!(
+        x.len().is_multiple_of(QK) && qs.len() >= x.len() && d.len().min(s.len()) >= x.len() / QK
+    );
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: the instruction set was detected on this CPU; the slices hold whole blocks.
+        assert!(isa.runs_here(), "{isa:?} on a CPU without it");
         match isa {
+            // SAFETY: the CPU runs AVX-512 VNNI (asserted); the slices' sizes are asserted above.
             Isa::Avx512Vnni => return unsafe { vnni::quantize_row(x, qs, d, s) },
+            // SAFETY: as above, for AVX2.
             Isa::Avx2 => return unsafe { avx2::quantize_row(x, qs, d, s) },
             Isa::Scalar => {}
         }
@@ -164,6 +169,8 @@ pub(crate) fn matmul_quantized(
     assert!(supports(dtype), "kernels::matmul called for {dtype:?}");
     assert!(w.len() >= n * row_bytes, "weight buffer too small");
     assert_eq!(y.len(), m * n);
+    assert!(acts.qs.len() >= m * nb * QK && acts.d.len().min(acts.s.len()) >= m * nb);
+    assert!(isa.runs_here(), "{isa:?} on a CPU without it");
     let out = SyncPtr(y.as_mut_ptr());
     let strips = n.div_ceil(STRIP);
     let run = |range: std::ops::Range<usize>| {
@@ -171,7 +178,9 @@ pub(crate) fn matmul_quantized(
         for strip in range {
             let r0 = strip * STRIP;
             let r1 = (r0 + STRIP).min(n);
-            // SAFETY: rows r0..r1 of every token belong to this strip only; w holds n rows.
+            // SAFETY: asserted above: the CPU runs `isa`, `w` holds n ≥ r1 rows of whole
+            // blocks, `acts` m tokens of nb blocks, `y` m × n floats; columns r0..r1 belong to
+            // this strip only, and every strip is run once.
             unsafe { strip_kernel(isa, dtype, w, row_bytes, r0, r1, acts, out.0, n) };
         }
     };
@@ -184,7 +193,10 @@ pub(crate) fn matmul_quantized(
 
 /// All tokens × rows r0..r1.
 ///
-/// SAFETY: `y` points to rows × n floats; no other thread writes columns r0..r1.
+/// # Safety
+/// `isa` runs on this CPU; `w` holds at least r1 rows of `row_bytes` bytes, each `acts.nb`
+/// blocks of `dtype` (Q4_1 or Q8_0); r1 ≤ n; `y` is valid for writes of acts.rows × n floats,
+/// and no other thread touches columns r0..r1 of it meanwhile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn strip_kernel(
     isa: Isa,
@@ -199,18 +211,21 @@ unsafe fn strip_kernel(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: the instruction set was detected on this CPU; the caller's contract holds.
         match (isa, dtype) {
             (Isa::Avx512Vnni, GgmlDType::Q4_1) => {
+                // SAFETY: the strip kernels' contract is ours, with the instruction set named.
                 return unsafe { vnni::strip_q4_1(w, row_bytes, r0, r1, acts, y, n) };
             }
             (Isa::Avx512Vnni, _) => {
+                // SAFETY: as above.
                 return unsafe { vnni::strip_q8_0(w, row_bytes, r0, r1, acts, y, n) };
             }
             (Isa::Avx2, GgmlDType::Q4_1) => {
+                // SAFETY: as above.
                 return unsafe { avx2::strip_q4_1(w, row_bytes, r0, r1, acts, y, n) };
             }
             (Isa::Avx2, _) => {
+                // SAFETY: as above.
                 return unsafe { avx2::strip_q8_0(w, row_bytes, r0, r1, acts, y, n) };
             }
             (Isa::Scalar, _) => {}
@@ -275,7 +290,7 @@ fn scalar_dot_q8_0(w: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
 macro_rules! x86_kernels {
     ($name:ident, $feat:literal, |$w:ident, $a:ident| $dot:expr) => {
         #[cfg(target_arch = "x86_64")]
-        #[allow(clippy::missing_safety_doc, clippy::too_many_arguments)]
+        #[allow(clippy::too_many_arguments)]
         mod $name {
             use super::{QK, QuantActs};
             use std::arch::x86_64::*;
@@ -298,9 +313,14 @@ macro_rules! x86_kernels {
             }
 
             /// Q4_1 block at p: 32 unsigned values in element order, d and m.
+            ///
+            /// # Safety
+            /// The CPU runs this module's instruction set; p points to a readable Q4_1 block
+            /// (20 bytes, any alignment).
             #[inline]
             #[target_feature(enable = $feat)]
             unsafe fn q4_1_block(p: *const u8) -> (__m256i, f32, f32) {
+                // SAFETY: the 4 + 16 bytes read (unaligned) are the block's, per the contract.
                 unsafe {
                     let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
                     let q = _mm_loadu_si128(p.add(4) as *const __m128i);
@@ -316,9 +336,14 @@ macro_rules! x86_kernels {
             }
 
             /// Q8_0 block at p: 32 signed values and d.
+            ///
+            /// # Safety
+            /// The CPU runs this module's instruction set; p points to a readable Q8_0 block
+            /// (34 bytes, any alignment).
             #[inline]
             #[target_feature(enable = $feat)]
             unsafe fn q8_0_block(p: *const u8) -> (__m256i, f32) {
+                // SAFETY: the 2 + 32 bytes read (unaligned) are the block's, per the contract.
                 unsafe {
                     let d =
                         _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32));
@@ -334,6 +359,12 @@ macro_rules! x86_kernels {
             /// fastest of 1-16 here, ~1.6× over none; rows in one stream beat 4 interleaved).
             const PREFETCH_ROWS: usize = 4;
             /// R rows × T tokens of Q4_1 · Q8_1.
+            ///
+            /// # Safety
+            /// The CPU runs this module's instruction set. `w` points to R rows of `row_bytes`
+            /// bytes one after another, each `acts.nb` blocks of this type; tokens t0..t0+T are
+            /// rows of `acts`; `y` is valid for writes at (t0 + t)·n + r0 + r for t < T, r < R,
+            /// and no other thread touches those elements meanwhile.
             #[inline]
             #[target_feature(enable = $feat)]
             unsafe fn tile_q4_1<const R: usize, const T: usize>(
@@ -345,6 +376,10 @@ macro_rules! x86_kernels {
                 n: usize,
                 r0: usize,
             ) {
+                // SAFETY: every block read lies in the R rows of `w`, every activation read in
+                // tokens t0..t0+T of `acts` (indices below nb per token), and every store at an
+                // element of `y` the contract gives this tile. The prefetch address is formed
+                // with `wrapping_add` (it may lie past the weights: a prefetch never faults).
                 unsafe {
                     let nb = acts.nb;
                     let mut acc = [[_mm256_setzero_ps(); T]; R];
@@ -358,7 +393,7 @@ macro_rules! x86_kernels {
                             let p = w.add(r * row_bytes + b * super::Q4_1_BYTES);
                             if T == 1 && (b * super::Q4_1_BYTES) % 64 < super::Q4_1_BYTES {
                                 _mm_prefetch(
-                                    p.add(PREFETCH_ROWS * row_bytes + 64) as *const i8,
+                                    p.wrapping_add(PREFETCH_ROWS * row_bytes + 64) as *const i8,
                                     _MM_HINT_T0,
                                 );
                             }
@@ -389,6 +424,12 @@ macro_rules! x86_kernels {
             }
 
             /// R rows × T tokens of Q8_0 · Q8_0.
+            ///
+            /// # Safety
+            /// The CPU runs this module's instruction set. `w` points to R rows of `row_bytes`
+            /// bytes one after another, each `acts.nb` blocks of this type; tokens t0..t0+T are
+            /// rows of `acts`; `y` is valid for writes at (t0 + t)·n + r0 + r for t < T, r < R,
+            /// and no other thread touches those elements meanwhile.
             #[inline]
             #[target_feature(enable = $feat)]
             unsafe fn tile_q8_0<const R: usize, const T: usize>(
@@ -400,6 +441,10 @@ macro_rules! x86_kernels {
                 n: usize,
                 r0: usize,
             ) {
+                // SAFETY: every block read lies in the R rows of `w`, every activation read in
+                // tokens t0..t0+T of `acts` (indices below nb per token), and every store at an
+                // element of `y` the contract gives this tile. The prefetch address is formed
+                // with `wrapping_add` (it may lie past the weights: a prefetch never faults).
                 unsafe {
                     let nb = acts.nb;
                     let mut acc = [[_mm256_setzero_ps(); T]; R];
@@ -412,7 +457,7 @@ macro_rules! x86_kernels {
                             let p = w.add(r * row_bytes + b * super::Q8_0_BYTES);
                             if T == 1 && (b * super::Q8_0_BYTES) % 64 < super::Q8_0_BYTES {
                                 _mm_prefetch(
-                                    p.add(PREFETCH_ROWS * row_bytes + 64) as *const i8,
+                                    p.wrapping_add(PREFETCH_ROWS * row_bytes + 64) as *const i8,
                                     _MM_HINT_T0,
                                 );
                             }
@@ -445,6 +490,12 @@ macro_rules! x86_kernels {
                 ($fn_name:ident, $tile:ident) => {
                     /// Rows r0..r1 for every token, in R × T tiles; a token left over (and every
                     /// single-token step) goes row by row.
+                    ///
+                    /// # Safety
+                    /// The CPU runs this module's instruction set. `w` holds at least r1 rows of
+                    /// `row_bytes` bytes, each `acts.nb` blocks of this type; r1 ≤ n; `y` is
+                    /// valid for writes of acts.rows × n floats, and no other thread touches
+                    /// columns r0..r1 of it meanwhile.
                     #[target_feature(enable = $feat)]
                     pub(super) unsafe fn $fn_name(
                         w: &[u8],
@@ -459,6 +510,9 @@ macro_rules! x86_kernels {
                         const T: usize = 4;
                         let m = acts.rows;
                         let wp = w.as_ptr();
+                        // SAFETY: each tile gets rows r..r+rr < r1 of `w` (rr rows from `wr`)
+                        // and tokens t0..t0+tt < acts.rows, and writes only its own (token, row)
+                        // elements of `y` in columns r0..r1: the tiles' contract, from ours.
                         unsafe {
                             let mut t0 = 0;
                             while t0 < m {
@@ -510,6 +564,10 @@ macro_rules! x86_kernels {
             strip!(strip_q8_0, tile_q8_0);
 
             /// llama.cpp's `quantize_row_q8_1` (x86): see `QuantActs`.
+            ///
+            /// # Safety
+            /// The CPU runs this module's instruction set; `x` holds whole blocks of 32
+            /// values, `qs` at least `x.len()` values, `d` and `s` at least `x.len() / 32`.
             #[target_feature(enable = $feat)]
             pub(super) unsafe fn quantize_row(
                 x: &[f32],
@@ -517,6 +575,8 @@ macro_rules! x86_kernels {
                 d: &mut [f32],
                 s: &mut [f32],
             ) {
+                // SAFETY: block b reads x[32b..32b+32] and writes qs[32b..32b+32], d[b] and s[b],
+                // all inside the slices by the contract.
                 unsafe {
                     let sign = _mm256_set1_ps(-0.0);
                     for b in 0..x.len() / QK {

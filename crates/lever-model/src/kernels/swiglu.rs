@@ -16,7 +16,7 @@ pub(crate) fn silu_mul(g: &[f32], u: &[f32]) -> Vec<f32> {
         let ptr = &ptr;
         for c in range {
             let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(g.len()));
-            // SAFETY: chunk c owns y[a..b].
+            // SAFETY: a ≤ b ≤ y.len(), and chunk c (run once) is the only writer of y[a..b].
             let out = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(a), b - a) };
             for ((o, &g), &u) in out.iter_mut().zip(&g[a..b]).zip(&u[a..b]) {
                 *o = g / (1.0 + (-g).exp()) * u;
