@@ -1,6 +1,6 @@
 //! Two config types (STYLE habit 2): `HfConfig` mirrors a Hugging Face `config.json` with
 //! optional fields; `DecoderConfig` is resolved, every field required, and is what the decoder
-//! reads. GGUF metadata resolves to the same `DecoderConfig` in `gguf.rs`.
+//! reads. GGUF metadata resolves to the same `DecoderConfig` in `formats/gguf.rs`.
 
 use serde::Deserialize;
 

@@ -32,7 +32,7 @@ impl Source {
     fn open(path: &Path) -> Result<Self> {
         crate::formats::weights::check_safetensors_header(path)?;
         // SAFETY: read-only memory map of a model file lever does not write while it is open
-        // (as in weights.rs).
+        // (as in formats/weights.rs).
         #[allow(unsafe_code)]
         let files = unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::Tensor {
             path: path.to_path_buf(),
