@@ -196,7 +196,7 @@ impl Prepared {
 
 /// Fisher–Yates with lever's seeded generator, so a seed gives the same split everywhere.
 fn shuffle<T>(v: &mut [T], seed: u64) {
-    let mut rng = lever_model::weights::SplitMix64(seed);
+    let mut rng = lever_model::rng::SplitMix64(seed);
     for i in (1..v.len()).rev() {
         let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         v.swap(i, j);

@@ -2,7 +2,7 @@
 //! ranked from most to least wanted; the prompt builder drops from the end of that ranking
 //! when the token budget is short, so the examples that go are the least relevant ones.
 
-use lever_model::weights::SplitMix64;
+use lever_model::rng::SplitMix64;
 
 use crate::task::Select;
 

@@ -236,7 +236,7 @@ pub fn bootstrap_ci(
     if n == 0 || iters == 0 {
         return None;
     }
-    let mut rng = lever_model::weights::SplitMix64(seed);
+    let mut rng = lever_model::rng::SplitMix64(seed);
     let mut idx = vec![0usize; n];
     let mut stats: Vec<f64> = (0..iters)
         .map(|_| {

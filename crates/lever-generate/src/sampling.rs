@@ -2,7 +2,7 @@
 //! sampler chain (`common/sampling.cpp`): repetition penalty, top-k, top-p, min-p, then
 //! temperature and a draw; temperature 0 is greedy.
 
-use lever_model::weights::SplitMix64;
+use lever_model::rng::SplitMix64;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -200,25 +200,32 @@ impl Weights {
     fn new(logits: &[f32], temperature: f32) -> Self {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F.
+            // SAFETY: the CPU has AVX-512F (detected just above), all `new_avx512` asks.
             return unsafe { Self::new_avx512(logits, temperature) };
         }
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2.
+            // SAFETY: the CPU has AVX2 (detected just above), all `new_avx2` asks.
             return unsafe { Self::new_avx2(logits, temperature) };
         }
         Self::compute(logits, temperature)
     }
 
-    // The same code compiled for wider registers; no fused multiply-adds are formed, so the
-    // results are bit for bit those of the portable build.
+    /// The same code compiled for wider registers; no fused multiply-adds are formed, so the
+    /// results are bit for bit those of the portable build.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn new_avx512(logits: &[f32], temperature: f32) -> Self {
         Self::compute(logits, temperature)
     }
 
+    /// As [`Self::new_avx512`], for AVX2.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn new_avx2(logits: &[f32], temperature: f32) -> Self {

@@ -1,6 +1,6 @@
 //! Two config types (STYLE habit 2): `HfConfig` mirrors a Hugging Face `config.json` with
 //! optional fields; `DecoderConfig` is resolved, every field required, and is what the decoder
-//! reads. GGUF metadata resolves to the same `DecoderConfig` in `gguf.rs`.
+//! reads. GGUF metadata resolves to the same `DecoderConfig` in `formats/gguf.rs`.
 
 use serde::Deserialize;
 
@@ -50,17 +50,29 @@ pub struct DecoderConfig {
     pub rope_style: RopeStyle,
     pub max_seq_len: usize,
     pub tie_embeddings: bool,
-    /// Precision the KV cache keeps keys and values in.
-    pub kv_precision: KvPrecision,
+    /// Whose arithmetic the decoder reproduces.
+    pub numerics: Numerics,
 }
 
-/// llama.cpp stores K and V in f16 by default, transformers in the compute dtype (f32 here);
-/// lever follows the convention of the format a model came in, so each side's reference
-/// output is reproduced.
+/// Whose arithmetic the decoder reproduces: the reference runtime of the format a model came
+/// in, so that each side's output is reproduced (GGUF files: llama.cpp; Hugging Face folders:
+/// transformers). Chosen once, when the configuration is resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvPrecision {
-    F32,
-    F16,
+pub enum Numerics {
+    /// llama.cpp: keys and values kept in f16 (its default cache type, `llama_context_params`
+    /// type_k/type_v), RoPE angles as `ggml_rope_cache_init` computes them, and on the CPU its
+    /// flash-attention arithmetic (f16 for fewer than `kernels::ATTN_TILE_Q` queries).
+    LlamaCpp,
+    /// transformers: keys, values and attention in the compute dtype (f32 here), RoPE angles
+    /// from the inverse frequencies.
+    Transformers,
+}
+
+impl Numerics {
+    /// Keys and values are rounded to f16 on their way into the cache.
+    pub fn f16_kv(self) -> bool {
+        self == Numerics::LlamaCpp
+    }
 }
 
 /// The longest context lever accepts: 2^24 = 16,777,216 tokens. Positions reach RoPE as f32,
@@ -195,7 +207,7 @@ impl DecoderConfig {
             rope_style: RopeStyle::Neox,
             max_seq_len: 128,
             tie_embeddings: false,
-            kv_precision: KvPrecision::F32,
+            numerics: Numerics::Transformers,
         }
     }
 
@@ -285,7 +297,7 @@ impl HfConfig {
             rope_style: RopeStyle::Neox,
             max_seq_len: self.max_position_embeddings,
             tie_embeddings: self.tie_word_embeddings,
-            kv_precision: KvPrecision::F32,
+            numerics: Numerics::Transformers,
         };
         cfg.validate()
             .map_err(|(field, problem)| (field.hf_name().to_string(), problem))?;

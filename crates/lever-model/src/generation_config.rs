@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::gguf::GgufFile;
+use crate::formats::gguf::GgufFile;
 
 /// Sampling settings a model's authors publish. `None`: not said.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

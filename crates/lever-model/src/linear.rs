@@ -11,12 +11,12 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Storage, Tensor,
 };
 
-use crate::grad_ops::{Mat, f32_slice, gemm_into};
+use crate::ops::host::{Gemm, HostRows, Mat, f32_slice, gemm_into};
 
 use crate::kernels;
 use crate::qweight::QWeight;
 
-/// y = x · Wᵀ for a frozen quantized W: lever's own kernels (`kernels.rs`) for the block types
+/// y = x · Wᵀ for a frozen quantized W: lever's own kernels (`kernels/quant_matmul.rs`) for the block types
 /// they cover on CPU, candle's otherwise. Its backward passes the gradient through to x
 /// (∂x = ∂y · W, with W dequantized), so adapters before a frozen quantized layer train
 /// (QLoRA); W itself gets none.
@@ -128,46 +128,21 @@ impl CustomOp3 for LoraMatMul {
                 l3.dims()
             );
         }
-        let x = crate::grad_ops::f32_slice(s1, l1, self.name())?;
-        let a = crate::grad_ops::f32_slice(s2, l2, self.name())?;
-        let b = crate::grad_ops::f32_slice(s3, l3, self.name())?;
+        let x = f32_slice(s1, l1, self.name())?;
+        let a = f32_slice(s2, l2, self.name())?;
+        let b = f32_slice(s3, l3, self.name())?;
         let m = x.len() / k;
         let w = self.dense()?;
         let mut y = vec![0f32; m * n];
         let mut xa = vec![0f32; m * r];
         // y = x·Wᵀ; xa = x·Aᵀ; y += scale · xa·Bᵀ
+        gemm_into(&mut y, Mat::rows(x, k), Mat::t(&w, k), Gemm::new(m, n, k));
+        gemm_into(&mut xa, Mat::rows(x, k), Mat::t(a, k), Gemm::new(m, r, k));
         gemm_into(
-            m,
-            n,
-            k,
             &mut y,
-            false,
-            1.0,
-            Mat::rows(x, k),
-            Mat::t(&w, k),
-            true,
-        );
-        gemm_into(
-            m,
-            r,
-            k,
-            &mut xa,
-            false,
-            1.0,
-            Mat::rows(x, k),
-            Mat::t(a, k),
-            true,
-        );
-        gemm_into(
-            m,
-            n,
-            r,
-            &mut y,
-            true,
-            self.scale,
             Mat::rows(&xa, r),
             Mat::t(b, r),
-            true,
+            Gemm::new(m, n, r).accumulate().scaled(self.scale),
         );
         let mut out = dims.to_vec();
         *out.last_mut().unwrap_or(&mut 0) = n;
@@ -184,10 +159,10 @@ impl CustomOp3 for LoraMatMul {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let name = self.name();
         let (hx, ha, hb, hg) = (
-            crate::grad_ops::HostRows::new(x)?,
-            crate::grad_ops::HostRows::new(a)?,
-            crate::grad_ops::HostRows::new(b)?,
-            crate::grad_ops::HostRows::new(grad)?,
+            HostRows::new(x)?,
+            HostRows::new(a)?,
+            HostRows::new(b)?,
+            HostRows::new(grad)?,
         );
         let dev = x.device();
         let needs_dx = x.track_op();
@@ -225,76 +200,46 @@ impl LoraMatMul {
         // xa = x·Aᵀ (M, r); dxa = scale · dy·B (M, r)
         let (mut xa, mut dxa) = (vec![0f32; m * r], vec![0f32; m * r]);
         gemm_into(
-            m,
-            r,
-            k,
             &mut xa,
-            false,
-            1.0,
             Mat::rows(xs, k),
             Mat::t(as_, k),
-            true,
+            Gemm::new(m, r, k),
         );
         gemm_into(
-            m,
-            r,
-            n,
             &mut dxa,
-            false,
-            s,
             Mat::rows(dy, n),
             Mat::rows(bs, r),
-            true,
+            Gemm::new(m, r, n).scaled(s),
         );
         // dB = scale · dyᵀ·xa (out, r); dA = dxaᵀ·x (r, in)
         let (mut db, mut da) = (vec![0f32; n * r], vec![0f32; r * k]);
         gemm_into(
-            n,
-            r,
-            m,
             &mut db,
-            false,
-            s,
             Mat::t(dy, n),
             Mat::rows(&xa, r),
-            true,
+            Gemm::new(n, r, m).scaled(s),
         );
         gemm_into(
-            r,
-            k,
-            m,
             &mut da,
-            false,
-            1.0,
             Mat::t(&dxa, r),
             Mat::rows(xs, k),
-            true,
+            Gemm::new(r, k, m),
         );
         // dx = dy·W + dxa·A, only when x needs it (the first layer's input does not).
         let dx = if needs_dx {
             let w = self.dense()?;
             let mut dx = vec![0f32; m * k];
             gemm_into(
-                m,
-                k,
-                n,
                 &mut dx,
-                false,
-                1.0,
                 Mat::rows(dy, n),
                 Mat::rows(&w, k),
-                true,
+                Gemm::new(m, k, n),
             );
             gemm_into(
-                m,
-                k,
-                r,
                 &mut dx,
-                true,
-                1.0,
                 Mat::rows(&dxa, r),
                 Mat::rows(as_, k),
-                true,
+                Gemm::new(m, k, r).accumulate(),
             );
             Some(dx)
         } else {
@@ -359,17 +304,7 @@ impl CustomOp2 for DenseMatMul {
         );
         let m = x.len() / k;
         let mut y = vec![0f32; m * n];
-        gemm_into(
-            m,
-            n,
-            k,
-            &mut y,
-            false,
-            1.0,
-            Mat::rows(x, k),
-            Mat::t(w, k),
-            true,
-        );
+        gemm_into(&mut y, Mat::rows(x, k), Mat::t(w, k), Gemm::new(m, n, k));
         let mut out = dims.to_vec();
         *out.last_mut().unwrap_or(&mut 0) = n;
         Ok((CpuStorage::F32(y), Shape::from(out)))
@@ -401,15 +336,10 @@ impl CustomOp2 for DenseMatMul {
         let dx = if x.track_op() {
             let mut dx = vec![0f32; m * k];
             gemm_into(
-                m,
-                k,
-                n,
                 &mut dx,
-                false,
-                1.0,
                 Mat::rows(dy, n),
                 Mat::rows(ws, k),
-                true,
+                Gemm::new(m, k, n),
             );
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         } else {
@@ -417,17 +347,7 @@ impl CustomOp2 for DenseMatMul {
         };
         let dw = if w.track_op() {
             let mut dw = vec![0f32; n * k];
-            gemm_into(
-                n,
-                k,
-                m,
-                &mut dw,
-                false,
-                1.0,
-                Mat::t(dy, n),
-                Mat::rows(xs, k),
-                true,
-            );
+            gemm_into(&mut dw, Mat::t(dy, n), Mat::rows(xs, k), Gemm::new(n, k, m));
             let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
             match &self.weight_grad {
                 Some(slot) => {
@@ -446,8 +366,8 @@ impl CustomOp2 for DenseMatMul {
 /// The base weight W: (out, in).
 #[derive(Debug, Clone)]
 pub enum Weight {
-    /// Frozen, block-quantized; y = x · Wᵀ runs in lever's kernels (`kernels.rs`, `packed.rs`)
-    /// on CPU, candle's elsewhere.
+    /// Frozen, block-quantized; y = x · Wᵀ runs in lever's kernels (`kernels/quant_matmul.rs`,
+    /// `kernels/packed.rs`) on CPU, candle's elsewhere.
     Quantized(Arc<QWeight>),
     /// Float (f32 on CPU); trainable when it is a `Var`.
     Float(Tensor),
@@ -489,8 +409,7 @@ impl LoraDropout {
         if key == DROPOUT_OFF || self.p <= 0.0 {
             return Ok(x.clone());
         }
-        let mut rng =
-            crate::weights::SplitMix64(key ^ self.salt.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng = crate::rng::SplitMix64(key ^ self.salt.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let keep = 1.0 / (1.0 - self.p);
         let mask: Vec<f32> = (0..x.elem_count())
             .map(|_| if rng.uniform() < self.p { 0.0 } else { keep })
@@ -825,7 +744,7 @@ mod tests {
     fn a_collected_weight_gradient_equals_candles() {
         use candle_core::Var;
         let dev = candle_core::Device::Cpu;
-        let mut rng = crate::weights::SplitMix64(13);
+        let mut rng = crate::rng::SplitMix64(13);
         let mut randn = |shape: &[usize]| {
             let n: usize = shape.iter().product();
             let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();

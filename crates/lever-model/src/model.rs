@@ -10,11 +10,11 @@ use crate::chat::ChatTemplate;
 use crate::config::{DecoderConfig, HfConfig};
 use crate::decoder::Decoder;
 use crate::error::{Error, Result, io_err};
+use crate::formats::gguf::GgufFile;
+use crate::formats::weights::{GgufWeights, SafetensorsWeights};
 use crate::generation_config::GenerationConfig;
-use crate::gguf::GgufFile;
 use crate::registry::{self, Progress};
 use crate::tokenizer::Tokenizer;
-use crate::weights::{GgufWeights, SafetensorsWeights};
 
 /// Where a model's files are.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,6 +1,6 @@
 //! A frozen block-quantized weight, held once: as candle's `QTensor` in GGUF blocks (computed by
-//! `kernels.rs` in llama.cpp's lane order), or, where packing is on and the CPU has AVX-512 VNNI,
-//! in the interleaved layout of `packed.rs` (batched steps nearly free; float rounding differs
+//! `kernels/quant_matmul.rs` in llama.cpp's lane order), or, where packing is on and the CPU has AVX-512 VNNI,
+//! in the interleaved layout of `kernels/packed.rs` (batched steps nearly free; float rounding differs
 //! from llama.cpp's). `lever serve` turns packing on; `LEVER_PACKED=1|0` decides for any
 //! command. The GGUF blocks are not kept beside the packed copy (a 7B Q4 model would need twice
 //! its size); the rare paths that want them (candle's kernels, writing files) unpack them again.
@@ -12,7 +12,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Result, Shape, Tensor};
 
 use crate::kernels;
-use crate::packed::Packed;
+use crate::kernels::packed::Packed;
 
 #[derive(Debug)]
 pub struct QWeight {
@@ -45,7 +45,7 @@ fn packing() -> bool {
 impl QWeight {
     /// Packed when packing is on and the tensor is a CPU matrix these kernels cover, on a CPU
     /// that runs them; else in GGUF blocks.
-    pub fn new(q: QTensor) -> Self {
+    pub(crate) fn new(q: QTensor) -> Self {
         if packing() {
             Self::pack(q)
         } else {
@@ -54,7 +54,8 @@ impl QWeight {
     }
 
     /// Packed where the CPU and block type allow, whatever the setting.
-    pub fn packed_if_possible(q: QTensor) -> Self {
+    #[cfg(test)]
+    pub(crate) fn packed_if_possible(q: QTensor) -> Self {
         Self::pack(q)
     }
 
@@ -74,32 +75,25 @@ impl QWeight {
     }
 
     /// Kept in GGUF blocks whatever the CPU (for tests of the other kernels).
-    pub fn blocks(q: QTensor) -> Self {
+    pub(crate) fn blocks(q: QTensor) -> Self {
         Self {
             shape: q.shape().clone(),
             repr: Repr::Blocks(Arc::new(q)),
         }
     }
 
-    pub fn shape(&self) -> &Shape {
+    pub(crate) fn shape(&self) -> &Shape {
         &self.shape
     }
 
-    pub fn dtype(&self) -> GgmlDType {
+    pub(crate) fn dtype(&self) -> GgmlDType {
         match &self.repr {
             Repr::Blocks(q) => q.dtype(),
             Repr::Packed(p) => p.dtype(),
         }
     }
 
-    pub fn device(&self) -> Device {
-        match &self.repr {
-            Repr::Blocks(q) => q.device(),
-            Repr::Packed(_) => Device::Cpu,
-        }
-    }
-
-    pub fn packed(&self) -> Option<&Packed> {
+    pub(crate) fn packed(&self) -> Option<&Packed> {
         match &self.repr {
             Repr::Packed(p) => Some(p),
             Repr::Blocks(_) => None,
@@ -108,7 +102,7 @@ impl QWeight {
 
     /// The weight as candle's `QTensor` (shared when held so, rebuilt from the packed layout
     /// otherwise).
-    pub fn qtensor(&self) -> Result<Arc<QTensor>> {
+    pub(crate) fn qtensor(&self) -> Result<Arc<QTensor>> {
         match &self.repr {
             Repr::Blocks(q) => Ok(q.clone()),
             Repr::Packed(p) => {
@@ -121,7 +115,7 @@ impl QWeight {
     }
 
     /// Bytes held.
-    pub fn storage_size_in_bytes(&self) -> usize {
+    pub(crate) fn storage_size_in_bytes(&self) -> usize {
         match &self.repr {
             Repr::Blocks(q) => q.storage_size_in_bytes(),
             Repr::Packed(p) => p.bytes(),
@@ -129,7 +123,7 @@ impl QWeight {
     }
 
     /// The f32 matrix.
-    pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
+    pub(crate) fn dequantize(&self, device: &Device) -> Result<Tensor> {
         match &self.repr {
             Repr::Blocks(q) if !lever_blocks(q) => q.dequantize(device),
             _ => Tensor::from_vec(self.dequantize_vec()?, self.shape.clone(), device),
@@ -138,7 +132,7 @@ impl QWeight {
 
     /// The f32 matrix as rows, in parallel and straight into one buffer (no tensor to copy
     /// out of): the values candle's `to_float` gives.
-    pub fn dequantize_vec(&self) -> Result<Vec<f32>> {
+    pub(crate) fn dequantize_vec(&self) -> Result<Vec<f32>> {
         use rayon::prelude::*;
         match &self.repr {
             Repr::Packed(p) => Ok(p.dequantize()),
@@ -164,7 +158,7 @@ impl QWeight {
     }
 
     /// Rows of an embedding table: ids (...) -> (..., k), only the rows asked for dequantized.
-    pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
+    pub(crate) fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.repr {
             Repr::Blocks(q) => q.embedding(ids),
             Repr::Packed(p) => {
@@ -216,7 +210,7 @@ mod tests {
     /// lever's parallel dequantization gives candle's values bit for bit, in both layouts.
     #[test]
     fn dequantize_vec_equals_candles() {
-        let mut rng = crate::weights::SplitMix64(3);
+        let mut rng = crate::rng::SplitMix64(3);
         let (n, k) = (40, 96);
         let x: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
         let t = Tensor::from_vec(x, (n, k), &Device::Cpu).unwrap();

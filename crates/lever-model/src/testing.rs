@@ -1,5 +1,7 @@
-//! Tiny models written to disk, for tests of the loaders and the CLI (STYLE habit 10): a
-//! 2-layer llama-family GGUF with a byte-level vocabulary, in any block type candle writes.
+//! Helpers for tests across the workspace: tiny models written to disk, for tests of the
+//! loaders and the CLI (STYLE habit 10: a 2-layer llama-family GGUF with a byte-level
+//! vocabulary, in any block type candle writes), seeded random data, and the one
+//! `max_abs_diff` the numerics tests compare with.
 
 use std::path::Path;
 
@@ -7,7 +9,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use crate::weights::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// What to put in a tiny GGUF; the defaults make a valid model.
 #[derive(Debug, Clone)]
@@ -186,5 +188,55 @@ impl Randn {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| self.0.normal()).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap_or_else(|e| panic!("randn {shape:?}: {e}"))
+    }
+}
+
+/// The largest |a − b| over two slices of the same length: how far a result is from its
+/// reference. A NaN on either side makes it NaN, so that a `< tolerance` check fails instead
+/// of passing over it (as folding with `f32::max` would).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "max_abs_diff: {} values vs {}",
+        a.len(),
+        b.len()
+    );
+    a.iter().zip(b).fold(0f32, |m, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_nan() || m.is_nan() {
+            f32::NAN
+        } else {
+            m.max(d)
+        }
+    })
+}
+
+/// [`max_abs_diff`] of two tensors of the same shape (values read as f32).
+pub fn max_abs_diff_tensors(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "max_abs_diff_tensors: shapes differ");
+    let host = |t: &Tensor| {
+        t.flatten_all()
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap_or_else(|e| panic!("max_abs_diff_tensors: {e}"))
+    };
+    max_abs_diff(&host(a), &host(b))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_abs_diff_finds_the_largest_gap_and_keeps_nan() {
+        assert_eq!(max_abs_diff(&[1.0, -2.0, 3.0], &[1.5, 2.0, 3.0]), 4.0);
+        assert_eq!(max_abs_diff(&[], &[]), 0.0);
+        assert!(max_abs_diff(&[0.0, f32::NAN, 9.0], &[0.0, 0.0, 0.0]).is_nan());
+        assert!(max_abs_diff(&[f32::NAN], &[f32::NAN]).is_nan());
+        let a = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[[1f32, 2.5], [3.0, 4.0]], &Device::Cpu).unwrap();
+        assert_eq!(max_abs_diff_tensors(&a, &b), 0.5);
     }
 }

@@ -16,7 +16,7 @@ use tokenizers::tokenizer::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 
 use crate::error::{Error, Result};
-use crate::gguf::GgufFile;
+use crate::formats::gguf::GgufFile;
 
 /// GPT-2's pre-tokenizer regex (the one ByteLevel applies with `use_regex`).
 const GPT2_RE: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";

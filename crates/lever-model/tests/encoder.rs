@@ -1,8 +1,9 @@
 //! lever's sentence encoder against sentence-transformers on the real all-MiniLM-L6-v2
 //! (fixture: scripts/make-embed-fixtures.sh): token ids equal, cosine ≥ 0.9999 for every
 //! text, with the minimum cosine and maximum absolute difference printed. Both matrix
-//! products are held to it: f32 (also within 1e-4 per value) and bf16 (where the CPU has
-//! AVX-512 BF16; within 3e-3 per value, its rounding being ~1e-3).
+//! products are held to it: f32 (also within 1e-4 per value) and bf16 (within 3e-3 per value,
+//! its rounding being ~1e-3), the latter with AVX-512 BF16 where the CPU has it and with the
+//! portable kernel, the same arithmetic, elsewhere.
 //!
 //! Needs the model provisioned in `$LEVER_HOME` (CI does: `lever models pull`); skipped with
 //! a message otherwise.
@@ -11,8 +12,9 @@
 use std::path::PathBuf;
 
 use lever_model::Encoder;
-use lever_model::bf16_gemm;
 use lever_model::encoder::{Kernels, MatMul, Pooling, embed_batch};
+use lever_model::kernels::bf16_gemm;
+use lever_model::testing::max_abs_diff;
 use serde_json::Value;
 
 fn model_dir() -> Option<PathBuf> {
@@ -75,11 +77,7 @@ fn compare(got: &[Vec<f32>], cases: &[Case]) -> (f64, usize, f32) {
             worst.0 = cos;
             worst.1 = i;
         }
-        let d = g
-            .iter()
-            .zip(&c.embedding)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let d = max_abs_diff(g, &c.embedding);
         worst.2 = worst.2.max(d);
     }
     worst
@@ -135,12 +133,18 @@ fn minilm_matches_sentence_transformers() {
     assert!(max_diff < 1e-4, "max abs diff {max_diff}");
 }
 
+/// Which bf16 kernel runs here, for the log.
+fn bf16_kernel() -> &'static str {
+    if bf16_gemm::supported() {
+        "AVX-512 BF16"
+    } else {
+        "portable (this CPU lacks AVX-512 BF16)"
+    }
+}
+
 #[test]
 fn minilm_bf16_matmul_matches_sentence_transformers() {
-    if !bf16_gemm::supported() {
-        eprintln!("SKIPPED: this CPU lacks AVX-512 BF16 (the bf16 matmul is not used on it)");
-        return;
-    }
+    println!("bf16 kernel: {}", bf16_kernel());
     if model_dir().is_none() {
         return;
     }
@@ -152,10 +156,7 @@ fn minilm_bf16_matmul_matches_sentence_transformers() {
 /// fixture texts, batch by batch.
 #[test]
 fn minilm_bf16_and_f32_matmul_agree() {
-    if !bf16_gemm::supported() {
-        eprintln!("SKIPPED: this CPU lacks AVX-512 BF16 (the bf16 matmul is not used on it)");
-        return;
-    }
+    println!("bf16 kernel: {}", bf16_kernel());
     let Some(dir) = model_dir() else { return };
     let mut enc = Encoder::load(&dir).unwrap();
     let (_, cases) = fixture();
@@ -191,12 +192,7 @@ fn minilm_fused_and_elementary_kernels_agree() {
     let batch: Vec<&[u32]> = cases[40..52].iter().map(|c| c.ids.as_slice()).collect();
     let a = embed_batch(&enc.model, &batch, Some(Kernels::Elementary)).unwrap();
     let b = embed_batch(&enc.model, &batch, Some(Kernels::Fused)).unwrap();
-    let d = a
-        .iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let d = max_abs_diff(&a.concat(), &b.concat());
     println!("fused vs elementary kernels: max abs diff {d:.2e}");
     assert!(d < 1e-5, "{d}");
     let (min_cos, _, _) = compare(&a, &cases[40..52]);

@@ -4,7 +4,7 @@
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
-use lever_model::testing::TinyGguf;
+use lever_model::testing::{TinyGguf, max_abs_diff};
 use lever_model::{Logits, Model};
 
 fn logits(dtype: GgmlDType, dir: &std::path::Path) -> (Vec<f32>, String) {
@@ -63,10 +63,7 @@ fn every_block_type_loads_and_stays_close_to_f32() {
             format!("{dtype:?}").to_uppercase(),
             "reported quantization"
         );
-        let diff = got
-            .iter()
-            .zip(&reference)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let diff = max_abs_diff(&got, &reference);
         let rel = diff / scale;
         eprintln!("{dtype:?}: max |diff| / max |logit| = {rel:.4}");
         assert!(rel < tol, "{dtype:?}: {rel} >= {tol}");

@@ -165,7 +165,7 @@ fn converted_gguf_matches_transformers() {
         let folder = dir(name);
         let reference = json(folder.join("reference.json"));
         let out = tmp.path().join(format!("{name}-{ty:?}.gguf"));
-        lever_model::quantize::convert_hf(&folder, &out, ty).expect("convert");
+        lever_model::formats::quantize::convert_hf(&folder, &out, ty).expect("convert");
         let model = Model::load_gguf(&out, &Device::Cpu).expect("load converted");
         let input = ids(&reference["input_ids"]);
         assert_eq!(

@@ -4,7 +4,7 @@
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
-use lever_model::testing::TinyGguf;
+use lever_model::testing::{TinyGguf, max_abs_diff};
 use lever_model::{Logits, Model};
 
 #[test]
@@ -62,11 +62,7 @@ fn a_batched_step_equals_each_sequence_alone() {
             .to_vec2::<f32>()
             .unwrap();
         for (r, (want, len)) in alone.iter().enumerate() {
-            let diff = rows[r]
-                .iter()
-                .zip(want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let diff = max_abs_diff(&rows[r], want);
             // Quantized weights: the same per-row kernels (seen: 0). F32: gemm sums a 3-row
             // product in another order than a 1-row one (seen: 1.7e-5).
             let bound = if dtype == GgmlDType::F32 { 1e-4 } else { 1e-5 };

@@ -21,6 +21,8 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
 use std::path::Path;
 
+use lever_model::rng::SplitMix64;
+
 use crate::bm25::{Dec, Enc, read_index_file, write_index_file};
 use crate::exact::dot;
 use crate::fuse::{Hit, TopK};
@@ -74,32 +76,6 @@ impl HnswParams {
             return bad("ef_search", self.ef_search, "must be >= 1");
         }
         Ok(())
-    }
-}
-
-/// SplitMix64 (Steele, Lea & Flood, "Fast splittable pseudorandom number generators", OOPSLA
-/// 2014): a small seeded generator for level assignment and for tests.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    pub fn next_unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-
-    /// A standard normal draw (Box–Muller).
-    pub fn next_normal(&mut self) -> f64 {
-        let (u, v) = (self.next_unit(), self.next_unit());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
     }
 }
 
@@ -274,7 +250,7 @@ impl Hnsw {
         }
         self.remove(id);
         let ml = 1.0 / (self.params.m as f64).ln();
-        let level = ((-self.rng.next_unit().ln() * ml).floor() as usize).min(64);
+        let level = ((-self.rng.uniform_nonzero_f64().ln() * ml).floor() as usize).min(64);
         let node = self.ids.len() as u32;
         self.ids.push(id);
         self.vectors.extend_from_slice(vector);
@@ -591,14 +567,14 @@ pub fn clustered_unit_vectors(
     let mut rng = SplitMix64(seed);
     let scale = 1.0 / (dim as f64).sqrt();
     let centres: Vec<Vec<f64>> = (0..clusters.max(1))
-        .map(|_| (0..dim).map(|_| rng.next_normal() * scale).collect())
+        .map(|_| (0..dim).map(|_| rng.normal_f64() * scale).collect())
         .collect();
     let mut out = Vec::with_capacity(n * dim);
     for _ in 0..n {
         let c = &centres[(rng.next_u64() % centres.len() as u64) as usize];
         let v: Vec<f64> = c
             .iter()
-            .map(|x| x + noise * scale * rng.next_normal())
+            .map(|x| x + noise * scale * rng.normal_f64())
             .collect();
         let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
         out.extend(v.iter().map(|x| (x / norm) as f32));

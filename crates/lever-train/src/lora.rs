@@ -8,7 +8,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use lever_model::ops::RopeStyle;
-use lever_model::weights::SplitMix64;
+use lever_model::rng::SplitMix64;
 use lever_model::{DROPOUT_OFF, Decoder, Lora, LoraDropout};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -404,7 +404,7 @@ pub fn load_peft(decoder: &mut Decoder, dir: &Path) -> Result<usize> {
 /// llama.cpp's Q/K row permutation for interleaved RoPE (the converter's; inverse of
 /// `unpermute_rows`).
 fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
-    Ok(lever_model::convert::rope_permute(t, heads)?)
+    Ok(lever_model::formats::convert::rope_permute(t, heads)?)
 }
 
 /// "blk.3.attn_q" → (3, "q").
@@ -417,7 +417,7 @@ fn split_name(name: &str) -> Option<(usize, &'static str)> {
 
 /// Inverse of llama.cpp's Q/K row permutation (rows grouped per head as (2, D/2) → (D/2, 2)).
 fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
-    Ok(lever_model::convert::rope_unpermute(t, heads)?)
+    Ok(lever_model::formats::convert::rope_unpermute(t, heads)?)
 }
 
 #[cfg(test)]

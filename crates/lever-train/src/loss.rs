@@ -120,7 +120,7 @@ mod tests {
     #[test]
     fn fused_cross_entropy_equals_the_elementary_one() {
         let dev = Device::Cpu;
-        let mut rng = lever_model::weights::SplitMix64(7);
+        let mut rng = lever_model::rng::SplitMix64(7);
         let (n, v) = (5, 37);
         let z: Vec<f32> = (0..n * v).map(|_| rng.normal() * 3.0).collect();
         let targets: Vec<u32> = vec![0, 36, 5, 5, 20];

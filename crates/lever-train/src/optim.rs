@@ -393,7 +393,7 @@ mod tests {
 
     /// Seeded values in [-scale, scale).
     fn noise(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut rng = lever_model::weights::SplitMix64(seed);
+        let mut rng = lever_model::rng::SplitMix64(seed);
         (0..n)
             .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
             .collect()

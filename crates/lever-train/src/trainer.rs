@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use lever_data::Tokenized;
 use lever_model::Decoder;
-use lever_model::weights::SplitMix64;
+use lever_model::rng::SplitMix64;
 use serde::Serialize;
 
 use crate::error::{Error, Result};

@@ -67,7 +67,7 @@ fn adapters_run_the_same_in_lever_and_peft() {
 fn a_peft_adapter_runs_on_the_gguf_conversion() {
     let tmp = tempfile::tempdir().unwrap();
     let gguf = tmp.path().join("tiny.gguf");
-    lever_model::quantize::convert_hf(&base(), &gguf, GgmlDType::F32).unwrap();
+    lever_model::formats::quantize::convert_hf(&base(), &gguf, GgmlDType::F32).unwrap();
     let mut model = Model::load_gguf(&gguf, &Device::Cpu).unwrap();
     let dir = fixtures().join("peft-made");
     lever_train::load_peft(&mut model.decoder, &dir).unwrap();

@@ -751,7 +751,7 @@ pub struct QuantizeArgs {
 }
 
 fn parse_quant_type(s: &str) -> Result<candle_core::quantized::GgmlDType, String> {
-    lever_model::quantize::parse_type(s)
+    lever_model::formats::quantize::parse_type(s)
         .ok_or_else(|| format!("`{s}` is not one of q8_0, q4_1, q4_0, f16"))
 }
 

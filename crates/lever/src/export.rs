@@ -28,7 +28,7 @@ fn write(model: &Model, out: &Path, qtype: Option<GgmlDType>) -> Result<()> {
     let gguf = out.extension().is_some_and(|e| e == "gguf");
     if gguf {
         let t = qtype.unwrap_or(GgmlDType::Q8_0);
-        lever_model::export::write_gguf(model, out, t)?;
+        lever_model::formats::export::write_gguf(model, out, t)?;
         eprintln!("wrote {} ({t:?})", out.display());
     } else {
         if qtype.is_some() {
@@ -43,7 +43,7 @@ fn write(model: &Model, out: &Path, qtype: Option<GgmlDType>) -> Result<()> {
                 out.display()
             );
         }
-        lever_model::export::write_hf(model, out)?;
+        lever_model::formats::export::write_hf(model, out)?;
         eprintln!("wrote {} (Hugging Face folder, f32)", out.display());
     }
     Ok(())

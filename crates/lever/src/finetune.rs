@@ -330,7 +330,7 @@ impl Trainable {
     fn save(&self, model: &Model, dir: &Path, base: &str) -> Result<()> {
         match self {
             Trainable::Lora(set) => set.save_peft(&model.decoder, dir, base)?,
-            Trainable::Full(_) => lever_model::export::write_hf(model, dir)?,
+            Trainable::Full(_) => lever_model::formats::export::write_hf(model, dir)?,
         }
         Ok(())
     }

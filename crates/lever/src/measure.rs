@@ -139,16 +139,19 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         lever_model::model::resolve(&a.input, &home, &mut crate::progress::provisioning())?;
     let mut bar: Option<indicatif::ProgressBar> = None;
     match &source {
-        lever_model::ModelSource::Gguf(src) => {
-            lever_model::quantize::quantize_gguf(src, &a.output, a.qtype, &mut |done, total| {
+        lever_model::ModelSource::Gguf(src) => lever_model::formats::quantize::quantize_gguf(
+            src,
+            &a.output,
+            a.qtype,
+            &mut |done, total| {
                 bar.get_or_insert_with(|| {
                     crate::progress::counter(total as u64, "quantizing tensors")
                 })
                 .set_position(done as u64);
-            })?
-        }
+            },
+        )?,
         lever_model::ModelSource::HfFolder(dir) => {
-            lever_model::quantize::convert_hf(dir, &a.output, a.qtype)?
+            lever_model::formats::quantize::convert_hf(dir, &a.output, a.qtype)?
         }
     }
     if let Some(b) = bar {

@@ -14,6 +14,7 @@ use candle_core::{D, Device, Tensor};
 use common::{default_model, fixture, ids, shared_data};
 use lever_generate::Session;
 use lever_generate::sampling::argmax;
+use lever_model::testing::max_abs_diff;
 use lever_model::{Logits, Message, Model};
 
 /// Largest |lever − transformers| over the recorded top-10 logits and the log-sum-exp at the
@@ -77,14 +78,6 @@ fn argmax_all(model: &Model, ids: &[u32]) -> Vec<u32> {
 fn log_sum_exp(x: &[f32]) -> f32 {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     m + x.iter().map(|v| ((v - m) as f64).exp()).sum::<f64>().ln() as f32
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// The Hugging Face export: the bytes transformers loaded, and lever reading them back gives
@@ -233,7 +226,7 @@ fn merged_equals_unmerged() {
         targets: vec!["q".into(), "v".into()],
     };
     let set = lever_train::LoraSet::attach(&mut gguf.decoder, &config, 7).unwrap();
-    let mut rng = lever_model::weights::SplitMix64(11);
+    let mut rng = lever_model::rng::SplitMix64(11);
     for (_, _, _, b) in &set.adapters {
         let (rows, cols) = b.dims2().unwrap();
         let v: Vec<f32> = (0..rows * cols)

@@ -127,8 +127,10 @@ fn lever(dir: &Path, args: &[&str]) -> Run {
         })
     };
     let mut status = 0;
-    // SAFETY: rusage is plain data, filled in by wait4 for our own child.
+    // SAFETY: rusage is plain data (integers and timevals), for which all zeros is valid.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own child, not reaped yet (nothing else waits on it); `status` and
+    // `usage` are valid for writes for the duration of the call.
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     done.store(true, Ordering::SeqCst);
     let secs = t0.elapsed().as_secs_f64();

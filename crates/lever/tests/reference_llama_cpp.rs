@@ -191,8 +191,9 @@ fn quantized_files_load_in_llama_cpp_and_score_alike() {
     for r in fx["results"].as_array().expect("results") {
         let ty = r["type"].as_str().expect("type");
         let out = dir.path().join(format!("{ty}.gguf"));
-        let qtype = lever_model::quantize::parse_type(ty).expect("type");
-        lever_model::quantize::quantize_gguf(&src, &out, qtype, &mut |_, _| {}).expect("quantize");
+        let qtype = lever_model::formats::quantize::parse_type(ty).expect("type");
+        lever_model::formats::quantize::quantize_gguf(&src, &out, qtype, &mut |_, _| {})
+            .expect("quantize");
         let sum = lever_model::registry::sha256_file(&out).expect("sha256");
         assert_eq!(
             sum,

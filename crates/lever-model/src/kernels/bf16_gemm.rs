@@ -16,7 +16,9 @@
 //!
 //! Rounding both operands to bf16 (8 significant bits) moves all-MiniLM-L6-v2's vectors by
 //! about 1e-3 (cosine to sentence-transformers ≥ 0.99996 on the fixture; `tests/encoder.rs`);
-//! the f32 path stays the reference and the fallback.
+//! the f32 path stays the reference and the fallback. A portable kernel computes the same
+//! products lane by lane on any CPU ([`PackedBf16::matmul_portable`]): the encoder never picks
+//! bf16 by itself where the CPU lacks AVX-512 BF16, but the tests run its arithmetic there.
 //!
 //! `unsafe`: SIMD intrinsics that load and store through raw pointers, each bounds-checked by
 //! an assertion before the loop that uses it.
@@ -32,11 +34,11 @@ thread_local! {
 }
 
 /// Output columns per panel (two 16-lane registers).
-pub const NR: usize = 32;
+pub(crate) const NR: usize = 32;
 /// Rows per micro-kernel: 2·MR = 24 accumulators + 2 panel registers + 1 broadcast ≤ 32.
-pub const MR: usize = 12;
+pub(crate) const MR: usize = 12;
 /// Rows per parallel task (a multiple of MR); their bf16 copy stays in L2.
-pub const MC: usize = 96;
+pub(crate) const MC: usize = 96;
 
 /// Whether this CPU runs [`PackedBf16::matmul`] (AVX-512 F + BF16).
 pub fn supported() -> bool {
@@ -54,7 +56,7 @@ pub fn supported() -> bool {
 
 /// A (N × K) weight rounded to bf16 and packed for the micro-kernel.
 #[derive(Debug)]
-pub struct PackedBf16 {
+pub(crate) struct PackedBf16 {
     n: usize,
     k: usize,
     /// ⌈K/2⌉: pairs of K (an odd K gets a zero at the end).
@@ -71,7 +73,7 @@ fn bf16_bits(x: f32) -> u32 {
 
 impl PackedBf16 {
     /// w: (N × K) row-major f32.
-    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+    pub(crate) fn pack(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(
             w.len(),
             n * k,
@@ -95,19 +97,22 @@ impl PackedBf16 {
     }
 
     /// Output width N.
-    pub fn n(&self) -> usize {
+    pub(crate) fn n(&self) -> usize {
         self.n
     }
 
     /// Input width K.
-    pub fn k(&self) -> usize {
+    pub(crate) fn k(&self) -> usize {
         self.k
     }
 
-    /// x: (M × K) row-major -> x·Wᵀ: (M × N) row-major. Panics unless [`supported`].
-    pub fn matmul(&self, x: &[f32]) -> Vec<f32> {
+    /// x: (M × K) row-major -> x·Wᵀ: (M × N) row-major, with AVX-512 BF16 where the CPU has
+    /// it ([`supported`]), else with [`Self::matmul_portable`].
+    pub(crate) fn matmul(&self, x: &[f32]) -> Vec<f32> {
+        if !supported() {
+            return self.matmul_portable(x);
+        }
         let (n, k) = (self.n, self.k);
-        assert!(supported(), "bf16 matmul on a CPU without AVX-512 BF16");
         assert_eq!(
             x.len() % k.max(1),
             0,
@@ -122,13 +127,54 @@ impl PackedBf16 {
         y.par_chunks_mut(MC * n)
             .zip(x.par_chunks(MC * k.max(1)))
             .for_each(|(y, x)| {
-                // SAFETY: `supported()` was asserted above.
+                // SAFETY: the CPU has AVX-512 F, BW and BF16 (`supported()` above).
                 unsafe { self.block(x, y) }
             });
         y
     }
 
+    /// The same product in portable code, for any CPU: per output, the arithmetic of
+    /// `vdpbf16ps` lane by lane (for each pair of K, the odd product added first, then the
+    /// even one, into an f32 sum), without its flushing of denormals to zero.
+    pub(crate) fn matmul_portable(&self, x: &[f32]) -> Vec<f32> {
+        let (n, k, kp) = (self.n, self.k, self.kp);
+        assert_eq!(
+            x.len() % k.max(1),
+            0,
+            "bf16 matmul: input of {} for K {k}",
+            x.len()
+        );
+        let m = x.len().checked_div(k).unwrap_or(0);
+        let mut y = vec![0f32; m * n];
+        if n == 0 {
+            return y;
+        }
+        let wide = |bits: u32| f32::from_bits(bits << 16);
+        y.par_chunks_mut(n)
+            .zip(x.par_chunks(k.max(1)))
+            .for_each(|(y, x)| {
+                let mut a = vec![0u32; kp];
+                bf16_pairs(x, &mut a);
+                for (j, y) in y.chunks_mut(NR).enumerate() {
+                    let panel = &self.data[j * kp * NR..(j + 1) * kp * NR];
+                    let mut acc = [0f32; NR];
+                    for (p, &pair) in a.iter().enumerate() {
+                        let (lo, hi) = (wide(pair & 0xFFFF), wide(pair >> 16));
+                        for (acc, &w) in acc.iter_mut().zip(&panel[p * NR..(p + 1) * NR]) {
+                            *acc += hi * wide(w >> 16);
+                            *acc += lo * wide(w & 0xFFFF);
+                        }
+                    }
+                    y.copy_from_slice(&acc[..y.len()]);
+                }
+            });
+        y
+    }
+
     /// One block of rows: x (rows × K) f32, y (rows × N).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW and BF16 (sizes are checked).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn block(&self, x: &[f32], y: &mut [f32]) {
@@ -143,12 +189,16 @@ impl PackedBf16 {
             for (src, dst) in x.chunks_exact(k).zip(a.chunks_exact_mut(kp)) {
                 to_bf16_pairs(src, dst);
             }
-            // SAFETY: as `block_bf16` requires; `a` holds rows·kp pairs.
+            // SAFETY: the CPU has the features (our contract); `a` holds rows·kp pairs for
+            // the rows of `y` (sized above).
             unsafe { self.block_bf16(a, y) }
         })
     }
 
     /// One block of rows already rounded: a (rows × kp pairs), y (rows × N).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW and BF16 (sizes are checked).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn block_bf16(&self, a: &[u32], y: &mut [f32]) {
@@ -165,10 +215,11 @@ impl PackedBf16 {
                 let mr = MR.min(rows - r);
                 let a = &a[r * kp..(r + mr) * kp];
                 let y = &mut y[r * n + j * NR..];
-                // SAFETY: `a` holds mr rows of kp pairs and `panel` kp·NR values; the stores
-                // write `cols` columns of mr rows at stride n, the last ending at
-                // (mr-1)·n + cols ≤ y.len() (cols ≤ n - j·NR and y starts at row r, column j·NR).
                 assert!(y.len() >= (mr - 1) * n + cols);
+                // SAFETY: the CPU has the features (our contract); `a` holds mr rows of kp
+                // pairs and `panel` kp·NR values; the stores write `cols` columns of mr rows at
+                // stride n, the last ending at (mr-1)·n + cols ≤ y.len() (asserted; y starts at
+                // row r, column j·NR).
                 unsafe {
                     match mr {
                         12 => tile::<12>(a, panel, kp, y.as_mut_ptr(), n, cols),
@@ -190,6 +241,8 @@ impl PackedBf16 {
         }
     }
 
+    /// # Safety
+    /// Never called: [`supported`] is false off x86-64.
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn block(&self, _x: &[f32], _y: &mut [f32]) {
         unreachable!("bf16 matmul is x86-64 only")
@@ -214,11 +267,14 @@ fn to_bf16_pairs(src: &[f32], dst: &mut [u32]) {
             _mm512_storeu_si512(o.as_mut_ptr().cast(), v);
         }
     }
-    let rest = chunks.remainder();
-    let tail = &mut dst[src.len() / 32 * 16..];
-    for (i, d) in tail.iter_mut().enumerate() {
-        let lo = rest.get(2 * i).copied().unwrap_or(0.0);
-        let hi = rest.get(2 * i + 1).copied().unwrap_or(0.0);
+    bf16_pairs(chunks.remainder(), &mut dst[src.len() / 32 * 16..]);
+}
+
+/// The same in portable code: pairs of `src` (an odd length ends in a zero) into `dst`.
+fn bf16_pairs(src: &[f32], dst: &mut [u32]) {
+    for (i, d) in dst.iter_mut().enumerate() {
+        let lo = src.get(2 * i).copied().unwrap_or(0.0);
+        let hi = src.get(2 * i + 1).copied().unwrap_or(0.0);
         *d = bf16_bits(lo) | bf16_bits(hi) << 16;
     }
 }
@@ -244,7 +300,8 @@ unsafe fn tile<const R: usize>(
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     let (a, b) = (a.as_ptr(), panel.as_ptr());
     for p in 0..kp {
-        // SAFETY: p < kp, so b + p·NR + 16 + 15 < kp·NR and a + r·kp + p < R·kp.
+        // SAFETY: p < kp, so b + p·NR + 16 + 15 < kp·NR and a + r·kp + p < R·kp (the
+        // contract's sizes); the CPU has the features.
         unsafe {
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR).cast()));
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16).cast()));
@@ -283,20 +340,27 @@ unsafe fn tile<const R: usize>(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::weights::SplitMix64;
+    use crate::rng::SplitMix64;
+    use crate::testing::max_abs_diff;
 
     fn round(x: f32) -> f32 {
         half::bf16::from_f32(x).to_f32()
     }
 
-    /// Against an f64 product of the bf16-rounded inputs, over shapes that leave partial
-    /// tiles, panels and blocks (and an odd K).
+    /// The dispatching product (AVX-512 BF16 where the CPU has it, else the portable kernel)
+    /// and the portable one, against an f64 product of the bf16-rounded inputs, over shapes
+    /// that leave partial tiles, panels and blocks (and an odd K); and the two within a few
+    /// f32 roundings of each other.
     #[test]
     fn matches_a_reference_product_of_the_rounded_inputs() {
-        if !supported() {
-            eprintln!("SKIPPED: this CPU lacks AVX-512 BF16");
-            return;
-        }
+        eprintln!(
+            "bf16 product: {}",
+            if supported() {
+                "AVX-512 BF16 and portable"
+            } else {
+                "portable"
+            }
+        );
         let mut rng = SplitMix64(3);
         for (m, n, k) in [
             (1, 1, 1),
@@ -307,20 +371,29 @@ mod tests {
         ] {
             let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
             let x: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
-            let y = PackedBf16::pack(&w, n, k).matmul(&x);
-            assert_eq!(y.len(), m * n);
+            let packed = PackedBf16::pack(&w, n, k);
+            let (y, portable) = (packed.matmul(&x), packed.matmul_portable(&x));
+            assert_eq!((y.len(), portable.len()), (m * n, m * n));
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k)
                         .map(|l| round(x[i * k + l]) as f64 * round(w[j * k + l]) as f64)
                         .sum();
-                    let got = y[i * n + j] as f64;
-                    assert!(
-                        (got - want).abs() < 1e-4 * (k as f64).sqrt(),
-                        "{m}×{n}×{k} at ({i}, {j}): {got} vs {want}"
-                    );
+                    for (what, got) in [("dispatched", &y), ("portable", &portable)] {
+                        let got = got[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4 * (k as f64).sqrt(),
+                            "{what} {m}×{n}×{k} at ({i}, {j}): {got} vs {want}"
+                        );
+                    }
                 }
             }
+            // Both sum the same bf16 products in the same order (the same bits on the CPUs
+            // seen; the SIMD kernel flushes denormals): at most a few f32 roundings apart.
+            let scale = w.iter().chain(&x).fold(0f32, |a, v| a.max(v.abs()));
+            let d = max_abs_diff(&y, &portable);
+            let bound = 8.0 * f32::EPSILON * scale * scale * k as f32;
+            assert!(d <= bound, "{m}×{n}×{k}: {d} > {bound}");
         }
     }
 }

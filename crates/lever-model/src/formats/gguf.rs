@@ -230,7 +230,7 @@ impl GgufFile {
             },
             max_seq_len: self.usize(&k("context_length"))?,
             tie_embeddings: tie,
-            kv_precision: crate::config::KvPrecision::F16,
+            numerics: crate::config::Numerics::LlamaCpp,
         };
         cfg.validate()
             .map_err(|(field, problem)| self.meta_err(&field.gguf_key(&a), problem))?;

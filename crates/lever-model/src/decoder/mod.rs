@@ -6,19 +6,30 @@
 //! every projection is a `Linear` (quantized-frozen or float, with a LoRA slot), and all
 //! per-call state (KV cache, position) lives in `Cache`, outside the weights.
 //!
+//! How a block computes: its attention and its MLP each take one of three paths (`Path`):
+//! lever's CPU kernels (inference with llama.cpp's arithmetic), lever's fused differentiable
+//! CPU ops (training), or candle's tensor ops (other devices, batches of sequences,
+//! transformers' arithmetic). The device and the model's [`Numerics`] fix the choice at load
+//! (`Paths`); whether gradients flow picks between inference and training at the call
+//! (`Pass`). The KV cache lives in `cache.rs`.
+//!
 //! Dimensions: B batch, T new tokens, P cached tokens, C hidden, H query heads,
 //! K key/value heads, D head size (C = H·D), F MLP width, V vocabulary.
 
 use candle_core::backprop::GradStore;
-use candle_core::{D, DType, Device, IndexOp, Result, Tensor, Var};
+use candle_core::{D, DType, Device, Result, Tensor, Var};
 use half::f16;
 
-use crate::config::{DecoderConfig, KvPrecision};
-use crate::grad_ops::{AttnShape, HostRows};
+use crate::config::{DecoderConfig, Numerics};
+use crate::formats::weights::{Embedding, Param, WeightSource};
 use crate::kernels::{self, AttnDims};
 use crate::linear::{Linear, Weight};
+use crate::ops::grad::{self, AttnShape};
+use crate::ops::host::HostRows;
 use crate::ops::{self, Rope, RopeTables};
-use crate::weights::{Embedding, Param, WeightSource};
+
+mod cache;
+pub use cache::Cache;
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,123 +40,79 @@ pub enum Logits {
     All,
 }
 
-/// One layer's keys and values.
-#[derive(Debug, Clone)]
-enum LayerKv {
-    Empty,
-    /// (B, K, P, D) tensors: the differentiable path and other devices.
-    Tensors(Tensor, Tensor),
-    /// Host rows (P, K, D) in f16 as llama.cpp's cache stores them: the CPU inference path,
-    /// appended in place without copying what is there.
-    Host(Vec<f16>, Vec<f16>),
+/// How one call of a block's attention or MLP computes. What is possible is fixed at load by
+/// the device and the numerics ([`Paths`]); whether gradients flow picks among it at the call
+/// ([`Pass`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// lever's CPU kernels, for inference: attention over the host f16 cache with llama.cpp's
+    /// arithmetic (`kernels::attention`), SwiGLU in one parallel pass (`kernels::silu_mul`).
+    HostKernels,
+    /// lever's fused CPU ops with their own backward (`ops::grad`), for training: the whole
+    /// attention core of a prefix (no cache) as one graph node, SwiGLU as another.
+    Differentiable,
+    /// candle's tensor ops, differentiable, on any device: other devices, a batch of
+    /// sequences, transformers numerics, training with a cache.
+    Tensors,
 }
 
-/// Per-sequence state: keys and values of every layer for the tokens seen so far.
-#[derive(Debug, Clone)]
-pub struct Cache {
-    layers: Vec<LayerKv>,
-    len: usize,
-    /// K·D: floats per token per layer.
-    row: usize,
+/// Whether gradients flow through a call, read from its inputs: training or inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Inference,
+    Training,
 }
 
-impl Cache {
-    pub fn new(cfg: &DecoderConfig) -> Self {
+impl Pass {
+    fn of(inputs: &[&Tensor]) -> Self {
+        if inputs.iter().any(|x| x.track_op()) {
+            Pass::Training
+        } else {
+            Pass::Inference
+        }
+    }
+}
+
+/// The path a layer takes for inference and for training, chosen once at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Paths {
+    inference: Path,
+    training: Path,
+}
+
+impl Paths {
+    /// Attention: lever's kernel reproduces llama.cpp's arithmetic only (f16 cache), for heads
+    /// up to `kernels::MAX_HEAD_DIM`; the fused training op runs on the CPU.
+    fn attention(device: &Device, numerics: Numerics, head_dim: usize) -> Self {
+        if !device.is_cpu() {
+            return Self::TENSORS;
+        }
+        let kernels = numerics == Numerics::LlamaCpp && head_dim <= kernels::MAX_HEAD_DIM;
         Self {
-            layers: vec![LayerKv::Empty; cfg.num_layers],
-            len: 0,
-            row: cfg.num_kv_heads * cfg.head_dim,
+            inference: if kernels {
+                Path::HostKernels
+            } else {
+                Path::Tensors
+            },
+            training: Path::Differentiable,
         }
     }
 
-    /// Tokens held (P).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| *l = LayerKv::Empty);
-        self.len = 0;
-    }
-
-    /// Keep only the first `len` tokens (to reuse a shared prefix).
-    pub fn truncate(&mut self, len: usize) -> Result<()> {
-        if len >= self.len {
-            return Ok(());
+    /// The MLP: lever's SwiGLU step for inference and its fused op for training, on the CPU.
+    fn mlp(device: &Device) -> Self {
+        if !device.is_cpu() {
+            return Self::TENSORS;
         }
-        for kv in self.layers.iter_mut() {
-            match kv {
-                LayerKv::Empty => {}
-                LayerKv::Tensors(k, v) => {
-                    *kv = LayerKv::Tensors(k.narrow(2, 0, len)?, v.narrow(2, 0, len)?)
-                }
-                LayerKv::Host(k, v) => {
-                    k.truncate(len * self.row);
-                    v.truncate(len * self.row);
-                }
-            }
-        }
-        self.len = len;
-        Ok(())
-    }
-
-    /// A training pass (the fused attention of `grad_ops`) counts its tokens but keeps no
-    /// keys: continuing from such a cache is an error, not a silently wrong answer.
-    fn check_kept(&self, layer: usize) -> Result<()> {
-        if self.len > 0 && matches!(self.layers[layer], LayerKv::Empty) {
-            candle_core::bail!("this cache holds no keys (a training pass); start a new one");
-        }
-        Ok(())
-    }
-
-    /// Append this layer's new (B, K, T, D) keys/values; returns all (B, K, P+T, D).
-    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        self.check_kept(layer)?;
-        let kv = match std::mem::replace(&mut self.layers[layer], LayerKv::Empty) {
-            LayerKv::Empty => (k, v),
-            LayerKv::Tensors(pk, pv) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            LayerKv::Host(hk, hv) => {
-                let (_, kh, _, d) = k.dims4()?;
-                let p = hk.len() / (kh * d);
-                let dev = k.device();
-                let to_t = |x: Vec<f16>| {
-                    let x: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-                    Tensor::from_vec(x, (1, p, kh, d), dev)?.transpose(1, 2)
-                };
-                (
-                    Tensor::cat(&[&to_t(hk)?, &k], 2)?,
-                    Tensor::cat(&[&to_t(hv)?, &v], 2)?,
-                )
-            }
-        };
-        self.layers[layer] = LayerKv::Tensors(kv.0.clone(), kv.1.clone());
-        Ok(kv)
-    }
-
-    /// This layer's host rows, converted from tensors if an earlier call left them there.
-    fn host(&mut self, layer: usize) -> Result<(&mut Vec<f16>, &mut Vec<f16>)> {
-        self.check_kept(layer)?;
-        let kv = &mut self.layers[layer];
-        match std::mem::replace(kv, LayerKv::Empty) {
-            LayerKv::Empty => *kv = LayerKv::Host(Vec::new(), Vec::new()),
-            LayerKv::Tensors(k, v) => {
-                let rows = |t: Tensor| {
-                    let x = t.i(0)?.transpose(0, 1)?.flatten_all()?.to_vec1::<f32>()?;
-                    Ok::<_, candle_core::Error>(x.iter().map(|&v| f16::from_f32(v)).collect())
-                };
-                *kv = LayerKv::Host(rows(k)?, rows(v)?);
-            }
-            host => *kv = host,
-        }
-        match kv {
-            LayerKv::Host(k, v) => Ok((k, v)),
-            _ => unreachable!("set to Host above"),
+        Self {
+            inference: Path::HostKernels,
+            training: Path::Differentiable,
         }
     }
+
+    const TENSORS: Self = Self {
+        inference: Path::Tensors,
+        training: Path::Tensors,
+    };
 }
 
 #[derive(Debug, Clone)]
@@ -157,7 +124,8 @@ struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
-    kv_precision: KvPrecision,
+    numerics: Numerics,
+    paths: Paths,
 }
 
 impl Attention {
@@ -172,7 +140,8 @@ impl Attention {
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: hd,
-            kv_precision: cfg.kv_precision,
+            numerics: cfg.numerics,
+            paths: Paths::attention(w.device(), cfg.numerics, hd),
         })
     }
 
@@ -185,56 +154,86 @@ impl Attention {
         mask: Option<&Tensor>,
         cache: &mut Cache,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (h, k_heads, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let b = x.dim(0)?;
         let pos = cache.len;
         let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
-        // Training (gradients flowing) over a whole prefix on CPU: the fused attention core,
-        // one graph node with its own backward. The cache counts the tokens but keeps no keys.
-        if (q.track_op() || k.track_op() || v.track_op())
-            && pos == 0
-            && x.device().is_cpu()
-            && q.dtype() == DType::F32
-        {
-            let shape = AttnShape {
-                batch: b,
-                len: t,
-                heads: h,
-                kv_heads: k_heads,
-                head_dim: d,
-            };
-            let round = self.kv_precision == KvPrecision::F16;
-            let y = crate::grad_ops::causal_attention(&q, &k, &v, shape, rope, round)?; // (B, T, C)
-            return self.o.forward(&y);
-        }
-        // Inference on CPU with llama.cpp's f16 cache: lever's fused attention kernel over the
-        // host cache. A batch, another device, or gradients with a cache take the
-        // tensor path below, which is the same computation in candle ops.
-        if self.kv_precision == KvPrecision::F16
-            && x.device().is_cpu()
-            && b == 1
-            && d <= kernels::MAX_HEAD_DIM
-            && !(q.track_op() || k.track_op() || v.track_op())
-        {
-            let mut qh = q.flatten_all()?.to_vec1::<f32>()?;
-            let mut kh = k.flatten_all()?.to_vec1::<f32>()?;
-            let vh = v.flatten_all()?.to_vec1::<f32>()?;
-            rope.apply_host(&mut qh, h, pos);
-            rope.apply_host(&mut kh, k_heads, pos);
-            let (ck, cv) = cache.host(layer)?;
-            ck.extend(kh.iter().map(|&x| f16::from_f32(x)));
-            cv.extend(vh.iter().map(|&x| f16::from_f32(x)));
-            let dims = AttnDims {
-                heads: h,
-                kv_heads: k_heads,
-                head_dim: d,
-            };
-            let scale = 1.0 / (d as f32).sqrt();
-            let y = kernels::attention(&qh, ck, cv, t, pos, dims, scale);
-            return self
-                .o
-                .forward(&Tensor::from_vec(y, (1, t, h * d), x.device())?);
-        }
+        // The fused training op covers a whole prefix (no cache), the host kernel one
+        // sequence; a batch, or gradients with a cache, take the tensor path.
+        let path = match Pass::of(&[&q, &k, &v]) {
+            Pass::Training if pos == 0 => self.paths.training,
+            Pass::Inference if b == 1 => self.paths.inference,
+            _ => Path::Tensors,
+        };
+        let y = match path {
+            Path::Differentiable => self.fused(&q, &k, &v, rope)?,
+            Path::HostKernels => self.host(&q, &k, &v, layer, rope, cache)?,
+            Path::Tensors => self.tensors(q, k, v, layer, rope, mask, cache)?,
+        }; // (B, T, H·D)
+        self.o.forward(&y)
+    }
+
+    /// [`Path::Differentiable`]: the attention core as one graph node with its own backward.
+    /// The cache counts the tokens but keeps no keys. q: (B, T, H·D), k, v: (B, T, K·D).
+    fn fused(&self, q: &Tensor, k: &Tensor, v: &Tensor, rope: &RopeTables) -> Result<Tensor> {
+        let (b, t, _) = q.dims3()?;
+        let shape = AttnShape {
+            batch: b,
+            len: t,
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+        };
+        grad::causal_attention(q, k, v, shape, rope, self.numerics.f16_kv()) // (B, T, H·D)
+    }
+
+    /// [`Path::HostKernels`]: lever's attention kernel over the host f16 cache, which the new
+    /// keys and values are appended to in place. q: (1, T, H·D), k, v: (1, T, K·D).
+    fn host(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: usize,
+        rope: &RopeTables,
+        cache: &mut Cache,
+    ) -> Result<Tensor> {
+        let (_, t, _) = q.dims3()?;
+        let (h, k_heads, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let pos = cache.len;
+        let mut qh = q.flatten_all()?.to_vec1::<f32>()?;
+        let mut kh = k.flatten_all()?.to_vec1::<f32>()?;
+        let vh = v.flatten_all()?.to_vec1::<f32>()?;
+        rope.apply_host(&mut qh, h, pos);
+        rope.apply_host(&mut kh, k_heads, pos);
+        let (ck, cv) = cache.host(layer)?;
+        ck.extend(kh.iter().map(|&x| f16::from_f32(x)));
+        cv.extend(vh.iter().map(|&x| f16::from_f32(x)));
+        let dims = AttnDims {
+            heads: h,
+            kv_heads: k_heads,
+            head_dim: d,
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let y = kernels::attention(&qh, ck, cv, t, pos, dims, scale);
+        Tensor::from_vec(y, (1, t, h * d), q.device()) // (1, T, H·D)
+    }
+
+    /// [`Path::Tensors`]: the same computation in candle ops, the cache held as tensors.
+    /// q: (B, T, H·D), k, v: (B, T, K·D).
+    #[allow(clippy::too_many_arguments)]
+    fn tensors(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        layer: usize,
+        rope: &RopeTables,
+        mask: Option<&Tensor>,
+        cache: &mut Cache,
+    ) -> Result<Tensor> {
+        let (b, t, _) = q.dims3()?;
+        let (h, k_heads, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let pos = cache.len;
         let q = q.reshape((b, t, h, d))?.transpose(1, 2)?; // (B, H, T, D)
         let k = k.reshape((b, t, k_heads, d))?.transpose(1, 2)?; // (B, K, T, D)
         let v = v.reshape((b, t, k_heads, d))?.transpose(1, 2)?; // (B, K, T, D)
@@ -243,21 +242,22 @@ impl Attention {
         // llama.cpp keeps K and V in f16 by default (`llama_context_params` type_k/type_v);
         // rounding them the same way brings greedy output much closer to it (6 of 12 golden
         // prompts identical instead of 2).
-        let (k, v) = match self.kv_precision {
-            KvPrecision::F16 => (
+        let (k, v) = if self.numerics.f16_kv() {
+            (
                 k.to_dtype(DType::F16)?.to_dtype(DType::F32)?,
                 v.to_dtype(DType::F16)?.to_dtype(DType::F32)?,
-            ),
-            KvPrecision::F32 => (k, v.contiguous()?),
+            )
+        } else {
+            (k, v.contiguous()?)
         };
         let (k, v) = cache.append(layer, k, v)?; // (B, K, P+T, D)
         let k = ops::repeat_kv(k, h / k_heads)?.contiguous()?; // (B, H, P+T, D)
         let v = ops::repeat_kv(v, h / k_heads)?.contiguous()?; // (B, H, P+T, D)
         let att = q.matmul(&k.t()?)?; // (B, H, T, P+T)
-        // candle's fused softmax has no backward: lever's fused causal one when gradients
-        // flow (scale and mask inside, two tensors kept instead of six).
+        // candle's fused softmax has no backward: lever's fused causal one when the scores
+        // carry gradients (scale and mask inside, two tensors kept instead of six).
         let att = if att.track_op() {
-            crate::grad_ops::causal_softmax(&att, 1.0 / (d as f64).sqrt(), pos)?
+            grad::causal_softmax(&att, 1.0 / (d as f64).sqrt(), pos)?
         } else {
             let att = (att / (d as f64).sqrt())?;
             let att = match mask {
@@ -267,20 +267,13 @@ impl Attention {
             candle_nn::ops::softmax_last_dim(&att)?
         };
         let y = att.matmul(&v)?; // (B, H, T, D)
-        let y = y.transpose(1, 2)?.reshape((b, t, h * d))?; // (B, T, C)
-        self.o.forward(&y)
-    }
-
-    /// Whether `forward_rows` can run (lever's host attention kernel).
-    fn rows_supported(&self, dev: &Device) -> bool {
-        self.kv_precision == KvPrecision::F16
-            && dev.is_cpu()
-            && self.head_dim <= kernels::MAX_HEAD_DIM
+        y.transpose(1, 2)?.reshape((b, t, h * d)) // (B, T, H·D)
     }
 
     /// One new token for each of several sequences: x (1, B, C), row r belonging to the
     /// sequence whose cache is `caches[r]`. The projections run once over all B rows; RoPE
-    /// and attention run per row at its own position, against its own cache.
+    /// and attention run per row at its own position, against its own cache, in lever's
+    /// kernel (callers check that `paths.inference` is [`Path::HostKernels`]).
     fn forward_rows(
         &self,
         x: &Tensor,
@@ -313,13 +306,7 @@ impl Attention {
             qs.extend(qr);
         }
         // Every row's heads in one parallel pass (rows alone are too small to split).
-        let views: Vec<(&[f16], &[f16])> = caches
-            .iter()
-            .map(|c| match &c.layers[layer] {
-                LayerKv::Host(k, v) => (k.as_slice(), v.as_slice()),
-                _ => unreachable!("host() made this layer's cache a host cache"),
-            })
-            .collect();
+        let views: Vec<(&[f16], &[f16])> = caches.iter().map(|c| c.host_rows(layer)).collect();
         let y = kernels::attention_rows(&qs, &views, dims, scale);
         self.o
             .forward(&Tensor::from_vec(y, (1, b, h * d), x.device())?)
@@ -331,6 +318,7 @@ struct Mlp {
     gate: Linear,
     up: Linear,
     down: Linear,
+    paths: Paths,
 }
 
 impl Mlp {
@@ -340,24 +328,29 @@ impl Mlp {
             gate: w.linear(Param::Gate(i), f, c, false)?,
             up: w.linear(Param::Up(i), f, c, false)?,
             down: w.linear(Param::Down(i), c, f, false)?,
+            paths: Paths::mlp(w.device()),
         })
     }
 
     /// SwiGLU: down(silu(gate(x)) * up(x)); x: (B, T, C) -> (B, T, C) via (B, T, F).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
-        let h = if g.track_op() || u.track_op() {
-            crate::grad_ops::silu_mul(&g, &u)?
-        } else if g.device().is_cpu() && g.dtype() == DType::F32 && g.shape() == u.shape() {
-            // Inference: the same values as the two tensor ops, in one parallel pass.
-            let (hg, hu) = (HostRows::new(&g)?, HostRows::new(&u)?);
-            let y = hg.with("swiglu", |gs| {
-                hu.with("swiglu", |us| Ok(kernels::silu_mul(gs, us)))
-            })?;
-            Tensor::from_vec(y, g.shape(), g.device())?
-        } else {
-            (candle_nn::ops::silu(&g)? * u)?
+        let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?); // (B, T, F) each
+        let path = match Pass::of(&[&g, &u]) {
+            Pass::Training => self.paths.training,
+            Pass::Inference => self.paths.inference,
         };
+        let h = match path {
+            Path::Differentiable => grad::silu_mul(&g, &u)?,
+            Path::HostKernels => {
+                // The same values as the two tensor ops, in one parallel pass.
+                let (hg, hu) = (HostRows::new(&g)?, HostRows::new(&u)?);
+                let y = hg.with("swiglu", |gs| {
+                    hu.with("swiglu", |us| Ok(kernels::silu_mul(gs, us)))
+                })?;
+                Tensor::from_vec(y, g.shape(), g.device())?
+            }
+            Path::Tensors => (candle_nn::ops::silu(&g)? * u)?,
+        }; // (B, T, F)
         self.down.forward(&h)
     }
 }
@@ -415,13 +408,13 @@ impl Decoder {
             w.linear(Param::Output, v, c, false)?
         };
         let device = w.device().clone();
-        // GGUF models (f16 cache) take llama.cpp's rotation angles too.
+        // llama.cpp numerics (GGUF models) take its rotation angles too.
         let rope = Rope::new(
             cfg.head_dim,
             cfg.rope_theta,
             cfg.max_seq_len,
             cfg.rope_style,
-            cfg.kv_precision == KvPrecision::F16,
+            cfg.numerics == Numerics::LlamaCpp,
             &device,
         )?;
         Ok(Self {
@@ -644,9 +637,9 @@ impl Decoder {
         if !self
             .blocks
             .iter()
-            .all(|b| b.attn.rows_supported(&self.device))
+            .all(|b| b.attn.paths.inference == Path::HostKernels)
         {
-            // The tensor path: one sequence at a time.
+            // Without lever's attention kernel: one sequence at a time.
             let mut rows = Vec::with_capacity(ids.len());
             for (id, cache) in ids.iter().zip(caches.iter_mut()) {
                 let input = Tensor::new(&[*id], &self.device)?.unsqueeze(0)?;
@@ -845,149 +838,4 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-    use crate::config::{Arch, DecoderConfig};
-    use crate::weights::RandomWeights;
-
-    fn tiny(arch: Arch) -> Decoder {
-        let cfg = DecoderConfig::tiny(arch, 50);
-        Decoder::load(&mut RandomWeights::new(3, &Device::Cpu), &cfg).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
-    /// One pass over 9 tokens, then the same tokens as single cached steps, then the cache cut
-    /// back to 4 and refilled with the rest: every logit within 1e-5 of the full pass.
-    fn assert_cache_exact(m: &Decoder, label: &str) -> (Tensor, Tensor) {
-        let ids: Vec<u32> = vec![3, 17, 42, 8, 8, 1, 49, 0, 23];
-        let x = Tensor::new(ids.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let full = m
-            .forward(&x, &mut m.new_cache(), Logits::All)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        let mut cache = m.new_cache();
-        for (t, id) in ids.iter().enumerate() {
-            let xi = Tensor::new(&[*id], &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let step = m
-                .forward(&xi, &mut cache, Logits::Last)
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
-            let d = max_diff(&step, &full.get(t).unwrap());
-            assert!(d < 1e-5, "{label} position {t}: {d}");
-        }
-        assert_eq!(cache.len(), ids.len());
-        cache.truncate(4).unwrap();
-        let rest = m
-            .forward(&x.narrow(1, 4, 5).unwrap(), &mut cache, Logits::All)
-            .unwrap();
-        let d = max_diff(&rest.squeeze(0).unwrap(), &full.narrow(0, 4, 5).unwrap());
-        assert!(d < 1e-5, "{label} truncated and refilled: {d}");
-        (x, full)
-    }
-
-    /// The KV cache is exact: one pass over T tokens gives the logits of T single steps,
-    /// and a prompt split in two chunks gives the same as one chunk.
-    #[test]
-    fn cached_steps_equal_one_full_pass() {
-        for arch in [Arch::Llama, Arch::Qwen2] {
-            let m = tiny(arch);
-            let (x, full) = assert_cache_exact(&m, &format!("{arch:?}"));
-            let mut cache = m.new_cache();
-            m.forward(&x.narrow(1, 0, 4).unwrap(), &mut cache, Logits::Last)
-                .unwrap();
-            let rest = m
-                .forward(&x.narrow(1, 4, 5).unwrap(), &mut cache, Logits::All)
-                .unwrap();
-            let d = max_diff(&rest.squeeze(0).unwrap(), &full.narrow(0, 4, 5).unwrap());
-            assert!(d < 1e-5, "{arch:?} chunked prefill: {d}");
-        }
-    }
-
-    /// GGUF-style models (f16 cache) run lever's attention kernel on CPU: cached steps and
-    /// chunked prefill still equal one pass, and a batch of two (which takes the tensor path,
-    /// f32 attention) gives nearly the same logits.
-    #[test]
-    fn attention_kernel_path_agrees_with_the_tensor_path() {
-        for arch in [Arch::Llama, Arch::Qwen2] {
-            let mut cfg = DecoderConfig::tiny(arch, 50);
-            cfg.kv_precision = KvPrecision::F16;
-            let m = Decoder::load(&mut RandomWeights::new(3, &Device::Cpu), &cfg).unwrap();
-            let (x, full) = assert_cache_exact(&m, &format!("{arch:?} f16 cache"));
-            let batch = Tensor::cat(&[&x, &x], 0).unwrap();
-            let tensors = m.forward(&batch, &mut m.new_cache(), Logits::All).unwrap();
-            let d = max_diff(&tensors.get(0).unwrap(), &full);
-            let scale = full
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                d > 0.0 && d < 1e-2 * scale,
-                "{arch:?} kernel vs tensor path: {d} (scale {scale})"
-            );
-        }
-    }
-
-    #[test]
-    fn truncated_cache_recomputes_the_same_logits() {
-        let m = tiny(Arch::Llama);
-        let x = Tensor::new(&[5u32, 6, 7, 8], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mut cache = m.new_cache();
-        let a = m.forward(&x, &mut cache, Logits::Last).unwrap();
-        cache.truncate(2).unwrap();
-        let b = m
-            .forward(&x.narrow(1, 2, 2).unwrap(), &mut cache, Logits::Last)
-            .unwrap();
-        assert!(max_diff(&a, &b) < 1e-5);
-    }
-
-    #[test]
-    fn a_zero_lora_changes_nothing_and_a_nonzero_one_does() {
-        let mut m = tiny(Arch::Llama);
-        let x = Tensor::new(&[1u32, 2, 3], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let base = m.forward(&x, &mut m.new_cache(), Logits::All).unwrap();
-        let q = &mut m.blocks[0].attn.q;
-        let (out, inp) = q.dims();
-        q.lora = Some(crate::linear::Lora {
-            a: Tensor::ones((4, inp), candle_core::DType::F32, &Device::Cpu).unwrap(),
-            b: Tensor::zeros((out, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
-            scale: 2.0,
-            dropout: None,
-        });
-        let same = m.forward(&x, &mut m.new_cache(), Logits::All).unwrap();
-        assert_eq!(max_diff(&base, &same), 0.0);
-        let q = &mut m.blocks[0].attn.q;
-        if let Some(l) = q.lora.as_mut() {
-            l.b = Tensor::ones((out, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
-        }
-        let changed = m.forward(&x, &mut m.new_cache(), Logits::All).unwrap();
-        assert!(max_diff(&base, &changed) > 1e-3);
-    }
-}
+mod tests;

@@ -12,7 +12,7 @@ use serde_json::Value as Json;
 
 use crate::config::{Arch, HfConfig};
 use crate::error::{Error, Result, io_err};
-use crate::weights::{Param, SafetensorsWeights, WeightSource};
+use crate::formats::weights::{Param, SafetensorsWeights, WeightSource};
 
 fn read_json(path: &Path) -> Result<Json> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
@@ -229,8 +229,8 @@ pub fn hf_to_gguf(dir: &Path, target: GgmlDType) -> Result<GgufParts> {
         Ok(())
     };
     let emb = match w.embedding(Param::Embed, cfg.vocab_size, c)? {
-        crate::weights::Embedding::Float(t) => t,
-        crate::weights::Embedding::Quantized(q) => q.dequantize(&Device::Cpu)?,
+        crate::formats::weights::Embedding::Float(t) => t,
+        crate::formats::weights::Embedding::Quantized(q) => q.dequantize(&Device::Cpu)?,
     };
     matrix(Param::Embed.gguf_name(), emb)?;
     for i in 0..cfg.num_layers {

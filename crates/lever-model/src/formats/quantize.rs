@@ -12,7 +12,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 
 use crate::error::{Error, Result, io_err};
-use crate::gguf::GgufFile;
+use crate::formats::gguf::GgufFile;
 
 /// Block types `lever quantize` writes, by their CLI names.
 pub fn parse_type(name: &str) -> Option<GgmlDType> {
@@ -112,7 +112,7 @@ pub(crate) fn matrix_type(
 
 /// Convert a Hugging Face folder into a GGUF file with matrices in `target`.
 pub fn convert_hf(dir: &Path, dst: &Path, target: GgmlDType) -> Result<()> {
-    let (metadata, tensors) = crate::convert::hf_to_gguf(dir, target)?;
+    let (metadata, tensors) = crate::formats::convert::hf_to_gguf(dir, target)?;
     write_gguf(dst, metadata, &tensors, target)
 }
 

@@ -1,9 +1,17 @@
-//! The shared kernels of the decoder family: RMS norm, rotary embedding tables, causal mask,
-//! grouped-query head repetition. One copy each, used by every model file.
+//! The shared operations of the decoder family: RMS norm, rotary embedding tables, causal
+//! mask, grouped-query head repetition. One copy each, used by every model file.
+//!
+//! - [`grad`]: fused versions with their own backward pass (causal attention, causal softmax,
+//!   RMS norm, SwiGLU), for training on the CPU.
+//! - [`host`]: the host views of CPU tensors and the f32 matrix product those fused
+//!   operations (and the linear layers' and the encoder's) are written with.
 
 use std::sync::{Arc, RwLock};
 
-use candle_core::{D, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
+
+pub(crate) mod grad;
+pub(crate) mod host;
 
 /// How rotary position embedding pairs up the channels of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,7 +28,7 @@ pub enum RopeStyle {
 /// positions or more (tables of 512 MB for 4 billion positions were once allocated up front
 /// from a model file's `context_length`), while a chat uses a few thousand.
 #[derive(Debug)]
-pub struct Rope {
+pub(crate) struct Rope {
     head_dim: usize,
     theta: f32,
     max_len: usize,
@@ -51,7 +59,7 @@ impl Rope {
     /// Angles p·θ^(-2i/D) as transformers computes them (inverse frequencies, then one
     /// product), or as llama.cpp does (`ggml_rope_cache_init`: the angle of pair i+1 is that
     /// of pair i times θ^(-2/D), in f32) when `ggml_angles`.
-    pub fn new(
+    pub(crate) fn new(
         head_dim: usize,
         theta: f32,
         max_len: usize,
@@ -81,7 +89,7 @@ impl Rope {
     }
 
     /// Tables covering positions 0..end (at least), computing the missing ones.
-    pub fn upto(&self, end: usize) -> Result<Arc<RopeTables>> {
+    pub(crate) fn upto(&self, end: usize) -> Result<Arc<RopeTables>> {
         if end > self.max_len {
             candle_core::bail!(
                 "position {end} is beyond the context of {} tokens",
@@ -145,7 +153,7 @@ impl Rope {
 
 /// cos/sin tables for positions 0..len, read-only (see [`Rope::upto`]).
 #[derive(Debug)]
-pub struct RopeTables {
+pub(crate) struct RopeTables {
     cos: Tensor, // (len, D/2)
     sin: Tensor, // (len, D/2)
     cos_host: Vec<f32>,
@@ -169,7 +177,7 @@ impl RopeTables {
     }
 
     /// x: (B, H, T, D) at positions pos..pos+T.
-    pub fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+    pub(crate) fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
         let t = x.dim(2)?;
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
@@ -195,7 +203,7 @@ impl RopeTables {
     }
 
     /// The same rotation in place on host rows x: (T, heads, D) at positions pos..pos+T.
-    pub fn apply_host(&self, x: &mut [f32], heads: usize, pos: usize) {
+    pub(crate) fn apply_host(&self, x: &mut [f32], heads: usize, pos: usize) {
         let (half, d) = (self.half, 2 * self.half);
         for (ti, token) in x.chunks_exact_mut(heads * d).enumerate() {
             let at = (pos + ti) * half;
@@ -217,9 +225,9 @@ impl RopeTables {
 
 /// RMS norm over the last dimension, weight w: (C,).
 /// The fused kernel for inference; elementary (differentiable) ops when gradients flow.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     if x.track_op() || w.track_op() {
-        crate::grad_ops::rms_norm(x, w, eps)
+        grad::rms_norm(x, w, eps)
     } else {
         candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)
     }
@@ -227,7 +235,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
 
 /// Additive causal mask for T new queries after `past` cached keys: (T, past + T),
 /// 0 where a query may look, -inf where it may not.
-pub fn causal_mask(t: usize, past: usize, dev: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(t: usize, past: usize, dev: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| {
             (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
@@ -237,7 +245,7 @@ pub fn causal_mask(t: usize, past: usize, dev: &Device) -> Result<Tensor> {
 }
 
 /// (B, KVH, T, D) -> (B, KVH * n_rep, T, D): each key/value head serves n_rep query heads.
-pub fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+pub(crate) fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
     if n_rep == 1 {
         return Ok(x);
     }
@@ -245,11 +253,6 @@ pub fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
     x.unsqueeze(2)?
         .expand((b, kvh, n_rep, t, d))?
         .reshape((b, kvh * n_rep, t, d))
-}
-
-/// Numerically stable log-softmax over the last dimension.
-pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::log_softmax(x, D::Minus1)
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //! `vpdpbusd` multiplies 4 values of each of 16 rows by the same 4 activations, and 8 of them
 //! give 16 whole block dot products in the 16 lanes of one register — no horizontal sums.
 //!
-//! `kernels.rs` computes one (row, token) pair per 256-bit register and follows llama.cpp's lane
-//! arithmetic; it spends about five instructions per 32 multiply-adds and is compute-bound as
+//! `quant_matmul.rs` computes one (row, token) pair per 256-bit register and follows llama.cpp's
+//! lane arithmetic; it spends about five instructions per 32 multiply-adds and is compute-bound as
 //! soon as several tokens share a pass over the weights (continuous batching: 8 sequences cost
 //! almost 8 single steps). Here a 16-row × T-token tile costs 8 `vpdpbusd` + 4 float
 //! instructions per block and token (64 multiply-adds per instruction), so extra tokens are
@@ -33,16 +33,18 @@ use std::cell::RefCell;
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use crate::kernels::{self, Isa, Q4_1_BYTES, Q8_0_BYTES, QK, QuantActs};
+use super::pool::{LARGE_M, SyncPtr, parallel};
+use super::quant_matmul::{Q4_1_BYTES, Q8_0_BYTES, QK, QuantActs, supports};
+use super::{Isa, isa};
 
 /// Rows per group: the 16 f32 lanes of a 512-bit register.
-pub const GROUP: usize = 16;
+pub(crate) const GROUP: usize = 16;
 const Q4_1_GROUP_BLOCK: usize = GROUP * 20;
 const Q8_0_GROUP_BLOCK: usize = GROUP * 38;
 
 /// A quantized n × k matrix in the interleaved layout above.
 #[derive(Debug)]
-pub struct Packed {
+pub(crate) struct Packed {
     dtype: GgmlDType,
     n: usize,
     nb: usize,
@@ -57,8 +59,8 @@ impl Packed {
     /// Repack GGUF blocks (`w`: n rows of k/32 blocks of `dtype`), or None where these kernels
     /// do not run (another block type, k not whole blocks, a CPU without AVX-512 VNNI, or
     /// `LEVER_ISA` asking for a lower instruction set).
-    pub fn new(dtype: GgmlDType, w: &[u8], n: usize, k: usize) -> Option<Packed> {
-        if kernels::isa() != Isa::Avx512Vnni || !k.is_multiple_of(QK) || !kernels::supports(dtype) {
+    pub(crate) fn new(dtype: GgmlDType, w: &[u8], n: usize, k: usize) -> Option<Packed> {
+        if isa() != Isa::Avx512Vnni || !k.is_multiple_of(QK) || !supports(dtype) {
             return None;
         }
         Some(Self::repack(dtype, w, n, k))
@@ -111,12 +113,8 @@ impl Packed {
         }
     }
 
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
     /// Bytes held.
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.data.len()
     }
 
@@ -129,7 +127,7 @@ impl Packed {
     }
 
     /// y (m × n, row-major) = x (m × k) · Wᵀ; activations quantized as `kernels::matmul` does.
-    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+    pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         ACTS.with(|acts| {
             let mut acts = acts.borrow_mut();
             let (ref mut q, ref mut unsigned) = *acts;
@@ -141,12 +139,17 @@ impl Packed {
     }
 
     /// y = acts · Wᵀ; `unsigned` is scratch for Q8_0's q+128 activations.
-    pub fn matmul_quantized(&self, acts: &QuantActs, unsigned: &mut Vec<u8>, y: &mut [f32]) {
+    pub(crate) fn matmul_quantized(&self, acts: &QuantActs, unsigned: &mut Vec<u8>, y: &mut [f32]) {
         assert_eq!(acts.nb, self.nb, "packed matmul: activation blocks");
         assert_eq!(y.len(), acts.rows * self.n, "packed matmul: output size");
+        assert!(acts.qs.len() >= acts.rows * self.nb * QK && acts.d.len() >= acts.rows * self.nb);
+        assert!(acts.s.len() >= acts.rows * self.nb);
+        // `new` made this only on such a CPU; asserted again because `group` relies on it.
+        assert!(Isa::Avx512Vnni.runs_here());
         let xs: &[u8] = match self.dtype {
             GgmlDType::Q4_1 => {
-                // SAFETY: i8 and u8 have the same size and alignment.
+                // SAFETY: the same memory read as u8 instead of i8 (same size and alignment),
+                // borrowed as long as `acts`.
                 unsafe { std::slice::from_raw_parts(acts.qs.as_ptr() as *const u8, acts.qs.len()) }
             }
             _ => {
@@ -156,24 +159,26 @@ impl Packed {
             }
         };
         let groups = self.n.div_ceil(GROUP);
-        let out = kernels::SyncPtr(y.as_mut_ptr());
+        let out = SyncPtr(y.as_mut_ptr());
         let run = |range: std::ops::Range<usize>| {
             let out = &out;
             for g in range {
-                // SAFETY: the CPU has AVX-512 VNNI (checked in `new`); group g's outputs
-                // (columns 16g..16g+16 of every token) are written by this call only.
+                // SAFETY: the CPU has AVX-512 VNNI and `acts` holds rows × nb blocks (asserted
+                // above), `xs` its rows × nb × 32 bytes, `y` rows × n floats; group g's columns
+                // 16g..16g+16 of every token are written by this call only (each group once).
                 unsafe { vnni::group(self, g, acts, xs, out.0) };
             }
         };
         if acts.rows * self.n * self.nb >= 1 << 12 {
-            kernels::parallel(groups, acts.rows >= kernels::LARGE_M, run);
+            parallel(groups, acts.rows >= LARGE_M, run);
         } else {
             run(0..groups);
         }
     }
 
     /// The same arithmetic in scalar code, from the original GGUF blocks (for tests).
-    pub fn reference(dtype: GgmlDType, w: &[u8], n: usize, acts: &QuantActs) -> Vec<f32> {
+    #[cfg(test)]
+    pub(crate) fn reference(dtype: GgmlDType, w: &[u8], n: usize, acts: &QuantActs) -> Vec<f32> {
         let nb = acts.nb;
         let mut y = vec![0f32; acts.rows * n];
         for t in 0..acts.rows {
@@ -213,7 +218,7 @@ impl Packed {
 
 impl Packed {
     /// Row r's values in f32, as candle dequantizes GGUF blocks (Q4_1: q·d + m; Q8_0: q·d).
-    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+    pub(crate) fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         assert!(r < self.n && out.len() == self.nb * QK, "packed row {r}");
         let (g, j) = (r / GROUP, r % GROUP);
         let gb = self.group_bytes();
@@ -247,7 +252,7 @@ impl Packed {
 
     /// The whole matrix in f32, n × k row-major (rows spread over rayon's threads: training
     /// with LoRA on a quantized base does this twice per step).
-    pub fn dequantize(&self) -> Vec<f32> {
+    pub(crate) fn dequantize(&self) -> Vec<f32> {
         use rayon::prelude::*;
         let k = self.nb * QK;
         let mut out = vec![0f32; self.n * k];
@@ -262,7 +267,7 @@ impl Packed {
     }
 
     /// The GGUF blocks again (for writing files and for candle's kernels).
-    pub fn unpack(&self) -> Vec<u8> {
+    pub(crate) fn unpack(&self) -> Vec<u8> {
         let bytes = match self.dtype {
             GgmlDType::Q4_1 => Q4_1_BYTES,
             _ => Q8_0_BYTES,
@@ -303,12 +308,12 @@ impl Packed {
         w
     }
 
-    pub fn dtype(&self) -> GgmlDType {
+    pub(crate) fn dtype(&self) -> GgmlDType {
         self.dtype
     }
 
     /// (n, k)
-    pub fn dims(&self) -> (usize, usize) {
+    pub(crate) fn dims(&self) -> (usize, usize) {
         (self.n, self.nb * QK)
     }
 }
@@ -320,7 +325,7 @@ thread_local! {
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use super::{GROUP, Packed, Q4_1_GROUP_BLOCK, Q8_0_GROUP_BLOCK};
-    use crate::kernels::{QK, QuantActs};
+    use crate::kernels::quant_matmul::{QK, QuantActs};
     use candle_core::quantized::GgmlDType;
     use std::arch::x86_64::*;
 
@@ -329,12 +334,15 @@ mod vnni {
 
     /// Every token × the 16 rows of group g.
     ///
-    /// SAFETY: AVX-512 VNNI is available; `y` points to acts.rows × p.n floats, whose columns
-    /// 16g..16g+16 no other thread writes; `xs` holds acts.rows × nb × 32 bytes.
+    /// # Safety
+    /// The CPU has AVX-512 F, VNNI and BW; g < ⌈p.n / 16⌉; `acts` holds acts.rows tokens of
+    /// p.nb blocks (qs, d, s) and `xs` acts.rows × p.nb × 32 bytes; `y` is valid for writes of
+    /// acts.rows × p.n floats, and no other thread touches its columns 16g..16g+16 meanwhile.
     #[target_feature(enable = "avx512f,avx512vnni,avx512bw,f16c")]
-    pub unsafe fn group(p: &Packed, g: usize, acts: &QuantActs, xs: &[u8], y: *mut f32) {
+    pub(super) unsafe fn group(p: &Packed, g: usize, acts: &QuantActs, xs: &[u8], y: *mut f32) {
         let m = acts.rows;
         let mut t0 = 0;
+        // SAFETY: each tile gets tokens t0..t0+TT < m of group g: `tile`'s contract, from ours.
         unsafe {
             while t0 < m {
                 match (m - t0).min(T) {
@@ -349,6 +357,9 @@ mod vnni {
     }
 
     /// Tokens t0..t0+TT × the rows of group g.
+    ///
+    /// # Safety
+    /// As for [`group`], with t0 + TT ≤ acts.rows.
     #[inline]
     #[target_feature(enable = "avx512f,avx512vnni,avx512bw,f16c")]
     unsafe fn tile<const TT: usize>(
@@ -361,10 +372,15 @@ mod vnni {
     ) {
         let nb = p.nb;
         let q4 = p.dtype == GgmlDType::Q4_1;
+        // SAFETY: group g < ⌈n / 16⌉ starts inside `p.data` (groups × group_bytes bytes).
         let base = unsafe { p.data.as_ptr().add(g * p.group_bytes()) };
         let mut acc = [_mm512_setzero_ps(); TT];
         let mut mins = [_mm512_setzero_ps(); TT];
         let x = xs.as_ptr();
+        // SAFETY: block b < nb of group g lies in `p.data` (the loads read its 320 or 608
+        // bytes); token t0 + t < acts.rows, so its 32 activation bytes in `xs` and its d and s
+        // are in bounds; the masked store writes only columns r0..r0+keep (< n) of those tokens,
+        // the ones the contract gives this call.
         unsafe {
             for b in 0..nb {
                 let mut w = [_mm512_setzero_si512(); 8];
@@ -435,8 +451,10 @@ mod vnni {
 #[cfg(not(target_arch = "x86_64"))]
 mod vnni {
     use super::Packed;
-    use crate::kernels::QuantActs;
-    pub unsafe fn group(_: &Packed, _: usize, _: &QuantActs, _: &[u8], _: *mut f32) {
+    use crate::kernels::quant_matmul::QuantActs;
+    /// # Safety
+    /// Never called: `Packed::new` returns None off x86-64.
+    pub(super) unsafe fn group(_: &Packed, _: usize, _: &QuantActs, _: &[u8], _: *mut f32) {
         unreachable!("Packed::new returns None off x86-64")
     }
 }
@@ -445,18 +463,25 @@ mod vnni {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::testing::random;
+    use crate::testing::{max_abs_diff, random};
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
     /// Bit for bit the scalar formula, for every tile shape, remainder of tokens and of rows;
-    /// and within the 8-bit activations' error of the dequantized product.
+    /// and within the 8-bit activations' error of the dequantized product. Without AVX-512
+    /// VNNI the packed kernels do not run (`Packed::new` declines, so the lane-order kernels
+    /// take the products) and the scalar formula alone is held to the dequantized product.
     #[test]
     fn packed_matmul_equals_its_scalar_formula() {
-        if kernels::isa() != Isa::Avx512Vnni {
-            eprintln!("no AVX-512 VNNI here: packed kernels not run");
-            return;
-        }
+        let vnni = isa() == Isa::Avx512Vnni;
+        eprintln!(
+            "packed kernels: {}",
+            if vnni {
+                "AVX-512 VNNI"
+            } else {
+                "not on this CPU"
+            }
+        );
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             for (m, k, n) in [
                 (1, 64, 40),
@@ -468,26 +493,26 @@ mod tests {
                 let wt = Tensor::from_vec(random(n * k, 9), (n, k), &Device::Cpu).unwrap();
                 let q = QTensor::quantize(&wt, dtype).unwrap();
                 let bytes = q.data().unwrap();
-                let packed = Packed::new(dtype, &bytes, n, k).unwrap();
                 let x = random(m * k, 11);
-                let got = packed.matmul(&x, m);
                 let mut acts = QuantActs::default();
                 acts.quantize(Isa::Scalar, &x, m, k);
                 let want = Packed::reference(dtype, &bytes, n, &acts);
-                assert_eq!(got, want, "{dtype:?} {m}x{k}x{n}");
                 let deq = q.dequantize(&Device::Cpu).unwrap();
                 let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
                 let exact = xt.matmul(&deq.t().unwrap()).unwrap();
                 let exact = exact.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let scale = exact.iter().fold(0f32, |a, e| a.max(e.abs()));
-                let err = got
-                    .iter()
-                    .zip(&exact)
-                    .fold(0f32, |a, (g, e)| a.max((g - e).abs()));
+                let err = max_abs_diff(&want, &exact);
                 assert!(
                     err / scale < 0.02,
-                    "{dtype:?} {m}x{k}x{n}: {err} vs {scale}"
+                    "{dtype:?} {m}x{k}x{n} formula: {err} vs {scale}"
                 );
+                let Some(packed) = Packed::new(dtype, &bytes, n, k) else {
+                    assert!(!vnni, "{dtype:?}: not packed on an AVX-512 VNNI CPU");
+                    continue;
+                };
+                let got = packed.matmul(&x, m);
+                assert_eq!(got, want, "{dtype:?} {m}x{k}x{n}");
                 // Each token alone gets the bits it gets in the batch.
                 for t in 0..m {
                     let alone = packed.matmul(&x[t * k..(t + 1) * k], 1);
@@ -497,19 +522,19 @@ mod tests {
         }
     }
 
-    /// The packed layout loses nothing: it unpacks to the same GGUF bytes, dequantizes to
-    /// candle's values bit for bit, and looks embedding rows up as candle does.
+    /// The packed layout loses nothing: it unpacks to the same GGUF bytes and dequantizes to
+    /// candle's values bit for bit (the layout code is portable: checked on every CPU); and
+    /// the weight looks embedding rows up as candle does, packed where the CPU runs the packed
+    /// kernels and in GGUF blocks elsewhere.
     #[test]
     fn packing_round_trips_and_dequantizes_as_candle() {
-        if kernels::isa() != Isa::Avx512Vnni {
-            return;
-        }
+        let vnni = isa() == Isa::Avx512Vnni;
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let (n, k) = (37, 96);
             let wt = Tensor::from_vec(random(n * k, 5), (n, k), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&wt, dtype).unwrap();
             let bytes = q.data().unwrap().to_vec();
-            let packed = Packed::new(dtype, &bytes, n, k).unwrap();
+            let packed = Packed::repack(dtype, &bytes, n, k);
             assert_eq!(packed.unpack(), bytes, "{dtype:?}");
             let want = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
             assert_eq!(
@@ -519,7 +544,7 @@ mod tests {
             );
             let ids = Tensor::new(&[[3u32, 36, 0]], &Device::Cpu).unwrap();
             let w = crate::qweight::QWeight::packed_if_possible(q);
-            assert!(w.packed().is_some());
+            assert_eq!(w.packed().is_some(), vnni, "{dtype:?}");
             let got = w.embedding(&ids).unwrap();
             assert_eq!(got.dims(), &[1, 3, k]);
             let rows = want.reshape((n, k)).unwrap();

@@ -9,37 +9,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::{RopeStyle, RopeTables};
-
-pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: expects f32");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: expects a contiguous tensor");
-    };
-    Ok(&v[a..b])
-}
-
-/// A contiguous f32 CPU tensor's storage, held while its values are read in place.
-pub(crate) struct HostRows {
-    t: Tensor,
-}
-
-impl HostRows {
-    pub(crate) fn new(t: &Tensor) -> Result<Self> {
-        Ok(Self { t: t.contiguous()? })
-    }
-
-    /// Calls `f` with the values, borrowed.
-    pub(crate) fn with<R>(&self, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-        let (s, l) = self.t.storage_and_layout();
-        let candle_core::Storage::Cpu(s) = &*s else {
-            candle_core::bail!("{what}: expects a CPU tensor");
-        };
-        f(f32_slice(s, l, what)?)
-    }
-}
+use super::host::{Gemm, Mat, f32_slice, gemm_into};
+use super::{RopeStyle, RopeTables};
 
 /// softmax(scale · x + causal mask) over the last dimension of (..., T, P) scores, where
 /// query i (of T) sits at position past + i and sees keys 0..=past + i.
@@ -117,7 +88,7 @@ impl CustomOp2 for SoftmaxGrad {
 
 /// Causal softmax of raw attention scores (B, H, T, P): scaled, masked for queries at
 /// positions past.., normalized. Differentiable.
-pub fn causal_softmax(scores: &Tensor, scale: f64, past: usize) -> Result<Tensor> {
+pub(crate) fn causal_softmax(scores: &Tensor, scale: f64, past: usize) -> Result<Tensor> {
     scores.contiguous()?.apply_op1(CausalSoftmax {
         scale: scale as f32,
         past,
@@ -205,7 +176,7 @@ impl CustomOp2 for RmsNorm {
 }
 
 /// RMS norm over the last dimension with weight w: (C,). Differentiable in x and w.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm(eps))
 }
 
@@ -279,105 +250,18 @@ impl CustomOp2 for SiluMul {
 }
 
 /// silu(g) ⊙ u, differentiable in both.
-pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+pub(crate) fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     g.contiguous()?.apply_op2(&u.contiguous()?, SiluMul)
-}
-
-/// A strided matrix: element (i, j) of `data` at i·rs + j·cs.
-#[derive(Clone, Copy)]
-pub(crate) struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> Mat<'a> {
-    pub(crate) fn rows(data: &'a [f32], cols: usize) -> Self {
-        Self {
-            data,
-            rs: cols,
-            cs: 1,
-        }
-    }
-
-    /// The transpose of a row-major (·, cols) matrix.
-    pub(crate) fn t(data: &'a [f32], cols: usize) -> Self {
-        Self {
-            data,
-            rs: 1,
-            cs: cols,
-        }
-    }
-
-    fn covers(&self, rows: usize, cols: usize) -> bool {
-        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
-    }
-}
-
-/// dst (m, n) row-major = a (m, k) · b (k, n), added to dst when `acc`; one thread (callers
-/// run many in parallel).
-fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], acc: bool, a: Mat, b: Mat) {
-    gemm_into(m, n, k, dst, acc, 1.0, a, b, false)
-}
-
-/// dst (m, n) row-major = [dst +] scale · a (m, k) · b (k, n), on rayon's threads when
-/// `parallel`.
-#[allow(unsafe_code, clippy::too_many_arguments)]
-pub(crate) fn gemm_into(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    acc: bool,
-    scale: f32,
-    a: Mat,
-    b: Mat,
-    parallel: bool,
-) {
-    assert!(dst.len() >= m * n && a.covers(m, k) && b.covers(k, n));
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: every element gemm reads or writes is in bounds (checked above); dst is
-    // exclusively borrowed, so it overlaps neither input.
-    // gemm: dst[i·rs + j·cs] = α·dst + β·Σ_l lhs[i·rs + l·cs]·rhs[l·rs + j·cs].
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            acc,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            if acc { 1.0 } else { 0.0 },
-            scale,
-            false,
-            false,
-            false,
-            if parallel {
-                gemm::Parallelism::Rayon(rayon::current_num_threads())
-            } else {
-                gemm::Parallelism::None
-            },
-        );
-    }
 }
 
 /// Shapes of a fused attention call: q (B, T, H·D), k and v (B, T, K·D).
 #[derive(Debug, Clone, Copy)]
-pub struct AttnShape {
-    pub batch: usize,
-    pub len: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
+pub(crate) struct AttnShape {
+    pub(crate) batch: usize,
+    pub(crate) len: usize,
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
 }
 
 /// The whole attention core of a decoder layer on a prefix (no cache): RoPE on q and k,
@@ -475,14 +359,11 @@ impl CausalAttention {
     fn block_probs(&self, qr: &[f32], kr: &[f32], i0: usize, i1: usize, p: &mut [f32]) {
         let d = self.shape.head_dim;
         let q = &qr[i0 * d..i1 * d];
-        matmul(
-            i1 - i0,
-            i1,
-            d,
+        gemm_into(
             p,
-            false,
             Mat::rows(q, d),
             Mat::t(&kr[..i1 * d], d),
+            Gemm::new(i1 - i0, i1, d).serial(),
         );
         let scale = 1.0 / (d as f32).sqrt();
         for (r, row) in p.chunks_exact_mut(i1).enumerate() {
@@ -544,14 +425,11 @@ impl CustomOp3 for CausalAttention {
                         let p = &mut p[..(i1 - i0) * i1];
                         self.block_probs(&qr, &kr, i0, i1, p);
                         let out = &mut out[i0 * d..i1 * d];
-                        matmul(
-                            i1 - i0,
-                            d,
-                            i1,
+                        gemm_into(
                             out,
-                            false,
                             Mat::rows(p, i1),
                             Mat::rows(&vv, d),
+                            Gemm::new(i1 - i0, d, i1).serial(),
                         );
                     }
                 }
@@ -603,15 +481,17 @@ impl CustomOp3 for CausalAttention {
                         let dy = &dy[i0 * d..i1 * d];
                         // dv[..i1] += pᵀ·dy; dp = dy·v[..i1]ᵀ
                         let dv = &mut dv[..i1 * d];
-                        matmul(i1, d, m, dv, true, Mat::t(p, i1), Mat::rows(dy, d));
-                        matmul(
-                            m,
-                            i1,
-                            d,
+                        gemm_into(
+                            dv,
+                            Mat::t(p, i1),
+                            Mat::rows(dy, d),
+                            Gemm::new(i1, d, m).accumulate().serial(),
+                        );
+                        gemm_into(
                             ds,
-                            false,
                             Mat::rows(dy, d),
                             Mat::t(&vv[..i1 * d], d),
+                            Gemm::new(m, i1, d).serial(),
                         );
                         // ds = scale · p ⊙ (dp − Σ_j dp ⊙ p), row by row (zero where p is).
                         for (ds, p) in ds.chunks_exact_mut(i1).zip(p.chunks_exact(i1)) {
@@ -622,9 +502,19 @@ impl CustomOp3 for CausalAttention {
                         }
                         // dq_rot = ds·k_rot[..i1]; dk_rot[..i1] += dsᵀ·q_rot
                         let dq = &mut dq[i0 * d..i1 * d];
-                        matmul(m, d, i1, dq, false, Mat::rows(ds, i1), Mat::rows(&kr, d));
+                        gemm_into(
+                            dq,
+                            Mat::rows(ds, i1),
+                            Mat::rows(&kr, d),
+                            Gemm::new(m, d, i1).serial(),
+                        );
                         let (dk, q) = (&mut dk[..i1 * d], &qr[i0 * d..i1 * d]);
-                        matmul(i1, d, m, dk, true, Mat::t(ds, i1), Mat::rows(q, d));
+                        gemm_into(
+                            dk,
+                            Mat::t(ds, i1),
+                            Mat::rows(q, d),
+                            Gemm::new(i1, d, m).accumulate().serial(),
+                        );
                     }
                     self.rotate(dq, true);
                 }
@@ -657,7 +547,7 @@ impl CustomOp3 for CausalAttention {
 /// Causal self-attention over a whole prefix (positions 0..T, no cache) from projected
 /// q: (B, T, H·D), k, v: (B, T, K·D) to (B, T, H·D): RoPE, grouped heads, scaled causal
 /// softmax, with keys and values rounded to f16 when `round_kv`. Differentiable in q, k, v.
-pub fn causal_attention(
+pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -696,24 +586,14 @@ pub fn causal_attention(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff_tensors as max_diff;
     use candle_core::{D, DType, Device, Var};
 
     fn var(seed: u64, shape: &[usize]) -> Var {
-        let mut rng = crate::weights::SplitMix64(seed);
+        let mut rng = crate::rng::SplitMix64(seed);
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
         Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// Values and gradients (of a weighted sum, so every output counts differently) agree

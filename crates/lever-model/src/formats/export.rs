@@ -14,14 +14,14 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use crate::config::Arch;
-use crate::convert::{rope_permute, rope_unpermute};
 use crate::decoder::{Decoder, ParamRef};
 use crate::error::{Error, Result, io_err};
-use crate::gguf::GgufFile;
+use crate::formats::convert::{rope_permute, rope_unpermute};
+use crate::formats::gguf::GgufFile;
+use crate::formats::weights::{Embedding, Param};
 use crate::linear::{Linear, Weight};
 use crate::model::Model;
 use crate::ops::RopeStyle;
-use crate::weights::{Embedding, Param};
 
 /// Where the names and Q/K rows of exported tensors follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,7 +204,7 @@ pub fn write_gguf(model: &Model, dst: &Path, target: GgmlDType) -> Result<()> {
     if model.info.format == "hf" {
         let tmp = dst.with_extension("hf.tmp-lever");
         write_hf(model, &tmp)?;
-        let r = crate::quantize::convert_hf(&tmp, dst, target);
+        let r = crate::formats::quantize::convert_hf(&tmp, dst, target);
         let _ = std::fs::remove_dir_all(&tmp);
         return r;
     }
@@ -223,9 +223,9 @@ pub fn write_gguf(model: &Model, dst: &Path, target: GgmlDType) -> Result<()> {
             GgmlDType::F32
         } else {
             let cols = *t.dims().last().unwrap_or(&0);
-            crate::quantize::matrix_type(&name, cols, tied, target, dst)?
+            crate::formats::quantize::matrix_type(&name, cols, tied, target, dst)?
         };
         tensors.push((name, QTensor::quantize(&t, ty)?));
     }
-    crate::quantize::write_gguf(dst, metadata, &tensors, target)
+    crate::formats::quantize::write_gguf(dst, metadata, &tensors, target)
 }

@@ -12,8 +12,9 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::gguf::GgufFile;
+use crate::formats::gguf::GgufFile;
 use crate::linear::{Linear, Weight};
+use crate::rng::SplitMix64;
 
 /// A logical decoder parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +131,7 @@ pub(crate) fn check_shape(path: &Path, key: &str, got: &[usize], want: &[usize])
 
 /// Weights of a GGUF file: quantized matrices stay quantized (frozen), F16/F32 ones become
 /// float tensors, norms are float.
-pub struct GgufWeights<'a> {
+pub(crate) struct GgufWeights<'a> {
     pub file: &'a mut GgufFile,
     pub device: Device,
 }
@@ -192,7 +193,7 @@ impl WeightSource for GgufWeights<'_> {
 }
 
 /// Weights of a Hugging Face folder (one or several `*.safetensors`), converted to f32.
-pub struct SafetensorsWeights {
+pub(crate) struct SafetensorsWeights {
     files: MmapedSafetensors,
     paths: Vec<PathBuf>,
     device: Device,
@@ -376,32 +377,5 @@ impl WeightSource for RandomWeights {
 
     fn embedding(&mut self, _p: Param, vocab: usize, hidden: usize) -> Result<Embedding> {
         Ok(Embedding::Float(self.normal(&[vocab, hidden], 0.02)?))
-    }
-}
-
-/// A tiny deterministic PRNG (Steele et al., SplitMix64), stable across platforms and
-/// dependency versions so seeded tests and runs stay reproducible.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(f32::MIN_POSITIVE);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
     }
 }

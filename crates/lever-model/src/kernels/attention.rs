@@ -1,0 +1,787 @@
+//! Causal attention on the CPU over the host KV cache, which holds keys and values in f16 as
+//! llama.cpp's does: llama.cpp's one-query f16 flash-attention arithmetic for fewer than
+//! [`ATTN_TILE_Q`] queries, an f32 softmax above (`ggml_compute_forward_flash_attn_ext_f16`).
+//! Scalar code, AVX2, and with AVX-512 the query heads that share a key/value head together.
+//!
+//! `unsafe`: SIMD intrinsics that load through raw pointers, and each (position, head) item
+//! writing its own slice of the one output buffer from its thread.
+#![allow(unsafe_code)]
+
+use half::f16;
+
+use super::pool::{LARGE_M, SyncPtr, parallel};
+use super::{Isa, isa};
+
+/// llama.cpp's CPU flash attention takes one query at a time, with the query rounded to f16 and
+/// the output accumulated in f16 (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`), until a
+/// batch has this many queries; from there on it works in f32 tiles (`GGML_FA_TILE_Q`).
+pub const ATTN_TILE_Q: usize = 64;
+
+/// Largest head size the attention kernel takes.
+pub(crate) const MAX_HEAD_DIM: usize = 256;
+
+/// Heads of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttnDims {
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+/// Causal attention for T new queries at positions past..past+T over cached keys and values
+/// 0..past+T, each query head reading key/value head h / (H/K). q: (T, H, D) after RoPE;
+/// k, v: (past+T, K, D) in f16, as llama.cpp's cache holds them; returns (T, H, D). Fewer than `ATTN_TILE_Q` queries
+/// follow llama.cpp's f16 arithmetic, more its f32 arithmetic.
+pub(crate) fn attention(
+    q: &[f32],
+    k: &[f16],
+    v: &[f16],
+    t: usize,
+    past: usize,
+    dims: AttnDims,
+    scale: f32,
+) -> Vec<f32> {
+    assert_eq!(q.len(), t * dims.heads * dims.head_dim);
+    assert_eq!(k.len(), (past + t) * dims.kv_heads * dims.head_dim);
+    assert_eq!(v.len(), k.len());
+    let f16_mode = t < ATTN_TILE_Q;
+    let work = t * (past + t) * dims.heads * dims.head_dim;
+    attend_items(
+        q,
+        t,
+        dims,
+        f16_mode,
+        work,
+        t >= LARGE_M,
+        |i| (k, v, past + i + 1),
+        scale,
+    )
+}
+
+/// One new query per sequence (a batched decoding step): row r's query q[r] (H, D), after
+/// RoPE, attends over its own cache `kv[r]` = (keys, values), each (P_r, K, D) with the new
+/// token's key already appended. The same arithmetic as `attention` with T = 1 for each row
+/// (llama.cpp's one-query f16 path), with rows × heads spread over the threads at once.
+pub(crate) fn attention_rows(
+    q: &[f32],
+    kv: &[(&[f16], &[f16])],
+    dims: AttnDims,
+    scale: f32,
+) -> Vec<f32> {
+    assert_eq!(q.len(), kv.len() * dims.heads * dims.head_dim);
+    let row = dims.kv_heads * dims.head_dim;
+    let work = kv.iter().map(|(k, _)| k.len()).sum::<usize>() * (dims.heads / dims.kv_heads);
+    let cache = |r: usize| (kv[r].0, kv[r].1, kv[r].0.len() / row);
+    attend_items(q, kv.len(), dims, true, work, false, cache, scale)
+}
+
+/// Attention of `n` query positions (H heads each) over the keys and values `cache(i)` =
+/// (keys, values, how many of them position i sees), spread over the threads. In f16 mode
+/// an item is one position × one key/value head with the H/K query heads that read it; in
+/// f32 mode one position × one query head.
+#[allow(clippy::too_many_arguments)]
+fn attend_items<'a>(
+    q: &[f32],
+    n: usize,
+    dims: AttnDims,
+    f16_mode: bool,
+    work: usize,
+    large: bool,
+    cache: impl Fn(usize) -> (&'a [f16], &'a [f16], usize) + Sync,
+    scale: f32,
+) -> Vec<f32> {
+    let AttnDims {
+        heads,
+        kv_heads,
+        head_dim: d,
+    } = dims;
+    assert!(d <= MAX_HEAD_DIM && heads % kv_heads == 0);
+    let isa = isa();
+    let per_kv = heads / kv_heads;
+    let group = if f16_mode { per_kv } else { 1 };
+    let mut out = vec![0f32; n * heads * d];
+    let ptr = SyncPtr(out.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        let ptr = &ptr;
+        let mut scratch = Vec::new();
+        for item in range {
+            let (i, h0) = (item / (heads / group), (item % (heads / group)) * group);
+            let (k, v, len) = cache(i);
+            let kv = KvView {
+                k,
+                v,
+                stride: kv_heads * d,
+                offset: (h0 / per_kv) * d,
+                len,
+            };
+            let at = (i * heads + h0) * d;
+            let qs = &q[at..at + group * d];
+            // SAFETY: at + group·D ≤ n·H·D = out.len(), and item (position i, heads
+            // h0..h0+group), run once, is the only one that writes out[at..at + group·D].
+            let o = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(at), group * d) };
+            if f16_mode {
+                attend_f16_heads(isa, qs, group, &kv, scale, &mut scratch, o);
+            } else {
+                scratch.resize(len, 0.0);
+                attend_f32(isa, qs, &kv, scale, &mut scratch, o);
+            }
+        }
+    };
+    let items = n * heads / group;
+    if work >= 1 << 16 {
+        parallel(items, large, run);
+    } else {
+        run(0..items);
+    }
+    out
+}
+
+/// One key/value head's rows 0..len inside the (P, K, D) cache.
+struct KvView<'a> {
+    k: &'a [f16],
+    v: &'a [f16],
+    stride: usize,
+    offset: usize,
+    len: usize,
+}
+
+impl KvView<'_> {
+    /// Whether rows 0..len hold `d` keys and values each from `offset` on, inside the row:
+    /// what the SIMD paths read without bounds checks.
+    fn holds(&self, d: usize) -> bool {
+        self.len == 0 || {
+            let end = (self.len - 1) * self.stride + self.offset + d;
+            self.offset + d <= self.stride && end <= self.k.len() && end <= self.v.len()
+        }
+    }
+
+    fn key(&self, j: usize) -> &[f16] {
+        let at = j * self.stride + self.offset;
+        &self.k[at..at + self.stride.min(self.k.len() - at)]
+    }
+    fn value(&self, j: usize) -> &[f16] {
+        let at = j * self.stride + self.offset;
+        &self.v[at..at + self.stride.min(self.v.len() - at)]
+    }
+}
+
+fn f16_round(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
+/// `attend_f16` for the `g` query heads (contiguous in `q` and `out`, D each) that read one
+/// key/value head, with the same arithmetic. With AVX-512 and D a multiple of 64 it runs in
+/// three passes: the scores (independent dot products, so they pipeline), the running
+/// maximum's rescale factors and the weights (scalar), then the f16 accumulators, held in
+/// registers with the heads' rounding chains interleaved (one head alone waits on the
+/// latency of each key's round trip through f16).
+fn attend_f16_heads(
+    isa: Isa,
+    q: &[f32],
+    g: usize,
+    kv: &KvView,
+    scale: f32,
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let d = q.len() / g;
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512Vnni && d.is_multiple_of(64) {
+        assert!(isa.runs_here() && d <= MAX_HEAD_DIM && kv.holds(d));
+        assert!(q.len() == g * d && out.len() == g * d);
+        // SAFETY: the CPU has AVX-512 (VNNI implies F, with AVX2, FMA, F16C) and the sizes
+        // are as the contract asks (asserted above).
+        unsafe { attn_avx512::attend_f16_heads(q, g, kv, scale, scratch, out) };
+        return;
+    }
+    let _ = scratch;
+    for (qh, o) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        attend_f16(isa, qh, kv, scale, o);
+    }
+}
+
+/// One key of an online softmax with running maximum `m`: (factor for what was summed so
+/// far, weight of this key). A new maximum rescales by e^(m−s) and weighs the key 1; else the
+/// key weighs e^(s−m). A factor of 1 changes nothing (the accumulators hold f16 values, which
+/// × 1 rounds back to themselves), so callers skip it.
+#[inline]
+fn online_softmax_step(s: f32, m: &mut f32) -> (f32, f32) {
+    if s > *m {
+        let ms = (*m - s).exp();
+        *m = s;
+        (ms, 1.0)
+    } else {
+        (1.0, (s - *m).exp())
+    }
+}
+
+/// llama.cpp's one-query flash attention: f16 query, online softmax, f16 accumulator.
+fn attend_f16(isa: Isa, q: &[f32], kv: &KvView, scale: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 && q.len().is_multiple_of(8) {
+        assert!(isa.runs_here() && q.len() <= MAX_HEAD_DIM && out.len() >= q.len());
+        assert!(kv.holds(q.len()));
+        // SAFETY: the CPU has AVX2, FMA and F16C, and the sizes are as the contract asks
+        // (asserted above).
+        unsafe { attn_avx2::attend_f16(q, kv, scale, out) };
+        return;
+    }
+    let _ = isa;
+    let d = q.len();
+    let qh: Vec<f32> = q.iter().map(|&x| f16_round(x)).collect();
+    let mut acc = vec![0f32; d];
+    let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
+    for j in 0..kv.len {
+        let key = &kv.key(j)[..d];
+        let s = qh.iter().zip(key).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
+        let (ms, vs) = online_softmax_step(s, &mut m);
+        if ms != 1.0 {
+            acc.iter_mut().for_each(|a| *a = f16_round(*a * ms));
+        }
+        for (a, &x) in acc.iter_mut().zip(&kv.value(j)[..d]) {
+            *a = f16_round(x.to_f32().mul_add(vs, *a));
+        }
+        s_sum = s_sum.mul_add(ms, vs);
+    }
+    let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = a * inv;
+    }
+}
+
+/// Softmax attention in f32: scores, their maximum, exponentials, weighted sum of values.
+fn attend_f32(isa: Isa, q: &[f32], kv: &KvView, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 && q.len().is_multiple_of(8) {
+        assert!(isa.runs_here() && q.len() <= MAX_HEAD_DIM && out.len() >= q.len());
+        assert!(kv.holds(q.len()) && scores.len() == kv.len);
+        // SAFETY: the CPU has AVX2, FMA and F16C, and the sizes are as the contract asks
+        // (asserted above).
+        unsafe { attn_avx2::attend_f32(q, kv, scale, scores, out) };
+        return;
+    }
+    let _ = isa;
+    let d = q.len();
+    for (j, s) in scores.iter_mut().enumerate() {
+        *s = q
+            .iter()
+            .zip(&kv.key(j)[..d])
+            .map(|(a, b)| a * b.to_f32())
+            .sum::<f32>()
+            * scale;
+    }
+    let m = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - m).exp();
+        sum += *s;
+    }
+    out.iter_mut().for_each(|o| *o = 0.0);
+    for (j, &e) in scores.iter().enumerate() {
+        for (o, &x) in out.iter_mut().zip(&kv.value(j)[..d]) {
+            *o += e * x.to_f32();
+        }
+    }
+    let inv = 1.0 / sum;
+    out.iter_mut().for_each(|o| *o *= inv);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod attn_avx2 {
+    use super::{KvView, MAX_HEAD_DIM, online_softmax_step};
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn round_f16(x: __m256) -> __m256 {
+        _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(x: __m256) -> f32 {
+        let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r)
+    }
+
+    /// 8 f16 values as f32 (exact).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; p points to 8 readable f16 values (any alignment).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn load_f16(p: *const f16) -> __m256 {
+        // SAFETY: the 16 bytes read are the 8 values the contract gives.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+
+    /// Σ a·b over D (a multiple of 8), two accumulators.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; d is a multiple of 8; `a` points to d readable f32 and
+    /// `b` to d readable f16 values.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot(a: *const f32, b: *const f16, d: usize) -> f32 {
+        // SAFETY: every load reads 8 values at c + 8 ≤ d (d a multiple of 8).
+        unsafe {
+            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut c = 0;
+            while c + 16 <= d {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c)), load_f16(b.add(c)), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c + 8)), load_f16(b.add(c + 8)), s1);
+                c += 16;
+            }
+            if c < d {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c)), load_f16(b.add(c)), s0);
+            }
+            hsum(_mm256_add_ps(s0, s1))
+        }
+    }
+
+    /// e^x for 8 lanes: x = n·ln2 + r with |r| ≤ ln2/2, e^r by a degree-6 polynomial, 2^n
+    /// through the exponent bits. Relative error about 2e-7; underflows to 0 below -87.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let x = _mm256_min_ps(x, _mm256_set1_ps(88.0));
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        // ln 2 split in two so that n·ln2_hi is exact.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let pow2 = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        _mm256_mul_ps(p, _mm256_castsi256_ps(pow2))
+    }
+
+    /// `super::attend_f16` in AVX2, the same arithmetic.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; D = q.len() is a multiple of 8 and at most
+    /// `MAX_HEAD_DIM`; out.len() ≥ D; `kv.holds(D)`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn attend_f16(q: &[f32], kv: &KvView, scale: f32, out: &mut [f32]) {
+        // SAFETY: loads and stores at c < D ≤ MAX_HEAD_DIM in q, out and the two local arrays;
+        // keys and values j < kv.len hold D values (`kv.holds(D)`).
+        unsafe {
+            let d = q.len();
+            let mut qh = [0f32; MAX_HEAD_DIM];
+            let mut acc = [0f32; MAX_HEAD_DIM];
+            for c in (0..d).step_by(8) {
+                _mm256_storeu_ps(
+                    qh.as_mut_ptr().add(c),
+                    round_f16(_mm256_loadu_ps(q.as_ptr().add(c))),
+                );
+            }
+            let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
+            for j in 0..kv.len {
+                let s = dot(qh.as_ptr(), kv.key(j).as_ptr(), d) * scale;
+                let (ms, vs) = online_softmax_step(s, &mut m);
+                if ms != 1.0 {
+                    let msv = _mm256_set1_ps(ms);
+                    for c in (0..d).step_by(8) {
+                        let a = acc.as_mut_ptr().add(c);
+                        _mm256_storeu_ps(a, round_f16(_mm256_mul_ps(_mm256_loadu_ps(a), msv)));
+                    }
+                }
+                let vsv = _mm256_set1_ps(vs);
+                let val = kv.value(j).as_ptr();
+                for c in (0..d).step_by(8) {
+                    let a = acc.as_mut_ptr().add(c);
+                    let y = _mm256_fmadd_ps(load_f16(val.add(c)), vsv, _mm256_loadu_ps(a));
+                    _mm256_storeu_ps(a, round_f16(y));
+                }
+                s_sum = s_sum.mul_add(ms, vs);
+            }
+            let inv = _mm256_set1_ps(if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum });
+            for c in (0..d).step_by(8) {
+                let y = _mm256_mul_ps(_mm256_loadu_ps(acc.as_ptr().add(c)), inv);
+                _mm256_storeu_ps(out.as_mut_ptr().add(c), y);
+            }
+        }
+    }
+
+    /// `super::attend_f32` in AVX2 (the exponentials by `exp8`).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; D = q.len() is a multiple of 8 and at most
+    /// `MAX_HEAD_DIM`; out.len() ≥ D; `kv.holds(D)`.
+    /// And scores.len() = kv.len.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn attend_f32(
+        q: &[f32],
+        kv: &KvView,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        // SAFETY: score j < n = kv.len reads key j (D values, `kv.holds(D)`); loads of scores
+        // stop at j + 8 ≤ n; the accumulators cover D / 8 ≤ MAX_HEAD_DIM / 8 registers; out
+        // holds D floats.
+        unsafe {
+            let d = q.len();
+            let n = scores.len();
+            let mut m = f32::NEG_INFINITY;
+            for (j, s) in scores.iter_mut().enumerate() {
+                *s = dot(q.as_ptr(), kv.key(j).as_ptr(), d) * scale;
+                m = m.max(*s);
+            }
+            let mv = _mm256_set1_ps(m);
+            let mut sumv = _mm256_setzero_ps();
+            let mut j = 0;
+            while j + 8 <= n {
+                let p = scores.as_mut_ptr().add(j);
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), mv));
+                _mm256_storeu_ps(p, e);
+                sumv = _mm256_add_ps(sumv, e);
+                j += 8;
+            }
+            let mut sum = hsum(sumv);
+            for s in &mut scores[j..] {
+                *s = (*s - m).exp();
+                sum += *s;
+            }
+            let mut acc = [_mm256_setzero_ps(); MAX_HEAD_DIM / 8];
+            let chunks = d / 8;
+            for (j, &e) in scores.iter().enumerate() {
+                let ev = _mm256_set1_ps(e);
+                let val = kv.value(j).as_ptr();
+                for (c, a) in acc[..chunks].iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(load_f16(val.add(c * 8)), ev, *a);
+                }
+            }
+            let inv = _mm256_set1_ps(1.0 / sum);
+            for (c, a) in acc[..chunks].iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(c * 8), _mm256_mul_ps(*a, inv));
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod attn_avx512 {
+    use super::attn_avx2::{dot, round_f16};
+    use super::{KvView, MAX_HEAD_DIM, online_softmax_step};
+    use std::arch::x86_64::*;
+
+    /// Query heads whose accumulators are interleaved (4 × 4 registers of 16 lanes).
+    const HEADS: usize = 4;
+
+    /// `super::attend_f16_heads` with AVX-512: scores, then weights, then the interleaved
+    /// accumulators.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, AVX2, FMA and F16C; q and out hold g·D floats, D a multiple of
+    /// 64 and at most `MAX_HEAD_DIM`; `kv.holds(D)`.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn attend_f16_heads(
+        q: &[f32],
+        g: usize,
+        kv: &KvView,
+        scale: f32,
+        scratch: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let d = q.len() / g;
+        let n = kv.len;
+        scratch.clear();
+        scratch.resize(3 * g * n + g, 0.0);
+        let (scores, rest) = scratch.split_at_mut(g * n);
+        let (rescale, rest) = rest.split_at_mut(g * n);
+        let (weight, inv) = rest.split_at_mut(g * n);
+        // SAFETY: query and output reads and writes stay in head h < g's D values; keys and
+        // values j < n hold D values (`kv.holds(D)`); `accumulate` gets HEADS or fewer heads
+        // from h0 < g, with their n factors each in `rescale` and `weight` (g·n long).
+        unsafe {
+            for h in 0..g {
+                // The f16 query (as `attn_avx2::attend_f16` rounds it) and its scores.
+                let mut qh = [0f32; MAX_HEAD_DIM];
+                for c in (0..d).step_by(8) {
+                    let x = _mm256_loadu_ps(q.as_ptr().add(h * d + c));
+                    _mm256_storeu_ps(qh.as_mut_ptr().add(c), round_f16(x));
+                }
+                let s = &mut scores[h * n..(h + 1) * n];
+                for (j, s) in s.iter_mut().enumerate() {
+                    if h == 0 && j + PREFETCH < n {
+                        prefetch(kv.key(j + PREFETCH).as_ptr(), d);
+                    }
+                    *s = dot(qh.as_ptr(), kv.key(j).as_ptr(), d) * scale;
+                }
+                // Online softmax: a new maximum rescales what was summed (factor ≠ 1).
+                let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
+                for (j, &s) in s.iter().enumerate() {
+                    let (ms, vs) = online_softmax_step(s, &mut m);
+                    rescale[h * n + j] = ms;
+                    weight[h * n + j] = vs;
+                    s_sum = s_sum.mul_add(ms, vs);
+                }
+                inv[h] = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
+            }
+            let mut h0 = 0;
+            while h0 < g {
+                let at = |x: &[f32]| x.as_ptr().add(h0 * n);
+                let (r, w, o) = (at(rescale), at(weight), out.as_mut_ptr().add(h0 * d));
+                match (g - h0).min(HEADS) {
+                    4 => accumulate::<4>(kv, d, r, w, &inv[h0..], o),
+                    3 => accumulate::<3>(kv, d, r, w, &inv[h0..], o),
+                    2 => accumulate::<2>(kv, d, r, w, &inv[h0..], o),
+                    _ => accumulate::<1>(kv, d, r, w, &inv[h0..], o),
+                }
+                h0 += HEADS;
+            }
+        }
+    }
+
+    /// Rows ahead that the passes ask the memory for: each key and value row of a cache is
+    /// its own short read, which the hardware prefetcher sees too late.
+    const PREFETCH: usize = 8;
+
+    /// Ask for the cache lines of `n` f16 values from `p` on.
+    #[inline]
+    fn prefetch(p: *const half::f16, n: usize) {
+        for off in (0..n * 2).step_by(64) {
+            // SAFETY: a prefetch never faults, whatever the address (formed with
+            // `wrapping_add`, so no out-of-bounds pointer arithmetic either).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(off)) };
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    fn round16(x: __m512) -> __m512 {
+        _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x))
+    }
+
+    /// H heads' outputs: for each 64-wide slice of D, every key's value into the f16
+    /// accumulators (rescaled first where the maximum moved), then × 1/Σ. `rescale` and
+    /// `weight` hold len factors per head, head after head.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, AVX2, FMA and F16C; d is a multiple of 64 and `kv.holds(d)`;
+    /// `rescale` and `weight` point to H·kv.len readable floats; inv.len() ≥ H; `out` is valid
+    /// for writes of H·d floats.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn accumulate<const H: usize>(
+        kv: &KvView,
+        d: usize,
+        rescale: *const f32,
+        weight: *const f32,
+        inv: &[f32],
+        out: *mut f32,
+    ) {
+        let n = kv.len;
+        // SAFETY: value rows j < n hold d values, read 64 at a time from c0 < d; factors are
+        // read at h·n + j < H·n; outputs written at h·d + c0 + 16u + 16 ≤ H·d.
+        unsafe {
+            for c0 in (0..d).step_by(64) {
+                let mut acc = [[_mm512_setzero_ps(); 4]; H];
+                for j in 0..n {
+                    if j + PREFETCH < n {
+                        prefetch(kv.value(j + PREFETCH).as_ptr().add(c0), 64);
+                    }
+                    let val = kv.value(j).as_ptr().add(c0);
+                    let v = [0, 16, 32, 48]
+                        .map(|u| _mm512_cvtph_ps(_mm256_loadu_si256(val.add(u) as *const __m256i)));
+                    for (h, acc) in acc.iter_mut().enumerate() {
+                        let ms = *rescale.add(h * n + j);
+                        if ms != 1.0 {
+                            let msv = _mm512_set1_ps(ms);
+                            for a in acc.iter_mut() {
+                                *a = round16(_mm512_mul_ps(*a, msv));
+                            }
+                        }
+                        let vs = _mm512_set1_ps(*weight.add(h * n + j));
+                        for (a, v) in acc.iter_mut().zip(&v) {
+                            *a = round16(_mm512_fmadd_ps(*v, vs, *a));
+                        }
+                    }
+                }
+                for (h, acc) in acc.iter().enumerate() {
+                    let iv = _mm512_set1_ps(inv[h]);
+                    for (u, a) in acc.iter().enumerate() {
+                        _mm512_storeu_ps(out.add(h * d + c0 + 16 * u), _mm512_mul_ps(*a, iv));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::testing::random;
+
+    /// Naive attention in f64 for query `i` of head `h`.
+    fn reference_attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        past: usize,
+        dims: AttnDims,
+        i: usize,
+        h: usize,
+    ) -> Vec<f64> {
+        let AttnDims {
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = dims;
+        let kh = h / (heads / kv_heads);
+        let qi = &q[(i * heads + h) * d..][..d];
+        let scores: Vec<f64> = (0..=past + i)
+            .map(|j| {
+                let kj = &k[(j * kv_heads + kh) * d..][..d];
+                qi.iter()
+                    .zip(kj)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>()
+                    / (d as f64).sqrt()
+            })
+            .collect();
+        let m = scores.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+        let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        (0..d)
+            .map(|c| {
+                e.iter()
+                    .enumerate()
+                    .map(|(j, w)| w * v[(j * kv_heads + kh) * d + c] as f64)
+                    .sum::<f64>()
+                    / sum
+            })
+            .collect()
+    }
+
+    /// The attention kernel against f64 softmax attention: tight in its f32 mode (many
+    /// queries), within f16 rounding in its llama.cpp f16 mode (few queries); every
+    /// instruction set.
+    #[test]
+    fn attention_matches_softmax_attention() {
+        let dims = AttnDims {
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 64,
+        };
+        let d = dims.head_dim;
+        for (t, past, tol) in [(1, 40, 2e-2), (5, 3, 2e-2), (ATTN_TILE_Q + 3, 9, 1e-5)] {
+            let n = past + t;
+            let q = random(t * dims.heads * d, 1);
+            let half = |x: Vec<f32>| x.into_iter().map(f16::from_f32).collect::<Vec<_>>();
+            let (k, v) = (
+                half(random(n * dims.kv_heads * d, 2)),
+                half(random(n * dims.kv_heads * d, 3)),
+            );
+            let wide = |x: &[f16]| x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
+            let (kf, vf) = (wide(&k), wide(&v));
+            for isa in Isa::available() {
+                let mut got = vec![0f32; t * dims.heads * d];
+                for i in 0..t {
+                    for h in 0..dims.heads {
+                        let kh = h / (dims.heads / dims.kv_heads);
+                        let kv = KvView {
+                            k: &k,
+                            v: &v,
+                            stride: dims.kv_heads * d,
+                            offset: kh * d,
+                            len: past + i + 1,
+                        };
+                        let qi = &q[(i * dims.heads + h) * d..][..d];
+                        let o = &mut got[(i * dims.heads + h) * d..][..d];
+                        if t < ATTN_TILE_Q {
+                            attend_f16(isa, qi, &kv, 1.0 / (d as f32).sqrt(), o);
+                        } else {
+                            let mut scores = vec![0f32; past + i + 1];
+                            attend_f32(isa, qi, &kv, 1.0 / (d as f32).sqrt(), &mut scores, o);
+                        }
+                    }
+                }
+                let mut worst = 0f64;
+                for i in 0..t {
+                    for h in 0..dims.heads {
+                        let want = reference_attention(&q, &kf, &vf, past, dims, i, h);
+                        let have = &got[(i * dims.heads + h) * d..][..d];
+                        for (a, b) in want.iter().zip(have) {
+                            worst = worst.max((a - *b as f64).abs());
+                        }
+                    }
+                }
+                assert!(worst < tol, "{isa:?} t={t} past={past}: {worst}");
+            }
+            assert_eq!(
+                attention(&q, &k, &v, t, past, dims, 1.0 / (d as f32).sqrt()).len(),
+                q.len()
+            );
+        }
+    }
+
+    /// The heads of a key/value head at once (the AVX-512 passes) give what each head alone
+    /// gives, bit for bit: head sizes 64 and 128, groups of 1 to 7 heads, 1 to 300 keys, and
+    /// scores that keep rising (a rescale at every key).
+    #[test]
+    fn grouped_f16_attention_equals_head_by_head() {
+        let half = |x: Vec<f32>| x.into_iter().map(f16::from_f32).collect::<Vec<_>>();
+        for d in [64, 128] {
+            for g in [1, 3, 4, 7] {
+                for (len, rising) in [
+                    (1, false),
+                    (2, false),
+                    (37, false),
+                    (300, false),
+                    (40, true),
+                ] {
+                    let q = random(g * d, 5 + len as u64);
+                    let mut k = half(random(len * 2 * d, 6));
+                    let v = half(random(len * 2 * d, 7));
+                    if rising {
+                        // Keys that align ever more with every query: a new maximum each time.
+                        for j in 0..len {
+                            for c in 0..d {
+                                k[(j * 2 + 1) * d + c] =
+                                    f16::from_f32(q[c].signum() * j as f32 * 0.05);
+                            }
+                        }
+                    }
+                    let kv = KvView {
+                        k: &k,
+                        v: &v,
+                        stride: 2 * d,
+                        offset: d,
+                        len,
+                    };
+                    let scale = 1.0 / (d as f32).sqrt();
+                    let mut want = vec![0f32; g * d];
+                    for (qh, o) in q.chunks_exact(d).zip(want.chunks_exact_mut(d)) {
+                        attend_f16(Isa::Avx2.min(isa()), qh, &kv, scale, o);
+                    }
+                    for isa in Isa::available() {
+                        let mut got = vec![f32::NAN; g * d];
+                        attend_f16_heads(isa, &q, g, &kv, scale, &mut Vec::new(), &mut got);
+                        if isa >= Isa::Avx2 {
+                            let same = got
+                                .iter()
+                                .zip(&want)
+                                .all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(same, "{isa:?} d={d} g={g} len={len}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
