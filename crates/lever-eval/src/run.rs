@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use lever_generate::{Flow, GenerateRequest, SamplingParams, Session, generate};
+use lever_generate::{Flow, Generator, Prompt, Request, Sampling, Session, Source, Unset};
 use lever_model::chat::Message;
 use lever_model::{Encoder, Model};
 use serde::Serialize;
@@ -18,6 +18,13 @@ use crate::mc::{McItem, McOptions, argmax, score_item};
 use crate::metrics::{Metric, bootstrap_ci, mean_ci};
 use crate::task::{DEFAULT_TEMPLATE, Example, Format, Select, Task};
 use crate::{Error, Result};
+
+/// What a generation metric's prompt is before a chat template (owned; see
+/// `Evaluator::generation_prompt`).
+enum GenPrompt {
+    Chat(Vec<Message>),
+    Text(String),
+}
 
 /// One way of prompting.
 #[derive(Debug, Clone, PartialEq)]
@@ -143,10 +150,11 @@ pub struct Evaluator<'a> {
     pub encoder: Option<&'a Encoder>,
     /// Bootstrap resamples for the interval.
     pub bootstrap: usize,
-    /// Generate on this OpenAI-compatible server instead of in-process (generation metrics
-    /// only; prompts are still built and budgeted with the local model's tokenizer and chat
-    /// template, and chat-format prompts are sent as messages).
-    pub backend: Option<lever_generate::remote::Backend>,
+    /// What answers the generation metrics: `model` in this process, or a server. Prompts are
+    /// built and budgeted with `model`'s tokenizer and chat template either way; chat-format
+    /// prompts go to the generator as messages.
+    generator: Box<dyn Generator + 'a>,
+    /// The KV cache of the log-likelihood metrics, which are read from `model` here.
     session: Session,
     /// Embeddings of the training pool's prompts, per template.
     pool_vecs: HashMap<String, Vec<Vec<f32>>>,
@@ -183,14 +191,16 @@ pub fn model_key(model: &Model) -> String {
 }
 
 impl<'a> Evaluator<'a> {
-    pub fn new(model: &'a Model, task: &'a Task) -> Self {
+    /// `generator` answers the generation metrics (`model`, in-process, or a server);
+    /// `model` builds the prompts and scores the log-likelihood metrics.
+    pub fn new(model: &'a Model, task: &'a Task, generator: Box<dyn Generator + 'a>) -> Self {
         Self {
             model,
             task,
             cache: None,
             encoder: None,
             bootstrap: 1000,
-            backend: None,
+            generator,
             session: Session::new(model),
             pool_vecs: HashMap::new(),
         }
@@ -199,7 +209,10 @@ impl<'a> Evaluator<'a> {
     /// Check a setting against the task and the model before running it.
     pub fn check(&self, s: &Setting) -> Result<()> {
         self.task.check_k(s.shots)?;
-        if self.backend.is_some() && !self.task.metric.generates() {
+        // Log-likelihoods come from `model` in this process; a server's answers could come
+        // from another model.
+        let remote = matches!(self.generator.source(), Source::Server(_));
+        if remote && !self.task.metric.generates() {
             return Err(self.task.err(format!(
                 "metric {} needs log-likelihoods, which lever reads from the model in-process; --backend serves the generation metrics (exact_match, f1, contains, regex)",
                 self.task.metric.name()
@@ -319,14 +332,7 @@ impl<'a> Evaluator<'a> {
                     Ok(text)
                 }
             }
-            Format::Chat => {
-                let msgs: Vec<Message> = self
-                    .messages(s, ex, shots)
-                    .into_iter()
-                    .map(|(role, content)| Message::new(&role, content))
-                    .collect();
-                self.chat(&msgs)
-            }
+            Format::Chat => self.chat(&self.messages(s, ex, shots)),
         }
     }
 
@@ -351,20 +357,33 @@ impl<'a> Evaluator<'a> {
         parts.join(&fs.separator)
     }
 
-    /// The chat-format prompt as (role, content) messages, for a backend.
-    fn messages(&self, s: &Setting, ex: &Example, shots: &[usize]) -> Vec<(String, String)> {
+    /// The chat-format prompt as messages.
+    fn messages(&self, s: &Setting, ex: &Example, shots: &[usize]) -> Vec<Message> {
         let task = self.task;
         let mut msgs = Vec::new();
         if let Some(instr) = &task.instruction {
-            msgs.push(("system".to_string(), instr.clone()));
+            msgs.push(Message::new("system", instr.clone()));
         }
         for &i in shots {
             let e = &task.train[i];
-            msgs.push(("user".to_string(), e.prompt(&s.template).to_string()));
-            msgs.push(("assistant".to_string(), e.target.trim().to_string()));
+            msgs.push(Message::new("user", e.prompt(&s.template)));
+            msgs.push(Message::new("assistant", e.target.trim()));
         }
-        msgs.push(("user".to_string(), ex.prompt(&s.template).to_string()));
+        msgs.push(Message::new("user", ex.prompt(&s.template)));
         msgs
+    }
+
+    /// What the generator continues: the messages (or the block as one user turn) where the
+    /// prompt goes through a chat template, else the block text. In-process this renders to
+    /// exactly `build`'s text.
+    fn generation_prompt(&self, s: &Setting, ex: &Example, shots: &[usize]) -> GenPrompt {
+        match s.format {
+            Format::Chat => GenPrompt::Chat(self.messages(s, ex, shots)),
+            Format::Block if self.task.fewshot.chat_template => {
+                GenPrompt::Chat(vec![Message::new("user", self.block_text(s, ex, shots))])
+            }
+            Format::Block => GenPrompt::Text(self.block_text(s, ex, shots)),
+        }
     }
 
     fn chat(&self, msgs: &[Message]) -> Result<String> {
@@ -447,7 +466,6 @@ impl<'a> Evaluator<'a> {
 
     fn one(&mut self, s: &Setting, id: usize, ex: &Example, ranked: &[usize]) -> Result<Record> {
         let (prompt, shots, dropped) = self.fit(s, ex, ranked)?;
-        let model = self.model;
         let task = self.task;
         let mut rec = Record {
             id,
@@ -488,63 +506,36 @@ impl<'a> Evaluator<'a> {
                         rec.cached = true;
                         v
                     }
-                    None if self.backend.is_some() => {
-                        let b = self.backend.as_ref().unwrap_or_else(|| unreachable!());
-                        let p = lever_generate::remote::Params {
-                            max_tokens: g.max_tokens,
-                            temperature: Some(g.temperature),
-                            top_p: Some(g.top_p),
-                            top_k: (g.top_k > 0).then_some(g.top_k),
-                            min_p: None,
-                            repeat_penalty: None,
-                            seed: Some(seed),
-                            stop: g.stop.clone(),
-                        };
-                        let chat = s.format == Format::Chat || task.fewshot.chat_template;
-                        let r = if chat && s.format == Format::Chat {
-                            b.chat(&self.messages(s, ex, &rec.shots), &p, &mut |_| true)
-                        } else if chat {
-                            // A block sent as one user turn.
-                            b.chat(
-                                &[("user".to_string(), self.block_text(s, ex, &rec.shots))],
-                                &p,
-                                &mut |_| true,
-                            )
-                        } else {
-                            b.complete(&prompt, &p, &mut |_| true)
-                        }
-                        .map_err(|e| Error::Item {
-                            origin: ex.origin.clone(),
-                            problem: e,
-                        })?;
-                        let v = json!({
-                            "text": r.text,
-                            "prompt_tokens": r.prompt_tokens,
-                            "completion_tokens": r.completion_tokens,
-                            "latency_ms": t0.elapsed().as_secs_f64() * 1e3,
-                        });
-                        self.put(key, &v)?;
-                        v
-                    }
                     None => {
-                        let ids = model
-                            .tokenizer
-                            .encode(&prompt, true)
-                            .map_err(lever_generate::Error::from)?;
-                        let req = GenerateRequest {
-                            max_new_tokens: g.max_tokens,
-                            stop: g.stop.clone(),
-                            sampling: SamplingParams {
-                                temperature: g.temperature,
-                                top_p: g.top_p,
-                                top_k: g.top_k,
-                                seed,
-                                ..SamplingParams::greedy()
+                        let what = self.generation_prompt(s, ex, &rec.shots);
+                        let req = Request {
+                            prompt: match &what {
+                                GenPrompt::Chat(m) => Prompt::Chat(m),
+                                GenPrompt::Text(t) => Prompt::Text(t),
+                            },
+                            max_tokens: g.max_tokens,
+                            stop: &g.stop,
+                            // A task file names every setting it uses: the rest are off.
+                            sampling: Sampling {
+                                temperature: Some(g.temperature),
+                                top_p: Some(g.top_p),
+                                top_k: (g.top_k > 0).then_some(g.top_k),
+                                seed: Some(seed),
+                                unset: Unset::Off,
+                                ..Sampling::default()
                             },
                         };
-                        let out = generate(model, &mut self.session, &ids, &req, &mut |_| {
-                            Flow::Continue
-                        })?;
+                        let out = self
+                            .generator
+                            .generate(&req, &mut |_| Flow::Continue)
+                            .map_err(|e| match e {
+                                // A server's failure is this item's: say which.
+                                lever_generate::Error::Remote { .. } => Error::Item {
+                                    origin: ex.origin.clone(),
+                                    problem: e.to_string(),
+                                },
+                                e => Error::Generate(e),
+                            })?;
                         let v = json!({
                             "text": out.text,
                             "prompt_tokens": out.prompt_tokens,

@@ -1,17 +1,34 @@
 //! lever-generate: generation with a KV cache, sampling, stop rules, the streaming
-//! detokenizer, perplexity and the speed measurements.
+//! detokenizer, perplexity and the speed measurements; and the [`Generator`] interface that
+//! the commands generate through, in this process ([`Local`]) or on an OpenAI-compatible
+//! server ([`Remote`]).
+//!
+//! Parts:
+//! - [`generate`]: the token loop over a [`Session`] (the KV cache and its tokens);
+//! - [`sampling`], [`stream`]: choosing a token; UTF-8 and stop strings in streamed text;
+//! - [`generator`]: the [`Generator`] trait, its [`Request`] and [`Output`];
+//! - [`local`], [`remote`] (with [`sse`], the event-stream reader): its two sides;
+//! - [`perplexity`], [`bench`]: measurements.
 
 pub mod bench;
 pub mod generate;
+pub mod generator;
+pub mod local;
 pub mod perplexity;
 pub mod remote;
 pub mod sampling;
+pub mod sse;
 pub mod stream;
 
 pub use generate::{
     FinishReason, Flow, GenerateRequest, Generation, Session, check_context, generate,
 };
+pub use generator::{
+    Finish, Generator, Output, Prompt, Request, Sampling, Source, Timings, Unset, UsedSampling,
+};
+pub use local::Local;
 pub use perplexity::{Perplexity, perplexity};
+pub use remote::Remote;
 pub use sampling::{Sampler, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +39,18 @@ pub enum Error {
     EmptyPrompt,
     #[error("{0}")]
     Invalid(String),
+    #[error("{}: the model has no chat template; use --raw to send the text as is", model.display())]
+    NoChatTemplate { model: std::path::PathBuf },
+    /// The model's chat template failed on these messages.
+    #[error("{}: {error}", model.display())]
+    Template {
+        model: std::path::PathBuf,
+        error: lever_model::Error,
+    },
+    /// An OpenAI-compatible server: a bad URL, a network or TLS failure, an error answer, or
+    /// a stream that broke off. `url` is the endpoint.
+    #[error("{url}: {message}")]
+    Remote { url: String, message: String },
     /// Logits that are NaN or infinite: the weights hold NaN/inf (or overflow), and every
     /// answer or score computed from them would be silently meaningless.
     #[error(

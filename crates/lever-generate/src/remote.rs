@@ -1,75 +1,74 @@
-//! A client for OpenAI-compatible servers (vLLM, llama.cpp's server, Ollama, another lever),
-//! so that lever's commands can generate on a remote engine: streaming chat and text
-//! completions over HTTP/1.1, server-sent events parsed as they arrive. Plain `http://` only
-//! (no TLS): backends on a team's own network, or behind a local TLS-terminating proxy.
+//! An OpenAI-compatible server (vLLM, llama.cpp's server, Ollama, another lever) as a
+//! [`Generator`]: streaming chat and text completions over HTTP/1.1 or HTTPS, read as
+//! server-sent events ([`crate::sse`]) while they arrive.
+//!
+//! HTTP, TLS (rustls, with the Mozilla roots of `webpki-roots`), IPv6 hosts, proxies
+//! (`HTTPS_PROXY`, `NO_PROXY`, ...) and timeouts are the `ureq` crate's. Only what the caller
+//! set is sent, and the server fills in the rest with its own defaults — unless the request
+//! says unset means off ([`Unset::Off`]): then the off values are sent.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::BufReader;
 use std::time::Duration;
 
+use lever_model::{GenerationConfig, Message};
 use serde_json::{Value, json};
 
+use crate::generator::{Finish, Generator, Output, Prompt, Request, Sampling, Source, Unset};
+use crate::sse::{Event, EventReader};
+use crate::{Error, FinishReason, Flow, Result};
+
+/// Time to open a connection (and finish the TLS handshake).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest wait for the next bytes of an answer: a long prompt's prefill on a busy
+/// server, or a queue, comes before the first.
+const READ_TIMEOUT: Duration = Duration::from_secs(600);
+/// How much of an error response is read for its message.
+const ERROR_BODY_LIMIT: u64 = 64 * 1024;
+
 #[derive(Debug, Clone)]
-pub struct Backend {
-    host: String,
-    port: u16,
-    /// Path prefix up to and including `/v1`.
-    prefix: String,
+pub struct Remote {
+    agent: ureq::Agent,
+    /// `SCHEME://HOST:PORT/PREFIX`, the prefix ending in `/v1`.
+    base: String,
     key: Option<String>,
     /// What to put in "model" (the server's default when None).
     pub model: Option<String>,
 }
 
-/// A finished remote generation.
-#[derive(Debug, Clone)]
-pub struct Remote {
-    pub text: String,
-    pub prompt_tokens: Option<u64>,
-    pub completion_tokens: Option<u64>,
-    pub finish_reason: Option<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Params {
-    pub max_tokens: usize,
-    /// None: the server's default.
-    pub temperature: Option<f32>,
-    /// None: the server's default.
-    pub top_p: Option<f32>,
-    /// Sent as `top_k`, `min_p` and `repetition_penalty`, the names vLLM, llama.cpp's server
-    /// and lever serve accept beyond OpenAI's; None: not sent.
-    pub top_k: Option<usize>,
-    pub min_p: Option<f32>,
-    pub repeat_penalty: Option<f32>,
-    pub seed: Option<u64>,
-    pub stop: Vec<String>,
-}
-
-impl Backend {
-    /// `http://HOST[:PORT][/PATH]`; `/v1` is added when the path does not end in it.
-    pub fn parse(url: &str, key: Option<String>, model: Option<String>) -> Result<Backend, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            if url.starts_with("https://") {
-                format!(
-                    "{url}: https backends are not supported (use http://, or a local TLS proxy)"
-                )
-            } else {
-                format!("{url}: expected http://HOST[:PORT][/v1]")
-            }
-        })?;
-        let (hostport, path) = rest.split_once('/').map_or((rest, ""), |(h, p)| (h, p));
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_string(),
-                p.parse::<u16>()
-                    .map_err(|_| format!("{url}: bad port {p:?}"))?,
-            ),
-            None => (hostport.to_string(), 80),
+impl Remote {
+    /// `http[s]://HOST[:PORT][/PATH]`; `/v1` is added when the path does not end in it. An
+    /// IPv6 host is written in brackets: `http://[::1]:8080`.
+    pub fn parse(url: &str, key: Option<String>, model: Option<String>) -> Result<Remote> {
+        let bad = |why: String| Error::Remote {
+            url: url.to_string(),
+            message: why,
         };
-        if host.is_empty() {
-            return Err(format!("{url}: no host"));
+        let expected = "expected http://HOST[:PORT][/v1] or https://…";
+        let Some((scheme, _)) = url.split_once("://") else {
+            return Err(bad(expected.into()));
+        };
+        let default_port = match scheme {
+            "http" => 80,
+            "https" => 443,
+            _ => return Err(bad(expected.into())),
+        };
+        let uri: ureq::http::Uri = url.parse().map_err(|e| bad(format!("not a URL ({e})")))?;
+        let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+        let host = uri.host().unwrap_or_default();
+        if host.is_empty() || authority.contains('@') {
+            return Err(bad(format!("no host ({expected})")));
         }
-        let path = path.trim_end_matches('/');
+        if uri.query().is_some() {
+            return Err(bad("a query string has no place in a backend URL".into()));
+        }
+        let port = match authority.strip_prefix(host).unwrap_or_default() {
+            "" => default_port,
+            p => p
+                .strip_prefix(':')
+                .and_then(|p| p.parse::<u16>().ok())
+                .ok_or_else(|| bad(format!("bad port {:?}", p.trim_start_matches(':'))))?,
+        };
+        let path = uri.path().trim_matches('/');
         let prefix = if path.ends_with("v1") {
             format!("/{path}")
         } else if path.is_empty() {
@@ -77,259 +76,298 @@ impl Backend {
         } else {
             format!("/{path}/v1")
         };
-        Ok(Backend {
-            host,
-            port,
-            prefix,
+        let agent = ureq::Agent::config_builder()
+            // Error answers are read for their message.
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .timeout_per_read(Some(READ_TIMEOUT))
+            .user_agent(concat!("lever/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .new_agent();
+        Ok(Remote {
+            agent,
+            base: format!("{scheme}://{host}:{port}{prefix}"),
             key: key.filter(|k| !k.is_empty()),
             model,
         })
     }
 
-    pub fn url(&self) -> String {
-        format!("http://{}:{}{}", self.host, self.port, self.prefix)
+    /// The base URL, up to and including `/v1`.
+    pub fn url(&self) -> &str {
+        &self.base
     }
 
-    /// Streaming chat completion; `on_text` gets each piece (return false to stop reading).
-    pub fn chat(
-        &self,
-        messages: &[(String, String)],
-        p: &Params,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Remote, String> {
-        let msgs: Vec<Value> = messages
-            .iter()
-            .map(|(r, c)| json!({"role": r, "content": c}))
-            .collect();
-        let mut body = self.body(p);
-        body["messages"] = json!(msgs);
-        self.stream("/chat/completions", body, on_text, |c| {
-            c["delta"]["content"].as_str().map(str::to_string)
-        })
-    }
-
-    /// Streaming text completion (no chat template).
-    pub fn complete(
-        &self,
-        prompt: &str,
-        p: &Params,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Remote, String> {
-        let mut body = self.body(p);
-        body["prompt"] = json!(prompt);
-        self.stream("/completions", body, on_text, |c| {
-            c["text"].as_str().map(str::to_string)
-        })
-    }
-
-    fn body(&self, p: &Params) -> Value {
+    fn body(&self, req: &Request<'_>) -> Value {
+        let s = match req.sampling.unset {
+            Unset::ModelDefaults => req.sampling.clone(),
+            // "Off" must mean off on the server too: lever serve fills an unset setting from
+            // the model's published ones (as vLLM does with `--generation-config auto`), so
+            // every setting is sent, the unset ones with their off values.
+            Unset::Off => {
+                let p = req.sampling.resolve(&GenerationConfig::default());
+                Sampling {
+                    temperature: Some(p.temperature),
+                    top_k: Some(p.top_k),
+                    top_p: Some(p.top_p),
+                    min_p: Some(p.min_p),
+                    repeat_penalty: Some(p.repeat_penalty),
+                    repeat_last_n: None,
+                    seed: Some(p.seed),
+                    unset: Unset::Off,
+                }
+            }
+        };
         let mut b = json!({
-            "max_tokens": p.max_tokens,
+            "max_tokens": req.max_tokens,
             "stream": true,
             "stream_options": {"include_usage": true},
         });
+        // Beyond OpenAI's: `top_k`, `min_p` and `repetition_penalty`, the names vLLM,
+        // llama.cpp's server and lever serve accept.
         let optional = [
-            ("temperature", p.temperature.map(|v| json!(v))),
-            ("top_p", p.top_p.map(|v| json!(v))),
-            ("top_k", p.top_k.map(|v| json!(v))),
-            ("min_p", p.min_p.map(|v| json!(v))),
-            ("repetition_penalty", p.repeat_penalty.map(|v| json!(v))),
+            ("temperature", s.temperature.map(|v| json!(v))),
+            ("top_p", s.top_p.map(|v| json!(v))),
+            ("top_k", s.top_k.map(|v| json!(v))),
+            ("min_p", s.min_p.map(|v| json!(v))),
+            ("repetition_penalty", s.repeat_penalty.map(|v| json!(v))),
+            ("model", self.model.as_ref().map(|m| json!(m))),
+            ("seed", s.seed.map(|v| json!(v))),
+            ("stop", (!req.stop.is_empty()).then(|| json!(req.stop))),
         ];
         for (key, value) in optional {
             if let Some(v) = value {
                 b[key] = v;
             }
         }
-        if let Some(m) = &self.model {
-            b["model"] = json!(m);
-        }
-        if let Some(s) = p.seed {
-            b["seed"] = json!(s);
-        }
-        if !p.stop.is_empty() {
-            b["stop"] = json!(p.stop);
+        match req.prompt {
+            Prompt::Chat(messages) => b["messages"] = json!(messages_json(messages)),
+            Prompt::Text(text) => b["prompt"] = json!(text),
         }
         b
     }
 
+    /// POST `body` to `route` and read the event stream; `on_text` gets each piece.
     fn stream(
         &self,
         route: &str,
-        body: Value,
-        on_text: &mut dyn FnMut(&str) -> bool,
-        piece: impl Fn(&Value) -> Option<String>,
-    ) -> Result<Remote, String> {
-        let url = format!("{}{route}", self.url());
-        let net = |e: std::io::Error| format!("{url}: {e}");
-        let mut s = TcpStream::connect((self.host.as_str(), self.port)).map_err(net)?;
-        s.set_read_timeout(Some(Duration::from_secs(600)))
-            .map_err(net)?;
-        let payload = body.to_string();
-        let mut head = format!(
-            "POST {}{route} HTTP/1.1\r\nHost: {}:{}\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\nConnection: close\r\nContent-Length: {}\r\n",
-            self.prefix,
-            self.host,
-            self.port,
-            payload.len()
-        );
-        if let Some(k) = &self.key {
-            head.push_str(&format!("Authorization: Bearer {k}\r\n"));
-        }
-        head.push_str("\r\n");
-        s.write_all(head.as_bytes()).map_err(net)?;
-        s.write_all(payload.as_bytes()).map_err(net)?;
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        r.read_line(&mut line).map_err(net)?;
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| format!("{url}: not an HTTP response ({:?})", line.trim()))?;
-        let mut chunked = false;
-        loop {
-            let mut h = String::new();
-            r.read_line(&mut h).map_err(net)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':')
-                && k.trim().eq_ignore_ascii_case("transfer-encoding")
-                && v.to_ascii_lowercase().contains("chunked")
-            {
-                chunked = true;
-            }
-        }
-        let mut body = Body {
-            r,
-            chunked,
-            left: 0,
-            done: false,
+        body: &Value,
+        piece: fn(&Value) -> Option<&str>,
+        on_text: &mut dyn FnMut(&str) -> Flow,
+    ) -> Result<Output> {
+        let url = format!("{}{route}", self.base);
+        let fail = |message: String| Error::Remote {
+            url: url.clone(),
+            message,
         };
-        if status != 200 {
-            let mut text = String::new();
-            body.read_to_string(&mut text).ok();
-            let msg = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                .unwrap_or_else(|| text.trim().chars().take(300).collect());
-            return Err(format!("{url}: HTTP {status}: {msg}"));
+        let mut post = self
+            .agent
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .header("Accept", "text/event-stream");
+        if let Some(k) = &self.key {
+            post = post.header("Authorization", format!("Bearer {k}"));
         }
-        let mut out = Remote {
+        let response = post
+            .send(body.to_string())
+            .map_err(|e| fail(e.to_string()))?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if status != 200 {
+            let text = body
+                .with_config()
+                .limit(ERROR_BODY_LIMIT)
+                .read_to_string()
+                .unwrap_or_default();
+            return Err(fail(format!(
+                "HTTP {}: {}",
+                status.as_u16(),
+                error_message(&text)
+            )));
+        }
+        let mut events = EventReader::new(BufReader::new(body.into_reader()));
+        let mut out = Output {
             text: String::new(),
+            finish_reason: Finish::Server(None),
             prompt_tokens: None,
             completion_tokens: None,
-            finish_reason: None,
+            timings: None,
+            sampling: None,
         };
-        let mut reader = BufReader::new(body);
-        let mut line = String::new();
+        let mut finished = false;
         loop {
-            line.clear();
-            if reader.read_line(&mut line).map_err(net)? == 0 {
-                break;
-            }
-            let Some(data) = line.trim_end().strip_prefix("data:") else {
-                continue;
+            let data = match events.next_event().map_err(|e| fail(e.to_string()))? {
+                None => break,
+                Some(Event::Error(e)) => return Err(fail(error_message(&e))),
+                Some(Event::Data(d)) => d,
             };
             let data = data.trim();
             if data == "[DONE]" {
+                finished = true;
                 break;
             }
             let v: Value = serde_json::from_str(data)
-                .map_err(|e| format!("{url}: a stream event is not JSON ({e}): {data}"))?;
+                .map_err(|e| fail(format!("a stream event is not JSON ({e}): {data}")))?;
             if let Some(m) = v["error"]["message"].as_str() {
-                return Err(format!("{url}: {m}"));
+                return Err(fail(m.to_string()));
             }
             if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-                out.prompt_tokens = u["prompt_tokens"].as_u64();
-                out.completion_tokens = u["completion_tokens"].as_u64();
+                let count = |k: &str| u[k].as_u64().map(|n| n as usize);
+                out.prompt_tokens = count("prompt_tokens");
+                out.completion_tokens = count("completion_tokens");
             }
-            if let Some(c) = v["choices"].get(0) {
-                if let Some(t) = piece(c).filter(|t| !t.is_empty()) {
-                    out.text.push_str(&t);
-                    if !on_text(&t) {
-                        out.finish_reason = Some("cancelled".into());
-                        return Ok(out);
-                    }
-                }
-                if let Some(f) = c["finish_reason"].as_str() {
-                    out.finish_reason = Some(f.to_string());
+            let Some(c) = v["choices"].get(0) else {
+                continue;
+            };
+            if let Some(t) = piece(c).filter(|t| !t.is_empty()) {
+                out.text.push_str(t);
+                if on_text(t) == Flow::Stop {
+                    // Dropping the response closes the connection: the server stops.
+                    out.finish_reason = Finish::Local(FinishReason::Cancelled);
+                    return Ok(out);
                 }
             }
+            if let Some(f) = c["finish_reason"].as_str() {
+                out.finish_reason = Finish::Server(Some(f.to_string()));
+                finished = true;
+            }
+        }
+        if !finished {
+            return Err(fail(format!(
+                "the server closed the stream before the answer was finished ({} characters received)",
+                out.text.chars().count()
+            )));
         }
         Ok(out)
     }
 }
 
-/// An HTTP body, chunked or read to the end.
-struct Body {
-    r: BufReader<TcpStream>,
-    chunked: bool,
-    left: usize,
-    done: bool,
+fn messages_json(messages: &[Message]) -> Vec<Value> {
+    messages
+        .iter()
+        .map(|m| json!({"role": m.role, "content": m.content}))
+        .collect()
 }
 
-impl Read for Body {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if !self.chunked {
-            return self.r.read(buf);
+/// The message of an OpenAI error body (`{"error": {"message"}}`, or llama.cpp's bare
+/// `{"message"}`), else the start of the text.
+fn error_message(text: &str) -> String {
+    let v = serde_json::from_str::<Value>(text).unwrap_or_default();
+    v["error"]["message"]
+        .as_str()
+        .or_else(|| v["message"].as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| text.trim().chars().take(300).collect())
+}
+
+impl Generator for Remote {
+    fn source(&self) -> Source {
+        Source::Server(self.base.clone())
+    }
+
+    fn can_chat(&self) -> bool {
+        true
+    }
+
+    fn generate(
+        &mut self,
+        req: &Request<'_>,
+        on_text: &mut dyn FnMut(&str) -> Flow,
+    ) -> Result<Output> {
+        let body = self.body(req);
+        match req.prompt {
+            Prompt::Chat(_) => self.stream(
+                "/chat/completions",
+                &body,
+                |c| c["delta"]["content"].as_str(),
+                on_text,
+            ),
+            Prompt::Text(_) => self.stream("/completions", &body, |c| c["text"].as_str(), on_text),
         }
-        if self.done {
-            return Ok(0);
-        }
-        if self.left == 0 {
-            let mut size = String::new();
-            if self.r.read_line(&mut size)? == 0 {
-                self.done = true;
-                return Ok(0);
-            }
-            if size.trim().is_empty() {
-                // The CRLF after the previous chunk.
-                size.clear();
-                if self.r.read_line(&mut size)? == 0 {
-                    self.done = true;
-                    return Ok(0);
-                }
-            }
-            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
-                .map_err(|_| std::io::Error::other(format!("bad chunk size {size:?}")))?;
-            if n == 0 {
-                self.done = true;
-                return Ok(0);
-            }
-            self.left = n;
-        }
-        let want = buf.len().min(self.left);
-        let got = self.r.read(&mut buf[..want])?;
-        self.left -= got;
-        Ok(got)
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn url(u: &str) -> String {
+        Remote::parse(u, None, None).unwrap().url().to_string()
+    }
+
+    fn refused(u: &str) -> String {
+        match Remote::parse(u, None, None) {
+            Ok(r) => panic!("{u} was taken as {}", r.url()),
+            Err(e) => e.to_string(),
+        }
+    }
 
     #[test]
     fn urls() {
-        let b = Backend::parse("http://127.0.0.1:8080", None, None).unwrap();
-        assert_eq!(b.url(), "http://127.0.0.1:8080/v1");
+        assert_eq!(url("http://127.0.0.1:8080"), "http://127.0.0.1:8080/v1");
+        assert_eq!(url("http://h:1/v1/"), "http://h:1/v1");
+        assert_eq!(url("http://h/api"), "http://h:80/api/v1");
+        assert_eq!(url("https://h"), "https://h:443/v1");
+        assert_eq!(url("https://h:8443/x/v1"), "https://h:8443/x/v1");
+        assert_eq!(url("http://[::1]:8080"), "http://[::1]:8080/v1");
+        assert_eq!(url("http://[::1]"), "http://[::1]:80/v1");
+        for bad in [
+            "h:80",
+            "ftp://h",
+            "http://h:x",
+            "http://",
+            "http://u@h",
+            "http://h/?a=1",
+        ] {
+            let e = refused(bad);
+            assert!(e.starts_with(&format!("{bad}: ")), "{bad}: {e}");
+        }
+    }
+
+    fn request<'a>(prompt: Prompt<'a>, stop: &'a [String]) -> Request<'a> {
+        Request {
+            prompt,
+            max_tokens: 7,
+            stop,
+            sampling: Sampling::default(),
+        }
+    }
+
+    #[test]
+    fn only_the_settings_given_are_sent() {
+        let r = Remote::parse("http://h", None, Some("m".into())).unwrap();
+        let msgs = [Message::new("user", "hi")];
+        let b = r.body(&request(Prompt::Chat(&msgs), &[]));
         assert_eq!(
-            Backend::parse("http://h:1/v1/", None, None).unwrap().url(),
-            "http://h:1/v1"
+            b,
+            json!({"max_tokens": 7, "stream": true, "stream_options": {"include_usage": true},
+                   "model": "m", "messages": [{"role": "user", "content": "hi"}]})
         );
+        let stop = ["\n".to_string()];
+        let mut req = request(Prompt::Text("go"), &stop);
+        req.sampling.top_k = Some(3);
+        req.sampling.repeat_penalty = Some(1.5);
+        req.sampling.repeat_last_n = Some(9);
+        req.sampling.seed = Some(4);
+        let r = Remote::parse("http://h", None, None).unwrap();
         assert_eq!(
-            Backend::parse("http://h/api", None, None).unwrap().url(),
-            "http://h:80/api/v1"
+            r.body(&req),
+            json!({"max_tokens": 7, "stream": true, "stream_options": {"include_usage": true},
+                   "top_k": 3, "repetition_penalty": 1.5, "seed": 4, "stop": ["\n"], "prompt": "go"})
         );
-        assert!(
-            Backend::parse("https://h", None, None)
-                .unwrap_err()
-                .contains("https")
+        // Unset meaning off: the off values are sent, so that a server does not fill them in
+        // from the model (regression: eval through lever serve got the model's repeat penalty).
+        req.sampling = Sampling {
+            temperature: Some(0.5),
+            unset: Unset::Off,
+            ..Sampling::default()
+        };
+        assert_eq!(
+            r.body(&req),
+            json!({"max_tokens": 7, "stream": true, "stream_options": {"include_usage": true},
+                   "temperature": 0.5, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                   "repetition_penalty": 1.0, "seed": 0, "stop": ["\n"], "prompt": "go"})
         );
-        assert!(Backend::parse("h:80", None, None).is_err());
-        assert!(Backend::parse("http://h:x", None, None).is_err());
     }
 }

@@ -68,6 +68,20 @@ pub enum Error {
         value: String,
         problem: &'static str,
     },
+
+    // ---- answering (answer.rs) ----
+    #[error("the question is empty")]
+    EmptyQuestion,
+    #[error(
+        "{}: the index holds no passages; add documents with `lever index add PATH… --index {}`",
+        path.display(),
+        path.display()
+    )]
+    EmptyIndex { path: PathBuf },
+    #[error("no passage of {} matches the question ({mode} search); try --mode hybrid", path.display())]
+    NoMatch { path: PathBuf, mode: &'static str },
+    #[error(transparent)]
+    Generate(#[from] lever_generate::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -14,6 +14,10 @@
 //!   iteration, chunk lookup, exact dense search.
 //! - [`testing`]: a deterministic hashed bag-of-words embedder for tests.
 //!
+//! Answering: [`answer()`] retrieves, fits the passages to the token budget, builds the
+//! grounded prompt ([`prompt`]), generates through a `lever_generate::Generator` and reads the
+//! citations.
+//!
 //! ```
 //! use lever_rag::{AddOptions, ChunkSettings, Index, testing::HashEmbed};
 //! # fn main() -> lever_rag::Result<()> {
@@ -34,6 +38,7 @@
 //! ```
 
 pub mod analyze;
+pub mod answer;
 pub mod beir;
 pub mod bm25;
 pub mod chunk;
@@ -53,6 +58,7 @@ pub mod testing;
 
 use std::ops::Range;
 
+pub use answer::{Answer, AnswerOptions, Step, answer};
 pub use chunk::{Chunk, ChunkMode, ChunkSettings};
 pub use error::{Error, Result};
 pub use ingest::{AddOptions, AddReport, Event, FileOutcome, Progress};

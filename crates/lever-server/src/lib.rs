@@ -28,9 +28,6 @@ mod http;
 pub mod openai;
 mod routes;
 
-/// The OpenAI client (for `--backend`) lives in lever-generate.
-pub use lever_generate::remote as client;
-
 pub use error::ApiError;
 pub use http::Stopped;
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
-use lever_generate::{FinishReason, Flow, Session, generate};
-use lever_model::{Message, Model};
+use lever_generate::{Flow, Generator, Output, Prompt, Request};
+use lever_model::Message;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::ChatArgs;
@@ -81,28 +81,17 @@ impl Conversation {
     }
 }
 
-/// Where the answers come from.
-enum Engine {
-    Local(Box<Model>, Session),
-    /// `--backend`: the server keeps no state; each turn sends the whole conversation.
-    Remote(lever_server::client::Backend),
-}
-
 pub fn run(a: ChatArgs) -> Result<()> {
-    let mut engine = match crate::backend::backend(&a.backend)? {
-        Some(b) => Engine::Remote(b),
-        None => {
-            let model = crate::load_model(&a.model)?;
-            if model.chat_template.is_none() {
-                bail!(
-                    "{}: the model has no chat template, so it cannot chat",
-                    model.info.path.display()
-                );
-            }
-            let session = Session::new(&model);
-            Engine::Local(Box::new(model), session)
-        }
-    };
+    // In-process, the session's KV cache lives across turns. With --backend the server keeps
+    // no state: each turn sends the whole conversation.
+    let mut generator =
+        crate::generator::resolve(&a.backend, || Ok(Arc::new(crate::load_model(&a.model)?)))?;
+    if !generator.can_chat() {
+        bail!(
+            "{}: the model has no chat template, so it cannot chat",
+            generator.source()
+        );
+    }
     let mut conv = match &a.load {
         Some(p) => Conversation::load(p)?,
         None => Conversation::default(),
@@ -118,12 +107,9 @@ pub fn run(a: ChatArgs) -> Result<()> {
     }
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        let with = match &engine {
-            Engine::Local(model, _) => model.info.path.display().to_string(),
-            Engine::Remote(b) => b.url(),
-        };
         eprintln!(
-            "lever chat with {with} — /reset, /system TEXT, /save FILE, /load FILE, /exit; Ctrl-C stops an answer"
+            "lever chat with {} — /reset, /system TEXT, /save FILE, /load FILE, /exit; Ctrl-C stops an answer",
+            generator.source()
         );
     }
     let mut failed_turns = 0;
@@ -150,9 +136,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
                     let system = conv.system().map(str::to_string);
                     conv = Conversation::default();
                     conv.set_system(system);
-                    if let Engine::Local(_, session) = &mut engine {
-                        session.reset();
-                    }
+                    generator.reset();
                     eprintln!("(history cleared)");
                 }
                 "system" => {
@@ -180,16 +164,12 @@ pub fn run(a: ChatArgs) -> Result<()> {
             continue;
         }
         conv.messages.push(Message::new("user", line));
-        let result = match &mut engine {
-            Engine::Local(model, session) => turn(model, session, &conv, &a, &cancel),
-            Engine::Remote(b) => remote_turn(b, &conv, &a, &cancel),
-        };
-        match result {
-            Ok((text, finish)) => {
-                if finish == FinishReason::Cancelled {
+        match turn(generator.as_mut(), &conv, &a, &cancel) {
+            Ok(out) => {
+                if out.finish_reason.cancelled() {
                     eprintln!("\n(stopped)");
                 }
-                conv.messages.push(Message::new("assistant", text));
+                conv.messages.push(Message::new("assistant", out.text));
             }
             Err(e) => {
                 conv.messages.pop();
@@ -205,72 +185,25 @@ pub fn run(a: ChatArgs) -> Result<()> {
     Ok(())
 }
 
+/// One answer to the conversation so far, streamed to stdout.
 fn turn(
-    model: &Model,
-    session: &mut Session,
+    generator: &mut dyn Generator,
     conv: &Conversation,
     a: &ChatArgs,
     cancel: &AtomicBool,
-) -> Result<(String, FinishReason)> {
-    let tmpl = model
-        .chat_template
-        .as_ref()
-        .context("the model has no chat template")?;
-    let prompt = tmpl
-        .render(&conv.messages, true)
-        .with_context(|| model.info.path.display().to_string())?;
-    let ids = model.tokenizer.encode(&prompt, true)?;
-    let mut stdout = std::io::stdout();
-    let out = generate(
-        model,
-        session,
-        &ids,
-        &a.sampling.request(model),
-        &mut |piece| {
-            if cancel.load(Ordering::SeqCst) {
-                return Flow::Stop;
-            }
-            if stdout
-                .write_all(piece.as_bytes())
-                .and_then(|()| stdout.flush())
-                .is_err()
-            {
-                return Flow::Stop;
-            }
-            Flow::Continue
-        },
-    )?;
-    println!();
-    Ok((out.text, out.finish_reason))
-}
-
-fn remote_turn(
-    b: &lever_server::client::Backend,
-    conv: &Conversation,
-    a: &ChatArgs,
-    cancel: &AtomicBool,
-) -> Result<(String, FinishReason)> {
-    let messages: Vec<(String, String)> = conv
-        .messages
-        .iter()
-        .map(|m| (m.role.clone(), m.content.clone()))
-        .collect();
-    let p = crate::backend::params(&a.sampling);
-    let mut stdout = std::io::stdout();
-    let out = b
-        .chat(&messages, &p, &mut |t| {
-            !cancel.load(Ordering::SeqCst)
-                && stdout
-                    .write_all(t.as_bytes())
-                    .and_then(|()| stdout.flush())
-                    .is_ok()
-        })
-        .map_err(anyhow::Error::msg)?;
-    println!();
-    let finish = match out.finish_reason.as_deref() {
-        Some("cancelled") => FinishReason::Cancelled,
-        Some("length") => FinishReason::Length,
-        _ => FinishReason::Stop,
+) -> Result<Output> {
+    let req = Request {
+        prompt: Prompt::Chat(&conv.messages),
+        max_tokens: a.sampling.max_tokens,
+        stop: &a.sampling.stop,
+        sampling: a.sampling.sampling(),
     };
-    Ok((out.text, finish))
+    let out = generator.generate(&req, &mut |piece| {
+        if cancel.load(Ordering::SeqCst) {
+            return Flow::Stop;
+        }
+        crate::generator::print_text(piece)
+    })?;
+    println!();
+    Ok(out)
 }

@@ -68,7 +68,7 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct BackendArg {
     /// An OpenAI-compatible server (vLLM, llama.cpp's server, Ollama, `lever serve`) at
-    /// http://HOST:PORT[/v1] to generate with.
+    /// http[s]://HOST[:PORT][/v1] to generate with.
     #[arg(long, env = "LEVER_BACKEND")]
     pub backend: Option<String>,
     /// The backend's API key (sent as a Bearer token).

@@ -2,6 +2,7 @@
 //! search`, and `lever eval mc` (multiple-choice accuracy by log-likelihood), on lever-eval.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -98,7 +99,7 @@ pub fn task(a: EvalTaskArgs) -> Result<()> {
         examples.truncate(n);
     }
     let out = out_dir(r, &format!("eval-{}", task.name))?;
-    let model = crate::load_model(&r.model)?;
+    let model = Arc::new(crate::load_model(&r.model)?);
     let encoder = needs_encoder(&settings, r)?;
     let mut ev = evaluator(&model, &task, r, encoder.as_ref())?;
     // Check every setting before spending time on any.
@@ -191,7 +192,7 @@ pub fn fewshot_search(a: FewshotSearchArgs) -> Result<()> {
         test.truncate(n);
     }
     let out = out_dir(r, &format!("fewshot-{}", task.name))?;
-    let model = crate::load_model(&r.model)?;
+    let model = Arc::new(crate::load_model(&r.model)?);
     let mut ev = evaluator(&model, &task, r, None)?;
     let mut bar: Option<(String, indicatif::ProgressBar)> = None;
     let result = lever_eval::search(
@@ -292,16 +293,18 @@ fn needs_encoder(settings: &[Setting], r: &TaskRunArgs) -> Result<Option<lever_m
     })
 }
 
+/// The evaluator: prompts built with `model`, generation metrics answered by `--backend`'s
+/// server or `model`.
 fn evaluator<'a>(
-    model: &'a lever_model::Model,
+    model: &'a Arc<lever_model::Model>,
     task: &'a Task,
     r: &TaskRunArgs,
     encoder: Option<&'a lever_model::Encoder>,
 ) -> Result<Evaluator<'a>> {
-    let mut ev = Evaluator::new(model, task);
+    let generator = crate::generator::resolve(&r.backend, || Ok(model.clone()))?;
+    let mut ev = Evaluator::new(model, task, generator);
     ev.encoder = encoder;
     ev.bootstrap = r.bootstrap;
-    ev.backend = crate::backend::backend(&r.backend)?;
     if !r.no_cache {
         let dir = r.cache.clone().unwrap_or_else(|| {
             lever_model::registry::lever_home()

@@ -2,13 +2,13 @@
 //! Exit codes: 0 ok, 1 failure, 2 bad usage.
 
 mod ask;
-mod backend;
 mod chat;
 mod cli;
 mod embed;
 mod eval;
 mod export;
 mod finetune;
+mod generator;
 mod measure;
 mod models;
 mod progress;
@@ -20,10 +20,9 @@ use std::process::ExitCode;
 use anyhow::Result;
 use candle_core::Device;
 use clap::Parser;
-use lever_generate::SamplingParams;
 use lever_model::Model;
 
-use crate::cli::{Cli, Command, ModelArg, SamplingArgs};
+use crate::cli::{Cli, Command, ModelArg};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -163,28 +162,4 @@ pub fn load_model(arg: &ModelArg) -> Result<Model> {
         eprintln!("adapter: {} ({n} projections)", dir.display());
     }
     Ok(model)
-}
-
-impl SamplingArgs {
-    /// The flags given, the rest from `model`'s published settings (or lever's fallback).
-    pub fn params(&self, model: &Model) -> SamplingParams {
-        let d = SamplingParams::for_model(&model.info.generation);
-        SamplingParams {
-            temperature: self.temperature.unwrap_or(d.temperature),
-            top_k: self.top_k.unwrap_or(d.top_k),
-            top_p: self.top_p.unwrap_or(d.top_p),
-            min_p: self.min_p.unwrap_or(d.min_p),
-            repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
-            repeat_last_n: self.repeat_last_n,
-            seed: self.seed,
-        }
-    }
-
-    pub fn request(&self, model: &Model) -> lever_generate::GenerateRequest {
-        lever_generate::GenerateRequest {
-            max_new_tokens: self.max_tokens,
-            stop: self.stop.clone(),
-            sampling: self.params(model),
-        }
-    }
 }

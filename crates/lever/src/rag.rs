@@ -1,14 +1,16 @@
 //! `lever index …`, `lever rag ask` and `lever eval retrieval`: rung 3 from the command line.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use lever_generate::{Flow, Session, generate};
+use lever_generate::Flow;
 use lever_rag::embedder::BertEmbed;
-use lever_rag::prompt::{self, Passage};
-use lever_rag::{AddOptions, ChunkMode, ChunkSettings, DenseIndex, Event, Index, Mode, Retriever};
+use lever_rag::prompt::Passage;
+use lever_rag::{
+    AddOptions, AnswerOptions, ChunkMode, ChunkSettings, DenseIndex, Event, Index, Mode, Step,
+};
 use serde_json::json;
 
 use crate::cli::{
@@ -264,7 +266,7 @@ fn dense_index(s: &str) -> DenseIndex {
     }
 }
 
-/// The `k` best chunks as passages, with their scores.
+/// The `k` best chunks as passages, with their chunk ids; paths as the user would type them.
 fn retrieve(
     index: &Index,
     embed: &BertEmbed,
@@ -273,27 +275,16 @@ fn retrieve(
     k: usize,
     dense: DenseIndex,
 ) -> Result<Vec<(i64, Passage)>> {
-    let mut r = Retriever::new(index, dense);
-    let hits = r.search(embed, query, mode, k)?;
-    let mut out = Vec::with_capacity(hits.len());
-    for h in hits {
-        let id = h.id as i64;
-        let c = index
-            .chunk(id)?
-            .with_context(|| format!("{}: chunk {id} vanished", index.dir().display()))?;
-        out.push((
-            id,
-            Passage {
-                path: PathBuf::from(shown(&c.path)),
-                line_start: c.line_start,
-                line_end: c.line_end,
-                headings: c.headings,
-                text: c.text,
-                score: h.score,
-            },
-        ));
-    }
-    Ok(out)
+    let cwd = std::env::current_dir().ok();
+    Ok(lever_rag::answer::passages(
+        index,
+        embed,
+        query,
+        mode,
+        k,
+        dense,
+        cwd.as_deref(),
+    )?)
 }
 
 fn search(a: SearchArgs) -> Result<()> {
@@ -344,14 +335,6 @@ fn search(a: SearchArgs) -> Result<()> {
     Ok(())
 }
 
-/// An answer, generated here or on a backend.
-struct RagOut {
-    text: String,
-    finish_reason: serde_json::Value,
-    prompt_tokens: serde_json::Value,
-    completion_tokens: serde_json::Value,
-}
-
 pub fn rag(cmd: RagCommand) -> Result<()> {
     match cmd {
         RagCommand::Ask(a) => ask(a),
@@ -363,143 +346,99 @@ fn ask(a: RagAskArgs) -> Result<()> {
         bail!("the question is empty");
     }
     let index = open(&a.index.index)?;
-    if index.stats()?.chunks == 0 {
-        bail!(
-            "{}: the index holds no passages; add documents with `lever index add PATH… --index {}`",
-            a.index.index.display(),
-            a.index.index.display()
-        );
-    }
     let embed = embedder(&a.index.embedder)?;
-    let found = retrieve(&index, &embed, &a.question, a.mode, a.k, DenseIndex::Auto)?;
-    if found.is_empty() {
-        bail!(
-            "no passage of {} matches the question ({} search); try --mode hybrid",
-            a.index.index.display(),
-            a.mode.name()
-        );
-    }
-    let model = crate::load_model(&a.model)?;
-    let render = |user: &str| crate::ask::build_prompt(&model, None, user, false);
-    let count = |s: &str| -> lever_rag::Result<usize> {
-        model
-            .tokenizer
-            .encode(s, false)
-            .map(|ids| ids.len())
-            .map_err(|e| lever_rag::Error::Embed(e.to_string()))
+    // The local model measures the passages' budget even when a server generates (its
+    // tokenizer stands in for the server's).
+    let model = Arc::new(crate::load_model(&a.model)?);
+    let mut generator = crate::generator::resolve(&a.backend, || Ok(model.clone()))?;
+    let cwd = std::env::current_dir().ok();
+    let opts = AnswerOptions {
+        mode: a.mode,
+        k: a.k,
+        dense: DenseIndex::Auto,
+        context_tokens: a.context_tokens,
+        relative_to: cwd.as_deref(),
+        max_tokens: a.sampling.max_tokens,
+        stop: &a.sampling.stop,
+        sampling: a.sampling.sampling(),
     };
-    // The budget: the model's context less the frame (instruction, question, template) and
-    // the answer's room.
-    let context = model.decoder.config().max_seq_len;
-    let frame = model
-        .tokenizer
-        .encode(&render(&prompt::user_turn(&a.question, &[]))?, true)?
-        .len();
-    let room = context.saturating_sub(frame + a.sampling.max_tokens);
-    let budget = a.context_tokens.map_or(room, |c| c.min(room));
-    let passages: Vec<Passage> = found.into_iter().map(|(_, p)| p).collect();
-    let g = prompt::grounded(&a.question, passages, budget, &count)?;
-    for p in &g.dropped {
-        eprintln!(
-            "dropped a passage that does not fit the {budget}-token budget: {}",
-            p.citation()
-        );
-    }
-    let text = render(&g.user)?;
-    if a.show_context {
-        eprintln!("----- prompt -----\n{text}\n------------------");
-    }
     let json_mode = a.json;
-    // With --backend the local model only measures the budget (its tokenizer stands in for
-    // the server's); the server renders the same user turn with its own chat template.
-    let out = if let Some(b) = crate::backend::backend(&a.backend)? {
-        let r = crate::backend::generate(
-            &b,
-            &[("user".to_string(), g.user.clone())],
-            None,
-            &a.sampling,
-            json_mode,
-        )?;
-        RagOut {
-            text: r.text,
-            finish_reason: json!(r.finish_reason),
-            prompt_tokens: json!(r.prompt_tokens),
-            completion_tokens: json!(r.completion_tokens),
-        }
-    } else {
-        let ids = model.tokenizer.encode(&text, true)?;
-        let mut session = Session::new(&model);
-        let mut stdout = std::io::stdout();
-        let out = generate(
-            &model,
-            &mut session,
-            &ids,
-            &a.sampling.request(&model),
-            &mut |piece| {
-                if !json_mode
-                    && stdout
-                        .write_all(piece.as_bytes())
-                        .and_then(|()| stdout.flush())
-                        .is_err()
-                {
-                    return Flow::Stop;
+    let show_context = a.show_context;
+    let answer = lever_rag::answer(
+        &index,
+        &embed,
+        &model,
+        generator.as_mut(),
+        &a.question,
+        &opts,
+        &mut |step| match step {
+            Step::Prompt {
+                budget,
+                dropped,
+                text,
+            } => {
+                for p in dropped {
+                    eprintln!(
+                        "dropped a passage that does not fit the {budget}-token budget: {}",
+                        p.citation()
+                    );
+                }
+                if show_context {
+                    eprintln!("----- prompt -----\n{text}\n------------------");
                 }
                 Flow::Continue
-            },
-        )?;
-        RagOut {
-            text: out.text,
-            finish_reason: json!(out.finish_reason),
-            prompt_tokens: json!(out.prompt_tokens),
-            completion_tokens: json!(out.completion_tokens),
-        }
-    };
-    let prompt::Citations {
-        given: cited,
-        unknown,
-    } = prompt::cited(&out.text, g.used.len());
-    let cite = |n: usize| g.used[n - 1].citation();
-    let unknown_text = unknown
-        .iter()
-        .map(|n| format!("[{n}]"))
-        .collect::<Vec<_>>()
-        .join(", ");
+            }
+            Step::Text(_) if json_mode => Flow::Continue,
+            Step::Text(piece) => crate::generator::print_text(piece),
+        },
+    )?;
     if json_mode {
-        let passages: Vec<_> = g
-            .used
+        let passages: Vec<_> = answer
+            .passages
             .iter()
             .enumerate()
-            .map(|(i, p)| json!({"n": i + 1, "source": cite(i + 1), "score": p.score, "text": p.text}))
+            .map(|(i, p)| json!({"n": i + 1, "source": answer.source(i + 1), "score": p.score, "text": p.text}))
             .collect();
-        let dropped: Vec<_> = g.dropped.iter().map(|p| p.citation()).collect();
+        let dropped: Vec<_> = answer.dropped.iter().map(|p| p.citation()).collect();
+        let citations: Vec<_> = answer
+            .citations
+            .iter()
+            .map(|&n| json!({"n": n, "source": answer.source(n)}))
+            .collect();
         println!(
             "{}",
             json!({
-                "answer": out.text, "citations": cited.iter().map(|&n| json!({"n": n, "source": cite(n)})).collect::<Vec<_>>(),
-                "unknown_citations": unknown,
-                "passages": passages, "dropped": dropped, "finish_reason": out.finish_reason,
-                "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                "answer": answer.text, "citations": citations,
+                "unknown_citations": answer.unknown_citations,
+                "passages": passages, "dropped": dropped, "finish_reason": answer.finish_reason,
+                "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
             })
         );
+        return Ok(());
+    }
+    println!();
+    if answer.citations.is_empty() {
+        println!("\nSources (none cited; the passages given):");
+        for n in 1..=answer.passages.len() {
+            println!("  [{n}] {}", answer.source(n));
+        }
     } else {
-        println!();
-        if cited.is_empty() {
-            println!("\nSources (none cited; the passages given):");
-            for n in 1..=g.used.len() {
-                println!("  [{n}] {}", cite(n));
-            }
-        } else {
-            println!("\nSources:");
-            for n in cited {
-                println!("  [{n}] {}", cite(n));
-            }
+        println!("\nSources:");
+        for &n in &answer.citations {
+            println!("  [{n}] {}", answer.source(n));
         }
-        if !unknown.is_empty() {
-            println!(
-                "  warning: the answer cites {unknown_text}, which no given passage has ({} were given)",
-                g.used.len()
-            );
-        }
+    }
+    if !answer.unknown_citations.is_empty() {
+        let unknown: Vec<String> = answer
+            .unknown_citations
+            .iter()
+            .map(|n| format!("[{n}]"))
+            .collect();
+        println!(
+            "  warning: the answer cites {}, which no given passage has ({} were given)",
+            unknown.join(", "),
+            answer.passages.len()
+        );
     }
     Ok(())
 }

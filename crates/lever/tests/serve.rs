@@ -780,8 +780,127 @@ fn ask_and_rag_ask_generate_through_a_backend() {
     assert!(e.contains("HTTP 401"), "{e}");
     let e = lever(d.path(), &["ask", q, "--backend", "http://127.0.0.1:9"]).failed_alone();
     assert!(e.contains("http://127.0.0.1:9/v1/chat/completions"), "{e}");
-    let e = lever(d.path(), &["ask", q, "--backend", "https://example.com"]).failed_alone();
-    assert!(e.contains("https backends are not supported"), "{e}");
+    // https is spoken (rustls): a server that is not there, or that does not speak TLS (this
+    // one), is one line naming the endpoint.
+    for https in [
+        "https://127.0.0.1:9".to_string(),
+        format!("https://{}", s.addr),
+    ] {
+        let e = lever(d.path(), &["ask", q, "--backend", &https]).failed_alone();
+        assert!(
+            e.starts_with(&format!("error: {https}/v1/chat/completions: ")),
+            "{e}"
+        );
+    }
+}
+
+/// The two sides of the `Generator` interface, called as the commands call them, give the same
+/// answer to the same request: the model in this process (packed kernels, as `lever serve` runs
+/// it) and `lever serve` through the remote client. Chat and text completions, greedy and
+/// sampled (unset settings from the model's published ones on both sides), a stop string; and
+/// a local session that keeps its KV cache across turns answers as the stateless server does.
+#[test]
+fn local_and_remote_generators_agree() {
+    use lever_generate::{Finish, FinishReason, Flow, Generator, Local, Output, Prompt, Remote};
+    use lever_generate::{Request, Sampling};
+    use lever_model::Message;
+
+    let _machine = shared_machine();
+    lever_model::qweight::set_packing(true);
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path(), &["--api-key", KEY]);
+    let mut local = Local::new(std::sync::Arc::new(common::default_model()));
+    let url = format!("http://{}", s.addr);
+    let mut remote = Remote::parse(&url, Some(KEY.into()), None).unwrap();
+    assert_eq!(remote.source().to_string(), format!("{url}/v1"));
+    assert!(local.can_chat() && remote.can_chat());
+
+    let run = |g: &mut dyn Generator, req: &Request<'_>| -> Output {
+        let mut streamed = String::new();
+        let out = g
+            .generate(req, &mut |t| {
+                streamed.push_str(t);
+                Flow::Continue
+            })
+            .unwrap();
+        assert_eq!(streamed, out.text, "{}", g.source());
+        out
+    };
+    let same = |req: &Request<'_>, local: &mut Local, remote: &mut Remote| -> String {
+        let a = run(local, req);
+        let b = run(remote, req);
+        assert_eq!(a.text, b.text, "{req:?}");
+        assert_eq!(a.completion_tokens, b.completion_tokens, "{req:?}");
+        assert_eq!(a.prompt_tokens, b.prompt_tokens, "{req:?}");
+        let server_says = match &a.finish_reason {
+            Finish::Local(FinishReason::Length | FinishReason::Context) => "length",
+            _ => "stop",
+        };
+        assert_eq!(b.finish_reason, Finish::Server(Some(server_says.into())));
+        assert!(a.timings.is_some() && a.sampling.is_some());
+        a.text
+    };
+    let greedy = Sampling {
+        temperature: Some(0.0),
+        ..Sampling::default()
+    };
+    let chat = [
+        Message::new("system", "You are terse."),
+        Message::new("user", "What is the capital of France?"),
+    ];
+    let mut req = Request {
+        prompt: Prompt::Chat(&chat),
+        max_tokens: 16,
+        stop: &[],
+        sampling: greedy.clone(),
+    };
+    let first = same(&req, &mut local, &mut remote);
+    assert!(!first.is_empty());
+    // Sampled with the model's published settings for what is unset.
+    req.sampling = Sampling {
+        temperature: Some(1.1),
+        top_k: Some(20),
+        seed: Some(3),
+        ..Sampling::default()
+    };
+    let hot = same(&req, &mut local, &mut remote);
+    assert_ne!(hot, first, "the settings changed nothing");
+    // A text completion with a stop string.
+    let stop = [",".to_string()];
+    let text = Request {
+        prompt: Prompt::Text("Once upon a time"),
+        max_tokens: 24,
+        stop: &stop,
+        sampling: greedy.clone(),
+    };
+    let story = same(&text, &mut local, &mut remote);
+    assert!(!story.contains(','), "{story}");
+    // A second turn: the local session reuses the first turn's cache.
+    local.reset();
+    let turn1 = [Message::new("user", "Name a color.")];
+    let req1 = Request {
+        prompt: Prompt::Chat(&turn1),
+        max_tokens: 8,
+        stop: &[],
+        sampling: greedy.clone(),
+    };
+    let answer = same(&req1, &mut local, &mut remote);
+    let turn2 = [
+        turn1[0].clone(),
+        Message::new("assistant", answer),
+        Message::new("user", "Name another one."),
+    ];
+    let req2 = Request {
+        prompt: Prompt::Chat(&turn2),
+        ..req1.clone()
+    };
+    let kept = same(&req2, &mut local, &mut remote);
+    local.reset();
+    assert_eq!(
+        run(&mut local, &req2).text,
+        kept,
+        "a fresh session answers the same"
+    );
 }
 
 /// Open a connection and send `bytes` (part of a request), leaving it open.
