@@ -183,7 +183,7 @@ impl Prepared {
                 ),
             });
         }
-        shuffle(&mut kept, seed);
+        lever_model::rng::SplitMix64(seed).shuffle(&mut kept);
         let mut n_val = (kept.len() as f64 * validation_fraction).round() as usize;
         if validation_fraction > 0.0 && kept.len() >= 2 {
             n_val = n_val.clamp(1, kept.len() - 1);
@@ -191,15 +191,6 @@ impl Prepared {
         out.validation = kept.split_off(kept.len() - n_val);
         out.train = kept;
         Ok(out)
-    }
-}
-
-/// Fisher–Yates with lever's seeded generator, so a seed gives the same split everywhere.
-fn shuffle<T>(v: &mut [T], seed: u64) {
-    let mut rng = lever_model::rng::SplitMix64(seed);
-    for i in (1..v.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        v.swap(i, j);
     }
 }
 

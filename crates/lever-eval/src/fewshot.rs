@@ -62,15 +62,7 @@ pub fn select(
 
 /// k distinct indices of 0..n, seeded (a partial Fisher-Yates shuffle).
 pub fn random_set(k: usize, n: usize, seed: u64) -> Vec<usize> {
-    let mut rng = SplitMix64(seed);
-    let mut all: Vec<usize> = (0..n).collect();
-    let k = k.min(n);
-    for i in 0..k {
-        let j = i + (rng.next_u64() % (n - i) as u64) as usize;
-        all.swap(i, j);
-    }
-    all.truncate(k);
-    all
+    SplitMix64(seed).choose(k, n)
 }
 
 fn mmr(rel: &[f64], pool: &[Vec<f32>], k: usize, lambda: f64) -> Vec<usize> {

@@ -241,7 +241,7 @@ pub fn bootstrap_ci(
     let mut stats: Vec<f64> = (0..iters)
         .map(|_| {
             for i in idx.iter_mut() {
-                *i = (rng.next_u64() % n as u64) as usize;
+                *i = rng.below(n);
             }
             stat(&idx)
         })

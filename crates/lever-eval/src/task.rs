@@ -454,11 +454,7 @@ pub fn load(path: &Path) -> Result<Task> {
         }
         // A seeded shuffle of line order, then test | dev | train.
         let mut order: Vec<usize> = (0..all.len()).collect();
-        let mut rng = lever_model::rng::SplitMix64(d.split_seed);
-        for i in (1..order.len()).rev() {
-            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-            order.swap(i, j);
-        }
+        lever_model::rng::SplitMix64(d.split_seed).shuffle(&mut order);
         let pick = |r: std::ops::Range<usize>| -> Vec<Example> {
             let mut idx: Vec<usize> = order[r].to_vec();
             idx.sort_unstable();

@@ -33,6 +33,32 @@ impl SplitMix64 {
         ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
     }
 
+    /// A uniform index in `0..n` (`n > 0`), by modulo: the bias is below n / 2^64.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// Fisher–Yates from the end, so a seed gives the same order everywhere lever shuffles
+    /// (fine-tuning splits, task splits, epochs).
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+    }
+
+    /// `k` distinct indices of `0..n` (all of them when `k >= n`), in the order drawn: a
+    /// partial Fisher–Yates from the front.
+    pub fn choose(&mut self, k: usize, n: usize) -> Vec<usize> {
+        let mut all: Vec<usize> = (0..n).collect();
+        let k = k.min(n);
+        for i in 0..k {
+            let j = i + self.below(n - i);
+            all.swap(i, j);
+        }
+        all.truncate(k);
+        all
+    }
+
     /// Standard normal (Box–Muller), in f64.
     pub fn normal_f64(&mut self) -> f64 {
         let (u, v) = (self.uniform_nonzero_f64(), self.uniform_nonzero_f64());
@@ -61,5 +87,27 @@ mod tests {
         let mut r = SplitMix64(7);
         let u = r.uniform_nonzero_f64();
         assert!(u > 0.0 && u <= 1.0);
+    }
+
+    #[test]
+    fn shuffles_are_permutations_and_follow_the_seed() {
+        let mut v: Vec<u32> = (0..50).collect();
+        SplitMix64(1).shuffle(&mut v);
+        let mut again: Vec<u32> = (0..50).collect();
+        SplitMix64(1).shuffle(&mut again);
+        assert_eq!(v, again);
+        assert_ne!(v, (0..50).collect::<Vec<_>>());
+        let mut sorted = v.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..50).collect::<Vec<_>>());
+
+        let picked = SplitMix64(2).choose(5, 20);
+        assert_eq!(picked.len(), 5);
+        let mut distinct = picked.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 5);
+        assert!(picked.iter().all(|&i| i < 20));
+        assert_eq!(SplitMix64(2).choose(30, 3).len(), 3);
     }
 }

@@ -571,7 +571,7 @@ pub fn clustered_unit_vectors(
         .collect();
     let mut out = Vec::with_capacity(n * dim);
     for _ in 0..n {
-        let c = &centres[(rng.next_u64() % centres.len() as u64) as usize];
+        let c = &centres[rng.below(centres.len())];
         let v: Vec<f64> = c
             .iter()
             .map(|x| x + noise * scale * rng.normal_f64())

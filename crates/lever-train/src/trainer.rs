@@ -131,10 +131,7 @@ impl Trainer {
         while out.len() < n {
             if self.cursor >= self.order.len() {
                 self.order = (0..n_examples).collect();
-                for i in (1..n_examples).rev() {
-                    let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
-                    self.order.swap(i, j);
-                }
+                self.rng.shuffle(&mut self.order);
                 self.cursor = 0;
             }
             out.push(self.order[self.cursor]);

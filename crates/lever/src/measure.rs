@@ -134,6 +134,17 @@ fn median(v: &mut [f64]) -> Option<f64> {
 
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
     crate::check_target(&a.output, a.force)?;
+    // A model file goes into a folder that exists, as llama-quantize's does: a missing folder
+    // is more often a typo than a wish.
+    if let Some(parent) = a.output.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        anyhow::bail!(
+            "{}: folder {} does not exist; create it first",
+            a.output.display(),
+            parent.display()
+        );
+    }
     let home = lever_model::registry::lever_home();
     let source =
         lever_model::model::resolve(&a.input, &home, &mut crate::progress::provisioning())?;
