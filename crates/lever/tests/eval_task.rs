@@ -127,8 +127,16 @@ fn settings_side_by_side_with_records_intervals_and_cache() {
             .unwrap();
     assert_eq!(summary["settings"], first["settings"]);
 
-    // Again: every result from the cache, the same scores and outputs.
-    let again = lever(d.path(), &args).ok().json();
+    // Again into the same folder: refused without --force (the first run's records stay)...
+    let line = lever(d.path(), &args).failed_alone();
+    assert!(
+        line.contains("out: already exists") && line.contains("--force"),
+        "{line}"
+    );
+    assert!(d.path().join("out/summary.json").exists());
+    // ...and with it, every result from the cache, the same scores and outputs.
+    let again_args = [&args[..], &["--force"]].concat();
+    let again = lever(d.path(), &again_args).ok().json();
     for (a, b) in settings.iter().zip(again["settings"].as_array().unwrap()) {
         assert_eq!(b["cached"], 3);
         assert_eq!(a["score"], b["score"]);
