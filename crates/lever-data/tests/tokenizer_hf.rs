@@ -40,10 +40,7 @@ fn train(dir: &Path, kind: Kind, vocab_size: Option<usize>) -> Trained {
 
 fn sha256(text: &str) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    format!("{:x}", sha2::Sha256::digest(text.as_bytes()))
 }
 
 fn ids(v: &Value) -> Vec<u32> {

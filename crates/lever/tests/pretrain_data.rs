@@ -28,6 +28,23 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `lever tokenizer train CORPUS --vocab-size VOCAB --out OUT` in `d`, which must succeed.
+fn train_bpe(d: &Path, corpus: &Path, vocab: u32, out: &str) -> Out {
+    lever_in(
+        d,
+        &[
+            "tokenizer",
+            "train",
+            s(corpus),
+            "--vocab-size",
+            &vocab.to_string(),
+            "--out",
+            out,
+        ],
+    )
+    .ok()
+}
+
 /// Exit 1 with one `error:` line holding every needle, and `out` not created.
 #[track_caller]
 fn refused(out: &Out, needles: &[&str], not_there: &Path) -> String {
@@ -55,19 +72,7 @@ fn bpe_tokenizer_and_shards_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let corpus = slice(d, "ts.txt", 200_000);
-    let out = lever_in(
-        d,
-        &[
-            "tokenizer",
-            "train",
-            s(&corpus),
-            "--vocab-size",
-            "300",
-            "--out",
-            "tok",
-        ],
-    )
-    .ok();
+    let out = train_bpe(d, &corpus, 300, "tok");
     assert!(
         out.stdout.contains("wrote tok/tokenizer.json: vocabulary 300 (256 bytes + 43 merges + 1 special), <|endoftext|> id 0"),
         "{}",
@@ -76,19 +81,7 @@ fn bpe_tokenizer_and_shards_round_trip() {
     let tok_json = d.join("tok/tokenizer.json");
     assert!(d.join("tok/tokenizer_config.json").is_file());
     // Deterministic: a second run writes the same bytes.
-    lever_in(
-        d,
-        &[
-            "tokenizer",
-            "train",
-            s(&corpus),
-            "--vocab-size",
-            "300",
-            "--out",
-            "tok2",
-        ],
-    )
-    .ok();
+    train_bpe(d, &corpus, 300, "tok2");
     assert_eq!(
         std::fs::read(&tok_json).unwrap(),
         std::fs::read(d.join("tok2/tokenizer.json")).unwrap()
@@ -244,19 +237,7 @@ fn folders_and_jsonl_make_one_document_each() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let corpus = slice(d, "ts.txt", 50_000);
-    lever_in(
-        d,
-        &[
-            "tokenizer",
-            "train",
-            s(&corpus),
-            "--vocab-size",
-            "280",
-            "--out",
-            "tok",
-        ],
-    )
-    .ok();
+    train_bpe(d, &corpus, 280, "tok");
     let data = d.join("data");
     std::fs::create_dir_all(data.join("sub")).unwrap();
     std::fs::write(data.join("a.txt"), "To be, or not to be.\n").unwrap();
@@ -440,19 +421,7 @@ fn data_shard_refusals_are_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let corpus = slice(d, "ts.txt", 20_000);
-    lever_in(
-        d,
-        &[
-            "tokenizer",
-            "train",
-            s(&corpus),
-            "--vocab-size",
-            "260",
-            "--out",
-            "tok",
-        ],
-    )
-    .ok();
+    train_bpe(d, &corpus, 260, "tok");
     lever_in(
         d,
         &[
@@ -581,19 +550,7 @@ fn shard_memory_does_not_grow_with_the_corpus() {
     let d = dir.path();
     let text = tinyshakespeare();
     let corpus = slice(d, "ts.txt", 100_000);
-    lever_in(
-        d,
-        &[
-            "tokenizer",
-            "train",
-            s(&corpus),
-            "--vocab-size",
-            "300",
-            "--out",
-            "tok",
-        ],
-    )
-    .ok();
+    train_bpe(d, &corpus, 300, "tok");
     std::fs::write(d.join("x1.txt"), &text).unwrap();
     std::fs::write(d.join("x8.txt"), text.repeat(8)).unwrap();
     let run = |input: &str, out: &str| {
