@@ -41,8 +41,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the chain of causes joined by ": ".
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -165,4 +164,39 @@ pub fn load_model(arg: &ModelArg) -> Result<Model> {
         eprintln!("adapter: {} ({n} projections)", dir.display());
     }
     Ok(model)
+}
+
+/// An error as one line: its chain of causes joined by ": ", leaving out a cause that the text
+/// before it already ends with (the libraries' `Io` errors print their source themselves,
+/// `"{path}: {source}"`, and also name it as their source).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_is_one_line_and_names_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::IsADirectory, "Is a directory");
+        let e = anyhow::Error::from(lever_data::Error::Io {
+            path: "corpus".into(),
+            source: io,
+        });
+        assert_eq!(one_line(&e), "corpus: Is a directory");
+        let e = anyhow::anyhow!("line one\nline two").context("reading x");
+        assert_eq!(one_line(&e), "reading x: line one line two");
+    }
 }
