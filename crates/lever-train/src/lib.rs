@@ -12,6 +12,7 @@ pub mod init;
 pub mod lora;
 pub mod loss;
 pub mod optim;
+pub mod peak;
 pub mod plot;
 pub mod pretrain;
 pub mod recipe;
