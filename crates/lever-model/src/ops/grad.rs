@@ -38,11 +38,8 @@ impl CustomOp1 for CausalSoftmax {
                 let max = x[..keys]
                     .iter()
                     .fold(f32::NEG_INFINITY, |m, v| m.max(v * self.scale));
-                let mut sum = 0f32;
-                for (y, x) in y[..keys].iter_mut().zip(&x[..keys]) {
-                    *y = (x * self.scale - max).exp();
-                    sum += *y;
-                }
+                y[..keys].copy_from_slice(&x[..keys]);
+                let sum = super::exp_in_place(&mut y[..keys], self.scale, max);
                 y[..keys].iter_mut().for_each(|y| *y /= sum);
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -184,8 +181,9 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
 #[derive(Debug, Clone, Copy)]
 struct SiluMul;
 
+#[inline(always)]
 fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
+    1.0 / (1.0 + super::exp(-v))
 }
 
 impl CustomOp2 for SiluMul {
@@ -369,11 +367,7 @@ impl CausalAttention {
         for (r, row) in p.chunks_exact_mut(i1).enumerate() {
             let (seen, masked) = row.split_at_mut(i0 + r + 1);
             let max = seen.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * scale));
-            let mut sum = 0f32;
-            for v in seen.iter_mut() {
-                *v = (*v * scale - max).exp();
-                sum += *v;
-            }
+            let sum = super::exp_in_place(seen, scale, max);
             seen.iter_mut().for_each(|v| *v /= sum);
             masked.fill(0.0);
         }
