@@ -35,12 +35,32 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     if a.gguf {
         check_gguf_tokenizer(&data.tokenizer_path)?;
     }
+    let mut settings = recipe_settings(&recipe)?;
+    let sha = lever_data::shards::sha256_file(&data.tokenizer_path)?;
+    if let Some(m) = settings.as_object_mut() {
+        for (k, v) in [
+            ("data", json!(a.data.display().to_string())),
+            ("tokenizer_sha256", json!(sha)),
+            ("tokens.train", json!(data.train.len())),
+            ("tokens.val", json!(data.val.len())),
+            ("vocab_size", json!(vocab)),
+            ("gguf", json!(a.gguf)),
+        ] {
+            m.insert(k.into(), v);
+        }
+    }
     let start = match (a.resume, a.force) {
         (true, _) => Start::Resume,
         (false, true) => Start::Over,
         (false, false) => Start::New,
     };
     let run = RunDir::open(&a.out, start)?;
+
+    // A resumed run must have the settings it started with: checked before anything is
+    // written or measured.
+    if a.resume {
+        run.check_resume(&settings)?;
+    }
 
     let cfg = recipe.decoder_config(vocab);
     let mut decoder = lever_train::init::new_decoder(&cfg, recipe.seed, &crate::device())?;
@@ -76,14 +96,6 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         n = peak.size
     );
 
-    let settings = json!({
-        "recipe": recipe,
-        "data": a.data.display().to_string(),
-        "tokenizer_sha256": lever_data::shards::sha256_file(&data.tokenizer_path)?,
-        "tokens": {"train": data.train.len(), "val": data.val.len()},
-        "vocab_size": vocab,
-        "gguf": a.gguf,
-    });
     let mut manifest = json!({
         "command": std::env::args().collect::<Vec<_>>(),
         "lever_version": env!("CARGO_PKG_VERSION"),
@@ -99,7 +111,6 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         "save_every": a.save_every, "keep": a.keep,
     });
     if a.resume {
-        run.check_resume(&settings)?;
         trainer.load_checkpoint(&run.checkpoint())?;
         run.truncate_metrics(trainer.step)?;
         manifest["resumed_at_step"] = json!(trainer.step);
@@ -248,6 +259,27 @@ fn resolve_recipe(a: &PretrainArgs) -> Result<Recipe> {
     }
     r.validate()?;
     Ok(r)
+}
+
+/// The recipe as flat settings ("lr", "model.layers", ...), so that a resumed run with
+/// another value is refused naming that one.
+fn recipe_settings(recipe: &Recipe) -> Result<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    if let serde_json::Value::Object(fields) = serde_json::to_value(recipe)? {
+        for (k, v) in fields {
+            match v {
+                serde_json::Value::Object(inner) => {
+                    for (k2, v2) in inner {
+                        out.insert(format!("{k}.{k2}"), v2);
+                    }
+                }
+                v => {
+                    out.insert(k, v);
+                }
+            }
+        }
+    }
+    Ok(serde_json::Value::Object(out))
 }
 
 /// The token shards, read whole, and the tokenizer they were made with.
