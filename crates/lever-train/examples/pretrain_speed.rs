@@ -7,12 +7,14 @@ use std::time::Instant;
 
 use candle_core::Device;
 use lever_train::init::new_decoder;
-use lever_train::pretrain::evaluate;
+use lever_train::pretrain::{Coverage, evaluate};
 use lever_train::{Pretrainer, Recipe};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let path = args.get(1).ok_or("usage: pretrain_speed INPUT.txt [STEPS]")?;
+    let path = args
+        .get(1)
+        .ok_or("usage: pretrain_speed INPUT.txt [STEPS]")?;
     let steps: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(50);
     let text = std::fs::read_to_string(path)?;
     let mut chars: Vec<char> = text.chars().collect();
@@ -27,7 +29,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (train, val) = ids.split_at(n);
     let mut recipe = Recipe::preset("shakespeare-char").ok_or("preset")?;
     recipe.steps = steps.max(recipe.steps);
-    let mut decoder = new_decoder(&recipe.decoder_config(chars.len()), recipe.seed, &Device::Cpu)?;
+    let mut decoder = new_decoder(
+        &recipe.decoder_config(chars.len()),
+        recipe.seed,
+        &Device::Cpu,
+    )?;
     let vars = decoder.make_trainable()?;
     let mut p = Pretrainer::new(recipe.clone(), vars)?;
     for _ in 0..2 {
@@ -46,7 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     let t1 = Instant::now();
-    let v = evaluate(&decoder, &recipe, val)?;
+    let v = evaluate(&decoder, &recipe, val, Coverage::Whole)?;
     println!(
         "vocab {} | {ms:.2} ms/step, {tps:.0} tokens/s over {steps} steps | train loss {loss:.4} | val loss {v:.4} ({:.2}s)",
         chars.len(),

@@ -82,7 +82,11 @@ impl WeightSource for Gpt2Init {
 }
 
 /// A new decoder for `cfg`, GPT-2-initialized from `seed`.
-pub fn new_decoder(cfg: &DecoderConfig, seed: u64, device: &Device) -> lever_model::Result<Decoder> {
+pub fn new_decoder(
+    cfg: &DecoderConfig,
+    seed: u64,
+    device: &Device,
+) -> lever_model::Result<Decoder> {
     Decoder::load(&mut Gpt2Init::new(seed, cfg, device), cfg)
 }
 

@@ -145,7 +145,11 @@ impl AdamW {
                 continue;
             };
             let p = AdamWParams {
-                weight_decay: if decays { self.params.weight_decay } else { 0.0 },
+                weight_decay: if decays {
+                    self.params.weight_decay
+                } else {
+                    0.0
+                },
                 ..self.params
             };
             match state {

@@ -215,16 +215,30 @@ pub fn eval_starts(len: usize, context: usize, max_windows: usize) -> Vec<usize>
         .collect()
 }
 
-/// Mean cross-entropy per token over the validation windows (`recipe.eval_batches` batches
-/// of `recipe.batch_size` at most), without gradients.
-pub fn evaluate(decoder: &Decoder, recipe: &Recipe, tokens: &[u32]) -> Result<f64> {
+/// How much of the validation split an evaluation covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coverage {
+    /// `recipe.eval_batches` batches of windows spread over it (nanoGPT's `eval_iters`),
+    /// the same ones every time.
+    Sample,
+    /// Every window (the final evaluation).
+    Whole,
+}
+
+/// Mean cross-entropy per token over validation windows, without gradients.
+pub fn evaluate(
+    decoder: &Decoder,
+    recipe: &Recipe,
+    tokens: &[u32],
+    cover: Coverage,
+) -> Result<f64> {
     let t = recipe.model.context;
     check_window(tokens.len(), t, "the validation tokens")?;
-    let starts = eval_starts(
-        tokens.len(),
-        t,
-        recipe.eval_batches.max(1) * recipe.batch_size,
-    );
+    let most = match cover {
+        Coverage::Sample => recipe.eval_batches.max(1) * recipe.batch_size,
+        Coverage::Whole => usize::MAX,
+    };
+    let starts = eval_starts(tokens.len(), t, most);
     let (mut sum, mut n) = (0f64, 0usize);
     for chunk in starts.chunks(recipe.batch_size) {
         let (ids, targets) = windows(tokens, chunk, t)?;
@@ -296,7 +310,7 @@ mod tests {
         let r = tiny_recipe();
         let data = tokens(500, 11);
         let (d, mut p) = trainer(&r, 11);
-        let before = evaluate(&d, &r, &data).unwrap();
+        let before = evaluate(&d, &r, &data, Coverage::Whole).unwrap();
         assert!((before - (11f64).ln()).abs() < 0.1, "{before}");
         let mut last = 0.0;
         for _ in 0..r.steps {
@@ -304,8 +318,11 @@ mod tests {
             assert_eq!(m.tokens, 3 * 2 * 8);
             last = m.loss;
         }
-        let after = evaluate(&d, &r, &data).unwrap();
-        assert!(after < before - 0.3, "{before} → {after} (last step {last})");
+        let after = evaluate(&d, &r, &data, Coverage::Whole).unwrap();
+        assert!(
+            after < before - 0.3,
+            "{before} → {after} (last step {last})"
+        );
     }
 
     /// Sequential windows walk the tokens in order and wrap; random ones stay in range.
@@ -346,7 +363,9 @@ mod tests {
             let (d, mut q) = trainer(&r, 11);
             q.load_checkpoint(&ck).unwrap();
             assert_eq!(q.step, 3);
-            let resumed: Vec<f64> = (3..r.steps).map(|_| q.step(&d, &data).unwrap().loss).collect();
+            let resumed: Vec<f64> = (3..r.steps)
+                .map(|_| q.step(&d, &data).unwrap().loss)
+                .collect();
             assert_eq!(resumed, straight[3..], "{batches:?}");
         }
     }
@@ -355,7 +374,13 @@ mod tests {
     fn too_few_tokens_for_a_window_is_an_error() {
         let r = tiny_recipe();
         let (d, mut p) = trainer(&r, 11);
-        let e = p.step(&d, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap_err().to_string();
-        assert!(e.contains("8 tokens, fewer than one window of the context (8)"), "{e}");
+        let e = p
+            .step(&d, &[1, 2, 3, 4, 5, 6, 7, 8])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("8 tokens, fewer than one window of the context (8)"),
+            "{e}"
+        );
     }
 }

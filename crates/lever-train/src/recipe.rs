@@ -8,8 +8,9 @@
 //!   overrides (`--block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128
 //!   --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0`): lr 1e-3 with 100 warmup
 //!   iterations, cosine to 1e-4 at 2000, β2 0.99, weight decay 0.1 (train.py's default),
-//!   clipping at 1.0, random windows, evaluation every 250 iterations on 200 batches
-//!   (here: the whole validation split once it is smaller). nanoGPT trains a GPT-2 block
+//!   clipping at 1.0, random windows, evaluation every 250 iterations on 20 batches (the
+//!   README's `--eval_iters=20`; lever's are fixed windows spread over the split, and the
+//!   last evaluation covers the whole validation split). nanoGPT trains a GPT-2 block
 //!   (LayerNorm, learned positions, GELU MLP of 4·C); lever trains its llama block (RMSNorm,
 //!   RoPE, SwiGLU), so the SwiGLU width is chosen to match: 3·C·F ≈ 2·C·4C gives F ≈ 341;
 //!   344 (the next multiple of 8) keeps the parameter count and the FLOPs per token within
@@ -81,8 +82,8 @@ pub struct Recipe {
     pub batches: Batches,
     /// Validation every N steps (and at the end); 0 = only at the end.
     pub eval_every: usize,
-    /// Validation batches per evaluation (fixed windows spread over the validation tokens,
-    /// the same ones each time); the whole split when it has fewer.
+    /// Validation batches per evaluation: fixed windows spread over the validation tokens,
+    /// the same ones each time; the last evaluation covers every window.
     pub eval_batches: usize,
     pub seed: u64,
 }
@@ -163,7 +164,7 @@ impl Recipe {
                 grad_clip: 1.0,
                 batches: Batches::Random,
                 eval_every: 250,
-                eval_batches: 200,
+                eval_batches: 20,
                 seed: 1337,
             }),
             "smollm2-135m" => Some(Recipe {
@@ -209,10 +210,7 @@ impl Recipe {
         if !path.is_file() {
             return Err(Error::Config {
                 what: format!("--config {arg}"),
-                problem: format!(
-                    "neither a preset ({}) nor a TOML file",
-                    PRESETS.join(", ")
-                ),
+                problem: format!("neither a preset ({}) nor a TOML file", PRESETS.join(", ")),
             });
         }
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
@@ -294,9 +292,9 @@ impl Recipe {
                 return Err(bad(field, format!("{v} is not a non-negative number")));
             }
         }
-        self.decoder_config(1).validate().map_err(|(field, problem)| {
-            bad(&format!("model ({})", field.hf_name()), problem)
-        })?;
+        self.decoder_config(1)
+            .validate()
+            .map_err(|(field, problem)| bad(&format!("model ({})", field.hf_name()), problem))?;
         Ok(())
     }
 
@@ -458,7 +456,10 @@ mod tests {
         assert_eq!(theirs.params, 795_904);
         assert_eq!(theirs.flops_per_token, 6 * 795_904 + 12 * 4 * 4 * 32 * 64);
         let rel = |a: usize, b: usize| (a as f64 / b as f64 - 1.0).abs();
-        assert!(rel(ours.params, theirs.params) < 0.01, "{ours:?} {theirs:?}");
+        assert!(
+            rel(ours.params, theirs.params) < 0.01,
+            "{ours:?} {theirs:?}"
+        );
         assert!(rel(ours.flops_per_token, theirs.flops_per_token) < 0.01);
         assert_eq!(r.tokens_per_step(), 768);
     }
@@ -499,7 +500,10 @@ mod tests {
 
         std::fs::write(&p, "[model]\nheads = 3\n").unwrap();
         let e = Recipe::load(p.to_str().unwrap()).unwrap_err().to_string();
-        assert!(e.contains("`heads`") && e.contains("3 heads do not divide the width 128"), "{e}");
+        assert!(
+            e.contains("`heads`") && e.contains("3 heads do not divide the width 128"),
+            "{e}"
+        );
 
         std::fs::write(&p, "stpes = 3\n").unwrap();
         let e = Recipe::load(p.to_str().unwrap()).unwrap_err().to_string();

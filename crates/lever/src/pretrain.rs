@@ -14,7 +14,7 @@ use lever_data::{ShardSet, Split};
 use lever_generate::{Sampler, SamplingParams};
 use lever_model::{Decoder, GenerationConfig, Model, ModelInfo, Tokenizer};
 use lever_train::peak::{self, Peak};
-use lever_train::pretrain::{evaluate, next_token_logits};
+use lever_train::pretrain::{Coverage, evaluate, next_token_logits};
 use lever_train::{Pretrainer, Recipe, RunDir, Size, Start};
 use serde_json::json;
 
@@ -119,7 +119,12 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     run.write_manifest(&manifest)?;
     let mut metrics = run.metrics()?;
     let mut evaluate_at = |step: usize, decoder: &Decoder| -> Result<f64> {
-        let v = evaluate(decoder, &recipe, &data.val)?;
+        let cover = if step == recipe.steps {
+            Coverage::Whole
+        } else {
+            Coverage::Sample
+        };
+        let v = evaluate(decoder, &recipe, &data.val, cover)?;
         eprintln!("step {step}: validation loss {v:.4}");
         let text = sample(decoder, &data.tokenizer, &recipe, data.eot, step)?;
         eprintln!("sample: {}", text.replace('\n', "\n        "));
@@ -156,7 +161,8 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         line["tokens_per_s"] = json!(tps);
         line["mfu"] = json!(mfu);
         line["elapsed_s"] = json!(started.elapsed().as_secs_f64());
-        let eval_due = m.step == steps || (recipe.eval_every > 0 && m.step % recipe.eval_every == 0);
+        let eval_due =
+            m.step == steps || (recipe.eval_every > 0 && m.step % recipe.eval_every == 0);
         if eval_due {
             let v = bar.suspend(|| evaluate_at(m.step, &decoder))?;
             line["val_loss"] = json!(v);
@@ -339,7 +345,10 @@ impl Data {
         let t = recipe.model.context;
         for (name, tokens) in [("training", &self.train), ("validation", &self.val)] {
             if tokens.is_empty() {
-                bail!("{}: no {name} tokens (empty shards)", self.set.dir.display());
+                bail!(
+                    "{}: no {name} tokens (empty shards)",
+                    self.set.dir.display()
+                );
             }
             if tokens.len() <= t {
                 bail!(

@@ -19,9 +19,21 @@ const TINY: &str = include_str!("fixtures/pretrain/tiny.toml");
 /// prepare.py) in `dir`; returns the shard folder.
 fn shards(dir: &Path, bytes: usize, kind: &str) -> PathBuf {
     let text = std::fs::read_to_string(shared_data("tinyshakespeare/input.txt")).unwrap();
-    let cut = text.char_indices().map(|(i, _)| i).find(|&i| i >= bytes).unwrap_or(text.len());
+    let cut = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| i >= bytes)
+        .unwrap_or(text.len());
     std::fs::write(dir.join("corpus.txt"), &text[..cut]).unwrap();
-    let mut args = vec!["tokenizer", "train", "corpus.txt", "--kind", kind, "--out", "tok"];
+    let mut args = vec![
+        "tokenizer",
+        "train",
+        "corpus.txt",
+        "--kind",
+        kind,
+        "--out",
+        "tok",
+    ];
     if kind == "bpe" {
         args.extend(["--vocab-size", "300"]);
     }
@@ -29,8 +41,15 @@ fn shards(dir: &Path, bytes: usize, kind: &str) -> PathBuf {
     lever_in(
         dir,
         &[
-            "data", "shard", "corpus.txt", "--tokenizer", "tok/tokenizer.json", "--val-fraction",
-            "0.1", "--out", "shards",
+            "data",
+            "shard",
+            "corpus.txt",
+            "--tokenizer",
+            "tok/tokenizer.json",
+            "--val-fraction",
+            "0.1",
+            "--out",
+            "shards",
         ],
     )
     .ok();
@@ -64,7 +83,15 @@ fn pretraining_logs_steps_lowers_validation_loss_and_writes_a_model_folder() {
     std::fs::write(d.join("tiny.toml"), TINY).unwrap();
     let out = lever_in(
         d,
-        &["pretrain", "--config", "tiny.toml", "--data", "shards", "--out", "run"],
+        &[
+            "pretrain",
+            "--config",
+            "tiny.toml",
+            "--data",
+            "shards",
+            "--out",
+            "run",
+        ],
     )
     .ok();
     let run = d.join("run");
@@ -93,14 +120,10 @@ fn pretraining_logs_steps_lowers_validation_loss_and_writes_a_model_folder() {
     assert!(run.join("loss.png").is_file());
 
     let m: Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
     // 66·32 (tied embedding) + 2·(4·32² + 3·32·64 + 2·32) + 32
     assert_eq!(m["model"]["params"], 2112 + 2 * (4096 + 6144 + 64) + 32);
-    assert_eq!(
-        m["model"]["flops_per_token"],
-        6 * 22_772 + 12 * 2 * 32 * 32
-    );
+    assert_eq!(m["model"]["flops_per_token"], 6 * 22_772 + 12 * 2 * 32 * 32);
     assert!(m["peak"]["flops_per_s"].as_f64().unwrap() > 1e9);
     assert_eq!(m["result"]["val_loss"].as_f64().unwrap(), val[3].1);
 
@@ -122,11 +145,26 @@ fn a_killed_run_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     shards(d, 100_000, "char");
-    std::fs::write(d.join("tiny.toml"), TINY.replace("steps = 30", "steps = 12")).unwrap();
+    std::fs::write(
+        d.join("tiny.toml"),
+        TINY.replace("steps = 30", "steps = 12"),
+    )
+    .unwrap();
     let args = |out: &str| -> Vec<String> {
         [
-            "pretrain", "--config", "tiny.toml", "--data", "shards", "--save-every", "1",
-            "--eval-every", "5", "--keep", "2", "--out", out,
+            "pretrain",
+            "--config",
+            "tiny.toml",
+            "--data",
+            "shards",
+            "--save-every",
+            "1",
+            "--eval-every",
+            "5",
+            "--keep",
+            "2",
+            "--out",
+            out,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -208,7 +246,9 @@ fn bad_input_is_refused_in_one_line_and_nothing_is_written() {
     shards(d, 20_000, "char");
     let refuse = |config: &str, data: &str, out: &str, extra: &[&str], want: &str| {
         std::fs::write(d.join("c.toml"), config).unwrap();
-        let mut args = vec!["pretrain", "--config", "c.toml", "--data", data, "--out", out];
+        let mut args = vec![
+            "pretrain", "--config", "c.toml", "--data", data, "--out", out,
+        ];
         args.extend(extra);
         let e = lever_in(d, &args).failed_alone();
         assert!(e.contains(want), "{args:?}: {e}");
@@ -266,7 +306,15 @@ fn the_model_folder_gives_transformers_logits() {
     std::fs::write(d.join("tiny.toml"), TINY).unwrap();
     lever_in(
         d,
-        &["pretrain", "--config", "tiny.toml", "--data", "shards", "--out", "run"],
+        &[
+            "pretrain",
+            "--config",
+            "tiny.toml",
+            "--data",
+            "shards",
+            "--out",
+            "run",
+        ],
     )
     .ok();
     let model = lever_model::Model::load_hf(&d.join("run/model"), &candle_core::Device::Cpu)
@@ -310,7 +358,16 @@ fn the_gguf_scores_as_in_llama_cpp() {
     std::fs::write(d.join("tiny.toml"), TINY).unwrap();
     lever_in(
         d,
-        &["pretrain", "--config", "tiny.toml", "--data", "shards", "--out", "run", "--gguf"],
+        &[
+            "pretrain",
+            "--config",
+            "tiny.toml",
+            "--data",
+            "shards",
+            "--out",
+            "run",
+            "--gguf",
+        ],
     )
     .ok();
     let model = lever_model::Model::load_gguf(&d.join("run/model.gguf"), &candle_core::Device::Cpu)
@@ -324,5 +381,8 @@ fn the_gguf_scores_as_in_llama_cpp() {
         .ppl;
     let want = fx["ppl"].as_f64().unwrap();
     eprintln!("perplexity of RUN/model.gguf: lever {got:.4}, llama.cpp {want:.4}");
-    assert!((got - want).abs() / want < 0.01, "lever {got} vs llama.cpp {want}");
+    assert!(
+        (got - want).abs() / want < 0.01,
+        "lever {got} vs llama.cpp {want}"
+    );
 }
