@@ -34,6 +34,12 @@ pub enum Error {
     Dataset { path: PathBuf, problem: String },
     #[error("{what}: {problem}")]
     Usage { what: String, problem: String },
+    /// A tokenizer.json that cannot be used (unreadable, or lacking a token asked for).
+    #[error("{path}: {problem}")]
+    Tokenizer { path: PathBuf, problem: String },
+    /// A token shard or shard folder that cannot be read as one.
+    #[error("{path}: {problem}")]
+    Shard { path: PathBuf, problem: String },
     #[error(transparent)]
     Model(#[from] lever_model::Error),
 }

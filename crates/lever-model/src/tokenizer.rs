@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use tokenizers::ModelWrapper;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -186,6 +187,8 @@ impl Tokenizer {
             problem: e.to_string(),
         })?;
         let byte_level = matches!(inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_)));
+        // A word-level vocabulary (lever's character tokenizers) holds its tokens as written.
+        let literal = matches!(inner.get_model(), ModelWrapper::WordLevel(_));
         let n = inner.get_vocab_size(true);
         let mut special = HashSet::new();
         for (id, tok) in inner.get_added_tokens_decoder() {
@@ -196,7 +199,10 @@ impl Tokenizer {
         let bytes = (0..n as u32)
             .map(|id| {
                 let t = inner.id_to_token(id).unwrap_or_default();
-                if special.contains(&id) || inner.get_added_tokens_decoder().contains_key(&id) {
+                if literal
+                    || special.contains(&id)
+                    || inner.get_added_tokens_decoder().contains_key(&id)
+                {
                     t.into_bytes()
                 } else if byte_level {
                     byte_level_decode(&t)

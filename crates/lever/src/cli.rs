@@ -65,6 +65,12 @@ pub enum Command {
     /// Provision and list models.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Tokenizers for pretraining: `tokenizer train` learns one from text files.
+    #[command(subcommand)]
+    Tokenizer(crate::pretrain_data::TokenizerCommand),
+    /// Pretraining data: `data shard` turns text into token shards (llm.c's format).
+    #[command(subcommand)]
+    Data(crate::pretrain_data::DataCommand),
 }
 
 /// Generate on a remote OpenAI-compatible server instead of in this process.

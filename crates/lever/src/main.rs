@@ -12,6 +12,7 @@ mod generator;
 mod measure;
 mod models;
 mod pretrain;
+mod pretrain_data;
 mod progress;
 mod rag;
 mod serve;
@@ -135,6 +136,8 @@ fn run(cli: Cli) -> Result<()> {
         },
         Command::Serve(a) => serve::run(a),
         Command::Models(m) => models::run(m),
+        Command::Tokenizer(c) => pretrain_data::tokenizer(c),
+        Command::Data(c) => pretrain_data::data(c),
     }
 }
 

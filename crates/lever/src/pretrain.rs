@@ -118,7 +118,7 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     }
     run.write_manifest(&manifest)?;
     let mut metrics = run.metrics()?;
-    let mut evaluate_at = |step: usize, decoder: &Decoder| -> Result<f64> {
+    let evaluate_at = |step: usize, decoder: &Decoder| -> Result<f64> {
         let cover = if step == recipe.steps {
             Coverage::Whole
         } else {
