@@ -107,23 +107,30 @@ fn pretraining_logs_steps_lowers_validation_loss_and_writes_a_model_folder() {
         assert!(l["mfu"].as_f64().unwrap() > 0.0, "{l}");
         assert_eq!(l["tokens"], 8 * 32);
     }
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap())
+            .unwrap();
+    // The characters of these 200 KB and the end-of-text token.
+    let vocab = m["settings"]["vocab_size"].as_u64().unwrap() as usize;
+    assert_eq!(vocab, 63);
     let val: Vec<(u64, f64)> = lines
         .iter()
         .filter_map(|l| Some((l["step"].as_u64()?, l.get("val_loss")?.as_f64()?)))
         .collect();
     assert_eq!(val.iter().map(|v| v.0).collect::<Vec<_>>(), [0, 10, 20, 30]);
-    // Untrained: about ln 66 = 4.19; 30 steps on characters bring it well down.
-    assert!((val[0].1 - 66f64.ln()).abs() < 0.2, "{val:?}");
-    assert!(val[3].1 < val[0].1 - 1.0, "{val:?}");
+    // Untrained: about ln 63 = 4.14; 30 steps bring it down at each evaluation (measured:
+    // 4.14, 3.71, 3.49, 3.38).
+    assert!((val[0].1 - (vocab as f64).ln()).abs() < 0.2, "{val:?}");
+    assert!(val.windows(2).all(|w| w[1].1 < w[0].1), "{val:?}");
+    assert!(val[3].1 < val[0].1 - 0.5, "{val:?}");
     assert_eq!(out.stderr.matches("sample: ").count(), 4, "{}", out.stderr);
     assert!(out.stderr.contains("FLOPs per token"), "{}", out.stderr);
     assert!(run.join("loss.png").is_file());
 
-    let m: Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
-    // 66·32 (tied embedding) + 2·(4·32² + 3·32·64 + 2·32) + 32
-    assert_eq!(m["model"]["params"], 2112 + 2 * (4096 + 6144 + 64) + 32);
-    assert_eq!(m["model"]["flops_per_token"], 6 * 22_772 + 12 * 2 * 32 * 32);
+    // V·32 (tied embedding) + 2·(4·32² + 3·32·64 + 2·32) + 32; 6·N + 12·L·C·T.
+    let params = vocab * 32 + 2 * (4096 + 6144 + 64) + 32;
+    assert_eq!(m["model"]["params"], params);
+    assert_eq!(m["model"]["flops_per_token"], 6 * params + 12 * 2 * 32 * 32);
     assert!(m["peak"]["flops_per_s"].as_f64().unwrap() > 1e9);
     assert_eq!(m["result"]["val_loss"].as_f64().unwrap(), val[3].1);
 
