@@ -28,7 +28,7 @@ cp "$OUT/tiny.toml" tiny.toml
 "$LEVER" tokenizer train corpus.txt --kind char --out tok
 "$LEVER" data shard corpus.txt --tokenizer tok/tokenizer.json --val-fraction 0.1 --out shards
 "$LEVER" pretrain --config tiny.toml --data shards --out run 2>/dev/null
-"$PY" "$ROOT/scripts/pretrain_transformers.py" run/model $'ROMEO:\nWhat light through yonder window breaks? It is the east.\n' \
+"$PY" "$ROOT/scripts/pretrain_transformers.py" run/model $'ROMEO:\nBut soft, what light?\n' \
   > "$OUT/transformers.json"
 
 # llama.cpp: the BPE run with --gguf.
