@@ -108,8 +108,7 @@ fn pretraining_logs_steps_lowers_validation_loss_and_writes_a_model_folder() {
         assert_eq!(l["tokens"], 8 * 32);
     }
     let m: Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
     // The characters of these 200 KB and the end-of-text token.
     let vocab = m["settings"]["vocab_size"].as_u64().unwrap() as usize;
     assert_eq!(vocab, 63);
