@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::host::{Gemm, Mat, f32_slice, gemm_into};
+use super::host::{Gemm, HostRows, Mat, f32_slice, gemm_into};
 use super::{RopeStyle, RopeTables};
 
 /// softmax(scale · x + causal mask) over the last dimension of (..., T, P) scores, where
@@ -221,25 +221,35 @@ impl CustomOp2 for SiluMul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let gs = g.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let us = u.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let ds = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut dg = vec![0f32; gs.len()];
-        let mut du = vec![0f32; gs.len()];
-        dg.par_chunks_mut(4096)
-            .zip(du.par_chunks_mut(4096))
-            .zip(
-                gs.par_chunks(4096)
-                    .zip(us.par_chunks(4096))
-                    .zip(ds.par_chunks(4096)),
-            )
-            .for_each(|((dg, du), ((g, u), d))| {
-                for i in 0..g.len() {
-                    let s = sigmoid(g[i]);
-                    du[i] = d[i] * g[i] * s;
-                    dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                }
-            });
+        // Read in place: the three inputs are the largest activations of a step.
+        let (hg, hu, hd) = (HostRows::new(g)?, HostRows::new(u)?, HostRows::new(grad)?);
+        let name = self.name();
+        let (dg, du) = hg.with(name, |gs| {
+            hu.with(name, |us| {
+                hd.with(name, |ds| {
+                    if us.len() != gs.len() || ds.len() != gs.len() {
+                        candle_core::bail!("{name}: backward of mismatched sizes");
+                    }
+                    let mut dg = vec![0f32; gs.len()];
+                    let mut du = vec![0f32; gs.len()];
+                    dg.par_chunks_mut(4096)
+                        .zip(du.par_chunks_mut(4096))
+                        .zip(
+                            gs.par_chunks(4096)
+                                .zip(us.par_chunks(4096))
+                                .zip(ds.par_chunks(4096)),
+                        )
+                        .for_each(|((dg, du), ((g, u), d))| {
+                            for i in 0..g.len() {
+                                let s = sigmoid(g[i]);
+                                du[i] = d[i] * g[i] * s;
+                                dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                            }
+                        });
+                    Ok((dg, du))
+                })
+            })
+        })?;
         Ok((
             Some(Tensor::from_vec(dg, g.shape(), g.device())?),
             Some(Tensor::from_vec(du, u.shape(), u.device())?),
@@ -372,85 +382,15 @@ impl CausalAttention {
             masked.fill(0.0);
         }
     }
-}
-
-/// Query rows per block of the causal attention products.
-const QUERY_BLOCK: usize = 64;
-
-/// (i0, i1) row blocks of 0..t.
-fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..t)
-        .step_by(QUERY_BLOCK)
-        .map(move |i0| (i0, (i0 + QUERY_BLOCK).min(t)))
-}
-
-impl CustomOp3 for CausalAttention {
-    fn name(&self) -> &'static str {
-        "lever-causal-attention"
-    }
-
-    fn cpu_fwd(
+    /// The backward pass on host values: dq, dk, dv, each shaped as its input.
+    fn backward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+        qs: &[f32],
+        ks: &[f32],
+        vs: &[f32],
+        dys: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let s = self.shape;
-        let (q, k, v) = (
-            f32_slice(s1, l1, self.name())?,
-            f32_slice(s2, l2, self.name())?,
-            f32_slice(s3, l3, self.name())?,
-        );
-        let (t, d, rep) = (s.len, s.head_dim, s.heads / s.kv_heads);
-        // One unit per (batch row, kv head): its rep query heads' outputs, (rep, T, D).
-        let units: Vec<Vec<f32>> = (0..s.batch * s.kv_heads)
-            .into_par_iter()
-            .map(|u| {
-                let (b, g) = (u / s.kv_heads, u % s.kv_heads);
-                let (kr, vv) = self.keys_values(k, v, b, g);
-                let mut p = vec![0f32; QUERY_BLOCK.min(t) * t];
-                let mut out = vec![0f32; rep * t * d];
-                for (r, out) in out.chunks_exact_mut(t * d).enumerate() {
-                    let qr = self.query(q, b, g * rep + r);
-                    for (i0, i1) in row_blocks(t) {
-                        let p = &mut p[..(i1 - i0) * i1];
-                        self.block_probs(&qr, &kr, i0, i1, p);
-                        let out = &mut out[i0 * d..i1 * d];
-                        gemm_into(
-                            out,
-                            Mat::rows(p, i1),
-                            Mat::rows(&vv, d),
-                            Gemm::new(i1 - i0, d, i1).serial(),
-                        );
-                    }
-                }
-                out
-            })
-            .collect();
-        let mut y = vec![0f32; q.len()];
-        for (u, out) in units.iter().enumerate() {
-            let (b, g) = (u / s.kv_heads, u % s.kv_heads);
-            for (r, rows) in out.chunks_exact(t * d).enumerate() {
-                put_head(&mut y, rows, b, g * rep + r, &s, s.heads);
-            }
-        }
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let s = self.shape;
-        let host = |x: &Tensor| x.contiguous()?.flatten_all()?.to_vec1::<f32>();
-        let (qs, ks, vs, dys) = (host(q)?, host(k)?, host(v)?, host(grad)?);
         let (t, d, rep) = (s.len, s.head_dim, s.heads / s.kv_heads);
         let scale = 1.0 / (d as f32).sqrt();
         // Per (batch row, kv head): dq of its rep heads (rep, T, D), dk and dv (T, D).
@@ -529,6 +469,99 @@ impl CustomOp3 for CausalAttention {
             put_head(&mut dk, uk, b, g, &s, s.kv_heads);
             put_head(&mut dv, uv, b, g, &s, s.kv_heads);
         }
+        (dq, dk, dv)
+    }
+}
+
+/// Query rows per block of the causal attention products.
+const QUERY_BLOCK: usize = 64;
+
+/// (i0, i1) row blocks of 0..t.
+fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t)
+        .step_by(QUERY_BLOCK)
+        .map(move |i0| (i0, (i0 + QUERY_BLOCK).min(t)))
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "lever-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let s = self.shape;
+        let (q, k, v) = (
+            f32_slice(s1, l1, self.name())?,
+            f32_slice(s2, l2, self.name())?,
+            f32_slice(s3, l3, self.name())?,
+        );
+        let (t, d, rep) = (s.len, s.head_dim, s.heads / s.kv_heads);
+        // One unit per (batch row, kv head): its rep query heads' outputs, (rep, T, D).
+        let units: Vec<Vec<f32>> = (0..s.batch * s.kv_heads)
+            .into_par_iter()
+            .map(|u| {
+                let (b, g) = (u / s.kv_heads, u % s.kv_heads);
+                let (kr, vv) = self.keys_values(k, v, b, g);
+                let mut p = vec![0f32; QUERY_BLOCK.min(t) * t];
+                let mut out = vec![0f32; rep * t * d];
+                for (r, out) in out.chunks_exact_mut(t * d).enumerate() {
+                    let qr = self.query(q, b, g * rep + r);
+                    for (i0, i1) in row_blocks(t) {
+                        let p = &mut p[..(i1 - i0) * i1];
+                        self.block_probs(&qr, &kr, i0, i1, p);
+                        let out = &mut out[i0 * d..i1 * d];
+                        gemm_into(
+                            out,
+                            Mat::rows(p, i1),
+                            Mat::rows(&vv, d),
+                            Gemm::new(i1 - i0, d, i1).serial(),
+                        );
+                    }
+                }
+                out
+            })
+            .collect();
+        let mut y = vec![0f32; q.len()];
+        for (u, out) in units.iter().enumerate() {
+            let (b, g) = (u / s.kv_heads, u % s.kv_heads);
+            for (r, rows) in out.chunks_exact(t * d).enumerate() {
+                put_head(&mut y, rows, b, g * rep + r, &s, s.heads);
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // q, k, v and the incoming gradient, read in place.
+        let (hq, hk, hv, hd) = (
+            HostRows::new(q)?,
+            HostRows::new(k)?,
+            HostRows::new(v)?,
+            HostRows::new(grad)?,
+        );
+        let name = self.name();
+        let (dq, dk, dv) = hq.with(name, |qs| {
+            hk.with(name, |ks| {
+                hv.with(name, |vs| {
+                    hd.with(name, |dys| Ok(self.backward(qs, ks, vs, dys)))
+                })
+            })
+        })?;
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),
