@@ -292,7 +292,32 @@ fn bad_input_is_refused_in_one_line_and_nothing_is_written() {
     );
     // --gguf with a character vocabulary, refused before training.
     refuse(TINY, "shards", "r4", &["--gguf"], "--gguf: ");
-    for r in ["r1", "r2", "r3", "r4"] {
+    // A tokenizer without the end-of-text token, for nanoGPT's headerless files.
+    let mut tk: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("tok/tokenizer.json")).unwrap())
+            .unwrap();
+    tk["added_tokens"] = serde_json::json!([]);
+    tk["model"]["vocab"]
+        .as_object_mut()
+        .unwrap()
+        .remove("<|endoftext|>");
+    std::fs::write(d.join("noeot.json"), tk.to_string()).unwrap();
+    std::fs::create_dir(d.join("nanogpt")).unwrap();
+    let u16s = |n: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| ((i % 50) as u16).to_le_bytes())
+            .collect()
+    };
+    std::fs::write(d.join("nanogpt/train.bin"), u16s(5000)).unwrap();
+    std::fs::write(d.join("nanogpt/val.bin"), u16s(1000)).unwrap();
+    refuse(
+        TINY,
+        "nanogpt",
+        "r5",
+        &["--tokenizer", "noeot.json"],
+        "no end-of-text token `<|endoftext|>`",
+    );
+    for r in ["r1", "r2", "r3", "r4", "r5"] {
         assert!(!d.join(r).exists(), "{r} was written");
     }
     // An unwritable run folder: under a file.
