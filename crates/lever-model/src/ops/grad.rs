@@ -399,15 +399,15 @@ impl CausalAttention {
             .into_par_iter()
             .map(|u| {
                 let (b, g) = (u / s.kv_heads, u % s.kv_heads);
-                let (kr, vv) = self.keys_values(&ks, &vs, b, g);
+                let (kr, vv) = self.keys_values(ks, vs, b, g);
                 let rows = QUERY_BLOCK.min(t) * t;
                 let (mut p, mut ds) = (vec![0f32; rows], vec![0f32; rows]);
                 let mut dq = vec![0f32; rep * t * d];
                 let (mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d]);
                 for (r, dq) in dq.chunks_exact_mut(t * d).enumerate() {
                     let h = g * rep + r;
-                    let qr = self.query(&qs, b, h);
-                    let dy = head_rows(&dys, b, h, &s, s.heads);
+                    let qr = self.query(qs, b, h);
+                    let dy = head_rows(dys, b, h, &s, s.heads);
                     for (i0, i1) in row_blocks(t) {
                         let m = i1 - i0;
                         let (p, ds) = (&mut p[..m * i1], &mut ds[..m * i1]);
