@@ -24,8 +24,11 @@ use crate::cli::PretrainArgs;
 /// manifest are assumed to use it.
 const END_OF_TEXT: &str = "<|endoftext|>";
 
-/// Characters of text printed at each evaluation.
-const SAMPLE_TOKENS: usize = 120;
+/// Tokens of text printed at each evaluation: 120 for small models, 32 for large ones (each
+/// token is a forward pass over the window, about a second at 135M parameters).
+fn sample_tokens(params: usize) -> usize {
+    if params < 20_000_000 { 120 } else { 32 }
+}
 
 pub fn run(a: PretrainArgs) -> Result<()> {
     let recipe = resolve_recipe(&a)?;
@@ -126,7 +129,8 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         };
         let v = evaluate(decoder, &recipe, &data.val, cover)?;
         eprintln!("step {step}: validation loss {v:.4}");
-        let text = sample(decoder, &data.tokenizer, &recipe, data.eot, step)?;
+        let n = sample_tokens(size.params);
+        let text = sample(decoder, &data.tokenizer, &recipe, data.eot, step, n)?;
         eprintln!("sample: {}", text.replace('\n', "\n        "));
         Ok(v)
     };
@@ -396,6 +400,7 @@ fn sample(
     recipe: &Recipe,
     eot: u32,
     step: usize,
+    n: usize,
 ) -> Result<String> {
     let mut sampler = Sampler::new(SamplingParams {
         temperature: 0.8,
@@ -404,7 +409,7 @@ fn sample(
         ..SamplingParams::greedy()
     });
     let mut ids = vec![eot];
-    for _ in 0..SAMPLE_TOKENS {
+    for _ in 0..n {
         let logits = next_token_logits(decoder, &ids)?;
         let next = sampler.sample(&logits, &ids);
         if next == eot {
