@@ -18,6 +18,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 /// The folder holding `path`; "." for a bare name (whose `parent()` is empty).
+pub fn parent_or_dot(path: &Path) -> &Path {
+    parent_of(path)
+}
+
 fn parent_of(path: &Path) -> &Path {
     path.parent()
         .filter(|p| !p.as_os_str().is_empty())

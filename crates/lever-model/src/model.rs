@@ -71,7 +71,10 @@ pub fn resolve(
 /// Facts about a loaded model, for `models list`, manifests and benchmarks.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
+    /// Where it came from: the .gguf file, the Hugging Face folder, or for a model trained
+    /// from scratch, its tokenizer.json.
     pub path: PathBuf,
+    /// "gguf", "hf", or "pretrained" (trained from scratch by `lever pretrain`).
     pub format: &'static str,
     pub quantization: String,
     /// The sampling settings the model's authors publish (empty when unknown).

@@ -20,7 +20,8 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
 
 /// GPT-2's pre-tokenizer regex (the one ByteLevel applies with `use_regex`).
-const GPT2_RE: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+pub(crate) const GPT2_RE: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 const LLAMA3_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -28,7 +29,7 @@ const QWEN2_RE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD
 /// step), as `from_gguf` builds them: what a tokenizer.json lever wrote maps back to.
 pub(crate) fn pre_name_of_regexes(regexes: &[&str]) -> Option<&'static str> {
     match regexes {
-        [GPT2_RE] => Some("gpt2"),
+        [GPT2_RE] => Some("gpt-2"),
         [r"\p{N}", GPT2_RE] => Some("smollm"),
         [LLAMA3_RE] => Some("llama3"),
         [QWEN2_RE] => Some("qwen2"),

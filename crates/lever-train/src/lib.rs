@@ -3,17 +3,25 @@
 //! through the quantized layers), AdamW with decoupled weight decay (Loshchilov & Hutter,
 //! arXiv:1711.05101), linear warmup then cosine decay, gradient clipping, a loss over the
 //! trained (assistant) tokens only, adapters saved in Hugging Face PEFT's layout, and the run
-//! folder (run.rs: start, resume, start over, metrics, best weights, loss curve).
+//! folder (run.rs: start, resume, start over, metrics, best weights, loss curve). Pretraining
+//! from scratch (pretrain.rs) trains the same decoder from a recipe (recipe.rs: presets and
+//! TOML files) and GPT-2's initialization (init.rs).
 
 pub mod error;
+pub mod init;
 pub mod lora;
 pub mod loss;
 pub mod optim;
+pub mod peak;
 pub mod plot;
+pub mod pretrain;
+pub mod recipe;
 pub mod run;
 pub mod trainer;
 
 pub use error::{Error, Result};
 pub use lora::{LoraConfig, LoraSet, load_peft};
+pub use pretrain::{PretrainStep, Pretrainer};
+pub use recipe::{Batches, Recipe, Size};
 pub use run::{Best, RunDir, Start};
 pub use trainer::{StepMetrics, TrainConfig, Trainer};

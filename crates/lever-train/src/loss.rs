@@ -46,8 +46,7 @@ fn check_targets(targets: &[u32], n: usize, v: usize) -> Result<()> {
 /// (max, Σ exp(z − max)) of a row.
 fn row_stats(row: &[f32]) -> (f32, f32) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|z| (z - max).exp()).sum();
-    (max, sum)
+    (max, lever_model::ops::sum_exp(row, max))
 }
 
 impl CustomOp1 for CrossEntropy {
@@ -94,7 +93,7 @@ impl CustomOp1 for CrossEntropyGrad {
                 let (max, sum) = row_stats(row);
                 let k = scale / sum;
                 for (g, z) in g.iter_mut().zip(row) {
-                    *g = (z - max).exp() * k;
+                    *g = lever_model::ops::exp(z - max) * k;
                 }
                 g[t as usize] -= scale;
             });

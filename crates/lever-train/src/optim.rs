@@ -56,6 +56,8 @@ pub struct AdamW {
     pub params: AdamWParams,
     vars: Vec<Var>,
     state: Vec<Moments>,
+    /// Whether each variable takes weight decay (all of them unless `decay_only` says).
+    decays: Vec<bool>,
     /// Updates applied so far.
     pub t: usize,
 }
@@ -98,10 +100,28 @@ impl AdamW {
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW {
             params,
+            decays: vec![true; vars.len()],
             vars,
             state,
             t: 0,
         })
+    }
+
+    /// Weight decay only on the variables `decays` marks (one flag per variable, in order):
+    /// nanoGPT's two parameter groups, matrices decayed, norms and biases not.
+    pub fn decay_only(mut self, decays: Vec<bool>) -> Result<AdamW> {
+        if decays.len() != self.vars.len() {
+            return Err(crate::Error::Config {
+                what: "optimizer".into(),
+                problem: format!(
+                    "{} weight-decay flags for {} variables",
+                    decays.len(),
+                    self.vars.len()
+                ),
+            });
+        }
+        self.decays = decays;
+        Ok(self)
     }
 
     pub fn set_lr(&mut self, lr: f64) {
@@ -118,12 +138,19 @@ impl AdamW {
     /// them exactly as they are.
     pub fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> Result<()> {
         self.t += 1;
-        let p = self.params;
-        let c1 = 1.0 - p.beta1.powi(self.t as i32);
-        let c2 = 1.0 - p.beta2.powi(self.t as i32);
-        for (var, state) in self.vars.iter().zip(&mut self.state) {
+        let c1 = 1.0 - self.params.beta1.powi(self.t as i32);
+        let c2 = 1.0 - self.params.beta2.powi(self.t as i32);
+        for ((var, state), &decays) in self.vars.iter().zip(&mut self.state).zip(&self.decays) {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
+            };
+            let p = AdamWParams {
+                weight_decay: if decays {
+                    self.params.weight_decay
+                } else {
+                    0.0
+                },
+                ..self.params
             };
             match state {
                 Moments::Fused { m, v } => {
@@ -507,6 +534,33 @@ mod tests {
             a.as_tensor().to_vec1::<f32>().unwrap(),
             b.as_tensor().to_vec1::<f32>().unwrap()
         );
+    }
+
+    /// With `decay_only`, a variable left out of weight decay keeps its value under a zero
+    /// gradient while a decayed one shrinks by lr·λ.
+    #[test]
+    fn decay_applies_only_where_asked() {
+        let dev = Device::Cpu;
+        let a = Var::new(&[1.0f32, 2.0], &dev).unwrap();
+        let b = Var::new(&[1.0f32, 2.0], &dev).unwrap();
+        let p = AdamWParams {
+            lr: 0.1,
+            weight_decay: 0.5,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(vec![a.clone(), b.clone()], p)
+            .unwrap()
+            .decay_only(vec![true, false])
+            .unwrap();
+        let zero = Tensor::zeros(2, DType::F32, &dev).unwrap();
+        let loss = ((a.as_tensor() + b.as_tensor()).unwrap() * zero)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        opt.step(&loss.backward().unwrap()).unwrap();
+        assert_eq!(a.as_tensor().to_vec1::<f32>().unwrap(), [0.95, 1.9]);
+        assert_eq!(b.as_tensor().to_vec1::<f32>().unwrap(), [1.0, 2.0]);
+        assert!(AdamW::new(vec![a], p).unwrap().decay_only(vec![]).is_err());
     }
 
     /// One read pass in f64 against the tensor formula in f64, for a fused tensor and a

@@ -8,7 +8,7 @@
 //!   loss.png           training and validation loss
 //!   checkpoints/last/  everything a resumed run needs (trainer.rs `save_checkpoint`)
 //!   best/              the weights with the lowest validation loss so far
-//!   adapter/ | model/  the result
+//!   adapter/ | model/  the result (and model.gguf when pretraining asks for one)
 //! ```
 //!
 //! A run is never written over by accident: a folder that holds a run is refused unless the
@@ -24,7 +24,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 
 /// What a run writes into its folder: starting over removes these and nothing else.
-pub const RUN_FILES: [&str; 7] = [
+pub const RUN_FILES: [&str; 8] = [
     "manifest.json",
     "metrics.jsonl",
     "loss.png",
@@ -32,6 +32,7 @@ pub const RUN_FILES: [&str; 7] = [
     "best",
     "adapter",
     "model",
+    "model.gguf",
 ];
 
 /// How a run begins in its folder.

@@ -172,21 +172,7 @@ impl Trainer {
             tokens += batch.iter().map(|t| t.ids.len()).sum::<usize>();
             trained += n;
             loss_sum += sum;
-            total = Some(match total {
-                None => grads,
-                Some(mut acc) => {
-                    for v in &self.vars {
-                        if let Some(g) = grads.get(v.as_tensor()) {
-                            let sum = match acc.get(v.as_tensor()) {
-                                Some(a) => (a + g)?,
-                                None => g.clone(),
-                            };
-                            acc.insert(v.as_tensor(), sum);
-                        }
-                    }
-                    acc
-                }
-            });
+            total = Some(accumulate(total, grads, &self.vars)?);
         }
         let Some(grads) = total else {
             return Err(Error::Config {
@@ -215,82 +201,22 @@ impl Trainer {
     /// temporary folder that is then renamed over `dir`, so a kill at any moment leaves either
     /// the previous checkpoint or this one.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let (m, v) = self.opt.moments()?;
-        let mut tensors = std::collections::HashMap::new();
-        for (i, var) in self.vars.iter().enumerate() {
-            tensors.insert(format!("param.{i}"), var.as_tensor().clone());
-            tensors.insert(format!("m.{i}"), m[i].clone());
-            tensors.insert(format!("v.{i}"), v[i].clone());
-        }
         let state = serde_json::json!({
-            "step": self.step, "optimizer_t": self.opt.t, "cursor": self.cursor,
-            "order": self.order, "rng": self.rng.0, "vars": self.vars.len(),
+            "step": self.step, "cursor": self.cursor, "order": self.order, "rng": self.rng.0,
         });
-        let io = |name: &str| {
-            let path = dir.join(name);
-            move |source| Error::Io { path, source }
-        };
-        lever_model::fsutil::write_atomic(dir, |tmp| {
-            std::fs::create_dir(tmp).map_err(io(""))?;
-            candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
-            std::fs::write(tmp.join("trainer.json"), state.to_string()).map_err(io("trainer.json"))
-        })
+        save_state(dir, &self.vars, &self.opt, state)
     }
 
     /// Restore a checkpoint written by `save_checkpoint` into this trainer and its variables.
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
-        let js = dir.join("trainer.json");
-        let text = std::fs::read_to_string(&js).map_err(|source| Error::Io {
-            path: js.clone(),
-            source,
-        })?;
+        let state = load_state(dir, &self.vars, &mut self.opt)?;
         let bad = |problem: String| Error::Config {
-            what: js.display().to_string(),
+            what: dir.join("trainer.json").display().to_string(),
             problem,
         };
-        let state: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let num = |k: &str| {
-            state
-                .get(k)
-                .and_then(|v| v.as_u64())
-                .ok_or_else(|| bad(format!("`{k}` missing")))
-        };
-        if num("vars")? as usize != self.vars.len() {
-            return Err(bad(format!(
-                "{} trainable tensors, this run has {}",
-                num("vars")?,
-                self.vars.len()
-            )));
-        }
-        let tensors = candle_core::safetensors::load(
-            dir.join("state.safetensors"),
-            &candle_core::Device::Cpu,
-        )?;
-        let get = |k: String| {
-            tensors
-                .get(&k)
-                .cloned()
-                .ok_or_else(|| bad(format!("state.safetensors has no `{k}`")))
-        };
-        let (mut m, mut v) = (Vec::new(), Vec::new());
-        for (i, var) in self.vars.iter().enumerate() {
-            let p = get(format!("param.{i}"))?;
-            if p.shape() != var.shape() {
-                return Err(bad(format!(
-                    "param.{i} has shape {:?}, this run {:?}",
-                    p.dims(),
-                    var.dims()
-                )));
-            }
-            var.set(&p)?;
-            m.push(get(format!("m.{i}"))?);
-            v.push(get(format!("v.{i}"))?);
-        }
-        self.opt.restore(m, v, num("optimizer_t")? as usize)?;
-        self.step = num("step")? as usize;
-        self.cursor = num("cursor")? as usize;
-        self.rng = SplitMix64(num("rng")?);
+        self.step = state_u64(dir, &state, "step")? as usize;
+        self.cursor = state_u64(dir, &state, "cursor")? as usize;
+        self.rng = SplitMix64(state_u64(dir, &state, "rng")?);
         self.order = state
             .get("order")
             .and_then(|o| o.as_array())
@@ -303,10 +229,119 @@ impl Trainer {
     }
 }
 
+/// `grads` added into `total` (the gradients of the micro-batches so far), for every variable.
+pub(crate) fn accumulate(
+    total: Option<GradStore>,
+    grads: GradStore,
+    vars: &[Var],
+) -> Result<GradStore> {
+    let Some(mut acc) = total else {
+        return Ok(grads);
+    };
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            let sum = match acc.get(v.as_tensor()) {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            };
+            acc.insert(v.as_tensor(), sum);
+        }
+    }
+    Ok(acc)
+}
+
+/// A checkpoint, the one format fine-tuning and pretraining share: the trained values and
+/// the optimizer's moments in `state.safetensors`, the optimizer's step count and the
+/// caller's `state` (data position, RNG, step) in `trainer.json`. Files are fsynced in a
+/// temporary folder that is then renamed over `dir`, so a kill at any moment leaves either
+/// the previous checkpoint or this one.
+pub(crate) fn save_state(
+    dir: &Path,
+    vars: &[Var],
+    opt: &AdamW,
+    mut state: serde_json::Value,
+) -> Result<()> {
+    let (m, v) = opt.moments()?;
+    let mut tensors = std::collections::HashMap::new();
+    for (i, var) in vars.iter().enumerate() {
+        tensors.insert(format!("param.{i}"), var.as_tensor().clone());
+        tensors.insert(format!("m.{i}"), m[i].clone());
+        tensors.insert(format!("v.{i}"), v[i].clone());
+    }
+    state["optimizer_t"] = serde_json::json!(opt.t);
+    state["vars"] = serde_json::json!(vars.len());
+    let io = |name: &str| {
+        let path = dir.join(name);
+        move |source| Error::Io { path, source }
+    };
+    lever_model::fsutil::write_atomic(dir, |tmp| {
+        std::fs::create_dir(tmp).map_err(io(""))?;
+        candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
+        std::fs::write(tmp.join("trainer.json"), state.to_string()).map_err(io("trainer.json"))
+    })
+}
+
+/// Restore what `save_state` wrote into `vars` and `opt`; returns trainer.json.
+pub(crate) fn load_state(dir: &Path, vars: &[Var], opt: &mut AdamW) -> Result<serde_json::Value> {
+    let js = dir.join("trainer.json");
+    let text = std::fs::read_to_string(&js).map_err(|source| Error::Io {
+        path: js.clone(),
+        source,
+    })?;
+    let bad = |problem: String| Error::Config {
+        what: js.display().to_string(),
+        problem,
+    };
+    let state: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let n = state_u64(dir, &state, "vars")? as usize;
+    if n != vars.len() {
+        return Err(bad(format!(
+            "{n} trainable tensors, this run has {}",
+            vars.len()
+        )));
+    }
+    let tensors =
+        candle_core::safetensors::load(dir.join("state.safetensors"), &candle_core::Device::Cpu)?;
+    let get = |k: String| {
+        tensors
+            .get(&k)
+            .cloned()
+            .ok_or_else(|| bad(format!("state.safetensors has no `{k}`")))
+    };
+    let (mut m, mut v) = (Vec::new(), Vec::new());
+    for (i, var) in vars.iter().enumerate() {
+        let p = get(format!("param.{i}"))?;
+        if p.shape() != var.shape() {
+            return Err(bad(format!(
+                "param.{i} has shape {:?}, this run {:?}",
+                p.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&p)?;
+        m.push(get(format!("m.{i}"))?);
+        v.push(get(format!("v.{i}"))?);
+    }
+    opt.restore(m, v, state_u64(dir, &state, "optimizer_t")? as usize)?;
+    Ok(state)
+}
+
+/// A number of a checkpoint's trainer.json.
+pub(crate) fn state_u64(dir: &Path, state: &serde_json::Value, key: &str) -> Result<u64> {
+    state
+        .get(key)
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| Error::Config {
+            what: dir.join("trainer.json").display().to_string(),
+            problem: format!("`{key}` missing"),
+        })
+}
+
 /// The gradients' global L2 norm, and the factor that brings it down to `max` (1 when it is
 /// at most `max`, or `max` is 0): the optimizer folds the factor into its update rather than
 /// rescaling every gradient first.
-fn clip_factor(grads: &GradStore, vars: &[Var], max: f64) -> Result<(f64, f64)> {
+pub(crate) fn clip_factor(grads: &GradStore, vars: &[Var], max: f64) -> Result<(f64, f64)> {
     let mut sq = 0f64;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {

@@ -38,6 +38,9 @@ pub enum Command {
     /// Fine-tune the model on a JSONL dataset: LoRA (writes a PEFT adapter) or every weight
     /// (writes a Hugging Face model folder).
     Finetune(FinetuneArgs),
+    /// Train a language model from scratch on token shards (`lever data shard`): a preset
+    /// (shakespeare-char, smollm2-135m) or a TOML recipe; writes a Hugging Face folder.
+    Pretrain(PretrainArgs),
     /// Write the model (with --adapter folded in) as a Hugging Face folder or a GGUF file.
     Export(ExportArgs),
     /// Fold a LoRA adapter into its base model and write the result (as `export`).
@@ -520,6 +523,62 @@ pub struct FinetuneArgs {
     /// The run's name when --out is not given (default: the data file's stem and the method).
     #[arg(long)]
     pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PretrainArgs {
+    /// The model and recipe: a preset (shakespeare-char: nanoGPT's shakespeare_char CPU
+    /// recipe; smollm2-135m: the default model's shape) or a TOML file.
+    #[arg(long, value_name = "NAME|FILE.toml")]
+    pub config: String,
+    /// Token shards: a folder `lever data shard` wrote, llm.c's .bin shards, or nanoGPT's
+    /// train.bin and val.bin.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// The tokenizer.json the shards were made with (default: the one their manifest names;
+    /// required for shards without a manifest).
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// Run folder: manifest.json, metrics.jsonl, loss.png, checkpoints/, and the result
+    /// model/ (Hugging Face folder).
+    #[arg(long, value_name = "RUN")]
+    pub out: PathBuf,
+    /// Optimizer steps (default: the recipe's).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Windows of the context per micro-batch (default: the recipe's).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step (default: the recipe's).
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Peak learning rate (default: the recipe's).
+    #[arg(long, value_parser = positive_f64)]
+    pub lr: Option<f64>,
+    /// Seed of the initial weights and the batches (default: the recipe's).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Validation loss and a sample every N steps, and at the end (default: the recipe's;
+    /// 0 = only at the end).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Save a checkpoint (weights, optimizer, batch position, RNG) every N steps (0 = never).
+    #[arg(long, default_value_t = 250)]
+    pub save_every: usize,
+    /// Besides checkpoints/last, keep the N newest checkpoints as checkpoints/step-NNNNNN.
+    #[arg(long, default_value_t = 0)]
+    pub keep: usize,
+    /// Continue the run in --out from its last checkpoint (the same settings are required).
+    #[arg(long)]
+    pub resume: bool,
+    /// Start over in an --out that already holds a run, or write into an --out folder that
+    /// holds other files.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
+    /// Also write RUN/model.gguf (f32), which llama.cpp loads (needs a byte-level BPE
+    /// tokenizer).
+    #[arg(long)]
+    pub gguf: bool,
 }
 
 #[derive(Debug, Args)]

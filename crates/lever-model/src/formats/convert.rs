@@ -27,7 +27,8 @@ fn read_json(path: &Path) -> Result<Json> {
 fn pre_tokenizer_name(pre: &Json) -> Option<&'static str> {
     let kind = |v: &Json| v.get("type").and_then(Json::as_str).map(str::to_string);
     match kind(pre)?.as_str() {
-        "ByteLevel" => Some("gpt2"),
+        // llama.cpp's name for GPT-2's regex is "gpt-2" (`llama-vocab.cpp`); it refuses "gpt2".
+        "ByteLevel" => Some("gpt-2"),
         "Sequence" => {
             let parts = pre.get("pretokenizers")?.as_array()?;
             let kinds: Vec<String> = parts.iter().filter_map(kind).collect();
@@ -88,7 +89,7 @@ pub fn hf_to_gguf(dir: &Path, target: GgmlDType) -> Result<GgufParts> {
     }
     let pre =
         pre_tokenizer_name(tk.get("pre_tokenizer").unwrap_or(&Json::Null)).ok_or_else(|| {
-            tk_err("pre_tokenizer is not one lever maps to a llama.cpp name (gpt2, smollm)".into())
+            tk_err("pre_tokenizer is not one lever maps to a llama.cpp name (gpt-2, smollm)".into())
         })?;
     // Vocabulary by id, added tokens included; control (special) tokens typed 3.
     let vocab = model
@@ -318,4 +319,22 @@ pub fn rope_unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?;
     Ok(x.reshape(dims)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: GPT-2's pre-tokenizer was written as "gpt2", which llama.cpp refuses
+    /// ("unknown pre-tokenizer type"); its name there is "gpt-2".
+    #[test]
+    fn gpt2_pre_tokenizer_has_llama_cpps_name() {
+        let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false});
+        assert_eq!(pre_tokenizer_name(&byte_level), Some("gpt-2"));
+        let split = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": crate::tokenizer::GPT2_RE}},
+            {"type": "ByteLevel"},
+        ]});
+        assert_eq!(pre_tokenizer_name(&split), Some("gpt-2"));
+    }
 }

@@ -125,8 +125,10 @@ fn hf_config(model: &Model) -> serde_json::Value {
 
 /// Write a Hugging Face folder: config.json, model.safetensors (f32) and the tokenizer files.
 /// A model loaded from a Hugging Face folder keeps its own tokenizer files and config (with
-/// the dtype set to float32); one loaded from GGUF gets them built from its metadata. The
-/// folder appears complete or not at all.
+/// the dtype set to float32); one loaded from GGUF gets them built from its metadata; one
+/// trained from scratch (`info.format` "pretrained", `info.path` its tokenizer.json) gets its
+/// config from the decoder and the tokenizer files it was trained with, copied as they are. The folder appears complete or
+/// not at all.
 pub fn write_hf(model: &Model, dir: &Path) -> Result<()> {
     let tensors: std::collections::HashMap<String, Tensor> =
         named_tensors(&model.decoder, Layout::HuggingFace)?
@@ -171,25 +173,44 @@ pub fn write_hf(model: &Model, dir: &Path) -> Result<()> {
                     std::fs::copy(src.join(f), tmp.join(f)).map_err(io_err(src.join(f)))?;
                 }
             }
+        } else if model.info.format == "pretrained" {
+            // Trained here: the configuration from the decoder, the tokenizer's files as
+            // they were trained (`info.path` is its tokenizer.json; the files beside it).
+            write("config.json", pretty(&hf_config(model)))?;
+            std::fs::copy(src, tmp.join("tokenizer.json")).map_err(io_err(src))?;
+            let beside = crate::fsutil::parent_or_dot(src);
+            for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+                if beside.join(f).is_file() {
+                    std::fs::copy(beside.join(f), tmp.join(f)).map_err(io_err(beside.join(f)))?;
+                }
+            }
+            if !beside.join("tokenizer_config.json").is_file() {
+                write("tokenizer_config.json", pretty(&tokenizer_config(model)))?;
+            }
         } else {
             write("config.json", pretty(&hf_config(model)))?;
             write("tokenizer.json", model.tokenizer.to_hf_json()?)?;
-            let tok = |id: Option<u32>| id.and_then(|i| model.tokenizer.id_to_token(i));
-            let mut tc = json!({
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": tok(model.tokenizer.bos()),
-                "eos_token": tok(model.tokenizer.eos()),
-                "add_bos_token": model.tokenizer.add_bos(),
-                "clean_up_tokenization_spaces": false,
-                "model_max_length": model.decoder.config().max_seq_len,
-            });
-            if let Some(t) = &model.chat_template {
-                tc["chat_template"] = json!(t.source());
-            }
-            write("tokenizer_config.json", pretty(&tc))?;
+            write("tokenizer_config.json", pretty(&tokenizer_config(model)))?;
         }
         Ok(())
     })
+}
+
+/// transformers' `tokenizer_config.json` for the model's tokenizer.
+fn tokenizer_config(model: &Model) -> serde_json::Value {
+    let tok = |id: Option<u32>| id.and_then(|i| model.tokenizer.id_to_token(i));
+    let mut tc = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tok(model.tokenizer.bos()),
+        "eos_token": tok(model.tokenizer.eos()),
+        "add_bos_token": model.tokenizer.add_bos(),
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": model.decoder.config().max_seq_len,
+    });
+    if let Some(t) = &model.chat_template {
+        tc["chat_template"] = json!(t.source());
+    }
+    tc
 }
 
 fn pretty(v: &serde_json::Value) -> String {
@@ -197,11 +218,11 @@ fn pretty(v: &serde_json::Value) -> String {
 }
 
 /// Write a GGUF file with matrices in `target` (vectors stay F32). A model loaded from GGUF
-/// keeps its metadata (tokenizer, chat template, hyper-parameters); one loaded from a Hugging
-/// Face folder goes through a Hugging Face export and the converter. As `lever quantize`
+/// keeps its metadata (tokenizer, chat template, hyper-parameters); any other (a Hugging Face
+/// folder, a model trained from scratch) goes through a Hugging Face export and the converter. As `lever quantize`
 /// does, a tied embedding is kept at 8 bits when the target has fewer.
 pub fn write_gguf(model: &Model, dst: &Path, target: GgmlDType) -> Result<()> {
-    if model.info.format == "hf" {
+    if model.info.format != "gguf" {
         let tmp = dst.with_extension("hf.tmp-lever");
         write_hf(model, &tmp)?;
         let r = crate::formats::quantize::convert_hf(&tmp, dst, target);

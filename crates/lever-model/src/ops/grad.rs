@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::host::{Gemm, Mat, f32_slice, gemm_into};
+use super::host::{Gemm, HostRows, Mat, f32_slice, gemm_into};
 use super::{RopeStyle, RopeTables};
 
 /// softmax(scale · x + causal mask) over the last dimension of (..., T, P) scores, where
@@ -38,11 +38,8 @@ impl CustomOp1 for CausalSoftmax {
                 let max = x[..keys]
                     .iter()
                     .fold(f32::NEG_INFINITY, |m, v| m.max(v * self.scale));
-                let mut sum = 0f32;
-                for (y, x) in y[..keys].iter_mut().zip(&x[..keys]) {
-                    *y = (x * self.scale - max).exp();
-                    sum += *y;
-                }
+                y[..keys].copy_from_slice(&x[..keys]);
+                let sum = super::exp_in_place(&mut y[..keys], self.scale, max);
                 y[..keys].iter_mut().for_each(|y| *y /= sum);
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -184,8 +181,9 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
 #[derive(Debug, Clone, Copy)]
 struct SiluMul;
 
+#[inline(always)]
 fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
+    1.0 / (1.0 + super::exp(-v))
 }
 
 impl CustomOp2 for SiluMul {
@@ -223,25 +221,35 @@ impl CustomOp2 for SiluMul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let gs = g.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let us = u.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let ds = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut dg = vec![0f32; gs.len()];
-        let mut du = vec![0f32; gs.len()];
-        dg.par_chunks_mut(4096)
-            .zip(du.par_chunks_mut(4096))
-            .zip(
-                gs.par_chunks(4096)
-                    .zip(us.par_chunks(4096))
-                    .zip(ds.par_chunks(4096)),
-            )
-            .for_each(|((dg, du), ((g, u), d))| {
-                for i in 0..g.len() {
-                    let s = sigmoid(g[i]);
-                    du[i] = d[i] * g[i] * s;
-                    dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                }
-            });
+        // Read in place: the three inputs are the largest activations of a step.
+        let (hg, hu, hd) = (HostRows::new(g)?, HostRows::new(u)?, HostRows::new(grad)?);
+        let name = self.name();
+        let (dg, du) = hg.with(name, |gs| {
+            hu.with(name, |us| {
+                hd.with(name, |ds| {
+                    if us.len() != gs.len() || ds.len() != gs.len() {
+                        candle_core::bail!("{name}: backward of mismatched sizes");
+                    }
+                    let mut dg = vec![0f32; gs.len()];
+                    let mut du = vec![0f32; gs.len()];
+                    dg.par_chunks_mut(4096)
+                        .zip(du.par_chunks_mut(4096))
+                        .zip(
+                            gs.par_chunks(4096)
+                                .zip(us.par_chunks(4096))
+                                .zip(ds.par_chunks(4096)),
+                        )
+                        .for_each(|((dg, du), ((g, u), d))| {
+                            for i in 0..g.len() {
+                                let s = sigmoid(g[i]);
+                                du[i] = d[i] * g[i] * s;
+                                dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                            }
+                        });
+                    Ok((dg, du))
+                })
+            })
+        })?;
         Ok((
             Some(Tensor::from_vec(dg, g.shape(), g.device())?),
             Some(Tensor::from_vec(du, u.shape(), u.device())?),
@@ -369,14 +377,99 @@ impl CausalAttention {
         for (r, row) in p.chunks_exact_mut(i1).enumerate() {
             let (seen, masked) = row.split_at_mut(i0 + r + 1);
             let max = seen.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * scale));
-            let mut sum = 0f32;
-            for v in seen.iter_mut() {
-                *v = (*v * scale - max).exp();
-                sum += *v;
-            }
+            let sum = super::exp_in_place(seen, scale, max);
             seen.iter_mut().for_each(|v| *v /= sum);
             masked.fill(0.0);
         }
+    }
+    /// The backward pass on host values: dq, dk, dv, each shaped as its input.
+    fn backward(
+        &self,
+        qs: &[f32],
+        ks: &[f32],
+        vs: &[f32],
+        dys: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let s = self.shape;
+        let (t, d, rep) = (s.len, s.head_dim, s.heads / s.kv_heads);
+        let scale = 1.0 / (d as f32).sqrt();
+        // Per (batch row, kv head): dq of its rep heads (rep, T, D), dk and dv (T, D).
+        type Unit = (Vec<f32>, Vec<f32>, Vec<f32>);
+        let units: Vec<Unit> = (0..s.batch * s.kv_heads)
+            .into_par_iter()
+            .map(|u| {
+                let (b, g) = (u / s.kv_heads, u % s.kv_heads);
+                let (kr, vv) = self.keys_values(ks, vs, b, g);
+                let rows = QUERY_BLOCK.min(t) * t;
+                let (mut p, mut ds) = (vec![0f32; rows], vec![0f32; rows]);
+                let mut dq = vec![0f32; rep * t * d];
+                let (mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d]);
+                for (r, dq) in dq.chunks_exact_mut(t * d).enumerate() {
+                    let h = g * rep + r;
+                    let qr = self.query(qs, b, h);
+                    let dy = head_rows(dys, b, h, &s, s.heads);
+                    for (i0, i1) in row_blocks(t) {
+                        let m = i1 - i0;
+                        let (p, ds) = (&mut p[..m * i1], &mut ds[..m * i1]);
+                        self.block_probs(&qr, &kr, i0, i1, p);
+                        let dy = &dy[i0 * d..i1 * d];
+                        // dv[..i1] += pᵀ·dy; dp = dy·v[..i1]ᵀ
+                        let dv = &mut dv[..i1 * d];
+                        gemm_into(
+                            dv,
+                            Mat::t(p, i1),
+                            Mat::rows(dy, d),
+                            Gemm::new(i1, d, m).accumulate().serial(),
+                        );
+                        gemm_into(
+                            ds,
+                            Mat::rows(dy, d),
+                            Mat::t(&vv[..i1 * d], d),
+                            Gemm::new(m, i1, d).serial(),
+                        );
+                        // ds = scale · p ⊙ (dp − Σ_j dp ⊙ p), row by row (zero where p is).
+                        for (ds, p) in ds.chunks_exact_mut(i1).zip(p.chunks_exact(i1)) {
+                            let dot: f32 = ds.iter().zip(p.iter()).map(|(a, b)| a * b).sum();
+                            ds.iter_mut()
+                                .zip(p.iter())
+                                .for_each(|(ds, p)| *ds = scale * p * (*ds - dot));
+                        }
+                        // dq_rot = ds·k_rot[..i1]; dk_rot[..i1] += dsᵀ·q_rot
+                        let dq = &mut dq[i0 * d..i1 * d];
+                        gemm_into(
+                            dq,
+                            Mat::rows(ds, i1),
+                            Mat::rows(&kr, d),
+                            Gemm::new(m, d, i1).serial(),
+                        );
+                        let (dk, q) = (&mut dk[..i1 * d], &qr[i0 * d..i1 * d]);
+                        gemm_into(
+                            dk,
+                            Mat::t(ds, i1),
+                            Mat::rows(q, d),
+                            Gemm::new(i1, d, m).accumulate().serial(),
+                        );
+                    }
+                    self.rotate(dq, true);
+                }
+                self.rotate(&mut dk, true);
+                (dq, dk, dv)
+            })
+            .collect();
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; qs.len()],
+            vec![0f32; ks.len()],
+            vec![0f32; vs.len()],
+        );
+        for (u, (uq, uk, uv)) in units.iter().enumerate() {
+            let (b, g) = (u / s.kv_heads, u % s.kv_heads);
+            for (r, rows) in uq.chunks_exact(t * d).enumerate() {
+                put_head(&mut dq, rows, b, g * rep + r, &s, s.heads);
+            }
+            put_head(&mut dk, uk, b, g, &s, s.kv_heads);
+            put_head(&mut dv, uv, b, g, &s, s.kv_heads);
+        }
+        (dq, dk, dv)
     }
 }
 
@@ -454,87 +547,21 @@ impl CustomOp3 for CausalAttention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let s = self.shape;
-        let host = |x: &Tensor| x.contiguous()?.flatten_all()?.to_vec1::<f32>();
-        let (qs, ks, vs, dys) = (host(q)?, host(k)?, host(v)?, host(grad)?);
-        let (t, d, rep) = (s.len, s.head_dim, s.heads / s.kv_heads);
-        let scale = 1.0 / (d as f32).sqrt();
-        // Per (batch row, kv head): dq of its rep heads (rep, T, D), dk and dv (T, D).
-        type Unit = (Vec<f32>, Vec<f32>, Vec<f32>);
-        let units: Vec<Unit> = (0..s.batch * s.kv_heads)
-            .into_par_iter()
-            .map(|u| {
-                let (b, g) = (u / s.kv_heads, u % s.kv_heads);
-                let (kr, vv) = self.keys_values(&ks, &vs, b, g);
-                let rows = QUERY_BLOCK.min(t) * t;
-                let (mut p, mut ds) = (vec![0f32; rows], vec![0f32; rows]);
-                let mut dq = vec![0f32; rep * t * d];
-                let (mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d]);
-                for (r, dq) in dq.chunks_exact_mut(t * d).enumerate() {
-                    let h = g * rep + r;
-                    let qr = self.query(&qs, b, h);
-                    let dy = head_rows(&dys, b, h, &s, s.heads);
-                    for (i0, i1) in row_blocks(t) {
-                        let m = i1 - i0;
-                        let (p, ds) = (&mut p[..m * i1], &mut ds[..m * i1]);
-                        self.block_probs(&qr, &kr, i0, i1, p);
-                        let dy = &dy[i0 * d..i1 * d];
-                        // dv[..i1] += pᵀ·dy; dp = dy·v[..i1]ᵀ
-                        let dv = &mut dv[..i1 * d];
-                        gemm_into(
-                            dv,
-                            Mat::t(p, i1),
-                            Mat::rows(dy, d),
-                            Gemm::new(i1, d, m).accumulate().serial(),
-                        );
-                        gemm_into(
-                            ds,
-                            Mat::rows(dy, d),
-                            Mat::t(&vv[..i1 * d], d),
-                            Gemm::new(m, i1, d).serial(),
-                        );
-                        // ds = scale · p ⊙ (dp − Σ_j dp ⊙ p), row by row (zero where p is).
-                        for (ds, p) in ds.chunks_exact_mut(i1).zip(p.chunks_exact(i1)) {
-                            let dot: f32 = ds.iter().zip(p.iter()).map(|(a, b)| a * b).sum();
-                            ds.iter_mut()
-                                .zip(p.iter())
-                                .for_each(|(ds, p)| *ds = scale * p * (*ds - dot));
-                        }
-                        // dq_rot = ds·k_rot[..i1]; dk_rot[..i1] += dsᵀ·q_rot
-                        let dq = &mut dq[i0 * d..i1 * d];
-                        gemm_into(
-                            dq,
-                            Mat::rows(ds, i1),
-                            Mat::rows(&kr, d),
-                            Gemm::new(m, d, i1).serial(),
-                        );
-                        let (dk, q) = (&mut dk[..i1 * d], &qr[i0 * d..i1 * d]);
-                        gemm_into(
-                            dk,
-                            Mat::t(ds, i1),
-                            Mat::rows(q, d),
-                            Gemm::new(i1, d, m).accumulate().serial(),
-                        );
-                    }
-                    self.rotate(dq, true);
-                }
-                self.rotate(&mut dk, true);
-                (dq, dk, dv)
-            })
-            .collect();
-        let (mut dq, mut dk, mut dv) = (
-            vec![0f32; qs.len()],
-            vec![0f32; ks.len()],
-            vec![0f32; vs.len()],
+        // q, k, v and the incoming gradient, read in place.
+        let (hq, hk, hv, hd) = (
+            HostRows::new(q)?,
+            HostRows::new(k)?,
+            HostRows::new(v)?,
+            HostRows::new(grad)?,
         );
-        for (u, (uq, uk, uv)) in units.iter().enumerate() {
-            let (b, g) = (u / s.kv_heads, u % s.kv_heads);
-            for (r, rows) in uq.chunks_exact(t * d).enumerate() {
-                put_head(&mut dq, rows, b, g * rep + r, &s, s.heads);
-            }
-            put_head(&mut dk, uk, b, g, &s, s.kv_heads);
-            put_head(&mut dv, uv, b, g, &s, s.kv_heads);
-        }
+        let name = self.name();
+        let (dq, dk, dv) = hq.with(name, |qs| {
+            hk.with(name, |ks| {
+                hv.with(name, |vs| {
+                    hd.with(name, |dys| Ok(self.backward(qs, ks, vs, dys)))
+                })
+            })
+        })?;
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),

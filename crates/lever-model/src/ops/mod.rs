@@ -255,10 +255,91 @@ pub(crate) fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
         .reshape((b, kvh * n_rep, t, d))
 }
 
+/// e^x in f32, branch-free so that loops over slices vectorize: the training ops' softmax,
+/// SiLU and cross-entropy spent a tenth of a small model's step in libm's scalar `expf`. The
+/// usual reduction (Cody & Waite, "Software Manual for the Elementary Functions", 1980):
+/// x = n·ln 2 + r with |r| ≤ ln 2 / 2 (n rounded by adding 1.5·2²³, which SSE2 can do without
+/// a rounding instruction), e^r by its Taylor series to r⁷ (truncation below 6e-9), 2ⁿ built
+/// in the exponent bits. Relative error under 3e-7 (`exp_is_within_3e7_of_f64`); inputs are
+/// clamped to [-87, 88], so results below e^-87 are e^-87 rather than denormal; NaN stays NaN.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts: the first has few bits, so n·LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³
+    let c = x.clamp(-87.0, 88.0);
+    let t = c * LOG2E + ROUND;
+    let n = t - ROUND; // round(c·log2 e)
+    let r = (c - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // t's low mantissa bits hold n + 2²²; 2ⁿ has n + 127 in the exponent.
+    let n_int = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let two_n = f32::from_bits(((n_int + 127) as u32) << 23);
+    if x.is_nan() { x } else { p * two_n }
+}
+
+/// Σ e^(x − shift) over `xs`, in eight lanes so that the compiler vectorizes it.
+pub fn sum_exp(xs: &[f32], shift: f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut rows = xs.chunks_exact(8);
+    for row in &mut rows {
+        for (acc, &x) in lanes.iter_mut().zip(row) {
+            *acc += exp(x - shift);
+        }
+    }
+    let tail: f32 = rows.remainder().iter().map(|&x| exp(x - shift)).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// xs ← e^(scale·x − shift), and their sum.
+pub fn exp_in_place(xs: &mut [f32], scale: f32, shift: f32) -> f32 {
+    xs.iter_mut().for_each(|x| *x = exp(*x * scale - shift));
+    let mut lanes = [0f32; 8];
+    let mut rows = xs.chunks_exact(8);
+    for row in &mut rows {
+        for (acc, &x) in lanes.iter_mut().zip(row) {
+            *acc += x;
+        }
+    }
+    lanes.iter().sum::<f32>() + rows.remainder().iter().sum::<f32>()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Against f64's exp over the range training meets (and a NaN, and the clamps).
+    #[test]
+    fn exp_is_within_3e7_of_f64() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let want = (x as f64).exp();
+            let rel = ((exp(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+            x += 0.000_97;
+        }
+        assert!(worst < 3e-7, "max relative error {worst:e}");
+        assert!(exp(f32::NAN).is_nan());
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) > 0.0 && exp(-1000.0) < 2e-38);
+        assert!(exp(1000.0).is_finite());
+        let xs: Vec<f32> = (0..37).map(|i| i as f32 * 0.1 - 2.0).collect();
+        let want: f32 = xs.iter().map(|x| (x - 0.5f32).exp()).sum();
+        assert!((sum_exp(&xs, 0.5) - want).abs() < 1e-5 * want);
+        let mut ys = xs.clone();
+        let s = exp_in_place(&mut ys, 2.0, 1.0);
+        assert!((ys[3] - (xs[3] * 2.0 - 1.0).exp()).abs() < 1e-6);
+        assert!((s - ys.iter().sum::<f32>()).abs() < 1e-5 * s);
+    }
 
     /// Regression: the tables for every position of the context were built up front (512 GB
     /// for a context of 0xFFFFFFFF). Now they grow with use, and grown tables equal tables

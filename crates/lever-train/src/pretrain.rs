@@ -1,0 +1,386 @@
+//! Pretraining: next-token prediction over a stream of tokens, as nanoGPT's `train.py` and
+//! llm.c's `train_gpt2.c` do it. Each optimizer step takes `grad_accum` micro-batches of
+//! `batch_size` windows of `context + 1` tokens (inputs and the targets one to the right),
+//! drawn at random offsets (nanoGPT's `get_batch`) or one after another with a saved cursor
+//! (llm.c's loader); the loss is the mean cross-entropy over every position of the step;
+//! gradients are clipped by global norm and AdamW steps with weight decay on matrices only and
+//! nanoGPT's warmup-then-cosine learning rate ([`Recipe::lr_at`]).
+//!
+//! The model is lever's one decoder with every weight trainable (`Decoder::make_trainable`,
+//! as full fine-tuning), through the same fused training ops; checkpoints are the fine-tuning
+//! ones (`trainer::save_state`) plus the batch RNG and cursor, so a resumed run draws the
+//! same batches and computes the same losses as one that never stopped.
+//!
+//! Tokens come as plain slices (`&[u32]`), the training and the validation split; the caller
+//! reads them from shards.
+
+use std::path::Path;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use lever_model::Decoder;
+use lever_model::rng::SplitMix64;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::optim::{AdamW, AdamWParams};
+use crate::recipe::{Batches, Recipe};
+use crate::trainer::{accumulate, clip_factor, load_state, save_state, state_u64};
+
+/// One optimizer step's numbers (a line of metrics.jsonl).
+#[derive(Debug, Clone, Serialize)]
+pub struct PretrainStep {
+    pub step: usize,
+    /// Mean cross-entropy over the step's tokens (nats).
+    pub loss: f64,
+    pub lr: f64,
+    /// The gradients' global norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens the step trained on (`batch_size × grad_accum × context`).
+    pub tokens: usize,
+}
+
+/// The training state: the variables, the optimizer, where the batches come from.
+pub struct Pretrainer {
+    pub recipe: Recipe,
+    vars: Vec<Var>,
+    opt: AdamW,
+    /// Draws the random windows.
+    rng: SplitMix64,
+    /// The next window's start, for sequential batches.
+    cursor: usize,
+    /// Optimizer steps done.
+    pub step: usize,
+}
+
+/// The seed of the batch sampler, apart from the weights' seed.
+const BATCH_SALT: u64 = 0xba7c_4e55_0f0f_5eed;
+
+impl Pretrainer {
+    /// Train `vars` (named as `Decoder::make_trainable` names them): weight decay goes to
+    /// those of two or more dimensions, nanoGPT's `configure_optimizers` grouping.
+    pub fn new(recipe: Recipe, vars: Vec<(String, Var)>) -> Result<Pretrainer> {
+        recipe.validate()?;
+        let decays = vars.iter().map(|(_, v)| v.rank() >= 2).collect();
+        let vars: Vec<Var> = vars.into_iter().map(|(_, v)| v).collect();
+        let opt = AdamW::new(
+            vars.clone(),
+            AdamWParams {
+                lr: recipe.lr_at(0),
+                beta1: recipe.beta1,
+                beta2: recipe.beta2,
+                eps: recipe.eps,
+                weight_decay: recipe.weight_decay,
+            },
+        )?
+        .decay_only(decays)?;
+        let rng = SplitMix64(recipe.seed ^ BATCH_SALT);
+        Ok(Pretrainer {
+            recipe,
+            vars,
+            opt,
+            rng,
+            cursor: 0,
+            step: 0,
+        })
+    }
+
+    /// Check that `tokens` hold at least one window (context + 1 tokens).
+    pub fn check_tokens(&self, tokens: &[u32], what: &str) -> Result<()> {
+        check_window(tokens.len(), self.recipe.model.context, what)
+    }
+
+    /// The start of each window of the next micro-batch.
+    fn next_starts(&mut self, len: usize) -> Vec<usize> {
+        let t = self.recipe.model.context;
+        (0..self.recipe.batch_size)
+            .map(|_| match self.recipe.batches {
+                // nanoGPT: torch.randint(len(data) - block_size, ...).
+                Batches::Random => self.rng.below(len - t),
+                Batches::Sequential => {
+                    if self.cursor + t + 1 > len {
+                        self.cursor = 0;
+                    }
+                    let s = self.cursor;
+                    self.cursor += t;
+                    s
+                }
+            })
+            .collect()
+    }
+
+    /// One optimizer step on the training tokens.
+    pub fn step(&mut self, decoder: &Decoder, train: &[u32]) -> Result<PretrainStep> {
+        self.check_tokens(train, "the training tokens")?;
+        let lr = self.recipe.lr_at(self.step);
+        self.opt.set_lr(lr);
+        let t = self.recipe.model.context;
+        let all = self.recipe.batch_size * self.recipe.grad_accum * t;
+        let mut total: Option<GradStore> = None;
+        let mut loss_sum = 0f64;
+        for _ in 0..self.recipe.grad_accum {
+            let starts = self.next_starts(train.len());
+            let (ids, targets) = windows(train, &starts, t)?;
+            // The mean over the whole step, however it is split into micro-batches.
+            let sum = loss_sum_of(decoder, ids, targets)?;
+            loss_sum += sum.to_scalar::<f32>()? as f64;
+            let grads = decoder.backward(&(sum / all as f64)?)?;
+            total = Some(accumulate(total, grads, &self.vars)?);
+        }
+        let Some(grads) = total else {
+            return Err(Error::Config {
+                what: "grad_accum".into(),
+                problem: "must be at least 1".into(),
+            });
+        };
+        let (grad_norm, scale) = clip_factor(&grads, &self.vars, self.recipe.grad_clip)?;
+        self.opt.step_scaled(&grads, scale)?;
+        self.step += 1;
+        Ok(PretrainStep {
+            step: self.step,
+            loss: loss_sum / all as f64,
+            lr,
+            grad_norm,
+            tokens: all,
+        })
+    }
+
+    /// Save everything a resumed run needs to continue exactly (atomically, see
+    /// `trainer::save_state`).
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let state = serde_json::json!({
+            "step": self.step, "cursor": self.cursor, "rng": self.rng.0,
+        });
+        save_state(dir, &self.vars, &self.opt, state)
+    }
+
+    /// Restore a checkpoint written by `save_checkpoint`.
+    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let state = load_state(dir, &self.vars, &mut self.opt)?;
+        self.step = state_u64(dir, &state, "step")? as usize;
+        self.cursor = state_u64(dir, &state, "cursor")? as usize;
+        self.rng = SplitMix64(state_u64(dir, &state, "rng")?);
+        Ok(())
+    }
+}
+
+/// A window is `context` inputs and the `context` targets one token to the right.
+fn check_window(len: usize, context: usize, what: &str) -> Result<()> {
+    if len <= context {
+        return Err(Error::Config {
+            what: what.into(),
+            problem: format!(
+                "{len} tokens, fewer than one window of the context ({context}) plus one; \
+                 use a shorter context or more data"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Inputs and targets of windows starting at `starts`: (B·T) ids each.
+fn windows(tokens: &[u32], starts: &[usize], t: usize) -> Result<(Tensor, Vec<u32>)> {
+    let mut ids = Vec::with_capacity(starts.len() * t);
+    let mut targets = Vec::with_capacity(starts.len() * t);
+    for &s in starts {
+        ids.extend_from_slice(&tokens[s..s + t]);
+        targets.extend_from_slice(&tokens[s + 1..s + 1 + t]);
+    }
+    let ids = Tensor::from_vec(ids, (starts.len(), t), &Device::Cpu)?;
+    Ok((ids, targets))
+}
+
+/// Σ cross-entropy over every position of a (B, T) batch against its targets.
+fn loss_sum_of(decoder: &Decoder, ids: Tensor, targets: Vec<u32>) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let hidden = decoder.hidden(&ids, &mut decoder.new_cache())?; // (B, T, C)
+    let c = hidden.dim(2)?;
+    let logits = decoder.head(&hidden.reshape((b * t, c))?)?; // (B·T, V)
+    Ok(crate::loss::cross_entropy(&logits, targets)?.sum_all()?)
+}
+
+/// The validation windows: non-overlapping windows through the tokens, or when there are
+/// more than `max_windows`, that many spread evenly over them — the same ones every time, so
+/// that evaluations are comparable.
+pub fn eval_starts(len: usize, context: usize, max_windows: usize) -> Vec<usize> {
+    if len <= context {
+        return Vec::new();
+    }
+    let n = (len - 1) / context;
+    if n <= max_windows {
+        return (0..n).map(|i| i * context).collect();
+    }
+    (0..max_windows)
+        .map(|i| (i * n / max_windows) * context)
+        .collect()
+}
+
+/// How much of the validation split an evaluation covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coverage {
+    /// `recipe.eval_batches` batches of windows spread over it (nanoGPT's `eval_iters`),
+    /// the same ones every time.
+    Sample,
+    /// Every window (the final evaluation).
+    Whole,
+}
+
+/// Mean cross-entropy per token over validation windows, without gradients.
+pub fn evaluate(
+    decoder: &Decoder,
+    recipe: &Recipe,
+    tokens: &[u32],
+    cover: Coverage,
+) -> Result<f64> {
+    let t = recipe.model.context;
+    check_window(tokens.len(), t, "the validation tokens")?;
+    let most = match cover {
+        Coverage::Sample => recipe.eval_batches.max(1) * recipe.batch_size,
+        Coverage::Whole => usize::MAX,
+    };
+    let starts = eval_starts(tokens.len(), t, most);
+    let (mut sum, mut n) = (0f64, 0usize);
+    for chunk in starts.chunks(recipe.batch_size) {
+        let (ids, targets) = windows(tokens, chunk, t)?;
+        n += targets.len();
+        sum += loss_sum_of(decoder, ids, targets)?
+            .detach()
+            .to_scalar::<f32>()? as f64;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+/// The next token's logits after `ids` (its last `context` tokens), for sampling text.
+pub fn next_token_logits(decoder: &Decoder, ids: &[u32]) -> Result<Vec<f32>> {
+    let ctx = decoder.config().max_seq_len;
+    let tail = &ids[ids.len().saturating_sub(ctx)..];
+    let x = Tensor::new(tail, &Device::Cpu)?.unsqueeze(0)?; // (1, T)
+    // The whole window again for each token: a trainable decoder's fused attention keeps no
+    // keys in the cache, and at a pretraining context this is cheap.
+    let logits = decoder.forward(&x, &mut decoder.new_cache(), lever_model::Logits::Last)?;
+    Ok(logits.detach().squeeze(0)?.to_vec1::<f32>()?)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::init::new_decoder;
+
+    fn tiny_recipe() -> Recipe {
+        let mut r = Recipe::preset("shakespeare-char").unwrap();
+        r.model.layers = 2;
+        r.model.heads = 2;
+        r.model.kv_heads = 1;
+        r.model.width = 16;
+        r.model.mlp_width = 32;
+        r.model.context = 8;
+        r.batch_size = 3;
+        r.grad_accum = 2;
+        r.steps = 6;
+        r.decay_steps = 6;
+        r.warmup_steps = 1;
+        r.lr = 1e-2;
+        r
+    }
+
+    /// A repeating pattern with noise a model learns fast.
+    fn tokens(n: usize, vocab: u32) -> Vec<u32> {
+        let mut rng = SplitMix64(3);
+        (0..n)
+            .map(|i| {
+                if rng.below(10) == 0 {
+                    rng.below(vocab as usize) as u32
+                } else {
+                    (i % 7) as u32
+                }
+            })
+            .collect()
+    }
+
+    fn trainer(r: &Recipe, vocab: usize) -> (Decoder, Pretrainer) {
+        let mut d = new_decoder(&r.decoder_config(vocab), r.seed, &Device::Cpu).unwrap();
+        let vars = d.make_trainable().unwrap();
+        (d, Pretrainer::new(r.clone(), vars).unwrap())
+    }
+
+    /// The loss falls; the untrained loss is near ln V; a step counts its tokens.
+    #[test]
+    fn training_lowers_the_loss() {
+        let r = tiny_recipe();
+        let data = tokens(500, 11);
+        let (d, mut p) = trainer(&r, 11);
+        let before = evaluate(&d, &r, &data, Coverage::Whole).unwrap();
+        assert!((before - (11f64).ln()).abs() < 0.1, "{before}");
+        let mut last = 0.0;
+        for _ in 0..r.steps {
+            let m = p.step(&d, &data).unwrap();
+            assert_eq!(m.tokens, 3 * 2 * 8);
+            last = m.loss;
+        }
+        let after = evaluate(&d, &r, &data, Coverage::Whole).unwrap();
+        assert!(
+            after < before - 0.3,
+            "{before} → {after} (last step {last})"
+        );
+    }
+
+    /// Sequential windows walk the tokens in order and wrap; random ones stay in range.
+    #[test]
+    fn batches_cover_the_tokens() {
+        let mut r = tiny_recipe();
+        r.batches = Batches::Sequential;
+        let (_, mut p) = trainer(&r, 11);
+        assert_eq!(p.next_starts(30), [0, 8, 16]);
+        assert_eq!(p.next_starts(30), [0, 8, 16]); // 24 + 9 > 30: wrap
+        r.batches = Batches::Random;
+        let (_, mut p) = trainer(&r, 11);
+        for _ in 0..100 {
+            assert!(p.next_starts(30).iter().all(|&s| s + 8 < 30));
+        }
+        assert_eq!(eval_starts(30, 8, 100), [0, 8, 16]);
+        assert_eq!(eval_starts(1000, 8, 4), [0, 248, 496, 744]);
+        assert!(eval_starts(8, 8, 4).is_empty());
+    }
+
+    /// A run saved and restored midway gives the same losses as one that never stopped.
+    #[test]
+    fn a_restored_checkpoint_continues_exactly() {
+        let d0 = tempfile::tempdir().unwrap();
+        let ck = d0.path().join("ck");
+        for batches in [Batches::Random, Batches::Sequential] {
+            let mut r = tiny_recipe();
+            r.batches = batches;
+            let data = tokens(300, 11);
+            let (d, mut p) = trainer(&r, 11);
+            let mut straight = Vec::new();
+            for i in 0..r.steps {
+                straight.push(p.step(&d, &data).unwrap().loss);
+                if i == 2 {
+                    p.save_checkpoint(&ck).unwrap();
+                }
+            }
+            let (d, mut q) = trainer(&r, 11);
+            q.load_checkpoint(&ck).unwrap();
+            assert_eq!(q.step, 3);
+            let resumed: Vec<f64> = (3..r.steps)
+                .map(|_| q.step(&d, &data).unwrap().loss)
+                .collect();
+            assert_eq!(resumed, straight[3..], "{batches:?}");
+        }
+    }
+
+    #[test]
+    fn too_few_tokens_for_a_window_is_an_error() {
+        let r = tiny_recipe();
+        let (d, mut p) = trainer(&r, 11);
+        let e = p
+            .step(&d, &[1, 2, 3, 4, 5, 6, 7, 8])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("8 tokens, fewer than one window of the context (8)"),
+            "{e}"
+        );
+    }
+}

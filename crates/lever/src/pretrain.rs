@@ -1,0 +1,455 @@
+//! `lever pretrain`: resolve the recipe, read the token shards and their tokenizer, build the
+//! decoder with GPT-2's initialization, train with a progress bar (loss, tokens/s, MFU, ETA),
+//! log every step to metrics.jsonl, evaluate and print a sample every N steps, checkpoint,
+//! and write the result: RUN/model/ (a Hugging Face folder with the trained tokenizer) and
+//! with --gguf RUN/model.gguf. Everything that can be refused (the recipe, the data, the
+//! tokenizer, the run folder, --gguf) is checked before the first step.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use lever_data::{ShardSet, Split};
+use lever_generate::{Sampler, SamplingParams};
+use lever_model::{Decoder, GenerationConfig, Model, ModelInfo, Tokenizer};
+use lever_train::peak::{self, Peak};
+use lever_train::pretrain::{Coverage, evaluate, next_token_logits};
+use lever_train::{Pretrainer, Recipe, RunDir, Size, Start};
+use serde_json::json;
+
+use crate::cli::PretrainArgs;
+
+/// The end-of-text token lever's tokenizers and GPT-2's have; shards made without a
+/// manifest are assumed to use it.
+const END_OF_TEXT: &str = "<|endoftext|>";
+
+/// Tokens of text printed at each evaluation: 120 for small models, 32 for large ones (each
+/// token is a forward pass over the window, about a second at 135M parameters).
+fn sample_tokens(params: usize) -> usize {
+    if params < 20_000_000 { 120 } else { 32 }
+}
+
+pub fn run(a: PretrainArgs) -> Result<()> {
+    let recipe = resolve_recipe(&a)?;
+    let data = Data::open(&a.data, a.tokenizer.as_deref())?;
+    let vocab = data.tokenizer.vocab_size();
+    data.check(&recipe, vocab)?;
+    if a.gguf {
+        check_gguf_tokenizer(&data.tokenizer_path)?;
+    }
+    let mut settings = recipe_settings(&recipe)?;
+    let sha = lever_data::shards::sha256_file(&data.tokenizer_path)?;
+    if let Some(m) = settings.as_object_mut() {
+        for (k, v) in [
+            ("data", json!(a.data.display().to_string())),
+            ("tokenizer_sha256", json!(sha)),
+            ("tokens.train", json!(data.train.len())),
+            ("tokens.val", json!(data.val.len())),
+            ("vocab_size", json!(vocab)),
+            ("gguf", json!(a.gguf)),
+        ] {
+            m.insert(k.into(), v);
+        }
+    }
+    let start = match (a.resume, a.force) {
+        (true, _) => Start::Resume,
+        (false, true) => Start::Over,
+        (false, false) => Start::New,
+    };
+    let run = RunDir::open(&a.out, start)?;
+
+    // A resumed run must have the settings it started with: checked before anything is
+    // written or measured.
+    if a.resume {
+        run.check_resume(&settings)?;
+    }
+
+    let cfg = recipe.decoder_config(vocab);
+    let mut decoder = lever_train::init::new_decoder(&cfg, recipe.seed, &crate::device())?;
+    let vars = decoder.make_trainable()?;
+    let mut trainer = Pretrainer::new(recipe.clone(), vars)?;
+    let size = Size::of(&recipe, vocab);
+    let nanogpt = Size::nanogpt_reference(&recipe, vocab);
+    eprintln!(
+        "model: {} layers, {} heads ({} key/value), width {}, MLP {}, context {}, vocabulary {vocab}: \
+         {} parameters, {} FLOPs per token (nanoGPT's GPT-2 block at this size: {} parameters, {} FLOPs per token)",
+        recipe.model.layers,
+        recipe.model.heads,
+        recipe.model.kv_heads,
+        recipe.model.width,
+        recipe.model.mlp_width,
+        recipe.model.context,
+        size.params,
+        size.flops_per_token,
+        nanogpt.params,
+        nanogpt.flops_per_token
+    );
+    eprintln!(
+        "data: {} training tokens, {} validation tokens ({}); {} tokens per step",
+        data.train.len(),
+        data.val.len(),
+        data.set.dir.display(),
+        recipe.tokens_per_step()
+    );
+    let peak = peak::measure(Duration::from_secs(1))?;
+    eprintln!(
+        "peak: {:.1} GFLOP/s (f32 {n}×{n}×{n} products through the training matmul)",
+        peak.flops_per_s / 1e9,
+        n = peak.size
+    );
+
+    let mut manifest = json!({
+        "command": std::env::args().collect::<Vec<_>>(),
+        "lever_version": env!("CARGO_PKG_VERSION"),
+        "settings": settings,
+        "tokenizer": data.tokenizer_path.display().to_string(),
+        "model": {"params": size.params, "flops_per_token": size.flops_per_token},
+        "nanogpt_reference": {
+            "params": nanogpt.params, "flops_per_token": nanogpt.flops_per_token,
+            "note": "nanoGPT's GPT-2 block (LayerNorm, learned positions, GELU MLP of 4x width, no biases, tied embedding) at the same layers, width, context and vocabulary; N counts every weight but the positions, as its get_num_params",
+        },
+        "flops_per_token_formula": "6*N + 12*L*H*Q*T (nanoGPT estimate_mfu, llm.c)",
+        "peak": {"flops_per_s": peak.flops_per_s, "method": Peak::METHOD, "repetitions": peak.repetitions},
+        "save_every": a.save_every, "keep": a.keep,
+    });
+    if a.resume {
+        trainer.load_checkpoint(&run.checkpoint())?;
+        run.truncate_metrics(trainer.step)?;
+        manifest["resumed_at_step"] = json!(trainer.step);
+        eprintln!("resuming at step {}", trainer.step);
+    }
+    run.write_manifest(&manifest)?;
+    let mut metrics = run.metrics()?;
+    let evaluate_at = |step: usize, decoder: &Decoder| -> Result<f64> {
+        let cover = if step == recipe.steps {
+            Coverage::Whole
+        } else {
+            Coverage::Sample
+        };
+        let v = evaluate(decoder, &recipe, &data.val, cover)?;
+        eprintln!("step {step}: validation loss {v:.4}");
+        let n = sample_tokens(size.params);
+        let text = sample(decoder, &data.tokenizer, &recipe, data.eot, step, n)?;
+        eprintln!("sample: {}", text.replace('\n', "\n        "));
+        Ok(v)
+    };
+    if !a.resume {
+        let v = evaluate_at(0, &decoder)?;
+        writeln!(metrics, "{}", json!({"step": 0, "val_loss": v}))?;
+        metrics.flush()?;
+    }
+
+    let steps = recipe.steps;
+    let bar = crate::progress::bar(
+        steps as u64,
+        "pretrain [{bar:30}] {pos}/{len} {msg} eta {eta}",
+        "",
+    );
+    bar.set_position(trainer.step as u64);
+    let started = Instant::now();
+    let (mut tokens, mut train_secs) = (0usize, 0f64);
+    let mut last_val = None;
+    while trainer.step < steps {
+        let t0 = Instant::now();
+        let m = trainer.step(&decoder, &data.train)?;
+        let secs = t0.elapsed().as_secs_f64();
+        if !m.loss.is_finite() {
+            bail!("step {}: the loss is {} (lower --lr?)", m.step, m.loss);
+        }
+        tokens += m.tokens;
+        train_secs += secs;
+        let tps = m.tokens as f64 / secs;
+        let mfu = tps * size.flops_per_token as f64 / peak.flops_per_s;
+        let mut line = serde_json::to_value(&m)?;
+        line["tokens_per_s"] = json!(tps);
+        line["mfu"] = json!(mfu);
+        line["elapsed_s"] = json!(started.elapsed().as_secs_f64());
+        let eval_due =
+            m.step == steps || (recipe.eval_every > 0 && m.step % recipe.eval_every == 0);
+        if eval_due {
+            let v = bar.suspend(|| evaluate_at(m.step, &decoder))?;
+            line["val_loss"] = json!(v);
+            last_val = Some(v);
+        }
+        writeln!(metrics, "{line}")?;
+        bar.set_message(format!(
+            "loss {:.4} | {tps:.0} tok/s | MFU {:.1}%",
+            m.loss,
+            100.0 * mfu
+        ));
+        bar.inc(1);
+        if eval_due {
+            metrics.flush()?;
+            run.plot()?;
+        }
+        if a.save_every > 0 && m.step % a.save_every == 0 && m.step < steps {
+            metrics.sync_data()?;
+            trainer.save_checkpoint(&run.checkpoint())?;
+            keep_newest(&run, m.step, a.keep)?;
+        }
+    }
+    bar.finish_and_clear();
+    metrics.flush()?;
+    run.plot()?;
+
+    let model = Model {
+        decoder,
+        tokenizer: data.tokenizer.clone(),
+        chat_template: None,
+        info: ModelInfo {
+            path: data.tokenizer_path.clone(),
+            format: "pretrained",
+            quantization: "F32".into(),
+            generation: GenerationConfig::default(),
+        },
+    };
+    let model_dir = run.dir().join("model");
+    lever_model::formats::export::write_hf(&model, &model_dir)?;
+    let gguf = run.dir().join("model.gguf");
+    if a.gguf {
+        lever_model::formats::export::write_gguf(
+            &model,
+            &gguf,
+            candle_core::quantized::GgmlDType::F32,
+        )?;
+    }
+    let val_loss = match last_val {
+        Some(v) => Some(v),
+        None => run.val_loss_at(steps),
+    };
+    manifest["result"] = json!({
+        "steps": steps, "val_loss": val_loss,
+        "seconds": started.elapsed().as_secs_f64(), "train_seconds": train_secs,
+        "tokens": tokens, "tokens_per_s": tokens as f64 / train_secs.max(1e-9),
+        "mfu": tokens as f64 / train_secs.max(1e-9) * size.flops_per_token as f64 / peak.flops_per_s,
+        "model": "model", "gguf": a.gguf.then_some("model.gguf"),
+    });
+    run.write_manifest(&manifest)?;
+    eprintln!(
+        "trained {} steps in {:.1}s ({:.0} tokens/s); validation loss {}; model written to {}{}",
+        steps - manifest["resumed_at_step"].as_u64().unwrap_or(0) as usize,
+        train_secs,
+        tokens as f64 / train_secs.max(1e-9),
+        val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+        model_dir.display(),
+        if a.gguf {
+            format!(" and {}", gguf.display())
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+/// The recipe with the command line's overrides, checked.
+fn resolve_recipe(a: &PretrainArgs) -> Result<Recipe> {
+    let mut r = Recipe::load(&a.config)?;
+    if let Some(s) = a.steps {
+        // The cosine follows the steps, as nanoGPT's README sets lr_decay_iters = max_iters.
+        if r.decay_steps == r.steps {
+            r.decay_steps = s;
+        }
+        r.steps = s;
+    }
+    let set = |dst: &mut usize, v: Option<usize>| {
+        if let Some(v) = v {
+            *dst = v;
+        }
+    };
+    set(&mut r.batch_size, a.batch_size);
+    set(&mut r.grad_accum, a.grad_accum);
+    set(&mut r.eval_every, a.eval_every);
+    if let Some(lr) = a.lr {
+        r.lr = lr;
+        r.min_lr = r.min_lr.min(lr);
+    }
+    if let Some(s) = a.seed {
+        r.seed = s;
+    }
+    r.validate()?;
+    Ok(r)
+}
+
+/// The recipe as flat settings ("lr", "model.layers", ...), so that a resumed run with
+/// another value is refused naming that one.
+fn recipe_settings(recipe: &Recipe) -> Result<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    if let serde_json::Value::Object(fields) = serde_json::to_value(recipe)? {
+        for (k, v) in fields {
+            match v {
+                serde_json::Value::Object(inner) => {
+                    for (k2, v2) in inner {
+                        out.insert(format!("{k}.{k2}"), v2);
+                    }
+                }
+                v => {
+                    out.insert(k, v);
+                }
+            }
+        }
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+/// The token shards, read whole, and the tokenizer they were made with.
+struct Data {
+    set: ShardSet,
+    train: Vec<u32>,
+    val: Vec<u32>,
+    tokenizer: Tokenizer,
+    tokenizer_path: PathBuf,
+    eot: u32,
+}
+
+impl Data {
+    fn open(dir: &Path, tokenizer: Option<&Path>) -> Result<Data> {
+        let set = ShardSet::open(dir)?;
+        let (path, eot_name) = match (&set.manifest, tokenizer) {
+            (Some(m), t) => {
+                let path = t.map_or_else(|| PathBuf::from(&m.tokenizer.path), Path::to_path_buf);
+                if !path.is_file() {
+                    bail!(
+                        "{}: the shards' tokenizer {} is not there; pass --tokenizer",
+                        dir.display(),
+                        path.display()
+                    );
+                }
+                m.check_tokenizer(dir, &path)?;
+                (path, m.tokenizer.eot.clone())
+            }
+            (None, Some(t)) => (t.to_path_buf(), END_OF_TEXT.to_string()),
+            (None, None) => bail!(
+                "{}: shards without a manifest (llm.c's or nanoGPT's); name their tokenizer with --tokenizer",
+                dir.display()
+            ),
+        };
+        let tokenizer = Tokenizer::from_file(&path, Some(&eot_name), Some(&eot_name))?;
+        let eot = tokenizer.token_to_id(&eot_name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no end-of-text token `{eot_name}` (documents start with it)",
+                path.display()
+            )
+        })?;
+        let train = set.read_all(Split::Train)?;
+        let val = set.read_all(Split::Val)?;
+        Ok(Data {
+            set,
+            train,
+            val,
+            tokenizer,
+            tokenizer_path: path,
+            eot,
+        })
+    }
+
+    /// Refuse data the recipe cannot train on: empty splits, splits shorter than a window,
+    /// token ids outside the tokenizer's vocabulary.
+    fn check(&self, recipe: &Recipe, vocab: usize) -> Result<()> {
+        let t = recipe.model.context;
+        for (name, tokens) in [("training", &self.train), ("validation", &self.val)] {
+            if tokens.is_empty() {
+                bail!(
+                    "{}: no {name} tokens (empty shards)",
+                    self.set.dir.display()
+                );
+            }
+            if tokens.len() <= t {
+                bail!(
+                    "{}: {} {name} tokens, fewer than one window of the context ({t}) plus one; \
+                     use a shorter context or more data",
+                    self.set.dir.display(),
+                    tokens.len()
+                );
+            }
+            if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+                bail!(
+                    "{}: {name} token id {id} is outside the tokenizer's vocabulary of {vocab}",
+                    self.set.dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// llama.cpp reads byte-level BPE vocabularies (its `gpt2` tokenizer model): refuse --gguf
+/// for any other before training rather than after.
+fn check_gguf_tokenizer(path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let tk: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| path.display().to_string())?;
+    let model = tk.pointer("/model/type").and_then(|v| v.as_str());
+    let decoder = tk.pointer("/decoder/type").and_then(|v| v.as_str());
+    if model != Some("BPE") || decoder != Some("ByteLevel") {
+        bail!(
+            "--gguf: {} is a {} tokenizer; llama.cpp's GGUF needs a byte-level BPE one \
+             (`lever tokenizer train --kind bpe`), or leave out --gguf",
+            path.display(),
+            model.unwrap_or("non-BPE")
+        );
+    }
+    Ok(())
+}
+
+/// A short text from the model after the end-of-text token (temperature 0.8, top-k 200,
+/// as nanoGPT's sample.py), seeded by the step.
+fn sample(
+    decoder: &Decoder,
+    tokenizer: &Tokenizer,
+    recipe: &Recipe,
+    eot: u32,
+    step: usize,
+    n: usize,
+) -> Result<String> {
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: 0.8,
+        top_k: 200,
+        seed: recipe.seed ^ step as u64,
+        ..SamplingParams::greedy()
+    });
+    let mut ids = vec![eot];
+    for _ in 0..n {
+        let logits = next_token_logits(decoder, &ids)?;
+        let next = sampler.sample(&logits, &ids);
+        if next == eot {
+            break;
+        }
+        ids.push(next);
+    }
+    Ok(tokenizer.decode(&ids[1..]))
+}
+
+/// With --keep N: checkpoints/step-NNNNNN as hard links to the files of checkpoints/last
+/// (no copy), the N newest kept.
+fn keep_newest(run: &RunDir, step: usize, keep: usize) -> Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let last = run.checkpoint();
+    let root = last.parent().unwrap_or(run.dir()).to_path_buf();
+    let snap = root.join(format!("step-{step:06}"));
+    lever_model::fsutil::write_atomic(&snap, |tmp| -> Result<()> {
+        std::fs::create_dir(tmp).with_context(|| snap.display().to_string())?;
+        for e in std::fs::read_dir(&last).with_context(|| last.display().to_string())? {
+            let e = e?;
+            std::fs::hard_link(e.path(), tmp.join(e.file_name()))
+                .with_context(|| snap.display().to_string())?;
+        }
+        Ok(())
+    })?;
+    let mut snaps: Vec<PathBuf> = std::fs::read_dir(&root)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+        })
+        .collect();
+    snaps.sort();
+    let excess = snaps.len().saturating_sub(keep);
+    for old in &snaps[..excess] {
+        std::fs::remove_dir_all(old).with_context(|| old.display().to_string())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,419 @@
+//! `lever pretrain` as a user runs it: a character tokenizer and shards of tinyshakespeare
+//! (../shared/data) made with `lever tokenizer train` and `lever data shard`, a tiny recipe,
+//! a few dozen steps. Fixtures: scripts/make-pretrain-fixtures.sh (transformers' logits of
+//! the model these commands train; llama.cpp's perplexity of its GGUF).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{fixture, lever_in, shared_data};
+use serde_json::Value;
+
+/// The tiny recipe (shared with scripts/make-pretrain-fixtures.sh).
+const TINY: &str = include_str!("fixtures/pretrain/tiny.toml");
+
+/// The first `bytes` of tinyshakespeare, a char tokenizer and shards (90/10, as nanoGPT's
+/// prepare.py) in `dir`; returns the shard folder.
+fn shards(dir: &Path, bytes: usize, kind: &str) -> PathBuf {
+    let text = std::fs::read_to_string(shared_data("tinyshakespeare/input.txt")).unwrap();
+    let cut = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| i >= bytes)
+        .unwrap_or(text.len());
+    std::fs::write(dir.join("corpus.txt"), &text[..cut]).unwrap();
+    let mut args = vec![
+        "tokenizer",
+        "train",
+        "corpus.txt",
+        "--kind",
+        kind,
+        "--out",
+        "tok",
+    ];
+    if kind == "bpe" {
+        args.extend(["--vocab-size", "300"]);
+    }
+    lever_in(dir, &args).ok();
+    lever_in(
+        dir,
+        &[
+            "data",
+            "shard",
+            "corpus.txt",
+            "--tokenizer",
+            "tok/tokenizer.json",
+            "--val-fraction",
+            "0.1",
+            "--out",
+            "shards",
+        ],
+    )
+    .ok();
+    dir.join("shards")
+}
+
+fn metrics(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn step_losses(run: &Path) -> Vec<(u64, f64)> {
+    metrics(run)
+        .iter()
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// A short run: every step logged (loss, tokens/s, MFU), validation at 0, 10, 20 and 30 and
+/// falling, a sample printed at each, the sizes and the measured peak in the manifest, and
+/// RUN/model a Hugging Face folder lever loads with the trained tokenizer byte for byte.
+#[test]
+fn pretraining_logs_steps_lowers_validation_loss_and_writes_a_model_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    shards(d, 200_000, "char");
+    std::fs::write(d.join("tiny.toml"), TINY).unwrap();
+    let out = lever_in(
+        d,
+        &[
+            "pretrain",
+            "--config",
+            "tiny.toml",
+            "--data",
+            "shards",
+            "--out",
+            "run",
+        ],
+    )
+    .ok();
+    let run = d.join("run");
+    let lines = metrics(&run);
+    let steps = step_losses(&run);
+    assert_eq!(
+        steps.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=30).collect::<Vec<_>>()
+    );
+    for l in lines.iter().filter(|l| l.get("loss").is_some()) {
+        assert!(l["loss"].as_f64().unwrap().is_finite(), "{l}");
+        assert!(l["tokens_per_s"].as_f64().unwrap() > 0.0, "{l}");
+        assert!(l["mfu"].as_f64().unwrap() > 0.0, "{l}");
+        assert_eq!(l["tokens"], 8 * 32);
+    }
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
+    // The characters of these 200 KB and the end-of-text token.
+    let vocab = m["settings"]["vocab_size"].as_u64().unwrap() as usize;
+    assert_eq!(vocab, 63);
+    let val: Vec<(u64, f64)> = lines
+        .iter()
+        .filter_map(|l| Some((l["step"].as_u64()?, l.get("val_loss")?.as_f64()?)))
+        .collect();
+    assert_eq!(val.iter().map(|v| v.0).collect::<Vec<_>>(), [0, 10, 20, 30]);
+    // Untrained: about ln 63 = 4.14; 30 steps bring it down at each evaluation (measured:
+    // 4.14, 3.71, 3.49, 3.38).
+    assert!((val[0].1 - (vocab as f64).ln()).abs() < 0.2, "{val:?}");
+    assert!(val.windows(2).all(|w| w[1].1 < w[0].1), "{val:?}");
+    assert!(val[3].1 < val[0].1 - 0.5, "{val:?}");
+    assert_eq!(out.stderr.matches("sample: ").count(), 4, "{}", out.stderr);
+    assert!(out.stderr.contains("FLOPs per token"), "{}", out.stderr);
+    assert!(run.join("loss.png").is_file());
+
+    // V·32 (tied embedding) + 2·(4·32² + 3·32·64 + 2·32) + 32; 6·N + 12·L·C·T.
+    let params = vocab * 32 + 2 * (4096 + 6144 + 64) + 32;
+    assert_eq!(m["model"]["params"], params);
+    assert_eq!(m["model"]["flops_per_token"], 6 * params + 12 * 2 * 32 * 32);
+    assert!(m["peak"]["flops_per_s"].as_f64().unwrap() > 1e9);
+    assert_eq!(m["result"]["val_loss"].as_f64().unwrap(), val[3].1);
+
+    let model = lever_model::Model::load_hf(&run.join("model"), &candle_core::Device::Cpu)
+        .expect("RUN/model loads");
+    assert_eq!(model.decoder.config().num_layers, 2);
+    assert_eq!(
+        std::fs::read(run.join("model/tokenizer.json")).unwrap(),
+        std::fs::read(d.join("tok/tokenizer.json")).unwrap()
+    );
+    let ids = model.tokenizer.encode("ROMEO:", false).unwrap();
+    assert_eq!(model.tokenizer.decode(&ids), "ROMEO:");
+}
+
+/// A run killed with SIGKILL mid-way and resumed gives the same per-step losses and the same
+/// weights as one that was never interrupted; other settings are refused by name.
+#[test]
+fn a_killed_run_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    shards(d, 100_000, "char");
+    std::fs::write(
+        d.join("tiny.toml"),
+        TINY.replace("steps = 30", "steps = 12"),
+    )
+    .unwrap();
+    let args = |out: &str| -> Vec<String> {
+        [
+            "pretrain",
+            "--config",
+            "tiny.toml",
+            "--data",
+            "shards",
+            "--save-every",
+            "1",
+            "--eval-every",
+            "5",
+            "--keep",
+            "2",
+            "--out",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let full: Vec<String> = args("full");
+    lever_in(d, &full.iter().map(String::as_str).collect::<Vec<_>>()).ok();
+    let want = step_losses(&d.join("full"));
+    assert_eq!(want.len(), 12);
+    // --keep 2: the two newest step checkpoints besides last.
+    let mut kept: Vec<String> = std::fs::read_dir(d.join("full/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["last", "step-000010", "step-000011"]);
+
+    let killed = d.join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lever"))
+        .current_dir(d)
+        .args(args("killed"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let done = std::fs::read_to_string(killed.join("metrics.jsonl"))
+            .map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count())
+            .unwrap_or(0);
+        if done >= 4 || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let partial = step_losses(&killed);
+    assert!(
+        partial.len() >= 4 && partial.len() < 12,
+        "killed after {} steps",
+        partial.len()
+    );
+    let mut resume = args("killed");
+    resume.push("--resume".into());
+    let out = lever_in(d, &resume.iter().map(String::as_str).collect::<Vec<_>>()).ok();
+    assert!(out.stderr.contains("resuming at step"), "{}", out.stderr);
+    let got = step_losses(&killed);
+    assert_eq!(got, want, "resumed vs uninterrupted per-step losses");
+    let load = |run: &str| {
+        candle_core::safetensors::load(
+            d.join(run).join("model/model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (a, b) = (load("full"), load("killed"));
+    for (k, t) in &a {
+        assert_eq!(
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{k}"
+        );
+    }
+
+    // Other settings are refused by name, before anything is written.
+    let before = std::fs::read(killed.join("metrics.jsonl")).unwrap();
+    let mut other = resume.clone();
+    other.extend(["--lr".into(), "1e-3".into()]);
+    let e = lever_in(d, &other.iter().map(String::as_str).collect::<Vec<_>>()).failed_alone();
+    assert!(e.contains("--resume: `lr` was 0.003, now 0.001"), "{e}");
+    assert_eq!(std::fs::read(killed.join("metrics.jsonl")).unwrap(), before);
+}
+
+/// Bad input is one line, exit 1 or 2, and leaves no run folder behind.
+#[test]
+fn bad_input_is_refused_in_one_line_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    shards(d, 20_000, "char");
+    let refuse = |config: &str, data: &str, out: &str, extra: &[&str], want: &str| {
+        std::fs::write(d.join("c.toml"), config).unwrap();
+        let mut args = vec![
+            "pretrain", "--config", "c.toml", "--data", data, "--out", out,
+        ];
+        args.extend(extra);
+        let e = lever_in(d, &args).failed_alone();
+        assert!(e.contains(want), "{args:?}: {e}");
+        e
+    };
+    // Heads that do not divide the width.
+    refuse(
+        &TINY.replace("heads = 2", "heads = 3"),
+        "shards",
+        "r1",
+        &[],
+        "3 heads do not divide the width 32",
+    );
+    // A context longer than the validation split (10% of 20 KB).
+    refuse(
+        &TINY.replace("context = 32", "context = 4096"),
+        "shards",
+        "r2",
+        &[],
+        "fewer than one window of the context (4096) plus one",
+    );
+    // Empty shards: an llm.c shard of zero tokens.
+    std::fs::create_dir(d.join("empty")).unwrap();
+    let mut header = vec![0u8; 1024];
+    header[..4].copy_from_slice(&20240520i32.to_le_bytes());
+    header[4..8].copy_from_slice(&1i32.to_le_bytes());
+    std::fs::write(d.join("empty/data_train_000000.bin"), &header).unwrap();
+    std::fs::write(d.join("empty/data_val_000000.bin"), &header).unwrap();
+    refuse(
+        TINY,
+        "empty",
+        "r3",
+        &["--tokenizer", "tok/tokenizer.json"],
+        "no training tokens (empty shards)",
+    );
+    // --gguf with a character vocabulary, refused before training.
+    refuse(TINY, "shards", "r4", &["--gguf"], "--gguf: ");
+    // A tokenizer without the end-of-text token, for nanoGPT's headerless files.
+    let mut tk: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("tok/tokenizer.json")).unwrap())
+            .unwrap();
+    tk["added_tokens"] = serde_json::json!([]);
+    tk["model"]["vocab"]
+        .as_object_mut()
+        .unwrap()
+        .remove("<|endoftext|>");
+    std::fs::write(d.join("noeot.json"), tk.to_string()).unwrap();
+    std::fs::create_dir(d.join("nanogpt")).unwrap();
+    let u16s = |n: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| ((i % 50) as u16).to_le_bytes())
+            .collect()
+    };
+    std::fs::write(d.join("nanogpt/train.bin"), u16s(5000)).unwrap();
+    std::fs::write(d.join("nanogpt/val.bin"), u16s(1000)).unwrap();
+    refuse(
+        TINY,
+        "nanogpt",
+        "r5",
+        &["--tokenizer", "noeot.json"],
+        "no end-of-text token `<|endoftext|>`",
+    );
+    for r in ["r1", "r2", "r3", "r4", "r5"] {
+        assert!(!d.join(r).exists(), "{r} was written");
+    }
+    // An unwritable run folder: under a file.
+    std::fs::write(d.join("file"), "x").unwrap();
+    refuse(TINY, "shards", "file/run", &[], "file/run");
+}
+
+/// RUN/model in transformers: the logits of the model these commands train, computed by
+/// transformers (fixture), equal lever's within 1e-4, and transformers' tokenizer gave the
+/// ids lever gives.
+#[test]
+fn the_model_folder_gives_transformers_logits() {
+    let fx = fixture("pretrain/transformers.json");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    shards(d, 100_000, "char");
+    std::fs::write(d.join("tiny.toml"), TINY).unwrap();
+    lever_in(
+        d,
+        &[
+            "pretrain",
+            "--config",
+            "tiny.toml",
+            "--data",
+            "shards",
+            "--out",
+            "run",
+        ],
+    )
+    .ok();
+    let model = lever_model::Model::load_hf(&d.join("run/model"), &candle_core::Device::Cpu)
+        .expect("RUN/model loads");
+    let text = fx["text"].as_str().unwrap();
+    let ids = model.tokenizer.encode(text, false).unwrap();
+    assert_eq!(ids, common::ids(&fx["ids"]), "transformers' tokenizer ids");
+    let x = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model
+        .decoder
+        .forward(&x, &mut model.decoder.new_cache(), lever_model::Logits::All)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let want: Vec<Vec<f64>> = serde_json::from_value(fx["logits"].clone()).unwrap();
+    let mut max = 0f64;
+    for (a, b) in logits.iter().zip(&want) {
+        for (x, y) in a.iter().zip(b) {
+            max = max.max((*x as f64 - y).abs());
+        }
+    }
+    eprintln!("max |lever − transformers| logit = {max:.2e}");
+    assert_eq!(logits.len(), want.len());
+    assert!(max < 1e-4, "{max}");
+}
+
+/// `--gguf` with a byte-level BPE tokenizer: llama.cpp loads RUN/model.gguf (fixture: its
+/// llama-perplexity on the held-out tenth of the text), and lever's perplexity of the same
+/// file, computed as llama-perplexity does, is within 1% of it.
+#[test]
+fn the_gguf_scores_as_in_llama_cpp() {
+    let fx = fixture("pretrain/llama-cpp.json");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    shards(d, 100_000, "bpe");
+    std::fs::write(d.join("tiny.toml"), TINY).unwrap();
+    lever_in(
+        d,
+        &[
+            "pretrain",
+            "--config",
+            "tiny.toml",
+            "--data",
+            "shards",
+            "--out",
+            "run",
+            "--gguf",
+        ],
+    )
+    .ok();
+    let model = lever_model::Model::load_gguf(&d.join("run/model.gguf"), &candle_core::Device::Cpu)
+        .expect("RUN/model.gguf loads");
+    let corpus = std::fs::read_to_string(d.join("corpus.txt")).unwrap();
+    let heldout = &corpus[corpus.len() - 10_000..];
+    let tokens = model.tokenizer.encode(heldout, true).unwrap();
+    let ctx = fx["ctx"].as_u64().unwrap() as usize;
+    let got = lever_generate::perplexity(&model, &tokens, ctx, None, &mut |_, _| {})
+        .unwrap()
+        .ppl;
+    let want = fx["ppl"].as_f64().unwrap();
+    eprintln!("perplexity of RUN/model.gguf: lever {got:.4}, llama.cpp {want:.4}");
+    assert!(
+        (got - want).abs() / want < 0.01,
+        "lever {got} vs llama.cpp {want}"
+    );
+}
