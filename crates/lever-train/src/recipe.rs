@@ -201,6 +201,22 @@ impl Recipe {
         }
     }
 
+    /// Continued pretraining (`lever pretrain --init`): the model's own shape replaces the
+    /// recipe's, trained on windows of `context` tokens (at most the model's context).
+    pub fn with_model_of(&mut self, cfg: &DecoderConfig, context: usize) {
+        self.model = ModelShape {
+            layers: cfg.num_layers,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            width: cfg.hidden_size,
+            mlp_width: cfg.intermediate_size,
+            context: context.min(cfg.max_seq_len),
+            rope_theta: f64::from(cfg.rope_theta),
+            norm_eps: f64::from(cfg.rms_norm_eps),
+            tie_embeddings: cfg.tie_embeddings,
+        };
+    }
+
     /// `--config`: a preset name, or a TOML file.
     pub fn load(arg: &str) -> Result<Recipe> {
         if let Some(r) = Self::preset(arg) {

@@ -528,9 +528,19 @@ pub struct FinetuneArgs {
 #[derive(Debug, Args)]
 pub struct PretrainArgs {
     /// The model and recipe: a preset (shakespeare-char: nanoGPT's shakespeare_char CPU
-    /// recipe; smollm2-135m: the default model's shape) or a TOML file.
-    #[arg(long, value_name = "NAME|FILE.toml")]
-    pub config: String,
+    /// recipe; smollm2-135m: the default model's shape) or a TOML file. With --init the
+    /// model's shape replaces the recipe's (default recipe: smollm2-135m's, at lr 1e-4).
+    #[arg(long, value_name = "NAME|FILE.toml", required_unless_present = "init")]
+    pub config: Option<String>,
+    /// Continued pretraining: start from this model (a .gguf file, dequantized; a Hugging
+    /// Face folder; or a registry name) with its own tokenizer. The shards must have been
+    /// made with it (`lever data shard --tokenizer MODEL`).
+    #[arg(long, value_name = "MODEL", conflicts_with = "tokenizer")]
+    pub init: Option<String>,
+    /// Training window in tokens (default: the recipe's context; with --init at most the
+    /// model's).
+    #[arg(long)]
+    pub context: Option<usize>,
     /// Token shards: a folder `lever data shard` wrote, llm.c's .bin shards, or nanoGPT's
     /// train.bin and val.bin.
     #[arg(long, value_name = "DIR")]

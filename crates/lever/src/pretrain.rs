@@ -31,11 +31,23 @@ fn sample_tokens(params: usize) -> usize {
 }
 
 pub fn run(a: PretrainArgs) -> Result<()> {
-    let recipe = resolve_recipe(&a)?;
-    let data = Data::open(&a.data, a.tokenizer.as_deref())?;
-    let vocab = data.tokenizer.vocab_size();
+    let init = a.init.as_deref().map(Init::load).transpose()?;
+    let recipe = resolve_recipe(&a, init.as_ref())?;
+    if let Some(init) = &init {
+        init.check_shards(&a.data)?;
+    }
+    let tokenizer = match &init {
+        Some(i) => Some(i.tokenizer_json.as_path()),
+        None => a.tokenizer.as_deref(),
+    };
+    let data = Data::open(&a.data, tokenizer)?;
+    // A model trained further keeps its embedding table: its rows are the vocabulary.
+    let vocab = match &init {
+        Some(i) => i.model.decoder.config().vocab_size,
+        None => data.tokenizer.vocab_size(),
+    };
     data.check(&recipe, vocab)?;
-    if a.gguf {
+    if a.gguf && init.is_none() {
         check_gguf_tokenizer(&data.tokenizer_path)?;
     }
     let mut settings = recipe_settings(&recipe)?;
@@ -48,6 +60,7 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             ("tokens.val", json!(data.val.len())),
             ("vocab_size", json!(vocab)),
             ("gguf", json!(a.gguf)),
+            ("init", json!(a.init)),
         ] {
             m.insert(k.into(), v);
         }
@@ -65,8 +78,29 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         run.check_resume(&settings)?;
     }
 
-    let cfg = recipe.decoder_config(vocab);
-    let mut decoder = lever_train::init::new_decoder(&cfg, recipe.seed, &crate::device())?;
+    let (mut decoder, base) = match init {
+        Some(i) => {
+            eprintln!(
+                "init: {} ({} {}, dequantized to f32), context {}",
+                i.reference,
+                i.model.info.format,
+                i.model.info.quantization,
+                i.model.decoder.config().max_seq_len
+            );
+            let Model {
+                decoder,
+                tokenizer,
+                chat_template,
+                info,
+            } = i.model;
+            (decoder, Some((tokenizer, chat_template, info)))
+        }
+        None => {
+            let cfg = recipe.decoder_config(vocab);
+            let d = lever_train::init::new_decoder(&cfg, recipe.seed, &crate::device())?;
+            (d, None)
+        }
+    };
     let vars = decoder.make_trainable()?;
     let mut trainer = Pretrainer::new(recipe.clone(), vars)?;
     let size = Size::of(&recipe, vocab);
@@ -193,15 +227,28 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     metrics.flush()?;
     run.plot()?;
 
-    let model = Model {
-        decoder,
-        tokenizer: data.tokenizer.clone(),
-        chat_template: None,
-        info: ModelInfo {
-            path: data.tokenizer_path.clone(),
-            format: "pretrained",
-            quantization: "F32".into(),
-            generation: GenerationConfig::default(),
+    let model = match base {
+        // Trained further: the model's own tokenizer, chat template and metadata, its
+        // weights now f32.
+        Some((tokenizer, chat_template, info)) => Model {
+            decoder,
+            tokenizer,
+            chat_template,
+            info: ModelInfo {
+                quantization: "F32".into(),
+                ..info
+            },
+        },
+        None => Model {
+            decoder,
+            tokenizer: data.tokenizer.clone(),
+            chat_template: None,
+            info: ModelInfo {
+                path: data.tokenizer_path.clone(),
+                format: "pretrained",
+                quantization: "F32".into(),
+                generation: GenerationConfig::default(),
+            },
         },
     };
     let model_dir = run.dir().join("model");
@@ -242,10 +289,79 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// The recipe with the command line's overrides, checked.
-fn resolve_recipe(a: &PretrainArgs) -> Result<Recipe> {
-    let mut r = Recipe::load(&a.config)?;
+/// The model `--init` names, loaded, and the tokenizer.json its shards must have been made
+/// with.
+struct Init {
+    reference: String,
+    model: Model,
+    tokenizer_json: PathBuf,
+}
+
+impl Init {
+    fn load(reference: &str) -> Result<Init> {
+        let model = crate::load_model(&crate::cli::ModelArg {
+            model: reference.into(),
+            adapter: None,
+        })?;
+        let tokenizer_json = crate::pretrain_data::tokenizer_json(reference)?;
+        Ok(Init {
+            reference: reference.into(),
+            model,
+            tokenizer_json,
+        })
+    }
+
+    /// Shards made with another tokenizer than the model's are refused, naming both.
+    fn check_shards(&self, dir: &Path) -> Result<()> {
+        let Ok(set) = ShardSet::open(dir) else {
+            return Ok(()); // Data::open names the problem.
+        };
+        let Some(m) = &set.manifest else {
+            return Ok(()); // llm.c's or nanoGPT's shards: no tokenizer named to compare.
+        };
+        let sha = lever_data::shards::sha256_file(&self.tokenizer_json)?;
+        if sha != m.tokenizer.sha256 {
+            bail!(
+                "{}: the shards were made with tokenizer {}, not with {}'s; make them again \
+                 with `lever data shard ... --tokenizer {}`",
+                dir.display(),
+                m.tokenizer.path,
+                self.reference,
+                self.reference
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The recipe with the command line's overrides, checked. With --init the model's shape
+/// replaces the recipe's, and the default recipe is smollm2-135m's at a tenth of its
+/// learning rate (a model trained further should not be shaken out of what it knows).
+fn resolve_recipe(a: &PretrainArgs, init: Option<&Init>) -> Result<Recipe> {
+    let mut r = Recipe::load(a.config.as_deref().unwrap_or("smollm2-135m"))?;
+    if let Some(i) = init {
+        let cfg = i.model.decoder.config();
+        if let Some(c) = a.context.filter(|&c| c > cfg.max_seq_len) {
+            bail!(
+                "--context {c}: longer than {}'s context of {} tokens",
+                i.reference,
+                cfg.max_seq_len
+            );
+        }
+        r.with_model_of(cfg, a.context.unwrap_or(r.model.context));
+        if a.config.is_none() {
+            r.name = format!("continued:{}", i.reference);
+            r.lr = 1e-4;
+            r.min_lr = 1e-5;
+        }
+    } else if let Some(c) = a.context {
+        r.model.context = c;
+    }
     if let Some(s) = a.steps {
+        // With --init the warmup is at most a tenth of a shorter run.
+        if init.is_some() {
+            r.warmup_steps = r.warmup_steps.min(s / 10);
+        }
         // The cosine follows the steps, as nanoGPT's README sets lr_decay_iters = max_iters.
         if r.decay_steps == r.steps {
             r.decay_steps = s;

@@ -2,16 +2,17 @@
 //! pretraining. Their clap definitions are here (cli.rs names the two command groups); the
 //! work is lever-data's (`tokenizer_train.rs`, `sharding.rs`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::ProgressBar;
 use lever_data::sharding::{ShardOptions, ShardProgress};
 use lever_data::tokenizer_train::{self, END_OF_TEXT, Kind, TrainEvent, TrainOptions};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 #[derive(Debug, Subcommand)]
 pub enum TokenizerCommand {
@@ -73,9 +74,11 @@ pub struct DataShardArgs {
     /// Text files, folders (searched for .txt, .text, .md and .jsonl) and JSONL files.
     #[arg(required = true, value_name = "INPUT")]
     pub inputs: Vec<PathBuf>,
-    /// The tokenizer: a tokenizer.json or a folder holding one.
-    #[arg(long)]
-    pub tokenizer: PathBuf,
+    /// The tokenizer: a tokenizer.json, a folder holding one (a Hugging Face model), or a
+    /// model whose tokenizer to use (a .gguf file or a registry name: its tokenizer is
+    /// written out once to lever's cache), for continued pretraining with `--init`.
+    #[arg(long, value_name = "FILE|DIR|MODEL")]
+    pub tokenizer: String,
     /// The folder to write.
     #[arg(long)]
     pub out: PathBuf,
@@ -230,10 +233,65 @@ fn train(a: TokenizerTrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The tokenizer.json that `reference` names: a .json file or a folder as they are, the
+/// tokenizer.json of a Hugging Face model folder, or the tokenizer of a GGUF model (a file or a
+/// registry name) written out as a tokenizer.json under lever's cache, named by its sha256, so
+/// that shards made with it and `lever pretrain --init` of the same model agree on its hash.
+pub fn tokenizer_json(reference: &str) -> Result<PathBuf> {
+    let path = Path::new(reference);
+    if path.is_dir() {
+        return Ok(path.join("tokenizer.json"));
+    }
+    let is_gguf = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if path.is_file() && !is_gguf {
+        return Ok(path.to_path_buf());
+    }
+    if !path.exists() && lever_model::registry::find(reference).is_none() {
+        // Named as a file that is not there: the loader says so, naming it.
+        return Ok(path.to_path_buf());
+    }
+    let home = lever_model::registry::lever_home();
+    let source =
+        lever_model::model::resolve(reference, &home, &mut crate::progress::provisioning())?;
+    match source {
+        lever_model::ModelSource::HfFolder(dir) => Ok(dir.join("tokenizer.json")),
+        lever_model::ModelSource::Gguf(file) => gguf_tokenizer_json(&file, &home),
+    }
+}
+
+/// The tokenizer of a GGUF file as a tokenizer.json in `home`'s cache (written once).
+fn gguf_tokenizer_json(gguf: &Path, home: &Path) -> Result<PathBuf> {
+    let source = lever_model::ModelSource::Gguf(gguf.to_path_buf());
+    let json = lever_model::Model::load(&source, &crate::device())?
+        .tokenizer
+        .to_hf_json()?;
+    let sha: String = Sha256::digest(json.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let stem = gguf
+        .file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy());
+    let dir = home
+        .join("cache")
+        .join("tokenizers")
+        .join(format!("{stem}-{}", &sha[..12]));
+    let file = dir.join("tokenizer.json");
+    if !file.is_file() {
+        std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+        lever_model::fsutil::write_atomic(&file, |tmp| -> Result<()> {
+            std::fs::write(tmp, &json).with_context(|| file.display().to_string())
+        })?;
+    }
+    Ok(file)
+}
+
 fn shard(a: DataShardArgs) -> Result<()> {
     crate::check_target(&a.out, a.force)?;
     let opts = ShardOptions {
-        tokenizer: a.tokenizer.clone(),
+        tokenizer: tokenizer_json(&a.tokenizer)?,
         eot: a.eot.clone(),
         val_fraction: a.val_fraction,
         shard_tokens: a.shard_tokens,

@@ -417,3 +417,94 @@ fn the_gguf_scores_as_in_llama_cpp() {
         "lever {got} vs llama.cpp {want}"
     );
 }
+
+/// Continued pretraining: shards made with the default model's own tokenizer (`--tokenizer`
+/// naming the model), `--init` starts from the model's weights (its validation loss before
+/// the first step is a trained model's, far below a random one's ln(49152) ≈ 10.8), a few
+/// steps on Shakespeare lower it, and RUN/model is the model trained further with its own
+/// tokenizer. Shards made with another tokenizer are refused, naming the model.
+#[test]
+fn continued_pretraining_starts_from_the_model_and_refuses_other_tokenizers() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    shards(d, 20_000, "char");
+    let model = lever_model::registry::DEFAULT_GENERATOR;
+    lever_in(
+        d,
+        &[
+            "data",
+            "shard",
+            "corpus.txt",
+            "--tokenizer",
+            model,
+            "--val-fraction",
+            "0.1",
+            "--out",
+            "own",
+        ],
+    )
+    .ok();
+    let run = d.join("run");
+    lever_in(
+        d,
+        &[
+            "pretrain",
+            "--init",
+            model,
+            "--data",
+            "own",
+            "--out",
+            "run",
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "1",
+            "--context",
+            "64",
+            "--lr",
+            "3e-4",
+            "--eval-every",
+            "0",
+            "--save-every",
+            "0",
+        ],
+    )
+    .ok();
+    let m = metrics(&run);
+    let val = |step: u64| {
+        m.iter()
+            .find(|v| v["step"] == step && v.get("val_loss").is_some())
+            .unwrap()["val_loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let (before, after) = (val(0), val(3));
+    assert!(before < 5.0, "validation loss before training {before}");
+    assert!(after < before - 0.05, "{before} → {after}");
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["settings"]["init"], model);
+    assert_eq!(manifest["settings"]["model.layers"], 30);
+    assert_eq!(manifest["settings"]["model.context"], 64);
+    // The model folder: the model's tokenizer (SmolLM2's 49,152 tokens), its chat template.
+    let trained = lever_model::Model::load(
+        &lever_model::ModelSource::HfFolder(run.join("model")),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(trained.tokenizer.vocab_size(), 49152);
+    assert!(trained.chat_template.is_some());
+
+    // Shards made with the character tokenizer: refused before anything is written.
+    let e = lever_in(
+        d,
+        &[
+            "pretrain", "--init", model, "--data", "shards", "--out", "r2",
+        ],
+    )
+    .failed_alone();
+    assert!(e.contains(&format!("not with {model}'s")), "{e}");
+    assert!(!d.join("r2").exists());
+}
