@@ -57,7 +57,7 @@ start=$(date +%s)
   --save-every 20 2> "$WORK/pretrain.log"
 secs=$(( $(date +%s) - start ))
 
-ppl() { "$LEVER" perplexity --model "$1" --file "$2" --ctx "$CONTEXT" --chunks "$CHUNKS" --json \
+ppl() { "$LEVER" perplexity --model "$1" "$2" --ctx "$CONTEXT" --chunks "$CHUNKS" --json \
   | python3 -c 'import json,sys; print("%.3f" % json.load(sys.stdin)["ppl"])'; }
 d0=$(ppl "$WORK/before" "$WORK/scifact-heldout.txt"); d1=$(ppl "$WORK/run/model" "$WORK/scifact-heldout.txt")
 w0=$(ppl "$WORK/before" "$WORK/wikipedia.txt"); w1=$(ppl "$WORK/run/model" "$WORK/wikipedia.txt")
