@@ -6,7 +6,10 @@
 //!   manifest.json      command, settings, versions; `result` once finished
 //!   metrics.jsonl      one line per step ({"step", "loss", ...}) and per evaluation ({"step", "val_loss"})
 //!   loss.png           training and validation loss
-//!   checkpoints/last/  everything a resumed run needs (trainer.rs `save_checkpoint`)
+//!   checkpoints/last/  everything a resumed run needs (trainer.rs `save_checkpoint`), sealed
+//!                      with complete.json (checkpoint.rs); step-N/ snapshots beside it
+//!   events.jsonl       loss spikes and what was done about them (spike.rs)
+//!   restarts.jsonl     one line per restart of a supervised run
 //!   best/              the weights with the lowest validation loss so far
 //!   adapter/ | model/  the result (and model.gguf when pretraining asks for one)
 //! ```
@@ -24,9 +27,11 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 
 /// What a run writes into its folder: starting over removes these and nothing else.
-pub const RUN_FILES: [&str; 8] = [
+pub const RUN_FILES: [&str; 10] = [
     "manifest.json",
     "metrics.jsonl",
+    "events.jsonl",
+    "restarts.jsonl",
     "loss.png",
     "checkpoints",
     "best",
@@ -40,7 +45,7 @@ pub const RUN_FILES: [&str; 8] = [
 pub enum Start {
     /// A new run: the folder must be missing or empty.
     New,
-    /// Continue from `checkpoints/last` with the settings in `manifest.json`.
+    /// Continue from the newest complete checkpoint with the settings in `manifest.json`.
     Resume,
     /// Start over: what an earlier run wrote is removed (other files stay).
     Over,
@@ -111,7 +116,7 @@ impl RunDir {
         };
         match start {
             Start::Resume => {
-                if !run.checkpoint().join("trainer.json").exists() {
+                if !crate::checkpoint::any(&run.checkpoints()) {
                     return Err(run_err(&run.checkpoint(), "no checkpoint to resume from"));
                 }
             }
@@ -152,8 +157,37 @@ impl RunDir {
         &self.dir
     }
 
+    /// Where the newest checkpoint is written.
     pub fn checkpoint(&self) -> PathBuf {
-        self.dir.join("checkpoints").join("last")
+        self.checkpoints().join("last")
+    }
+
+    /// The folder of `last` and the step-N snapshots.
+    pub fn checkpoints(&self) -> PathBuf {
+        self.dir.join("checkpoints")
+    }
+
+    /// The checkpoint to resume from: the newest that is complete and intact (`last` or a
+    /// snapshot, see `checkpoint::newest_good`), and the newer ones passed over, for the
+    /// caller to warn about. None complete is an error naming each problem.
+    pub fn resume_checkpoint(
+        &self,
+    ) -> Result<(crate::checkpoint::Good, Vec<crate::checkpoint::Skipped>)> {
+        match crate::checkpoint::newest_good(&self.checkpoints(), None) {
+            (Some(good), skipped) => Ok((good, skipped)),
+            (None, skipped) => Err(run_err(
+                &self.checkpoints(),
+                if skipped.is_empty() {
+                    "no checkpoint to resume from".to_string()
+                } else {
+                    let why: Vec<String> = skipped
+                        .iter()
+                        .map(|s| format!("{}: {}", name_in(&self.dir, &s.dir), s.problem))
+                        .collect();
+                    format!("no complete checkpoint to resume from ({})", why.join("; "))
+                },
+            )),
+        }
     }
 
     pub fn manifest_path(&self) -> PathBuf {
@@ -268,6 +302,11 @@ impl RunDir {
         }
         crate::plot::write_loss_curve(&self.dir.join("loss.png"), &train, &val)
     }
+}
+
+/// `path` relative to the run folder when it is inside it (`checkpoints/last`), for messages.
+pub fn name_in(run: &Path, path: &Path) -> String {
+    path.strip_prefix(run).unwrap_or(path).display().to_string()
 }
 
 /// The best validation loss so far, for keeping the best weights.

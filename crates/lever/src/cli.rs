@@ -578,7 +578,11 @@ pub struct PretrainArgs {
     /// Besides checkpoints/last, keep the N newest checkpoints as checkpoints/step-NNNNNN.
     #[arg(long, default_value_t = 0)]
     pub keep: usize,
-    /// Continue the run in --out from its last checkpoint (the same settings are required).
+    /// Also keep every checkpoint at a multiple of M steps, never deleted (llm.c's -nm).
+    #[arg(long, value_name = "M", default_value_t = 0)]
+    pub keep_every: usize,
+    /// Continue the run in --out from its newest complete checkpoint (a torn or corrupt one
+    /// is skipped for the one before it, with a warning); the same settings are required.
     #[arg(long)]
     pub resume: bool,
     /// Start over in an --out that already holds a run, or write into an --out folder that

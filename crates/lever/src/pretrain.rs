@@ -74,9 +74,13 @@ pub fn run(a: PretrainArgs) -> Result<()> {
 
     // A resumed run must have the settings it started with: checked before anything is
     // written or measured.
-    if a.resume {
+    // The checkpoint too: the newest intact one, found before anything is loaded.
+    let resume = if a.resume {
         run.check_resume(&settings)?;
-    }
+        Some(resume_from(&run)?)
+    } else {
+        None
+    };
 
     let (mut decoder, base) = match init {
         Some(i) => {
@@ -145,13 +149,17 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         },
         "flops_per_token_formula": "6*N + 12*L*H*Q*T (nanoGPT estimate_mfu, llm.c)",
         "peak": {"flops_per_s": peak.flops_per_s, "method": Peak::METHOD, "repetitions": peak.repetitions},
-        "save_every": a.save_every, "keep": a.keep,
+        "save_every": a.save_every, "keep": a.keep, "keep_every": a.keep_every,
     });
-    if a.resume {
-        trainer.load_checkpoint(&run.checkpoint())?;
+    if let Some(from) = &resume {
+        trainer.load_checkpoint(from)?;
         run.truncate_metrics(trainer.step)?;
         manifest["resumed_at_step"] = json!(trainer.step);
-        eprintln!("resuming at step {}", trainer.step);
+        eprintln!(
+            "resuming at step {} ({})",
+            trainer.step,
+            lever_train::run::name_in(run.dir(), from)
+        );
     }
     run.write_manifest(&manifest)?;
     let mut metrics = run.metrics()?;
@@ -220,7 +228,12 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         if a.save_every > 0 && m.step % a.save_every == 0 && m.step < steps {
             metrics.sync_data()?;
             trainer.save_checkpoint(&run.checkpoint())?;
-            keep_newest(&run, m.step, a.keep)?;
+            lever_train::checkpoint::snapshot_and_prune(
+                &run.checkpoints(),
+                m.step as u64,
+                a.keep,
+                a.keep_every as u64,
+            )?;
         }
     }
     bar.finish_and_clear();
@@ -536,36 +549,18 @@ fn sample(
     Ok(tokenizer.decode(&ids[1..]))
 }
 
-/// With --keep N: checkpoints/step-NNNNNN as hard links to the files of checkpoints/last
-/// (no copy), the N newest kept.
-fn keep_newest(run: &RunDir, step: usize, keep: usize) -> Result<()> {
-    if keep == 0 {
-        return Ok(());
+/// The newest complete, intact checkpoint of the run, with a one-line warning for each newer
+/// one that is torn or corrupt (shared with `lever finetune`).
+pub fn resume_from(run: &RunDir) -> Result<PathBuf> {
+    let (good, skipped) = run.resume_checkpoint()?;
+    for s in &skipped {
+        eprintln!(
+            "warning: skipping checkpoint {}: {}; resuming from {} (step {})",
+            s.dir.display(),
+            s.problem,
+            lever_train::run::name_in(run.dir(), &good.dir),
+            good.step
+        );
     }
-    let last = run.checkpoint();
-    let root = last.parent().unwrap_or(run.dir()).to_path_buf();
-    let snap = root.join(format!("step-{step:06}"));
-    lever_model::fsutil::write_atomic(&snap, |tmp| -> Result<()> {
-        std::fs::create_dir(tmp).with_context(|| snap.display().to_string())?;
-        for e in std::fs::read_dir(&last).with_context(|| last.display().to_string())? {
-            let e = e?;
-            std::fs::hard_link(e.path(), tmp.join(e.file_name()))
-                .with_context(|| snap.display().to_string())?;
-        }
-        Ok(())
-    })?;
-    let mut snaps: Vec<PathBuf> = std::fs::read_dir(&root)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("step-"))
-        })
-        .collect();
-    snaps.sort();
-    let excess = snaps.len().saturating_sub(keep);
-    for old in &snaps[..excess] {
-        std::fs::remove_dir_all(old).with_context(|| old.display().to_string())?;
-    }
-    Ok(())
+    Ok(good.dir)
 }

@@ -244,6 +244,158 @@ fn a_killed_run_resumes_exactly() {
     assert_eq!(std::fs::read(killed.join("metrics.jsonl")).unwrap(), before);
 }
 
+/// The tiny recipe at `steps` in d/tiny.toml, and `lever pretrain` arguments for it into
+/// `out` with `extra`.
+fn tiny_run(d: &Path, steps: usize, out: &str, extra: &[&str]) -> Vec<String> {
+    std::fs::write(
+        d.join("tiny.toml"),
+        TINY.replace("steps = 30", &format!("steps = {steps}")),
+    )
+    .unwrap();
+    let mut args: Vec<String> = [
+        "pretrain",
+        "--config",
+        "tiny.toml",
+        "--data",
+        "shards",
+        "--out",
+        out,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn lever_args(d: &Path, args: &[String]) -> common::Out {
+    lever_in(d, &args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// RUN/model's weights, by name.
+fn weights(run: &Path) -> std::collections::HashMap<String, Vec<f32>> {
+    candle_core::safetensors::load(
+        run.join("model/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .into_iter()
+    .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+    .collect()
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut n: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    n.sort();
+    n
+}
+
+/// Checkpoints carry a completion marker with the sha256 of their files. With the newest
+/// ones damaged — a flipped byte in `last` (which its newest snapshot shares through hard
+/// links) and a snapshot without its marker (torn) — --resume warns about each, naming it,
+/// starts from the newest intact one, and still ends with the per-step losses and weights of
+/// the run that was never damaged. --keep 2 --keep-every 4 kept the two newest snapshots and
+/// every fourth step.
+#[test]
+fn a_corrupt_newest_checkpoint_is_skipped_for_the_one_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    shards(d, 100_000, "char");
+    let args = tiny_run(
+        d,
+        12,
+        "run",
+        &[
+            "--save-every",
+            "1",
+            "--eval-every",
+            "0",
+            "--keep",
+            "2",
+            "--keep-every",
+            "4",
+        ],
+    );
+    lever_args(d, &args).ok();
+    let run = d.join("run");
+    let want = step_losses(&run);
+    let want_weights = weights(&run);
+    assert_eq!(want.len(), 12);
+    let ck = run.join("checkpoints");
+    assert_eq!(
+        names_in(&ck),
+        [
+            "last",
+            "step-000004",
+            "step-000008",
+            "step-000010",
+            "step-000011"
+        ]
+    );
+    assert_eq!(
+        names_in(&ck.join("last")),
+        ["complete.json", "state.safetensors", "trainer.json"]
+    );
+
+    let state = ck.join("last/state.safetensors");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&state, bytes).unwrap(); // in place: step-000011 shares the file
+    std::fs::remove_file(ck.join("step-000010/complete.json")).unwrap();
+
+    let mut resume = args.clone();
+    resume.push("--resume".into());
+    let out = lever_args(d, &resume).ok();
+    let warnings: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: skipping checkpoint"))
+        .collect();
+    assert_eq!(warnings.len(), 3, "{}", out.stderr);
+    assert!(
+        warnings[0].contains("checkpoints/last: state.safetensors has sha256")
+            && warnings[0].contains("(corrupt); resuming from checkpoints/step-000008 (step 8)"),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        warnings[1].contains("step-000011: state.safetensors"),
+        "{}",
+        warnings[1]
+    );
+    assert!(
+        warnings[2].contains("step-000010: no complete.json: never completed (torn)"),
+        "{}",
+        warnings[2]
+    );
+    assert!(
+        out.stderr
+            .contains("resuming at step 8 (checkpoints/step-000008)"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        step_losses(&run),
+        want,
+        "resumed vs undamaged per-step losses"
+    );
+    assert_eq!(weights(&run), want_weights);
+
+    // Nothing intact at all: refused, naming each problem.
+    for name in names_in(&ck) {
+        std::fs::remove_file(ck.join(name).join("complete.json")).ok();
+    }
+    let e = lever_args(d, &resume).failed_alone();
+    assert!(
+        e.contains("no complete checkpoint to resume from (checkpoints/last: no complete.json"),
+        "{e}"
+    );
+}
+
 /// Bad input is one line, exit 1 or 2, and leaves no run folder behind.
 #[test]
 fn bad_input_is_refused_in_one_line_and_nothing_is_written() {
