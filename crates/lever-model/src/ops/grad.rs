@@ -141,12 +141,18 @@ impl CustomOp2 for RmsNorm {
         let gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let ws = w.flatten_all()?.to_vec1::<f32>()?;
         let mut dx = vec![0f32; xs.len()];
+        // dw's partial sums over fixed blocks of rows, added in block order: the same bits
+        // whatever the threads do. (A rayon `fold` grouped rows by how work was stolen, so a
+        // run and its resumed twin differed in the last bits under load.)
         let dws: Vec<Vec<f32>> = dx
-            .par_chunks_mut(c)
-            .zip(xs.par_chunks(c).zip(gs.par_chunks(c)))
-            .fold(
-                || vec![0f32; c],
-                |mut dw, (dx, (x, g))| {
+            .par_chunks_mut(c * RMS_ROWS_PER_TASK)
+            .zip(
+                xs.par_chunks(c * RMS_ROWS_PER_TASK)
+                    .zip(gs.par_chunks(c * RMS_ROWS_PER_TASK)),
+            )
+            .map(|(dx, (x, g))| {
+                let mut dw = vec![0f32; c];
+                for (dx, (x, g)) in dx.chunks_mut(c).zip(x.chunks(c).zip(g.chunks(c))) {
                     let r = self.inv_rms(x);
                     let mut dot = 0f32;
                     for i in 0..c {
@@ -158,9 +164,9 @@ impl CustomOp2 for RmsNorm {
                     for i in 0..c {
                         dx[i] = r * (g[i] * ws[i] - x[i] * r * mean);
                     }
-                    dw
-                },
-            )
+                }
+                dw
+            })
             .collect();
         let mut dw = vec![0f32; c];
         for part in dws {
@@ -171,6 +177,9 @@ impl CustomOp2 for RmsNorm {
         Ok((Some(dx), Some(dw)))
     }
 }
+
+/// Rows per task of RMS norm's backward.
+const RMS_ROWS_PER_TASK: usize = 32;
 
 /// RMS norm over the last dimension with weight w: (C,). Differentiable in x and w.
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
@@ -661,6 +670,35 @@ mod tests {
             .unwrap();
         let plain = candle_nn::ops::softmax(&plain, D::Minus1).unwrap();
         check(&[&x], fused, plain, "causal softmax");
+    }
+
+    #[test]
+    fn rms_norm_backward_is_the_same_bits_on_any_number_of_threads() {
+        let x = var(7, &[300, 24]);
+        let w = var(8, &[24]);
+        let g = var(9, &[300, 24]);
+        let grads = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let y = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+                let gs = (y * g.as_tensor())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let dw = gs.get(w.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+                let dx = gs.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+                (dw, dx.to_vec1::<f32>().unwrap())
+            })
+        };
+        let one = grads(1);
+        for threads in [2, 3, 8] {
+            assert!(grads(threads) == one, "{threads} threads");
+        }
     }
 
     #[test]
