@@ -593,6 +593,33 @@ pub struct PretrainArgs {
     /// tokenizer).
     #[arg(long)]
     pub gguf: bool,
+    #[command(flatten)]
+    pub supervise: SuperviseArgs,
+}
+
+/// Restarting a training run that dies (supervise.rs).
+#[derive(Debug, Args, Clone)]
+pub struct SuperviseArgs {
+    /// Run the training as a child process and restart it from its newest complete
+    /// checkpoint when it dies (a non-zero exit, a signal); each restart is a line of
+    /// RUN/restarts.jsonl. Bad usage (exit 2) and 3 starts in a row that fail with an error
+    /// before their first step are not restarted.
+    #[arg(long)]
+    pub supervise: bool,
+    /// With --supervise: the most restarts before giving up.
+    #[arg(long, value_name = "N", default_value_t = 10, requires = "supervise")]
+    pub max_restarts: usize,
+    /// With --supervise: seconds before a restart, doubled for each restart in a row that
+    /// got no further than the one before (at most 600).
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, requires = "supervise", value_parser = non_negative_seconds)]
+    pub restart_delay: f64,
+}
+
+fn non_negative_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.0..=86_400.0).contains(&x) => Ok(x),
+        _ => Err(format!("`{s}`: expected seconds, from 0 to 86400")),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -31,6 +31,9 @@ fn sample_tokens(params: usize) -> usize {
 }
 
 pub fn run(a: PretrainArgs) -> Result<()> {
+    if a.supervise.supervise {
+        return crate::supervise::run(&a.out, &a.supervise);
+    }
     let init = a.init.as_deref().map(Init::load).transpose()?;
     let recipe = resolve_recipe(&a, init.as_ref())?;
     if let Some(init) = &init {

@@ -396,6 +396,172 @@ fn a_corrupt_newest_checkpoint_is_skipped_for_the_one_before_it() {
     );
 }
 
+/// The process ids whose parent is `pid` (Linux: /proc/*/stat).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: the command may hold spaces, the last ')' ends it.
+        let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        let mut fields = after.split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next());
+        if ppid == Some(pid.to_string().as_str()) && state != Some("Z") {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// Chaos: a supervised run whose training process is killed with SIGKILL at three random
+/// steps (the test finds the child's pid and kills it) restarts each time from its newest
+/// checkpoint and ends with exactly the per-step losses and weights of an uninterrupted run;
+/// RUN/restarts.jsonl has a line per kill (cause, step reached, step resumed from, steps and
+/// seconds lost).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+#[test]
+fn a_supervised_run_survives_sigkills_and_ends_as_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    shards(d, 100_000, "char");
+    let steps = 30;
+    let common = ["--save-every", "1", "--eval-every", "10"];
+    lever_args(d, &tiny_run(d, steps, "full", &common)).ok();
+    let want = step_losses(&d.join("full"));
+    assert_eq!(want.len(), steps);
+
+    // Three distinct kill steps in 3..=26, at least 4 apart, from a seed printed on failure.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut rng = lever_model::rng::SplitMix64(seed);
+    let targets = loop {
+        let mut t: Vec<usize> = (0..3).map(|_| 3 + rng.below(24)).collect();
+        t.sort();
+        if t.windows(2).all(|w| w[1] >= w[0] + 4) {
+            break t;
+        }
+    };
+    let mut args = tiny_run(d, steps, "chaos", &common);
+    args.extend(["--supervise", "--max-restarts", "5", "--restart-delay", "0"].map(String::from));
+    let log = std::fs::File::create(d.join("supervisor.log")).unwrap();
+    let mut sup = Command::new(env!("CARGO_BIN_EXE_lever"))
+        .current_dir(d)
+        .args(&args)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let run = d.join("chaos");
+    let done = || {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let mut killed: Vec<(u32, usize)> = Vec::new();
+    for &t in &targets {
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "seed {seed}: waiting for step {t}"
+            );
+            let kids = children_of(sup.id());
+            let fresh = kids.iter().find(|k| !killed.iter().any(|(p, _)| p == *k));
+            if let (Some(&pid), true) = (fresh, done() >= t) {
+                // SIGKILL, as the OOM killer or a lost node would.
+                assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+                killed.push((pid, done()));
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+    let status = sup.wait().unwrap();
+    let log = std::fs::read_to_string(d.join("supervisor.log")).unwrap();
+    assert!(status.success(), "seed {seed}, kills {killed:?}:\n{log}");
+    let restarts: Vec<Value> = std::fs::read_to_string(run.join("restarts.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(restarts.len(), 3, "seed {seed}: {restarts:?}\n{log}");
+    for (r, (pid, _)) in restarts.iter().zip(&killed) {
+        assert_eq!(r["pid"], *pid);
+        assert_eq!(r["signal"], 9, "{r}");
+        assert!(r["cause"].as_str().unwrap().contains("SIGKILL"), "{r}");
+        // --save-every 1: at most the step in flight is lost.
+        assert!(r["steps_lost"].as_u64().unwrap() <= 1, "{r}");
+        assert!(r["seconds_lost"].as_f64().unwrap() >= 0.0, "{r}");
+    }
+    eprintln!(
+        "seed {seed}: killed at steps {:?}; restarts: {}",
+        killed.iter().map(|k| k.1).collect::<Vec<_>>(),
+        restarts
+            .iter()
+            .map(|r| format!(
+                "step {} → resumed from {} ({} lost, {:.2} s)",
+                r["step"],
+                r["resume_step"],
+                r["steps_lost"],
+                r["seconds_lost"].as_f64().unwrap()
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    assert_eq!(step_losses(&run), want, "seed {seed}: per-step losses");
+    assert_eq!(weights(&run), weights(&d.join("full")), "seed {seed}");
+}
+
+/// --supervise on a command that fails before its first step: three starts, then one line
+/// with the cause; with --max-restarts 1, one restart. Bad usage is not restarted at all.
+#[test]
+fn a_supervised_command_that_fails_at_once_stops_with_its_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    shards(d, 20_000, "char");
+    let mut args = tiny_run(d, 5, "run", &["--supervise", "--restart-delay", "0"]);
+    args[4] = "missing".into(); // --data
+    let out = lever_args(d, &args);
+    let e = out.failed();
+    assert!(
+        e.starts_with("error: --supervise: 3 starts in a row failed before their first step, not restarted again: the training exited with code 1 (error: missing"),
+        "{e}"
+    );
+    assert_eq!(
+        out.stderr.matches("supervise: the training (pid").count(),
+        2,
+        "{}",
+        out.stderr
+    );
+    args.extend(["--max-restarts", "1"].map(String::from));
+    let e = lever_args(d, &args).failed();
+    assert!(
+        e.starts_with("error: --supervise: gave up after 1 restart (--max-restarts 1): the training exited with code 1 (error: missing"),
+        "{e}"
+    );
+    // Refused by the argument parser before anything starts.
+    let out = lever_in(
+        d,
+        &[
+            "pretrain",
+            "--data",
+            "shards",
+            "--out",
+            "r",
+            "--max-restarts",
+            "2",
+        ],
+    );
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("--supervise"), "{}", out.stderr);
+}
+
 /// Bad input is one line, exit 1 or 2, and leaves no run folder behind.
 #[test]
 fn bad_input_is_refused_in_one_line_and_nothing_is_written() {
