@@ -18,6 +18,7 @@ pub mod plot;
 pub mod pretrain;
 pub mod recipe;
 pub mod run;
+pub mod spike;
 pub mod trainer;
 
 pub use error::{Error, Result};

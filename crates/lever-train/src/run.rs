@@ -198,6 +198,35 @@ impl RunDir {
         self.dir.join("metrics.jsonl")
     }
 
+    pub fn events_path(&self) -> PathBuf {
+        self.dir.join("events.jsonl")
+    }
+
+    /// Append a line to events.jsonl (loss spikes and what was done), synced: a log of what
+    /// happened, never cut back, so it keeps the events of a start that later died.
+    pub fn append_event(&self, event: &Value) -> Result<()> {
+        use std::io::Write;
+        let path = self.events_path();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        writeln!(f, "{event}").map_err(io(&path))?;
+        f.sync_data().map_err(io(&path))
+    }
+
+    /// The (loss, gradient norm) of each training step in metrics.jsonl, in order; a loss
+    /// that was not finite (written as null) is NaN.
+    pub fn losses_and_grad_norms(&self) -> Vec<(f64, f64)> {
+        let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        self.metric_lines()
+            .iter()
+            .filter(|v| v.get("loss").is_some())
+            .map(|v| (num(&v["loss"]), num(&v["grad_norm"])))
+            .collect()
+    }
+
     /// A resumed run continues only with exactly the settings it started with: each key of
     /// `settings` must equal the manifest's, or the error names it.
     pub fn check_resume(&self, settings: &Value) -> Result<()> {
@@ -286,7 +315,8 @@ impl RunDir {
             .and_then(|v| v["val_loss"].as_f64())
     }
 
-    /// loss.png from metrics.jsonl: training loss per step and validation loss.
+    /// loss.png from metrics.jsonl: training loss per step and validation loss, and the loss
+    /// spikes of events.jsonl as dots.
     pub fn plot(&self) -> Result<()> {
         let (mut train, mut val) = (Vec::new(), Vec::new());
         for v in self.metric_lines() {
@@ -300,7 +330,13 @@ impl RunDir {
                 val.push((step, l));
             }
         }
-        crate::plot::write_loss_curve(&self.dir.join("loss.png"), &train, &val)
+        let spikes: Vec<(f64, f64)> = std::fs::read_to_string(self.events_path())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?)))
+            .collect();
+        crate::plot::write_loss_curve(&self.dir.join("loss.png"), &train, &val, &spikes)
     }
 }
 

@@ -595,6 +595,48 @@ pub struct PretrainArgs {
     pub gguf: bool,
     #[command(flatten)]
     pub supervise: SuperviseArgs,
+    #[command(flatten)]
+    pub spikes: SpikeArgs,
+}
+
+/// Loss spikes: detection and what to do (spikes.rs, lever_train::spike).
+#[derive(Debug, Args, Clone)]
+pub struct SpikeArgs {
+    /// A loss spike — a loss or gradient norm far above the recent window's — is written to
+    /// RUN/events.jsonl and marked on loss.png; then `log` applies the update anyway, `skip`
+    /// does not apply it, `rollback` goes back to the newest checkpoint before it and skips
+    /// the batches from there through the spike's. `off`: no detection.
+    #[arg(long, value_name = "POLICY", default_value = "log", value_parser = parse_policy)]
+    pub on_spike: lever_train::spike::Policy,
+    /// Steps in the detector's rolling window; judging starts once it is half full.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub spike_window: usize,
+    /// A loss this many standard deviations above the window's mean is a spike (0: the loss
+    /// is not judged).
+    #[arg(long, value_name = "Z", default_value_t = 6.0)]
+    pub spike_loss_z: f64,
+    /// A gradient norm this many standard deviations above the window's mean is a spike (0:
+    /// not judged).
+    #[arg(long, value_name = "Z", default_value_t = 6.0)]
+    pub spike_grad_z: f64,
+    /// With --on-spike rollback: batches skipped after the spike's, besides those from the
+    /// checkpoint through it (PaLM skipped 200–500 in all).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub rollback_skip: u64,
+    /// With --on-spike rollback: multiply the learning rate by F after each rollback.
+    #[arg(long, value_name = "F", default_value_t = 1.0, value_parser = positive_f64)]
+    pub rollback_lr_factor: f64,
+    /// Tests only: the batch of step S (the S-th drawn) gets one target everywhere (the
+    /// vocabulary's last token) and a 300× learning rate.
+    #[arg(long, value_name = "S", hide = true)]
+    pub debug_poison_step: Option<u64>,
+    /// Tests only: the S-th batch drawn is thrown away (a run that never saw it).
+    #[arg(long, value_name = "S", hide = true)]
+    pub debug_drop_batch: Option<u64>,
+}
+
+fn parse_policy(s: &str) -> Result<lever_train::spike::Policy, String> {
+    s.parse()
 }
 
 /// Restarting a training run that dies (supervise.rs).

@@ -16,6 +16,7 @@ mod pretrain_data;
 mod progress;
 mod rag;
 mod serve;
+mod spikes;
 mod supervise;
 
 use std::process::ExitCode;

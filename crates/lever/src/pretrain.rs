@@ -14,11 +14,16 @@ use lever_data::{ShardSet, Split};
 use lever_generate::{Sampler, SamplingParams};
 use lever_model::{Decoder, GenerationConfig, Model, ModelInfo, Tokenizer};
 use lever_train::peak::{self, Peak};
-use lever_train::pretrain::{Coverage, evaluate, next_token_logits};
+use lever_train::pretrain::{Coverage, Poison, evaluate, next_token_logits};
 use lever_train::{Pretrainer, Recipe, RunDir, Size, Start};
 use serde_json::json;
 
 use crate::cli::PretrainArgs;
+use crate::spikes::{Guard, Handled};
+
+/// `--debug-poison-step`'s learning-rate multiplier: an update that visibly damages the
+/// model when it is applied.
+const POISON_LR_FACTOR: f64 = 300.0;
 
 /// The end-of-text token lever's tokenizers and GPT-2's have; shards made without a
 /// manifest are assumed to use it.
@@ -154,6 +159,12 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         "peak": {"flops_per_s": peak.flops_per_s, "method": Peak::METHOD, "repetitions": peak.repetitions},
         "save_every": a.save_every, "keep": a.keep, "keep_every": a.keep_every,
     });
+    if let Some(b) = a.spikes.debug_poison_step {
+        trainer.poison = Some(Poison {
+            batch: b,
+            lr_factor: POISON_LR_FACTOR,
+        });
+    }
     if let Some(from) = &resume {
         trainer.load_checkpoint(from)?;
         run.truncate_metrics(trainer.step)?;
@@ -164,6 +175,8 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             lever_train::run::name_in(run.dir(), from)
         );
     }
+    let mut guard = Guard::new(&a.spikes, &run)?;
+    manifest["spikes"] = guard.settings();
     run.write_manifest(&manifest)?;
     let mut metrics = run.metrics()?;
     let evaluate_at = |step: usize, decoder: &Decoder| -> Result<f64> {
@@ -196,10 +209,24 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     let (mut tokens, mut train_secs) = (0usize, 0f64);
     let mut last_val = None;
     while trainer.step < steps {
+        if a.spikes.debug_drop_batch == Some(trainer.batches() + 1) {
+            trainer.skip_batches(1, &data.train)?;
+        }
         let t0 = Instant::now();
-        let m = trainer.step(&decoder, &data.train)?;
+        let (m, applied) = trainer.step_with(&decoder, &data.train, |m| guard.allows(m))?;
         let secs = t0.elapsed().as_secs_f64();
-        if !m.loss.is_finite() {
+        let spike = guard.handle(&m, &mut trainer, &run, &data.train)?;
+        if let Some((handled, said)) = &spike {
+            bar.suspend(|| eprintln!("{said}"));
+            if let Handled::RolledBack = handled {
+                // metrics.jsonl was cut back (a new file): append to that one.
+                metrics = run.metrics()?;
+                bar.set_position(trainer.step as u64);
+                run.plot()?;
+                continue;
+            }
+        }
+        if applied && !m.loss.is_finite() {
             bail!("step {}: the loss is {} (lower --lr?)", m.step, m.loss);
         }
         tokens += m.tokens;
@@ -210,6 +237,12 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         line["tokens_per_s"] = json!(tps);
         line["mfu"] = json!(mfu);
         line["elapsed_s"] = json!(started.elapsed().as_secs_f64());
+        if spike.is_some() {
+            line["spike"] = json!(true);
+        }
+        if !applied {
+            line["skipped"] = json!(true);
+        }
         let eval_due =
             m.step == steps || (recipe.eval_every > 0 && m.step % recipe.eval_every == 0);
         if eval_due {
@@ -224,7 +257,7 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             100.0 * mfu
         ));
         bar.inc(1);
-        if eval_due {
+        if eval_due || spike.is_some() {
             metrics.flush()?;
             run.plot()?;
         }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{fixture, lever_in, shared_data};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The tiny recipe (shared with scripts/make-pretrain-fixtures.sh).
 const TINY: &str = include_str!("fixtures/pretrain/tiny.toml");
@@ -475,7 +475,9 @@ fn a_supervised_run_survives_sigkills_and_ends_as_an_uninterrupted_one() {
             let fresh = kids.iter().find(|k| !killed.iter().any(|(p, _)| p == *k));
             if let (Some(&pid), true) = (fresh, done() >= t) {
                 // SIGKILL, as the OOM killer or a lost node would.
-                assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+                // SAFETY: kill(2) on a child of our own child; no memory is involved.
+                let r = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                assert_eq!(r, 0);
                 killed.push((pid, done()));
                 break;
             }
@@ -560,6 +562,150 @@ fn a_supervised_command_that_fails_at_once_stops_with_its_cause() {
     );
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("--supervise"), "{}", out.stderr);
+}
+
+fn jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A poisoned batch (`--debug-poison-step 20`: one target everywhere, 300× the learning rate)
+/// is a loss spike. `--on-spike rollback` goes back to the checkpoint before it, skips that batch,
+/// and ends with exactly the per-step losses and weights of a run that never drew the batch
+/// (`--debug-drop-batch 20`); `skip` does not apply the update and ends near that run;
+/// `log` applies it and ends worse. Each spike is a line of RUN/events.jsonl. A rollback to
+/// an older checkpoint skips every batch since it and `--rollback-skip` more, and lowers the
+/// learning rate by `--rollback-lr-factor`.
+#[test]
+fn a_loss_spike_is_rolled_back_to_where_a_run_that_never_saw_its_batch_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    shards(d, 100_000, "char");
+    let run = |out: &str, extra: &[&str]| {
+        let mut e = vec!["--eval-every", "0", "--spike-window", "8"];
+        if !extra.contains(&"--save-every") {
+            e.extend(["--save-every", "1"]);
+        }
+        e.extend(extra);
+        lever_args(d, &tiny_run(d, 24, out, &e)).ok()
+    };
+    let val = |out: &str| {
+        jsonl(&d.join(out).join("metrics.jsonl"))
+            .iter()
+            .find(|v| v["step"] == 24 && v.get("val_loss").is_some())
+            .unwrap()["val_loss"]
+            .as_f64()
+            .unwrap()
+    };
+    run("never", &["--debug-drop-batch", "20"]);
+    assert!(jsonl(&d.join("never/events.jsonl")).is_empty());
+
+    let out = run(
+        "rollback",
+        &["--debug-poison-step", "20", "--on-spike", "rollback"],
+    );
+    assert!(
+        out.stderr.contains("spike at step 20: loss ")
+            && out
+                .stderr
+                .contains("rolled back to step 19 (checkpoints/last), 1 batch skipped"),
+        "{}",
+        out.stderr
+    );
+    let events = jsonl(&d.join("rollback/events.jsonl"));
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(
+        (
+            &e["step"],
+            &e["batch"],
+            &e["action"],
+            &e["to_step"],
+            &e["skipped_batches"]
+        ),
+        (
+            &json!(20),
+            &json!(20),
+            &json!("rollback"),
+            &json!(19),
+            &json!(1)
+        )
+    );
+    assert!(e["loss_z"].as_f64().unwrap() > 6.0, "{e}");
+    let rolled = d.join("rollback");
+    assert_eq!(step_losses(&rolled), step_losses(&d.join("never")));
+    assert_eq!(weights(&rolled), weights(&d.join("never")));
+    assert!(rolled.join("loss.png").is_file());
+
+    run("skip", &["--debug-poison-step", "20", "--on-spike", "skip"]);
+    let lines = jsonl(&d.join("skip/metrics.jsonl"));
+    let at20 = lines.iter().find(|v| v["step"] == 20).unwrap();
+    assert_eq!(
+        (&at20["spike"], &at20["skipped"]),
+        (&json!(true), &json!(true)),
+        "{at20}"
+    );
+    assert_eq!(jsonl(&d.join("skip/events.jsonl"))[0]["action"], "skip");
+
+    run("log", &["--debug-poison-step", "20"]);
+    assert_eq!(jsonl(&d.join("log/events.jsonl"))[0]["action"], "log");
+    let (never, skip, log) = (val("never"), val("skip"), val("log"));
+    eprintln!(
+        "validation loss at step 24: never saw the batch {never:.4}, skipped its update {skip:.4}, applied it {log:.4}"
+    );
+    assert!((skip - never).abs() < 0.05, "{skip} vs {never}");
+    assert!(log > never + 0.1, "{log} vs {never}");
+
+    // Checkpoints every 4 steps: back to step 16, batches 17-20 and 2 more skipped, half the
+    // learning rate from then on.
+    let out = run(
+        "older",
+        &[
+            "--debug-poison-step",
+            "20",
+            "--on-spike",
+            "rollback",
+            "--save-every",
+            "4",
+            "--rollback-skip",
+            "2",
+            "--rollback-lr-factor",
+            "0.5",
+        ],
+    );
+    assert!(
+        out.stderr.contains(
+            "rolled back to step 16 (checkpoints/last), 6 batches skipped, learning rate ×0.5"
+        ),
+        "{}",
+        out.stderr
+    );
+    let e = &jsonl(&d.join("older/events.jsonl"))[0];
+    assert_eq!(
+        (&e["to_step"], &e["skipped_batches"], &e["lr_scale"]),
+        (&json!(16), &json!(6), &json!(0.5))
+    );
+    let lr = |out: &str, step: u64| {
+        jsonl(&d.join(out).join("metrics.jsonl"))
+            .iter()
+            .find(|v| v["step"] == step && v.get("lr").is_some())
+            .unwrap()["lr"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(lr("older", 16), lr("never", 16));
+    assert!((lr("older", 17) - 0.5 * lr("never", 17)).abs() < 1e-12);
+    assert_eq!(step_losses(&d.join("older")).len(), 24);
+
+    // The debugging flags are not in --help.
+    let help = lever_in(d, &["pretrain", "--help"]).ok().stdout;
+    assert!(
+        help.contains("--on-spike") && !help.contains("debug"),
+        "{help}"
+    );
 }
 
 /// Bad input is one line, exit 1 or 2, and leaves no run folder behind.
