@@ -98,6 +98,16 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     if cfg!(unix) { r } else { Ok(()) }
 }
 
+/// Undo what a killed writer of `target` left behind, without writing anything new: its
+/// temporaries are removed, and a folder it had moved aside is put back when `target` is
+/// missing. A reader that finds `target` gone (a kill between the two renames of a folder)
+/// calls this first.
+pub fn recover(target: &Path) {
+    if let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) {
+        clean_stale(parent_of(target), &name, target);
+    }
+}
+
 /// Remove the temporaries a killed writer of `target` left in `parent`. A folder moved aside
 /// (`.NAME.old-PID`) whose target is missing is the last complete version: it is put back.
 fn clean_stale(parent: &Path, name: &str, target: &Path) {
@@ -223,6 +233,15 @@ mod tests {
         );
         assert!(!old.exists());
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2);
+
+        // A reader puts a folder moved aside back without writing a new one.
+        std::fs::rename(&dir, &old).unwrap();
+        recover(&dir);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("weights")).unwrap(),
+            "complete"
+        );
+        assert!(!old.exists());
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub enum Error {
     /// A run folder that cannot be used as asked (a run already there, no checkpoint, ...).
     #[error("{path}: {problem}")]
     Run { path: PathBuf, problem: String },
+    /// A checkpoint folder that is torn or corrupt (checkpoint.rs).
+    #[error("{path}: {problem}")]
+    Checkpoint { path: PathBuf, problem: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

@@ -7,6 +7,7 @@
 //! from scratch (pretrain.rs) trains the same decoder from a recipe (recipe.rs: presets and
 //! TOML files) and GPT-2's initialization (init.rs).
 
+pub mod checkpoint;
 pub mod error;
 pub mod init;
 pub mod lora;
@@ -17,6 +18,7 @@ pub mod plot;
 pub mod pretrain;
 pub mod recipe;
 pub mod run;
+pub mod spike;
 pub mod trainer;
 
 pub use error::{Error, Result};

@@ -20,21 +20,29 @@ pub struct Series<'a> {
     pub markers: bool,
 }
 
-/// matplotlib's first two `tab10` colours.
+/// matplotlib's `tab10` colours: blue, orange, red.
 const TRAIN_COLOR: [u8; 3] = [31, 119, 180];
 const VALIDATION_COLOR: [u8; 3] = [255, 127, 14];
+const SPIKE_COLOR: [u8; 3] = [214, 39, 40];
 
 /// Largest side accepted, so that a bad argument cannot ask for gigabytes of pixels.
 pub const MAX_SIDE: u32 = 8192;
 
 /// Write the training and validation losses as an 800×500 PNG, atomically
-/// (`lever_model::fsutil::write_atomic`).
+/// (`lever_model::fsutil::write_atomic`), with loss spikes (step, loss) as red dots (a legend
+/// entry only when there are some).
 pub fn write_loss_curve(
     path: &Path,
     train: &[(f64, f64)],
     val: &[(f64, f64)],
+    spikes: &[(f64, f64)],
 ) -> crate::Result<()> {
-    let series = [
+    // A gap (NaN) between spikes: dots, not a line through them.
+    let dots: Vec<(f64, f64)> = spikes
+        .iter()
+        .flat_map(|&p| [p, (f64::NAN, f64::NAN)])
+        .collect();
+    let mut series = vec![
         Series {
             name: "train",
             points: train,
@@ -48,6 +56,14 @@ pub fn write_loss_curve(
             markers: true,
         },
     ];
+    if !spikes.is_empty() {
+        series.push(Series {
+            name: "spike",
+            points: &dots,
+            color: SPIKE_COLOR,
+            markers: true,
+        });
+    }
     let io = |source| crate::Error::Io {
         path: path.to_path_buf(),
         source,
@@ -906,7 +922,7 @@ mod tests {
             .map(|s| (s as f64, 1.6 - 0.0035 * s as f64))
             .collect();
         let val = [(50.0, 1.5), (100.0, 1.3), (150.0, 1.15), (200.0, 1.05)];
-        write_loss_curve(&path, &train, &val).unwrap();
+        write_loss_curve(&path, &train, &val, &[]).unwrap();
         let (w, h, _) = decode(&std::fs::read(&path).unwrap());
         assert_eq!((w, h), (800, 500));
         let names: Vec<_> = std::fs::read_dir(dir.path())
@@ -914,5 +930,50 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["loss.png"], "no temporary file left behind");
+    }
+
+    #[test]
+    fn spikes_are_red_dots_with_no_line_between_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.png");
+        let train: Vec<_> = (0..=200)
+            .map(|s| (s as f64, 1.6 - 0.0035 * s as f64))
+            .collect();
+        let spikes = [(60.0, 2.4), (140.0, 2.2)];
+        write_loss_curve(&path, &train, &[], &spikes).unwrap();
+        let (w, _, rgb) = decode(&std::fs::read(&path).unwrap());
+        // The layout write_loss_curve draws: the spikes' points, gaps between them.
+        let dots = [
+            spikes[0],
+            (f64::NAN, f64::NAN),
+            spikes[1],
+            (f64::NAN, f64::NAN),
+        ];
+        let series = [
+            Series {
+                name: "train",
+                points: &train,
+                color: TRAIN_COLOR,
+                markers: false,
+            },
+            Series {
+                name: "validation",
+                points: &[],
+                color: VALIDATION_COLOR,
+                markers: true,
+            },
+            Series {
+                name: "spike",
+                points: &dots,
+                color: SPIKE_COLOR,
+                markers: true,
+            },
+        ];
+        let frame = Frame::new("training loss", &series, 800, 500);
+        for p in spikes {
+            assert_eq!(pixel(&rgb, w, frame.to_px(p)), SPIKE_COLOR, "{p:?}");
+        }
+        let mid = frame.to_px((100.0, 2.3));
+        assert_ne!(pixel(&rgb, w, mid), SPIKE_COLOR, "no line between spikes");
     }
 }

@@ -51,6 +51,23 @@ pub struct Pretrainer {
     cursor: usize,
     /// Optimizer steps done.
     pub step: usize,
+    /// Batches (one per step, `grad_accum` micro-batches each) drawn so far, those skipped
+    /// after a rollback included.
+    batches: u64,
+    /// The schedule's learning rate is multiplied by this (lowered by rollbacks).
+    lr_scale: f64,
+    /// A deliberately bad batch, for tests of spike handling.
+    pub poison: Option<Poison>,
+}
+
+/// A deliberately bad batch, for tests of spike handling (`lever pretrain
+/// --debug-poison-step`): every target of the `batch`-th batch drawn (1-based) is the
+/// vocabulary's last token, and its learning rate is multiplied by `lr_factor`. It is a property of the
+/// data, as a bad batch would be: drawn again (after a restart), it is bad again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Poison {
+    pub batch: u64,
+    pub lr_factor: f64,
 }
 
 /// The seed of the batch sampler, apart from the weights' seed.
@@ -82,6 +99,9 @@ impl Pretrainer {
             rng,
             cursor: 0,
             step: 0,
+            batches: 0,
+            lr_scale: 1.0,
+            poison: None,
         })
     }
 
@@ -109,10 +129,52 @@ impl Pretrainer {
             .collect()
     }
 
+    /// Batches drawn so far (one per step, skipped ones included).
+    pub fn batches(&self) -> u64 {
+        self.batches
+    }
+
+    /// The factor on the schedule's learning rate.
+    pub fn lr_scale(&self) -> f64 {
+        self.lr_scale
+    }
+
+    /// Multiply the learning rate from now on by `factor` (after a rollback).
+    pub fn scale_lr(&mut self, factor: f64) {
+        self.lr_scale *= factor;
+    }
+
+    /// Draw the next `n` batches and throw them away: the run never trains on them.
+    pub fn skip_batches(&mut self, n: u64, train: &[u32]) -> Result<()> {
+        self.check_tokens(train, "the training tokens")?;
+        for _ in 0..n {
+            for _ in 0..self.recipe.grad_accum {
+                self.next_starts(train.len());
+            }
+            self.batches += 1;
+        }
+        Ok(())
+    }
+
     /// One optimizer step on the training tokens.
     pub fn step(&mut self, decoder: &Decoder, train: &[u32]) -> Result<PretrainStep> {
+        Ok(self.step_with(decoder, train, |_| true)?.0)
+    }
+
+    /// One optimizer step, where `apply` sees the step's loss and gradient norm before the
+    /// update and says whether to make it. A step whose update is not applied still counts:
+    /// its batch is used up and the schedule moves on (llm.c's skipped updates). Returns the
+    /// step's numbers and whether the update was applied.
+    pub fn step_with(
+        &mut self,
+        decoder: &Decoder,
+        train: &[u32],
+        apply: impl FnOnce(&PretrainStep) -> bool,
+    ) -> Result<(PretrainStep, bool)> {
         self.check_tokens(train, "the training tokens")?;
-        let lr = self.recipe.lr_at(self.step);
+        self.batches += 1;
+        let poison = self.poison.filter(|p| p.batch == self.batches);
+        let lr = self.recipe.lr_at(self.step) * self.lr_scale * poison.map_or(1.0, |p| p.lr_factor);
         self.opt.set_lr(lr);
         let t = self.recipe.model.context;
         let all = self.recipe.batch_size * self.recipe.grad_accum * t;
@@ -120,7 +182,12 @@ impl Pretrainer {
         let mut loss_sum = 0f64;
         for _ in 0..self.recipe.grad_accum {
             let starts = self.next_starts(train.len());
-            let (ids, targets) = windows(train, &starts, t)?;
+            let (ids, mut targets) = windows(train, &starts, t)?;
+            if poison.is_some() {
+                // One token everywhere, the vocabulary's last (lever's end-of-text): a batch
+                // the model finds very unlikely, as a degenerate document would be.
+                targets.fill(decoder.config().vocab_size.saturating_sub(1) as u32);
+            }
             // The mean over the whole step, however it is split into micro-batches.
             let sum = loss_sum_of(decoder, ids, targets)?;
             loss_sum += sum.to_scalar::<f32>()? as f64;
@@ -134,15 +201,19 @@ impl Pretrainer {
             });
         };
         let (grad_norm, scale) = clip_factor(&grads, &self.vars, self.recipe.grad_clip)?;
-        self.opt.step_scaled(&grads, scale)?;
-        self.step += 1;
-        Ok(PretrainStep {
-            step: self.step,
+        let m = PretrainStep {
+            step: self.step + 1,
             loss: loss_sum / all as f64,
             lr,
             grad_norm,
             tokens: all,
-        })
+        };
+        let applied = apply(&m);
+        if applied {
+            self.opt.step_scaled(&grads, scale)?;
+        }
+        self.step += 1;
+        Ok((m, applied))
     }
 
     /// Save everything a resumed run needs to continue exactly (atomically, see
@@ -150,6 +221,7 @@ impl Pretrainer {
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
         let state = serde_json::json!({
             "step": self.step, "cursor": self.cursor, "rng": self.rng.0,
+            "batches": self.batches, "lr_scale": self.lr_scale,
         });
         save_state(dir, &self.vars, &self.opt, state)
     }
@@ -160,6 +232,9 @@ impl Pretrainer {
         self.step = state_u64(dir, &state, "step")? as usize;
         self.cursor = state_u64(dir, &state, "cursor")? as usize;
         self.rng = SplitMix64(state_u64(dir, &state, "rng")?);
+        // Checkpoints from before rollbacks existed: one batch per step, the schedule's rate.
+        self.batches = state["batches"].as_u64().unwrap_or(self.step as u64);
+        self.lr_scale = state["lr_scale"].as_f64().unwrap_or(1.0);
         Ok(())
     }
 }
@@ -368,6 +443,68 @@ mod tests {
                 .collect();
             assert_eq!(resumed, straight[3..], "{batches:?}");
         }
+    }
+
+    fn values(p: &Pretrainer) -> Vec<Vec<f32>> {
+        p.vars
+            .iter()
+            .map(|v| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    /// A poisoned batch whose update is not applied, rolled back to the checkpoint before
+    /// it and skipped, leaves the run exactly where a run that never drew that batch is.
+    #[test]
+    fn a_rollback_past_a_poisoned_batch_equals_never_seeing_it() {
+        let d0 = tempfile::tempdir().unwrap();
+        let ck = d0.path().join("ck");
+        let r = tiny_recipe();
+        let data = tokens(300, 11);
+        // Never saw batch 4.
+        let (d, mut a) = trainer(&r, 11);
+        let mut want = Vec::new();
+        for s in 1..=r.steps {
+            if s == 4 {
+                a.skip_batches(1, &data).unwrap();
+            }
+            want.push(a.step(&d, &data).unwrap().loss);
+        }
+        assert_eq!(a.batches(), r.steps as u64 + 1);
+
+        let (d, mut b) = trainer(&r, 11);
+        b.poison = Some(Poison {
+            batch: 4,
+            lr_factor: 30.0,
+        });
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(b.step(&d, &data).unwrap().loss);
+        }
+        b.save_checkpoint(&ck).unwrap();
+        let before = values(&b);
+        let (m, applied) = b.step_with(&d, &data, |_| false).unwrap();
+        assert!(!applied);
+        assert!(
+            m.loss > got[2] + 0.1,
+            "poisoned loss {} after {}",
+            m.loss,
+            got[2]
+        );
+        assert_eq!(values(&b), before, "an update not applied changes nothing");
+        let spike_batch = b.batches();
+        b.load_checkpoint(&ck).unwrap();
+        assert_eq!((b.step, b.batches()), (3, 3));
+        b.skip_batches(spike_batch - b.batches(), &data).unwrap();
+        while b.step < r.steps {
+            got.push(b.step(&d, &data).unwrap().loss);
+        }
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //!   manifest.json      command, settings, versions; `result` once finished
 //!   metrics.jsonl      one line per step ({"step", "loss", ...}) and per evaluation ({"step", "val_loss"})
 //!   loss.png           training and validation loss
-//!   checkpoints/last/  everything a resumed run needs (trainer.rs `save_checkpoint`)
+//!   checkpoints/last/  everything a resumed run needs (trainer.rs `save_checkpoint`), sealed
+//!                      with complete.json (checkpoint.rs); step-N/ snapshots beside it
+//!   events.jsonl       loss spikes and what was done about them (spike.rs)
+//!   restarts.jsonl     one line per restart of a supervised run
 //!   best/              the weights with the lowest validation loss so far
 //!   adapter/ | model/  the result (and model.gguf when pretraining asks for one)
 //! ```
@@ -24,9 +27,11 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 
 /// What a run writes into its folder: starting over removes these and nothing else.
-pub const RUN_FILES: [&str; 8] = [
+pub const RUN_FILES: [&str; 10] = [
     "manifest.json",
     "metrics.jsonl",
+    "events.jsonl",
+    "restarts.jsonl",
     "loss.png",
     "checkpoints",
     "best",
@@ -40,7 +45,7 @@ pub const RUN_FILES: [&str; 8] = [
 pub enum Start {
     /// A new run: the folder must be missing or empty.
     New,
-    /// Continue from `checkpoints/last` with the settings in `manifest.json`.
+    /// Continue from the newest complete checkpoint with the settings in `manifest.json`.
     Resume,
     /// Start over: what an earlier run wrote is removed (other files stay).
     Over,
@@ -111,7 +116,7 @@ impl RunDir {
         };
         match start {
             Start::Resume => {
-                if !run.checkpoint().join("trainer.json").exists() {
+                if !crate::checkpoint::any(&run.checkpoints()) {
                     return Err(run_err(&run.checkpoint(), "no checkpoint to resume from"));
                 }
             }
@@ -152,8 +157,37 @@ impl RunDir {
         &self.dir
     }
 
+    /// Where the newest checkpoint is written.
     pub fn checkpoint(&self) -> PathBuf {
-        self.dir.join("checkpoints").join("last")
+        self.checkpoints().join("last")
+    }
+
+    /// The folder of `last` and the step-N snapshots.
+    pub fn checkpoints(&self) -> PathBuf {
+        self.dir.join("checkpoints")
+    }
+
+    /// The checkpoint to resume from: the newest that is complete and intact (`last` or a
+    /// snapshot, see `checkpoint::newest_good`), and the newer ones passed over, for the
+    /// caller to warn about. None complete is an error naming each problem.
+    pub fn resume_checkpoint(
+        &self,
+    ) -> Result<(crate::checkpoint::Good, Vec<crate::checkpoint::Skipped>)> {
+        match crate::checkpoint::newest_good(&self.checkpoints(), None) {
+            (Some(good), skipped) => Ok((good, skipped)),
+            (None, skipped) => Err(run_err(
+                &self.checkpoints(),
+                if skipped.is_empty() {
+                    "no checkpoint to resume from".to_string()
+                } else {
+                    let why: Vec<String> = skipped
+                        .iter()
+                        .map(|s| format!("{}: {}", name_in(&self.dir, &s.dir), s.problem))
+                        .collect();
+                    format!("no complete checkpoint to resume from ({})", why.join("; "))
+                },
+            )),
+        }
     }
 
     pub fn manifest_path(&self) -> PathBuf {
@@ -162,6 +196,35 @@ impl RunDir {
 
     pub fn metrics_path(&self) -> PathBuf {
         self.dir.join("metrics.jsonl")
+    }
+
+    pub fn events_path(&self) -> PathBuf {
+        self.dir.join("events.jsonl")
+    }
+
+    /// Append a line to events.jsonl (loss spikes and what was done), synced: a log of what
+    /// happened, never cut back, so it keeps the events of a start that later died.
+    pub fn append_event(&self, event: &Value) -> Result<()> {
+        use std::io::Write;
+        let path = self.events_path();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        writeln!(f, "{event}").map_err(io(&path))?;
+        f.sync_data().map_err(io(&path))
+    }
+
+    /// The (loss, gradient norm) of each training step in metrics.jsonl, in order; a loss
+    /// that was not finite (written as null) is NaN.
+    pub fn losses_and_grad_norms(&self) -> Vec<(f64, f64)> {
+        let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        self.metric_lines()
+            .iter()
+            .filter(|v| v.get("loss").is_some())
+            .map(|v| (num(&v["loss"]), num(&v["grad_norm"])))
+            .collect()
     }
 
     /// A resumed run continues only with exactly the settings it started with: each key of
@@ -252,7 +315,8 @@ impl RunDir {
             .and_then(|v| v["val_loss"].as_f64())
     }
 
-    /// loss.png from metrics.jsonl: training loss per step and validation loss.
+    /// loss.png from metrics.jsonl: training loss per step and validation loss, and the loss
+    /// spikes of events.jsonl as dots.
     pub fn plot(&self) -> Result<()> {
         let (mut train, mut val) = (Vec::new(), Vec::new());
         for v in self.metric_lines() {
@@ -266,8 +330,19 @@ impl RunDir {
                 val.push((step, l));
             }
         }
-        crate::plot::write_loss_curve(&self.dir.join("loss.png"), &train, &val)
+        let spikes: Vec<(f64, f64)> = std::fs::read_to_string(self.events_path())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| Some((v["step"].as_f64()?, v["loss"].as_f64()?)))
+            .collect();
+        crate::plot::write_loss_curve(&self.dir.join("loss.png"), &train, &val, &spikes)
     }
+}
+
+/// `path` relative to the run folder when it is inside it (`checkpoints/last`), for messages.
+pub fn name_in(run: &Path, path: &Path) -> String {
+    path.strip_prefix(run).unwrap_or(path).display().to_string()
 }
 
 /// The best validation loss so far, for keeping the best weights.

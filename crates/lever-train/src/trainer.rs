@@ -252,9 +252,10 @@ pub(crate) fn accumulate(
 
 /// A checkpoint, the one format fine-tuning and pretraining share: the trained values and
 /// the optimizer's moments in `state.safetensors`, the optimizer's step count and the
-/// caller's `state` (data position, RNG, step) in `trainer.json`. Files are fsynced in a
-/// temporary folder that is then renamed over `dir`, so a kill at any moment leaves either
-/// the previous checkpoint or this one.
+/// caller's `state` (data position, RNG, step) in `trainer.json`, and last the completion
+/// marker with their sha256 (checkpoint.rs). Files are fsynced in a temporary folder that is
+/// then renamed over `dir`, so a kill at any moment leaves either the previous checkpoint or
+/// this one.
 pub(crate) fn save_state(
     dir: &Path,
     vars: &[Var],
@@ -274,10 +275,12 @@ pub(crate) fn save_state(
         let path = dir.join(name);
         move |source| Error::Io { path, source }
     };
+    let step = state_u64(dir, &state, "step")?;
     lever_model::fsutil::write_atomic(dir, |tmp| {
         std::fs::create_dir(tmp).map_err(io(""))?;
         candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
-        std::fs::write(tmp.join("trainer.json"), state.to_string()).map_err(io("trainer.json"))
+        std::fs::write(tmp.join("trainer.json"), state.to_string()).map_err(io("trainer.json"))?;
+        crate::checkpoint::seal(tmp, dir, step)
     })
 }
 

@@ -578,7 +578,11 @@ pub struct PretrainArgs {
     /// Besides checkpoints/last, keep the N newest checkpoints as checkpoints/step-NNNNNN.
     #[arg(long, default_value_t = 0)]
     pub keep: usize,
-    /// Continue the run in --out from its last checkpoint (the same settings are required).
+    /// Also keep every checkpoint at a multiple of M steps, never deleted (llm.c's -nm).
+    #[arg(long, value_name = "M", default_value_t = 0)]
+    pub keep_every: usize,
+    /// Continue the run in --out from its newest complete checkpoint (a torn or corrupt one
+    /// is skipped for the one before it, with a warning); the same settings are required.
     #[arg(long)]
     pub resume: bool,
     /// Start over in an --out that already holds a run, or write into an --out folder that
@@ -589,6 +593,75 @@ pub struct PretrainArgs {
     /// tokenizer).
     #[arg(long)]
     pub gguf: bool,
+    #[command(flatten)]
+    pub supervise: SuperviseArgs,
+    #[command(flatten)]
+    pub spikes: SpikeArgs,
+}
+
+/// Loss spikes: detection and what to do (spikes.rs, lever_train::spike).
+#[derive(Debug, Args, Clone)]
+pub struct SpikeArgs {
+    /// A loss spike — a loss or gradient norm far above the recent window's — is written to
+    /// RUN/events.jsonl and marked on loss.png; then `log` applies the update anyway, `skip`
+    /// does not apply it, `rollback` goes back to the newest checkpoint before it and skips
+    /// the batches from there through the spike's. `off`: no detection.
+    #[arg(long, value_name = "POLICY", default_value = "log", value_parser = parse_policy)]
+    pub on_spike: lever_train::spike::Policy,
+    /// Steps in the detector's rolling window; judging starts once it is half full.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub spike_window: usize,
+    /// A loss this many standard deviations above the window's mean is a spike (0: the loss
+    /// is not judged).
+    #[arg(long, value_name = "Z", default_value_t = 6.0)]
+    pub spike_loss_z: f64,
+    /// A gradient norm this many standard deviations above the window's mean is a spike (0:
+    /// not judged).
+    #[arg(long, value_name = "Z", default_value_t = 6.0)]
+    pub spike_grad_z: f64,
+    /// With --on-spike rollback: batches skipped after the spike's, besides those from the
+    /// checkpoint through it (PaLM skipped 200–500 in all).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub rollback_skip: u64,
+    /// With --on-spike rollback: multiply the learning rate by F after each rollback.
+    #[arg(long, value_name = "F", default_value_t = 1.0, value_parser = positive_f64)]
+    pub rollback_lr_factor: f64,
+    /// Tests only: the batch of step S (the S-th drawn) gets one target everywhere (the
+    /// vocabulary's last token) and a 300× learning rate.
+    #[arg(long, value_name = "S", hide = true)]
+    pub debug_poison_step: Option<u64>,
+    /// Tests only: the S-th batch drawn is thrown away (a run that never saw it).
+    #[arg(long, value_name = "S", hide = true)]
+    pub debug_drop_batch: Option<u64>,
+}
+
+fn parse_policy(s: &str) -> Result<lever_train::spike::Policy, String> {
+    s.parse()
+}
+
+/// Restarting a training run that dies (supervise.rs).
+#[derive(Debug, Args, Clone)]
+pub struct SuperviseArgs {
+    /// Run the training as a child process and restart it from its newest complete
+    /// checkpoint when it dies (a non-zero exit, a signal); each restart is a line of
+    /// RUN/restarts.jsonl. Bad usage (exit 2) and 3 starts in a row that fail with an error
+    /// before their first step are not restarted.
+    #[arg(long)]
+    pub supervise: bool,
+    /// With --supervise: the most restarts before giving up.
+    #[arg(long, value_name = "N", default_value_t = 10, requires = "supervise")]
+    pub max_restarts: usize,
+    /// With --supervise: seconds before a restart, doubled for each restart in a row that
+    /// got no further than the one before (at most 600).
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, requires = "supervise", value_parser = non_negative_seconds)]
+    pub restart_delay: f64,
+}
+
+fn non_negative_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.0..=86_400.0).contains(&x) => Ok(x),
+        _ => Err(format!("`{s}`: expected seconds, from 0 to 86400")),
+    }
 }
 
 #[derive(Debug, Args)]

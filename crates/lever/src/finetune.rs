@@ -181,7 +181,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     });
     if a.resume {
         run.check_resume(&settings)?;
-        trainer.load_checkpoint(&checkpoint)?;
+        trainer.load_checkpoint(&crate::pretrain::resume_from(&run)?)?;
         run.truncate_metrics(trainer.step)?;
         manifest["resumed_at_step"] = serde_json::json!(trainer.step);
         eprintln!("resuming at step {}", trainer.step);

@@ -16,6 +16,8 @@ mod pretrain_data;
 mod progress;
 mod rag;
 mod serve;
+mod spikes;
+mod supervise;
 
 use std::process::ExitCode;
 
@@ -45,7 +47,12 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            let line = format!("error: {}", one_line(&e));
+            eprintln!("{line}");
+            // A supervised training tells its supervisor why it stopped (supervise.rs).
+            if let Some(path) = std::env::var_os(supervise::ERROR_FILE_ENV) {
+                let _ = std::fs::write(path, line + "\n");
+            }
             ExitCode::FAILURE
         }
     }

@@ -14,11 +14,16 @@ use lever_data::{ShardSet, Split};
 use lever_generate::{Sampler, SamplingParams};
 use lever_model::{Decoder, GenerationConfig, Model, ModelInfo, Tokenizer};
 use lever_train::peak::{self, Peak};
-use lever_train::pretrain::{Coverage, evaluate, next_token_logits};
+use lever_train::pretrain::{Coverage, Poison, evaluate, next_token_logits};
 use lever_train::{Pretrainer, Recipe, RunDir, Size, Start};
 use serde_json::json;
 
 use crate::cli::PretrainArgs;
+use crate::spikes::{Guard, Handled};
+
+/// `--debug-poison-step`'s learning-rate multiplier: an update that visibly damages the
+/// model when it is applied.
+const POISON_LR_FACTOR: f64 = 300.0;
 
 /// The end-of-text token lever's tokenizers and GPT-2's have; shards made without a
 /// manifest are assumed to use it.
@@ -31,6 +36,9 @@ fn sample_tokens(params: usize) -> usize {
 }
 
 pub fn run(a: PretrainArgs) -> Result<()> {
+    if a.supervise.supervise {
+        return crate::supervise::run(&a.out, &a.supervise);
+    }
     let init = a.init.as_deref().map(Init::load).transpose()?;
     let recipe = resolve_recipe(&a, init.as_ref())?;
     if let Some(init) = &init {
@@ -74,9 +82,13 @@ pub fn run(a: PretrainArgs) -> Result<()> {
 
     // A resumed run must have the settings it started with: checked before anything is
     // written or measured.
-    if a.resume {
+    // The checkpoint too: the newest intact one, found before anything is loaded.
+    let resume = if a.resume {
         run.check_resume(&settings)?;
-    }
+        Some(resume_from(&run)?)
+    } else {
+        None
+    };
 
     let (mut decoder, base) = match init {
         Some(i) => {
@@ -145,14 +157,26 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         },
         "flops_per_token_formula": "6*N + 12*L*H*Q*T (nanoGPT estimate_mfu, llm.c)",
         "peak": {"flops_per_s": peak.flops_per_s, "method": Peak::METHOD, "repetitions": peak.repetitions},
-        "save_every": a.save_every, "keep": a.keep,
+        "save_every": a.save_every, "keep": a.keep, "keep_every": a.keep_every,
     });
-    if a.resume {
-        trainer.load_checkpoint(&run.checkpoint())?;
+    if let Some(b) = a.spikes.debug_poison_step {
+        trainer.poison = Some(Poison {
+            batch: b,
+            lr_factor: POISON_LR_FACTOR,
+        });
+    }
+    if let Some(from) = &resume {
+        trainer.load_checkpoint(from)?;
         run.truncate_metrics(trainer.step)?;
         manifest["resumed_at_step"] = json!(trainer.step);
-        eprintln!("resuming at step {}", trainer.step);
+        eprintln!(
+            "resuming at step {} ({})",
+            trainer.step,
+            lever_train::run::name_in(run.dir(), from)
+        );
     }
+    let mut guard = Guard::new(&a.spikes, &run)?;
+    manifest["spikes"] = guard.settings();
     run.write_manifest(&manifest)?;
     let mut metrics = run.metrics()?;
     let evaluate_at = |step: usize, decoder: &Decoder| -> Result<f64> {
@@ -185,10 +209,24 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     let (mut tokens, mut train_secs) = (0usize, 0f64);
     let mut last_val = None;
     while trainer.step < steps {
+        if a.spikes.debug_drop_batch == Some(trainer.batches() + 1) {
+            trainer.skip_batches(1, &data.train)?;
+        }
         let t0 = Instant::now();
-        let m = trainer.step(&decoder, &data.train)?;
+        let (m, applied) = trainer.step_with(&decoder, &data.train, |m| guard.allows(m))?;
         let secs = t0.elapsed().as_secs_f64();
-        if !m.loss.is_finite() {
+        let spike = guard.handle(&m, &mut trainer, &run, &data.train)?;
+        if let Some((handled, said)) = &spike {
+            bar.suspend(|| eprintln!("{said}"));
+            if let Handled::RolledBack = handled {
+                // metrics.jsonl was cut back (a new file): append to that one.
+                metrics = run.metrics()?;
+                bar.set_position(trainer.step as u64);
+                run.plot()?;
+                continue;
+            }
+        }
+        if applied && !m.loss.is_finite() {
             bail!("step {}: the loss is {} (lower --lr?)", m.step, m.loss);
         }
         tokens += m.tokens;
@@ -199,6 +237,12 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         line["tokens_per_s"] = json!(tps);
         line["mfu"] = json!(mfu);
         line["elapsed_s"] = json!(started.elapsed().as_secs_f64());
+        if spike.is_some() {
+            line["spike"] = json!(true);
+        }
+        if !applied {
+            line["skipped"] = json!(true);
+        }
         let eval_due =
             m.step == steps || (recipe.eval_every > 0 && m.step % recipe.eval_every == 0);
         if eval_due {
@@ -213,14 +257,19 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             100.0 * mfu
         ));
         bar.inc(1);
-        if eval_due {
+        if eval_due || spike.is_some() {
             metrics.flush()?;
             run.plot()?;
         }
         if a.save_every > 0 && m.step % a.save_every == 0 && m.step < steps {
             metrics.sync_data()?;
             trainer.save_checkpoint(&run.checkpoint())?;
-            keep_newest(&run, m.step, a.keep)?;
+            lever_train::checkpoint::snapshot_and_prune(
+                &run.checkpoints(),
+                m.step as u64,
+                a.keep,
+                a.keep_every as u64,
+            )?;
         }
     }
     bar.finish_and_clear();
@@ -536,36 +585,18 @@ fn sample(
     Ok(tokenizer.decode(&ids[1..]))
 }
 
-/// With --keep N: checkpoints/step-NNNNNN as hard links to the files of checkpoints/last
-/// (no copy), the N newest kept.
-fn keep_newest(run: &RunDir, step: usize, keep: usize) -> Result<()> {
-    if keep == 0 {
-        return Ok(());
+/// The newest complete, intact checkpoint of the run, with a one-line warning for each newer
+/// one that is torn or corrupt (shared with `lever finetune`).
+pub fn resume_from(run: &RunDir) -> Result<PathBuf> {
+    let (good, skipped) = run.resume_checkpoint()?;
+    for s in &skipped {
+        eprintln!(
+            "warning: skipping checkpoint {}: {}; resuming from {} (step {})",
+            s.dir.display(),
+            s.problem,
+            lever_train::run::name_in(run.dir(), &good.dir),
+            good.step
+        );
     }
-    let last = run.checkpoint();
-    let root = last.parent().unwrap_or(run.dir()).to_path_buf();
-    let snap = root.join(format!("step-{step:06}"));
-    lever_model::fsutil::write_atomic(&snap, |tmp| -> Result<()> {
-        std::fs::create_dir(tmp).with_context(|| snap.display().to_string())?;
-        for e in std::fs::read_dir(&last).with_context(|| last.display().to_string())? {
-            let e = e?;
-            std::fs::hard_link(e.path(), tmp.join(e.file_name()))
-                .with_context(|| snap.display().to_string())?;
-        }
-        Ok(())
-    })?;
-    let mut snaps: Vec<PathBuf> = std::fs::read_dir(&root)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("step-"))
-        })
-        .collect();
-    snaps.sort();
-    let excess = snaps.len().saturating_sub(keep);
-    for old in &snaps[..excess] {
-        std::fs::remove_dir_all(old).with_context(|| old.display().to_string())?;
-    }
-    Ok(())
+    Ok(good.dir)
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{fixture, lever_in, shared_data};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The tiny recipe (shared with scripts/make-pretrain-fixtures.sh).
 const TINY: &str = include_str!("fixtures/pretrain/tiny.toml");
@@ -242,6 +242,470 @@ fn a_killed_run_resumes_exactly() {
     let e = lever_in(d, &other.iter().map(String::as_str).collect::<Vec<_>>()).failed_alone();
     assert!(e.contains("--resume: `lr` was 0.003, now 0.001"), "{e}");
     assert_eq!(std::fs::read(killed.join("metrics.jsonl")).unwrap(), before);
+}
+
+/// The tiny recipe at `steps` in d/tiny.toml, and `lever pretrain` arguments for it into
+/// `out` with `extra`.
+fn tiny_run(d: &Path, steps: usize, out: &str, extra: &[&str]) -> Vec<String> {
+    std::fs::write(
+        d.join("tiny.toml"),
+        TINY.replace("steps = 30", &format!("steps = {steps}")),
+    )
+    .unwrap();
+    let mut args: Vec<String> = [
+        "pretrain",
+        "--config",
+        "tiny.toml",
+        "--data",
+        "shards",
+        "--out",
+        out,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn lever_args(d: &Path, args: &[String]) -> common::Out {
+    lever_in(d, &args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// RUN/model's weights, by name.
+fn weights(run: &Path) -> std::collections::HashMap<String, Vec<f32>> {
+    candle_core::safetensors::load(
+        run.join("model/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .into_iter()
+    .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+    .collect()
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut n: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    n.sort();
+    n
+}
+
+/// Checkpoints carry a completion marker with the sha256 of their files. With the newest
+/// ones damaged — a flipped byte in `last` (which its newest snapshot shares through hard
+/// links) and a snapshot without its marker (torn) — --resume warns about each, naming it,
+/// starts from the newest intact one, and still ends with the per-step losses and weights of
+/// the run that was never damaged. --keep 2 --keep-every 4 kept the two newest snapshots and
+/// every fourth step.
+#[test]
+fn a_corrupt_newest_checkpoint_is_skipped_for_the_one_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    shards(d, 100_000, "char");
+    let args = tiny_run(
+        d,
+        12,
+        "run",
+        &[
+            "--save-every",
+            "1",
+            "--eval-every",
+            "0",
+            "--keep",
+            "2",
+            "--keep-every",
+            "4",
+        ],
+    );
+    lever_args(d, &args).ok();
+    let run = d.join("run");
+    let want = step_losses(&run);
+    let want_weights = weights(&run);
+    assert_eq!(want.len(), 12);
+    let ck = run.join("checkpoints");
+    assert_eq!(
+        names_in(&ck),
+        [
+            "last",
+            "step-000004",
+            "step-000008",
+            "step-000010",
+            "step-000011"
+        ]
+    );
+    assert_eq!(
+        names_in(&ck.join("last")),
+        ["complete.json", "state.safetensors", "trainer.json"]
+    );
+
+    let state = ck.join("last/state.safetensors");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&state, bytes).unwrap(); // in place: step-000011 shares the file
+    std::fs::remove_file(ck.join("step-000010/complete.json")).unwrap();
+
+    let mut resume = args.clone();
+    resume.push("--resume".into());
+    let out = lever_args(d, &resume).ok();
+    let warnings: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: skipping checkpoint"))
+        .collect();
+    assert_eq!(warnings.len(), 3, "{}", out.stderr);
+    assert!(
+        warnings[0].contains("checkpoints/last: state.safetensors has sha256")
+            && warnings[0].contains("(corrupt); resuming from checkpoints/step-000008 (step 8)"),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        warnings[1].contains("step-000011: state.safetensors"),
+        "{}",
+        warnings[1]
+    );
+    assert!(
+        warnings[2].contains("step-000010: no complete.json: never completed (torn)"),
+        "{}",
+        warnings[2]
+    );
+    assert!(
+        out.stderr
+            .contains("resuming at step 8 (checkpoints/step-000008)"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        step_losses(&run),
+        want,
+        "resumed vs undamaged per-step losses"
+    );
+    assert_eq!(weights(&run), want_weights);
+
+    // Nothing intact at all: refused, naming each problem.
+    for name in names_in(&ck) {
+        std::fs::remove_file(ck.join(name).join("complete.json")).ok();
+    }
+    let e = lever_args(d, &resume).failed_alone();
+    assert!(
+        e.contains("no complete checkpoint to resume from (checkpoints/last: no complete.json"),
+        "{e}"
+    );
+}
+
+/// The process ids whose parent is `pid` (Linux: /proc/*/stat).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: the command may hold spaces, the last ')' ends it.
+        let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        let mut fields = after.split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next());
+        if ppid == Some(pid.to_string().as_str()) && state != Some("Z") {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// Chaos: a supervised run whose training process is killed with SIGKILL at three random
+/// steps (the test finds the child's pid and kills it) restarts each time from its newest
+/// checkpoint and ends with exactly the per-step losses and weights of an uninterrupted run;
+/// RUN/restarts.jsonl has a line per kill (cause, step reached, step resumed from, steps and
+/// seconds lost).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+#[test]
+fn a_supervised_run_survives_sigkills_and_ends_as_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    shards(d, 100_000, "char");
+    let steps = 30;
+    let common = ["--save-every", "1", "--eval-every", "10"];
+    lever_args(d, &tiny_run(d, steps, "full", &common)).ok();
+    let want = step_losses(&d.join("full"));
+    assert_eq!(want.len(), steps);
+
+    // Three distinct kill steps in 3..=26, at least 4 apart, from a seed printed on failure.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut rng = lever_model::rng::SplitMix64(seed);
+    let targets = loop {
+        let mut t: Vec<usize> = (0..3).map(|_| 3 + rng.below(24)).collect();
+        t.sort();
+        if t.windows(2).all(|w| w[1] >= w[0] + 4) {
+            break t;
+        }
+    };
+    let mut args = tiny_run(d, steps, "chaos", &common);
+    args.extend(["--supervise", "--max-restarts", "5", "--restart-delay", "0"].map(String::from));
+    let log = std::fs::File::create(d.join("supervisor.log")).unwrap();
+    let mut sup = Command::new(env!("CARGO_BIN_EXE_lever"))
+        .current_dir(d)
+        .args(&args)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let run = d.join("chaos");
+    let done = || {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let mut killed: Vec<(u32, usize)> = Vec::new();
+    for &t in &targets {
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "seed {seed}: waiting for step {t}"
+            );
+            let kids = children_of(sup.id());
+            let fresh = kids.iter().find(|k| !killed.iter().any(|(p, _)| p == *k));
+            if let (Some(&pid), true) = (fresh, done() >= t) {
+                // SIGKILL, as the OOM killer or a lost node would.
+                // SAFETY: kill(2) on a child of our own child; no memory is involved.
+                let r = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                assert_eq!(r, 0);
+                killed.push((pid, done()));
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+    let status = sup.wait().unwrap();
+    let log = std::fs::read_to_string(d.join("supervisor.log")).unwrap();
+    assert!(status.success(), "seed {seed}, kills {killed:?}:\n{log}");
+    let restarts: Vec<Value> = std::fs::read_to_string(run.join("restarts.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(restarts.len(), 3, "seed {seed}: {restarts:?}\n{log}");
+    for (r, (pid, _)) in restarts.iter().zip(&killed) {
+        assert_eq!(r["pid"], *pid);
+        assert_eq!(r["signal"], 9, "{r}");
+        assert!(r["cause"].as_str().unwrap().contains("SIGKILL"), "{r}");
+        // --save-every 1: at most the step in flight is lost.
+        assert!(r["steps_lost"].as_u64().unwrap() <= 1, "{r}");
+        assert!(r["seconds_lost"].as_f64().unwrap() >= 0.0, "{r}");
+    }
+    eprintln!(
+        "seed {seed}: killed at steps {:?}; restarts: {}",
+        killed.iter().map(|k| k.1).collect::<Vec<_>>(),
+        restarts
+            .iter()
+            .map(|r| format!(
+                "step {} → resumed from {} ({} lost, {:.2} s)",
+                r["step"],
+                r["resume_step"],
+                r["steps_lost"],
+                r["seconds_lost"].as_f64().unwrap()
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    assert_eq!(step_losses(&run), want, "seed {seed}: per-step losses");
+    assert_eq!(weights(&run), weights(&d.join("full")), "seed {seed}");
+}
+
+/// --supervise on a command that fails before its first step: three starts, then one line
+/// with the cause; with --max-restarts 1, one restart. Bad usage is not restarted at all.
+#[test]
+fn a_supervised_command_that_fails_at_once_stops_with_its_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    shards(d, 20_000, "char");
+    let mut args = tiny_run(d, 5, "run", &["--supervise", "--restart-delay", "0"]);
+    args[4] = "missing".into(); // --data
+    let out = lever_args(d, &args);
+    let e = out.failed();
+    assert!(
+        e.starts_with("error: --supervise: 3 starts in a row failed before their first step, not restarted again: the training exited with code 1 (error: missing"),
+        "{e}"
+    );
+    assert_eq!(
+        out.stderr.matches("supervise: the training (pid").count(),
+        2,
+        "{}",
+        out.stderr
+    );
+    args.extend(["--max-restarts", "1"].map(String::from));
+    let e = lever_args(d, &args).failed();
+    assert!(
+        e.starts_with("error: --supervise: gave up after 1 restart (--max-restarts 1): the training exited with code 1 (error: missing"),
+        "{e}"
+    );
+    // Refused by the argument parser before anything starts.
+    let out = lever_in(
+        d,
+        &[
+            "pretrain",
+            "--data",
+            "shards",
+            "--out",
+            "r",
+            "--max-restarts",
+            "2",
+        ],
+    );
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("--supervise"), "{}", out.stderr);
+}
+
+fn jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A poisoned batch (`--debug-poison-step 20`: one target everywhere, 300× the learning rate)
+/// is a loss spike. `--on-spike rollback` goes back to the checkpoint before it, skips that batch,
+/// and ends with exactly the per-step losses and weights of a run that never drew the batch
+/// (`--debug-drop-batch 20`); `skip` does not apply the update and ends near that run;
+/// `log` applies it and ends worse. Each spike is a line of RUN/events.jsonl. A rollback to
+/// an older checkpoint skips every batch since it and `--rollback-skip` more, and lowers the
+/// learning rate by `--rollback-lr-factor`.
+#[test]
+fn a_loss_spike_is_rolled_back_to_where_a_run_that_never_saw_its_batch_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    shards(d, 100_000, "char");
+    let run = |out: &str, extra: &[&str]| {
+        let mut e = vec!["--eval-every", "0", "--spike-window", "8"];
+        if !extra.contains(&"--save-every") {
+            e.extend(["--save-every", "1"]);
+        }
+        e.extend(extra);
+        lever_args(d, &tiny_run(d, 24, out, &e)).ok()
+    };
+    let val = |out: &str| {
+        jsonl(&d.join(out).join("metrics.jsonl"))
+            .iter()
+            .find(|v| v["step"] == 24 && v.get("val_loss").is_some())
+            .unwrap()["val_loss"]
+            .as_f64()
+            .unwrap()
+    };
+    run("never", &["--debug-drop-batch", "20"]);
+    assert!(jsonl(&d.join("never/events.jsonl")).is_empty());
+
+    let out = run(
+        "rollback",
+        &["--debug-poison-step", "20", "--on-spike", "rollback"],
+    );
+    assert!(
+        out.stderr.contains("spike at step 20: loss ")
+            && out
+                .stderr
+                .contains("rolled back to step 19 (checkpoints/last), 1 batch skipped"),
+        "{}",
+        out.stderr
+    );
+    let events = jsonl(&d.join("rollback/events.jsonl"));
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(
+        (
+            &e["step"],
+            &e["batch"],
+            &e["action"],
+            &e["to_step"],
+            &e["skipped_batches"]
+        ),
+        (
+            &json!(20),
+            &json!(20),
+            &json!("rollback"),
+            &json!(19),
+            &json!(1)
+        )
+    );
+    assert!(e["loss_z"].as_f64().unwrap() > 6.0, "{e}");
+    let rolled = d.join("rollback");
+    assert_eq!(step_losses(&rolled), step_losses(&d.join("never")));
+    assert_eq!(weights(&rolled), weights(&d.join("never")));
+    assert!(rolled.join("loss.png").is_file());
+
+    run("skip", &["--debug-poison-step", "20", "--on-spike", "skip"]);
+    let lines = jsonl(&d.join("skip/metrics.jsonl"));
+    let at20 = lines.iter().find(|v| v["step"] == 20).unwrap();
+    assert_eq!(
+        (&at20["spike"], &at20["skipped"]),
+        (&json!(true), &json!(true)),
+        "{at20}"
+    );
+    assert_eq!(jsonl(&d.join("skip/events.jsonl"))[0]["action"], "skip");
+
+    run("log", &["--debug-poison-step", "20"]);
+    assert_eq!(jsonl(&d.join("log/events.jsonl"))[0]["action"], "log");
+    let (never, skip, log) = (val("never"), val("skip"), val("log"));
+    eprintln!(
+        "validation loss at step 24: never saw the batch {never:.4}, skipped its update {skip:.4}, applied it {log:.4}"
+    );
+    assert!((skip - never).abs() < 0.05, "{skip} vs {never}");
+    assert!(log > never + 0.1, "{log} vs {never}");
+
+    // Checkpoints every 4 steps: back to step 16, batches 17-20 and 2 more skipped, half the
+    // learning rate from then on.
+    let out = run(
+        "older",
+        &[
+            "--debug-poison-step",
+            "20",
+            "--on-spike",
+            "rollback",
+            "--save-every",
+            "4",
+            "--rollback-skip",
+            "2",
+            "--rollback-lr-factor",
+            "0.5",
+        ],
+    );
+    assert!(
+        out.stderr.contains(
+            "rolled back to step 16 (checkpoints/last), 6 batches skipped, learning rate ×0.5"
+        ),
+        "{}",
+        out.stderr
+    );
+    let e = &jsonl(&d.join("older/events.jsonl"))[0];
+    assert_eq!(
+        (&e["to_step"], &e["skipped_batches"], &e["lr_scale"]),
+        (&json!(16), &json!(6), &json!(0.5))
+    );
+    let lr = |out: &str, step: u64| {
+        jsonl(&d.join(out).join("metrics.jsonl"))
+            .iter()
+            .find(|v| v["step"] == step && v.get("lr").is_some())
+            .unwrap()["lr"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(lr("older", 16), lr("never", 16));
+    assert!((lr("older", 17) - 0.5 * lr("never", 17)).abs() < 1e-12);
+    assert_eq!(step_losses(&d.join("older")).len(), 24);
+
+    // The debugging flags are not in --help.
+    let help = lever_in(d, &["pretrain", "--help"]).ok().stdout;
+    assert!(
+        help.contains("--on-spike") && !help.contains("debug"),
+        "{help}"
+    );
 }
 
 /// Bad input is one line, exit 1 or 2, and leaves no run folder behind.
