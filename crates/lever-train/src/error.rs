@@ -15,6 +15,10 @@ pub enum Error {
     /// A run folder that cannot be used as asked (a run already there, no checkpoint, ...).
     #[error("{path}: {problem}")]
     Run { path: PathBuf, problem: String },
+    /// MPI ranks started with different settings (or holding different weights): every
+    /// rank finds the same difference and returns this error.
+    #[error("MPI ranks disagree on {what}: {problem}")]
+    Disagree { what: String, problem: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

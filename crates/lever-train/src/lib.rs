@@ -7,6 +7,7 @@
 //! from scratch (pretrain.rs) trains the same decoder from a recipe (recipe.rs: presets and
 //! TOML files) and GPT-2's initialization (init.rs).
 
+pub mod dist;
 pub mod error;
 pub mod init;
 pub mod lora;
@@ -19,6 +20,7 @@ pub mod recipe;
 pub mod run;
 pub mod trainer;
 
+pub use dist::Dist;
 pub use error::{Error, Result};
 pub use lora::{LoraConfig, LoraSet, load_peft};
 pub use pretrain::{PretrainStep, Pretrainer};
