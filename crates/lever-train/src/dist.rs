@@ -16,6 +16,7 @@ use candle_core::{CpuStorage, DType, Storage, Tensor, Var};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::optim::AdamW;
 
 /// The world this process trains in: its rank and how many ranks there are.
 pub struct Dist {
@@ -282,9 +283,9 @@ fn first_difference(a: &Value, b: &Value) -> Option<String> {
     keys.into_iter().find(|k| a.get(*k) != b.get(*k)).cloned()
 }
 
-/// Averages gradients over the ranks: packs them (in the variables' order) into one buffer,
-/// all-reduces it (sum), divides by the world size, and puts them back. The two buffers are
-/// kept between steps.
+/// Combines gradients over the ranks: packs them (in the variables' order) into one buffer,
+/// all-reduces it (sum), divides by the world size for a mean, and puts them back. The two
+/// buffers are kept between steps.
 #[derive(Default)]
 pub(crate) struct GradAverager {
     send: Vec<f32>,
@@ -292,13 +293,32 @@ pub(crate) struct GradAverager {
 }
 
 impl GradAverager {
-    /// Replace `grads` of `vars` by their mean over the ranks. A variable without a gradient
-    /// on this rank counts as zeros, so every rank sends the same number of values.
+    /// Replace `grads` of `vars` by their mean over the ranks (each rank's are of its own
+    /// mean loss, over the same number of tokens: pretraining).
     pub(crate) fn average(
         &mut self,
         dist: &Dist,
         grads: &mut GradStore,
         vars: &[Var],
+    ) -> Result<()> {
+        self.combine(dist, grads, vars, dist.size() as f32)
+    }
+
+    /// Replace `grads` of `vars` by their sum over the ranks (each rank's are of its loss sum
+    /// over the whole step's token count: fine-tuning, where ranks train different numbers of
+    /// tokens).
+    pub(crate) fn sum(&mut self, dist: &Dist, grads: &mut GradStore, vars: &[Var]) -> Result<()> {
+        self.combine(dist, grads, vars, 1.0)
+    }
+
+    /// A variable without a gradient on this rank counts as zeros, so every rank sends the
+    /// same number of values.
+    fn combine(
+        &mut self,
+        dist: &Dist,
+        grads: &mut GradStore,
+        vars: &[Var],
+        divisor: f32,
     ) -> Result<()> {
         let total: usize = vars.iter().map(|v| v.elem_count()).sum();
         self.send.resize(total, 0.0);
@@ -314,9 +334,10 @@ impl GradAverager {
             at += n;
         }
         dist.all_reduce_sum_f32(&self.send, &mut self.recv)?;
-        let ranks = dist.size() as f32;
-        for x in self.recv.iter_mut() {
-            *x /= ranks;
+        if divisor != 1.0 {
+            for x in self.recv.iter_mut() {
+                *x /= divisor;
+            }
         }
         let mut at = 0;
         for v in vars {
@@ -327,6 +348,41 @@ impl GradAverager {
         }
         Ok(())
     }
+}
+
+/// Give every rank rank 0's trained values and optimizer state (moments and step count) and
+/// `scalars` (the caller's step, data position, RNG): a run resumed over MPI reads its
+/// checkpoint on rank 0 alone.
+pub(crate) fn broadcast_state(
+    dist: &Dist,
+    vars: &[Var],
+    opt: &mut AdamW,
+    scalars: &mut [u64],
+) -> Result<()> {
+    if dist.size() == 1 {
+        return Ok(());
+    }
+    let mut t = [opt.t as u64];
+    dist.broadcast_u64(&mut t);
+    dist.broadcast_u64(scalars);
+    let (mut m, mut v) = opt.moments()?;
+    for group in [&mut m, &mut v] {
+        for x in group.iter_mut() {
+            *x = broadcast_tensor(dist, x)?;
+        }
+    }
+    for var in vars {
+        var.set(&broadcast_tensor(dist, var.as_tensor())?)?;
+    }
+    opt.restore(m, v, t[0] as usize)
+}
+
+/// Rank 0's values of `t` (an f32 tensor) on every rank.
+fn broadcast_tensor(dist: &Dist, t: &Tensor) -> Result<Tensor> {
+    let mut values = vec![0f32; t.elem_count()];
+    copy_f32(t, &mut values)?;
+    dist.broadcast_f32(&mut values);
+    Ok(Tensor::from_vec(values, t.shape(), t.device())?)
 }
 
 /// A tensor's values, row-major, into `out` (its length).

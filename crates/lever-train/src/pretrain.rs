@@ -203,28 +203,11 @@ impl Pretrainer {
     /// cursor): a run resumed over MPI loads its checkpoint on rank 0 alone, so the other
     /// ranks need no copy of the run folder.
     pub fn broadcast_state(&mut self) -> Result<()> {
-        if self.dist.size() == 1 {
-            return Ok(());
-        }
-        let mut scalars = [
-            self.step as u64,
-            self.cursor as u64,
-            self.rng.0,
-            self.opt.t as u64,
-        ];
-        self.dist.broadcast_u64(&mut scalars);
+        let mut scalars = [self.step as u64, self.cursor as u64, self.rng.0];
+        crate::dist::broadcast_state(&self.dist, &self.vars, &mut self.opt, &mut scalars)?;
         [self.step, self.cursor] = [scalars[0] as usize, scalars[1] as usize];
         self.rng = SplitMix64(scalars[2]);
-        let (mut m, mut v) = self.opt.moments()?;
-        for group in [&mut m, &mut v] {
-            for t in group.iter_mut() {
-                *t = broadcast_tensor(&self.dist, t)?;
-            }
-        }
-        for var in &self.vars {
-            var.set(&broadcast_tensor(&self.dist, var.as_tensor())?)?;
-        }
-        self.opt.restore(m, v, scalars[3] as usize)
+        Ok(())
     }
 
     /// Restore a checkpoint written by `save_checkpoint`.
@@ -235,13 +218,6 @@ impl Pretrainer {
         self.rng = SplitMix64(state_u64(dir, &state, "rng")?);
         Ok(())
     }
-}
-
-/// Rank 0's values of `t` (an f32 tensor) on every rank.
-fn broadcast_tensor(dist: &Dist, t: &Tensor) -> Result<Tensor> {
-    let mut values = t.flatten_all()?.to_vec1::<f32>()?;
-    dist.broadcast_f32(&mut values);
-    Ok(Tensor::from_vec(values, t.shape(), t.device())?)
 }
 
 /// A window is `context` inputs and the `context` targets one token to the right.

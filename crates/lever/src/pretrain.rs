@@ -90,7 +90,17 @@ fn train(a: PretrainArgs, dist: &Arc<Dist>) -> Result<()> {
             m.insert("batch_size".into(), json!(recipe.batch_size * dist.size()));
         }
     }
-    crate::ranks::agree(dist, &settings, &a, &data.set)?;
+    if dist.size() > 1 {
+        crate::ranks::agree(
+            dist,
+            &settings,
+            &[
+                ("data_sha256", json!(crate::ranks::shards_digest(&data.set))),
+                ("save_every", json!(a.save_every)),
+                ("resume", json!(a.resume)),
+            ],
+        )?;
+    }
     let start = match (a.resume, a.force) {
         (true, _) => Start::Resume,
         (false, true) => Start::Over,
@@ -193,7 +203,7 @@ fn train(a: PretrainArgs, dist: &Arc<Dist>) -> Result<()> {
         manifest["resumed_at_step"] = json!(trainer.step);
         say!("resuming at step {}", trainer.step);
     }
-    crate::ranks::agree_weights(dist, &trainer)?;
+    crate::ranks::agree_weights(dist, trainer.step, || trainer.weights_digest())?;
     let mut metrics = match &run {
         Some(run) => {
             run.write_manifest(&manifest)?;
@@ -286,7 +296,7 @@ fn train(a: PretrainArgs, dist: &Arc<Dist>) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    crate::ranks::agree_weights(dist, &trainer)?;
+    crate::ranks::agree_weights(dist, trainer.step, || trainer.weights_digest())?;
     let (Some(run), Some(mut metrics)) = (run, metrics) else {
         return Ok(()); // Rank 0 writes the result.
     };

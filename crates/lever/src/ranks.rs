@@ -1,4 +1,4 @@
-//! Training as one of several MPI ranks (`mpirun -np N lever pretrain ...`, the `mpi`
+//! Training as one of several MPI ranks (`mpirun -np N lever pretrain|finetune ...`, the `mpi`
 //! feature; lever_train::dist holds the communicator): the ranks check at start that they
 //! were given the same settings and hold the same weights, and a failure on one rank stops
 //! them all.
@@ -7,11 +7,9 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use lever_data::ShardSet;
-use lever_train::{Dist, Pretrainer};
+use lever_train::Dist;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-
-use crate::cli::PretrainArgs;
 
 /// ` (N ranks × batch B)` for a world of several ranks.
 pub fn describe(ranks: usize, batch_size: usize) -> String {
@@ -31,23 +29,16 @@ pub fn summed(ranks: usize) -> String {
     }
 }
 
-/// Every rank must train with the same recipe, data and tokenizer (`settings`, which names
-/// the tokenizer's sha256), the same shards (their manifest's sha256) and the same schedule
-/// of checkpoints; a rank that differs is named with the setting, before anything is written.
-pub fn agree(dist: &Dist, settings: &Value, a: &PretrainArgs, shards: &ShardSet) -> Result<()> {
-    if dist.size() == 1 {
-        return Ok(());
-    }
+/// Every rank must train with the same `settings` (the run's, checked again on resume), the
+/// same data (`data_sha256`) and the same schedule of evaluations and checkpoints (`extra`);
+/// a rank that differs is named with the setting, before anything is written.
+pub fn agree(dist: &Dist, settings: &Value, extra: &[(&str, Value)]) -> Result<()> {
     let mut all = settings.clone();
     if let Some(m) = all.as_object_mut() {
-        for (k, v) in [
-            ("data_sha256", json!(shards_digest(shards))),
-            ("save_every", json!(a.save_every)),
-            ("resume", json!(a.resume)),
-            ("lever_version", json!(env!("CARGO_PKG_VERSION"))),
-        ] {
-            m.insert(k.into(), v);
+        for (k, v) in extra {
+            m.insert(k.to_string(), v.clone());
         }
+        m.insert("lever_version".into(), json!(env!("CARGO_PKG_VERSION")));
     }
     dist.agree(
         "settings",
@@ -59,7 +50,7 @@ pub fn agree(dist: &Dist, settings: &Value, a: &PretrainArgs, shards: &ShardSet)
 
 /// The shards' identity: their manifest (which lists every shard and its token count), or
 /// for llm.c's and nanoGPT's files, their names and token counts.
-fn shards_digest(set: &ShardSet) -> String {
+pub fn shards_digest(set: &ShardSet) -> String {
     let text = match &set.manifest {
         Some(m) => serde_json::to_string(m).unwrap_or_default(),
         None => set
@@ -75,14 +66,19 @@ fn shards_digest(set: &ShardSet) -> String {
     format!("{:x}", Sha256::digest(text.as_bytes()))
 }
 
-/// Every rank holds the same weights (after initialization or a resume, and at the end).
-pub fn agree_weights(dist: &Dist, trainer: &Pretrainer) -> Result<()> {
+/// Every rank holds the same weights (after initialization or a resume, and at the end):
+/// `digest` computes this rank's.
+pub fn agree_weights(
+    dist: &Dist,
+    step: usize,
+    digest: impl FnOnce() -> lever_train::Result<u64>,
+) -> Result<()> {
     if dist.size() == 1 {
         return Ok(());
     }
-    let digest = format!("{:016x}", trainer.weights_digest()?);
+    let digest = format!("{:016x}", digest()?);
     dist.agree(
-        &format!("the weights at step {}", trainer.step),
+        &format!("the weights at step {step}"),
         &json!({ "weights_digest": digest }),
         "the ranks' gradients or starting points differ",
     )?;
