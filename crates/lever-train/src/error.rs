@@ -18,6 +18,10 @@ pub enum Error {
     /// A checkpoint folder that is torn or corrupt (checkpoint.rs).
     #[error("{path}: {problem}")]
     Checkpoint { path: PathBuf, problem: String },
+    /// MPI ranks started with different settings (or holding different weights): every
+    /// rank finds the same difference and returns this error.
+    #[error("MPI ranks disagree on {what}: {problem}")]
+    Disagree { what: String, problem: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

@@ -8,6 +8,7 @@
 //! TOML files) and GPT-2's initialization (init.rs).
 
 pub mod checkpoint;
+pub mod dist;
 pub mod error;
 pub mod init;
 pub mod lora;
@@ -21,6 +22,7 @@ pub mod run;
 pub mod spike;
 pub mod trainer;
 
+pub use dist::Dist;
 pub use error::{Error, Result};
 pub use lora::{LoraConfig, LoraSet, load_peft};
 pub use pretrain::{PretrainStep, Pretrainer};

@@ -13,8 +13,16 @@
 //!
 //! Tokens come as plain slices (`&[u32]`), the training and the validation split; the caller
 //! reads them from shards.
+//!
+//! Data parallel ([`Pretrainer::with_dist`], dist.rs): `batch_size` is per rank. Every rank
+//! draws the windows of the whole global batch (world size × `batch_size`) from the same RNG
+//! or cursor and takes its own `batch_size` of them (rank r: windows r·B..(r+1)·B, llm.c's
+//! offsets rank·B·T for sequential batches), so N ranks × batch B is the same run as one
+//! process × batch N·B, and the RNG and cursor (the checkpoint's) are the same on every rank.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
@@ -22,6 +30,7 @@ use lever_model::Decoder;
 use lever_model::rng::SplitMix64;
 use serde::Serialize;
 
+use crate::dist::{Dist, GradAverager};
 use crate::error::{Error, Result};
 use crate::optim::{AdamW, AdamWParams};
 use crate::recipe::{Batches, Recipe};
@@ -36,8 +45,13 @@ pub struct PretrainStep {
     pub lr: f64,
     /// The gradients' global norm before clipping.
     pub grad_norm: f64,
-    /// Tokens the step trained on (`batch_size × grad_accum × context`).
+    /// Tokens the step trained on over all ranks (`ranks × batch_size × grad_accum ×
+    /// context`).
     pub tokens: usize,
+    /// Seconds spent averaging the gradients over the ranks (packing, MPI's all-reduce,
+    /// unpacking; it includes waiting for the slowest rank). Absent for one process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allreduce_s: Option<f64>,
 }
 
 /// The training state: the variables, the optimizer, where the batches come from.
@@ -51,6 +65,9 @@ pub struct Pretrainer {
     cursor: usize,
     /// Optimizer steps done.
     pub step: usize,
+    /// The ranks this trainer averages its gradients over (one process by default).
+    dist: Arc<Dist>,
+    averager: GradAverager,
     /// Batches (one per step, `grad_accum` micro-batches each) drawn so far, those skipped
     /// after a rollback included.
     batches: u64,
@@ -102,7 +119,20 @@ impl Pretrainer {
             batches: 0,
             lr_scale: 1.0,
             poison: None,
+            dist: Arc::new(Dist::single()),
+            averager: GradAverager::default(),
         })
+    }
+
+    /// Train data-parallel over `dist`'s ranks (see the module doc).
+    pub fn with_dist(mut self, dist: Arc<Dist>) -> Pretrainer {
+        self.dist = dist;
+        self
+    }
+
+    /// A digest of the weights, to check that every rank holds the same ones.
+    pub fn weights_digest(&self) -> Result<u64> {
+        crate::dist::digest(&self.vars)
     }
 
     /// Check that `tokens` hold at least one window (context + 1 tokens).
@@ -110,10 +140,11 @@ impl Pretrainer {
         check_window(tokens.len(), self.recipe.model.context, what)
     }
 
-    /// The start of each window of the next micro-batch.
+    /// The start of each window of this rank's part of the next micro-batch.
     fn next_starts(&mut self, len: usize) -> Vec<usize> {
         let t = self.recipe.model.context;
-        (0..self.recipe.batch_size)
+        let b = self.recipe.batch_size;
+        let global: Vec<usize> = (0..b * self.dist.size())
             .map(|_| match self.recipe.batches {
                 // nanoGPT: torch.randint(len(data) - block_size, ...).
                 Batches::Random => self.rng.below(len - t),
@@ -126,7 +157,9 @@ impl Pretrainer {
                     s
                 }
             })
-            .collect()
+            .collect();
+        let r = self.dist.rank();
+        global[r * b..(r + 1) * b].to_vec()
     }
 
     /// Batches drawn so far (one per step, skipped ones included).
@@ -194,19 +227,31 @@ impl Pretrainer {
             let grads = decoder.backward(&(sum / all as f64)?)?;
             total = Some(accumulate(total, grads, &self.vars)?);
         }
-        let Some(grads) = total else {
+        let Some(mut grads) = total else {
             return Err(Error::Config {
                 what: "grad_accum".into(),
                 problem: "must be at least 1".into(),
             });
         };
+        let mut allreduce_s = None;
+        if self.dist.size() > 1 {
+            // Each rank's gradient is of its own mean loss; over ranks with the same token
+            // count, their mean is the gradient of the global mean.
+            let t0 = Instant::now();
+            self.averager.average(&self.dist, &mut grads, &self.vars)?;
+            allreduce_s = Some(t0.elapsed().as_secs_f64());
+            let mut sum = [loss_sum];
+            self.dist.all_reduce_sum_f64(&mut sum)?;
+            loss_sum = sum[0] / self.dist.size() as f64;
+        }
         let (grad_norm, scale) = clip_factor(&grads, &self.vars, self.recipe.grad_clip)?;
         let m = PretrainStep {
             step: self.step + 1,
             loss: loss_sum / all as f64,
             lr,
             grad_norm,
-            tokens: all,
+            tokens: all * self.dist.size(),
+            allreduce_s,
         };
         let applied = apply(&m);
         if applied {
@@ -224,6 +269,25 @@ impl Pretrainer {
             "batches": self.batches, "lr_scale": self.lr_scale,
         });
         save_state(dir, &self.vars, &self.opt, state)
+    }
+
+    /// Give every rank rank 0's state (weights, optimizer moments and step, batch RNG and
+    /// cursor): a run resumed over MPI loads its checkpoint on rank 0 alone, so the other
+    /// ranks need no copy of the run folder.
+    pub fn broadcast_state(&mut self) -> Result<()> {
+        let mut scalars = [
+            self.step as u64,
+            self.cursor as u64,
+            self.rng.0,
+            self.batches,
+            self.lr_scale.to_bits(),
+        ];
+        crate::dist::broadcast_state(&self.dist, &self.vars, &mut self.opt, &mut scalars)?;
+        [self.step, self.cursor] = [scalars[0] as usize, scalars[1] as usize];
+        self.rng = SplitMix64(scalars[2]);
+        self.batches = scalars[3];
+        self.lr_scale = f64::from_bits(scalars[4]);
+        Ok(())
     }
 
     /// Restore a checkpoint written by `save_checkpoint`.
@@ -307,22 +371,42 @@ pub fn evaluate(
     tokens: &[u32],
     cover: Coverage,
 ) -> Result<f64> {
+    evaluate_split(decoder, recipe, tokens, cover, &Dist::single())
+}
+
+/// [`evaluate`] over `dist`'s ranks: the windows of the global batch size (ranks ×
+/// `batch_size`, as one process with that batch would take), each rank a contiguous share of
+/// them, the sums all-reduced; every rank returns the same loss.
+pub fn evaluate_split(
+    decoder: &Decoder,
+    recipe: &Recipe,
+    tokens: &[u32],
+    cover: Coverage,
+    dist: &Dist,
+) -> Result<f64> {
     let t = recipe.model.context;
     check_window(tokens.len(), t, "the validation tokens")?;
     let most = match cover {
-        Coverage::Sample => recipe.eval_batches.max(1) * recipe.batch_size,
+        Coverage::Sample => recipe.eval_batches.max(1) * recipe.batch_size * dist.size(),
         Coverage::Whole => usize::MAX,
     };
     let starts = eval_starts(tokens.len(), t, most);
+    let share = starts.len().div_ceil(dist.size());
+    let mine = starts
+        .chunks(share.max(1))
+        .nth(dist.rank())
+        .unwrap_or_default();
     let (mut sum, mut n) = (0f64, 0usize);
-    for chunk in starts.chunks(recipe.batch_size) {
+    for chunk in mine.chunks(recipe.batch_size) {
         let (ids, targets) = windows(tokens, chunk, t)?;
         n += targets.len();
         sum += loss_sum_of(decoder, ids, targets)?
             .detach()
             .to_scalar::<f32>()? as f64;
     }
-    Ok(sum / n.max(1) as f64)
+    let mut both = [sum, n as f64];
+    dist.all_reduce_sum_f64(&mut both)?;
+    Ok(both[0] / both[1].max(1.0))
 }
 
 /// The next token's logits after `ids` (its last `context` tokens), for sampling text.
@@ -416,6 +500,34 @@ mod tests {
         assert_eq!(eval_starts(30, 8, 100), [0, 8, 16]);
         assert_eq!(eval_starts(1000, 8, 4), [0, 248, 496, 744]);
         assert!(eval_starts(8, 8, 4).is_empty());
+    }
+
+    /// Rank r of N takes windows r·B..(r+1)·B of the global batch one process with batch
+    /// N·B would take, for random and sequential batches, and its RNG and cursor move as
+    /// that process's.
+    #[test]
+    fn each_rank_takes_its_slice_of_the_global_batch() {
+        for batches in [Batches::Random, Batches::Sequential] {
+            let mut r = tiny_recipe();
+            r.batches = batches;
+            r.batch_size = 6;
+            let (_, mut one) = trainer(&r, 11);
+            r.batch_size = 2;
+            let mut ranks: Vec<Pretrainer> = (0..3)
+                .map(|k| {
+                    let (_, p) = trainer(&r, 11);
+                    p.with_dist(Arc::new(Dist::pretend(k, 3)))
+                })
+                .collect();
+            for _ in 0..5 {
+                let want = one.next_starts(100);
+                let got: Vec<usize> = ranks.iter_mut().flat_map(|p| p.next_starts(100)).collect();
+                assert_eq!(got, want, "{batches:?}");
+                for p in &ranks {
+                    assert_eq!((p.rng.0, p.cursor), (one.rng.0, one.cursor));
+                }
+            }
+        }
     }
 
     /// A run saved and restored midway gives the same losses as one that never stopped.

@@ -2,18 +2,26 @@
 //! trained tokens only, gradient accumulation, clipping by global norm, AdamW, and a
 //! learning rate with linear warmup then cosine decay to 10% (the schedule of
 //! transformers' `get_cosine_schedule_with_warmup`, floored as nanoGPT does).
+//!
+//! Data parallel ([`Trainer::with_dist`], dist.rs): `batch_size` is per rank. Every rank
+//! draws the whole global micro-batch (world size × `batch_size` examples) from the same
+//! order and takes its own `batch_size`; each divides its loss sum by the global step's
+//! trained-token count, so the gradients' sum over the ranks is one process's gradient with
+//! the global batch.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use lever_data::Tokenized;
 use lever_model::Decoder;
 use lever_model::rng::SplitMix64;
 use serde::Serialize;
 
+use crate::dist::{Dist, GradAverager};
 use crate::error::{Error, Result};
 use crate::optim::{AdamW, AdamWParams};
 
@@ -74,6 +82,9 @@ pub struct StepMetrics {
     pub trained_tokens: usize,
     /// All tokens processed in this step (padding excluded).
     pub tokens: usize,
+    /// Seconds spent summing the gradients over the ranks (absent for one process).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allreduce_s: Option<f64>,
 }
 
 pub struct Trainer {
@@ -84,8 +95,11 @@ pub struct Trainer {
     cursor: usize,
     rng: SplitMix64,
     pub step: usize,
-    /// LoRA dropout's key, set for each micro-batch from (seed, step, micro-batch).
+    /// LoRA dropout's key, set for each micro-batch from (seed, step, micro-batch, rank).
     dropout_key: Option<Arc<AtomicU64>>,
+    /// The ranks the gradients are summed over (one process by default).
+    dist: Arc<Dist>,
+    averager: GradAverager,
 }
 
 impl Trainer {
@@ -114,7 +128,42 @@ impl Trainer {
             rng,
             step: 0,
             dropout_key: None,
+            dist: Arc::new(Dist::single()),
+            averager: GradAverager::default(),
         })
+    }
+
+    /// Train data-parallel over `dist`'s ranks (see the module doc).
+    pub fn with_dist(mut self, dist: Arc<Dist>) -> Self {
+        self.dist = dist;
+        self
+    }
+
+    /// A digest of the trained values, to check that every rank holds the same ones.
+    pub fn weights_digest(&self) -> Result<u64> {
+        crate::dist::digest(&self.vars)
+    }
+
+    /// Give every rank rank 0's state (trained values, optimizer, data order and position,
+    /// RNG): a resumed run loads its checkpoint on rank 0 alone.
+    pub fn broadcast_state(&mut self) -> Result<()> {
+        if self.dist.size() == 1 {
+            return Ok(());
+        }
+        let mut scalars = [
+            self.step as u64,
+            self.cursor as u64,
+            self.rng.0,
+            self.order.len() as u64,
+        ];
+        crate::dist::broadcast_state(&self.dist, &self.vars, &mut self.opt, &mut scalars)?;
+        [self.step, self.cursor] = [scalars[0] as usize, scalars[1] as usize];
+        self.rng = SplitMix64(scalars[2]);
+        let mut order: Vec<u64> = self.order.iter().map(|&i| i as u64).collect();
+        order.resize(scalars[3] as usize, 0);
+        self.dist.broadcast_u64(&mut order);
+        self.order = order.into_iter().map(|i| i as usize).collect();
+        Ok(())
     }
 
     /// Drive adapter dropout (`LoraSet::dropout_key`): masks depend only on the seed, the
@@ -146,19 +195,26 @@ impl Trainer {
         self.opt.set_lr(lr);
         let mut total: Option<GradStore> = None;
         let (mut loss_sum, mut trained, mut tokens) = (0f64, 0usize, 0usize);
-        let micro: Vec<Vec<usize>> = (0..self.config.grad_accum)
-            .map(|_| self.next_batch(train.len(), self.config.batch_size))
+        // The global micro-batches; this rank trains its share of each.
+        let (b, ranks, rank) = (self.config.batch_size, self.dist.size(), self.dist.rank());
+        let global: Vec<Vec<usize>> = (0..self.config.grad_accum)
+            .map(|_| self.next_batch(train.len(), b * ranks))
             .collect();
-        let all_trained: usize = micro
+        let all_trained: usize = global
             .iter()
             .flatten()
             .map(|&i| train[i].trained.iter().skip(1).filter(|t| **t).count())
             .sum();
-        for (k, idx) in micro.into_iter().enumerate() {
+        let micro = global.iter().map(|g| g[rank * b..(rank + 1) * b].to_vec());
+        for (k, idx) in micro.enumerate() {
             let batch: Vec<&Tokenized> = idx.iter().map(|&i| &train[i]).collect();
             if let Some(key) = &self.dropout_key {
                 let mut mix = SplitMix64(
-                    self.config.seed ^ ((self.step as u64) << 20) ^ (k as u64) ^ 0xd20b_0a7e,
+                    self.config.seed
+                        ^ ((self.step as u64) << 20)
+                        ^ (k as u64)
+                        ^ ((rank as u64) << 40)
+                        ^ 0xd20b_0a7e,
                 );
                 key.store(mix.next_u64() >> 1, Ordering::Relaxed);
             }
@@ -174,12 +230,22 @@ impl Trainer {
             loss_sum += sum;
             total = Some(accumulate(total, grads, &self.vars)?);
         }
-        let Some(grads) = total else {
+        let Some(mut grads) = total else {
             return Err(Error::Config {
                 what: "--grad-accum".into(),
                 problem: "must be at least 1".into(),
             });
         };
+        let mut allreduce_s = None;
+        if ranks > 1 {
+            let t0 = Instant::now();
+            self.averager.sum(&self.dist, &mut grads, &self.vars)?;
+            allreduce_s = Some(t0.elapsed().as_secs_f64());
+            let mut sums = [loss_sum, trained as f64, tokens as f64];
+            self.dist.all_reduce_sum_f64(&mut sums)?;
+            loss_sum = sums[0];
+            [trained, tokens] = [sums[1] as usize, sums[2] as usize];
+        }
         let (grad_norm, scale) = clip_factor(&grads, &self.vars, self.config.grad_clip)?;
         self.opt.step_scaled(&grads, scale)?;
         let m = StepMetrics {
@@ -189,6 +255,7 @@ impl Trainer {
             grad_norm,
             trained_tokens: trained,
             tokens,
+            allreduce_s,
         };
         self.step += 1;
         Ok(m)
@@ -463,14 +530,29 @@ impl Prepared {
 
 /// Mean loss per trained token over a whole set (validation), without gradients.
 pub fn evaluate(decoder: &Decoder, set: &[Tokenized], batch_size: usize) -> Result<f64> {
+    evaluate_split(decoder, set, batch_size, &Dist::single())
+}
+
+/// [`evaluate`] over `dist`'s ranks: each takes a contiguous share of the examples, the sums
+/// and counts are all-reduced, and every rank returns the same loss.
+pub fn evaluate_split(
+    decoder: &Decoder,
+    set: &[Tokenized],
+    batch_size: usize,
+    dist: &Dist,
+) -> Result<f64> {
+    let share = set.len().div_ceil(dist.size()).max(1);
+    let mine = set.chunks(share).nth(dist.rank()).unwrap_or_default();
     let (mut sum, mut n) = (0f64, 0usize);
-    for chunk in set.chunks(batch_size.max(1)) {
+    for chunk in mine.chunks(batch_size.max(1)) {
         let batch: Vec<&Tokenized> = chunk.iter().collect();
         let (s, k) = masked_loss_sum(decoder, &batch)?;
         sum += s.detach().to_scalar::<f32>()? as f64;
         n += k;
     }
-    Ok(sum / n.max(1) as f64)
+    let mut both = [sum, n as f64];
+    dist.all_reduce_sum_f64(&mut both)?;
+    Ok(both[0] / both[1].max(1.0))
 }
 
 #[cfg(test)]

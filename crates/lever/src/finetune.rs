@@ -3,21 +3,42 @@
 //! held-out split, keep the best weights, and write the result: an adapter in PEFT's layout or
 //! a Hugging Face model folder. The run folder is never left half-written: files go to
 //! temporary names and are renamed into place.
+//!
+//! Under `mpirun` (the `mpi` feature, ranks.rs) every rank trains its share of each global
+//! batch and the gradients are summed over the ranks; rank 0 alone prints, logs, plots and
+//! writes the run folder.
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
 use lever_data::sft::{self, Overlong, Prepared};
 use lever_data::{Dataset, Fields};
 use lever_model::Model;
-use lever_train::trainer::evaluate;
-use lever_train::{Best, LoraConfig, LoraSet, RunDir, Start, TrainConfig, Trainer};
+use lever_train::trainer::evaluate_split;
+use lever_train::{Best, Dist, LoraConfig, LoraSet, RunDir, Start, TrainConfig, Trainer};
+use serde_json::json;
 
 use crate::cli::FinetuneArgs;
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
+    let dist = Arc::new(Dist::from_env()?);
+    let result = train(a, &dist);
+    crate::ranks::finish(dist, result)
+}
+
+fn train(a: FinetuneArgs, dist: &Arc<Dist>) -> Result<()> {
+    let root = dist.is_root();
+    // Rank 0 alone prints.
+    macro_rules! say {
+        ($($arg:tt)*) => {
+            if root {
+                eprintln!($($arg)*);
+            }
+        };
+    }
     let mut fields = Fields::default();
     for f in &a.fields {
         fields.set(f)?;
@@ -66,10 +87,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         a.name.is_none(),
         start,
     );
-    eprintln!("run folder: {}", dir.display());
-    let run = RunDir::open(&dir, start)?;
-    let out = run.dir().to_path_buf();
-    let checkpoint = run.checkpoint();
+    say!("run folder: {}", dir.display());
 
     let overlong = match a.overlong.as_str() {
         "truncate" => Overlong::Truncate,
@@ -92,7 +110,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         a.val_fraction,
         a.seed,
     )?;
-    eprintln!(
+    say!(
         "data: {} examples ({}) → {} train, {} validation; {} truncated, {} skipped as too long, {} without trained tokens",
         data.examples.len(),
         data.format.name(),
@@ -111,7 +129,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     };
     let trainable = if a.lora {
         let adapters = LoraSet::attach(&mut model.decoder, &lora, a.seed)?;
-        eprintln!(
+        say!(
             "lora: r={} alpha={} dropout={} on {} projections, {} trainable parameters",
             lora.r,
             lora.alpha,
@@ -123,16 +141,17 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     } else {
         let vars = model.decoder.make_trainable()?;
         let n: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-        eprintln!(
+        say!(
             "full fine-tuning: {} tensors, {n} trainable parameters (f32)",
             vars.len()
         );
         Trainable::Full(vars.into_iter().map(|(_, v)| v).collect())
     };
     if a.warmup >= a.steps {
-        eprintln!(
+        say!(
             "warning: --warmup {} is not shorter than --steps {}: the learning rate never reaches its peak",
-            a.warmup, a.steps
+            a.warmup,
+            a.steps
         );
     }
     let config = TrainConfig {
@@ -146,13 +165,13 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         seed: a.seed,
         checkpoint: a.grad_checkpoint,
     };
-    let mut trainer = Trainer::new(config.clone(), trainable.vars())?;
+    let mut trainer = Trainer::new(config.clone(), trainable.vars())?.with_dist(dist.clone());
     if let Trainable::Lora(set) = &trainable {
         trainer = trainer.with_dropout_key(set.dropout_key.clone());
     }
 
     let model_path = model.info.path.display().to_string();
-    let settings = serde_json::json!({
+    let mut settings = serde_json::json!({
         "model": model_path,
         "data": a.data.display().to_string(),
         "format": data.format.name(),
@@ -173,27 +192,60 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         },
         "fields": a.fields,
     });
+    let ranks = dist.size();
+    if ranks > 1 {
+        // The global batch: a checkpoint continues exactly at any world size with the same one.
+        settings["train"]["batch_size"] = json!(a.batch_size * ranks);
+        crate::ranks::agree(
+            dist,
+            &settings,
+            &[
+                (
+                    "data_sha256",
+                    json!(lever_data::shards::sha256_file(&a.data)?),
+                ),
+                ("eval_every", json!(a.eval_every)),
+                ("save_every", json!(a.save_every)),
+                ("resume", json!(a.resume)),
+            ],
+        )?;
+    }
+    // Rank 0 alone has the run folder.
+    let run = root.then(|| RunDir::open(&dir, start)).transpose()?;
     let mut manifest = serde_json::json!({
         "command": std::env::args().collect::<Vec<_>>(),
         "lever_version": env!("CARGO_PKG_VERSION"),
         "settings": settings,
         "grad_checkpoint": a.grad_checkpoint,
     });
-    if a.resume {
-        run.check_resume(&settings)?;
-        trainer.load_checkpoint(&crate::pretrain::resume_from(&run)?)?;
-        run.truncate_metrics(trainer.step)?;
-        manifest["resumed_at_step"] = serde_json::json!(trainer.step);
-        eprintln!("resuming at step {}", trainer.step);
+    if ranks > 1 {
+        manifest["ranks"] = json!({"world_size": ranks, "batch_size_per_rank": a.batch_size});
     }
-    run.write_manifest(&manifest)?;
-    let mut metrics = run.metrics()?;
+    if a.resume {
+        if let Some(run) = &run {
+            run.check_resume(&settings)?;
+            trainer.load_checkpoint(&crate::pretrain::resume_from(run)?)?;
+            run.truncate_metrics(trainer.step)?;
+        }
+        trainer.broadcast_state()?;
+        manifest["resumed_at_step"] = serde_json::json!(trainer.step);
+        say!("resuming at step {}", trainer.step);
+    }
+    crate::ranks::agree_weights(dist, trainer.step, || trainer.weights_digest())?;
+    let mut metrics = match &run {
+        Some(run) => {
+            run.write_manifest(&manifest)?;
+            Some(run.metrics()?)
+        }
+        None => None,
+    };
+    // Every rank scores its share of the validation examples; rank 0 prints.
     let val = |trainer_step: usize, decoder: &lever_model::Decoder| -> Result<Option<f64>> {
         if prepared.validation.is_empty() || a.eval_every == 0 {
             return Ok(None);
         }
-        let v = evaluate(decoder, &prepared.validation, a.batch_size)?;
-        eprintln!("step {trainer_step}: validation loss {v:.4}");
+        let v = evaluate_split(decoder, &prepared.validation, a.batch_size, dist)?;
+        say!("step {trainer_step}: validation loss {v:.4}");
         Ok(Some(v))
     };
     let base = model
@@ -202,15 +254,15 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    // The best validation loss so far, and where its weights are kept.
-    let best_dir = out.join("best");
-    let mut best = Best(if a.resume {
-        run.best_val_loss(trainer.step)
-    } else {
-        None
+    // The best validation loss so far, and where its weights are kept (rank 0).
+    let best_dir = dir.join("best");
+    let mut best = Best(match (&run, a.resume) {
+        (Some(run), true) => run.best_val_loss(trainer.step),
+        _ => None,
     });
     let mut keep_best = |step: usize, v: Option<f64>, model: &Model| -> Result<()> {
         if let Some(v) = v
+            && root
             && best.improves(step, v)
         {
             trainable.save(model, &best_dir, &base)?;
@@ -218,20 +270,24 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         Ok(())
     };
     let val_before = if a.resume {
-        run.val_loss_at(0)
+        run.as_ref().and_then(|r| r.val_loss_at(0))
     } else {
         let v = val(0, &model.decoder)?;
-        if let Some(v) = v {
+        if let (Some(v), Some(metrics)) = (v, &mut metrics) {
             writeln!(metrics, "{}", serde_json::json!({"step": 0, "val_loss": v}))?;
         }
         v
     };
 
-    let bar = crate::progress::bar(
-        a.steps as u64,
-        "train [{bar:30}] {pos}/{len} {msg} eta {eta}",
-        "",
-    );
+    let bar = if root {
+        crate::progress::bar(
+            a.steps as u64,
+            "train [{bar:30}] {pos}/{len} {msg} eta {eta}",
+            "",
+        )
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_position(trainer.step as u64);
     let started = Instant::now();
     let mut tokens = 0usize;
@@ -247,7 +303,9 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         let mut line = serde_json::to_value(&m)?;
         line["tokens_per_s"] = serde_json::json!(tps);
         line["elapsed_s"] = serde_json::json!(started.elapsed().as_secs_f64());
-        writeln!(metrics, "{line}")?;
+        if let Some(metrics) = &mut metrics {
+            writeln!(metrics, "{line}")?;
+        }
         bar.set_message(format!("loss {:.4} lr {:.2e} {tps:.0} tok/s", m.loss, m.lr));
         bar.inc(1);
         if a.eval_every > 0 && m.step % a.eval_every == 0 && m.step < a.steps {
@@ -255,25 +313,37 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
                 last_val = val(m.step, &model.decoder)?;
                 Ok(())
             })?;
-            if let Some(v) = last_val {
-                writeln!(
-                    metrics,
-                    "{}",
-                    serde_json::json!({"step": m.step, "val_loss": v})
-                )?;
+            if let Some(metrics) = &mut metrics {
+                if let Some(v) = last_val {
+                    writeln!(
+                        metrics,
+                        "{}",
+                        serde_json::json!({"step": m.step, "val_loss": v})
+                    )?;
+                }
+                metrics.flush()?;
             }
-            metrics.flush()?;
             keep_best(m.step, last_val, &model)?;
-            run.plot()?;
+            if let Some(run) = &run {
+                run.plot()?;
+            }
         }
         if a.save_every > 0 && m.step % a.save_every == 0 && m.step < a.steps {
-            metrics.sync_data()?;
-            trainer.save_checkpoint(&checkpoint)?;
+            dist.barrier();
+            if let (Some(run), Some(metrics)) = (&run, &mut metrics) {
+                metrics.sync_data()?;
+                trainer.save_checkpoint(&run.checkpoint())?;
+            }
         }
     }
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     let val_after = val(a.steps, &model.decoder)?;
+    crate::ranks::agree_weights(dist, trainer.step, || trainer.weights_digest())?;
+    let (Some(run), Some(mut metrics)) = (run, metrics) else {
+        return Ok(()); // Rank 0 writes the result.
+    };
+    let out = run.dir().to_path_buf();
     if let Some(v) = val_after {
         writeln!(
             metrics,

@@ -15,6 +15,7 @@ mod pretrain;
 mod pretrain_data;
 mod progress;
 mod rag;
+mod ranks;
 mod serve;
 mod spikes;
 mod supervise;

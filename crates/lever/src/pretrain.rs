@@ -4,9 +4,14 @@
 //! and write the result: RUN/model/ (a Hugging Face folder with the trained tokenizer) and
 //! with --gguf RUN/model.gguf. Everything that can be refused (the recipe, the data, the
 //! tokenizer, the run folder, --gguf) is checked before the first step.
+//!
+//! Under `mpirun` (the `mpi` feature, ranks.rs) every rank trains its share of each global
+//! batch and averages gradients with the others; rank 0 alone prints, logs, plots and writes
+//! the run folder.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -14,8 +19,8 @@ use lever_data::{ShardSet, Split};
 use lever_generate::{Sampler, SamplingParams};
 use lever_model::{Decoder, GenerationConfig, Model, ModelInfo, Tokenizer};
 use lever_train::peak::{self, Peak};
-use lever_train::pretrain::{Coverage, Poison, evaluate, next_token_logits};
-use lever_train::{Pretrainer, Recipe, RunDir, Size, Start};
+use lever_train::pretrain::{Coverage, Poison, evaluate_split, next_token_logits};
+use lever_train::{Dist, Pretrainer, Recipe, RunDir, Size, Start};
 use serde_json::json;
 
 use crate::cli::PretrainArgs;
@@ -38,6 +43,21 @@ fn sample_tokens(params: usize) -> usize {
 pub fn run(a: PretrainArgs) -> Result<()> {
     if a.supervise.supervise {
         return crate::supervise::run(&a.out, &a.supervise);
+    }
+    let dist = Arc::new(Dist::from_env()?);
+    let result = train(a, &dist);
+    crate::ranks::finish(dist, result)
+}
+
+fn train(a: PretrainArgs, dist: &Arc<Dist>) -> Result<()> {
+    let root = dist.is_root();
+    // Rank 0 alone prints.
+    macro_rules! say {
+        ($($arg:tt)*) => {
+            if root {
+                eprintln!($($arg)*);
+            }
+        };
     }
     let init = a.init.as_deref().map(Init::load).transpose()?;
     let recipe = resolve_recipe(&a, init.as_ref())?;
@@ -72,27 +92,45 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         ] {
             m.insert(k.into(), v);
         }
+        if dist.size() > 1 {
+            // The global batch: a checkpoint continues exactly at any world size with the
+            // same one (ranks.rs).
+            m.insert("batch_size".into(), json!(recipe.batch_size * dist.size()));
+        }
+    }
+    if dist.size() > 1 {
+        crate::ranks::agree(
+            dist,
+            &settings,
+            &[
+                ("data_sha256", json!(crate::ranks::shards_digest(&data.set))),
+                ("save_every", json!(a.save_every)),
+                ("resume", json!(a.resume)),
+            ],
+        )?;
     }
     let start = match (a.resume, a.force) {
         (true, _) => Start::Resume,
         (false, true) => Start::Over,
         (false, false) => Start::New,
     };
-    let run = RunDir::open(&a.out, start)?;
+    // Rank 0 alone has the run folder.
+    let run = root.then(|| RunDir::open(&a.out, start)).transpose()?;
 
     // A resumed run must have the settings it started with: checked before anything is
     // written or measured.
     // The checkpoint too: the newest intact one, found before anything is loaded.
-    let resume = if a.resume {
-        run.check_resume(&settings)?;
-        Some(resume_from(&run)?)
-    } else {
-        None
+    let resume = match (a.resume, &run) {
+        (true, Some(run)) => {
+            run.check_resume(&settings)?;
+            Some(resume_from(run)?)
+        }
+        _ => None,
     };
 
     let (mut decoder, base) = match init {
         Some(i) => {
-            eprintln!(
+            say!(
                 "init: {} ({} {}, dequantized to f32), context {}",
                 i.reference,
                 i.model.info.format,
@@ -114,10 +152,11 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         }
     };
     let vars = decoder.make_trainable()?;
-    let mut trainer = Pretrainer::new(recipe.clone(), vars)?;
+    let mut trainer = Pretrainer::new(recipe.clone(), vars)?.with_dist(dist.clone());
     let size = Size::of(&recipe, vocab);
     let nanogpt = Size::nanogpt_reference(&recipe, vocab);
-    eprintln!(
+    let ranks = dist.size();
+    say!(
         "model: {} layers, {} heads ({} key/value), width {}, MLP {}, context {}, vocabulary {vocab}: \
          {} parameters, {} FLOPs per token (nanoGPT's GPT-2 block at this size: {} parameters, {} FLOPs per token)",
         recipe.model.layers,
@@ -131,17 +170,23 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         nanogpt.params,
         nanogpt.flops_per_token
     );
-    eprintln!(
-        "data: {} training tokens, {} validation tokens ({}); {} tokens per step",
+    say!(
+        "data: {} training tokens, {} validation tokens ({}); {} tokens per step{}",
         data.train.len(),
         data.val.len(),
         data.set.dir.display(),
-        recipe.tokens_per_step()
+        recipe.tokens_per_step() * ranks,
+        crate::ranks::describe(ranks, recipe.batch_size)
     );
-    let peak = peak::measure(Duration::from_secs(1))?;
-    eprintln!(
-        "peak: {:.1} GFLOP/s (f32 {n}×{n}×{n} products through the training matmul)",
+    // Every rank measures its own peak at once; MFU is over their sum.
+    let mut peak = peak::measure(Duration::from_secs(1))?;
+    let mut sum = [peak.flops_per_s];
+    dist.all_reduce_sum_f64(&mut sum)?;
+    peak.flops_per_s = sum[0];
+    say!(
+        "peak: {:.1} GFLOP/s (f32 {n}×{n}×{n} products through the training matmul{})",
         peak.flops_per_s / 1e9,
+        crate::ranks::summed(ranks),
         n = peak.size
     );
 
@@ -159,51 +204,70 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         "peak": {"flops_per_s": peak.flops_per_s, "method": Peak::METHOD, "repetitions": peak.repetitions},
         "save_every": a.save_every, "keep": a.keep, "keep_every": a.keep_every,
     });
+    if ranks > 1 {
+        manifest["ranks"] = json!({"world_size": ranks, "batch_size_per_rank": recipe.batch_size});
+    }
     if let Some(b) = a.spikes.debug_poison_step {
         trainer.poison = Some(Poison {
             batch: b,
             lr_factor: POISON_LR_FACTOR,
         });
     }
-    if let Some(from) = &resume {
-        trainer.load_checkpoint(from)?;
-        run.truncate_metrics(trainer.step)?;
+    if a.resume {
+        let mut from = String::new();
+        if let (Some(run), Some(dir)) = (&run, &resume) {
+            trainer.load_checkpoint(dir)?;
+            run.truncate_metrics(trainer.step)?;
+            from = format!(" ({})", lever_train::run::name_in(run.dir(), dir));
+        }
+        trainer.broadcast_state()?;
         manifest["resumed_at_step"] = json!(trainer.step);
-        eprintln!(
-            "resuming at step {} ({})",
-            trainer.step,
-            lever_train::run::name_in(run.dir(), from)
-        );
+        say!("resuming at step {}{from}", trainer.step);
     }
-    let mut guard = Guard::new(&a.spikes, &run)?;
+    crate::ranks::agree_weights(dist, trainer.step, || trainer.weights_digest())?;
+    let mut guard = Guard::new(&a.spikes, run.as_ref(), dist)?;
     manifest["spikes"] = guard.settings();
-    run.write_manifest(&manifest)?;
-    let mut metrics = run.metrics()?;
+    let mut metrics = match &run {
+        Some(run) => {
+            run.write_manifest(&manifest)?;
+            Some(run.metrics()?)
+        }
+        None => None,
+    };
+    // Every rank evaluates its share of the windows; rank 0 prints the loss and a sample.
     let evaluate_at = |step: usize, decoder: &Decoder| -> Result<f64> {
         let cover = if step == recipe.steps {
             Coverage::Whole
         } else {
             Coverage::Sample
         };
-        let v = evaluate(decoder, &recipe, &data.val, cover)?;
-        eprintln!("step {step}: validation loss {v:.4}");
-        let n = sample_tokens(size.params);
-        let text = sample(decoder, &data.tokenizer, &recipe, data.eot, step, n)?;
-        eprintln!("sample: {}", text.replace('\n', "\n        "));
+        let v = evaluate_split(decoder, &recipe, &data.val, cover, dist)?;
+        if root {
+            eprintln!("step {step}: validation loss {v:.4}");
+            let n = sample_tokens(size.params);
+            let text = sample(decoder, &data.tokenizer, &recipe, data.eot, step, n)?;
+            eprintln!("sample: {}", text.replace('\n', "\n        "));
+        }
         Ok(v)
     };
     if !a.resume {
         let v = evaluate_at(0, &decoder)?;
-        writeln!(metrics, "{}", json!({"step": 0, "val_loss": v}))?;
-        metrics.flush()?;
+        if let Some(metrics) = &mut metrics {
+            writeln!(metrics, "{}", json!({"step": 0, "val_loss": v}))?;
+            metrics.flush()?;
+        }
     }
 
     let steps = recipe.steps;
-    let bar = crate::progress::bar(
-        steps as u64,
-        "pretrain [{bar:30}] {pos}/{len} {msg} eta {eta}",
-        "",
-    );
+    let bar = if root {
+        crate::progress::bar(
+            steps as u64,
+            "pretrain [{bar:30}] {pos}/{len} {msg} eta {eta}",
+            "",
+        )
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_position(trainer.step as u64);
     let started = Instant::now();
     let (mut tokens, mut train_secs) = (0usize, 0f64);
@@ -215,14 +279,18 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         let t0 = Instant::now();
         let (m, applied) = trainer.step_with(&decoder, &data.train, |m| guard.allows(m))?;
         let secs = t0.elapsed().as_secs_f64();
-        let spike = guard.handle(&m, &mut trainer, &run, &data.train)?;
+        let spike = guard.handle(&m, &mut trainer, run.as_ref(), dist, &data.train)?;
         if let Some((handled, said)) = &spike {
-            bar.suspend(|| eprintln!("{said}"));
+            if root {
+                bar.suspend(|| eprintln!("{said}"));
+            }
             if let Handled::RolledBack = handled {
-                // metrics.jsonl was cut back (a new file): append to that one.
-                metrics = run.metrics()?;
+                if let Some(run) = &run {
+                    // metrics.jsonl was cut back (a new file): append to that one.
+                    metrics = Some(run.metrics()?);
+                    run.plot()?;
+                }
                 bar.set_position(trainer.step as u64);
-                run.plot()?;
                 continue;
             }
         }
@@ -250,18 +318,25 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             line["val_loss"] = json!(v);
             last_val = Some(v);
         }
-        writeln!(metrics, "{line}")?;
         bar.set_message(format!(
             "loss {:.4} | {tps:.0} tok/s | MFU {:.1}%",
             m.loss,
             100.0 * mfu
         ));
         bar.inc(1);
+        let save_due = a.save_every > 0 && m.step % a.save_every == 0 && m.step < steps;
+        if save_due {
+            dist.barrier();
+        }
+        let (Some(run), Some(metrics)) = (&run, &mut metrics) else {
+            continue;
+        };
+        writeln!(metrics, "{line}")?;
         if eval_due || spike.is_some() {
             metrics.flush()?;
             run.plot()?;
         }
-        if a.save_every > 0 && m.step % a.save_every == 0 && m.step < steps {
+        if save_due {
             metrics.sync_data()?;
             trainer.save_checkpoint(&run.checkpoint())?;
             lever_train::checkpoint::snapshot_and_prune(
@@ -273,6 +348,10 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
+    crate::ranks::agree_weights(dist, trainer.step, || trainer.weights_digest())?;
+    let (Some(run), Some(mut metrics)) = (run, metrics) else {
+        return Ok(()); // Rank 0 writes the result.
+    };
     metrics.flush()?;
     run.plot()?;
 

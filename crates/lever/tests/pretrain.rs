@@ -6,55 +6,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use common::{fixture, lever_in, shared_data};
+use common::{fixture, lever_in, pretrain_shards as shards};
 use serde_json::{Value, json};
 
 /// The tiny recipe (shared with scripts/make-pretrain-fixtures.sh).
 const TINY: &str = include_str!("fixtures/pretrain/tiny.toml");
-
-/// The first `bytes` of tinyshakespeare, a char tokenizer and shards (90/10, as nanoGPT's
-/// prepare.py) in `dir`; returns the shard folder.
-fn shards(dir: &Path, bytes: usize, kind: &str) -> PathBuf {
-    let text = std::fs::read_to_string(shared_data("tinyshakespeare/input.txt")).unwrap();
-    let cut = text
-        .char_indices()
-        .map(|(i, _)| i)
-        .find(|&i| i >= bytes)
-        .unwrap_or(text.len());
-    std::fs::write(dir.join("corpus.txt"), &text[..cut]).unwrap();
-    let mut args = vec![
-        "tokenizer",
-        "train",
-        "corpus.txt",
-        "--kind",
-        kind,
-        "--out",
-        "tok",
-    ];
-    if kind == "bpe" {
-        args.extend(["--vocab-size", "300"]);
-    }
-    lever_in(dir, &args).ok();
-    lever_in(
-        dir,
-        &[
-            "data",
-            "shard",
-            "corpus.txt",
-            "--tokenizer",
-            "tok/tokenizer.json",
-            "--val-fraction",
-            "0.1",
-            "--out",
-            "shards",
-        ],
-    )
-    .ok();
-    dir.join("shards")
-}
 
 fn metrics(run: &Path) -> Vec<Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))

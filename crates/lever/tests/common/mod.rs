@@ -32,6 +32,48 @@ pub fn shared_data(rel: &str) -> PathBuf {
         .join(rel)
 }
 
+/// `lever pretrain`'s test data: the first `bytes` of tinyshakespeare, a `kind` tokenizer
+/// (char, or bpe of 300 tokens) and shards (90/10, as nanoGPT's prepare.py) in `dir`;
+/// returns the shard folder.
+pub fn pretrain_shards(dir: &Path, bytes: usize, kind: &str) -> PathBuf {
+    let text = std::fs::read_to_string(shared_data("tinyshakespeare/input.txt")).unwrap();
+    let cut = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| i >= bytes)
+        .unwrap_or(text.len());
+    std::fs::write(dir.join("corpus.txt"), &text[..cut]).unwrap();
+    let mut args = vec![
+        "tokenizer",
+        "train",
+        "corpus.txt",
+        "--kind",
+        kind,
+        "--out",
+        "tok",
+    ];
+    if kind == "bpe" {
+        args.extend(["--vocab-size", "300"]);
+    }
+    lever_in(dir, &args).ok();
+    lever_in(
+        dir,
+        &[
+            "data",
+            "shard",
+            "corpus.txt",
+            "--tokenizer",
+            "tok/tokenizer.json",
+            "--val-fraction",
+            "0.1",
+            "--out",
+            "shards",
+        ],
+    )
+    .ok();
+    dir.join("shards")
+}
+
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
         .expect("array of ids")
