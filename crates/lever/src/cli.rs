@@ -523,6 +523,8 @@ pub struct FinetuneArgs {
     /// The run's name when --out is not given (default: the data file's stem and the method).
     #[arg(long)]
     pub name: Option<String>,
+    #[command(flatten)]
+    pub supervise: SuperviseArgs,
 }
 
 #[derive(Debug, Args)]
@@ -655,6 +657,11 @@ pub struct SuperviseArgs {
     /// got no further than the one before (at most 600).
     #[arg(long, value_name = "SECS", default_value_t = 10.0, requires = "supervise", value_parser = non_negative_seconds)]
     pub restart_delay: f64,
+    /// With --supervise: start the training through this launcher, the training's command
+    /// line appended to it, e.g. "mpirun -np 4 --hostfile hosts" (split on spaces); a rank
+    /// that dies ends the launcher and the whole world is restarted.
+    #[arg(long, value_name = "CMD", requires = "supervise")]
+    pub launcher: Option<String>,
 }
 
 fn non_negative_seconds(s: &str) -> Result<f64, String> {

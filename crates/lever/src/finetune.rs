@@ -24,6 +24,13 @@ use serde_json::json;
 use crate::cli::FinetuneArgs;
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
+    if a.supervise.supervise {
+        // Restarts resume the run in its folder: it must be named, not chosen anew.
+        let Some(out) = &a.out else {
+            bail!("--supervise needs --out: the run folder each restart resumes");
+        };
+        return crate::supervise::run(out, &a.supervise);
+    }
     let dist = Arc::new(Dist::from_env()?);
     let result = train(a, &dist);
     crate::ranks::finish(dist, result)

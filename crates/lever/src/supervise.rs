@@ -12,6 +12,10 @@
 //! - everything else, up to --max-restarts; the pause (--restart-delay) doubles for each
 //!   restart in a row that got no further than the one before, at most 10 minutes.
 //!
+//! `--launcher "mpirun -np 4 ..."` puts a launcher in front of the child's command line: the
+//! supervisor then watches the launcher, which ends (non-zero) when any rank dies, and the
+//! whole world is started again, resuming from rank 0's checkpoint.
+//!
 //! The child gets SIGTERM when the supervisor dies (Linux: PR_SET_PDEATHSIG), so stopping
 //! the supervisor (Ctrl-C, a scheduler's SIGTERM, even SIGKILL) stops the training too.
 //!
@@ -52,7 +56,7 @@ pub fn run(run: &Path, s: &SuperviseArgs) -> Result<()> {
     let given = strip(
         &std::env::args_os().skip(1).collect::<Vec<_>>(),
         &["--supervise"],
-        &["--max-restarts", "--restart-delay"],
+        &["--max-restarts", "--restart-delay", "--launcher"],
     );
     let forced = given.iter().any(|a| a == "--force");
     let plain = strip(&given, &["--force", "--resume"], &[]);
@@ -60,6 +64,14 @@ pub fn run(run: &Path, s: &SuperviseArgs) -> Result<()> {
         let mut v = plain.clone();
         v.push(flag.into());
         v
+    };
+    // `--launcher "mpirun -np 4"`: the program and its options, the training after them.
+    let launcher = match s.launcher.as_deref().map(str::split_whitespace) {
+        Some(mut words) => match words.next() {
+            Some(program) => Some((program.to_string(), words.collect::<Vec<_>>())),
+            None => bail!("--launcher: empty; give a command such as \"mpirun -np 4\""),
+        },
+        None => None,
     };
     let checkpoints = run.join("checkpoints");
     let mut log = RestartLog::open(run, forced);
@@ -84,12 +96,24 @@ pub fn run(run: &Path, s: &SuperviseArgs) -> Result<()> {
         let from = newest_sealed(&checkpoints).map_or(0, |(s, _)| s);
         let err_file = tempfile::NamedTempFile::new().context("--supervise: a temporary file")?;
         let began = lever_now();
-        let mut cmd = Command::new(&exe);
+        let mut cmd = match &launcher {
+            Some((program, opts)) => {
+                let mut c = Command::new(program);
+                c.args(opts).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
         cmd.args(&args).env(ERROR_FILE_ENV, err_file.path());
         die_with_parent(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("--supervise: starting {}", exe.display()))?;
+        let mut child = cmd.spawn().with_context(|| {
+            format!(
+                "--supervise: starting {}",
+                launcher
+                    .as_ref()
+                    .map_or(exe.display().to_string(), |l| l.0.clone())
+            )
+        })?;
         let pid = child.id();
         let status = child
             .wait()

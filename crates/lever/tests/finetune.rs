@@ -1,6 +1,8 @@
 //! `lever finetune` as a user runs it, on the real default model and GSM8K from ../shared/data.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -394,4 +396,54 @@ fn a_killed_run_resumes_exactly() {
     let (code, _, stderr) = lever(&other.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(code, 1);
     assert!(stderr.contains("--resume: `train` was"), "{stderr}");
+
+    // Supervised (`--supervise`): the training, a child of the supervisor, killed with
+    // SIGKILL at step 3 or later, is restarted from its checkpoint and ends as the
+    // uninterrupted run did.
+    let chaos = dir.path().join("chaos");
+    let mut sup_args = args(&chaos);
+    sup_args.extend(["--supervise", "--restart-delay", "0"].map(String::from));
+    let mut sup = Command::new(env!("CARGO_BIN_EXE_lever"))
+        .args(&sup_args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "waiting for step 3");
+        let done = std::fs::read_to_string(chaos.join("metrics.jsonl"))
+            .map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count())
+            .unwrap_or(0);
+        if let (Some(&pid), true) = (common::children_of(sup.id()).first(), done >= 3) {
+            // SAFETY: kill(2) on a child of a process this test started; no memory involved.
+            #[allow(unsafe_code)]
+            let r = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            assert_eq!(r, 0);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(sup.wait().unwrap().success());
+    let restarts = std::fs::read_to_string(chaos.join("restarts.jsonl")).unwrap();
+    assert_eq!(restarts.lines().count(), 1, "{restarts}");
+    assert!(restarts.contains("SIGKILL"), "{restarts}");
+    let got = step_losses(&chaos);
+    assert_eq!(got.len(), 6);
+    for ((s, a), (_, b)) in got.iter().zip(&want) {
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs(),
+            "step {s}: supervised {a} vs uninterrupted {b}"
+        );
+    }
+    // A supervised run needs a named folder to resume.
+    let mut unnamed = args(&chaos);
+    let i = unnamed.iter().position(|s| s == "--out").unwrap();
+    unnamed.drain(i..i + 2);
+    unnamed.push("--supervise".into());
+    let (code, _, stderr) = lever(&unnamed.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 1);
+    assert_eq!(
+        stderr.trim(),
+        "error: --supervise needs --out: the run folder each restart resumes"
+    );
 }

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{fixture, lever_in, pretrain_shards as shards};
+use common::{children_of, fixture, lever_in, pretrain_shards as shards};
 use serde_json::{Value, json};
 
 /// The tiny recipe (shared with scripts/make-pretrain-fixtures.sh).
@@ -353,27 +353,6 @@ fn a_corrupt_newest_checkpoint_is_skipped_for_the_one_before_it() {
         e.contains("no complete checkpoint to resume from (checkpoints/last: no complete.json"),
         "{e}"
     );
-}
-
-/// The process ids whose parent is `pid` (Linux: /proc/*/stat).
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: the command may hold spaces, the last ')' ends it.
-        let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
-        let mut fields = after.split_whitespace();
-        let (state, ppid) = (fields.next(), fields.next());
-        if ppid == Some(pid.to_string().as_str()) && state != Some("Z") {
-            out.push(child);
-        }
-    }
-    out
 }
 
 /// Chaos: a supervised run whose training process is killed with SIGKILL at three random

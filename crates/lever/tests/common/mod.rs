@@ -211,3 +211,24 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// The process ids whose parent is `pid` (Linux: /proc/*/stat).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: the command may hold spaces, the last ')' ends it.
+        let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        let mut fields = after.split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next());
+        if ppid == Some(pid.to_string().as_str()) && state != Some("Z") {
+            out.push(child);
+        }
+    }
+    out
+}
