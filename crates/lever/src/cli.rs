@@ -71,6 +71,41 @@ pub enum Command {
     /// Pretraining data: `data shard` turns text into token shards (llm.c's format).
     #[command(subcommand)]
     Data(crate::pretrain_data::DataCommand),
+    /// Climb a ladder file's rungs (zero-shot, few-shot, RAG, LoRA, ...) on one task: each
+    /// scored on the same items with an interval and a paired comparison, its cost counted,
+    /// and a verdict (docs/ladder.md).
+    Ladder(LadderArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LadderArgs {
+    /// The ladder file (TOML; docs/ladder.md).
+    pub file: PathBuf,
+    /// Folder for the rungs' records and results, the index, the trainings and ladder.json.
+    /// Running the same command again goes on where it stopped (finished rungs are kept).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Evaluate only the first N items of the split.
+    #[arg(long, value_parser = at_least_one)]
+    pub limit: Option<usize>,
+    /// Only these rungs, in this order (comma-separated names).
+    #[arg(long, value_delimiter = ',')]
+    pub rungs: Vec<String>,
+    /// Start over: remove what an earlier ladder wrote in --out; also write into an --out that
+    /// holds other files.
+    #[arg(long)]
+    pub force: bool,
+    /// Neither read nor write the evaluation cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Print ladder.json.
+    #[arg(long)]
+    pub json: bool,
+    /// Run one rung in this process (the ladder runs each rung so).
+    #[arg(long, hide = true)]
+    pub rung: Option<String>,
+    #[command(flatten)]
+    pub backend: BackendArg,
 }
 
 /// Generate on a remote OpenAI-compatible server instead of in this process.

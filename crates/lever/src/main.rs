@@ -9,6 +9,7 @@ mod eval;
 mod export;
 mod finetune;
 mod generator;
+mod ladder;
 mod measure;
 mod models;
 mod pretrain;
@@ -145,6 +146,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Models(m) => models::run(m),
         Command::Tokenizer(c) => pretrain_data::tokenizer(c),
         Command::Data(c) => pretrain_data::data(c),
+        Command::Ladder(a) => ladder::run(a),
     }
 }
 

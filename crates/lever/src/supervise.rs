@@ -302,7 +302,7 @@ fn signal_name(sig: i32) -> &'static str {
 /// The child gets SIGTERM when this process dies, however it dies.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut Command) {
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
@@ -316,7 +316,7 @@ fn die_with_parent(cmd: &mut Command) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn die_with_parent(_: &mut Command) {}
+pub(crate) fn die_with_parent(_: &mut Command) {}
 
 /// RUN/restarts.jsonl, kept whole in memory and written whole (atomically) after each
 /// restart: a child that starts the run over removes the run's files, this one among them.

@@ -1,0 +1,315 @@
+//! `lever ladder` as a user runs it: the example squad-open task (examples/ladder/squad) on the
+//! default model, four rungs on the first 4 test questions, a small corpus of real Wikipedia
+//! paragraphs (../shared/data/squad-open) for the RAG rung, and a 4-step LoRA.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{lever_in, shared_data};
+use serde_json::Value;
+
+fn example(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/ladder")
+        .join(rel)
+}
+
+fn jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A corpus of the gold paragraphs of the first `n` test questions and 16 others; the ladder
+/// file of the test, with the given rungs and settings.
+fn setup(d: &Path, n: usize) -> PathBuf {
+    let test = jsonl(&example("squad/test.jsonl"));
+    let gold: Vec<String> = test[..n]
+        .iter()
+        .map(|q| q["gold"][0].as_str().unwrap().to_string())
+        .collect();
+    let corpus = std::fs::read_to_string(shared_data("squad-open/corpus.jsonl")).unwrap();
+    let mut lines: Vec<&str> = Vec::new();
+    for (i, l) in corpus.lines().enumerate() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        if gold.iter().any(|g| v["_id"] == g.as_str()) || i % 128 == 0 {
+            lines.push(l);
+        }
+    }
+    std::fs::write(d.join("corpus.jsonl"), lines.join("\n") + "\n").unwrap();
+    let ladder = d.join("ladder.toml");
+    std::fs::write(
+        &ladder,
+        format!(
+            r#"task = "{task}"
+split = "test"
+format = "chat"
+price_per_hour = 0.10
+
+[rag]
+corpus = ["corpus.jsonl"]
+k = 2
+mode = "bm25"
+query_template = "query"
+
+[finetune]
+steps = 4
+batch_size = 2
+seq_len = 96
+lr = 1e-3
+lora_r = 4
+args = ["--save-every", "1", "--lora-targets", "q,v"]
+
+[[rung]]
+name = "zero-shot"
+
+[[rung]]
+name = "few-shot"
+shots = 2
+
+[[rung]]
+name = "rag"
+rag = true
+
+[[rung]]
+name = "lora"
+finetune = "lora"
+"#,
+            task = example("squad/task.toml").display()
+        ),
+    )
+    .unwrap();
+    ladder
+}
+
+/// Every rung scored on the same items, with an interval, a paired comparison with the rung
+/// below and its costs; the RAG rung's prompts hold the retrieved gold paragraphs; the LoRA
+/// rung trained (its tokens and seconds are counted); a
+/// verdict names a rung. The ladder is killed in the middle of its training rung, and the
+/// same command goes on: finished rungs are kept, the training resumes from its checkpoint.
+#[test]
+#[allow(unsafe_code)]
+fn a_ladder_scores_every_rung_on_the_same_items_and_resumes_after_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let n = 4;
+    let ladder = setup(d, n);
+    let args = [
+        "ladder",
+        ladder.to_str().unwrap(),
+        "--out",
+        "out",
+        "--limit",
+        "4",
+        "--no-cache",
+    ];
+    // Killed (SIGKILL, with its rung and training processes) once the LoRA training has
+    // written a checkpoint.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lever"))
+        .args(args)
+        .current_dir(d)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ckpt = d.join("out/train/lora/run/checkpoints/last/complete.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while !ckpt.exists() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the ladder ended early"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The rung and its training die with the ladder.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(!d.join("out/train/lora/run/adapter").exists());
+    for r in ["zero-shot", "few-shot", "rag"] {
+        assert!(
+            d.join("out/rungs").join(r).join("result.json").is_file(),
+            "{r}"
+        );
+    }
+
+    let out = lever_in(d, &args).ok();
+    for r in ["zero-shot", "few-shot", "rag"] {
+        assert!(
+            out.stderr.contains(&format!("{r}: done before, kept")),
+            "{}",
+            out.stderr
+        );
+    }
+    assert!(out.stderr.contains("resuming at step"), "{}", out.stderr);
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("out/ladder.json")).unwrap()).unwrap();
+    let rungs = report["rungs"].as_array().unwrap();
+    assert_eq!(
+        rungs
+            .iter()
+            .map(|r| r["name"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["zero-shot", "few-shot", "rag", "lora"]
+    );
+    for r in rungs {
+        assert_eq!(r["n"], n, "{r}");
+        let s = r["score"].as_f64().unwrap();
+        let ci = r["ci"].as_array().unwrap();
+        assert!(
+            ci[0].as_f64().unwrap() <= s && s <= ci[1].as_f64().unwrap(),
+            "{r}"
+        );
+        let c = &r["cost"];
+        assert!(c["eval_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(c["peak_rss_mb"].as_f64().unwrap() > 50.0, "{r}");
+        assert!(c["prompt_tokens_per_query"].as_f64().unwrap() > 10.0, "{r}");
+        assert!(r["cost"]["money"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    for (i, r) in rungs.iter().enumerate().skip(1) {
+        assert_eq!(r["vs_below"]["rung"], rungs[i - 1]["name"], "{r}");
+        assert!(r["vs_below"]["significant"].is_boolean(), "{r}");
+    }
+    // Few-shot prompts are longer; RAG prompts longer still (two paragraphs).
+    let tokens = |i: usize| {
+        rungs[i]["cost"]["prompt_tokens_per_query"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(tokens(1) > tokens(0) && tokens(2) > tokens(1) + 100.0);
+    // RAG: BM25 over the small corpus finds the gold paragraphs.
+    let test = jsonl(&example("squad/test.jsonl"));
+    let corpus = jsonl(&d.join("corpus.jsonl"));
+    let records = jsonl(&d.join("out/rungs/rag/records.jsonl"));
+    assert_eq!(records.len(), n);
+    let mut found = 0;
+    for (q, rec) in test.iter().zip(&records) {
+        let gold = corpus.iter().find(|p| p["_id"] == q["gold"][0]).unwrap()["text"]
+            .as_str()
+            .unwrap();
+        // A passage is a chunk: the gold paragraph or a part of it.
+        let passages = rec["passages"].as_array().unwrap();
+        if passages
+            .iter()
+            .any(|p| gold.contains(p.as_str().unwrap().trim()))
+        {
+            found += 1;
+        }
+        assert!(rec["prompt"].as_str().unwrap().contains("Passages:\n[1] "));
+    }
+    assert!(
+        found >= n - 1,
+        "gold paragraphs retrieved for {found} of {n}"
+    );
+    let lora = &rungs[3]["cost"];
+    assert!(lora["train_tokens"].as_u64().unwrap() > 0, "{lora}");
+    assert!(lora["train_s"].as_f64().unwrap() > 0.0, "{lora}");
+    assert!(
+        d.join("out/train/lora/run/adapter/adapter_model.safetensors")
+            .is_file()
+    );
+    let verdict = report["verdict"]["use"].as_str().unwrap();
+    assert!(rungs.iter().any(|r| r["name"] == verdict), "{verdict}");
+    assert!(out.stdout.contains("verdict: use `"), "{}", out.stdout);
+    eprintln!("{}", out.stdout);
+}
+
+/// Bad ladder files: one line naming the file and the problem, exit 1, nothing written.
+#[test]
+fn bad_ladders_are_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let task = example("squad/task.toml");
+    let cases = [
+        (
+            format!(
+                "task = \"{}\"\n[[rung]]\nname = \"a\"\nshots = 1\ncolour = 2\n",
+                task.display()
+            ),
+            "unknown field `colour`",
+        ),
+        (
+            format!(
+                "task = \"{}\"\n[rag]\ncorpus = [\"missing.jsonl\"]\n[[rung]]\nname = \"a\"\nrag = true\n",
+                task.display()
+            ),
+            "[rag] corpus",
+        ),
+        (
+            format!(
+                "task = \"{}\"\n[[rung]]\nname = \"a\"\nrag = true\n",
+                task.display()
+            ),
+            "rung `a`: rag = true needs a [rag] section",
+        ),
+        (
+            format!(
+                "task = \"{}\"\n[[rung]]\nname = \"a\"\nfinetune = \"qlora\"\n",
+                task.display()
+            ),
+            "finetune = \"qlora\": expected \"lora\" or \"full\"",
+        ),
+    ];
+    for (text, want) in cases {
+        std::fs::write(d.join("l.toml"), &text).unwrap();
+        let out = lever_in(d, &["ladder", "l.toml", "--out", "out"]);
+        let e = out.failed_alone();
+        assert!(e.contains("l.toml") && e.contains(want), "{e}");
+        assert!(!d.join("out").exists());
+    }
+    // Leakage: a task whose test split is its training split, with a few-shot rung.
+    let leaky = d.join("leaky.toml");
+    let data = example("squad");
+    std::fs::write(
+        &leaky,
+        std::fs::read_to_string(&task)
+            .unwrap()
+            .replace("test = \"test.jsonl\"", "test = \"train.jsonl\"")
+            .replace(
+                "train = \"train.jsonl\"",
+                &format!("train = \"{}/train.jsonl\"", data.display()),
+            )
+            .replace(
+                "dev = \"dev.jsonl\"",
+                &format!("dev = \"{}/dev.jsonl\"", data.display()),
+            )
+            .replace(
+                "test = \"train.jsonl\"",
+                &format!("test = \"{}/train.jsonl\"", data.display()),
+            ),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("l.toml"),
+        format!(
+            "task = \"{}\"\n[[rung]]\nname = \"few\"\nshots = 2\n",
+            leaky.display()
+        ),
+    )
+    .unwrap();
+    let e = lever_in(d, &["ladder", "l.toml", "--out", "out"]).failed_alone();
+    assert!(
+        e.contains("leakage: 400 test item(s) are also training examples")
+            && e.contains("train.jsonl:1 = "),
+        "{e}"
+    );
+    // A folder that holds other files.
+    std::fs::create_dir(d.join("busy")).unwrap();
+    std::fs::write(d.join("busy/notes.txt"), "mine").unwrap();
+    std::fs::write(
+        d.join("l.toml"),
+        format!("task = \"{}\"\n[[rung]]\nname = \"a\"\n", task.display()),
+    )
+    .unwrap();
+    let e = lever_in(d, &["ladder", "l.toml", "--out", "busy"]).failed_alone();
+    assert!(e.contains("busy"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(d.join("busy/notes.txt")).unwrap(),
+        "mine"
+    );
+}
