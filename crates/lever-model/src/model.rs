@@ -152,18 +152,7 @@ impl Model {
     }
 
     pub fn load_hf(dir: &Path, device: &Device) -> Result<Self> {
-        let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
-        let hf: HfConfig = serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: cfg_path.clone(),
-            field: json_field(&e),
-            problem: e.to_string(),
-        })?;
-        let cfg: DecoderConfig = hf.resolve().map_err(|(field, problem)| Error::Config {
-            path: cfg_path.clone(),
-            field,
-            problem,
-        })?;
+        let (hf, cfg) = read_hf_config(dir)?;
         let tk_cfg = TokenizerConfig::read(dir)?;
         let tokenizer = Tokenizer::from_file(
             &dir.join("tokenizer.json"),
@@ -201,6 +190,67 @@ impl Model {
             },
         })
     }
+}
+
+/// A model's configuration and the size of its weights, read without loading them (the
+/// GGUF header; a Hugging Face folder's config.json).
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub config: DecoderConfig,
+    /// Bytes per weight as stored: a GGUF's blocks (Q4_1: 0.625), else the folder's dtype.
+    pub bytes_per_weight: f64,
+    /// Keys and values are cached in f16 (GGUF models, as llama.cpp), else f32.
+    pub f16_kv: bool,
+}
+
+/// Read a model's [`Header`].
+pub fn read_header(source: &ModelSource) -> Result<Header> {
+    match source {
+        ModelSource::Gguf(path) => {
+            let file = GgufFile::open(path)?;
+            let (mut bytes, mut elems) = (0f64, 0f64);
+            for info in file.content().tensor_infos.values() {
+                let n = info.shape.elem_count();
+                bytes += (n / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as f64;
+                elems += n as f64;
+            }
+            let config = file.decoder_config()?;
+            Ok(Header {
+                f16_kv: config.numerics.f16_kv(),
+                config,
+                bytes_per_weight: if elems > 0.0 { bytes / elems } else { 4.0 },
+            })
+        }
+        ModelSource::HfFolder(dir) => {
+            let (hf, config) = read_hf_config(dir)?;
+            let dtype = hf.torch_dtype.or(hf.dtype).unwrap_or_default();
+            Ok(Header {
+                config,
+                bytes_per_weight: match dtype.as_str() {
+                    "bfloat16" | "float16" => 2.0,
+                    _ => 4.0,
+                },
+                f16_kv: false,
+            })
+        }
+    }
+}
+
+/// A Hugging Face folder's config.json, parsed and resolved; errors name the field.
+fn read_hf_config(dir: &Path) -> Result<(HfConfig, DecoderConfig)> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
+    let hf: HfConfig = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: cfg_path.clone(),
+        field: json_field(&e),
+        problem: e.to_string(),
+    })?;
+    let cfg: DecoderConfig = hf.resolve().map_err(|(field, problem)| Error::Config {
+        path: cfg_path.clone(),
+        field,
+        problem,
+    })?;
+    Ok((hf, cfg))
 }
 
 /// A template error carries no path; name the model it came from.

@@ -5,7 +5,8 @@
 //! trained (assistant) tokens only, adapters saved in Hugging Face PEFT's layout, and the run
 //! folder (run.rs: start, resume, start over, metrics, best weights, loss curve). Pretraining
 //! from scratch (pretrain.rs) trains the same decoder from a recipe (recipe.rs: presets and
-//! TOML files) and GPT-2's initialization (init.rs).
+//! TOML files) and GPT-2's initialization (init.rs). plan.rs plans a run before it is
+//! spent: FLOPs, memory, time and cost, on this machine (calibrated) or on GPUs.
 
 pub mod checkpoint;
 pub mod dist;
@@ -15,6 +16,7 @@ pub mod lora;
 pub mod loss;
 pub mod optim;
 pub mod peak;
+pub mod plan;
 pub mod plot;
 pub mod pretrain;
 pub mod recipe;

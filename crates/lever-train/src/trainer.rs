@@ -118,7 +118,7 @@ impl Trainer {
                 ..Default::default()
             },
         )?;
-        let rng = SplitMix64(config.seed ^ 0x5eed_da7a);
+        let rng = order_rng(config.seed);
         Ok(Trainer {
             config,
             vars,
@@ -176,17 +176,13 @@ impl Trainer {
     /// The next `n` example indices: a seeded permutation of the training set, renewed each
     /// epoch.
     fn next_batch(&mut self, n_examples: usize, n: usize) -> Vec<usize> {
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            if self.cursor >= self.order.len() {
-                self.order = (0..n_examples).collect();
-                self.rng.shuffle(&mut self.order);
-                self.cursor = 0;
-            }
-            out.push(self.order[self.cursor]);
-            self.cursor += 1;
-        }
-        out
+        draw(
+            &mut self.order,
+            &mut self.cursor,
+            &mut self.rng,
+            n_examples,
+            n,
+        )
     }
 
     /// One optimizer step over `batch_size × grad_accum` examples of `train`.
@@ -260,6 +256,50 @@ impl Trainer {
         self.step += 1;
         Ok(m)
     }
+}
+
+/// The generator of the example order for `seed`.
+fn order_rng(seed: u64) -> SplitMix64 {
+    SplitMix64(seed ^ 0x5eed_da7a)
+}
+
+/// The next `n` indices of a seeded permutation of `n_examples`, renewed each epoch.
+fn draw(
+    order: &mut Vec<usize>,
+    cursor: &mut usize,
+    rng: &mut SplitMix64,
+    n_examples: usize,
+    n: usize,
+) -> Vec<usize> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        if *cursor >= order.len() {
+            *order = (0..n_examples).collect();
+            rng.shuffle(order);
+            *cursor = 0;
+        }
+        out.push(order[*cursor]);
+        *cursor += 1;
+    }
+    out
+}
+
+/// The micro-batches (example indices) a run of `steps` steps with `config`'s seed, batch
+/// size and accumulation draws from `n_examples` examples, in order: what [`Trainer::step`]
+/// will train on, for planning (`lever plan --data`).
+pub fn planned_batches(config: &TrainConfig, n_examples: usize) -> Vec<Vec<usize>> {
+    let (mut order, mut cursor, mut rng) = (Vec::new(), 0, order_rng(config.seed));
+    (0..config.steps * config.grad_accum)
+        .map(|_| {
+            draw(
+                &mut order,
+                &mut cursor,
+                &mut rng,
+                n_examples,
+                config.batch_size,
+            )
+        })
+        .collect()
 }
 
 impl Trainer {

@@ -62,6 +62,10 @@ pub enum Command {
     /// An OpenAI-compatible HTTP server: chat and text completions (streaming or not),
     /// embeddings, models, health; concurrent requests are batched together.
     Serve(ServeArgs),
+    /// Plan a run before spending it: FLOPs, memory (weights, gradients, AdamW, activations,
+    /// KV cache), time and cost of inference, LoRA or full fine-tuning, or pretraining, on
+    /// this machine (calibrated with --calibrate) or on GPUs.
+    Plan(PlanArgs),
     /// Provision and list models.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -1007,4 +1011,131 @@ fn unit_interval(s: &str) -> Result<f32, String> {
             Err(format!("{v} is outside 0..=1"))
         }
     })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlanJob {
+    /// Generation: prompt and decoding speed, KV cache at --context × --batch.
+    Infer,
+    /// LoRA adapters on a frozen base, on --tokens or --steps.
+    Lora,
+    /// Every weight trained, on --tokens or --steps.
+    Full,
+    /// Training from scratch on --tokens (default: 20 per parameter, Chinchilla's).
+    Pretrain,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Measure this machine (matmul FLOP/s, memory bandwidth, and lever's own training step
+    /// on two small decoders; about 10 s) and store it in $LEVER_HOME/plan/calibration.json,
+    /// which later plans on this machine use. Alone, only calibrates.
+    #[arg(long)]
+    pub calibrate: bool,
+    /// The model: a registry name, a .gguf file or a Hugging Face folder (its configuration
+    /// is read, not its weights).
+    #[arg(long, short = 'm', conflicts_with_all = ["params", "layers"])]
+    pub model: Option<String>,
+    /// Only a parameter count, e.g. 175e9 (no attention term, activations or KV cache).
+    #[arg(long, value_parser = positive_count, conflicts_with = "layers")]
+    pub params: Option<f64>,
+    /// A shape: layers (with --width --heads --vocab --context).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Key/value heads (grouped-query attention; default: --heads).
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// MLP width (default: 8/3 × width rounded up to 64 with 3 matrices, 4 × width with 2).
+    #[arg(long)]
+    pub mlp_width: Option<usize>,
+    /// Matrices per MLP: 3 (SwiGLU, llama) or 2 (GPT).
+    #[arg(long, default_value_t = 3)]
+    pub mlp_linears: usize,
+    #[arg(long)]
+    pub vocab: Option<usize>,
+    /// The training window, or the KV cache's length for inference (default: the shape's,
+    /// or the model's context; 2048 with --params).
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// The output layer is a matrix of its own (default: tied to the embedding).
+    #[arg(long)]
+    pub untied: bool,
+    #[arg(long, value_enum, default_value = "pretrain")]
+    pub job: PlanJob,
+    /// Training tokens (every position of every window), e.g. 300e9; for inference, tokens to
+    /// generate.
+    #[arg(long, value_parser = positive_count)]
+    pub tokens: Option<f64>,
+    /// Optimizer steps instead of --tokens: tokens = steps × batch × context.
+    #[arg(long, conflicts_with = "tokens", value_parser = clap::value_parser!(u64).range(1..))]
+    pub steps: Option<u64>,
+    /// Plan `lever finetune --data FILE` (with --model and --job lora|full): the examples are
+    /// tokenized as finetune does and the micro-batches it will draw counted, padding
+    /// included (--steps, --batch, --grad-accum default to finetune's 100, 4, 1).
+    #[arg(long, requires = "model", conflicts_with = "tokens")]
+    pub data: Option<PathBuf>,
+    /// With --data: finetune's --field NAME=PATH (repeatable), e.g. instruction=question.
+    #[arg(long = "field", value_name = "NAME=PATH", requires = "data")]
+    pub fields: Vec<String>,
+    /// With --data: finetune's --seq-len (longer examples are skipped, its default).
+    #[arg(long, default_value_t = 256, value_parser = at_least_one, requires = "data")]
+    pub seq_len: usize,
+    /// With --data: finetune's --val-fraction.
+    #[arg(long, default_value_t = 0.05, requires = "data")]
+    pub val_fraction: f64,
+    /// With --data: finetune's --seed (the order of the examples).
+    #[arg(long, default_value_t = 0, requires = "data")]
+    pub seed: u64,
+    /// Sequences per optimizer step, all devices together (default 8); for inference,
+    /// sequences decoded together (default 1).
+    #[arg(long, value_parser = at_least_one)]
+    pub batch: Option<usize>,
+    /// Micro-batches per step (activations are held for batch / (devices × grad-accum)).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    pub lora_rank: usize,
+    /// A GPU instead of this machine: H100, H100-PCIe, H200, A100, A100-40GB, L40S, V100,
+    /// MI300X.
+    #[arg(long)]
+    pub gpu: Option<String>,
+    /// GPUs in data parallel.
+    #[arg(long, default_value_t = 1, value_parser = at_least_one, requires = "gpu")]
+    pub gpus: usize,
+    /// The fraction of the peak FLOP/s reached (default 0.4 on GPUs; on this machine the
+    /// calibration's measured speed is used unless --mfu is given).
+    #[arg(long, value_parser = fraction)]
+    pub mfu: Option<f64>,
+    /// The link between GPUs: nvlink2/3/4, pcie4, pcie5, ib-hdr, ib-ndr, 100gbe, 25gbe,
+    /// infinity-fabric, or GB/s each way (default: the GPU's usual server link).
+    #[arg(long, requires = "gpu")]
+    pub interconnect: Option<String>,
+    /// Bytes per value: f32 (lever on a CPU; the default there) or bf16-mixed (bf16 weights
+    /// and activations, fp32 gradients and AdamW with a master copy; the default on GPUs).
+    #[arg(long, value_parser = ["f32", "bf16-mixed"])]
+    pub precision: Option<String>,
+    /// Price per hour, per GPU or for this machine: the plan's cost.
+    #[arg(long, value_parser = positive_f64)]
+    pub price: Option<f64>,
+    /// Print the plan as JSON ({"train_flops", "memory": {...}, "time": {...}, "cost", ...}).
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn positive_count(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("`{s}` is not a positive number (e.g. 300e9)")),
+    }
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a fraction in (0, 1]")),
+    }
 }

@@ -12,6 +12,7 @@ mod generator;
 mod ladder;
 mod measure;
 mod models;
+mod plan;
 mod pretrain;
 mod pretrain_data;
 mod progress;
@@ -40,10 +41,12 @@ fn main() -> ExitCode {
         set_threads(n);
     }
     cap_threads();
-    if matches!(cli.command, Command::Finetune(_) | Command::Pretrain(_)) {
+    // `plan --calibrate` measures training steps: under the settings training runs with.
+    let calibrating = matches!(&cli.command, Command::Plan(a) if a.calibrate);
+    if calibrating || matches!(cli.command, Command::Finetune(_) | Command::Pretrain(_)) {
         short_spins();
     }
-    if matches!(cli.command, Command::Pretrain(_)) {
+    if calibrating || matches!(cli.command, Command::Pretrain(_)) {
         keep_freed_memory();
     }
     match run(cli) {
@@ -55,10 +58,27 @@ fn main() -> ExitCode {
             if let Some(path) = std::env::var_os(supervise::ERROR_FILE_ENV) {
                 let _ = std::fs::write(path, line + "\n");
             }
-            ExitCode::FAILURE
+            if e.downcast_ref::<Usage>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
+
+/// Bad usage found after parsing (arguments missing together, a name not in a list): one
+/// line, exit 2, as clap's own usage errors.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
 
 /// candle's CPU kernels and rayon size their pools from RAYON_NUM_THREADS when first used.
 #[allow(unsafe_code)]
@@ -143,6 +163,7 @@ fn run(cli: Cli) -> Result<()> {
             cli::FewshotCommand::Search(a) => eval::fewshot_search(a),
         },
         Command::Serve(a) => serve::run(a),
+        Command::Plan(a) => plan::run(a),
         Command::Models(m) => models::run(m),
         Command::Tokenizer(c) => pretrain_data::tokenizer(c),
         Command::Data(c) => pretrain_data::data(c),
