@@ -46,6 +46,9 @@ pub struct LadderFile {
     pub price_per_hour: Option<f64>,
     #[serde(default = "default_currency")]
     pub currency: String,
+    /// Minutes a training rung may take: `lever plan` checks it before the training starts.
+    #[serde(default)]
+    pub budget_minutes: Option<f64>,
     #[serde(default)]
     pub rag: Option<RagSpec>,
     #[serde(default)]
@@ -108,6 +111,19 @@ pub struct FinetuneSpec {
     /// Any other `lever finetune` options, as on its command line.
     #[serde(default)]
     pub args: Vec<String>,
+}
+
+impl Default for FinetuneSpec {
+    fn default() -> Self {
+        FinetuneSpec {
+            steps: default_steps(),
+            batch_size: default_batch(),
+            lr: None,
+            seq_len: default_seq_len(),
+            lora_r: None,
+            args: Vec::new(),
+        }
+    }
 }
 
 fn default_steps() -> usize {
@@ -351,6 +367,10 @@ pub fn run(a: LadderArgs) -> Result<()> {
     }
     std::fs::create_dir_all(a.out.join("rungs"))
         .with_context(|| format!("{}: cannot be created", a.out.display()))?;
+    // Every training rung within the budget, by the plan, before any rung starts.
+    for name in &names {
+        check_budget(&ladder, &a.out, ladder.rung(name)?)?;
+    }
     let exe = std::env::current_exe().context("the path of this program")?;
     let mut results = Vec::new();
     for (i, name) in names.iter().enumerate() {
@@ -394,7 +414,8 @@ pub fn run(a: LadderArgs) -> Result<()> {
         };
         results.push(result);
     }
-    let report = report(&ladder, &a.out, &results)?;
+    let mut report = report(&ladder, &a.out, &results)?;
+    report["verdict"]["next"] = json!(next_rung(&ladder, &a.out));
     crate::write_file(
         &a.out.join("ladder.json"),
         serde_json::to_string_pretty(&report)?,
@@ -404,6 +425,41 @@ pub fn run(a: LadderArgs) -> Result<()> {
     } else {
         print_table(&ladder, &report);
         eprintln!("ladder.json and each rung's records: {}", a.out.display());
+    }
+    Ok(())
+}
+
+/// A training rung whose training `lever plan` says will take longer than `budget_minutes`
+/// is refused before it starts.
+fn check_budget(ladder: &Ladder, out: &Path, r: &RungSpec) -> Result<()> {
+    let (Some(budget), Some(method)) = (ladder.file.budget_minutes, r.finetune.as_deref()) else {
+        return Ok(());
+    };
+    let result = if method == "lora" { "adapter" } else { "model" };
+    if out
+        .join("train")
+        .join(method)
+        .join("run")
+        .join(result)
+        .exists()
+    {
+        return Ok(()); // Trained already.
+    }
+    let spec = ladder.file.finetune.clone().unwrap_or_default();
+    let p = plan_training(ladder, out, method, &spec)?;
+    let planned = p["time"]["total_s"].as_f64().unwrap_or(0.0);
+    if planned > budget * 60.0 {
+        bail!(
+            "rung `{}`: {} steps of {method} fine-tuning are planned at {:.1} min on this machine ({}), over budget_minutes = {budget}; lower [finetune] steps or raise the budget",
+            r.name,
+            spec.steps,
+            planned / 60.0,
+            if p["hardware"]["calibrated"].as_bool() == Some(true) {
+                "calibrated"
+            } else {
+                "uncalibrated: run `lever plan --calibrate`"
+            }
+        );
     }
     Ok(())
 }
@@ -470,17 +526,7 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, name: &str) -> Result<()> {
         let started = Instant::now();
         if !result_dir.exists() {
             std::fs::create_dir_all(&tdir).with_context(|| tdir.display().to_string())?;
-            let data = tdir.join("train.jsonl");
-            let mut lines = String::new();
-            for e in &ladder.task.train {
-                lines += &json!({
-                    "instruction": e.prompt(lever_eval::task::DEFAULT_TEMPLATE),
-                    "output": e.target,
-                })
-                .to_string();
-                lines.push('\n');
-            }
-            crate::write_file(&data, lines)?;
+            let data = training_data(ladder, &a.out)?;
             let mut cmd = Command::new(&exe);
             cmd.arg("finetune")
                 .arg("--model")
@@ -717,6 +763,93 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The task's training split as `lever finetune` data (the prompt under the default template
+/// as the instruction, the target as the answer): DIR/train/data.jsonl, written once.
+fn training_data(ladder: &Ladder, out: &Path) -> Result<PathBuf> {
+    let path = out.join("train").join("data.jsonl");
+    if path.is_file() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(out.join("train")).with_context(|| out.display().to_string())?;
+    let mut lines = String::new();
+    for e in &ladder.task.train {
+        lines += &json!({
+            "instruction": e.prompt(lever_eval::task::DEFAULT_TEMPLATE),
+            "output": e.target,
+        })
+        .to_string();
+        lines.push('\n');
+    }
+    crate::write_file(&path, lines)?;
+    Ok(path)
+}
+
+/// `lever plan` for `lever finetune` of the training split by `method`, on this machine:
+/// its JSON (`time.total_s`, `cost`, `hardware.calibrated`).
+fn plan_training(ladder: &Ladder, out: &Path, method: &str, spec: &FinetuneSpec) -> Result<Value> {
+    let exe = std::env::current_exe().context("the path of this program")?;
+    let data = training_data(ladder, out)?;
+    let model = ladder
+        .file
+        .model
+        .clone()
+        .unwrap_or_else(|| lever_model::registry::DEFAULT_GENERATOR.to_string());
+    let mut cmd = Command::new(&exe);
+    cmd.args(["plan", "--model", &model, "--job", method, "--data"])
+        .arg(&data)
+        .args(["--steps", &spec.steps.to_string()])
+        .args(["--batch", &spec.batch_size.to_string()])
+        .args(["--seq-len", &spec.seq_len.to_string()])
+        .args(["--val-fraction", "0", "--json"]);
+    if let Some(r) = spec.lora_r {
+        cmd.args(["--lora-rank", &r.to_string()]);
+    }
+    if let Some(p) = ladder.file.price_per_hour {
+        cmd.args(["--price", &p.to_string()]);
+    }
+    let o = cmd.output().context("starting lever plan")?;
+    if !o.status.success() {
+        bail!(
+            "lever plan for the {method} rung: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&o.stdout).context("lever plan --json: not JSON")
+}
+
+/// The rung above the ladder's highest, with its planned cost: LoRA when nothing is
+/// fine-tuned, full fine-tuning after LoRA.
+fn next_rung(ladder: &Ladder, out: &Path) -> Option<Value> {
+    let has = |m: &str| {
+        ladder
+            .file
+            .rungs
+            .iter()
+            .any(|r| r.finetune.as_deref() == Some(m))
+    };
+    let method = if !has("lora") && !has("full") {
+        "lora"
+    } else if !has("full") {
+        "full"
+    } else {
+        return Some(json!({
+            "rung": "continued pretraining",
+            "note": "every fine-tuning rung is in the ladder; plan continued pretraining with `lever plan --job pretrain --model M --tokens D`",
+        }));
+    };
+    let spec = ladder.file.finetune.clone().unwrap_or_default();
+    match plan_training(ladder, out, method, &spec) {
+        Ok(p) => Some(json!({
+            "rung": if method == "lora" { "LoRA fine-tuning" } else { "full fine-tuning" },
+            "method": method, "steps": spec.steps,
+            "planned_s": p["time"]["total_s"], "planned_cost": p["cost"],
+            "peak_memory": p["memory"],
+            "calibrated": p["hardware"]["calibrated"],
+        })),
+        Err(e) => Some(json!({"rung": method, "note": format!("not planned: {e:#}")})),
+    }
+}
+
 /// A rung's total seconds: its training, its index build, its evaluation.
 fn seconds(v: &Value) -> f64 {
     let c = &v["cost"];
@@ -858,6 +991,25 @@ fn print_table(ladder: &Ladder, report: &Value) {
         "verdict: {}",
         report["verdict"]["text"].as_str().unwrap_or("")
     );
+    let next = &report["verdict"]["next"];
+    if let Some(s) = next["planned_s"].as_f64() {
+        let cost = next["planned_cost"].as_f64().map_or(String::new(), |c| {
+            format!(", {c:.3} {}", report["currency"].as_str().unwrap_or(""))
+        });
+        let how = if next["calibrated"].as_bool() == Some(true) {
+            ""
+        } else {
+            " (uncalibrated: `lever plan --calibrate`)"
+        };
+        println!(
+            "next rung: {} ({} steps), planned {:.1} min on this machine{cost}{how}",
+            next["rung"].as_str().unwrap_or("?"),
+            next["steps"],
+            s / 60.0,
+        );
+    } else if let Some(n) = next["note"].as_str() {
+        println!("next rung: {}: {n}", next["rung"].as_str().unwrap_or("?"));
+    }
 }
 
 #[cfg(test)]

@@ -213,6 +213,16 @@ fn a_ladder_scores_every_rung_on_the_same_items_and_resumes_after_a_kill() {
         d.join("out/train/lora/run/adapter/adapter_model.safetensors")
             .is_file()
     );
+    // The rung above: full fine-tuning, planned by `lever plan` on the same data and steps.
+    let next = &report["verdict"]["next"];
+    assert_eq!(next["method"], "full", "{next}");
+    assert!(next["planned_s"].as_f64().unwrap() > 0.0, "{next}");
+    assert!(
+        out.stdout
+            .contains("next rung: full fine-tuning (4 steps), planned "),
+        "{}",
+        out.stdout
+    );
     let verdict = report["verdict"]["use"].as_str().unwrap();
     assert!(rungs.iter().any(|r| r["name"] == verdict), "{verdict}");
     assert!(out.stdout.contains("verdict: use `"), "{}", out.stdout);
@@ -297,6 +307,25 @@ fn bad_ladders_are_refused_in_one_line() {
         e.contains("leakage: 400 test item(s) are also training examples")
             && e.contains("train.jsonl:1 = "),
         "{e}"
+    );
+    // A training rung over the budget, by the plan, before anything runs.
+    std::fs::write(
+        d.join("l.toml"),
+        format!(
+            "task = \"{}\"\nbudget_minutes = 0.01\n[finetune]\nsteps = 500\n[[rung]]\nname = \"a\"\n[[rung]]\nname = \"lora\"\nfinetune = \"lora\"\n",
+            task.display()
+        ),
+    )
+    .unwrap();
+    let e = lever_in(d, &["ladder", "l.toml", "--out", "budget"]).failed_alone();
+    assert!(
+        e.contains("rung `lora`: 500 steps of lora fine-tuning are planned at ")
+            && e.contains("over budget_minutes = 0.01"),
+        "{e}"
+    );
+    assert!(
+        !d.join("budget/rungs/a/result.json").exists(),
+        "nothing ran"
     );
     // A folder that holds other files.
     std::fs::create_dir(d.join("busy")).unwrap();
