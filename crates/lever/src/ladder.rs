@@ -233,10 +233,10 @@ impl Ladder {
         if !["train", "dev", "test"].contains(&file.split.as_str()) {
             return Err(err(format!("split `{}`: train, dev or test", file.split)));
         }
-        if let Some(f) = file.format.as_deref() {
-            if !["block", "chat"].contains(&f) {
-                return Err(err(format!("format `{f}`: block or chat")));
-            }
+        if let Some(f) = file.format.as_deref()
+            && !["block", "chat"].contains(&f)
+        {
+            return Err(err(format!("format `{f}`: block or chat")));
         }
         let task = lever_eval::task::load(&file.task)?;
         let ladder = Ladder {
@@ -336,17 +336,16 @@ pub fn run(a: LadderArgs) -> Result<()> {
         }
         a.rungs.clone()
     };
-    if a.backend.backend.is_some() {
-        if let Some(r) = names
+    if a.backend.backend.is_some()
+        && let Some(r) = names
             .iter()
             .filter_map(|n| ladder.rung(n).ok())
             .find(|r| r.finetune.is_some())
-        {
-            bail!(
-                "rung `{}`: a fine-tuned model is evaluated in this process; --backend serves the prompting and RAG rungs (use --rungs)",
-                r.name
-            );
-        }
+    {
+        bail!(
+            "rung `{}`: a fine-tuned model is evaluated in this process; --backend serves the prompting and RAG rungs (use --rungs)",
+            r.name
+        );
     }
     // A ladder's folder is gone on with; one that holds other files is refused (--force
     // starts over, removing only what a ladder writes).
