@@ -52,18 +52,23 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let line = format!("error: {}", one_line(&e));
-            eprintln!("{line}");
-            // A supervised training tells its supervisor why it stopped (supervise.rs).
-            if let Some(path) = std::env::var_os(supervise::ERROR_FILE_ENV) {
-                let _ = std::fs::write(path, line + "\n");
-            }
+            report(&e);
             if e.downcast_ref::<Usage>().is_some() {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// Print a command's error as one line; a supervised training also tells its supervisor
+/// why it stopped (supervise.rs).
+fn report(e: &anyhow::Error) {
+    let line = format!("error: {}", one_line(e));
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os(supervise::ERROR_FILE_ENV) {
+        let _ = std::fs::write(path, line + "\n");
     }
 }
 

@@ -101,11 +101,13 @@ pub fn finish(dist: Arc<Dist>, result: Result<()>) -> Result<()> {
         Some(lever_train::Error::Disagree { .. })
     );
     if everyone {
-        let root = dist.is_root();
-        drop(dist); // MPI_Finalize, on every rank.
-        if root {
-            return Err(e);
+        // Rank 0 prints before the barrier: a rank that exits first makes mpirun stop the
+        // others, and rank 0 could be stopped before its line is out.
+        if dist.is_root() {
+            crate::report(&e);
         }
+        dist.barrier();
+        drop(dist); // MPI_Finalize, on every rank.
         std::process::exit(1);
     }
     eprintln!("error: rank {}: {}", dist.rank(), crate::one_line(&e));
