@@ -414,7 +414,7 @@ pub fn run(a: LadderArgs) -> Result<()> {
         results.push(result);
     }
     let mut report = report(&ladder, &a.out, &results)?;
-    report["verdict"]["next"] = json!(next_rung(&ladder, &a.out));
+    report["verdict"]["next"] = json!(next_rung(&ladder, &a.out, &names));
     crate::write_file(
         &a.out.join("ladder.json"),
         serde_json::to_string_pretty(&report)?,
@@ -816,14 +816,13 @@ fn plan_training(ladder: &Ladder, out: &Path, method: &str, spec: &FinetuneSpec)
     serde_json::from_slice(&o.stdout).context("lever plan --json: not JSON")
 }
 
-/// The rung above the ladder's highest, with its planned cost: LoRA when nothing is
+/// The rung above the highest of those run, with its planned cost: LoRA when nothing is
 /// fine-tuned, full fine-tuning after LoRA.
-fn next_rung(ladder: &Ladder, out: &Path) -> Option<Value> {
+fn next_rung(ladder: &Ladder, out: &Path, names: &[String]) -> Option<Value> {
     let has = |m: &str| {
-        ladder
-            .file
-            .rungs
+        names
             .iter()
+            .filter_map(|n| ladder.rung(n).ok())
             .any(|r| r.finetune.as_deref() == Some(m))
     };
     let method = if !has("lora") && !has("full") {

@@ -227,6 +227,17 @@ fn a_ladder_scores_every_rung_on_the_same_items_and_resumes_after_a_kill() {
     assert!(rungs.iter().any(|r| r["name"] == verdict), "{verdict}");
     assert!(out.stdout.contains("verdict: use `"), "{}", out.stdout);
     eprintln!("{}", out.stdout);
+
+    // A subset of the rungs (kept from the run above): the rung above is judged from those
+    // run, not from the whole file.
+    let mut sub = args.to_vec();
+    sub.extend(["--rungs", "zero-shot,rag"]);
+    let out = lever_in(d, &sub).ok();
+    assert!(out.stderr.contains("rag: done before, kept"), "{}", out.stderr);
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("out/ladder.json")).unwrap()).unwrap();
+    assert_eq!(report["rungs"].as_array().unwrap().len(), 2, "{report}");
+    assert_eq!(report["verdict"]["next"]["method"], "lora", "{report}");
 }
 
 /// Bad ladder files: one line naming the file and the problem, exit 1, nothing written.
