@@ -11,7 +11,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Storage, Tensor,
 };
 
-use crate::ops::host::{Gemm, HostRows, Mat, f32_slice, gemm_into};
+use crate::ops::host::{Gemm, HostRows, Mat, f32_slice, gemm_into, gemm_new};
 
 use crate::kernels;
 use crate::qweight::QWeight;
@@ -267,7 +267,7 @@ pub struct WeightGrad(Arc<Mutex<Option<Tensor>>>);
 
 impl WeightGrad {
     /// Add `g` to what this backward pass has collected.
-    fn add(&self, g: Tensor) -> Result<()> {
+    pub(crate) fn add(&self, g: Tensor) -> Result<()> {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
         *slot = Some(match slot.take() {
             Some(prev) => (prev + g)?,
@@ -303,8 +303,7 @@ impl CustomOp2 for DenseMatMul {
             f32_slice(s2, l2, self.name())?,
         );
         let m = x.len() / k;
-        let mut y = vec![0f32; m * n];
-        gemm_into(&mut y, Mat::rows(x, k), Mat::t(w, k), Gemm::new(m, n, k));
+        let y = gemm_new(Mat::rows(x, k), Mat::t(w, k), Gemm::new(m, n, k));
         let mut out = dims.to_vec();
         *out.last_mut().unwrap_or(&mut 0) = n;
         Ok((CpuStorage::F32(y), Shape::from(out)))
@@ -334,20 +333,13 @@ impl CustomOp2 for DenseMatMul {
         );
         let m = xs.len() / k;
         let dx = if x.track_op() {
-            let mut dx = vec![0f32; m * k];
-            gemm_into(
-                &mut dx,
-                Mat::rows(dy, n),
-                Mat::rows(ws, k),
-                Gemm::new(m, k, n),
-            );
+            let dx = gemm_new(Mat::rows(dy, n), Mat::rows(ws, k), Gemm::new(m, k, n));
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         } else {
             None
         };
         let dw = if w.track_op() {
-            let mut dw = vec![0f32; n * k];
-            gemm_into(&mut dw, Mat::t(dy, n), Mat::rows(xs, k), Gemm::new(n, k, m));
+            let dw = gemm_new(Mat::t(dy, n), Mat::rows(xs, k), Gemm::new(n, k, m));
             let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
             match &self.weight_grad {
                 Some(slot) => {
@@ -361,6 +353,13 @@ impl CustomOp2 for DenseMatMul {
         };
         Ok((dx, dw))
     }
+}
+
+/// A trainable float weight (out, in) with the slot its gradient collects in.
+#[derive(Debug, Clone)]
+pub(crate) struct TrainedWeight {
+    pub(crate) w: Tensor,
+    pub(crate) grad: WeightGrad,
 }
 
 /// The base weight W: (out, in).
@@ -495,6 +494,26 @@ impl Linear {
         };
         grads.insert(w, g);
         Ok(())
+    }
+
+    /// The weight (out, in) and where its gradient collects, when this layer is a plain
+    /// trainable f32 CPU weight (`collect_weight_grad`; no bias, no adapter): what the fused
+    /// training ops of `ops::sublayer` multiply with directly.
+    pub(crate) fn trained_weight(&self) -> Option<TrainedWeight> {
+        match (&self.weight, &self.weight_grad, &self.bias, &self.lora) {
+            (Weight::Float(w), Some(grad), None, None)
+                if w.device().is_cpu()
+                    && w.dtype() == candle_core::DType::F32
+                    && w.rank() == 2
+                    && w.is_contiguous() =>
+            {
+                Some(TrainedWeight {
+                    w: w.clone(),
+                    grad: grad.clone(),
+                })
+            }
+            _ => None,
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {

@@ -26,6 +26,7 @@ use crate::kernels::{self, AttnDims};
 use crate::linear::{Linear, Weight};
 use crate::ops::grad::{self, AttnShape};
 use crate::ops::host::HostRows;
+use crate::ops::sublayer;
 use crate::ops::{self, Rope, RopeTables};
 
 mod cache;
@@ -361,6 +362,61 @@ struct Block {
     attn: Attention,
     ffn_norm: Tensor,
     mlp: Mlp,
+}
+
+impl Block {
+    /// [`Path::Differentiable`] for the whole block, when it trains on a prefix (no cache)
+    /// and every projection is a plain trainable f32 weight (pretraining, full fine-tuning):
+    /// each residual half as one fused op with its own backward (`ops::sublayer`), the same
+    /// arithmetic as the separate ops. None when the block takes its halves' own paths.
+    fn fused_training(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        cache: &Cache,
+        eps: f32,
+    ) -> Result<Option<Tensor>> {
+        let (a, m) = (&self.attn, &self.mlp);
+        if cache.len != 0
+            || a.paths.training != Path::Differentiable
+            || m.paths.training != Path::Differentiable
+            || x.dtype() != DType::F32
+            || x.rank() != 3
+        {
+            return Ok(None);
+        }
+        let (Some(q), Some(k), Some(v), Some(o)) = (
+            a.q.trained_weight(),
+            a.k.trained_weight(),
+            a.v.trained_weight(),
+            a.o.trained_weight(),
+        ) else {
+            return Ok(None);
+        };
+        let (Some(gate), Some(up), Some(down)) = (
+            m.gate.trained_weight(),
+            m.up.trained_weight(),
+            m.down.trained_weight(),
+        ) else {
+            return Ok(None);
+        };
+        let (b, t, _) = x.dims3()?;
+        let shape = AttnShape {
+            batch: b,
+            len: t,
+            heads: a.num_heads,
+            kv_heads: a.num_kv_heads,
+            head_dim: a.head_dim,
+        };
+        let core = grad::CausalAttention::new(shape, rope, a.numerics.f16_kv())?;
+        let x = sublayer::attention_half(x, &self.attn_norm, eps, core, [q, k, v, o])?;
+        Ok(Some(sublayer::mlp_half(
+            &x,
+            &self.ffn_norm,
+            eps,
+            [gate, up, down],
+        )?))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -712,6 +768,9 @@ impl Decoder {
         cache: &mut Cache,
     ) -> Result<Tensor> {
         let block = &self.blocks[i];
+        if let Some(y) = block.fused_training(x, rope, cache, self.cfg.rms_norm_eps)? {
+            return Ok(y);
+        }
         let h = ops::rms_norm(x, &block.attn_norm, self.cfg.rms_norm_eps)?;
         let h = block.attn.forward(&h, i, rope, mask, cache)?;
         let x = (x + h)?;

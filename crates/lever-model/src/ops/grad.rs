@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::host::{Gemm, HostRows, Mat, f32_slice, gemm_into};
+use super::host::{Gemm, HostRows, Mat, f32_slice, gemm_into, with_host};
 use super::{RopeStyle, RopeTables};
 
 /// softmax(scale · x + causal mask) over the last dimension of (..., T, P) scores, where
@@ -98,9 +98,80 @@ struct RmsNorm(f32);
 
 impl RmsNorm {
     fn inv_rms(&self, x: &[f32]) -> f32 {
-        let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-        1.0 / (ms + self.0).sqrt()
+        inv_rms(x, self.0)
     }
+}
+
+/// 1 / rms(x) = 1 / √(mean(x²) + eps).
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+/// RMS norm of rows x (M, C) with weight w (C,): y = x · r ⊙ w, and each row's r = 1/rms
+/// into `r` (M,), in parallel over blocks of rows.
+pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], r: &mut [f32]) {
+    let c = w.len();
+    let rows = c * RMS_ROWS_PER_TASK;
+    y.par_chunks_mut(rows)
+        .zip(x.par_chunks(rows))
+        .zip(r.par_chunks_mut(RMS_ROWS_PER_TASK))
+        .for_each(|((y, x), r)| {
+            for ((y, x), r) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(r) {
+                *r = inv_rms(x, eps);
+                for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                    *y = x * *r * w;
+                }
+            }
+        });
+}
+
+/// RMS norm's backward over rows: with n = x·r and y = n ⊙ w, for the gradient g of y,
+/// dx += r · (g⊙w − n · mean(g⊙w⊙n)) (added to what dx holds) and dw = Σ_rows g ⊙ n,
+/// returned. `r` holds each row's 1/rms, as [`rms_norm_rows`] wrote it.
+pub(crate) fn rms_norm_backward_rows(
+    x: &[f32],
+    w: &[f32],
+    r: &[f32],
+    g: &[f32],
+    dx: &mut [f32],
+) -> Vec<f32> {
+    let c = w.len();
+    let rows = c * RMS_ROWS_PER_TASK;
+    // dw's partial sums over fixed blocks of rows, added in block order: the same bits
+    // whatever the threads do. (A rayon `fold` grouped rows by how work was stolen, so a
+    // run and its resumed twin differed in the last bits under load.)
+    let dws: Vec<Vec<f32>> = dx
+        .par_chunks_mut(rows)
+        .zip(x.par_chunks(rows).zip(g.par_chunks(rows)))
+        .zip(r.par_chunks(RMS_ROWS_PER_TASK))
+        .map(|((dx, (x, g)), r)| {
+            let mut dw = vec![0f32; c];
+            for (((dx, x), g), &r) in dx
+                .chunks_exact_mut(c)
+                .zip(x.chunks_exact(c))
+                .zip(g.chunks_exact(c))
+                .zip(r)
+            {
+                let mut dot = 0f32;
+                for i in 0..c {
+                    let n = x[i] * r;
+                    dw[i] += g[i] * n;
+                    dot += g[i] * w[i] * n;
+                }
+                let mean = dot / c as f32;
+                for i in 0..c {
+                    dx[i] += r * (g[i] * w[i] - x[i] * r * mean);
+                }
+            }
+            dw
+        })
+        .collect();
+    let mut dw = vec![0f32; c];
+    for part in dws {
+        dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
+    dw
 }
 
 impl CustomOp2 for RmsNorm {
@@ -117,14 +188,9 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, self.name())?;
         let w = f32_slice(s2, l2, self.name())?;
-        let c = w.len();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| {
-            let r = self.inv_rms(x);
-            for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                *y = x * r * w;
-            }
-        });
+        let mut r = vec![0f32; x.len() / w.len().max(1)];
+        rms_norm_rows(x, w, self.0, &mut y, &mut r);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -135,43 +201,15 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // n = x·r, y = n ⊙ w: dw = Σ_rows g ⊙ n; dx = r · (g⊙w − n · mean(g⊙w⊙n)).
-        let c = w.elem_count();
         let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let ws = w.flatten_all()?.to_vec1::<f32>()?;
-        let mut dx = vec![0f32; xs.len()];
-        // dw's partial sums over fixed blocks of rows, added in block order: the same bits
-        // whatever the threads do. (A rayon `fold` grouped rows by how work was stolen, so a
-        // run and its resumed twin differed in the last bits under load.)
-        let dws: Vec<Vec<f32>> = dx
-            .par_chunks_mut(c * RMS_ROWS_PER_TASK)
-            .zip(
-                xs.par_chunks(c * RMS_ROWS_PER_TASK)
-                    .zip(gs.par_chunks(c * RMS_ROWS_PER_TASK)),
-            )
-            .map(|(dx, (x, g))| {
-                let mut dw = vec![0f32; c];
-                for (dx, (x, g)) in dx.chunks_mut(c).zip(x.chunks(c).zip(g.chunks(c))) {
-                    let r = self.inv_rms(x);
-                    let mut dot = 0f32;
-                    for i in 0..c {
-                        let n = x[i] * r;
-                        dw[i] += g[i] * n;
-                        dot += g[i] * ws[i] * n;
-                    }
-                    let mean = dot / c as f32;
-                    for i in 0..c {
-                        dx[i] = r * (g[i] * ws[i] - x[i] * r * mean);
-                    }
-                }
-                dw
-            })
+        let r: Vec<f32> = xs
+            .chunks(ws.len().max(1))
+            .map(|x| self.inv_rms(x))
             .collect();
-        let mut dw = vec![0f32; c];
-        for part in dws {
-            dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-        }
+        let mut dx = vec![0f32; xs.len()];
+        let dw = rms_norm_backward_rows(&xs, &ws, &r, &gs, &mut dx);
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
         Ok((Some(dx), Some(dw)))
@@ -213,13 +251,7 @@ impl CustomOp2 for SiluMul {
             candle_core::bail!("silu-mul: {:?} vs {:?}", l1.dims(), l2.dims());
         }
         let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(4096)
-            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-            .for_each(|(y, (g, u))| {
-                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g * sigmoid(*g) * u;
-                }
-            });
+        silu_mul_rows(g, u, &mut y);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -241,20 +273,7 @@ impl CustomOp2 for SiluMul {
                     }
                     let mut dg = vec![0f32; gs.len()];
                     let mut du = vec![0f32; gs.len()];
-                    dg.par_chunks_mut(4096)
-                        .zip(du.par_chunks_mut(4096))
-                        .zip(
-                            gs.par_chunks(4096)
-                                .zip(us.par_chunks(4096))
-                                .zip(ds.par_chunks(4096)),
-                        )
-                        .for_each(|((dg, du), ((g, u), d))| {
-                            for i in 0..g.len() {
-                                let s = sigmoid(g[i]);
-                                du[i] = d[i] * g[i] * s;
-                                dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                            }
-                        });
+                    silu_mul_backward_rows(gs, us, ds, &mut dg, &mut du);
                     Ok((dg, du))
                 })
             })
@@ -264,6 +283,44 @@ impl CustomOp2 for SiluMul {
             Some(Tensor::from_vec(du, u.shape(), u.device())?),
         ))
     }
+}
+
+/// Values per task of the element-wise SwiGLU passes.
+const SILU_CHUNK: usize = 4096;
+
+/// y = silu(g) ⊙ u, in parallel.
+pub(crate) fn silu_mul_rows(g: &[f32], u: &[f32], y: &mut [f32]) {
+    y.par_chunks_mut(SILU_CHUNK)
+        .zip(g.par_chunks(SILU_CHUNK).zip(u.par_chunks(SILU_CHUNK)))
+        .for_each(|(y, (g, u))| {
+            for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                *y = g * sigmoid(*g) * u;
+            }
+        });
+}
+
+/// SwiGLU's backward: for the gradient d of y = silu(g) ⊙ u, dg and du (overwritten).
+pub(crate) fn silu_mul_backward_rows(
+    g: &[f32],
+    u: &[f32],
+    d: &[f32],
+    dg: &mut [f32],
+    du: &mut [f32],
+) {
+    dg.par_chunks_mut(SILU_CHUNK)
+        .zip(du.par_chunks_mut(SILU_CHUNK))
+        .zip(
+            g.par_chunks(SILU_CHUNK)
+                .zip(u.par_chunks(SILU_CHUNK))
+                .zip(d.par_chunks(SILU_CHUNK)),
+        )
+        .for_each(|((dg, du), ((g, u), d))| {
+            for i in 0..g.len() {
+                let s = sigmoid(g[i]);
+                du[i] = d[i] * g[i] * s;
+                dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            }
+        });
 }
 
 /// silu(g) ⊙ u, differentiable in both.
@@ -290,7 +347,7 @@ pub(crate) struct AttnShape {
 /// the backward recomputes them head by head, as FlashAttention does (Dao et al. 2022,
 /// arXiv:2205.14135, §3.1), which costs one small product per head.
 #[derive(Debug, Clone)]
-struct CausalAttention {
+pub(crate) struct CausalAttention {
     shape: AttnShape,
     /// (T, D/2) each, positions 0..T.
     cos: Arc<Vec<f32>>,
@@ -391,85 +448,145 @@ impl CausalAttention {
             masked.fill(0.0);
         }
     }
-    /// The backward pass on host values: dq, dk, dv, each shaped as its input.
-    fn backward(
+    /// One (batch row, kv head) unit's rotated (and rounded) inputs.
+    fn unit(&self, q: &[f32], k: &[f32], v: &[f32], u: usize) -> AttnUnit {
+        let s = &self.shape;
+        let rep = s.heads / s.kv_heads;
+        let (b, g) = (u / s.kv_heads, u % s.kv_heads);
+        let (kr, vv) = self.keys_values(k, v, b, g);
+        let mut qr = Vec::with_capacity(rep * s.len * s.head_dim);
+        for r in 0..rep {
+            qr.extend(self.query(q, b, g * rep + r));
+        }
+        AttnUnit {
+            qr,
+            kr,
+            vv,
+            probs: Vec::new(),
+        }
+    }
+
+    /// A unit's outputs (rep, T, D); with `keep`, its probabilities stay in `unit.probs`
+    /// for the backward.
+    fn unit_forward(&self, unit: &mut AttnUnit, keep: bool) -> Vec<f32> {
+        let (t, d) = (self.shape.len, self.shape.head_dim);
+        let rep = self.shape.heads / self.shape.kv_heads;
+        let per_head = probs_len(t);
+        let AttnUnit { qr, kr, vv, probs } = unit;
+        *probs = vec![0f32; if keep { rep * per_head } else { 0 }];
+        let mut scratch = vec![0f32; if keep { 0 } else { QUERY_BLOCK.min(t) * t }];
+        let mut out = vec![0f32; rep * t * d];
+        for (r, out) in out.chunks_exact_mut(t * d).enumerate() {
+            let qr = &qr[r * t * d..(r + 1) * t * d];
+            let mut at = r * per_head;
+            for (i0, i1) in row_blocks(t) {
+                let len = (i1 - i0) * i1;
+                let p = if keep {
+                    &mut probs[at..at + len]
+                } else {
+                    &mut scratch[..len]
+                };
+                at += len;
+                self.block_probs(qr, kr, i0, i1, p);
+                gemm_into(
+                    &mut out[i0 * d..i1 * d],
+                    Mat::rows(p, i1),
+                    Mat::rows(vv, d),
+                    Gemm::new(i1 - i0, d, i1).serial(),
+                );
+            }
+        }
+        out
+    }
+
+    /// A unit's backward from the gradient of its outputs: dq (rep, T, D) and dk, dv (T, D),
+    /// rotated back. The probabilities are the kept ones, or recomputed.
+    fn unit_backward(
         &self,
-        qs: &[f32],
-        ks: &[f32],
-        vs: &[f32],
+        unit: &AttnUnit,
         dys: &[f32],
+        u: usize,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let s = self.shape;
         let (t, d, rep) = (s.len, s.head_dim, s.heads / s.kv_heads);
+        let (b, g) = (u / s.kv_heads, u % s.kv_heads);
         let scale = 1.0 / (d as f32).sqrt();
-        // Per (batch row, kv head): dq of its rep heads (rep, T, D), dk and dv (T, D).
-        type Unit = (Vec<f32>, Vec<f32>, Vec<f32>);
-        let units: Vec<Unit> = (0..s.batch * s.kv_heads)
-            .into_par_iter()
-            .map(|u| {
-                let (b, g) = (u / s.kv_heads, u % s.kv_heads);
-                let (kr, vv) = self.keys_values(ks, vs, b, g);
-                let rows = QUERY_BLOCK.min(t) * t;
-                let (mut p, mut ds) = (vec![0f32; rows], vec![0f32; rows]);
-                let mut dq = vec![0f32; rep * t * d];
-                let (mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d]);
-                for (r, dq) in dq.chunks_exact_mut(t * d).enumerate() {
-                    let h = g * rep + r;
-                    let qr = self.query(qs, b, h);
-                    let dy = head_rows(dys, b, h, &s, s.heads);
-                    for (i0, i1) in row_blocks(t) {
-                        let m = i1 - i0;
-                        let (p, ds) = (&mut p[..m * i1], &mut ds[..m * i1]);
-                        self.block_probs(&qr, &kr, i0, i1, p);
-                        let dy = &dy[i0 * d..i1 * d];
-                        // dv[..i1] += pᵀ·dy; dp = dy·v[..i1]ᵀ
-                        let dv = &mut dv[..i1 * d];
-                        gemm_into(
-                            dv,
-                            Mat::t(p, i1),
-                            Mat::rows(dy, d),
-                            Gemm::new(i1, d, m).accumulate().serial(),
-                        );
-                        gemm_into(
-                            ds,
-                            Mat::rows(dy, d),
-                            Mat::t(&vv[..i1 * d], d),
-                            Gemm::new(m, i1, d).serial(),
-                        );
-                        // ds = scale · p ⊙ (dp − Σ_j dp ⊙ p), row by row (zero where p is).
-                        for (ds, p) in ds.chunks_exact_mut(i1).zip(p.chunks_exact(i1)) {
-                            let dot: f32 = ds.iter().zip(p.iter()).map(|(a, b)| a * b).sum();
-                            ds.iter_mut()
-                                .zip(p.iter())
-                                .for_each(|(ds, p)| *ds = scale * p * (*ds - dot));
-                        }
-                        // dq_rot = ds·k_rot[..i1]; dk_rot[..i1] += dsᵀ·q_rot
-                        let dq = &mut dq[i0 * d..i1 * d];
-                        gemm_into(
-                            dq,
-                            Mat::rows(ds, i1),
-                            Mat::rows(&kr, d),
-                            Gemm::new(m, d, i1).serial(),
-                        );
-                        let (dk, q) = (&mut dk[..i1 * d], &qr[i0 * d..i1 * d]);
-                        gemm_into(
-                            dk,
-                            Mat::t(ds, i1),
-                            Mat::rows(q, d),
-                            Gemm::new(i1, d, m).accumulate().serial(),
-                        );
-                    }
-                    self.rotate(dq, true);
+        let per_head = probs_len(t);
+        let kept = !unit.probs.is_empty();
+        let (kr, vv) = (&unit.kr, &unit.vv);
+        let rows = QUERY_BLOCK.min(t) * t;
+        let mut scratch = vec![0f32; if kept { 0 } else { rows }];
+        let mut ds = vec![0f32; rows];
+        let mut dq = vec![0f32; rep * t * d];
+        let (mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d]);
+        for (r, dq) in dq.chunks_exact_mut(t * d).enumerate() {
+            let qr = &unit.qr[r * t * d..(r + 1) * t * d];
+            let dy = head_rows(dys, b, g * rep + r, &s, s.heads);
+            let mut at = r * per_head;
+            for (i0, i1) in row_blocks(t) {
+                let m = i1 - i0;
+                let ds = &mut ds[..m * i1];
+                let p: &[f32] = if kept {
+                    &unit.probs[at..at + m * i1]
+                } else {
+                    let p = &mut scratch[..m * i1];
+                    self.block_probs(qr, kr, i0, i1, p);
+                    p
+                };
+                at += m * i1;
+                let dy = &dy[i0 * d..i1 * d];
+                // dv[..i1] += pᵀ·dy; dp = dy·v[..i1]ᵀ
+                let dv = &mut dv[..i1 * d];
+                gemm_into(
+                    dv,
+                    Mat::t(p, i1),
+                    Mat::rows(dy, d),
+                    Gemm::new(i1, d, m).accumulate().serial(),
+                );
+                gemm_into(
+                    ds,
+                    Mat::rows(dy, d),
+                    Mat::t(&vv[..i1 * d], d),
+                    Gemm::new(m, i1, d).serial(),
+                );
+                // ds = scale · p ⊙ (dp − Σ_j dp ⊙ p), row by row (zero where p is).
+                for (ds, p) in ds.chunks_exact_mut(i1).zip(p.chunks_exact(i1)) {
+                    let dot: f32 = ds.iter().zip(p.iter()).map(|(a, b)| a * b).sum();
+                    ds.iter_mut()
+                        .zip(p.iter())
+                        .for_each(|(ds, p)| *ds = scale * p * (*ds - dot));
                 }
-                self.rotate(&mut dk, true);
-                (dq, dk, dv)
-            })
-            .collect();
-        let (mut dq, mut dk, mut dv) = (
-            vec![0f32; qs.len()],
-            vec![0f32; ks.len()],
-            vec![0f32; vs.len()],
-        );
+                // dq_rot = ds·k_rot[..i1]; dk_rot[..i1] += dsᵀ·q_rot
+                let dq = &mut dq[i0 * d..i1 * d];
+                gemm_into(
+                    dq,
+                    Mat::rows(ds, i1),
+                    Mat::rows(kr, d),
+                    Gemm::new(m, d, i1).serial(),
+                );
+                let (dk, q) = (&mut dk[..i1 * d], &qr[i0 * d..i1 * d]);
+                gemm_into(
+                    dk,
+                    Mat::t(ds, i1),
+                    Mat::rows(q, d),
+                    Gemm::new(i1, d, m).accumulate().serial(),
+                );
+            }
+            self.rotate(dq, true);
+        }
+        self.rotate(&mut dk, true);
+        (dq, dk, dv)
+    }
+
+    /// dq, dk, dv (shaped as q, k, v) from the units' backward passes.
+    fn gather_grads(
+        &self,
+        units: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)>,
+        lens: (usize, usize),
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let s = self.shape;
+        let (t, d, rep) = (s.len, s.head_dim, s.heads / s.kv_heads);
+        let (mut dq, mut dk, mut dv) = (vec![0f32; lens.0], vec![0f32; lens.1], vec![0f32; lens.1]);
         for (u, (uq, uk, uv)) in units.iter().enumerate() {
             let (b, g) = (u / s.kv_heads, u % s.kv_heads);
             for (r, rows) in uq.chunks_exact(t * d).enumerate() {
@@ -480,6 +597,105 @@ impl CausalAttention {
         }
         (dq, dk, dv)
     }
+
+    /// The backward pass on host values: dq, dk, dv, each shaped as its input. The
+    /// probabilities are recomputed head by head.
+    fn backward(
+        &self,
+        qs: &[f32],
+        ks: &[f32],
+        vs: &[f32],
+        dys: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let s = self.shape;
+        let units = (0..s.batch * s.kv_heads)
+            .into_par_iter()
+            .map(|u| self.unit_backward(&self.unit(qs, ks, vs, u), dys, u))
+            .collect();
+        self.gather_grads(units, (qs.len(), ks.len()))
+    }
+
+    /// The forward pass on host values q (B, T, H·D), k, v (B, T, K·D): (B, T, H·D), and
+    /// what [`Self::backward_kept`] needs: each unit's rotated inputs and, when the context
+    /// is short enough that they are no larger than a few times the inputs
+    /// ([`KEEP_PROBS_LEN`]), its probabilities, which the backward then reads instead of
+    /// recomputing (FlashAttention's recomputation pays at long contexts, not at 64 tokens).
+    pub(crate) fn forward_kept(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, AttnKept) {
+        let s = self.shape;
+        let keep = s.len <= KEEP_PROBS_LEN;
+        let units: Vec<(Vec<f32>, AttnUnit)> = (0..s.batch * s.kv_heads)
+            .into_par_iter()
+            .map(|u| {
+                let mut unit = self.unit(q, k, v, u);
+                let out = self.unit_forward(&mut unit, keep);
+                (out, unit)
+            })
+            .collect();
+        let (outs, units): (Vec<_>, Vec<_>) = units.into_iter().unzip();
+        let y = self.gather_outputs(&outs, q.len());
+        let kept = AttnKept {
+            units,
+            lens: (q.len(), k.len()),
+        };
+        (y, kept)
+    }
+
+    /// The backward pass from what [`Self::forward_kept`] kept: dq, dk, dv.
+    pub(crate) fn backward_kept(
+        &self,
+        kept: &AttnKept,
+        dys: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let units = kept
+            .units
+            .par_iter()
+            .enumerate()
+            .map(|(u, unit)| self.unit_backward(unit, dys, u))
+            .collect();
+        self.gather_grads(units, kept.lens)
+    }
+
+    /// The units' outputs (rep, T, D) each, as (B, T, H·D).
+    fn gather_outputs(&self, outs: &[Vec<f32>], len: usize) -> Vec<f32> {
+        let s = self.shape;
+        let (t, d, rep) = (s.len, s.head_dim, s.heads / s.kv_heads);
+        let mut y = vec![0f32; len];
+        for (u, out) in outs.iter().enumerate() {
+            let (b, g) = (u / s.kv_heads, u % s.kv_heads);
+            for (r, rows) in out.chunks_exact(t * d).enumerate() {
+                put_head(&mut y, rows, b, g * rep + r, &s, s.heads);
+            }
+        }
+        y
+    }
+}
+
+/// One (batch row, kv head) of a causal attention call: its rep query heads rotated
+/// (rep, T, D), its key head rotated and its value head (T, D) each (rounded when the op
+/// rounds), and, when kept, the probabilities of each query head, block after block.
+#[derive(Debug)]
+struct AttnUnit {
+    qr: Vec<f32>,
+    kr: Vec<f32>,
+    vv: Vec<f32>,
+    probs: Vec<f32>,
+}
+
+/// What [`CausalAttention::forward_kept`] keeps for the backward.
+#[derive(Debug)]
+pub(crate) struct AttnKept {
+    units: Vec<AttnUnit>,
+    /// Lengths of q and of k (= v).
+    lens: (usize, usize),
+}
+
+/// Contexts up to which the fused training op keeps the attention probabilities, (T, T)
+/// per head, at most 8 times a head's (T, D) inputs for D ≥ 32.
+const KEEP_PROBS_LEN: usize = 256;
+
+/// Values of one head's probabilities over the causal row blocks.
+fn probs_len(t: usize) -> usize {
+    row_blocks(t).map(|(i0, i1)| (i1 - i0) * i1).sum()
 }
 
 /// Query rows per block of the causal attention products.
@@ -506,46 +722,12 @@ impl CustomOp3 for CausalAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let s = self.shape;
         let (q, k, v) = (
             f32_slice(s1, l1, self.name())?,
             f32_slice(s2, l2, self.name())?,
             f32_slice(s3, l3, self.name())?,
         );
-        let (t, d, rep) = (s.len, s.head_dim, s.heads / s.kv_heads);
-        // One unit per (batch row, kv head): its rep query heads' outputs, (rep, T, D).
-        let units: Vec<Vec<f32>> = (0..s.batch * s.kv_heads)
-            .into_par_iter()
-            .map(|u| {
-                let (b, g) = (u / s.kv_heads, u % s.kv_heads);
-                let (kr, vv) = self.keys_values(k, v, b, g);
-                let mut p = vec![0f32; QUERY_BLOCK.min(t) * t];
-                let mut out = vec![0f32; rep * t * d];
-                for (r, out) in out.chunks_exact_mut(t * d).enumerate() {
-                    let qr = self.query(q, b, g * rep + r);
-                    for (i0, i1) in row_blocks(t) {
-                        let p = &mut p[..(i1 - i0) * i1];
-                        self.block_probs(&qr, &kr, i0, i1, p);
-                        let out = &mut out[i0 * d..i1 * d];
-                        gemm_into(
-                            out,
-                            Mat::rows(p, i1),
-                            Mat::rows(&vv, d),
-                            Gemm::new(i1 - i0, d, i1).serial(),
-                        );
-                    }
-                }
-                out
-            })
-            .collect();
-        let mut y = vec![0f32; q.len()];
-        for (u, out) in units.iter().enumerate() {
-            let (b, g) = (u / s.kv_heads, u % s.kv_heads);
-            for (r, rows) in out.chunks_exact(t * d).enumerate() {
-                put_head(&mut y, rows, b, g * rep + r, &s, s.heads);
-            }
-        }
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((CpuStorage::F32(self.forward(q, k, v)), l1.shape().clone()))
     }
 
     fn bwd(
@@ -556,20 +738,11 @@ impl CustomOp3 for CausalAttention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // q, k, v and the incoming gradient, read in place.
-        let (hq, hk, hv, hd) = (
-            HostRows::new(q)?,
-            HostRows::new(k)?,
-            HostRows::new(v)?,
-            HostRows::new(grad)?,
-        );
-        let name = self.name();
-        let (dq, dk, dv) = hq.with(name, |qs| {
-            hk.with(name, |ks| {
-                hv.with(name, |vs| {
-                    hd.with(name, |dys| Ok(self.backward(qs, ks, vs, dys)))
-                })
-            })
+        // q, k, v (contiguous, as the forward took them) and the incoming gradient, read in
+        // place.
+        let grad = grad.contiguous()?;
+        let (dq, dk, dv) = with_host(&[q, k, v, &grad], self.name(), |h| {
+            Ok(self.backward(h[0], h[1], h[2], h[3]))
         })?;
         let dev = q.device();
         Ok((
@@ -577,6 +750,40 @@ impl CustomOp3 for CausalAttention {
             Some(Tensor::from_vec(dk, k.shape(), dev)?),
             Some(Tensor::from_vec(dv, v.shape(), dev)?),
         ))
+    }
+}
+
+impl CausalAttention {
+    /// The attention of a prefix of `shape.len` positions, rotated by `rope`'s tables.
+    pub(crate) fn new(shape: AttnShape, rope: &RopeTables, round_kv: bool) -> Result<Self> {
+        let AttnShape {
+            len: t,
+            heads: h,
+            kv_heads: kh,
+            head_dim: d,
+            ..
+        } = shape;
+        if kh == 0 || h % kh != 0 || d % 2 != 0 || t == 0 {
+            candle_core::bail!("causal attention: bad shape {shape:?}");
+        }
+        let (cos, sin) = rope.host_tables(0, t);
+        Ok(CausalAttention {
+            shape,
+            cos: Arc::new(cos.to_vec()),
+            sin: Arc::new(sin.to_vec()),
+            style: rope.style(),
+            round_kv,
+        })
+    }
+
+    /// The forward pass on host values q (B, T, H·D), k, v (B, T, K·D): (B, T, H·D).
+    fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        let s = self.shape;
+        let outs: Vec<Vec<f32>> = (0..s.batch * s.kv_heads)
+            .into_par_iter()
+            .map(|u| self.unit_forward(&mut self.unit(q, k, v, u), false))
+            .collect();
+        self.gather_outputs(&outs, q.len())
     }
 }
 
@@ -591,6 +798,7 @@ pub(crate) fn causal_attention(
     rope: &RopeTables,
     round_kv: bool,
 ) -> Result<Tensor> {
+    let op = CausalAttention::new(shape, rope, round_kv)?;
     let AttnShape {
         batch: b,
         len: t,
@@ -598,22 +806,11 @@ pub(crate) fn causal_attention(
         kv_heads: kh,
         head_dim: d,
     } = shape;
-    if kh == 0 || h % kh != 0 || d % 2 != 0 || t == 0 {
-        candle_core::bail!("causal attention: bad shape {shape:?}");
-    }
     for (x, heads) in [(q, h), (k, kh), (v, kh)] {
         if x.dims() != [b, t, heads * d] {
             candle_core::bail!("causal attention: {:?} for {shape:?}", x.dims());
         }
     }
-    let (cos, sin) = rope.host_tables(0, t);
-    let op = CausalAttention {
-        shape,
-        cos: Arc::new(cos.to_vec()),
-        sin: Arc::new(sin.to_vec()),
-        style: rope.style(),
-        round_kv,
-    };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }

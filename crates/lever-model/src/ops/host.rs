@@ -36,6 +36,24 @@ impl HostRows {
     }
 }
 
+/// Calls `f` with the values of contiguous f32 CPU tensors, borrowed in place (each
+/// storage read-locked until `f` returns).
+pub(crate) fn with_host<R>(
+    ts: &[&Tensor],
+    what: &str,
+    f: impl FnOnce(&[&[f32]]) -> Result<R>,
+) -> Result<R> {
+    let held: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut views = Vec::with_capacity(held.len());
+    for (s, l) in &held {
+        let candle_core::Storage::Cpu(s) = &**s else {
+            candle_core::bail!("{what}: expects CPU tensors");
+        };
+        views.push(f32_slice(s, l, what)?);
+    }
+    f(&views)
+}
+
 /// The same, writable (the in-place ops).
 pub(crate) fn f32_slice_mut<'a>(
     s: &'a mut CpuStorage,
@@ -132,8 +150,43 @@ impl Gemm {
 }
 
 /// dst (m, n) row-major = [dst +] scale · a (m, k) · b (k, n), as `g` says.
-#[allow(unsafe_code)]
 pub(crate) fn gemm_into(dst: &mut [f32], a: Mat, b: Mat, g: Gemm) {
+    assert!(dst.len() >= g.m * g.n && a.covers(g.m, g.k) && b.covers(g.k, g.n));
+    if g.m == 0 || g.n == 0 {
+        return;
+    }
+    // SAFETY: dst holds m·n initialized values and the inputs cover their shapes (checked
+    // above); dst is exclusively borrowed, so it overlaps neither input.
+    unsafe { gemm_raw(dst.as_mut_ptr(), a, b, g) }
+}
+
+/// scale · a (m, k) · b (k, n) as a new row-major (m, n) buffer that the product writes
+/// without a zero fill first (`g.accumulate` must be off): the fills of the training ops'
+/// outputs were a fifteenth of a small model's step.
+pub(crate) fn gemm_new(a: Mat, b: Mat, g: Gemm) -> Vec<f32> {
+    assert!(!g.accumulate && a.covers(g.m, g.k) && b.covers(g.k, g.n));
+    let len = g.m * g.n;
+    if len == 0 || g.k == 0 {
+        return vec![0f32; len];
+    }
+    let mut dst = Vec::with_capacity(len);
+    // SAFETY: the buffer has room for m·n values; without `accumulate` gemm writes every one
+    // of them and reads none (read_dst false), so all are initialized before set_len. The
+    // inputs cover their shapes (checked above) and cannot overlap the new buffer.
+    unsafe {
+        gemm_raw(dst.as_mut_ptr(), a, b, g);
+        dst.set_len(len);
+    }
+    dst
+}
+
+/// The product into dst as `g` says (dst read only when accumulating).
+///
+/// # Safety
+/// dst must be valid for m·n writes (and reads when `g.accumulate`), overlap neither input,
+/// and a, b must cover (m, k) and (k, n).
+#[allow(unsafe_code)]
+unsafe fn gemm_raw(dst: *mut f32, a: Mat, b: Mat, g: Gemm) {
     let Gemm {
         m,
         n,
@@ -142,19 +195,14 @@ pub(crate) fn gemm_into(dst: &mut [f32], a: Mat, b: Mat, g: Gemm) {
         scale,
         parallel,
     } = g;
-    assert!(dst.len() >= m * n && a.covers(m, k) && b.covers(k, n));
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: every element gemm reads or writes is in bounds (checked above); dst is
-    // exclusively borrowed, so it overlaps neither input.
+    // SAFETY: the caller's contract.
     // gemm: dst[i·rs + j·cs] = α·dst + β·Σ_l lhs[i·rs + l·cs]·rhs[l·rs + j·cs].
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             acc,

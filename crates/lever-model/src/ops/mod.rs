@@ -3,6 +3,8 @@
 //!
 //! - [`grad`]: fused versions with their own backward pass (causal attention, causal softmax,
 //!   RMS norm, SwiGLU), for training on the CPU.
+//! - [`sublayer`]: a decoder block's attention and MLP halves (norm, projections, core,
+//!   residual) each as one such op, for training with plain trainable float weights.
 //! - [`host`]: the host views of CPU tensors and the f32 matrix product those fused
 //!   operations (and the linear layers' and the encoder's) are written with.
 
@@ -12,6 +14,7 @@ use candle_core::{Device, Result, Tensor};
 
 pub(crate) mod grad;
 pub(crate) mod host;
+pub(crate) mod sublayer;
 
 /// How rotary position embedding pairs up the channels of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
