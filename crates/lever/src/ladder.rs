@@ -312,11 +312,13 @@ impl Ladder {
         }
     }
 
-    /// What a rung's result depends on: a finished rung with other settings is run again.
-    fn fingerprint(&self, r: &RungSpec, limit: Option<usize>) -> Value {
+    /// What a rung's result depends on: a finished rung with other settings (or generated
+    /// by another backend) is run again.
+    fn fingerprint(&self, r: &RungSpec, a: &LadderArgs) -> Value {
         json!({
             "rung": r, "task": self.file.task, "model": self.file.model, "split": self.file.split,
-            "format": self.file.format, "limit": limit,
+            "format": self.file.format, "limit": a.limit,
+            "backend": [&a.backend.backend, &a.backend.backend_model],
             "rag": r.rag.then(|| self.file.rag.clone()),
             "finetune": r.finetune.as_ref().map(|_| self.file.finetune.clone()),
         })
@@ -375,7 +377,7 @@ pub fn run(a: LadderArgs) -> Result<()> {
     for (i, name) in names.iter().enumerate() {
         let r = ladder.rung(name)?;
         let done = a.out.join("rungs").join(name).join("result.json");
-        let want = ladder.fingerprint(r, a.limit);
+        let want = ladder.fingerprint(r, &a);
         let cached = read_json(&done).filter(|v| v["fingerprint"] == want);
         let result = match cached {
             Some(v) => {
@@ -394,8 +396,15 @@ pub fn run(a: LadderArgs) -> Result<()> {
                 if let Some(n) = a.limit {
                     cmd.arg("--limit").arg(n.to_string());
                 }
+                // The key travels in the environment, not in the arguments others can see.
                 if let Some(b) = &a.backend.backend {
                     cmd.arg("--backend").arg(b);
+                }
+                if let Some(k) = &a.backend.backend_key {
+                    cmd.env("LEVER_BACKEND_KEY", k);
+                }
+                if let Some(m) = &a.backend.backend_model {
+                    cmd.arg("--backend-model").arg(m);
                 }
                 if a.no_cache {
                     cmd.arg("--no-cache");
@@ -739,7 +748,7 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, name: &str) -> Result<()> {
     cost.insert("peak_rss_mb".into(), json!(peak_rss_mb()));
     let result = json!({
         "name": name,
-        "fingerprint": ladder.fingerprint(r, a.limit),
+        "fingerprint": ladder.fingerprint(r, a),
         "model": model_ref,
         "adapter": adapter,
         "setting": summary.setting,

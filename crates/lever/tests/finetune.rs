@@ -6,6 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
+use common::step_losses;
 use serde_json::Value;
 
 fn lever(args: &[&str]) -> (i32, String, String) {
@@ -265,16 +266,6 @@ fn full_fine_tuning_lowers_the_loss_and_writes_a_model_folder() {
     assert_eq!(code, 0, "{stderr}");
     let q = lever_model::Model::load_gguf(&gguf, &candle_core::Device::Cpu).unwrap();
     assert_eq!(q.decoder.config().num_layers, 30);
-}
-
-fn step_losses(run: &std::path::Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v.get("loss").is_some())
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
-        .collect()
 }
 
 /// A run killed with SIGKILL mid-way and resumed gives the same per-step losses and the same
