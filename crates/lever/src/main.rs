@@ -10,6 +10,7 @@ mod export;
 mod finetune;
 mod generator;
 mod ladder;
+mod ladder_report;
 mod measure;
 mod models;
 mod plan;
