@@ -786,7 +786,7 @@ fn ask_and_rag_ask_generate_through_a_backend() {
     .unwrap();
     std::fs::write(
         d.path().join("ladder.toml"),
-        "task = \"l.toml\"\nformat = \"chat\"\n[[rung]]\nname = \"zero-shot\"\n[[rung]]\nname = \"one-shot\"\nshots = 1\n[[rung]]\nname = \"lora\"\nfinetune = \"lora\"\n",
+        "task = \"l.toml\"\nformat = \"chat\"\n[finetune]\nsteps = 2\n[[rung]]\nname = \"zero-shot\"\n[[rung]]\nname = \"one-shot\"\nshots = 1\n[[rung]]\nname = \"lora\"\nfinetune = \"lora\"\n",
     )
     .unwrap();
     let climb = |out: &str, extra: &[&str]| -> (Value, String) {
