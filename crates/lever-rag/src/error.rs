@@ -80,8 +80,36 @@ pub enum Error {
     EmptyIndex { path: PathBuf },
     #[error("no passage of {} matches the question ({mode} search); try --mode hybrid", path.display())]
     NoMatch { path: PathBuf, mode: &'static str },
+    /// More passages asked for than the index holds.
+    #[error("-k {k}: the index {} holds only {chunks} passages", path.display())]
+    TooFewPassages {
+        path: PathBuf,
+        k: usize,
+        chunks: usize,
+    },
+    /// A decoder's own invariant broken (a bug, reported rather than a panic).
+    #[error("decoding: {0}")]
+    Decode(String),
+    /// A query encoder whose vectors cannot be compared with the index's document vectors.
+    #[error(
+        "{path}: index was built with embedder `{index_embedder}` (dim {index_dim}); refusing query encoder `{query_encoder}` (dim {query_dim}): {why}"
+    )]
+    QueryEncoderMismatch {
+        path: PathBuf,
+        index_embedder: String,
+        index_dim: usize,
+        query_encoder: String,
+        query_dim: usize,
+        why: String,
+    },
     #[error(transparent)]
     Generate(#[from] lever_generate::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Model(lever_model::Error::Candle(e))
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
