@@ -94,14 +94,8 @@ pub fn retrieve(
     temperature: f32,
     relative_to: Option<&Path>,
 ) -> Result<Retrieved> {
-    let passages = crate::answer::passages_with(
-        retriever,
-        query,
-        question,
-        Mode::Dense,
-        k,
-        relative_to,
-    )?;
+    let passages =
+        crate::answer::passages_with(retriever, query, question, Mode::Dense, k, relative_to)?;
     if passages.is_empty() {
         return Err(Error::NoMatch {
             path: retriever.index().dir().to_path_buf(),
@@ -158,12 +152,12 @@ pub fn answer_tokens(model: &Model, user: &str, answer: &str) -> Result<Vec<u32>
         Message::new("user", user),
         Message::new("assistant", answer),
     ]);
-    let t = lever_data::sft::tokenize(&model.tokenizer, Some(template), &conv, 0).map_err(
-        |e| Error::File {
+    let t = lever_data::sft::tokenize(&model.tokenizer, Some(template), &conv, 0).map_err(|e| {
+        Error::File {
             path: model.info.path.clone(),
             problem: format!("the answer {answer:?} cannot be tokenized as a turn: {e}"),
-        },
-    )?;
+        }
+    })?;
     let ids: Vec<u32> = t
         .ids
         .iter()
@@ -398,7 +392,8 @@ impl<'m> Contexts<'m> {
         // beams[z]: passage z's hypotheses.
         let mut rows = 0;
         let beams: Vec<Vec<Hypothesis>> = if opts.beam == 1 {
-            let (hyps, r) = parallel_decode(self.model, &self.prompts, &self.caches, &self.first, opts)?;
+            let (hyps, r) =
+                parallel_decode(self.model, &self.prompts, &self.caches, &self.first, opts)?;
             rows += r;
             hyps.into_iter().map(|h| vec![h]).collect()
         } else {
@@ -718,7 +713,9 @@ fn parallel_decode(
     let mut caches: Vec<Cache> = caches.to_vec();
     let mut logits: Vec<Vec<f32>> = first.to_vec();
     // Each passage its own sampler (seeded alike), so its answer is what it alone would give.
-    let mut samplers: Vec<Sampler> = (0..k).map(|_| Sampler::new(opts.sampling.clone())).collect();
+    let mut samplers: Vec<Sampler> = (0..k)
+        .map(|_| Sampler::new(opts.sampling.clone()))
+        .collect();
     let mut hyps: Vec<Hypothesis> = (0..k)
         .map(|_| Hypothesis {
             tokens: Vec::new(),
@@ -950,7 +947,10 @@ mod tests {
                 d.log_likelihood
             );
             let total: f32 = d.posterior.iter().sum();
-            assert!((total - 1.0).abs() < 1e-4, "{f:?}: posterior sums to {total}");
+            assert!(
+                (total - 1.0).abs() < 1e-4,
+                "{f:?}: posterior sums to {total}"
+            );
         }
     }
 

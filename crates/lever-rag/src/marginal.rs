@@ -234,7 +234,9 @@ pub fn gradients(
         Formulation::Token => {
             let mut ll = 0.0;
             for i in 0..n {
-                let joint: Vec<f64> = (0..k).map(|z| doc_logp[z] + token_logp[z * n + i]).collect();
+                let joint: Vec<f64> = (0..k)
+                    .map(|z| doc_logp[z] + token_logp[z * n + i])
+                    .collect();
                 let li = log_sum_exp(joint.iter().copied());
                 for z in 0..k {
                     weight[z * n + i] = (joint[z] - li).exp();
@@ -294,7 +296,11 @@ mod tests {
             let same = gradients(f, &[0.3, -2.0, 1.0], 0.5, &three, 3, &targets).unwrap();
             assert!((same.log_likelihood - plain).abs() < 1e-12, "{f:?}");
             // Every passage explains the answer equally well: the scores get no gradient.
-            assert!(same.scores.iter().all(|g| g.abs() < 1e-6), "{:?}", same.scores);
+            assert!(
+                same.scores.iter().all(|g| g.abs() < 1e-6),
+                "{:?}",
+                same.scores
+            );
         }
     }
 

@@ -385,9 +385,16 @@ mod tests {
         assert_eq!(qs.len(), 2);
         assert_eq!(qs[0].gold_ids, vec!["d1"]);
         assert_eq!((qs[1].id.as_str(), qs[1].gold_ids.len()), ("7", 0));
-        std::fs::write(&p, "{\"_id\": \"a\", \"text\": \"Who?\", \"answers\": []}\n").unwrap();
+        std::fs::write(
+            &p,
+            "{\"_id\": \"a\", \"text\": \"Who?\", \"answers\": []}\n",
+        )
+        .unwrap();
         let e = read_questions(&p).unwrap_err().to_string();
-        assert!(e.ends_with("q.jsonl:1: field `answers` has no answer"), "{e}");
+        assert!(
+            e.ends_with("q.jsonl:1: field `answers` has no answer"),
+            "{e}"
+        );
         std::fs::write(&p, "{\"_id\": \"a\", \"question\": \"Who?\"}\n").unwrap();
         let e = read_questions(&p).unwrap_err().to_string();
         assert!(e.contains("field `text` (the question) is missing"), "{e}");

@@ -817,7 +817,10 @@ mod tests {
     #[test]
     fn jsonl_ids_are_kept_by_every_chunk_of_their_record() {
         let dir = tempfile::tempdir().unwrap();
-        let long = (0..40).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+        let long = (0..40)
+            .map(|i| format!("w{i}"))
+            .collect::<Vec<_>>()
+            .join(" ");
         let text = format!(
             "{{\"_id\": \"d07_012\", \"text\": \"{long}\"}}\n{{\"_id\": 42, \"text\": \"x\"}}\n{{\"text\": \"y\"}}\n{{\"_id\": [1], \"text\": \"z\"}}\n"
         );
@@ -832,7 +835,13 @@ mod tests {
         // 40 words in windows of 16 advancing by 12: 3 chunks, all of d07_012.
         assert_eq!(
             ids,
-            [Some("d07_012"), Some("d07_012"), Some("d07_012"), Some("42"), None]
+            [
+                Some("d07_012"),
+                Some("d07_012"),
+                Some("d07_012"),
+                Some("42"),
+                None
+            ]
         );
         let ReadOutcome::Read { warnings, .. } = outcome else {
             panic!("not read: {outcome:?}")

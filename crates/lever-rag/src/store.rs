@@ -393,7 +393,11 @@ impl Index {
     /// `paired_with` (the document encoder it was trained for) names this index's embedder,
     /// or, without a pairing, the same pooling, normalization and length limit (the parts of
     /// an embedder id after its name and weights' hash).
-    pub fn check_query_encoder(&self, encoder: &dyn Embed, paired_with: Option<&str>) -> Result<()> {
+    pub fn check_query_encoder(
+        &self,
+        encoder: &dyn Embed,
+        paired_with: Option<&str>,
+    ) -> Result<()> {
         let id = encoder.id();
         if id == self.embedder && encoder.dim() == self.dim {
             return Ok(());

@@ -7,7 +7,9 @@
 mod common;
 
 use lever_rag::testing::HashEmbed;
-use lever_rag::{AddOptions, ChunkMode, ChunkSettings, DenseIndex, Embed, Index, Retriever, latent};
+use lever_rag::{
+    AddOptions, ChunkMode, ChunkSettings, DenseIndex, Embed, Index, Retriever, latent,
+};
 
 /// An embedder with the vectors of a hashed bag of words and the id a real encoder would
 /// have (`name:hash:pooling:max_tokens`).
@@ -93,7 +95,10 @@ fn chunks_keep_their_record_id_and_passages_get_probabilities() {
 
     // More passages than the index holds, and an empty question: errors naming what.
     let e = latent::check_k(&index, 7).unwrap_err().to_string();
-    assert!(e.starts_with("-k 7: the index ") && e.ends_with("holds only 6 passages"), "{e}");
+    assert!(
+        e.starts_with("-k 7: the index ") && e.ends_with("holds only 6 passages"),
+        "{e}"
+    );
     latent::check_k(&index, 6).unwrap();
     let e = latent::retrieve(&mut r, &embed, "  ", 2, 0.05, None).unwrap_err();
     assert_eq!(e.to_string(), "the question is empty");
@@ -112,7 +117,10 @@ fn a_query_encoder_is_accepted_for_the_index_it_was_trained_for_and_refused_othe
     let trained = Named::new("query-encoder:0123456789abcdef:mean+norm:256", 64);
     let mut r = Retriever::new(&index, DenseIndex::Exact);
     let e = latent::retrieve(&mut r, &trained, q, 3, 0.05, None).unwrap_err();
-    assert!(e.to_string().contains("refusing embedder `query-encoder:"), "{e}");
+    assert!(
+        e.to_string().contains("refusing embedder `query-encoder:"),
+        "{e}"
+    );
 
     // Accepted with the same settings (no pairing note) or paired with this index's encoder.
     for paired in [None, Some(DOCUMENT_ENCODER)] {
@@ -130,18 +138,25 @@ fn a_query_encoder_is_accepted_for_the_index_it_was_trained_for_and_refused_othe
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains(&format!("index was built with embedder `{DOCUMENT_ENCODER}`"))
-            && e.contains("refusing query encoder `query-encoder:")
+        e.contains(&format!(
+            "index was built with embedder `{DOCUMENT_ENCODER}`"
+        )) && e.contains("refusing query encoder `query-encoder:")
             && e.ends_with("it was trained for an index built with `bge-small:feed:cls+norm:512`"),
         "{e}"
     );
     let cls = Named::new("other:0123456789abcdef:cls+norm:256", 64);
     let e = r.accept_query_encoder(&cls, None).unwrap_err().to_string();
-    assert!(e.ends_with("their pooling, normalization or length limit differ"), "{e}");
+    assert!(
+        e.ends_with("their pooling, normalization or length limit differ"),
+        "{e}"
+    );
     let narrow = Named::new("query-encoder:0123456789abcdef:mean+norm:256", 32);
     let e = r
         .accept_query_encoder(&narrow, Some(DOCUMENT_ENCODER))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("(dim 32)") && e.ends_with("their dimensions differ"), "{e}");
+    assert!(
+        e.contains("(dim 32)") && e.ends_with("their dimensions differ"),
+        "{e}"
+    );
 }

@@ -472,6 +472,11 @@ fn ask(a: RagAskArgs) -> Result<()> {
     let query = Query::load(&a.index.embedder, a.latent.query_encoder.as_deref())?;
     let mut retriever =
         query.retriever(&index, DenseIndex::Auto, a.latent.query_encoder.as_deref())?;
+    // RAG-Sequence and RAG-Token step the k passages' contexts as one batch: the packed
+    // kernels `lever serve` batches with make the extra sequences nearly free.
+    if formulation.is_some() {
+        lever_model::qweight::set_packing(true);
+    }
     // The local model measures the passages' budget even when a server generates (its
     // tokenizer stands in for the server's).
     let model = Arc::new(crate::load_model(&a.model)?);
@@ -603,7 +608,11 @@ fn ask_latent(
     if a.show_context {
         for (n, (_, p)) in r.passages.iter().enumerate() {
             let user = lever_rag::prompt::user_turn(&a.question, &[p.block(1)]);
-            eprintln!("----- prompt {} of {} -----\n{user}", n + 1, r.passages.len());
+            eprintln!(
+                "----- prompt {} of {} -----\n{user}",
+                n + 1,
+                r.passages.len()
+            );
         }
         eprintln!("------------------");
     }
@@ -684,6 +693,9 @@ fn rag_eval(a: RagEvalArgs) -> Result<()> {
     let query = Query::load(&a.index.embedder, a.latent.query_encoder.as_deref())?;
     let mut retriever =
         query.retriever(&index, DenseIndex::Auto, a.latent.query_encoder.as_deref())?;
+    if matches!(setting, Setting::Latent(_)) {
+        lever_model::qweight::set_packing(true);
+    }
     let model = Arc::new(crate::load_model(&a.model)?);
     let mut generator = lever_generate::Local::new(model.clone());
     let cwd = std::env::current_dir().ok();

@@ -15,11 +15,20 @@ use common::lever_in as lever;
 /// Six facts with `_id`s (one without) in one JSONL corpus, indexed.
 fn indexed(root: &Path) {
     let facts = [
-        ("tea", "Green tea should be steeped at 80 degrees Celsius for two minutes."),
-        ("nile", "The Nile flows north through eleven countries into the Mediterranean Sea."),
+        (
+            "tea",
+            "Green tea should be steeped at 80 degrees Celsius for two minutes.",
+        ),
+        (
+            "nile",
+            "The Nile flows north through eleven countries into the Mediterranean Sea.",
+        ),
         ("octopus", "An octopus has three hearts and blue blood."),
         ("honey", "Honey never spoils when it is sealed in a jar."),
-        ("owl", "Owls hunt at night; their soft feathers make their flight silent."),
+        (
+            "owl",
+            "Owls hunt at night; their soft feathers make their flight silent.",
+        ),
     ];
     let mut text = String::new();
     for (id, t) in facts {
@@ -80,8 +89,26 @@ fn rag_ask_seq_and_token_marginalize_over_passages_read_alone() {
         }
     }
     // The text form: the answer, then each passage with both probabilities.
-    let out = lever(root, &["rag", "ask", q, "-k", "2", "-n", "6", "--formulation", "token"]).ok();
-    assert!(out.stdout.contains("RAG-Token log p(y|x) = "), "{}", out.stdout);
+    let out = lever(
+        root,
+        &[
+            "rag",
+            "ask",
+            q,
+            "-k",
+            "2",
+            "-n",
+            "6",
+            "--formulation",
+            "token",
+        ],
+    )
+    .ok();
+    assert!(
+        out.stdout.contains("RAG-Token log p(y|x) = "),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("  [1] p "), "{}", out.stdout);
 }
 
@@ -98,17 +125,36 @@ fn rag_eval_reports_em_f1_and_recall_with_intervals() {
          {\"_id\": \"q4\", \"text\": \"What never spoils?\", \"answers\": [\"honey\"]}\n",
     )
     .unwrap();
-    for (f, k) in [("closed", "2"), ("concat", "2"), ("seq", "2"), ("token", "3")] {
+    for (f, k) in [
+        ("closed", "2"),
+        ("concat", "2"),
+        ("seq", "2"),
+        ("token", "3"),
+    ] {
         let v = lever(
             root,
             &[
-                "rag", "eval", "q.jsonl", "--formulation", f, "-k", k, "-n", "8", "--json",
-                "--predictions", "p.jsonl",
+                "rag",
+                "eval",
+                "q.jsonl",
+                "--formulation",
+                f,
+                "-k",
+                k,
+                "-n",
+                "8",
+                "--json",
+                "--predictions",
+                "p.jsonl",
             ],
         )
         .ok()
         .json();
-        assert_eq!((v["n"].as_u64(), v["judged"].as_u64()), (Some(4), Some(3)), "{v}");
+        assert_eq!(
+            (v["n"].as_u64(), v["judged"].as_u64()),
+            (Some(4), Some(3)),
+            "{v}"
+        );
         assert_eq!(v["formulation"], f);
         // Six passages: the first 20 hold every gold document.
         assert_eq!(v["recall@20"], 1.0, "{v}");
@@ -135,9 +181,33 @@ fn rag_eval_reports_em_f1_and_recall_with_intervals() {
         assert_eq!(lines[0]["doc_probs"].is_array(), latent, "{}", lines[0]);
     }
     // --limit, and the table.
-    let out = lever(root, &["rag", "eval", "q.jsonl", "--formulation", "closed", "-k", "1", "-n", "4", "--limit", "2"]).ok();
-    assert!(out.stdout.contains("(2 questions, closed, k 1; 95% intervals)"), "{}", out.stdout);
-    assert!(out.stdout.contains("| EM | F1 | recall@1 | recall@5 | recall@20 |"));
+    let out = lever(
+        root,
+        &[
+            "rag",
+            "eval",
+            "q.jsonl",
+            "--formulation",
+            "closed",
+            "-k",
+            "1",
+            "-n",
+            "4",
+            "--limit",
+            "2",
+        ],
+    )
+    .ok();
+    assert!(
+        out.stdout
+            .contains("(2 questions, closed, k 1; 95% intervals)"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("| EM | F1 | recall@1 | recall@5 | recall@20 |")
+    );
 }
 
 #[test]
@@ -154,20 +224,49 @@ fn a_query_encoder_folder_is_used_for_queries_or_refused_by_name() {
         std::os::unix::fs::symlink(e.path(), qenc.join(e.file_name())).unwrap();
     }
     let q = "Which river carries the most water?";
-    let plain = lever(root, &["index", "search", q, "--mode", "dense", "--json"]).ok().json();
+    let plain = lever(root, &["index", "search", q, "--mode", "dense", "--json"])
+        .ok()
+        .json();
     let with = lever(
         root,
-        &["index", "search", q, "--mode", "dense", "--json", "--query-encoder", "qenc"],
+        &[
+            "index",
+            "search",
+            q,
+            "--mode",
+            "dense",
+            "--json",
+            "--query-encoder",
+            "qenc",
+        ],
     )
     .ok()
     .json();
     let ids = |v: &Value| -> Vec<i64> {
-        v["results"].as_array().unwrap().iter().map(|r| r["chunk_id"].as_i64().unwrap()).collect()
+        v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["chunk_id"].as_i64().unwrap())
+            .collect()
     };
     assert_eq!(ids(&with), ids(&plain));
     let v = lever(
         root,
-        &["rag", "ask", q, "-k", "2", "-n", "4", "--formulation", "seq", "--query-encoder", "qenc", "--json"],
+        &[
+            "rag",
+            "ask",
+            q,
+            "-k",
+            "2",
+            "-n",
+            "4",
+            "--formulation",
+            "seq",
+            "--query-encoder",
+            "qenc",
+            "--json",
+        ],
     )
     .ok()
     .json();
@@ -181,18 +280,47 @@ fn a_query_encoder_folder_is_used_for_queries_or_refused_by_name() {
     .unwrap();
     let e = lever(
         root,
-        &["rag", "ask", q, "--formulation", "token", "--query-encoder", "qenc"],
+        &[
+            "rag",
+            "ask",
+            q,
+            "--formulation",
+            "token",
+            "--query-encoder",
+            "qenc",
+        ],
     )
     .failed_alone();
     assert!(
         e.contains("index was built with embedder `all-minilm-l6-v2:")
             && e.contains("refusing query encoder `qenc:")
-            && e.ends_with("it was trained for an index built with `bge-small:0123456789abcdef:cls+norm:512`"),
+            && e.ends_with(
+                "it was trained for an index built with `bge-small:0123456789abcdef:cls+norm:512`"
+            ),
         "{e}"
     );
-    std::fs::write(root.join("q.jsonl"), "{\"_id\": \"a\", \"text\": \"x?\", \"answers\": [\"y\"]}\n").unwrap();
-    let e = lever(root, &["rag", "eval", "q.jsonl", "-k", "2", "--query-encoder", "facts.jsonl"]).failed_alone();
-    assert!(e.contains("--query-encoder facts.jsonl: not a sentence-transformers folder"), "{e}");
+    std::fs::write(
+        root.join("q.jsonl"),
+        "{\"_id\": \"a\", \"text\": \"x?\", \"answers\": [\"y\"]}\n",
+    )
+    .unwrap();
+    let e = lever(
+        root,
+        &[
+            "rag",
+            "eval",
+            "q.jsonl",
+            "-k",
+            "2",
+            "--query-encoder",
+            "facts.jsonl",
+        ],
+    )
+    .failed_alone();
+    assert!(
+        e.contains("--query-encoder facts.jsonl: not a sentence-transformers folder"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -202,15 +330,25 @@ fn latent_rag_refuses_bad_requests_in_one_line() {
     indexed(root);
     let q = "What never spoils?";
     // k above the passages the index holds.
-    let e = lever(root, &["rag", "ask", q, "-k", "7", "--formulation", "token"]).failed_alone();
-    assert!(e.contains("-k 7: the index ") && e.ends_with("holds only 6 passages"), "{e}");
+    let e = lever(
+        root,
+        &["rag", "ask", q, "-k", "7", "--formulation", "token"],
+    )
+    .failed_alone();
+    assert!(
+        e.contains("-k 7: the index ") && e.ends_with("holds only 6 passages"),
+        "{e}"
+    );
     std::fs::write(
         root.join("q.jsonl"),
         "{\"_id\": \"a\", \"text\": \"What never spoils?\", \"answers\": [\"honey\"]}\n{\"_id\": \"b\", \"text\": \"\", \"answers\": [\"x\"]}\n",
     )
     .unwrap();
     let e = lever(root, &["rag", "eval", "q.jsonl", "-k", "7"]).failed_alone();
-    assert!(e.ends_with("q.jsonl:2: field `text` (the question) is missing or empty"), "{e}");
+    assert!(
+        e.ends_with("q.jsonl:2: field `text` (the question) is missing or empty"),
+        "{e}"
+    );
     std::fs::write(
         root.join("q.jsonl"),
         "{\"_id\": \"a\", \"text\": \"What never spoils?\", \"answers\": [\"honey\"]}\n",
@@ -223,14 +361,45 @@ fn latent_rag_refuses_bad_requests_in_one_line() {
     assert!(e.ends_with("the question is empty"), "{e}");
     std::fs::write(root.join("empty.txt"), "").unwrap();
     lever(root, &["index", "add", "empty.txt", "--index", "nothing"]).ok();
-    let e = lever(root, &["rag", "ask", q, "--index", "nothing", "--formulation", "token"]).failed_alone();
-    assert!(e.contains("nothing") && e.contains("holds no passages"), "{e}");
+    let e = lever(
+        root,
+        &[
+            "rag",
+            "ask",
+            q,
+            "--index",
+            "nothing",
+            "--formulation",
+            "token",
+        ],
+    )
+    .failed_alone();
+    assert!(
+        e.contains("nothing") && e.contains("holds no passages"),
+        "{e}"
+    );
     // Bad usage: exit 2.
     for args in [
         &["rag", "ask", q, "--formulation", "seq", "--mode", "bm25"][..],
         &["rag", "ask", q, "--beam", "2"],
-        &["rag", "ask", q, "--formulation", "token", "--decoding", "fast"],
-        &["rag", "ask", q, "--formulation", "seq", "--backend", "http://127.0.0.1:9"],
+        &[
+            "rag",
+            "ask",
+            q,
+            "--formulation",
+            "token",
+            "--decoding",
+            "fast",
+        ],
+        &[
+            "rag",
+            "ask",
+            q,
+            "--formulation",
+            "seq",
+            "--backend",
+            "http://127.0.0.1:9",
+        ],
     ] {
         let out = lever(root, args);
         assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
