@@ -6,7 +6,13 @@
 #
 #   bench/rag-squad-eval.sh                       # LIMIT=50 K=10 OUT=runs/rag-squad
 #   LIMIT=20 K=5 FORMULATIONS="seq token" ADAPTER=RUN/adapter QENC=RUN/query-encoder bench/rag-squad-eval.sh
+#
+# One kernel thread unless LEVER_THREADS says otherwise: on a machine whose cores are shared
+# with other work, the 2-thread kernel pool spends most of its time waiting at its barriers
+# (on this shared 2-core machine, load 6: closed-book 1.3 s a question with 1 thread, 8.5 s
+# with 2; the earlier 88 s/question run was that, plus one question stalled for an hour).
 set -euo pipefail
+export LEVER_THREADS=${LEVER_THREADS:-1}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LEVER=${LEVER:-$ROOT/target/release/lever}
 LIMIT=${LIMIT:-50}
