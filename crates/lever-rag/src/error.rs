@@ -92,15 +92,12 @@ pub enum Error {
     Decode(String),
     /// A query encoder whose vectors cannot be compared with the index's document vectors.
     #[error(
-        "{path}: index was built with embedder `{index_embedder}` (dim {index_dim}); refusing query encoder `{query_encoder}` (dim {query_dim}): {why}"
+        "{path}: index was built with embedder `{}` (dim {}); refusing query encoder `{}` (dim {}): {}",
+        pair.index_embedder, pair.index_dim, pair.query_encoder, pair.query_dim, pair.why
     )]
     QueryEncoderMismatch {
         path: PathBuf,
-        index_embedder: String,
-        index_dim: usize,
-        query_encoder: String,
-        query_dim: usize,
-        why: String,
+        pair: Box<EncoderPair>,
     },
     #[error(transparent)]
     Generate(#[from] lever_generate::Error),
@@ -110,6 +107,16 @@ impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
         Error::Model(lever_model::Error::Candle(e))
     }
+}
+
+/// The two encoders of a [`Error::QueryEncoderMismatch`] (boxed: the error stays small).
+#[derive(Debug)]
+pub struct EncoderPair {
+    pub index_embedder: String,
+    pub index_dim: usize,
+    pub query_encoder: String,
+    pub query_dim: usize,
+    pub why: String,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -405,11 +405,13 @@ impl Index {
         let refuse = |why: String| {
             Err(Error::QueryEncoderMismatch {
                 path: self.db_path.clone(),
-                index_embedder: self.embedder.clone(),
-                index_dim: self.dim,
-                query_encoder: id.clone(),
-                query_dim: encoder.dim(),
-                why,
+                pair: Box::new(crate::error::EncoderPair {
+                    index_embedder: self.embedder.clone(),
+                    index_dim: self.dim,
+                    query_encoder: id.clone(),
+                    query_dim: encoder.dim(),
+                    why,
+                }),
             })
         };
         if encoder.dim() != self.dim {

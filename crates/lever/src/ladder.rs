@@ -1232,31 +1232,6 @@ fn print_table(ladder: &Ladder, report: &Value) {
     }
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_paired_gain_is_real_only_when_its_interval_excludes_zero() {
-        // b is right wherever a is, and on 30 more items of 100.
-        let a: Vec<f64> = (0..100).map(|i| f64::from(i < 40)).collect();
-        let b: Vec<f64> = (0..100).map(|i| f64::from(i < 70)).collect();
-        let (gain, ci) = paired(&a, &b, 1000, 7);
-        assert!((gain - 0.30).abs() < 1e-12);
-        let (lo, hi) = ci.unwrap();
-        assert!(lo > 0.15 && hi < 0.45, "{lo} {hi}");
-        // Two rungs that differ on 2 items of 100, one each way: no real difference.
-        let mut c = a.clone();
-        c[0] = 0.0;
-        c[50] = 1.0;
-        let (gain, ci) = paired(&a, &c, 1000, 7);
-        assert_eq!(gain, 0.0);
-        let (lo, hi) = ci.unwrap();
-        assert!(lo < 0.0 && hi > 0.0, "{lo} {hi}");
-    }
-}
-
 /// One test item of a RAG-Sequence or RAG-Token rung: its prompts (as the task renders them,
 /// one per template), its passages and log p(z|x).
 struct LatentItem {
@@ -1372,5 +1347,30 @@ impl lever_generate::Generator for LatentGenerator {
                 defaults_from: None,
             }),
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_paired_gain_is_real_only_when_its_interval_excludes_zero() {
+        // b is right wherever a is, and on 30 more items of 100.
+        let a: Vec<f64> = (0..100).map(|i| f64::from(i < 40)).collect();
+        let b: Vec<f64> = (0..100).map(|i| f64::from(i < 70)).collect();
+        let (gain, ci) = paired(&a, &b, 1000, 7);
+        assert!((gain - 0.30).abs() < 1e-12);
+        let (lo, hi) = ci.unwrap();
+        assert!(lo > 0.15 && hi < 0.45, "{lo} {hi}");
+        // Two rungs that differ on 2 items of 100, one each way: no real difference.
+        let mut c = a.clone();
+        c[0] = 0.0;
+        c[50] = 1.0;
+        let (gain, ci) = paired(&a, &c, 1000, 7);
+        assert_eq!(gain, 0.0);
+        let (lo, hi) = ci.unwrap();
+        assert!(lo < 0.0 && hi > 0.0, "{lo} {hi}");
     }
 }
