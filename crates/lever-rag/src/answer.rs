@@ -6,7 +6,7 @@
 //! generates: it stands in for the server's, which lever cannot see. The server renders the same
 //! user turn with its own template.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use lever_generate::{Finish, Flow, Generator, Output, Prompt, Request, Sampling};
 use lever_model::{Message, Model};
@@ -107,6 +107,26 @@ pub fn answer(
             mode: opts.mode.name(),
         });
     }
+    answer_from(
+        model,
+        generator,
+        question,
+        found.into_iter().map(|(_, p)| p).collect(),
+        opts,
+        on,
+    )
+}
+
+/// [`answer`] from passages already retrieved (best first): all that fit the budget go in one
+/// prompt. `opts.mode`, `k` and `dense` are not used.
+pub fn answer_from(
+    model: &Model,
+    generator: &mut dyn Generator,
+    question: &str,
+    found: Vec<Passage>,
+    opts: &AnswerOptions<'_>,
+    on: &mut dyn FnMut(Step<'_>) -> Flow,
+) -> Result<Answer> {
     let user_prompt = |user: &str| -> Result<String> {
         Ok(lever_generate::local::render_chat(
             model,
@@ -123,12 +143,7 @@ pub fn answer(
     let room = context.saturating_sub(frame + opts.max_tokens);
     let budget = opts.context_tokens.map_or(room, |c| c.min(room));
     let count = |s: &str| -> Result<usize> { Ok(model.tokenizer.encode(s, false)?.len()) };
-    let g = prompt::grounded(
-        question,
-        found.into_iter().map(|(_, p)| p).collect(),
-        budget,
-        &count,
-    )?;
+    let g = prompt::grounded(question, found, budget, &count)?;
     let text = user_prompt(&g.user)?;
     let go = on(Step::Prompt {
         budget,
@@ -180,7 +195,23 @@ pub fn passages(
     relative_to: Option<&Path>,
 ) -> Result<Vec<(i64, Passage)>> {
     let mut r = Retriever::new(index, dense);
-    let hits = r.search(embed, query, mode, k)?;
+    passages_with(&mut r, embed, query, mode, k, relative_to)
+}
+
+/// [`passages`] with a retriever kept across queries (its vectors and BM25 loaded once).
+pub fn passages_with(
+    retriever: &mut Retriever<'_>,
+    embed: &dyn Embed,
+    query: &str,
+    mode: Mode,
+    k: usize,
+    relative_to: Option<&Path>,
+) -> Result<Vec<(i64, Passage)>> {
+    if query.trim().is_empty() {
+        return Err(Error::EmptyQuestion);
+    }
+    let index = retriever.index();
+    let hits = retriever.search(embed, query, mode, k)?;
     let mut out = Vec::with_capacity(hits.len());
     for h in hits {
         let id = h.id as i64;
@@ -188,20 +219,7 @@ pub fn passages(
             path: index.dir().to_path_buf(),
             problem: format!("chunk {id} vanished"),
         })?;
-        let path = relative_to
-            .and_then(|base| c.path.strip_prefix(base).ok())
-            .map_or_else(|| c.path.clone(), PathBuf::from);
-        out.push((
-            id,
-            Passage {
-                path,
-                line_start: c.line_start,
-                line_end: c.line_end,
-                headings: c.headings,
-                text: c.text,
-                score: h.score,
-            },
-        ));
+        out.push((id, Passage::from_chunk(c, h.score, relative_to)));
     }
     Ok(out)
 }

@@ -116,6 +116,9 @@ pub struct Chunk {
     pub headings: Vec<String>,
     /// Document title (the `title` field of a JSONL record).
     pub title: Option<String>,
+    /// The document's own id (the `_id` field of a JSONL record, as BEIR corpora have it);
+    /// every chunk of the record keeps it, so that retrieval can be judged by document.
+    pub doc_id: Option<String>,
 }
 
 /// A token inside the windower's buffer: its line number and byte range in that line.
@@ -394,6 +397,7 @@ impl<'t> Chunker<'t> {
             line_end,
             headings: self.heading_path(),
             title: None,
+            doc_id: None,
         });
     }
 }

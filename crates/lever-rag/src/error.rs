@@ -80,8 +80,43 @@ pub enum Error {
     EmptyIndex { path: PathBuf },
     #[error("no passage of {} matches the question ({mode} search); try --mode hybrid", path.display())]
     NoMatch { path: PathBuf, mode: &'static str },
+    /// More passages asked for than the index holds.
+    #[error("-k {k}: the index {} holds only {chunks} passages", path.display())]
+    TooFewPassages {
+        path: PathBuf,
+        k: usize,
+        chunks: usize,
+    },
+    /// A decoder's own invariant broken (a bug, reported rather than a panic).
+    #[error("decoding: {0}")]
+    Decode(String),
+    /// A query encoder whose vectors cannot be compared with the index's document vectors.
+    #[error(
+        "{path}: index was built with embedder `{}` (dim {}); refusing query encoder `{}` (dim {}): {}",
+        pair.index_embedder, pair.index_dim, pair.query_encoder, pair.query_dim, pair.why
+    )]
+    QueryEncoderMismatch {
+        path: PathBuf,
+        pair: Box<EncoderPair>,
+    },
     #[error(transparent)]
     Generate(#[from] lever_generate::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Model(lever_model::Error::Candle(e))
+    }
+}
+
+/// The two encoders of a [`Error::QueryEncoderMismatch`] (boxed: the error stays small).
+#[derive(Debug)]
+pub struct EncoderPair {
+    pub index_embedder: String,
+    pub index_dim: usize,
+    pub query_encoder: String,
+    pub query_dim: usize,
+    pub why: String,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -469,6 +469,7 @@ impl<'i> FileWriter<'i> {
             let meta = serde_json::to_string(&ChunkMeta {
                 headings: chunk.headings.clone(),
                 title: chunk.title.clone(),
+                doc_id: chunk.doc_id.clone(),
             })
             .map_err(|e| Error::Embed(format!("cannot encode chunk metadata: {e}")))?;
             let chunk_id = insert_chunk

@@ -16,7 +16,10 @@
 //!
 //! Answering: [`answer()`] retrieves, fits the passages to the token budget, builds the
 //! grounded prompt ([`prompt`]), generates through a `lever_generate::Generator` and reads the
-//! citations.
+//! citations: all passages in one prompt. [`latent`] treats the passage as a latent variable
+//! instead, as the RAG paper does (RAG-Sequence, RAG-Token; the equations and their gradients
+//! in [`marginal`]); [`qa`] measures either on open-domain questions (exact match, F1,
+//! retrieval recall).
 //!
 //! ```
 //! use lever_rag::{AddOptions, ChunkSettings, Index, testing::HashEmbed};
@@ -49,8 +52,11 @@ pub mod exact;
 pub mod fuse;
 pub mod hnsw;
 pub mod ingest;
+pub mod latent;
+pub mod marginal;
 pub mod metrics;
 pub mod prompt;
+pub mod qa;
 pub mod read;
 pub mod retrieve;
 pub mod store;

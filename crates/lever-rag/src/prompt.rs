@@ -4,9 +4,10 @@
 //! taken best first while they fit the token budget; the rest are dropped and returned, never
 //! cut.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::Result;
+use crate::store::ChunkRecord;
 
 /// What the model is told to do with the passages.
 pub const INSTRUCTION: &str = "Answer the question using only the numbered passages. \
@@ -22,9 +23,28 @@ pub struct Passage {
     pub headings: Vec<String>,
     pub text: String,
     pub score: f32,
+    /// The document's own id (a JSONL record's `_id`), when the source gave one.
+    pub doc_id: Option<String>,
 }
 
 impl Passage {
+    /// A stored chunk as a passage with its search score; its path shown relative to
+    /// `relative_to` when inside it.
+    pub fn from_chunk(c: ChunkRecord, score: f32, relative_to: Option<&Path>) -> Passage {
+        let path = relative_to
+            .and_then(|base| c.path.strip_prefix(base).ok())
+            .map_or_else(|| c.path.clone(), PathBuf::from);
+        Passage {
+            path,
+            line_start: c.line_start,
+            line_end: c.line_end,
+            headings: c.headings,
+            text: c.text,
+            score,
+            doc_id: c.doc_id,
+        }
+    }
+
     /// `path:start-end` (or `path:line`).
     pub fn citation(&self) -> String {
         if self.line_start == self.line_end {
@@ -102,6 +122,36 @@ pub fn user_turn(question: &str, blocks: &[String]) -> String {
     )
 }
 
+/// The answer without its citation marks (`[2]`, `[1, 3]`), spaces around them closed up:
+/// what exact match and F1 compare with the gold answers.
+pub fn strip_citations(answer: &str) -> String {
+    let mut out = String::with_capacity(answer.len());
+    let mut rest = answer;
+    while let Some(open) = rest.find('[') {
+        let after = &rest[open + 1..];
+        let close = after.find(']');
+        let is_citation = close.is_some_and(|c| {
+            let inside = &after[..c];
+            !inside.trim().is_empty()
+                && inside
+                    .split([',', ';'])
+                    .all(|s| s.trim().parse::<usize>().is_ok())
+        });
+        match close {
+            Some(c) if is_citation => {
+                out.push_str(rest[..open].trim_end());
+                rest = &after[c + 1..];
+            }
+            _ => {
+                out.push_str(&rest[..=open]);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out.trim().to_string()
+}
+
 /// The passage numbers an answer cites.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Citations {
@@ -152,6 +202,7 @@ mod tests {
             headings: vec![],
             text: vec!["word"; words].join(" "),
             score: 1.0,
+            doc_id: None,
         }
     }
 
@@ -179,6 +230,14 @@ mod tests {
         // Nothing at all fits: no passage, the frame says so.
         let g = grounded("why?", vec![passage("a.md", 10)], 3, &words).unwrap();
         assert!(g.used.is_empty() && g.user.contains("(no passages)"));
+    }
+
+    #[test]
+    fn citation_marks_are_stripped_and_other_brackets_kept() {
+        assert_eq!(strip_citations("Denver Broncos [1]."), "Denver Broncos.");
+        assert_eq!(strip_citations("In 1066 [2, 3] [1]"), "In 1066");
+        assert_eq!(strip_citations("[1] Paris"), "Paris");
+        assert_eq!(strip_citations("x[a] and [ ] [4"), "x[a] and [ ] [4");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! the chunker.
 //!
 //! Formats are chosen by extension: `.txt`/`.text`, `.md`/`.markdown`, `.html`/`.htm`, and
-//! `.jsonl` (one document per line: a string `text` field, an optional string `title`). Anything
+//! `.jsonl` (one document per line: a string `text` field, an optional string `title`, an
+//! optional `_id`, string or integer, kept as every chunk's document id). Anything
 //! else, PDF included, is skipped with a [`Skip`] reason that the ingest report counts.
 //!
 //! Design choices:
@@ -440,12 +441,13 @@ pub fn read_chunks(
             }
             Format::Jsonl => match jsonl_record(line) {
                 Ok(None) => {}
-                Ok(Some((body, title))) => {
-                    for mut c in chunk_text(&body, settings, false, tokenize)? {
+                Ok(Some(record)) => {
+                    for mut c in chunk_text(&record.text, settings, false, tokenize)? {
                         // The record is the document: cite its line in the .jsonl file.
                         c.line_start = line_no;
                         c.line_end = line_no;
-                        c.title = title.clone();
+                        c.title = record.title.clone();
+                        c.doc_id = record.id.clone();
                         out.push(c);
                     }
                 }
@@ -481,9 +483,16 @@ pub fn read_chunks(
     })
 }
 
-/// Parses one JSONL line: `Ok(None)` for a blank line, the text and title of a record, or why
-/// the line is not a record.
-fn jsonl_record(line: &str) -> std::result::Result<Option<(String, Option<String>)>, String> {
+/// One JSONL document: its `text`, `title` and `_id`.
+struct Record {
+    text: String,
+    title: Option<String>,
+    id: Option<String>,
+}
+
+/// Parses one JSONL line: `Ok(None)` for a blank line, the record, or why the line is not a
+/// record.
+fn jsonl_record(line: &str) -> std::result::Result<Option<Record>, String> {
     if line.trim().is_empty() {
         return Ok(None);
     }
@@ -502,7 +511,14 @@ fn jsonl_record(line: &str) -> std::result::Result<Option<(String, Option<String
         Some(serde_json::Value::String(s)) => Some(s.clone()),
         Some(_) => return Err("field `title` is not a string".into()),
     };
-    Ok(Some((text, title)))
+    // BEIR corpora name documents by `_id`; integers are common too.
+    let id = match obj.get("_id") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        Some(_) => return Err("field `_id` is not a string or a number".into()),
+    };
+    Ok(Some(Record { text, title, id }))
 }
 
 /// Where the HTML converter is between calls: the state survives line ends.
@@ -796,6 +812,48 @@ mod tests {
         )
         .unwrap();
         (outcome, chunks)
+    }
+
+    #[test]
+    fn jsonl_ids_are_kept_by_every_chunk_of_their_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = (0..40)
+            .map(|i| format!("w{i}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let text = format!(
+            "{{\"_id\": \"d07_012\", \"text\": \"{long}\"}}\n{{\"_id\": 42, \"text\": \"x\"}}\n{{\"text\": \"y\"}}\n{{\"_id\": [1], \"text\": \"z\"}}\n"
+        );
+        let p = write(dir.path(), "c.jsonl", text.as_bytes());
+        let small = ChunkSettings {
+            mode: ChunkMode::Tokens,
+            size: 16,
+            overlap: 4,
+        };
+        let (outcome, chunks) = collect(&p, Format::Jsonl, &small);
+        let ids: Vec<Option<&str>> = chunks.iter().map(|c| c.doc_id.as_deref()).collect();
+        // 40 words in windows of 16 advancing by 12: 3 chunks, all of d07_012.
+        assert_eq!(
+            ids,
+            [
+                Some("d07_012"),
+                Some("d07_012"),
+                Some("d07_012"),
+                Some("42"),
+                None
+            ]
+        );
+        let ReadOutcome::Read { warnings, .. } = outcome else {
+            panic!("not read: {outcome:?}")
+        };
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0]
+                .to_string()
+                .ends_with("c.jsonl:4: field `_id` is not a string or a number"),
+            "{}",
+            warnings[0]
+        );
     }
 
     #[test]

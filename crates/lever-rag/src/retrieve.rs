@@ -78,6 +78,9 @@ pub struct Retriever<'a> {
     dense_index: DenseIndex,
     bm25: Option<Bm25>,
     dense: Option<Dense>,
+    /// The id of a query encoder accepted for this index's document vectors
+    /// ([`Retriever::accept_query_encoder`]).
+    query_encoder: Option<String>,
 }
 
 impl<'a> Retriever<'a> {
@@ -87,7 +90,28 @@ impl<'a> Retriever<'a> {
             dense_index,
             bm25: None,
             dense: None,
+            query_encoder: None,
         }
+    }
+
+    pub fn index(&self) -> &'a Index {
+        self.index
+    }
+
+    /// Let `encoder` embed the queries of dense search although another encoder made the
+    /// index's vectors: a query encoder trained against them (RAG's, Lewis et al. 2020 §2.4,
+    /// which keeps the document encoder and index fixed). `paired_with` is the document
+    /// encoder it was trained for, when its folder says so. Refused by name: another
+    /// dimension, another pooling, normalization or length limit, or a pairing with another
+    /// document encoder ([`Index::check_query_encoder`]).
+    pub fn accept_query_encoder(
+        &mut self,
+        encoder: &dyn Embed,
+        paired_with: Option<&str>,
+    ) -> Result<()> {
+        self.index.check_query_encoder(encoder, paired_with)?;
+        self.query_encoder = Some(encoder.id());
+        Ok(())
     }
 
     fn bm25_path(&self) -> PathBuf {
@@ -199,7 +223,9 @@ impl<'a> Retriever<'a> {
     }
 
     fn dense_search(&mut self, embedder: &dyn Embed, query: &str, k: usize) -> Result<Vec<Hit>> {
-        self.index.check_embedder(embedder)?;
+        if self.query_encoder.as_deref() != Some(embedder.id().as_str()) {
+            self.index.check_embedder(embedder)?;
+        }
         let q = embedder
             .embed(&[query])?
             .pop()

@@ -10,7 +10,7 @@
 //!          chunks INTEGER)                             -- chunk count, set when complete
 //! chunks  (id INTEGER PRIMARY KEY, source_id → sources ON DELETE CASCADE, ordinal INTEGER,
 //!          text TEXT, line_start INTEGER, line_end INTEGER,
-//!          meta TEXT,                                  -- JSON {"headings": [...], "title": ...}
+//!          meta TEXT,                -- JSON {"headings": [...], "title": ..., "doc_id": ...}
 //!          UNIQUE (source_id, ordinal))
 //! vectors (chunk_id INTEGER PRIMARY KEY → chunks ON DELETE CASCADE,
 //!          vector BLOB)                                -- dim × f32, little-endian
@@ -131,6 +131,8 @@ pub struct ChunkRecord {
     pub line_end: usize,
     pub headings: Vec<String>,
     pub title: Option<String>,
+    /// The document's own id (a JSONL record's `_id`), shared by its chunks.
+    pub doc_id: Option<String>,
 }
 
 /// The JSON in `chunks.meta`.
@@ -140,6 +142,8 @@ pub(crate) struct ChunkMeta {
     pub headings: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc_id: Option<String>,
 }
 
 /// A complete source, as listed by [`Index::sources`].
@@ -384,6 +388,52 @@ impl Index {
         })
     }
 
+    /// Whether `encoder` may embed queries against this index's vectors though it did not make
+    /// them (see [`crate::Retriever::accept_query_encoder`]): the same dimension, and either
+    /// `paired_with` (the document encoder it was trained for) names this index's embedder,
+    /// or, without a pairing, the same pooling, normalization and length limit (the parts of
+    /// an embedder id after its name and weights' hash).
+    pub fn check_query_encoder(
+        &self,
+        encoder: &dyn Embed,
+        paired_with: Option<&str>,
+    ) -> Result<()> {
+        let id = encoder.id();
+        if id == self.embedder && encoder.dim() == self.dim {
+            return Ok(());
+        }
+        let refuse = |why: String| {
+            Err(Error::QueryEncoderMismatch {
+                path: self.db_path.clone(),
+                pair: Box::new(crate::error::EncoderPair {
+                    index_embedder: self.embedder.clone(),
+                    index_dim: self.dim,
+                    query_encoder: id.clone(),
+                    query_dim: encoder.dim(),
+                    why,
+                }),
+            })
+        };
+        if encoder.dim() != self.dim {
+            return refuse("their dimensions differ".into());
+        }
+        match paired_with {
+            Some(doc) if doc != self.embedder => {
+                refuse(format!("it was trained for an index built with `{doc}`"))
+            }
+            Some(_) => Ok(()),
+            None => {
+                // name:hash:pooling[+norm]:max_tokens
+                let settings = |s: &str| s.splitn(3, ':').nth(2).map(str::to_string);
+                if settings(&id) != settings(&self.embedder) {
+                    refuse("their pooling, normalization or length limit differ".into())
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
     pub(crate) fn err(&self, e: rusqlite::Error) -> Error {
         db_error(&self.db_path, self.busy_timeout, e)
     }
@@ -492,6 +542,7 @@ impl Index {
             line_end: line_end as usize,
             headings: meta.headings,
             title: meta.title,
+            doc_id: meta.doc_id,
         }))
     }
 

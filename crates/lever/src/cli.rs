@@ -283,6 +283,10 @@ pub struct SearchArgs {
     /// 20,000 chunks.
     #[arg(long, default_value = "auto", value_parser = ["auto", "exact", "hnsw"])]
     pub dense_index: String,
+    /// A sentence-transformers folder that embeds the query instead of --embedder (e.g. the
+    /// query encoder `lever rag train` wrote) against the index's document vectors.
+    #[arg(long, value_name = "DIR")]
+    pub query_encoder: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
@@ -291,6 +295,65 @@ pub struct SearchArgs {
 pub enum RagCommand {
     /// Retrieve passages for the question, answer from them, and list the cited sources.
     Ask(RagAskArgs),
+    /// Open-domain questions (JSONL {"_id", "text", "answers", "gold_ids"}) answered
+    /// closed-book, from all passages in one prompt, by RAG-Sequence or by RAG-Token: exact
+    /// match and F1 (SQuAD normalization) and the gold passage's retrieval recall@1/5/20,
+    /// each with a 95% bootstrap interval. Greedy decoding.
+    Eval(RagEvalArgs),
+}
+
+/// The passage as a latent variable (Lewis et al. 2020, "Retrieval-Augmented Generation for
+/// Knowledge-Intensive NLP Tasks"): the settings of RAG-Sequence and RAG-Token.
+#[derive(Debug, Args, Clone)]
+pub struct LatentArgs {
+    /// τ of the passages' probabilities p(z|x) = softmax(q·d / τ) over the k retrieved
+    /// (inner products of unit vectors: cosines).
+    #[arg(long, default_value_t = lever_rag::marginal::DEFAULT_TEMPERATURE, value_parser = positive)]
+    pub doc_temperature: f32,
+    /// Beams (RAG-Sequence: per passage); 1 decodes greedily, or samples at --temperature > 0.
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
+    pub beam: usize,
+    /// RAG-Sequence: `thorough` scores every passage's hypotheses under every passage;
+    /// `fast` counts a hypothesis only under the passages whose beam produced it.
+    #[arg(long, default_value = "thorough", value_parser = ["thorough", "fast"])]
+    pub decoding: String,
+    /// A sentence-transformers folder that embeds the question instead of --embedder (the
+    /// query encoder `lever rag train` wrote), against the index's document vectors.
+    #[arg(long, value_name = "DIR")]
+    pub query_encoder: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RagEvalArgs {
+    /// Questions, one JSON object a line: {"_id", "text", "answers": [...], "gold_ids": [...]}.
+    #[arg(value_name = "QUESTIONS.jsonl")]
+    pub questions: PathBuf,
+    #[command(flatten)]
+    pub index: IndexArg,
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// closed: the question alone; concat: all passages in one prompt (`rag ask`); seq:
+    /// RAG-Sequence; token: RAG-Token.
+    #[arg(long, default_value = "concat", value_parser = ["closed", "concat", "seq", "token"])]
+    pub formulation: String,
+    /// Passages answered from (retrieval recall is measured at 1, 5 and 20 regardless).
+    #[arg(short, long, default_value_t = 10, value_parser = at_least_one)]
+    pub k: usize,
+    /// Only the first N questions.
+    #[arg(long, value_parser = at_least_one)]
+    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub latent: LatentArgs,
+    /// Most tokens of an answer.
+    #[arg(long, short = 'n', default_value_t = 32, value_parser = at_least_one)]
+    pub max_tokens: usize,
+    /// Write every question's answer, scores and retrieved ids here (JSONL).
+    #[arg(long, value_name = "FILE")]
+    pub predictions: Option<PathBuf>,
+    /// Print {"n", "em", "f1", "recall@1", "recall@5", "recall@20", ...} (fractions) instead
+    /// of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -305,8 +368,17 @@ pub struct RagAskArgs {
     /// Passages to retrieve.
     #[arg(short, long, default_value_t = 4, value_parser = at_least_one)]
     pub k: usize,
-    #[arg(long, default_value = "hybrid", value_parser = parse_mode)]
-    pub mode: lever_rag::Mode,
+    /// dense, bm25 or hybrid [default: hybrid for concat; seq and token need dense, their
+    /// p(z|x) is a softmax of the encoder's inner products].
+    #[arg(long, value_parser = parse_mode)]
+    pub mode: Option<lever_rag::Mode>,
+    /// concat: every passage that fits in one prompt; seq: RAG-Sequence, token: RAG-Token
+    /// (the generator reads each passage alone and the answer's probability is marginalized
+    /// over them).
+    #[arg(long, default_value = "concat", value_parser = ["concat", "seq", "token"])]
+    pub formulation: String,
+    #[command(flatten)]
+    pub latent: LatentArgs,
     /// Most prompt tokens the passages may take (default: what the model's context leaves
     /// after the question and --max-tokens). Passages that do not fit are dropped and reported.
     #[arg(long)]

@@ -147,9 +147,27 @@ pub struct RungSpec {
     pub select: Option<String>,
     #[serde(default)]
     pub rag: bool,
+    /// How a RAG rung reads its passages: "concat" (all in one prompt, the default), "seq"
+    /// (RAG-Sequence) or "token" (RAG-Token): each passage read on its own and the answer
+    /// marginalized over them ([`lever_rag::latent`]). Absent from the fingerprint when unset,
+    /// so that ladders written before it keep their finished rungs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub formulation: Option<String>,
     /// "lora" or "full".
     #[serde(default)]
     pub finetune: Option<String>,
+}
+
+impl RungSpec {
+    /// RAG-Sequence or RAG-Token, for a RAG rung that names one.
+    fn latent(&self) -> Option<lever_rag::marginal::Formulation> {
+        use lever_rag::marginal::Formulation;
+        match (self.rag, self.formulation.as_deref()) {
+            (true, Some("seq")) => Some(Formulation::Sequence),
+            (true, Some("token")) => Some(Formulation::Token),
+            _ => None,
+        }
+    }
 }
 
 /// A ladder file, read and checked: paths resolved, every rung valid, nothing missing.
@@ -213,6 +231,22 @@ impl Ladder {
                     r.name
                 )));
             }
+            match (r.formulation.as_deref(), r.rag) {
+                (None | Some("concat"), _) => {}
+                (Some("seq" | "token"), true) => {}
+                (Some("seq" | "token"), false) => {
+                    return Err(err(format!(
+                        "rung `{}`: formulation needs rag = true",
+                        r.name
+                    )));
+                }
+                (Some(other), _) => {
+                    return Err(err(format!(
+                        "rung `{}`: formulation = \"{other}\": expected \"concat\", \"seq\" or \"token\"",
+                        r.name
+                    )));
+                }
+            }
             match r.finetune.as_deref() {
                 None => {}
                 Some("lora" | "full") if file.finetune.is_some() => {}
@@ -239,6 +273,16 @@ impl Ladder {
             return Err(err(format!("format `{f}`: block or chat")));
         }
         let task = lever_eval::task::load(&file.task)?;
+        if let Some(r) = file.rungs.iter().find(|r| r.latent().is_some())
+            && !task.metric.generates()
+        {
+            return Err(err(format!(
+                "rung `{}`: formulation = \"{}\" decodes its answers; the task's metric {} needs log-likelihoods (use concat)",
+                r.name,
+                r.formulation.as_deref().unwrap_or_default(),
+                task.metric.name()
+            )));
+        }
         let ladder = Ladder {
             path: path.to_path_buf(),
             file,
@@ -617,6 +661,7 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, out: &Path, name: &str) -> Result<(
         examples.truncate(n);
     }
     let mut retrieved: Vec<Vec<String>> = Vec::new();
+    let mut latent_items: Vec<LatentItem> = Vec::new();
     if r.rag {
         let spec = ladder.file.rag.as_ref().context("[rag]")?;
         let index_dir = match &spec.index {
@@ -664,7 +709,11 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, out: &Path, name: &str) -> Result<(
             32,
         )?)?;
         index.check_embedder(&embed)?;
-        let mode: lever_rag::Mode = spec.mode.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+        // RAG-Sequence and RAG-Token take p(z|x) from dense search's inner products.
+        let mode: lever_rag::Mode = match r.latent() {
+            Some(_) => lever_rag::Mode::Dense,
+            None => spec.mode.parse().map_err(|e| anyhow::anyhow!("{e}"))?,
+        };
         let query_t = spec
             .query_template
             .clone()
@@ -675,10 +724,31 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, out: &Path, name: &str) -> Result<(
             let query = e.prompt(&query_t).to_string();
             let hits = retriever.search(&embed, &query, mode, spec.k)?;
             let mut passages = Vec::new();
+            let mut scores = Vec::new();
             for h in hits {
                 if let Some(c) = index.chunk(h.id as i64)? {
                     passages.push(c.text);
+                    scores.push(h.score);
                 }
+            }
+            if r.latent().is_some() {
+                if passages.is_empty() {
+                    bail!(
+                        "rung `{name}`: no passage of {} matches item {}",
+                        index_dir.display(),
+                        e.origin
+                    );
+                }
+                latent_items.push(LatentItem {
+                    prompts: e.prompts.values().cloned().collect(),
+                    doc_log_probs: lever_rag::marginal::doc_log_probs(
+                        &scores,
+                        lever_rag::marginal::DEFAULT_TEMPERATURE,
+                    )?,
+                    passages: passages.clone(),
+                });
+                retrieved.push(passages);
+                continue;
             }
             let context: String = passages
                 .iter()
@@ -701,7 +771,11 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, out: &Path, name: &str) -> Result<(
         _ => task.test = examples.clone(),
     }
 
-    // Evaluation: lever eval's evaluator.
+    // Evaluation: lever eval's evaluator. A latent rung steps its passages' contexts as one
+    // batch, with the packed kernels `lever serve` batches with.
+    if r.latent().is_some() {
+        lever_model::qweight::set_packing(true);
+    }
     let model = Arc::new(crate::load_model(&crate::cli::ModelArg {
         model: model_ref.clone(),
         adapter: adapter.clone(),
@@ -724,11 +798,27 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, out: &Path, name: &str) -> Result<(
     } else {
         None
     };
-    let generator = crate::generator::resolve(&a.backend, || Ok(model.clone()))?;
+    let generator: Box<dyn lever_generate::Generator> = match r.latent() {
+        Some(f) => {
+            if a.backend.backend.is_some() {
+                bail!(
+                    "rung `{name}`: formulation = \"{}\" needs the model's logits for every passage, which a --backend server does not give (use --rungs)",
+                    f.name()
+                );
+            }
+            Box::new(LatentGenerator {
+                model: model.clone(),
+                formulation: f,
+                items: latent_items,
+            })
+        }
+        None => crate::generator::resolve(&a.backend, || Ok(model.clone()))?,
+    };
     let mut ev = Evaluator::new(&model, &task, generator);
     ev.encoder = encoder.as_ref();
     ev.bootstrap = ladder.file.bootstrap;
-    if !a.no_cache {
+    // The eval cache keys on the prompt, which a latent rung leaves as the closed-book one.
+    if !a.no_cache && r.latent().is_none() {
         let cache_dir = lever_model::registry::lever_home()
             .join("cache")
             .join("eval");
@@ -1139,6 +1229,124 @@ fn print_table(ladder: &Ladder, report: &Value) {
         );
     } else if let Some(n) = next["note"].as_str() {
         println!("next rung: {}: {n}", next["rung"].as_str().unwrap_or("?"));
+    }
+}
+
+/// One test item of a RAG-Sequence or RAG-Token rung: its prompts (as the task renders them,
+/// one per template), its passages and log p(z|x).
+struct LatentItem {
+    prompts: Vec<String>,
+    passages: Vec<String>,
+    doc_log_probs: Vec<f64>,
+}
+
+/// The evaluator's generator for a latent rung: it finds the item whose prompt ends the
+/// request's (the last user turn, or the block text), writes one prompt per passage with that
+/// passage in front of the item's prompt as the concat rung puts its passages ("Passages:\n[1]
+/// …"), and decodes the answer marginalized over them ([`lever_rag::latent::Contexts`]).
+struct LatentGenerator {
+    model: Arc<lever_model::Model>,
+    formulation: lever_rag::marginal::Formulation,
+    items: Vec<LatentItem>,
+}
+
+impl LatentGenerator {
+    /// The item whose prompt is the longest suffix of `text`, and that prompt.
+    fn item_of(&self, text: &str) -> Option<(&LatentItem, usize)> {
+        self.items
+            .iter()
+            .flat_map(|it| {
+                it.prompts
+                    .iter()
+                    .filter(|p| text.ends_with(p.as_str()))
+                    .map(move |p| (it, p.len()))
+            })
+            .max_by_key(|(_, n)| *n)
+    }
+}
+
+impl lever_generate::Generator for LatentGenerator {
+    fn source(&self) -> lever_generate::Source {
+        lever_generate::Source::Model(self.model.info.path.clone())
+    }
+
+    fn can_chat(&self) -> bool {
+        self.model.chat_template.is_some()
+    }
+
+    fn generate(
+        &mut self,
+        req: &lever_generate::Request<'_>,
+        _on_text: &mut dyn FnMut(&str) -> lever_generate::Flow,
+    ) -> lever_generate::Result<lever_generate::Output> {
+        use lever_generate::{Error as GenError, Prompt};
+        let model = &*self.model;
+        let last = match &req.prompt {
+            Prompt::Chat(m) => m.last().map(|m| m.content.as_str()).unwrap_or_default(),
+            Prompt::Text(t) => t,
+        };
+        let Some((item, len)) = self.item_of(last) else {
+            return Err(GenError::Invalid(
+                "a RAG rung was asked a prompt that is none of its items'".into(),
+            ));
+        };
+        let at = last.len() - len;
+        let start = std::time::Instant::now();
+        let prompts = item
+            .passages
+            .iter()
+            .map(|p| {
+                let text = format!(
+                    "{}Passages:\n[1] {}\n\n{}",
+                    &last[..at],
+                    p.trim(),
+                    &last[at..]
+                );
+                match &req.prompt {
+                    Prompt::Chat(m) => {
+                        let mut m = m.to_vec();
+                        if let Some(l) = m.last_mut() {
+                            l.content = text;
+                        }
+                        lever_generate::local::prompt_ids(model, &Prompt::Chat(&m))
+                    }
+                    Prompt::Text(_) => {
+                        lever_generate::local::prompt_ids(model, &Prompt::Text(&text))
+                    }
+                }
+            })
+            .collect::<lever_generate::Result<Vec<_>>>()?;
+        let rag = |e: lever_rag::Error| GenError::Invalid(e.to_string());
+        let mut ctx = lever_rag::latent::Contexts::new(model, prompts, item.doc_log_probs.clone())
+            .map_err(rag)?;
+        let prompt_ms = start.elapsed().as_secs_f64() * 1e3;
+        let sampling = req.sampling.resolve(&model.info.generation);
+        let d = ctx
+            .decode(
+                self.formulation,
+                &lever_rag::latent::DecodeOptions {
+                    beam: 1,
+                    max_tokens: req.max_tokens,
+                    stop: req.stop,
+                    sampling: sampling.clone(),
+                    seq_decoding: lever_rag::latent::SeqDecoding::Thorough,
+                },
+            )
+            .map_err(rag)?;
+        Ok(lever_generate::Output {
+            text: d.text,
+            finish_reason: lever_generate::Finish::Local(d.finish),
+            prompt_tokens: Some(ctx.prompt_tokens()),
+            completion_tokens: Some(d.tokens.len()),
+            timings: Some(lever_generate::Timings {
+                prompt_ms,
+                generation_ms: start.elapsed().as_secs_f64() * 1e3 - prompt_ms,
+            }),
+            sampling: Some(lever_generate::UsedSampling {
+                params: sampling,
+                defaults_from: None,
+            }),
+        })
     }
 }
 

@@ -7,14 +7,20 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use lever_generate::Flow;
 use lever_rag::embedder::BertEmbed;
+use lever_rag::latent::{self, DecodeOptions, SeqDecoding};
+use lever_rag::marginal::Formulation;
 use lever_rag::prompt::Passage;
+use lever_rag::qa::{self, Setting};
 use lever_rag::{
-    AddOptions, AnswerOptions, ChunkMode, ChunkSettings, DenseIndex, Event, Index, Mode, Step,
+    AddOptions, AnswerOptions, ChunkMode, ChunkSettings, DenseIndex, Embed, Event, Index, Mode,
+    Retriever, Step,
 };
 use serde_json::json;
 
+use crate::Usage;
 use crate::cli::{
-    EvalCommand, EvalRetrievalArgs, IndexArg, IndexCommand, RagAskArgs, RagCommand, SearchArgs,
+    EvalCommand, EvalRetrievalArgs, IndexArg, IndexCommand, LatentArgs, RagAskArgs, RagCommand,
+    RagEvalArgs, SearchArgs,
 };
 
 fn embedder(reference: &str) -> Result<BertEmbed> {
@@ -266,23 +272,91 @@ fn dense_index(s: &str) -> DenseIndex {
     }
 }
 
+/// The file beside a query encoder's weights that names the document encoder it was trained
+/// for (`lever rag train` writes it).
+const PAIRING_FILE: &str = "lever_query_encoder.json";
+
+/// The encoder that embeds queries: the index's own (`--embedder`), or a query encoder folder
+/// that `retriever` accepts for the index's vectors (refused by name when they cannot be
+/// compared).
+enum Query {
+    Index(BertEmbed),
+    Trained(BertEmbed),
+}
+
+impl Query {
+    fn load(index_embedder: &str, query_encoder: Option<&Path>) -> Result<Query> {
+        match query_encoder {
+            None => Ok(Query::Index(embedder(index_embedder)?)),
+            Some(dir) => {
+                if !dir.join("config.json").is_file() {
+                    bail!(
+                        "--query-encoder {}: not a sentence-transformers folder (no config.json)",
+                        dir.display()
+                    );
+                }
+                let reference = dir.to_str().with_context(|| {
+                    format!("--query-encoder {}: not a UTF-8 path", dir.display())
+                })?;
+                Ok(Query::Trained(embedder(reference)?))
+            }
+        }
+    }
+
+    fn embed(&self) -> &BertEmbed {
+        match self {
+            Query::Index(e) | Query::Trained(e) => e,
+        }
+    }
+
+    /// A retriever over `index` that takes this encoder's queries.
+    fn retriever<'a>(
+        &self,
+        index: &'a Index,
+        dense: DenseIndex,
+        query_encoder: Option<&Path>,
+    ) -> Result<Retriever<'a>> {
+        let mut r = Retriever::new(index, dense);
+        if let (Query::Trained(e), Some(dir)) = (self, query_encoder) {
+            let pairing = dir.join(PAIRING_FILE);
+            let paired = if pairing.is_file() {
+                let v: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(&pairing)
+                        .with_context(|| pairing.display().to_string())?,
+                )
+                .with_context(|| format!("{}: not JSON", pairing.display()))?;
+                Some(
+                    v.get("document_encoder")
+                        .and_then(|d| d.as_str())
+                        .with_context(|| {
+                            format!("{}: no string `document_encoder`", pairing.display())
+                        })?
+                        .to_string(),
+                )
+            } else {
+                None
+            };
+            r.accept_query_encoder(e, paired.as_deref())?;
+        }
+        Ok(r)
+    }
+}
+
 /// The `k` best chunks as passages, with their chunk ids; paths as the user would type them.
 fn retrieve(
-    index: &Index,
-    embed: &BertEmbed,
+    retriever: &mut Retriever<'_>,
+    embed: &dyn Embed,
     query: &str,
     mode: Mode,
     k: usize,
-    dense: DenseIndex,
 ) -> Result<Vec<(i64, Passage)>> {
     let cwd = std::env::current_dir().ok();
-    Ok(lever_rag::answer::passages(
-        index,
+    Ok(lever_rag::answer::passages_with(
+        retriever,
         embed,
         query,
         mode,
         k,
-        dense,
         cwd.as_deref(),
     )?)
 }
@@ -292,16 +366,14 @@ fn search(a: SearchArgs) -> Result<()> {
         bail!("the query is empty");
     }
     let index = open(&a.index.index)?;
-    let embed = embedder(&a.index.embedder)?;
-    let start = Instant::now();
-    let found = retrieve(
+    let query = Query::load(&a.index.embedder, a.query_encoder.as_deref())?;
+    let mut retriever = query.retriever(
         &index,
-        &embed,
-        &a.query,
-        a.mode,
-        a.k,
         dense_index(&a.dense_index),
+        a.query_encoder.as_deref(),
     )?;
+    let start = Instant::now();
+    let found = retrieve(&mut retriever, query.embed(), &a.query, a.mode, a.k)?;
     let ms = start.elapsed().as_secs_f64() * 1e3;
     if a.json {
         let results: Vec<_> = found
@@ -309,7 +381,7 @@ fn search(a: SearchArgs) -> Result<()> {
             .enumerate()
             .map(|(i, (id, p))| {
                 json!({
-                    "rank": i + 1, "score": p.score, "chunk_id": id,
+                    "rank": i + 1, "score": p.score, "chunk_id": id, "doc_id": p.doc_id,
                     "path": p.path, "line_start": p.line_start, "line_end": p.line_end,
                     "headings": p.headings, "text": p.text,
                 })
@@ -338,6 +410,33 @@ fn search(a: SearchArgs) -> Result<()> {
 pub fn rag(cmd: RagCommand) -> Result<()> {
     match cmd {
         RagCommand::Ask(a) => ask(a),
+        RagCommand::Eval(a) => rag_eval(a),
+    }
+}
+
+/// --beam is for the latent formulations, --decoding for RAG-Sequence only.
+fn check_latent_flags(formulation: &str, a: &LatentArgs) -> Result<()> {
+    let latent = formulation == "seq" || formulation == "token";
+    if a.beam > 1 && !latent {
+        return Err(Usage(format!(
+            "--beam applies to --formulation seq or token, not {formulation}"
+        ))
+        .into());
+    }
+    if a.decoding != "thorough" && formulation != "seq" {
+        return Err(Usage(format!(
+            "--decoding applies to --formulation seq, not {formulation}"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+fn seq_decoding(a: &LatentArgs) -> SeqDecoding {
+    if a.decoding == "fast" {
+        SeqDecoding::Fast
+    } else {
+        SeqDecoding::Thorough
     }
 }
 
@@ -345,15 +444,58 @@ fn ask(a: RagAskArgs) -> Result<()> {
     if a.question.trim().is_empty() {
         bail!("the question is empty");
     }
+    let formulation = match a.formulation.as_str() {
+        "seq" => Some(Formulation::Sequence),
+        "token" => Some(Formulation::Token),
+        _ => None,
+    };
+    if let Some(f) = formulation {
+        if let Some(mode) = a.mode.filter(|m| *m != Mode::Dense) {
+            return Err(Usage(format!(
+                "--formulation {}: --mode {} has no probabilities for the passages; RAG-Sequence and RAG-Token take p(z|x) from dense search's inner products (leave --mode out, or use dense)",
+                f.name(),
+                mode.name()
+            ))
+            .into());
+        }
+        if a.backend.backend.is_some() {
+            return Err(Usage(format!(
+                "--formulation {}: needs the model's logits for every passage, which a --backend server does not give; leave --backend out",
+                f.name()
+            ))
+            .into());
+        }
+    }
+    check_latent_flags(&a.formulation, &a.latent)?;
     let index = open(&a.index.index)?;
-    let embed = embedder(&a.index.embedder)?;
+    latent::check_k(&index, a.k)?;
+    let query = Query::load(&a.index.embedder, a.latent.query_encoder.as_deref())?;
+    let mut retriever =
+        query.retriever(&index, DenseIndex::Auto, a.latent.query_encoder.as_deref())?;
+    // RAG-Sequence and RAG-Token step the k passages' contexts as one batch: the packed
+    // kernels `lever serve` batches with make the extra sequences nearly free.
+    if formulation.is_some() {
+        lever_model::qweight::set_packing(true);
+    }
     // The local model measures the passages' budget even when a server generates (its
     // tokenizer stands in for the server's).
     let model = Arc::new(crate::load_model(&a.model)?);
+    if let Some(f) = formulation {
+        return ask_latent(&a, f, &model, &mut retriever, query.embed());
+    }
+    let mode = a.mode.unwrap_or(Mode::Hybrid);
+    let found = retrieve(&mut retriever, query.embed(), &a.question, mode, a.k)?;
+    if found.is_empty() {
+        return Err(lever_rag::Error::NoMatch {
+            path: index.dir().to_path_buf(),
+            mode: mode.name(),
+        }
+        .into());
+    }
     let mut generator = crate::generator::resolve(&a.backend, || Ok(model.clone()))?;
     let cwd = std::env::current_dir().ok();
     let opts = AnswerOptions {
-        mode: a.mode,
+        mode,
         k: a.k,
         dense: DenseIndex::Auto,
         context_tokens: a.context_tokens,
@@ -364,12 +506,11 @@ fn ask(a: RagAskArgs) -> Result<()> {
     };
     let json_mode = a.json;
     let show_context = a.show_context;
-    let answer = lever_rag::answer(
-        &index,
-        &embed,
+    let answer = lever_rag::answer::answer_from(
         &model,
         generator.as_mut(),
         &a.question,
+        found.into_iter().map(|(_, p)| p).collect(),
         &opts,
         &mut |step| match step {
             Step::Prompt {
@@ -439,6 +580,232 @@ fn ask(a: RagAskArgs) -> Result<()> {
             unknown.join(", "),
             answer.passages.len()
         );
+    }
+    Ok(())
+}
+
+/// `rag ask --formulation seq|token`: every passage read on its own, the answer marginalized
+/// over them; prints the answer, then each passage with p(z|x) and p(z|x,y).
+fn ask_latent(
+    a: &RagAskArgs,
+    f: Formulation,
+    model: &lever_model::Model,
+    retriever: &mut Retriever<'_>,
+    query: &dyn Embed,
+) -> Result<()> {
+    let cwd = std::env::current_dir().ok();
+    let r = latent::retrieve(
+        retriever,
+        query,
+        &a.question,
+        a.k,
+        a.latent.doc_temperature,
+        cwd.as_deref(),
+    )?;
+    let start = Instant::now();
+    let mut ctx = latent::contexts(model, &a.question, &r)?;
+    let prefill_secs = start.elapsed().as_secs_f64();
+    if a.show_context {
+        for (n, (_, p)) in r.passages.iter().enumerate() {
+            let user = lever_rag::prompt::user_turn(&a.question, &[p.block(1)]);
+            eprintln!(
+                "----- prompt {} of {} -----\n{user}",
+                n + 1,
+                r.passages.len()
+            );
+        }
+        eprintln!("------------------");
+    }
+    let sampling = a.sampling.sampling().resolve(&model.info.generation);
+    let decode_start = Instant::now();
+    let d = ctx.decode(
+        f,
+        &DecodeOptions {
+            beam: a.latent.beam,
+            max_tokens: a.sampling.max_tokens,
+            stop: &a.sampling.stop,
+            sampling,
+            seq_decoding: seq_decoding(&a.latent),
+        },
+    )?;
+    let decode_secs = decode_start.elapsed().as_secs_f64();
+    let prior = r.doc_probs();
+    if a.json {
+        let passages: Vec<_> = r
+            .passages
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| {
+                json!({
+                    "n": i + 1, "source": p.citation(), "doc_id": p.doc_id, "score": p.score,
+                    "p": prior[i], "posterior": d.posterior[i], "text": p.text,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "answer": d.text, "formulation": f.name(), "log_likelihood": d.log_likelihood,
+                "finish_reason": d.finish, "passages": passages,
+                "prompt_tokens": ctx.prompt_tokens(), "completion_tokens": d.tokens.len(),
+                "hypotheses": d.hypotheses, "decode_rows": d.decode_rows,
+                "prefill_seconds": prefill_secs, "decode_seconds": decode_secs,
+            })
+        );
+        return Ok(());
+    }
+    println!("{}", d.text);
+    println!(
+        "\nPassages (p(z|x) from retrieval, p(z|x,y) given this answer; {} log p(y|x) = {:.3}):",
+        match f {
+            Formulation::Sequence => "RAG-Sequence",
+            Formulation::Token => "RAG-Token",
+        },
+        d.log_likelihood
+    );
+    for (i, (_, p)) in r.passages.iter().enumerate() {
+        println!(
+            "  [{}] p {:.3}  posterior {:.3}  {}",
+            i + 1,
+            prior[i],
+            d.posterior[i],
+            p.citation()
+        );
+    }
+    Ok(())
+}
+
+/// An f32 setting as typed (0.05, not 0.05000000074505806).
+fn shown_f32(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
+/// `rag eval`: every question answered in one setting, then EM/F1 and recall with intervals.
+fn rag_eval(a: RagEvalArgs) -> Result<()> {
+    let setting: Setting = a.formulation.parse().map_err(anyhow::Error::msg)?;
+    check_latent_flags(&a.formulation, &a.latent)?;
+    let mut questions = qa::read_questions(&a.questions)?;
+    if let Some(n) = a.limit {
+        questions.truncate(n);
+    }
+    let index = open(&a.index.index)?;
+    latent::check_k(&index, a.k)?;
+    let query = Query::load(&a.index.embedder, a.latent.query_encoder.as_deref())?;
+    let mut retriever =
+        query.retriever(&index, DenseIndex::Auto, a.latent.query_encoder.as_deref())?;
+    if matches!(setting, Setting::Latent(_)) {
+        lever_model::qweight::set_packing(true);
+    }
+    let model = Arc::new(crate::load_model(&a.model)?);
+    let mut generator = lever_generate::Local::new(model.clone());
+    let cwd = std::env::current_dir().ok();
+    let opts = qa::QaOptions {
+        setting,
+        k: a.k,
+        temperature: a.latent.doc_temperature,
+        beam: a.latent.beam,
+        seq_decoding: seq_decoding(&a.latent),
+        max_tokens: a.max_tokens,
+        stop: &[],
+        sampling: lever_generate::Sampling {
+            temperature: Some(0.0),
+            unset: lever_generate::Unset::Off,
+            ..Default::default()
+        },
+        relative_to: cwd.as_deref(),
+    };
+    let mut predictions = match &a.predictions {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| p.display().to_string())?,
+        )),
+        None => None,
+    };
+    let bar = crate::progress::bar(
+        questions.len() as u64,
+        "{msg} [{bar:30}] {pos}/{len} questions, {per_sec}, eta {eta}",
+        &format!("rag eval ({})", setting.name()),
+    );
+    let start = Instant::now();
+    let mut outcomes = Vec::with_capacity(questions.len());
+    let mut judged_without_ids = 0;
+    for q in &questions {
+        let o = qa::run_question(
+            &model,
+            &mut generator,
+            &mut retriever,
+            query.embed(),
+            q,
+            &opts,
+        )
+        .with_context(|| format!("{}: question {}", a.questions.display(), q.id))?;
+        if o.hits.is_some() && o.retrieved.iter().all(Option::is_none) {
+            judged_without_ids += 1;
+        }
+        if let Some(w) = predictions.as_mut() {
+            use std::io::Write;
+            writeln!(w, "{}", serde_json::to_string(&o)?)?;
+        }
+        outcomes.push(o);
+        let em = outcomes.iter().map(|o| o.em).sum::<f64>() / outcomes.len() as f64;
+        bar.set_message(format!("rag eval ({}) EM {:.3}", setting.name(), em));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if let Some(mut w) = predictions {
+        use std::io::Write;
+        w.flush()?;
+    }
+    if judged_without_ids == outcomes.len() && !outcomes.is_empty() {
+        bail!(
+            "{}: the questions name gold_ids, but no retrieved passage has a document id: rebuild the index from a JSONL corpus with `_id`s (lever keeps them since this version)",
+            index.dir().display()
+        );
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let s = qa::summarize(&outcomes);
+    let ci = |e: &qa::Estimate| e.ci95.map(|(lo, hi)| json!([lo, hi]));
+    let recall = |d: usize| s.recall[d].map(|e| e.mean);
+    let recall_ci = |d: usize| s.recall[d].as_ref().and_then(ci);
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "n": s.n, "em": s.em.mean, "f1": s.f1.mean,
+                "recall@1": recall(0), "recall@5": recall(1), "recall@20": recall(2),
+                "em_ci95": ci(&s.em), "f1_ci95": ci(&s.f1),
+                "recall@1_ci95": recall_ci(0), "recall@5_ci95": recall_ci(1),
+                "recall@20_ci95": recall_ci(2),
+                "judged": s.judged, "formulation": setting.name(), "k": a.k,
+                "doc_temperature": shown_f32(a.latent.doc_temperature), "beam": a.latent.beam,
+                "decoding": a.latent.decoding, "max_tokens": a.max_tokens,
+                "seconds": secs, "seconds_per_question": secs / s.n.max(1) as f64,
+            })
+        );
+    } else {
+        let pct = |x: f64| format!("{:.1}", 100.0 * x);
+        let with_ci = |e: &qa::Estimate| match e.ci95 {
+            Some((lo, hi)) => format!("{} [{}, {}]", pct(e.mean), pct(lo), pct(hi)),
+            None => pct(e.mean),
+        };
+        let r = |d: usize| s.recall[d].as_ref().map_or("-".to_string(), with_ci);
+        println!(
+            "{} ({} questions, {}, k {}; 95% intervals)",
+            a.questions.display(),
+            s.n,
+            setting.name(),
+            a.k
+        );
+        println!("| EM | F1 | recall@1 | recall@5 | recall@20 |");
+        println!("|---|---|---|---|---|");
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            with_ci(&s.em),
+            with_ci(&s.f1),
+            r(0),
+            r(1),
+            r(2)
+        );
+        eprintln!("{secs:.0} s ({:.1} s a question)", secs / s.n.max(1) as f64);
     }
     Ok(())
 }

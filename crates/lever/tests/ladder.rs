@@ -274,6 +274,70 @@ fn a_ladder_scores_every_rung_on_the_same_items_and_resumes_after_a_kill() {
 }
 
 /// Bad ladder files: one line naming the file and the problem, exit 1, nothing written.
+/// The RAG rungs of one ladder in the four settings of `formulation` (closed-book, concat,
+/// RAG-Sequence, RAG-Token) on the same two items: each scored, the latent rungs with each
+/// passage read on its own (their prompts hold the K passages' prompts).
+#[test]
+fn rag_rungs_compare_closed_concat_seq_and_token_on_the_same_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d, 2);
+    std::fs::write(
+        d.join("rag.toml"),
+        format!(
+            "task = \"{}\"\nsplit = \"test\"\nformat = \"chat\"\n[rag]\ncorpus = [\"corpus.jsonl\"]\nk = 2\nquery_template = \"query\"\n\
+             [[rung]]\nname = \"closed\"\n[[rung]]\nname = \"concat\"\nrag = true\n\
+             [[rung]]\nname = \"seq\"\nrag = true\nformulation = \"seq\"\n\
+             [[rung]]\nname = \"token\"\nrag = true\nformulation = \"token\"\n",
+            example("squad/task.toml").display()
+        ),
+    )
+    .unwrap();
+    lever_in(
+        d,
+        &[
+            "ladder",
+            "rag.toml",
+            "--out",
+            "out",
+            "--limit",
+            "2",
+            "--no-cache",
+        ],
+    )
+    .ok();
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("out/ladder.json")).unwrap()).unwrap();
+    let rungs = report["rungs"].as_array().unwrap();
+    let names: Vec<&str> = rungs.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["closed", "concat", "seq", "token"]);
+    for r in rungs {
+        assert_eq!(r["n"], 2, "{r}");
+        assert!(r["score"].as_f64().is_some(), "{r}");
+    }
+    let tokens = |i: usize| {
+        rungs[i]["cost"]["prompt_tokens_per_query"]
+            .as_f64()
+            .unwrap()
+    };
+    // Two prompts of one passage each (dense search's, where concat's are hybrid's).
+    assert!(
+        tokens(2) > tokens(0) + 100.0,
+        "{} vs {}",
+        tokens(2),
+        tokens(0)
+    );
+    assert_eq!(tokens(2), tokens(3));
+    for rung in ["seq", "token"] {
+        let records = jsonl(&d.join(format!("out/rungs/{rung}/records.jsonl")));
+        assert_eq!(records.len(), 2);
+        for rec in &records {
+            assert_eq!(rec["passages"].as_array().unwrap().len(), 2, "{rec}");
+            assert!(rec["completion_tokens"].as_u64().unwrap() >= 1, "{rec}");
+        }
+    }
+}
+
 #[test]
 fn bad_ladders_are_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -307,6 +371,20 @@ fn bad_ladders_are_refused_in_one_line() {
                 task.display()
             ),
             "finetune = \"qlora\": expected \"lora\" or \"full\"",
+        ),
+        (
+            format!(
+                "task = \"{}\"\n[[rung]]\nname = \"a\"\nformulation = \"seq\"\n",
+                task.display()
+            ),
+            "rung `a`: formulation needs rag = true",
+        ),
+        (
+            format!(
+                "task = \"{}\"\n[rag]\ncorpus = [\"l.toml\"]\n[[rung]]\nname = \"a\"\nrag = true\nformulation = \"sequence\"\n",
+                task.display()
+            ),
+            "formulation = \"sequence\": expected \"concat\", \"seq\" or \"token\"",
         ),
     ];
     for (text, want) in cases {
