@@ -22,7 +22,7 @@ fn embedder(reference: &str) -> Result<BertEmbed> {
 }
 
 /// An existing index, or a clear error saying how to make one.
-fn open(dir: &Path) -> Result<Index> {
+pub(crate) fn open(dir: &Path) -> Result<Index> {
     if !Index::exists(dir) {
         bail!(
             "{}: no index here; create one with `lever index add PATH… --index {}`",
@@ -338,6 +338,7 @@ fn search(a: SearchArgs) -> Result<()> {
 pub fn rag(cmd: RagCommand) -> Result<()> {
     match cmd {
         RagCommand::Ask(a) => ask(a),
+        RagCommand::Train(a) => crate::rag_train::run(a),
     }
 }
 

@@ -233,7 +233,11 @@ fn a_ladder_scores_every_rung_on_the_same_items_and_resumes_after_a_kill() {
     let mut sub = args.to_vec();
     sub.extend(["--rungs", "zero-shot,rag"]);
     let out = lever_in(d, &sub).ok();
-    assert!(out.stderr.contains("rag: done before, kept"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("rag: done before, kept"),
+        "{}",
+        out.stderr
+    );
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("out/ladder.json")).unwrap()).unwrap();
     assert_eq!(report["rungs"].as_array().unwrap().len(), 2, "{report}");
