@@ -211,6 +211,20 @@ pub fn run(a: RagTrainArgs) -> Result<()> {
     let document_encoder = embed.id();
     let mut encoder = embed.encoder().clone();
     drop(embed);
+    // Never cut silently: a question past the encoder's limit is cut as sentence-transformers
+    // cuts it, and counted.
+    let texts: Vec<&str> = questions
+        .iter()
+        .chain(val.iter().flatten())
+        .map(|q| q.example.question.as_str())
+        .collect();
+    let cut = encoder.tokenize(&texts)?.iter().filter(|t| t.truncated).count();
+    if cut > 0 {
+        eprintln!(
+            "warning: {cut} question(s) are longer than the encoder's {} tokens and are cut to it",
+            encoder.max_tokens()
+        );
+    }
     let matrix = index.load_vectors()?;
     let docs = Documents {
         dim: matrix.dim,

@@ -336,8 +336,9 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-/// A run killed with SIGKILL after its second checkpoint and resumed gives the same per-step
-/// losses (within 1e-6) and the same query encoder and adapter as a run never interrupted.
+/// A run killed with SIGKILL after a checkpoint and resumed gives the same per-step losses
+/// (within 1e-6) and the same query encoder and adapter (within 1e-6) as a run never
+/// interrupted; RAG-Token, the top two encoder layers trained.
 #[test]
 fn a_killed_run_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -350,7 +351,7 @@ fn a_killed_run_resumes_exactly() {
             "--out",
             out,
             "--steps",
-            "4",
+            "3",
             "--save-every",
             "1",
             "--encoder-layers",
@@ -368,7 +369,7 @@ fn a_killed_run_resumes_exactly() {
     );
     assert_eq!(full.code, 0, "{}", full.stderr);
     let want = step_losses(&dir.join("full"));
-    assert_eq!(want.len(), 4);
+    assert_eq!(want.len(), 3);
 
     let killed = dir.join("killed");
     let mut child = Command::new(env!("CARGO_BIN_EXE_lever"))
@@ -386,7 +387,7 @@ fn a_killed_run_resumes_exactly() {
         let done = std::fs::read_to_string(killed.join("metrics.jsonl"))
             .map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count())
             .unwrap_or(0);
-        if done >= 2 || std::time::Instant::now() > deadline {
+        if done >= 1 || std::time::Instant::now() > deadline {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -395,7 +396,7 @@ fn a_killed_run_resumes_exactly() {
     child.wait().unwrap();
     let partial = step_losses(&killed);
     assert!(
-        partial.len() >= 2 && partial.len() < 4,
+        (1..3).contains(&partial.len()),
         "killed after {} steps",
         partial.len()
     );
@@ -406,7 +407,7 @@ fn a_killed_run_resumes_exactly() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stderr.contains("resuming at step"), "{}", out.stderr);
     let got = step_losses(&killed);
-    assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2, 3]);
     for ((s, a), (_, b)) in got.iter().zip(&want) {
         eprintln!("step {s}: resumed {a} vs uninterrupted {b}");
         assert!(
