@@ -160,7 +160,8 @@ pub struct Evaluator<'a> {
     pool_vecs: HashMap<String, Vec<Vec<f32>>>,
 }
 
-/// A key for the model's results in the cache: its path, size and modification time.
+/// A key for the model's results in the cache: its path, size and modification time, and
+/// those of its adapter's files.
 pub fn model_key(model: &Model) -> String {
     let p = &model.info.path;
     let mut parts = vec![
@@ -178,14 +179,24 @@ pub fn model_key(model: &Model) -> String {
             .ok()?;
         Some(format!("{}:{}", m.len(), t.as_nanos()))
     };
-    if p.is_dir() {
-        if let Ok(rd) = std::fs::read_dir(p) {
-            let mut names: Vec<_> = rd.flatten().map(|e| e.path()).collect();
-            names.sort();
-            parts.extend(names.iter().filter_map(|n| stat(n)));
+    // A folder (a Hugging Face model, a LoRA adapter) by each of its files.
+    let mut add = |p: &Path| {
+        if p.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(p) {
+                let mut names: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+                names.sort();
+                parts.extend(names.iter().filter_map(|n| stat(n)));
+            }
+        } else {
+            parts.extend(stat(p));
         }
-    } else {
-        parts.extend(stat(p));
+    };
+    add(p);
+    if let Some(a) = &model.info.adapter {
+        // Another adapter on the same base answers otherwise.
+        let dir = a.canonicalize().unwrap_or_else(|_| a.clone());
+        add(&dir);
+        parts.push(format!("adapter {}", dir.display()));
     }
     parts.join("|")
 }
@@ -491,7 +502,7 @@ impl<'a> Evaluator<'a> {
             m if m.generates() => {
                 let g = &task.generation;
                 let seed = g.seed.wrapping_add(id as u64);
-                let key = cache::key(&json!([
+                let mut parts = json!([
                     "gen",
                     prompt,
                     g.max_tokens,
@@ -500,7 +511,14 @@ impl<'a> Evaluator<'a> {
                     g.top_k,
                     if g.temperature > 0.0 { seed } else { 0 },
                     g.stop
-                ]));
+                ]);
+                // A server answers for its own model: its results are its own.
+                if let Source::Server(url) = self.generator.source()
+                    && let Some(list) = parts.as_array_mut()
+                {
+                    list.push(json!(url));
+                }
+                let key = cache::key(&parts);
                 let v = match self.cache.as_mut().and_then(|c| c.get(&key)) {
                     Some(v) => {
                         rec.cached = true;

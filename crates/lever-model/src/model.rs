@@ -79,6 +79,9 @@ pub struct ModelInfo {
     pub quantization: String,
     /// The sampling settings the model's authors publish (empty when unknown).
     pub generation: GenerationConfig,
+    /// The LoRA adapter folder loaded on top of the weights, if any: part of what the model
+    /// answers (eval's cache keys on it).
+    pub adapter: Option<PathBuf>,
 }
 
 /// A runnable generator: decoder, tokenizer, chat template.
@@ -147,6 +150,7 @@ impl Model {
                 format: "gguf",
                 quantization,
                 generation,
+                adapter: None,
             },
         })
     }
@@ -181,6 +185,7 @@ impl Model {
                 path: dir.into(),
                 format: "hf",
                 generation: GenerationConfig::from_hf_folder(dir),
+                adapter: None,
                 quantization: hf
                     .torch_dtype
                     .clone()

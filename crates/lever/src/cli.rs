@@ -84,11 +84,16 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct LadderArgs {
     /// The ladder file (TOML; docs/ladder.md).
-    pub file: PathBuf,
-    /// Folder for the rungs' records and results, the index, the trainings and ladder.json.
-    /// Running the same command again goes on where it stopped (finished rungs are kept).
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(required_unless_present = "report_only")]
+    pub file: Option<PathBuf>,
+    /// Folder for the rungs' records and results, the index, the trainings, ladder.json and
+    /// report.html. Running the same command again goes on where it stopped (finished rungs
+    /// are kept).
+    #[arg(long, required_unless_present = "report_only")]
+    pub out: Option<PathBuf>,
+    /// Run nothing: write DIR/report.html again from DIR/ladder.json (a ladder's --out).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["file", "out", "limit", "rungs", "force", "rung"])]
+    pub report_only: Option<PathBuf>,
     /// Evaluate only the first N items of the split.
     #[arg(long, value_parser = at_least_one)]
     pub limit: Option<usize>,

@@ -312,11 +312,13 @@ impl Ladder {
         }
     }
 
-    /// What a rung's result depends on: a finished rung with other settings is run again.
-    fn fingerprint(&self, r: &RungSpec, limit: Option<usize>) -> Value {
+    /// What a rung's result depends on: a finished rung with other settings (or generated
+    /// by another backend) is run again.
+    fn fingerprint(&self, r: &RungSpec, a: &LadderArgs) -> Value {
         json!({
             "rung": r, "task": self.file.task, "model": self.file.model, "split": self.file.split,
-            "format": self.file.format, "limit": limit,
+            "format": self.file.format, "limit": a.limit,
+            "backend": [&a.backend.backend, &a.backend.backend_model],
             "rag": r.rag.then(|| self.file.rag.clone()),
             "finetune": r.finetune.as_ref().map(|_| self.file.finetune.clone()),
         })
@@ -324,9 +326,16 @@ impl Ladder {
 }
 
 pub fn run(a: LadderArgs) -> Result<()> {
-    let ladder = Ladder::load(&a.file)?;
+    if let Some(dir) = &a.report_only {
+        return report_only(dir);
+    }
+    // clap requires both unless --report-only.
+    let (Some(file), Some(out)) = (&a.file, &a.out) else {
+        bail!("lever ladder: a ladder file and --out DIR are needed");
+    };
+    let ladder = Ladder::load(file)?;
     if let Some(name) = &a.rung {
-        return run_rung(&ladder, &a, name);
+        return run_rung(&ladder, &a, out, name);
     }
     let names: Vec<String> = if a.rungs.is_empty() {
         ladder.file.rungs.iter().map(|r| r.name.clone()).collect()
@@ -349,11 +358,18 @@ pub fn run(a: LadderArgs) -> Result<()> {
     }
     // A ladder's folder is gone on with; one that holds other files is refused (--force
     // starts over, removing only what a ladder writes).
-    let ours = ["rungs", "train", "index", "index.json", "ladder.json"];
-    if a.out.join("rungs").is_dir() {
+    let ours = [
+        "rungs",
+        "train",
+        "index",
+        "index.json",
+        "ladder.json",
+        "report.html",
+    ];
+    if out.join("rungs").is_dir() {
         if a.force {
             for n in ours {
-                let p = a.out.join(n);
+                let p = out.join(n);
                 if p.is_dir() {
                     std::fs::remove_dir_all(&p).with_context(|| p.display().to_string())?;
                 } else if p.exists() {
@@ -362,20 +378,20 @@ pub fn run(a: LadderArgs) -> Result<()> {
             }
         }
     } else {
-        crate::check_target(&a.out, a.force)?;
+        crate::check_target(out, a.force)?;
     }
-    std::fs::create_dir_all(a.out.join("rungs"))
-        .with_context(|| format!("{}: cannot be created", a.out.display()))?;
+    std::fs::create_dir_all(out.join("rungs"))
+        .with_context(|| format!("{}: cannot be created", out.display()))?;
     // Every training rung within the budget, by the plan, before any rung starts.
     for name in &names {
-        check_budget(&ladder, &a.out, ladder.rung(name)?)?;
+        check_budget(&ladder, out, ladder.rung(name)?)?;
     }
     let exe = std::env::current_exe().context("the path of this program")?;
     let mut results = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let r = ladder.rung(name)?;
-        let done = a.out.join("rungs").join(name).join("result.json");
-        let want = ladder.fingerprint(r, a.limit);
+        let done = out.join("rungs").join(name).join("result.json");
+        let want = ladder.fingerprint(r, &a);
         let cached = read_json(&done).filter(|v| v["fingerprint"] == want);
         let result = match cached {
             Some(v) => {
@@ -386,16 +402,23 @@ pub fn run(a: LadderArgs) -> Result<()> {
                 eprintln!("[{}/{}] {name}", i + 1, names.len());
                 let mut cmd = Command::new(&exe);
                 cmd.arg("ladder")
-                    .arg(&a.file)
+                    .arg(file)
                     .arg("--out")
-                    .arg(&a.out)
+                    .arg(out)
                     .arg("--rung")
                     .arg(name);
                 if let Some(n) = a.limit {
                     cmd.arg("--limit").arg(n.to_string());
                 }
+                // The key travels in the environment, not in the arguments others can see.
                 if let Some(b) = &a.backend.backend {
                     cmd.arg("--backend").arg(b);
+                }
+                if let Some(k) = &a.backend.backend_key {
+                    cmd.env("LEVER_BACKEND_KEY", k);
+                }
+                if let Some(m) = &a.backend.backend_model {
+                    cmd.arg("--backend-model").arg(m);
                 }
                 if a.no_cache {
                     cmd.arg("--no-cache");
@@ -413,17 +436,17 @@ pub fn run(a: LadderArgs) -> Result<()> {
         };
         results.push(result);
     }
-    let mut report = report(&ladder, &a.out, &results)?;
-    report["verdict"]["next"] = json!(next_rung(&ladder, &a.out, &names));
-    crate::write_file(
-        &a.out.join("ladder.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
+    let mut report = report(&ladder, out, &results)?;
+    report["verdict"]["next"] = json!(next_rung(&ladder, out, &names));
+    write_report(out, &report)?;
     if a.json {
         println!("{report}");
     } else {
         print_table(&ladder, &report);
-        eprintln!("ladder.json and each rung's records: {}", a.out.display());
+        eprintln!(
+            "ladder.json, report.html and each rung's records: {}",
+            out.display()
+        );
     }
     Ok(())
 }
@@ -501,9 +524,9 @@ fn children_maxrss_kb() -> f64 {
 
 /// One rung, in this (child) process: its index and training when missing, then the
 /// evaluation; DIR/rungs/NAME/records.jsonl, then result.json.
-fn run_rung(ladder: &Ladder, a: &LadderArgs, name: &str) -> Result<()> {
+fn run_rung(ladder: &Ladder, a: &LadderArgs, out: &Path, name: &str) -> Result<()> {
     let r = ladder.rung(name)?;
-    let dir = a.out.join("rungs").join(name);
+    let dir = out.join("rungs").join(name);
     std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
     let exe = std::env::current_exe().context("the path of this program")?;
     let base_model = ladder
@@ -519,13 +542,13 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, name: &str) -> Result<()> {
     let mut model_ref = base_model.clone();
     if let Some(method) = &r.finetune {
         let spec = ladder.file.finetune.as_ref().context("[finetune]")?;
-        let tdir = a.out.join("train").join(method);
+        let tdir = out.join("train").join(method);
         let run_dir = tdir.join("run");
         let result_dir = run_dir.join(if method == "lora" { "adapter" } else { "model" });
         let started = Instant::now();
         if !result_dir.exists() {
             std::fs::create_dir_all(&tdir).with_context(|| tdir.display().to_string())?;
-            let data = training_data(ladder, &a.out)?;
+            let data = training_data(ladder, out)?;
             let mut cmd = Command::new(&exe);
             cmd.arg("finetune")
                 .arg("--model")
@@ -560,10 +583,21 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, name: &str) -> Result<()> {
             if !status.success() {
                 bail!("rung `{name}`: lever finetune failed (see above)");
             }
-            cost.insert("train_s".into(), json!(started.elapsed().as_secs_f64()));
+            crate::write_file(
+                &tdir.join("train.json"),
+                json!({"wall_s": started.elapsed().as_secs_f64()}).to_string(),
+            )?;
         }
         let manifest = read_json(&run_dir.join("manifest.json")).unwrap_or(Value::Null);
         let res = &manifest["result"];
+        // Every rung that needs the training pays for it (as every RAG rung pays for the
+        // index), also when an earlier rung or an earlier run of the ladder trained it.
+        let wall = read_json(&tdir.join("train.json")).map(|v| v["wall_s"].clone());
+        cost.insert(
+            "train_s".into(),
+            wall.filter(Value::is_number)
+                .unwrap_or_else(|| res["seconds"].clone()),
+        );
         cost.insert("train_steps".into(), json!(spec.steps));
         // The training's own figures (its manifest): seconds training, tokens seen.
         cost.insert("train_seconds".into(), res["seconds"].clone());
@@ -588,8 +622,8 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, name: &str) -> Result<()> {
         let index_dir = match &spec.index {
             Some(i) => i.clone(),
             None => {
-                let i = a.out.join("index");
-                let marker = a.out.join("index.json");
+                let i = out.join("index");
+                let marker = out.join("index.json");
                 if read_json(&marker).is_none() {
                     let started = Instant::now();
                     let mut cmd = Command::new(&exe);
@@ -704,11 +738,11 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, name: &str) -> Result<()> {
         )?);
     }
     let bar = crate::progress::counter(examples.len() as u64, name);
-    let out = ev.run(&setting, &split, &examples, Shots::Select, &mut |d, _| {
+    let evaluated = ev.run(&setting, &split, &examples, Shots::Select, &mut |d, _| {
         bar.set_position(d as u64)
     });
     bar.finish_and_clear();
-    let (summary, records) = out?;
+    let (summary, records) = evaluated?;
     let mut lines = String::new();
     for (i, rec) in records.iter().enumerate() {
         let mut v = serde_json::to_value(rec)?;
@@ -719,17 +753,17 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, name: &str) -> Result<()> {
         lines.push('\n');
     }
     crate::write_file(&dir.join("records.jsonl"), lines)?;
-    let mut lat: Vec<f64> = records
-        .iter()
-        .filter(|r| !r.cached)
-        .map(|r| r.latency_ms)
-        .collect();
+    // Each answer's latency as first measured (the eval cache keeps it): a rung answered
+    // from the cache costs what it cost when it ran, not the milliseconds of a lookup.
+    let mut lat: Vec<f64> = records.iter().map(|r| r.latency_ms).collect();
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| -> Option<f64> {
         (!lat.is_empty())
             .then(|| lat[((p * (lat.len() - 1) as f64).round() as usize).min(lat.len() - 1)])
     };
-    cost.insert("eval_s".into(), json!(summary.seconds));
+    cost.insert("eval_s".into(), json!(lat.iter().sum::<f64>() / 1e3));
+    cost.insert("eval_wall_s".into(), json!(summary.seconds));
+    cost.insert("cached_answers".into(), json!(summary.cached));
     cost.insert("latency_p50_ms".into(), json!(pct(0.5)));
     cost.insert("latency_p95_ms".into(), json!(pct(0.95)));
     cost.insert(
@@ -739,7 +773,7 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, name: &str) -> Result<()> {
     cost.insert("peak_rss_mb".into(), json!(peak_rss_mb()));
     let result = json!({
         "name": name,
-        "fingerprint": ladder.fingerprint(r, a.limit),
+        "fingerprint": ladder.fingerprint(r, a),
         "model": model_ref,
         "adapter": adapter,
         "setting": summary.setting,
@@ -887,6 +921,13 @@ fn report(ladder: &Ladder, out: &Path, results: &[Value]) -> Result<Value> {
         if let Some(p) = price {
             v["cost"]["money"] = json!(p * secs / 3600.0);
         }
+        let method = r["name"]
+            .as_str()
+            .and_then(|n| ladder.rung(n).ok())
+            .and_then(|s| s.finetune.as_deref());
+        if let Some(method) = method {
+            v["loss_curve"] = json!(loss_curve(&out.join("train").join(method).join("run"))?);
+        }
         if i > 0 {
             let (mean, ci) = paired(&scores(&results[i - 1]), &scores(r), iters, 7);
             let real = ci.is_some_and(|(lo, hi)| lo > 0.0 || hi < 0.0);
@@ -933,8 +974,99 @@ fn report(ladder: &Ladder, out: &Path, results: &[Value]) -> Result<Value> {
         "metric": ladder.task.metric.name(), "out": out,
         "price_per_hour": price, "currency": ladder.file.currency,
         "rungs": rungs,
+        "items": items(ladder, out, results)?,
         "verdict": {"best": name(best), "use": name(pick), "text": said},
     }))
+}
+
+/// A training's loss per step, `[[step, loss], ...]`, from RUN/metrics.jsonl (the last line
+/// of a step counts: a resumed training logs again the steps after its checkpoint).
+fn loss_curve(run: &Path) -> Result<Vec<[f64; 2]>> {
+    let path = run.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot be read", path.display()))?;
+    let mut steps = std::collections::BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let v: Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        if let (Some(step), Some(loss)) = (v["step"].as_u64(), v["loss"].as_f64()) {
+            steps.insert(step, loss);
+        }
+    }
+    Ok(steps.into_iter().map(|(s, l)| [s as f64, l]).collect())
+}
+
+/// Every test item with each rung's answer, from the rungs' records.jsonl: `{"id": FILE:LINE,
+/// "question": the prompt under the default template, "gold", "answers": {RUNG: {"output",
+/// "score", "right"}}}`, in the split's order. `right`: a score of at least 0.5 (the metrics
+/// that score 0 or 1; F1 over one half); none for perplexity, which has no right answer.
+fn items(ladder: &Ladder, out: &Path, results: &[Value]) -> Result<Vec<Value>> {
+    let questions: std::collections::HashMap<&str, &str> = ladder
+        .task
+        .split(&ladder.file.split)?
+        .iter()
+        .map(|e| {
+            (
+                e.origin.as_str(),
+                e.prompt(lever_eval::task::DEFAULT_TEMPLATE),
+            )
+        })
+        .collect();
+    let graded = !matches!(ladder.task.metric, lever_eval::metrics::Metric::Perplexity);
+    let mut items: Vec<Value> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for r in results {
+        let name = r["name"].as_str().unwrap_or("?");
+        let path = out.join("rungs").join(name).join("records.jsonl");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot be read", path.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            let rec: Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+            let origin = rec["origin"].as_str().unwrap_or_default().to_string();
+            let at = *index.entry(origin.clone()).or_insert_with(|| {
+                let question = questions
+                    .get(origin.as_str())
+                    .map_or(rec["prompt"].clone(), |q| json!(q));
+                items.push(json!({
+                    "id": origin, "question": question, "gold": rec["target"], "answers": {},
+                }));
+                items.len() - 1
+            });
+            let score = rec["score"].as_f64();
+            items[at]["answers"][name] = json!({
+                "output": rec["output"], "score": score,
+                "right": graded.then(|| score.map(|s| s >= 0.5)).flatten(),
+            });
+        }
+    }
+    Ok(items)
+}
+
+/// DIR/ladder.json, then DIR/report.html from it: each written whole (a temporary file,
+/// renamed), so a reader never sees half of either.
+fn write_report(out: &Path, report: &Value) -> Result<()> {
+    crate::write_file(
+        &out.join("ladder.json"),
+        serde_json::to_string_pretty(report)?,
+    )?;
+    crate::write_file(&out.join("report.html"), crate::ladder_report::html(report))
+}
+
+/// `lever ladder --report-only DIR`: DIR/report.html again from DIR/ladder.json.
+fn report_only(dir: &Path) -> Result<()> {
+    let path = dir.join("ladder.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot be read", path.display()))?;
+    let report: Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", path.display()))?;
+    if !report["rungs"].is_array() {
+        bail!("{}: no \"rungs\": not a ladder's", path.display());
+    }
+    let html = dir.join("report.html");
+    crate::write_file(&html, crate::ladder_report::html(&report))?;
+    eprintln!("{}", html.display());
+    Ok(())
 }
 
 fn print_table(ladder: &Ladder, report: &Value) {

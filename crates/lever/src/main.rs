@@ -10,6 +10,7 @@ mod export;
 mod finetune;
 mod generator;
 mod ladder;
+mod ladder_report;
 mod measure;
 mod models;
 mod plan;
@@ -221,6 +222,7 @@ pub fn load_model(arg: &ModelArg) -> Result<Model> {
     if let Some(dir) = &arg.adapter {
         let n = lever_train::load_peft(&mut model.decoder, dir)?;
         eprintln!("adapter: {} ({n} projections)", dir.display());
+        model.info.adapter = Some(dir.clone());
     }
     Ok(model)
 }

@@ -376,6 +376,7 @@ fn train(a: PretrainArgs, dist: &Arc<Dist>) -> Result<()> {
                 format: "pretrained",
                 quantization: "F32".into(),
                 generation: GenerationConfig::default(),
+                adapter: None,
             },
         },
     };

@@ -40,7 +40,7 @@ mod mpi {
     use std::path::Path;
     use std::process::{Command, Stdio};
 
-    use super::common::{Out, children_of, lever_in, pretrain_shards};
+    use super::common::{Out, children_of, lever_in, metrics, pretrain_shards, series};
     use candle_core::{Device, Tensor};
     use serde_json::Value;
 
@@ -65,22 +65,6 @@ mod mpi {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
-    }
-
-    fn metrics(run: &Path) -> Vec<Value> {
-        std::fs::read_to_string(run.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    /// (step, training loss or validation loss) of every line with `key`.
-    fn series(run: &Path, key: &str) -> Vec<(u64, f64)> {
-        metrics(run)
-            .iter()
-            .filter_map(|v| Some((v["step"].as_u64()?, v.get(key)?.as_f64()?)))
-            .collect()
     }
 
     fn weights(file: &Path) -> HashMap<String, Tensor> {

@@ -6,6 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
+use common::step_losses;
 use serde_json::Value;
 
 fn lever(args: &[&str]) -> (i32, String, String) {
@@ -128,6 +129,48 @@ fn lora_run_logs_steps_lowers_validation_loss_and_writes_a_peft_adapter() {
         .to_scalar::<f32>()
         .unwrap();
     assert!(moved > 0.0);
+
+    // Eval's cache tells the adapter from its base: answers cached for the base are not
+    // given for the base with the adapter, whose own are cached in turn.
+    let d = dir.path();
+    std::fs::write(
+        d.join("qa.jsonl"),
+        "{\"q\": \"What is 2 + 3?\", \"a\": \"5\"}\n{\"q\": \"What is 4 + 4?\", \"a\": \"8\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("t.toml"),
+        "[data]\ntest = \"qa.jsonl\"\n[prompt]\ntemplate = \"{{ q }}\"\ntarget = \"{{ a }}\"\n[metric]\nname = \"contains\"\n[generation]\nmax_tokens = 4\n",
+    )
+    .unwrap();
+    let adapter_dir = out.join("adapter");
+    let cached = |name: &str, adapter: bool| -> u64 {
+        let (t, c, o) = (d.join("t.toml"), d.join("cache"), d.join(name));
+        let mut a = vec![
+            "eval",
+            t.to_str().unwrap(),
+            "--cache",
+            c.to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+            "--json",
+        ];
+        if adapter {
+            a.extend(["--adapter", adapter_dir.to_str().unwrap()]);
+        }
+        let (code, stdout, stderr) = lever(&a);
+        assert_eq!(code, 0, "{stderr}");
+        let v: Value = serde_json::from_str(&stdout).unwrap();
+        v["settings"][0]["cached"].as_u64().unwrap()
+    };
+    assert_eq!(cached("e1", false), 0);
+    assert_eq!(cached("e2", false), 2);
+    assert_eq!(
+        cached("e3", true),
+        0,
+        "the base's answers were given for the adapter"
+    );
+    assert_eq!(cached("e4", true), 2);
 
     // The run folder is not reused by accident.
     let (code, _, stderr) = lever(&args);
@@ -265,16 +308,6 @@ fn full_fine_tuning_lowers_the_loss_and_writes_a_model_folder() {
     assert_eq!(code, 0, "{stderr}");
     let q = lever_model::Model::load_gguf(&gguf, &candle_core::Device::Cpu).unwrap();
     assert_eq!(q.decoder.config().num_layers, 30);
-}
-
-fn step_losses(run: &std::path::Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v.get("loss").is_some())
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
-        .collect()
 }
 
 /// A run killed with SIGKILL mid-way and resumed gives the same per-step losses and the same

@@ -223,6 +223,35 @@ fn a_ladder_scores_every_rung_on_the_same_items_and_resumes_after_a_kill() {
         "{}",
         out.stdout
     );
+    // What the report page shows: the training's loss per step (logged again after the
+    // resume: each step once), every item with each rung's answer; the page names each rung.
+    let steps: Vec<f64> = rungs[3]["loss_curve"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_f64().unwrap())
+        .collect();
+    assert_eq!(steps, [1.0, 2.0, 3.0, 4.0], "{}", rungs[3]);
+    let items = report["items"].as_array().unwrap();
+    assert_eq!(items.len(), n);
+    for (q, item) in test.iter().zip(items) {
+        assert!(
+            item["question"]
+                .as_str()
+                .unwrap()
+                .contains(q["question"].as_str().unwrap()),
+            "{item}"
+        );
+        assert_eq!(item["gold"], q["answer"], "{item}");
+        for r in rungs {
+            let a = &item["answers"][r["name"].as_str().unwrap()];
+            assert!(a["output"].is_string() && a["right"].is_boolean(), "{item}");
+        }
+    }
+    let page = std::fs::read_to_string(d.join("out/report.html")).unwrap();
+    for r in ["zero-shot", "few-shot", "rag", "lora"] {
+        assert!(page.contains(&format!(">{r}</text>")), "{r}");
+    }
     let verdict = report["verdict"]["use"].as_str().unwrap();
     assert!(rungs.iter().any(|r| r["name"] == verdict), "{verdict}");
     assert!(out.stdout.contains("verdict: use `"), "{}", out.stdout);

@@ -9,27 +9,13 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{children_of, fixture, lever_in, pretrain_shards as shards};
+use common::{
+    children_of, fixture, jsonl, lever_in, metrics, pretrain_shards as shards, step_losses,
+};
 use serde_json::{Value, json};
 
 /// The tiny recipe (shared with scripts/make-pretrain-fixtures.sh).
 const TINY: &str = include_str!("fixtures/pretrain/tiny.toml");
-
-fn metrics(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn step_losses(run: &Path) -> Vec<(u64, f64)> {
-    metrics(run)
-        .iter()
-        .filter(|v| v.get("loss").is_some())
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
-        .collect()
-}
 
 /// A short run: every step logged (loss, tokens/s, MFU), validation at 0, 10, 20 and 30 and
 /// falling, a sample printed at each, the sizes and the measured peak in the manifest, and
@@ -500,14 +486,6 @@ fn a_supervised_command_that_fails_at_once_stops_with_its_cause() {
     );
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("--supervise"), "{}", out.stderr);
-}
-
-fn jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// A poisoned batch (`--debug-poison-step 20`: one target everywhere, 300× the learning rate)

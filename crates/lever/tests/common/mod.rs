@@ -232,3 +232,30 @@ pub fn children_of(pid: u32) -> Vec<u32> {
     }
     out
 }
+
+/// The JSON lines of a file (none when it is missing: a log not written yet).
+pub fn jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A training run's RUN/metrics.jsonl.
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    jsonl(&run.join("metrics.jsonl"))
+}
+
+/// (step, value) of every metrics line with `key` (`loss`, `val_loss`, ...).
+pub fn series(run: &Path, key: &str) -> Vec<(u64, f64)> {
+    metrics(run)
+        .iter()
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get(key)?.as_f64()?)))
+        .collect()
+}
+
+/// (step, training loss) of every step.
+pub fn step_losses(run: &Path) -> Vec<(u64, f64)> {
+    series(run, "loss")
+}
