@@ -8,11 +8,12 @@
 //!   1e-4 per value;
 //! - a trained encoder written with `Encoder::write_folder` (weights moved by a fixed pattern)
 //!   is a sentence-transformers folder: lever loads it and embeds as the in-memory encoder
-//!   does, and sentence-transformers' embeddings of the same folder (the committed fixture,
-//!   and live when `LEVER_TEST_PYTHON` can import sentence_transformers) agree within 1e-4.
+//!   does, and as sentence-transformers embeds with the same weights (the committed fixture)
+//!   within 1e-4. (crates/lever/tests/rag_train.rs runs sentence-transformers live on the
+//!   folder a real `rag train` writes.)
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use lever_model::encoder::{BertModel, Kernels, MatMul, pooled_batch};
@@ -231,33 +232,6 @@ fn perturb(encoder: &mut Encoder, keys: &[String]) {
     }
 }
 
-/// sentence-transformers' embeddings of `texts` by the folder `dir`, when `python` can import
-/// it; None (with the reason) otherwise.
-fn sentence_transformers(python: &str, dir: &Path, texts: &[&str]) -> Option<Vec<Vec<f32>>> {
-    let script = "import json, sys\nfrom sentence_transformers import SentenceTransformer\n\
-                  m = SentenceTransformer(sys.argv[1], device='cpu')\n\
-                  print(json.dumps(m.encode(json.loads(sys.argv[2])).tolist()))";
-    let out = std::process::Command::new(python)
-        .args(["-c", script, dir.to_str().unwrap()])
-        .arg(serde_json::to_string(texts).unwrap())
-        .output();
-    match out {
-        Ok(o) if o.status.success() => Some(serde_json::from_slice(&o.stdout).unwrap()),
-        Ok(o) => {
-            let err = String::from_utf8_lossy(&o.stderr);
-            println!(
-                "live check skipped: {python} could not run sentence-transformers ({})",
-                err.lines().last().unwrap_or("")
-            );
-            None
-        }
-        Err(e) => {
-            println!("live check skipped: {python}: {e}");
-            None
-        }
-    }
-}
-
 #[test]
 fn a_written_query_encoder_is_a_sentence_transformers_folder() {
     let Some(dir) = minilm_dir() else { return };
@@ -315,11 +289,4 @@ fn a_written_query_encoder_is_a_sentence_transformers_folder() {
     );
     assert!(d_mem <= 1e-4, "{d_mem}");
     assert!(d_st <= 1e-4, "{d_st}");
-
-    let python = std::env::var("LEVER_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    if let Some(live) = sentence_transformers(&python, &out, &texts) {
-        let d = max_diff(&lever, &Tensor::new(live, &Device::Cpu).unwrap());
-        println!("written folder: lever vs sentence-transformers (live, {python}) {d:.2e}");
-        assert!(d <= 1e-4, "{d}");
-    }
 }

@@ -19,7 +19,7 @@
 //!
 //! The checks: `tests/rag_marginal.rs` holds [`marginal_nll`]'s value and gradients with
 //! respect to the document scores and the generator's logits to PyTorch autograd of the two
-//! equations (fixture by scripts/make-rag-marginal-fixture.py).
+//! equations (fixture by scripts/make-rag-train-fixtures.py).
 //!
 //! Dimension legend: K passages per question, N answer tokens, V vocabulary, C encoder width,
 //! T tokens of a prompt with its answer.

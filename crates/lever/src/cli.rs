@@ -389,7 +389,7 @@ pub struct RagTrainArgs {
     /// Projections to adapt: a list of q,k,v,o,gate,up,down, or all-linear.
     #[arg(long, default_value = "all-linear")]
     pub lora_targets: String,
-    /// Held-out questions (same format): their mean loss and the recall@1/5 of their
+    /// Held-out questions (same format): their mean loss and the recall@1/5/20 of their
     /// gold_ids, before and after training.
     #[arg(long, value_name = "QUESTIONS.jsonl")]
     pub val: Option<PathBuf>,

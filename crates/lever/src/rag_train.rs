@@ -142,16 +142,19 @@ impl<'a> Passages<'a> {
     }
 }
 
-/// Mean loss and recall@1/5 of the gold ids over held-out questions.
+/// Mean loss and recall@1/5/20 of the gold ids over held-out questions.
 struct ValReport {
     loss: f64,
-    recall_1: Option<f64>,
-    recall_5: Option<f64>,
+    /// recall@1, @5, @20: the fraction of questions with gold ids that have one among the
+    /// first 1, 5, 20 passages (None when no question has gold ids).
+    recall: [Option<f64>; 3],
 }
+
+const RECALL_AT: [usize; 3] = [1, 5, 20];
 
 fn validate(setup: &RagSetup<'_>, passages: &Passages<'_>, val: &[Question]) -> Result<ValReport> {
     let mut loss = 0f64;
-    let (mut hit1, mut hit5, mut judged) = (0usize, 0usize, 0usize);
+    let (mut hits, mut judged) = ([0usize; 3], 0usize);
     for q in val {
         loss += setup
             .question_loss(&q.example)?
@@ -162,21 +165,20 @@ fn validate(setup: &RagSetup<'_>, passages: &Passages<'_>, val: &[Question]) -> 
             continue;
         }
         let v = setup.encoder.embed(&[q.example.question.as_str()])?;
-        let rows = setup.docs.top_k(&v.vectors[0], 5);
+        let rows = setup.docs.top_k(&v.vectors[0], RECALL_AT[2]);
         let mut ids = Vec::new();
         for r in rows {
             ids.push(passages.record_id(setup.docs.ids[r])?);
         }
         let gold = |id: &Option<String>| id.as_ref().is_some_and(|x| q.gold_ids.contains(x));
         judged += 1;
-        hit1 += ids.iter().take(1).any(gold) as usize;
-        hit5 += ids.iter().any(gold) as usize;
+        for (h, k) in hits.iter_mut().zip(RECALL_AT) {
+            *h += ids.iter().take(k).any(gold) as usize;
+        }
     }
-    let frac = |h: usize| (judged > 0).then(|| h as f64 / judged as f64);
     Ok(ValReport {
         loss: loss / val.len() as f64,
-        recall_1: frac(hit1),
-        recall_5: frac(hit5),
+        recall: hits.map(|h| (judged > 0).then(|| h as f64 / judged as f64)),
     })
 }
 
@@ -218,7 +220,11 @@ pub fn run(a: RagTrainArgs) -> Result<()> {
         .chain(val.iter().flatten())
         .map(|q| q.example.question.as_str())
         .collect();
-    let cut = encoder.tokenize(&texts)?.iter().filter(|t| t.truncated).count();
+    let cut = encoder
+        .tokenize(&texts)?
+        .iter()
+        .filter(|t| t.truncated)
+        .count();
     if cut > 0 {
         eprintln!(
             "warning: {cut} question(s) are longer than the encoder's {} tokens and are cut to it",
@@ -331,14 +337,15 @@ pub fn run(a: RagTrainArgs) -> Result<()> {
     };
     let examples: Vec<QaExample> = questions.iter().map(|q| q.example.clone()).collect();
 
-    let val_line = |step: usize, r: &ValReport| json!({"step": step, "val_loss": r.loss, "recall@1": r.recall_1, "recall@5": r.recall_5});
+    let val_line = |step: usize, r: &ValReport| json!({"step": step, "val_loss": r.loss, "recall@1": r.recall[0], "recall@5": r.recall[1], "recall@20": r.recall[2]});
     let say_val = |when: &str, r: &ValReport| {
         let pct = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{:.1}%", 100.0 * x));
         eprintln!(
-            "validation {when}: loss {:.4}, recall@1 {}, recall@5 {}",
+            "validation {when}: loss {:.4}, recall@1 {}, recall@5 {}, recall@20 {}",
             r.loss,
-            pct(r.recall_1),
-            pct(r.recall_5)
+            pct(r.recall[0]),
+            pct(r.recall[1]),
+            pct(r.recall[2])
         );
     };
     let setup = RagSetup {
