@@ -6,7 +6,9 @@
 //! folder (run.rs: start, resume, start over, metrics, best weights, loss curve). Pretraining
 //! from scratch (pretrain.rs) trains the same decoder from a recipe (recipe.rs: presets and
 //! TOML files) and GPT-2's initialization (init.rs). plan.rs plans a run before it is
-//! spent: FLOPs, memory, time and cost, on this machine (calibrated) or on GPUs.
+//! spent: FLOPs, memory, time and cost, on this machine (calibrated) or on GPUs. rag.rs trains
+//! a retriever's query encoder and a generator's adapter together on the marginal likelihood
+//! of RAG-Sequence or RAG-Token, through the same trainer.
 
 pub mod checkpoint;
 pub mod dist;
@@ -19,6 +21,7 @@ pub mod peak;
 pub mod plan;
 pub mod plot;
 pub mod pretrain;
+pub mod rag;
 pub mod recipe;
 pub mod run;
 pub mod spike;
@@ -30,4 +33,4 @@ pub use lora::{LoraConfig, LoraSet, load_peft};
 pub use pretrain::{PretrainStep, Pretrainer};
 pub use recipe::{Batches, Recipe, Size};
 pub use run::{Best, RunDir, Start};
-pub use trainer::{StepMetrics, TrainConfig, Trainer};
+pub use trainer::{MicroStep, StepMetrics, TrainConfig, Trainer};

@@ -58,6 +58,8 @@ pub struct AdamW {
     state: Vec<Moments>,
     /// Whether each variable takes weight decay (all of them unless `decay_only` says).
     decays: Vec<bool>,
+    /// Each variable's learning rate as a multiple of `params.lr` (1 unless `lr_scales` says).
+    lr_scales: Vec<f64>,
     /// Updates applied so far.
     pub t: usize,
 }
@@ -101,6 +103,7 @@ impl AdamW {
         Ok(AdamW {
             params,
             decays: vec![true; vars.len()],
+            lr_scales: vec![1.0; vars.len()],
             vars,
             state,
             t: 0,
@@ -124,6 +127,24 @@ impl AdamW {
         Ok(self)
     }
 
+    /// Per-variable learning rates, as multiples of the schedule's (one per variable, in
+    /// order): parameter groups, e.g. a pretrained encoder fine-tuned at a tenth of an
+    /// adapter's rate.
+    pub fn lr_scales(mut self, scales: Vec<f64>) -> Result<AdamW> {
+        if scales.len() != self.vars.len() {
+            return Err(crate::Error::Config {
+                what: "optimizer".into(),
+                problem: format!(
+                    "{} learning-rate scales for {} variables",
+                    scales.len(),
+                    self.vars.len()
+                ),
+            });
+        }
+        self.lr_scales = scales;
+        Ok(self)
+    }
+
     pub fn set_lr(&mut self, lr: f64) {
         self.params.lr = lr;
     }
@@ -140,11 +161,13 @@ impl AdamW {
         self.t += 1;
         let c1 = 1.0 - self.params.beta1.powi(self.t as i32);
         let c2 = 1.0 - self.params.beta2.powi(self.t as i32);
-        for ((var, state), &decays) in self.vars.iter().zip(&mut self.state).zip(&self.decays) {
+        let per_var = self.vars.iter().zip(&mut self.state).zip(&self.decays);
+        for (((var, state), &decays), &lr_scale) in per_var.zip(&self.lr_scales) {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
             let p = AdamWParams {
+                lr: self.params.lr * lr_scale,
                 weight_decay: if decays {
                     self.params.weight_decay
                 } else {

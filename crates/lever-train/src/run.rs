@@ -11,7 +11,8 @@
 //!   events.jsonl       loss spikes and what was done about them (spike.rs)
 //!   restarts.jsonl     one line per restart of a supervised run
 //!   best/              the weights with the lowest validation loss so far
-//!   adapter/ | model/  the result (and model.gguf when pretraining asks for one)
+//!   adapter/ | model/  the result (and model.gguf when pretraining asks for one); `rag train`
+//!   query-encoder/     writes adapter/ and the trained query encoder
 //! ```
 //!
 //! A run is never written over by accident: a folder that holds a run is refused unless the
@@ -27,7 +28,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 
 /// What a run writes into its folder: starting over removes these and nothing else.
-pub const RUN_FILES: [&str; 10] = [
+pub const RUN_FILES: [&str; 11] = [
     "manifest.json",
     "metrics.jsonl",
     "events.jsonl",
@@ -38,6 +39,7 @@ pub const RUN_FILES: [&str; 10] = [
     "adapter",
     "model",
     "model.gguf",
+    "query-encoder",
 ];
 
 /// How a run begins in its folder.

@@ -133,6 +133,13 @@ impl Trainer {
         })
     }
 
+    /// Per-variable learning rates as multiples of the schedule's, one per variable in the
+    /// order given to [`Trainer::new`] (`AdamW::lr_scales`).
+    pub fn with_lr_scales(mut self, scales: Vec<f64>) -> Result<Self> {
+        self.opt = self.opt.lr_scales(scales)?;
+        Ok(self)
+    }
+
     /// Train data-parallel over `dist`'s ranks (see the module doc).
     pub fn with_dist(mut self, dist: Arc<Dist>) -> Self {
         self.dist = dist;
@@ -187,23 +194,50 @@ impl Trainer {
 
     /// One optimizer step over `batch_size × grad_accum` examples of `train`.
     pub fn step(&mut self, decoder: &Decoder, train: &[Tokenized]) -> Result<StepMetrics> {
+        let checkpoint = self.config.checkpoint;
+        self.step_with(
+            train.len(),
+            |i| train[i].trained.iter().skip(1).filter(|t| **t).count(),
+            |idx, divisor| {
+                let batch: Vec<&Tokenized> = idx.iter().map(|&i| &train[i]).collect();
+                let (loss_sum, trained, grads) =
+                    forward_backward(decoder, &batch, divisor, checkpoint)?;
+                Ok(MicroStep {
+                    loss_sum,
+                    count: trained,
+                    trained_tokens: trained,
+                    tokens: batch.iter().map(|t| t.ids.len()).sum(),
+                    grads,
+                })
+            },
+        )
+    }
+
+    /// One optimizer step over `batch_size × grad_accum` of `n_examples` examples, for any
+    /// loss: the order, micro-batches, dropout keys, ranks, clipping, schedule and optimizer
+    /// of [`Trainer::step`], with `micro` computing a micro-batch. `weight(i)` is what example
+    /// `i` counts in the step's loss (its trained tokens for a token-mean loss, 1 for a mean
+    /// over examples); `micro(indices, divisor)` returns the micro-batch's loss sum and the
+    /// gradients of that sum divided by `divisor` (the whole step's weight, so that the
+    /// gradients of the micro-batches add up to the step's mean).
+    pub fn step_with(
+        &mut self,
+        n_examples: usize,
+        weight: impl Fn(usize) -> usize,
+        mut micro: impl FnMut(&[usize], usize) -> Result<MicroStep>,
+    ) -> Result<StepMetrics> {
         let lr = self.config.lr_at(self.step);
         self.opt.set_lr(lr);
         let mut total: Option<GradStore> = None;
-        let (mut loss_sum, mut trained, mut tokens) = (0f64, 0usize, 0usize);
+        let (mut loss_sum, mut count, mut trained, mut tokens) = (0f64, 0usize, 0usize, 0usize);
         // The global micro-batches; this rank trains its share of each.
         let (b, ranks, rank) = (self.config.batch_size, self.dist.size(), self.dist.rank());
         let global: Vec<Vec<usize>> = (0..self.config.grad_accum)
-            .map(|_| self.next_batch(train.len(), b * ranks))
+            .map(|_| self.next_batch(n_examples, b * ranks))
             .collect();
-        let all_trained: usize = global
-            .iter()
-            .flatten()
-            .map(|&i| train[i].trained.iter().skip(1).filter(|t| **t).count())
-            .sum();
-        let micro = global.iter().map(|g| g[rank * b..(rank + 1) * b].to_vec());
-        for (k, idx) in micro.enumerate() {
-            let batch: Vec<&Tokenized> = idx.iter().map(|&i| &train[i]).collect();
+        let divisor: usize = global.iter().flatten().map(|&i| weight(i)).sum();
+        let parts = global.iter().map(|g| g[rank * b..(rank + 1) * b].to_vec());
+        for (k, idx) in parts.enumerate() {
             if let Some(key) = &self.dropout_key {
                 let mut mix = SplitMix64(
                     self.config.seed
@@ -214,17 +248,18 @@ impl Trainer {
                 );
                 key.store(mix.next_u64() >> 1, Ordering::Relaxed);
             }
-            // Mean over every trained token of the whole step, however it is split. Dropout's
-            // key stays set through the backward: checkpointing draws the masks again there.
-            let r = forward_backward(decoder, &batch, all_trained.max(1), self.config.checkpoint);
+            // Mean over the whole step, however it is split. Dropout's key stays set through
+            // the backward: checkpointing draws the masks again there.
+            let r = micro(&idx, divisor.max(1));
             if let Some(key) = &self.dropout_key {
                 key.store(lever_model::DROPOUT_OFF, Ordering::Relaxed);
             }
-            let (sum, n, grads) = r?;
-            tokens += batch.iter().map(|t| t.ids.len()).sum::<usize>();
-            trained += n;
-            loss_sum += sum;
-            total = Some(accumulate(total, grads, &self.vars)?);
+            let m = r?;
+            tokens += m.tokens;
+            trained += m.trained_tokens;
+            count += m.count;
+            loss_sum += m.loss_sum;
+            total = Some(accumulate(total, m.grads, &self.vars)?);
         }
         let Some(mut grads) = total else {
             return Err(Error::Config {
@@ -237,16 +272,16 @@ impl Trainer {
             let t0 = Instant::now();
             self.averager.sum(&self.dist, &mut grads, &self.vars)?;
             allreduce_s = Some(t0.elapsed().as_secs_f64());
-            let mut sums = [loss_sum, trained as f64, tokens as f64];
+            let mut sums = [loss_sum, count as f64, trained as f64, tokens as f64];
             self.dist.all_reduce_sum_f64(&mut sums)?;
             loss_sum = sums[0];
-            [trained, tokens] = [sums[1] as usize, sums[2] as usize];
+            [count, trained, tokens] = [sums[1] as usize, sums[2] as usize, sums[3] as usize];
         }
         let (grad_norm, scale) = clip_factor(&grads, &self.vars, self.config.grad_clip)?;
         self.opt.step_scaled(&grads, scale)?;
         let m = StepMetrics {
             step: self.step + 1,
-            loss: loss_sum / trained.max(1) as f64,
+            loss: loss_sum / count.max(1) as f64,
             lr,
             grad_norm,
             trained_tokens: trained,
@@ -256,6 +291,20 @@ impl Trainer {
         self.step += 1;
         Ok(m)
     }
+}
+
+/// What one micro-batch of [`Trainer::step_with`] computed.
+pub struct MicroStep {
+    /// The sum of the loss over the micro-batch (what `count` counts).
+    pub loss_sum: f64,
+    /// What the loss is a mean over: trained tokens, or examples.
+    pub count: usize,
+    /// Tokens the loss covered.
+    pub trained_tokens: usize,
+    /// All tokens processed (padding excluded).
+    pub tokens: usize,
+    /// Gradients of `loss_sum / divisor`.
+    pub grads: GradStore,
 }
 
 /// The generator of the example order for `seed`.

@@ -300,6 +300,10 @@ pub enum RagCommand {
     /// match and F1 (SQuAD normalization) and the gold passage's retrieval recall@1/5/20,
     /// each with a 95% bootstrap interval. Greedy decoding.
     Eval(RagEvalArgs),
+    /// Train the query encoder and a LoRA adapter on the generator together (RAG, Lewis et
+    /// al. 2020): the negative marginal likelihood of each question's answer over its top-k
+    /// passages; the index stays fixed. Writes RUN/query-encoder/ and RUN/adapter/.
+    Train(RagTrainArgs),
 }
 
 /// The passage as a latent variable (Lewis et al. 2020, "Retrieval-Augmented Generation for
@@ -391,6 +395,88 @@ pub struct RagAskArgs {
     pub json: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RagTrainArgs {
+    /// Questions (JSONL): {"_id", "text", "answers": [...], "gold_ids": [...]}; the first
+    /// answer is trained.
+    #[arg(long, value_name = "QUESTIONS.jsonl")]
+    pub data: PathBuf,
+    /// The index the passages come from, and the sentence encoder it was built with: the
+    /// query encoder starts from it (another encoder is refused by name).
+    #[command(flatten)]
+    pub index: IndexArg,
+    /// The generator (an adapter is trained on it).
+    #[command(flatten)]
+    pub model: BaseModelArg,
+    /// Run folder: manifest.json, metrics.jsonl, loss.png, checkpoints/, query-encoder/
+    /// (sentence-transformers) and adapter/ (PEFT).
+    #[arg(long, value_name = "RUN")]
+    pub out: PathBuf,
+    /// seq: one passage per answer (RAG-Sequence); token: a passage per token (RAG-Token).
+    #[arg(long, default_value = "seq", value_parser = ["seq", "token"])]
+    pub formulation: String,
+    /// Passages per question (the paper trains with 5).
+    #[arg(short, long, default_value_t = 5, value_parser = at_least_one)]
+    pub k: usize,
+    /// τ of the passages' probabilities p(z|x) = softmax(q·d / τ) over the k retrieved
+    /// (inner products of unit vectors: cosines; 0.05 is sentence-transformers' scale 20).
+    #[arg(long, default_value_t = 0.05, value_parser = positive_f64)]
+    pub doc_temperature: f64,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 100, value_parser = at_least_one)]
+    pub steps: usize,
+    /// Questions per step.
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
+    pub batch_size: usize,
+    /// The adapter's peak learning rate (warmup, then cosine decay to a tenth).
+    #[arg(long, default_value_t = 2e-4, value_parser = positive_f64)]
+    pub lr: f64,
+    /// The query encoder's peak learning rate (same schedule).
+    #[arg(long, default_value_t = 2e-5, value_parser = positive_f64)]
+    pub encoder_lr: f64,
+    /// Which query-encoder weights train: `all` (embeddings and every layer) or the top N
+    /// layers (0: the encoder stays frozen).
+    #[arg(long, default_value = "all", value_name = "all|N")]
+    pub encoder_layers: String,
+    /// Warmup steps.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Clip gradients to this global L2 norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    pub lora_r: usize,
+    /// LoRA alpha (the update is scaled by alpha / r).
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// LoRA dropout on the adapters' inputs while training (seeded).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// Projections to adapt: a list of q,k,v,o,gate,up,down, or all-linear.
+    #[arg(long, default_value = "all-linear")]
+    pub lora_targets: String,
+    /// Held-out questions (same format): their mean loss and the recall@1/5/20 of their
+    /// gold_ids, before and after training.
+    #[arg(long, value_name = "QUESTIONS.jsonl")]
+    pub val: Option<PathBuf>,
+    /// Seed for the order of questions and the adapter's initial values.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Save a checkpoint (trainable values, optimizer, question order) every N steps.
+    #[arg(long, default_value_t = 25)]
+    pub save_every: usize,
+    /// Continue the run in --out from its last checkpoint (the same settings are required).
+    #[arg(long)]
+    pub resume: bool,
+    /// Start over in an --out that already holds a run.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

@@ -28,7 +28,7 @@ fn embedder(reference: &str) -> Result<BertEmbed> {
 }
 
 /// An existing index, or a clear error saying how to make one.
-fn open(dir: &Path) -> Result<Index> {
+pub(crate) fn open(dir: &Path) -> Result<Index> {
     if !Index::exists(dir) {
         bail!(
             "{}: no index here; create one with `lever index add PATH… --index {}`",
@@ -411,6 +411,7 @@ pub fn rag(cmd: RagCommand) -> Result<()> {
     match cmd {
         RagCommand::Ask(a) => ask(a),
         RagCommand::Eval(a) => rag_eval(a),
+        RagCommand::Train(a) => crate::rag_train::run(a),
     }
 }
 

@@ -27,6 +27,13 @@
 //! - `ops`: the memory-bound steps, elementary or fused, and the fused steps' CPU loops.
 //! - `pipeline`: the sentence encoder ([`Encoder`]): tokenizer, batches sorted by length,
 //!   BERT, pooling.
+//!
+//! Training (`lever rag train`'s query encoder): [`BertModel::make_trainable`] turns the
+//! weights (all, or the top layers) into variables, [`Encoder::embed_tensor`] runs the
+//! elementary kernels and returns the pooled vectors with their graph, and
+//! [`Encoder::write_folder`] writes the trained encoder back as a sentence-transformers
+//! folder. `tests/encoder_train.rs` holds the gradients to PyTorch autograd on a tiny BERT and
+//! the written folder to sentence-transformers.
 
 mod config;
 mod model;
@@ -35,4 +42,4 @@ mod pipeline;
 
 pub use config::{EncoderConfig, Pooling};
 pub use model::{BertModel, Kernels, MatMul};
-pub use pipeline::{Embeddings, Encoder, Tokens, embed_batch};
+pub use pipeline::{Embeddings, Encoder, Tokens, embed_batch, pooled_batch};

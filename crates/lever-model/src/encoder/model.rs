@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
 
 use super::config::{EncoderConfig, Pooling};
 use super::ops::{TextAttention, add_norm, bias_gelu, masked_softmax};
@@ -264,6 +264,49 @@ impl Layer {
         })
     }
 
+    /// The layer's weights under their transformers key names (layer `i`), in load order.
+    fn tensors_mut(&mut self, i: usize) -> Vec<(String, &mut Tensor)> {
+        let p = format!("encoder.layer.{i}");
+        let mut out = Vec::new();
+        for (name, d) in [
+            ("attention.self.query", &mut self.query),
+            ("attention.self.key", &mut self.key),
+            ("attention.self.value", &mut self.value),
+            ("attention.output.dense", &mut self.attn_out),
+        ] {
+            out.push((format!("{p}.{name}.weight"), &mut d.weight));
+            out.push((format!("{p}.{name}.bias"), &mut d.bias));
+        }
+        let n = &mut self.attn_norm;
+        out.push((
+            format!("{p}.attention.output.LayerNorm.weight"),
+            &mut n.weight,
+        ));
+        out.push((format!("{p}.attention.output.LayerNorm.bias"), &mut n.bias));
+        for (name, d) in [
+            ("intermediate.dense", &mut self.up),
+            ("output.dense", &mut self.down),
+        ] {
+            out.push((format!("{p}.{name}.weight"), &mut d.weight));
+            out.push((format!("{p}.{name}.bias"), &mut d.bias));
+        }
+        let n = &mut self.ffn_norm;
+        out.push((format!("{p}.output.LayerNorm.weight"), &mut n.weight));
+        out.push((format!("{p}.output.LayerNorm.bias"), &mut n.bias));
+        out
+    }
+
+    fn denses_mut(&mut self) -> [&mut Dense; 6] {
+        [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.attn_out,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+
     /// x: (B·T, C) -> (B·T, C); `mask` as built by [`BertModel::forward`].
     fn forward(
         &self,
@@ -397,20 +440,108 @@ impl BertModel {
     pub fn set_matmul(&mut self, mm: MatMul) -> Result<()> {
         if mm == MatMul::Bf16 {
             for l in &mut self.layers {
-                for d in [
-                    &mut l.query,
-                    &mut l.key,
-                    &mut l.value,
-                    &mut l.attn_out,
-                    &mut l.up,
-                    &mut l.down,
-                ] {
+                for d in l.denses_mut() {
                     d.pack()?;
                 }
             }
         }
         self.matmul = mm;
         Ok(())
+    }
+
+    /// Training: the weights of the top `top_layers` layers (all layers, the embeddings and
+    /// their norm when None) become f32 variables, returned under their transformers key
+    /// names (`encoder.layer.5.attention.self.query.weight`, ...) in load order. The rest
+    /// stay constant. The fused forward then multiplies in f32 (a bf16 packing of the old
+    /// values would be stale); gradients need the elementary kernels ([`Kernels::Elementary`]).
+    pub fn make_trainable(&mut self, top_layers: Option<usize>) -> Result<Vec<(String, Var)>> {
+        let n = self.layers.len();
+        let first = match top_layers {
+            None => 0,
+            Some(k) if k <= n => n - k,
+            Some(k) => {
+                return Err(Error::Candle(candle_core::Error::Msg(format!(
+                    "{k} trained layers asked of an encoder with {n}"
+                ))));
+            }
+        };
+        let mut vars = Vec::new();
+        let mut var = |name: String, t: &mut Tensor| -> Result<()> {
+            let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            *t = v.as_tensor().clone();
+            vars.push((name, v));
+            Ok(())
+        };
+        if top_layers.is_none() {
+            var(
+                "embeddings.word_embeddings.weight".into(),
+                &mut self.word_embeddings,
+            )?;
+            var(
+                "embeddings.position_embeddings.weight".into(),
+                &mut self.position_embeddings,
+            )?;
+            var(
+                "embeddings.token_type_embeddings.weight".into(),
+                &mut self.token_type_embeddings,
+            )?;
+            var(
+                "embeddings.LayerNorm.weight".into(),
+                &mut self.embed_norm.weight,
+            )?;
+            var(
+                "embeddings.LayerNorm.bias".into(),
+                &mut self.embed_norm.bias,
+            )?;
+        }
+        for (i, layer) in self.layers.iter_mut().enumerate().skip(first) {
+            for (name, t) in layer.tensors_mut(i) {
+                var(name, t)?;
+            }
+            for d in layer.denses_mut() {
+                d.packed = None;
+            }
+        }
+        self.matmul = MatMul::F32;
+        Ok(vars)
+    }
+
+    /// Every weight under its transformers key name (without a `bert.` prefix), in load
+    /// order: what a model folder's model.safetensors holds.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        // Tensors are shared handles: the copy costs nothing.
+        let mut model = self.clone();
+        let mut out = vec![
+            (
+                "embeddings.word_embeddings.weight".to_string(),
+                self.word_embeddings.clone(),
+            ),
+            (
+                "embeddings.position_embeddings.weight".to_string(),
+                self.position_embeddings.clone(),
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".to_string(),
+                self.token_type_embeddings.clone(),
+            ),
+            (
+                "embeddings.LayerNorm.weight".to_string(),
+                self.embed_norm.weight.clone(),
+            ),
+            (
+                "embeddings.LayerNorm.bias".to_string(),
+                self.embed_norm.bias.clone(),
+            ),
+        ];
+        for (i, layer) in model.layers.iter_mut().enumerate() {
+            out.extend(
+                layer
+                    .tensors_mut(i)
+                    .into_iter()
+                    .map(|(k, t)| (k, t.clone())),
+            );
+        }
+        out
     }
 
     /// ids: (B, T) u32, right-padded; lens: tokens per text. -> last hidden states (B, T, C).

@@ -11,12 +11,19 @@ use crate::ops::host::{f32_slice, f32_slice_mut};
 
 /// softmax over keys with padding keys excluded, as transformers does it: finfo.min added
 /// to the scores of padding keys. scores: (B, H, T, T) -> (B, H, T, T).
+///
+/// When the scores carry a graph (training) the softmax is candle's composite one, whose
+/// backward exists: `candle_nn::ops::softmax_last_dim` is a one-pass op without a backward
+/// (`apply_op1_no_bwd`), which would silently cut the gradient to the queries and keys.
 pub(super) fn masked_softmax(scores: &Tensor, mask: &Mask) -> Result<Tensor> {
     let bias = ((mask.ones.ones_like()? - &mask.ones)? * f32::MIN as f64)?
         .reshape((mask.b, 1, 1, mask.t))?; // (B, 1, 1, T)
-    Ok(candle_nn::ops::softmax_last_dim(
-        &scores.broadcast_add(&bias)?,
-    )?)
+    let masked = scores.broadcast_add(&bias)?;
+    Ok(if masked.track_op() {
+        candle_nn::ops::softmax(&masked, candle_core::D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&masked)?
+    })
 }
 
 /// gelu(x + b) with the exact (erf) GELU. x: (N, F), b: (F,). Fused: in place on x (fresh).

@@ -351,6 +351,112 @@ impl Encoder {
     }
 }
 
+impl Encoder {
+    /// Training's forward: the texts' vectors as one tensor (B, C), through the elementary
+    /// (differentiable) kernels, so that a loss on them reaches the variables of
+    /// [`BertModel::make_trainable`]. Equal to [`Encoder::embed`]'s vectors up to rounding.
+    /// Also returns how many texts were cut to `max_tokens()`.
+    pub fn embed_tensor(&self, texts: &[&str]) -> Result<(Tensor, usize)> {
+        let tokens = self.tokenize(texts)?;
+        let truncated = tokens.iter().filter(|t| t.truncated).count();
+        let seqs: Vec<&[u32]> = tokens.iter().map(|t| t.ids.as_slice()).collect();
+        Ok((
+            pooled_batch(&self.model, &seqs, Some(Kernels::Elementary))?,
+            truncated,
+        ))
+    }
+
+    /// Write this encoder, with its current weights, as a sentence-transformers folder at
+    /// `out`: the folder it was loaded from, minus its weights, plus a model.safetensors
+    /// holding every tensor of the original file (same key names) with this encoder's values
+    /// in place of its own. Only the files a sentence-transformers or transformers load reads
+    /// are copied (config, tokenizer, the modules' folders), never weights in other formats
+    /// (they would be stale). `extra` files (name, contents) are added. Written to a
+    /// temporary folder, fsynced, then renamed into place.
+    pub fn write_folder(&self, out: &Path, extra: &[(&str, String)]) -> Result<()> {
+        let base = &self.dir;
+        let weights = base.join("model.safetensors");
+        let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu)
+            .map_err(|e| Error::Tensor {
+                path: weights.clone(),
+                tensor: "(file)".into(),
+                problem: e.to_string(),
+            })?;
+        let prefix = if tensors.contains_key("embeddings.word_embeddings.weight") {
+            ""
+        } else {
+            "bert."
+        };
+        for (key, t) in self.model.named_tensors() {
+            let full = format!("{prefix}{key}");
+            if !tensors.contains_key(&full) {
+                return Err(Error::Tensor {
+                    path: weights.clone(),
+                    tensor: full,
+                    problem: "missing".into(),
+                });
+            }
+            tensors.insert(full, t.detach().contiguous()?);
+        }
+        // Files at the top, then the modules' folders (1_Pooling, ...) as modules.json names them.
+        let mut files: Vec<std::path::PathBuf> = [
+            "config.json",
+            "config_sentence_transformers.json",
+            "modules.json",
+            "sentence_bert_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "added_tokens.json",
+            "vocab.txt",
+        ]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .collect();
+        let modules_path = base.join("modules.json");
+        if modules_path.is_file() {
+            let modules: Vec<StModule> = read_json(&modules_path)?;
+            for m in modules.iter().filter(|m| !m.path.is_empty()) {
+                let dir = base.join(&m.path);
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue; // a module without files (Normalize)
+                };
+                for e in entries {
+                    let e = e.map_err(io_err(&dir))?;
+                    if e.path().is_file() {
+                        files.push(std::path::Path::new(&m.path).join(e.file_name()));
+                    }
+                }
+            }
+        }
+        crate::fsutil::write_atomic(out, |tmp| -> Result<()> {
+            std::fs::create_dir_all(tmp).map_err(io_err(out))?;
+            for f in &files {
+                let from = base.join(f);
+                if !from.is_file() {
+                    continue;
+                }
+                let to = tmp.join(f);
+                if let Some(parent) = to.parent() {
+                    std::fs::create_dir_all(parent).map_err(io_err(out.join(f)))?;
+                }
+                std::fs::copy(&from, &to).map_err(io_err(&from))?;
+            }
+            for (name, text) in extra {
+                std::fs::write(tmp.join(name), text).map_err(io_err(out.join(name)))?;
+            }
+            candle_core::safetensors::save(&tensors, tmp.join("model.safetensors")).map_err(
+                |e| Error::Tensor {
+                    path: out.join("model.safetensors"),
+                    tensor: "(file)".into(),
+                    problem: e.to_string(),
+                },
+            )?;
+            Ok(())
+        })
+    }
+}
+
 /// Longest first (as sentence-transformers orders them), so each batch pads little.
 fn embed_sorted(model: &BertModel, seqs: &[Vec<u32>], batch: usize) -> Result<Vec<Vec<f32>>> {
     let mut order: Vec<usize> = (0..seqs.len()).collect();
@@ -372,11 +478,27 @@ pub fn embed_batch(
     seqs: &[&[u32]],
     kernels: Option<Kernels>,
 ) -> Result<Vec<Vec<f32>>> {
+    if seqs.iter().all(|s| s.is_empty()) {
+        return Ok(vec![vec![0.0; model.cfg.hidden_size]; seqs.len()]);
+    }
+    Ok(pooled_batch(model, seqs, kernels)?.to_vec2()?)
+}
+
+/// One padded batch through the model and the pooling, as a tensor (B, C): with the
+/// elementary kernels and trainable weights ([`BertModel::make_trainable`]) it carries the
+/// graph that training differentiates. `kernels`: None picks automatically.
+pub fn pooled_batch(
+    model: &BertModel,
+    seqs: &[&[u32]],
+    kernels: Option<Kernels>,
+) -> Result<Tensor> {
     let cfg = &model.cfg;
     let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
     let t = lens.iter().copied().max().unwrap_or(0);
     if t == 0 {
-        return Ok(vec![vec![0.0; cfg.hidden_size]; seqs.len()]);
+        return Err(Error::Candle(candle_core::Error::Msg(
+            "no tokens to embed".into(),
+        )));
     }
     if t > cfg.max_positions {
         return Err(Error::Candle(candle_core::Error::Msg(format!(
@@ -403,8 +525,7 @@ pub fn embed_batch(
     let ids = Tensor::from_vec(ids, (seqs.len(), t), dev)?; // (B, T)
     let k = kernels.unwrap_or_else(|| Kernels::auto(&model.word_embeddings));
     let hidden = model.forward(&ids, &lens, k)?; // (B, T, C)
-    let pooled = pool(&hidden, &lens, cfg.pooling, cfg.normalize)?; // (B, C)
-    Ok(pooled.to_vec2()?)
+    pool(&hidden, &lens, cfg.pooling, cfg.normalize) // (B, C)
 }
 
 #[cfg(test)]
