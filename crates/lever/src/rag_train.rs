@@ -98,19 +98,7 @@ impl<'a> Passages<'a> {
         let c = self.index.chunk(id as i64)?.ok_or_else(|| {
             anyhow::anyhow!("{}: chunk {id} vanished", self.index.dir().display())
         })?;
-        let path = self
-            .cwd
-            .as_deref()
-            .and_then(|base| c.path.strip_prefix(base).ok())
-            .map_or_else(|| c.path.clone(), PathBuf::from);
-        let p = Passage {
-            path,
-            line_start: c.line_start,
-            line_end: c.line_end,
-            headings: c.headings,
-            text: c.text,
-            score: 0.0,
-        };
+        let p = Passage::from_chunk(c, 0.0, self.cwd.as_deref());
         self.cache.borrow_mut().insert(id, p.clone());
         Ok(p)
     }
