@@ -884,7 +884,10 @@ mod tests {
             Some(b)
         });
         let err = provision_fails(&entry, src.path(), &[]);
-        assert!(err.contains("piece 1 of 3") && err.contains("corrupt"), "{err}");
+        assert!(
+            err.contains("piece 1 of 3") && err.contains("corrupt"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -919,8 +922,7 @@ mod tests {
             .wheels
             .iter()
             .map(|w| {
-                zip::ZipArchive::new(std::fs::File::open(src.path().join(w.file)).unwrap())
-                    .unwrap()
+                zip::ZipArchive::new(std::fs::File::open(src.path().join(w.file)).unwrap()).unwrap()
             })
             .collect();
         let out = tempfile::tempdir().unwrap();
@@ -941,7 +943,11 @@ mod tests {
         for (i, p) in j.pieces.iter().enumerate() {
             assert_eq!(p.wheel, i + 1);
             assert!(p.member.ends_with(&format!(".part{i:02}")));
-            assert!(e.wheels[p.wheel].package.ends_with(&format!("-part{}", i + 1)));
+            assert!(
+                e.wheels[p.wheel]
+                    .package
+                    .ends_with(&format!("-part{}", i + 1))
+            );
         }
     }
 }

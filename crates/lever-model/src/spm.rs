@@ -97,10 +97,12 @@ impl Spm {
         };
         let mut byte_token = [None; 256];
         for (b, slot) in byte_token.iter_mut().enumerate() {
-            *slot = ids
-                .get(&format!("<0x{b:02X}>"))
-                .copied()
-                .or_else(|| (b < 0x80).then(|| ids.get(&(b as u8 as char).to_string())).flatten().copied());
+            *slot = ids.get(&format!("<0x{b:02X}>")).copied().or_else(|| {
+                (b < 0x80)
+                    .then(|| ids.get(&(b as u8 as char).to_string()))
+                    .flatten()
+                    .copied()
+            });
         }
         Ok(Self {
             tokens,
@@ -247,7 +249,14 @@ impl Spm {
         Ok(())
     }
 
-    fn push_pair(&self, s: &str, syms: &[Sym], left: usize, right: usize, q: &mut BinaryHeap<Pair>) {
+    fn push_pair(
+        &self,
+        s: &str,
+        syms: &[Sym],
+        left: usize,
+        right: usize,
+        q: &mut BinaryHeap<Pair>,
+    ) {
         let (l, r) = (syms[left], syms[right]);
         let text = &s[l.at..r.at + r.len];
         if let Some(&id) = self.ids.get(text) {

@@ -8,11 +8,8 @@ use crate::cli::{BenchArgs, PerplexityArgs, QuantizeArgs, TokenizeArgs};
 pub fn tokenize(a: TokenizeArgs) -> Result<()> {
     // The vocabulary only: no weights, and no need for lever to run the architecture.
     let home = lever_model::registry::lever_home();
-    let source = lever_model::model::resolve(
-        &a.model.model,
-        &home,
-        &mut crate::progress::provisioning(),
-    )?;
+    let source =
+        lever_model::model::resolve(&a.model.model, &home, &mut crate::progress::provisioning())?;
     let tokenizer = lever_model::model::load_tokenizer(&source)?;
     let ids = tokenizer.encode(&a.text, !a.no_bos)?;
     if a.json {
