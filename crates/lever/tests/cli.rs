@@ -662,7 +662,7 @@ fn unknown_architecture_is_named() {
             ..Default::default()
         },
     );
-    let line = lever(d.path(), &["tokenize", "hi", "--model", "neox.gguf"]).one_line_error(&[
+    let line = lever(d.path(), &["ask", "hi", "--model", "neox.gguf"]).one_line_error(&[
         "neox.gguf",
         "gpt-neox",
         "architecture",
@@ -671,6 +671,13 @@ fn unknown_architecture_is_named() {
         line.contains("llama"),
         "should list what is supported: {line}"
     );
+    // `tokenize` reads only the vocabulary, whatever the architecture.
+    let out = lever(
+        d.path(),
+        &["tokenize", "hi", "--model", "neox.gguf", "--json"],
+    )
+    .ok();
+    assert!(out.json()["ids"].is_array(), "{}", out.stdout);
 }
 
 #[test]
