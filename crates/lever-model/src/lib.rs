@@ -27,7 +27,8 @@
 //! - [`qweight`]: a frozen quantized weight, held once (GGUF blocks or repacked).
 //!
 //! **Text in and out**
-//! - `tokenizer`: [`Tokenizer`] from `tokenizer.json` or GGUF metadata; [`chat`]: chat and
+//! - `tokenizer`: [`Tokenizer`] from `tokenizer.json` or GGUF metadata (`spm`: SentencePiece
+//!   vocabularies from GGUF, encoded as llama.cpp does); [`chat`]: chat and
 //!   prompt templates; `generation_config`: a model's published sampling settings.
 //!
 //! **Shared**
@@ -50,6 +51,7 @@ pub mod ops;
 pub mod qweight;
 pub mod registry;
 pub mod rng;
+pub(crate) mod spm;
 pub mod testing;
 pub(crate) mod tokenizer;
 

@@ -197,6 +197,22 @@ impl Model {
     }
 }
 
+/// Only a model's tokenizer, read without its weights or its architecture (`lever tokenize`
+/// works on a GGUF whose architecture lever does not run yet).
+pub fn load_tokenizer(source: &ModelSource) -> Result<Tokenizer> {
+    match source {
+        ModelSource::Gguf(path) => Tokenizer::from_gguf(&GgufFile::open(path)?),
+        ModelSource::HfFolder(dir) => {
+            let tk_cfg = TokenizerConfig::read(dir)?;
+            Tokenizer::from_file(
+                &dir.join("tokenizer.json"),
+                tk_cfg.bos_token.as_ref().map(|t| t.content()),
+                tk_cfg.eos_token.as_ref().map(|t| t.content()),
+            )
+        }
+    }
+}
+
 /// A model's configuration and the size of its weights, read without loading them (the
 /// GGUF header; a Hugging Face folder's config.json).
 #[derive(Debug, Clone)]

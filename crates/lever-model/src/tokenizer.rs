@@ -1,7 +1,8 @@
 //! Tokenizers: from a Hugging Face `tokenizer.json`, or built from GGUF metadata (gpt2-style
-//! byte-level BPE with llama.cpp's pre-tokenizer regexes, `llama-vocab.cpp`). Both become a
-//! `tokenizers::Tokenizer` plus a table of each token's raw bytes, which is what the streaming
-//! detokenizer and `decode` use (as llama.cpp's `token_to_piece` does).
+//! byte-level BPE with llama.cpp's pre-tokenizer regexes, `llama-vocab.cpp`; or a
+//! SentencePiece vocabulary, `spm.rs`). The first two become a `tokenizers::Tokenizer`, the
+//! third lever's own [`Spm`]; each comes with a table of each token's raw bytes, which is what
+//! the streaming detokenizer and `decode` use (as llama.cpp's `token_to_piece` does).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -18,6 +19,7 @@ use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 
 use crate::error::{Error, Result};
 use crate::formats::gguf::GgufFile;
+use crate::spm::{self, Spm};
 
 /// GPT-2's pre-tokenizer regex (the one ByteLevel applies with `use_regex`).
 pub(crate) const GPT2_RE: &str =
@@ -53,9 +55,16 @@ const EOG_TEXTS: &[&str] = &[
     "<|fim_pad|>",
 ];
 
+/// What turns text into ids.
+#[derive(Debug, Clone)]
+enum Backend {
+    Hf(Box<HfTokenizer>),
+    Spm(Box<Spm>),
+}
+
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
-    inner: HfTokenizer,
+    inner: Backend,
     bytes: Vec<Vec<u8>>,
     special: HashSet<u32>,
     eog: Vec<u32>,
@@ -76,9 +85,12 @@ impl Tokenizer {
             problem,
         };
         let model = g.string("tokenizer.ggml.model")?;
+        if model == "llama" {
+            return Self::from_gguf_spm(g);
+        }
         if model != "gpt2" {
             return Err(err(format!(
-                "tokenizer model `{model}` from GGUF metadata is not supported (only `gpt2` byte-level BPE); load the Hugging Face folder with its tokenizer.json instead"
+                "tokenizer model `{model}` from GGUF metadata is not supported (lever reads `gpt2` byte-level BPE and `llama` SentencePiece); load the Hugging Face folder with its tokenizer.json instead"
             )));
         }
         let tokens = g.string_array("tokenizer.ggml.tokens")?;
@@ -168,13 +180,66 @@ impl Tokenizer {
         let mut eog: Vec<u32> = eos.into_iter().collect();
         eog.extend(id("tokenizer.ggml.eot_token_id"));
         let mut me = Self {
-            inner,
+            inner: Backend::Hf(Box::new(inner)),
             bytes,
             special,
             eog,
             bos,
             eos,
             add_bos: g.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
+            bos_by_post_processor: false,
+        };
+        me.add_known_eog();
+        Ok(me)
+    }
+
+    /// A SentencePiece vocabulary (`tokenizer.ggml.model = llama`): tokens, scores, token
+    /// types, and `add_space_prefix` as the file says (llama.cpp's defaults when it says
+    /// nothing: a space prefix, and BOS added).
+    fn from_gguf_spm(g: &GgufFile) -> Result<Self> {
+        let path = g.path().to_path_buf();
+        let tokens = g.string_array("tokenizer.ggml.tokens")?;
+        let scores = match g.get("tokenizer.ggml.scores") {
+            Some(_) => g.f32_array("tokenizer.ggml.scores")?,
+            None => Vec::new(),
+        };
+        let types = g.int_array("tokenizer.ggml.token_type").unwrap_or_default();
+        let add_space_prefix = g
+            .opt_bool("tokenizer.ggml.add_space_prefix")
+            .unwrap_or(true);
+        let ty = |id: usize| types.get(id).copied().unwrap_or(spm::NORMAL);
+        let special: HashSet<u32> = (0..tokens.len())
+            .filter(|&i| ty(i) == spm::CONTROL)
+            .map(|i| i as u32)
+            .collect();
+        let bytes = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| match ty(id) {
+                spm::BYTE => sentencepiece_decode(t),
+                spm::NORMAL => t.replace(spm::SPACE, " ").into_bytes(),
+                _ => t.as_bytes().to_vec(),
+            })
+            .collect();
+        let inner = Spm::new(tokens, scores, &types, add_space_prefix).map_err(|problem| {
+            Error::Tokenizer {
+                path: path.clone(),
+                problem,
+            }
+        })?;
+        let id = |k: &str| g.opt_usize(k).map(|v| v as u32);
+        let bos = id("tokenizer.ggml.bos_token_id");
+        let eos = id("tokenizer.ggml.eos_token_id");
+        let mut eog: Vec<u32> = eos.into_iter().collect();
+        eog.extend(id("tokenizer.ggml.eot_token_id"));
+        let mut me = Self {
+            inner: Backend::Spm(Box::new(inner)),
+            bytes,
+            special,
+            eog,
+            bos,
+            eos,
+            add_bos: g.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(true),
             bos_by_post_processor: false,
         };
         me.add_known_eog();
@@ -218,7 +283,7 @@ impl Tokenizer {
         let bos_by_post_processor =
             matches!((&probe, bos), (Ok(ids), Some(b)) if ids.first() == Some(&b));
         let mut me = Self {
-            inner,
+            inner: Backend::Hf(Box::new(inner)),
             bytes,
             special,
             eog: eos.into_iter().collect(),
@@ -233,7 +298,7 @@ impl Tokenizer {
 
     fn add_known_eog(&mut self) {
         for t in EOG_TEXTS {
-            if let Some(id) = self.inner.token_to_id(t)
+            if let Some(id) = self.token_to_id(t)
                 && self.special.contains(&id)
                 && !self.eog.contains(&id)
             {
@@ -245,14 +310,20 @@ impl Tokenizer {
     /// Token ids of `text`. Special tokens written in the text become their single ids.
     /// `add_special` adds BOS when the model asks for it.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special && self.bos_by_post_processor)
-            .map_err(|e| Error::Tokenizer {
+        let mut ids = match &self.inner {
+            Backend::Hf(hf) => hf
+                .encode(text, add_special && self.bos_by_post_processor)
+                .map_err(|e| Error::Tokenizer {
+                    path: "(tokenizer)".into(),
+                    problem: e.to_string(),
+                })?
+                .get_ids()
+                .to_vec(),
+            Backend::Spm(spm) => spm.encode(text).map_err(|problem| Error::Tokenizer {
                 path: "(tokenizer)".into(),
-                problem: e.to_string(),
-            })?;
-        let mut ids = enc.get_ids().to_vec();
+                problem,
+            })?,
+        };
         if add_special
             && self.add_bos
             && !self.bos_by_post_processor
@@ -281,7 +352,13 @@ impl Tokenizer {
     /// the weights). A tokenizer built from GGUF metadata gets the byte-level decoder that
     /// tokenizer.json files of such models carry.
     pub fn to_hf_json(&self) -> Result<String> {
-        let mut inner = self.inner.clone();
+        let Backend::Hf(inner) = &self.inner else {
+            return Err(Error::Tokenizer {
+                path: "tokenizer.json".into(),
+                problem: "writing a SentencePiece vocabulary from GGUF as tokenizer.json is not supported yet".into(),
+            });
+        };
+        let mut inner = inner.clone();
         if inner.get_decoder().is_none() {
             inner.with_decoder(Some(ByteLevel::new(false, false, false)));
         }
@@ -296,11 +373,17 @@ impl Tokenizer {
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.inner {
+            Backend::Hf(hf) => hf.token_to_id(token),
+            Backend::Spm(spm) => spm.token_to_id(token),
+        }
     }
 
     pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match &self.inner {
+            Backend::Hf(hf) => hf.id_to_token(id),
+            Backend::Spm(spm) => spm.id_to_token(id).map(str::to_string),
+        }
     }
 
     pub fn is_special(&self, id: u32) -> bool {

