@@ -78,7 +78,11 @@ pub enum Error {
         path.display()
     )]
     EmptyIndex { path: PathBuf },
-    #[error("no passage of {} matches the question ({mode} search); try --mode hybrid", path.display())]
+    #[error(
+        "no passage of {} matches the question ({mode} search){}",
+        path.display(),
+        if *mode == "hybrid" { "" } else { "; try --mode hybrid" }
+    )]
     NoMatch { path: PathBuf, mode: &'static str },
     /// More passages asked for than the index holds.
     #[error("-k {k}: the index {} holds only {chunks} passages", path.display())]

@@ -114,12 +114,7 @@ pub fn retrieve(
 /// question with nothing to retrieve, or a `k` above the index's size, should get before any
 /// work is done.
 pub fn check_k(index: &Index, k: usize) -> Result<()> {
-    let chunks = index.stats()?.chunks as usize;
-    if chunks == 0 {
-        return Err(Error::EmptyIndex {
-            path: index.dir().to_path_buf(),
-        });
-    }
+    let chunks = check_not_empty(index)?;
     if k > chunks {
         return Err(Error::TooFewPassages {
             path: index.dir().to_path_buf(),
@@ -128,6 +123,17 @@ pub fn check_k(index: &Index, k: usize) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Refuses an index with no passages, by name; otherwise returns how many it holds.
+pub fn check_not_empty(index: &Index) -> Result<usize> {
+    let chunks = index.stats()?.chunks as usize;
+    if chunks == 0 {
+        return Err(Error::EmptyIndex {
+            path: index.dir().to_path_buf(),
+        });
+    }
+    Ok(chunks)
 }
 
 /// The token ids of the prompt that grounds `question` on `passage` alone: `rag ask`'s user

@@ -473,6 +473,8 @@ fn ask(a: RagAskArgs) -> Result<()> {
     // cannot fill is refused; one-prompt RAG answers from the passages there are, as before.
     if formulation.is_some() {
         latent::check_k(&index, a.k)?;
+    } else {
+        latent::check_not_empty(&index)?;
     }
     let query = Query::load(&a.index.embedder, a.latent.query_encoder.as_deref())?;
     let mut retriever =
