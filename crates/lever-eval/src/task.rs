@@ -34,6 +34,7 @@ struct RawTask {
     generation: Generation,
     #[serde(default)]
     fewshot: FewshotSpec,
+    rag: Option<RagSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +94,39 @@ enum RawMetric {
         #[serde(default)]
         ignore: Vec<String>,
     },
+}
+
+/// Retrieval in front of the prompts (`lever eval --rag`, docs/tasks.md): passages from an
+/// index made by `lever index add`, found with the text of `query_template`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RagSpec {
+    /// The index folder, relative to the task file.
+    pub index: PathBuf,
+    #[serde(default = "rag_k")]
+    pub k: usize,
+    /// dense, bm25 or hybrid (concat; RAG-Sequence and RAG-Token search dense).
+    #[serde(default = "rag_mode")]
+    pub mode: String,
+    /// What `lever eval` runs when `--rag` is not given: closed (no retrieval), concat (the
+    /// passages in one prompt), seq (RAG-Sequence) or token (RAG-Token).
+    #[serde(default = "rag_formulation")]
+    pub formulation: String,
+    /// The template whose text is the search query (default: the default template).
+    pub query_template: Option<String>,
+}
+
+/// The values of `[rag] formulation` and `lever eval --rag`.
+pub const RAG_FORMULATIONS: [&str; 4] = ["closed", "concat", "seq", "token"];
+
+fn rag_k() -> usize {
+    3
+}
+fn rag_mode() -> String {
+    "hybrid".into()
+}
+fn rag_formulation() -> String {
+    "concat".into()
 }
 
 /// Generation parameters (metrics that generate: exact_match, f1, contains, regex).
@@ -246,6 +280,8 @@ pub struct Task {
     pub metric: Metric,
     pub generation: Generation,
     pub fewshot: FewshotSpec,
+    /// Retrieval for `lever eval --rag`, its index resolved against the task file's folder.
+    pub rag: Option<RagSpec>,
     /// Template names: "default" first, then the variants.
     pub templates: Vec<String>,
     pub train: Vec<Example>,
@@ -493,6 +529,36 @@ pub fn load(path: &Path) -> Result<Task> {
     if !(0.0..=1.0).contains(&raw.fewshot.mmr_lambda) {
         return Err(spec_err("[fewshot] mmr_lambda must be within 0..1".into()));
     }
+    let rag = match raw.rag {
+        Some(mut r) => {
+            r.index = base.join(&r.index);
+            if r.k == 0 {
+                return Err(spec_err("[rag] k: at least 1".into()));
+            }
+            if !["dense", "bm25", "hybrid"].contains(&r.mode.as_str()) {
+                return Err(spec_err(format!(
+                    "[rag] mode = {:?}: expected \"dense\", \"bm25\" or \"hybrid\"",
+                    r.mode
+                )));
+            }
+            if !RAG_FORMULATIONS.contains(&r.formulation.as_str()) {
+                return Err(spec_err(format!(
+                    "[rag] formulation = {:?}: expected \"closed\", \"concat\", \"seq\" or \"token\"",
+                    r.formulation
+                )));
+            }
+            if let Some(q) = &r.query_template
+                && !templates.contains(q)
+            {
+                return Err(spec_err(format!(
+                    "[rag] query_template = {q:?}: no such template (templates: {})",
+                    templates.join(", ")
+                )));
+            }
+            Some(r)
+        }
+        None => None,
+    };
     let name = match &raw.name {
         Some(n) => {
             check_name(n).map_err(|problem| spec_err(format!("name {n:?}: {problem}")))?;
@@ -510,6 +576,7 @@ pub fn load(path: &Path) -> Result<Task> {
         metric,
         generation: raw.generation,
         fewshot: raw.fewshot,
+        rag,
         templates,
         train,
         dev,

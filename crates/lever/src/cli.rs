@@ -549,6 +549,11 @@ pub struct EvalTaskArgs {
     /// Prompt templates by name: default, or a [prompt.variants] name (default: default).
     #[arg(long = "template", value_delimiter = ',')]
     pub templates: Vec<String>,
+    /// Retrieval settings side by side, e.g. closed,concat,seq,token: none, the passages in
+    /// one prompt, RAG-Sequence, RAG-Token (needs the task's [rag] section; default: its
+    /// formulation, or closed without one).
+    #[arg(long, value_delimiter = ',', value_parser = lever_eval::task::RAG_FORMULATIONS)]
+    pub rag: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -94,50 +94,104 @@ pub fn task(a: EvalTaskArgs) -> Result<()> {
             }
         }
     }
+    let rags = rag_settings(&a, &task)?;
     let mut examples = task.split(&a.split)?.to_vec();
     if let Some(n) = r.limit {
         examples.truncate(n);
     }
     let out = out_dir(r, &format!("eval-{}", task.name))?;
+    // RAG-Sequence and RAG-Token step their passages' contexts as one batch, with the packed
+    // kernels `lever serve` batches with.
+    if rags
+        .iter()
+        .any(|f| crate::rag_setting::formulation(f).is_some())
+    {
+        lever_model::qweight::set_packing(true);
+    }
     let model = Arc::new(crate::load_model(&r.model)?);
     let encoder = needs_encoder(&settings, r)?;
-    let mut ev = evaluator(&model, &task, r, encoder.as_ref())?;
     // Check every setting before spending time on any.
-    for s in &settings {
-        ev.check(s)?;
+    {
+        let ev = evaluator(&model, &task, r, encoder.as_ref(), None)?;
+        for s in &settings {
+            ev.check(s)?;
+        }
     }
     let mut summaries = Vec::new();
     let mut report = serde_json::Value::Null;
     // The folder appears (or replaces the old one, with --force) once every file is written.
     lever_model::fsutil::write_atomic(&out, |tmp| -> Result<()> {
         std::fs::create_dir(tmp).with_context(|| out.display().to_string())?;
-        for s in &settings {
-            let bar = crate::progress::counter(examples.len() as u64, &s.label());
-            let result = ev.run(s, &a.split, &examples, Shots::Select, &mut |d, _| {
-                bar.set_position(d as u64)
-            });
-            bar.finish_and_clear();
-            let (summary, records) = result?;
-            write_records(
-                tmp,
-                &out,
-                &format!("{}-{}.jsonl", a.split, s.slug()),
-                &records,
-            )?;
-            eprintln!(
-                "{}: {} = {:.4} (n {}, {:.1} s{})",
-                summary.setting,
-                summary.metric,
-                summary.score,
-                summary.n,
-                summary.seconds,
-                if summary.cached > 0 {
-                    format!(", {} from the cache", summary.cached)
-                } else {
-                    String::new()
+        for rag in &rags {
+            // Each retrieval setting rewrites the items' prompts (concat) or answers through
+            // the passages read one by one (RAG-Sequence, RAG-Token).
+            let mut items = examples.clone();
+            let mut passages = Vec::new();
+            let mut latent = None;
+            if rag != "closed" {
+                let spec = task.rag.as_ref().context("[rag]")?;
+                let f = crate::rag_setting::formulation(rag);
+                let found = crate::rag_setting::retrieve(
+                    &spec.index,
+                    &mut items,
+                    &crate::rag_setting::Spec {
+                        k: spec.k,
+                        mode: &spec.mode,
+                        query_template: spec.query_template.as_deref(),
+                        latent: f,
+                    },
+                    &format!("--rag {rag}"),
+                )?;
+                passages = found.passages;
+                if let Some(f) = f {
+                    latent = Some(crate::rag_setting::LatentGenerator::new(
+                        model.clone(),
+                        f,
+                        found.latent,
+                    ));
                 }
-            );
-            summaries.push(summary);
+            }
+            let mut ev = evaluator(&model, &task, r, encoder.as_ref(), latent)?;
+            for s in &settings {
+                let label = if rags.len() > 1 || rag != "closed" {
+                    format!("{} {}", rag_label(rag, &task), s.label())
+                } else {
+                    s.label()
+                };
+                let bar = crate::progress::counter(items.len() as u64, &label);
+                let result = ev.run(s, &a.split, &items, Shots::Select, &mut |d, _| {
+                    bar.set_position(d as u64)
+                });
+                bar.finish_and_clear();
+                let (mut summary, records) = result?;
+                let slug = if label == s.label() {
+                    s.slug()
+                } else {
+                    format!("{rag}-{}", s.slug())
+                };
+                summary.setting = label;
+                write_records(
+                    tmp,
+                    &out,
+                    &format!("{}-{slug}.jsonl", a.split),
+                    &records,
+                    &passages,
+                )?;
+                eprintln!(
+                    "{}: {} = {:.4} (n {}, {:.1} s{})",
+                    summary.setting,
+                    summary.metric,
+                    summary.score,
+                    summary.n,
+                    summary.seconds,
+                    if summary.cached > 0 {
+                        format!(", {} from the cache", summary.cached)
+                    } else {
+                        String::new()
+                    }
+                );
+                summaries.push(summary);
+            }
         }
         report = serde_json::json!({
             "task": task.name,
@@ -193,7 +247,7 @@ pub fn fewshot_search(a: FewshotSearchArgs) -> Result<()> {
     }
     let out = out_dir(r, &format!("fewshot-{}", task.name))?;
     let model = Arc::new(crate::load_model(&r.model)?);
-    let mut ev = evaluator(&model, &task, r, None)?;
+    let mut ev = evaluator(&model, &task, r, None, None)?;
     let mut bar: Option<(String, indicatif::ProgressBar)> = None;
     let result = lever_eval::search(
         &mut ev,
@@ -228,7 +282,13 @@ pub fn fewshot_search(a: FewshotSearchArgs) -> Result<()> {
     });
     lever_model::fsutil::write_atomic(&out, |tmp| -> Result<()> {
         std::fs::create_dir(tmp).with_context(|| out.display().to_string())?;
-        write_records(tmp, &out, &format!("search-k{k}-best-test.jsonl"), &records)?;
+        write_records(
+            tmp,
+            &out,
+            &format!("search-k{k}-best-test.jsonl"),
+            &records,
+            &[],
+        )?;
         let text = serde_json::to_string_pretty(&report)?;
         put(tmp, &out, &format!("search-k{k}.json"), &text)
     })?;
@@ -300,12 +360,27 @@ fn evaluator<'a>(
     task: &'a Task,
     r: &TaskRunArgs,
     encoder: Option<&'a lever_model::Encoder>,
+    latent: Option<crate::rag_setting::LatentGenerator>,
 ) -> Result<Evaluator<'a>> {
-    let generator = crate::generator::resolve(&r.backend, || Ok(model.clone()))?;
+    // RAG-Sequence and RAG-Token need the model's logits under every passage, which a server
+    // does not give; their prompts stay the closed-book ones, so the eval cache (keyed on the
+    // prompt) is not theirs to use.
+    let is_latent = latent.is_some();
+    let generator: Box<dyn lever_generate::Generator> = match latent {
+        Some(g) => {
+            if r.backend.backend.is_some() {
+                anyhow::bail!(
+                    "--rag seq and --rag token need the model's logits under every passage, which a --backend server does not give"
+                );
+            }
+            Box::new(g)
+        }
+        None => crate::generator::resolve(&r.backend, || Ok(model.clone()))?,
+    };
     let mut ev = Evaluator::new(model, task, generator);
     ev.encoder = encoder;
     ev.bootstrap = r.bootstrap;
-    if !r.no_cache {
+    if !r.no_cache && !is_latent {
         let dir = r.cache.clone().unwrap_or_else(|| {
             lever_model::registry::lever_home()
                 .join("cache")
@@ -317,6 +392,51 @@ fn evaluator<'a>(
         )?);
     }
     Ok(ev)
+}
+
+/// The retrieval settings `lever eval` runs: `--rag`, else the task's `[rag] formulation`,
+/// else closed-book. Each one but closed needs the task's `[rag]` section and its index.
+fn rag_settings(a: &EvalTaskArgs, task: &Task) -> Result<Vec<String>> {
+    let mut rags: Vec<String> = Vec::new();
+    let wanted = if a.rag.is_empty() {
+        vec![
+            task.rag
+                .as_ref()
+                .map_or("closed".into(), |r| r.formulation.clone()),
+        ]
+    } else {
+        a.rag.clone()
+    };
+    for f in wanted {
+        if !rags.contains(&f) {
+            rags.push(f);
+        }
+    }
+    if let Some(f) = rags.iter().find(|f| *f != "closed") {
+        let Some(spec) = &task.rag else {
+            anyhow::bail!(
+                "{}: --rag {f} needs a [rag] section naming an index (docs/tasks.md)",
+                task.path.display()
+            );
+        };
+        if !lever_rag::Index::exists(&spec.index) {
+            anyhow::bail!(
+                "{}: [rag] index {}: no index here (make one with `lever index add PATH… --index {}`)",
+                task.path.display(),
+                spec.index.display(),
+                spec.index.display()
+            );
+        }
+    }
+    Ok(rags)
+}
+
+/// How a retrieval setting reads in the table: "closed", "concat k3", "seq k3", "token k3".
+fn rag_label(rag: &str, task: &Task) -> String {
+    match &task.rag {
+        Some(spec) if rag != "closed" => format!("{rag} k{}", spec.k),
+        _ => rag.to_string(),
+    }
 }
 
 /// `--out` (refused when it holds anything, unless --force), or the first of runs/NAME,
@@ -342,10 +462,21 @@ fn put(tmp: &Path, out: &Path, name: &str, text: &str) -> Result<()> {
     std::fs::write(tmp.join(name), text).with_context(|| out.join(name).display().to_string())
 }
 
-fn write_records(tmp: &Path, out: &Path, name: &str, records: &[Record]) -> Result<()> {
+/// One JSON line per record, with the passages retrieved for it where there are any.
+fn write_records(
+    tmp: &Path,
+    out: &Path,
+    name: &str,
+    records: &[Record],
+    passages: &[Vec<String>],
+) -> Result<()> {
     let mut text = String::new();
-    for r in records {
-        text.push_str(&serde_json::to_string(r)?);
+    for (i, r) in records.iter().enumerate() {
+        let mut v = serde_json::to_value(r)?;
+        if let Some(p) = passages.get(i) {
+            v["passages"] = serde_json::json!(p);
+        }
+        text.push_str(&v.to_string());
         text.push('\n');
     }
     put(tmp, out, name, &text)

@@ -661,7 +661,7 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, out: &Path, name: &str) -> Result<(
         examples.truncate(n);
     }
     let mut retrieved: Vec<Vec<String>> = Vec::new();
-    let mut latent_items: Vec<LatentItem> = Vec::new();
+    let mut latent_items: Vec<crate::rag_setting::LatentItem> = Vec::new();
     if r.rag {
         let spec = ladder.file.rag.as_ref().context("[rag]")?;
         let index_dir = match &spec.index {
@@ -703,67 +703,20 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, out: &Path, name: &str) -> Result<(
                 i
             }
         };
-        let index = lever_rag::Index::open(&index_dir)?;
-        let embed = lever_rag::embedder::BertEmbed::new(crate::embed::load_encoder(
-            lever_model::registry::DEFAULT_EMBEDDER,
-            32,
-        )?)?;
-        index.check_embedder(&embed)?;
-        // RAG-Sequence and RAG-Token take p(z|x) from dense search's inner products.
-        let mode: lever_rag::Mode = match r.latent() {
-            Some(_) => lever_rag::Mode::Dense,
-            None => spec.mode.parse().map_err(|e| anyhow::anyhow!("{e}"))?,
-        };
-        let query_t = spec
-            .query_template
-            .clone()
-            .unwrap_or_else(|| lever_eval::task::DEFAULT_TEMPLATE.to_string());
-        let mut retriever = lever_rag::Retriever::new(&index, lever_rag::DenseIndex::Auto);
-        let started = Instant::now();
-        for e in &mut examples {
-            let query = e.prompt(&query_t).to_string();
-            let hits = retriever.search(&embed, &query, mode, spec.k)?;
-            let mut passages = Vec::new();
-            let mut scores = Vec::new();
-            for h in hits {
-                if let Some(c) = index.chunk(h.id as i64)? {
-                    passages.push(c.text);
-                    scores.push(h.score);
-                }
-            }
-            if r.latent().is_some() {
-                if passages.is_empty() {
-                    bail!(
-                        "rung `{name}`: no passage of {} matches item {}",
-                        index_dir.display(),
-                        e.origin
-                    );
-                }
-                latent_items.push(LatentItem {
-                    prompts: e.prompts.values().cloned().collect(),
-                    doc_log_probs: lever_rag::marginal::doc_log_probs(
-                        &scores,
-                        lever_rag::marginal::DEFAULT_TEMPERATURE,
-                    )?,
-                    passages: passages.clone(),
-                });
-                retrieved.push(passages);
-                continue;
-            }
-            let context: String = passages
-                .iter()
-                .enumerate()
-                .map(|(i, p)| format!("[{}] {}\n", i + 1, p.trim()))
-                .collect();
-            for p in e.prompts.values_mut() {
-                *p = format!("Passages:\n{context}\n{p}");
-            }
-            retrieved.push(passages);
-        }
-        cost.insert(
-            "retrieval_ms_per_query".into(),
-            json!(started.elapsed().as_secs_f64() * 1e3 / examples.len().max(1) as f64),
-        );
+        let found = crate::rag_setting::retrieve(
+            &index_dir,
+            &mut examples,
+            &crate::rag_setting::Spec {
+                k: spec.k,
+                mode: &spec.mode,
+                query_template: spec.query_template.as_deref(),
+                latent: r.latent(),
+            },
+            &format!("rung `{name}`"),
+        )?;
+        retrieved = found.passages;
+        latent_items = found.latent;
+        cost.insert("retrieval_ms_per_query".into(), json!(found.ms_per_query));
     }
     match split.as_str() {
         "dev" => task.dev = examples.clone(),
@@ -806,11 +759,11 @@ fn run_rung(ladder: &Ladder, a: &LadderArgs, out: &Path, name: &str) -> Result<(
                     f.name()
                 );
             }
-            Box::new(LatentGenerator {
-                model: model.clone(),
-                formulation: f,
-                items: latent_items,
-            })
+            Box::new(crate::rag_setting::LatentGenerator::new(
+                model.clone(),
+                f,
+                latent_items,
+            ))
         }
         None => crate::generator::resolve(&a.backend, || Ok(model.clone()))?,
     };
@@ -1229,124 +1182,6 @@ fn print_table(ladder: &Ladder, report: &Value) {
         );
     } else if let Some(n) = next["note"].as_str() {
         println!("next rung: {}: {n}", next["rung"].as_str().unwrap_or("?"));
-    }
-}
-
-/// One test item of a RAG-Sequence or RAG-Token rung: its prompts (as the task renders them,
-/// one per template), its passages and log p(z|x).
-struct LatentItem {
-    prompts: Vec<String>,
-    passages: Vec<String>,
-    doc_log_probs: Vec<f64>,
-}
-
-/// The evaluator's generator for a latent rung: it finds the item whose prompt ends the
-/// request's (the last user turn, or the block text), writes one prompt per passage with that
-/// passage in front of the item's prompt as the concat rung puts its passages ("Passages:\n[1]
-/// …"), and decodes the answer marginalized over them ([`lever_rag::latent::Contexts`]).
-struct LatentGenerator {
-    model: Arc<lever_model::Model>,
-    formulation: lever_rag::marginal::Formulation,
-    items: Vec<LatentItem>,
-}
-
-impl LatentGenerator {
-    /// The item whose prompt is the longest suffix of `text`, and that prompt.
-    fn item_of(&self, text: &str) -> Option<(&LatentItem, usize)> {
-        self.items
-            .iter()
-            .flat_map(|it| {
-                it.prompts
-                    .iter()
-                    .filter(|p| text.ends_with(p.as_str()))
-                    .map(move |p| (it, p.len()))
-            })
-            .max_by_key(|(_, n)| *n)
-    }
-}
-
-impl lever_generate::Generator for LatentGenerator {
-    fn source(&self) -> lever_generate::Source {
-        lever_generate::Source::Model(self.model.info.path.clone())
-    }
-
-    fn can_chat(&self) -> bool {
-        self.model.chat_template.is_some()
-    }
-
-    fn generate(
-        &mut self,
-        req: &lever_generate::Request<'_>,
-        _on_text: &mut dyn FnMut(&str) -> lever_generate::Flow,
-    ) -> lever_generate::Result<lever_generate::Output> {
-        use lever_generate::{Error as GenError, Prompt};
-        let model = &*self.model;
-        let last = match &req.prompt {
-            Prompt::Chat(m) => m.last().map(|m| m.content.as_str()).unwrap_or_default(),
-            Prompt::Text(t) => t,
-        };
-        let Some((item, len)) = self.item_of(last) else {
-            return Err(GenError::Invalid(
-                "a RAG rung was asked a prompt that is none of its items'".into(),
-            ));
-        };
-        let at = last.len() - len;
-        let start = std::time::Instant::now();
-        let prompts = item
-            .passages
-            .iter()
-            .map(|p| {
-                let text = format!(
-                    "{}Passages:\n[1] {}\n\n{}",
-                    &last[..at],
-                    p.trim(),
-                    &last[at..]
-                );
-                match &req.prompt {
-                    Prompt::Chat(m) => {
-                        let mut m = m.to_vec();
-                        if let Some(l) = m.last_mut() {
-                            l.content = text;
-                        }
-                        lever_generate::local::prompt_ids(model, &Prompt::Chat(&m))
-                    }
-                    Prompt::Text(_) => {
-                        lever_generate::local::prompt_ids(model, &Prompt::Text(&text))
-                    }
-                }
-            })
-            .collect::<lever_generate::Result<Vec<_>>>()?;
-        let rag = |e: lever_rag::Error| GenError::Invalid(e.to_string());
-        let mut ctx = lever_rag::latent::Contexts::new(model, prompts, item.doc_log_probs.clone())
-            .map_err(rag)?;
-        let prompt_ms = start.elapsed().as_secs_f64() * 1e3;
-        let sampling = req.sampling.resolve(&model.info.generation);
-        let d = ctx
-            .decode(
-                self.formulation,
-                &lever_rag::latent::DecodeOptions {
-                    beam: 1,
-                    max_tokens: req.max_tokens,
-                    stop: req.stop,
-                    sampling: sampling.clone(),
-                    seq_decoding: lever_rag::latent::SeqDecoding::Thorough,
-                },
-            )
-            .map_err(rag)?;
-        Ok(lever_generate::Output {
-            text: d.text,
-            finish_reason: lever_generate::Finish::Local(d.finish),
-            prompt_tokens: Some(ctx.prompt_tokens()),
-            completion_tokens: Some(d.tokens.len()),
-            timings: Some(lever_generate::Timings {
-                prompt_ms,
-                generation_ms: start.elapsed().as_secs_f64() * 1e3 - prompt_ms,
-            }),
-            sampling: Some(lever_generate::UsedSampling {
-                params: sampling,
-                defaults_from: None,
-            }),
-        })
     }
 }
 

@@ -18,6 +18,7 @@ mod pretrain;
 mod pretrain_data;
 mod progress;
 mod rag;
+mod rag_setting;
 mod rag_train;
 mod ranks;
 mod serve;

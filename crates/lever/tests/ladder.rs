@@ -273,6 +273,113 @@ fn a_ladder_scores_every_rung_on_the_same_items_and_resumes_after_a_kill() {
     assert_eq!(report["verdict"]["next"]["method"], "lora", "{report}");
 }
 
+/// `lever eval` on a task file with a `[rag]` section compares closed-book, concat, RAG-Sequence
+/// and RAG-Token on the same items (the ladder's code, shared), each record with its passages;
+/// a `--rag` the task cannot serve is one line naming the file.
+#[test]
+fn eval_compares_closed_concat_seq_and_token_from_a_task_files_rag_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d, 2);
+    lever_in(d, &["index", "add", "corpus.jsonl", "--index", "idx"]).ok();
+    let task = std::fs::read_to_string(example("squad/task.toml")).unwrap();
+    let squad = example("squad");
+    let task = task
+        .replace(
+            "\"train.jsonl\"",
+            &format!("{:?}", squad.join("train.jsonl")),
+        )
+        .replace("\"dev.jsonl\"", &format!("{:?}", squad.join("dev.jsonl")))
+        .replace("\"test.jsonl\"", &format!("{:?}", squad.join("test.jsonl")));
+    std::fs::write(d.join("closed.toml"), &task).unwrap();
+    std::fs::write(
+        d.join("task.toml"),
+        format!("{task}\n[rag]\nindex = \"idx\"\nk = 2\nquery_template = \"query\"\n"),
+    )
+    .unwrap();
+    let out = lever_in(
+        d,
+        &[
+            "eval",
+            "task.toml",
+            "--rag",
+            "closed,concat,seq,token",
+            "--limit",
+            "2",
+            "--no-cache",
+            "--out",
+            "out",
+            "--json",
+        ],
+    )
+    .ok();
+    let report: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    let settings = report["settings"].as_array().unwrap();
+    let labels: Vec<&str> = settings
+        .iter()
+        .map(|s| s["setting"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            "closed 0-shot chat",
+            "concat k2 0-shot chat",
+            "seq k2 0-shot chat",
+            "token k2 0-shot chat"
+        ]
+    );
+    for s in settings {
+        assert_eq!(s["n"], 2, "{s}");
+    }
+    let closed = jsonl(&d.join("out/test-closed-0-shot_chat.jsonl"));
+    let concat = jsonl(&d.join("out/test-concat-0-shot_chat.jsonl"));
+    assert!(closed.iter().all(|r| r.get("passages").is_none()));
+    for (c, k) in closed.iter().zip(&concat) {
+        let p = k["prompt"].as_str().unwrap();
+        assert!(p.contains("Passages:\n[1] ") && p.contains("\n[2] "), "{p}");
+        assert!(!c["prompt"].as_str().unwrap().contains("Passages:"));
+        assert_eq!(k["passages"].as_array().unwrap().len(), 2, "{k}");
+    }
+    // RAG-Sequence and RAG-Token read the same two passages, one prompt each: the same
+    // prompt tokens, far more than the closed-book prompt's.
+    let seq = jsonl(&d.join("out/test-seq-0-shot_chat.jsonl"));
+    let token = jsonl(&d.join("out/test-token-0-shot_chat.jsonl"));
+    for ((s, t), c) in seq.iter().zip(&token).zip(&closed) {
+        assert_eq!(s["passages"], t["passages"]);
+        assert_eq!(s["prompt_tokens"], t["prompt_tokens"]);
+        let (st, ct) = (
+            s["prompt_tokens"].as_u64().unwrap(),
+            c["prompt_tokens"].as_u64().unwrap(),
+        );
+        assert!(st > ct + 100, "{st} vs {ct}");
+        assert!(s["completion_tokens"].as_u64().unwrap() >= 1, "{s}");
+    }
+
+    // What the task cannot serve: one line, naming the file.
+    let e = lever_in(d, &["eval", "closed.toml", "--rag", "seq", "--limit", "1"]).failed_alone();
+    assert!(
+        e.contains("closed.toml") && e.contains("--rag seq needs a [rag] section"),
+        "{e}"
+    );
+    std::fs::write(
+        d.join("noindex.toml"),
+        format!("{task}\n[rag]\nindex = \"nowhere\"\n"),
+    )
+    .unwrap();
+    let e = lever_in(d, &["eval", "noindex.toml", "--limit", "1"]).failed_alone();
+    assert!(e.contains("nowhere") && e.contains("no index here"), "{e}");
+    std::fs::write(
+        d.join("bad.toml"),
+        format!("{task}\n[rag]\nindex = \"idx\"\nformulation = \"sequence\"\n"),
+    )
+    .unwrap();
+    let e = lever_in(d, &["eval", "bad.toml", "--limit", "1"]).failed_alone();
+    assert!(
+        e.contains("bad.toml") && e.contains("[rag] formulation = \"sequence\""),
+        "{e}"
+    );
+}
+
 /// Bad ladder files: one line naming the file and the problem, exit 1, nothing written.
 /// The RAG rungs of one ladder in the four settings of `formulation` (closed-book, concat,
 /// RAG-Sequence, RAG-Token) on the same two items: each scored, the latent rungs with each
