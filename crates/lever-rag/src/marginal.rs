@@ -39,9 +39,9 @@ pub const DEFAULT_TEMPERATURE: f32 = 0.05;
 /// How the answer's probability is marginalized over the passages (§2.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Formulation {
-    /// One passage for the whole answer.
+    /// One passage for the whole answer: Σ_z p(z|x) Π_i p(y_i|x,z,y<i).
     Sequence,
-    /// A passage per token.
+    /// A passage per token: Π_i Σ_z p(z|x) p(y_i|x,z,y<i).
     Token,
 }
 
@@ -50,6 +50,17 @@ impl Formulation {
         match self {
             Formulation::Sequence => "seq",
             Formulation::Token => "token",
+        }
+    }
+}
+
+impl std::str::FromStr for Formulation {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "seq" | "sequence" => Ok(Formulation::Sequence),
+            "token" => Ok(Formulation::Token),
+            _ => Err(format!("`{s}`: expected seq or token")),
         }
     }
 }

@@ -32,34 +32,9 @@ use lever_model::{ChatTemplate, Decoder, Encoder, Message, Tokenizer};
 use crate::error::{Error, Result};
 use crate::trainer::{MicroStep, accumulate};
 
-/// How the answer's probability is marginalized over the passages (§2.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Formulation {
-    /// One passage for the whole answer: Σ_z p(z|x) Π_i p(y_i|x,z,y<i).
-    Sequence,
-    /// A passage per token: Π_i Σ_z p(z|x) p(y_i|x,z,y<i).
-    Token,
-}
-
-impl Formulation {
-    pub fn name(self) -> &'static str {
-        match self {
-            Formulation::Sequence => "seq",
-            Formulation::Token => "token",
-        }
-    }
-}
-
-impl std::str::FromStr for Formulation {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "seq" | "sequence" => Ok(Formulation::Sequence),
-            "token" => Ok(Formulation::Token),
-            _ => Err(format!("`{s}`: expected seq or token")),
-        }
-    }
-}
+/// How the answer's probability is marginalized over the passages (§2.1): lever-rag's, whose
+/// `marginal` module holds the paper's equations this loss trains.
+pub use lever_rag::marginal::Formulation;
 
 /// log Σ exp over `dim`, the maximum held out of the graph (its gradient terms cancel).
 fn log_sum_exp(x: &Tensor, dim: usize) -> Result<Tensor> {
