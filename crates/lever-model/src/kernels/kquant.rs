@@ -1,0 +1,629 @@
+//! CPU matrix multiplication for GGUF K-quant weights (Q4_K, Q5_K, Q6_K), lever's own.
+//!
+//! y = x · Wᵀ with W kept in its 256-value super-blocks and the activations quantized first as
+//! llama.cpp does for these types (`block_q8_K`: per 256 values an f32 scale, 256 i8 values and
+//! the sum of every 16; `quantize_row_q8_K_ref` in `ggml-quants.c`). The block layouts are
+//! ggml's (`block_q4_K`, `block_q5_K`, `block_q6_K` in `ggml-common.h`, read in candle's
+//! `quantized/k_quants.rs` too); the code here is lever's own.
+//!
+//! One decoding serves the three types: a super-block becomes 256 unsigned values q (0..15,
+//! 0..31 or 0..63), an integer scale sc and an integer offset weight mn per 16 values, and two
+//! floats d, dm, so that its dot product with a Q8_K block (values a, scale dx, sums of 16 bsum) is
+//!
+//!   dx · (d · Σ_g sc_g · Σ_{i∈g} q_i·a_i − dm · Σ_g mn_g · bsum_g)
+//!
+//! (Q4_K/Q5_K: sc, mn the 6-bit scale and min of each 32, d, dm = d, dmin; Q6_K: sc the i8 scale
+//! of each 16, mn = 32·sc for the offset −32 of its values, dm = d). Both integer sums are exact
+//! in i32, and the float step above is the same scalar expression on every instruction set, so
+//! the portable and the AVX2 kernels give the same bits (the AVX2 one only computes the integer
+//! sums with `vpmaddubsw`/`vpmaddwd`). This does not follow llama.cpp's x86 lane order (which
+//! scales each 32 in f32 lanes), so rounding differs from llama.cpp's in the last bits.
+//!
+//! `unsafe`: the x86 kernel loads through raw pointers, and each strip of output rows is
+//! written from its own thread into the one output buffer (see the `# Safety` sections).
+#![allow(unsafe_code)]
+
+use std::cell::RefCell;
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+
+use super::pool::{LARGE_M, SyncPtr, parallel};
+use super::{Isa, isa};
+
+/// Values per super-block.
+pub(crate) const QK_K: usize = 256;
+/// Bytes of a Q4_K block: d, dmin (f16), 12 bytes of packed 6-bit scales and mins, 128 bytes
+/// holding 256 4-bit values.
+pub(crate) const Q4_K_BYTES: usize = 144;
+/// Bytes of a Q5_K block: as Q4_K with 32 bytes of fifth bits before the 4-bit values.
+pub(crate) const Q5_K_BYTES: usize = 176;
+/// Bytes of a Q6_K block: 128 bytes of low 4 bits, 64 of high 2 bits, 16 i8 scales, d (f16).
+pub(crate) const Q6_K_BYTES: usize = 210;
+
+/// Whether these kernels handle a weight type.
+pub(crate) fn supports(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K)
+}
+
+/// Bytes of one super-block of a supported type.
+pub(crate) fn block_bytes(dtype: GgmlDType) -> usize {
+    match dtype {
+        GgmlDType::Q4K => Q4_K_BYTES,
+        GgmlDType::Q5K => Q5_K_BYTES,
+        _ => Q6_K_BYTES,
+    }
+}
+
+/// Rows of activations quantized to Q8_K: per super-block the values (i8), the scale d (f32)
+/// and the sum of each 16 values.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ActsK {
+    pub(crate) qs: Vec<i8>,
+    pub(crate) d: Vec<f32>,
+    pub(crate) bsums: Vec<i16>,
+    /// Super-blocks per row.
+    pub(crate) nb: usize,
+    pub(crate) rows: usize,
+}
+
+impl ActsK {
+    /// Quantize `m` rows of `k` values (k a multiple of 256), reusing this buffer's memory.
+    pub(crate) fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
+        debug_assert_eq!(x.len(), m * k);
+        assert!(k.is_multiple_of(QK_K));
+        let nb = k / QK_K;
+        self.nb = nb;
+        self.rows = m;
+        self.qs.resize(m * k, 0);
+        self.d.resize(m * nb, 0.0);
+        self.bsums.resize(m * nb * 16, 0);
+        let (qs, d, bs) = (
+            SyncPtr(self.qs.as_mut_ptr()),
+            SyncPtr(self.d.as_mut_ptr()),
+            SyncPtr(self.bsums.as_mut_ptr()),
+        );
+        let rows = |range: std::ops::Range<usize>| {
+            let (qs, d, bs) = (&qs, &d, &bs);
+            for r in range {
+                // SAFETY: rows are disjoint, each is written by one call only, and the
+                // buffers were sized above for m rows.
+                let (qr, dr, br) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(qs.0.add(r * k), k),
+                        std::slice::from_raw_parts_mut(d.0.add(r * nb), nb),
+                        std::slice::from_raw_parts_mut(bs.0.add(r * nb * 16), nb * 16),
+                    )
+                };
+                for b in 0..nb {
+                    dr[b] = quantize_block(
+                        &x[r * k + b * QK_K..r * k + (b + 1) * QK_K],
+                        &mut qr[b * QK_K..(b + 1) * QK_K],
+                        &mut br[b * 16..(b + 1) * 16],
+                    );
+                }
+            }
+        };
+        if m * k >= 1 << 15 {
+            parallel(m, m >= LARGE_M, rows);
+        } else {
+            rows(0..m);
+        }
+    }
+}
+
+/// One Q8_K block as llama.cpp makes it: the value of largest magnitude maps to −127,
+/// q = min(127, round-half-even(x·(−127/max))), d = 1/(−127/max); all zeros for a zero block.
+fn quantize_block(x: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        qs.fill(0);
+        bsums.fill(0);
+        return 0.0;
+    }
+    let iscale = -127.0 / max;
+    for (q, &v) in qs.iter_mut().zip(x) {
+        *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+    }
+    for (s, g) in bsums.iter_mut().zip(qs.chunks_exact(16)) {
+        *s = g.iter().map(|&q| q as i16).sum();
+    }
+    1.0 / iscale
+}
+
+/// The scales of one super-block, per 16 values (see the module comment).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scales {
+    pub(crate) sc: [i16; 16],
+    pub(crate) mn: [i16; 16],
+    pub(crate) d: f32,
+    pub(crate) dm: f32,
+}
+
+fn half_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Scale and min j (0..8) of the 12 packed bytes of Q4_K/Q5_K: six bits each, the first four
+/// whole in bytes 0..8, the last four split between the low/high nibbles of bytes 8..12 and
+/// the top two bits of bytes 0..8 (ggml's `get_scale_min_k4`).
+fn scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The scales of a block of a supported type.
+pub(crate) fn scales(dtype: GgmlDType, blk: &[u8]) -> Scales {
+    let (mut sc, mut mn) = ([0i16; 16], [0i16; 16]);
+    if dtype == GgmlDType::Q6K {
+        for g in 0..16 {
+            sc[g] = blk[192 + g] as i8 as i16;
+            mn[g] = 32 * sc[g];
+        }
+        let d = half_at(blk, 208);
+        Scales { sc, mn, d, dm: d }
+    } else {
+        for j in 0..8 {
+            let (s, m) = scale_min(j, &blk[4..16]);
+            sc[2 * j] = s as i16;
+            sc[2 * j + 1] = s as i16;
+            mn[2 * j] = m as i16;
+            mn[2 * j + 1] = m as i16;
+        }
+        Scales {
+            sc,
+            mn,
+            d: half_at(blk, 0),
+            dm: half_at(blk, 2),
+        }
+    }
+}
+
+/// The 256 unsigned values of a block, in element order.
+///
+/// Q4_K: each 64 values are 32 bytes, low nibbles first. Q5_K: the same, plus bit 2j (first
+/// 32) or 2j+1 (second 32) of qh[l] for value l of the j-th 64 as the fifth bit. Q6_K: each
+/// 128 values take 64 bytes of ql (values l and l+64 from the low/high nibble of ql[l], l+32
+/// and l+96 from ql[l+32]) and 32 of qh (two bits each, in that order).
+pub(crate) fn decode(dtype: GgmlDType, blk: &[u8], out: &mut [u8; QK_K]) {
+    match dtype {
+        GgmlDType::Q4K | GgmlDType::Q5K => {
+            let five = dtype == GgmlDType::Q5K;
+            let qs = if five { &blk[48..176] } else { &blk[16..144] };
+            for j in 0..4 {
+                for l in 0..32 {
+                    let (mut lo, mut hi) = (qs[32 * j + l] & 0x0F, qs[32 * j + l] >> 4);
+                    if five {
+                        let h = blk[16 + l];
+                        lo |= ((h >> (2 * j)) & 1) << 4;
+                        hi |= ((h >> (2 * j + 1)) & 1) << 4;
+                    }
+                    out[64 * j + l] = lo;
+                    out[64 * j + 32 + l] = hi;
+                }
+            }
+        }
+        _ => {
+            for n in 0..2 {
+                for l in 0..32 {
+                    let h = blk[128 + 32 * n + l];
+                    let (a, b) = (blk[64 * n + l], blk[64 * n + 32 + l]);
+                    out[128 * n + l] = (a & 0x0F) | ((h & 3) << 4);
+                    out[128 * n + 32 + l] = (b & 0x0F) | (((h >> 2) & 3) << 4);
+                    out[128 * n + 64 + l] = (a >> 4) | (((h >> 4) & 3) << 4);
+                    out[128 * n + 96 + l] = (b >> 4) | (((h >> 6) & 3) << 4);
+                }
+            }
+        }
+    }
+}
+
+/// One super-block as f32, the values candle's `to_float` gives (same operations).
+pub(crate) fn dequantize_block(dtype: GgmlDType, blk: &[u8], out: &mut [f32]) {
+    let mut q = [0u8; QK_K];
+    decode(dtype, blk, &mut q);
+    let s = scales(dtype, blk);
+    if dtype == GgmlDType::Q6K {
+        for (i, (o, &v)) in out.iter_mut().zip(&q).enumerate() {
+            *o = s.d * s.sc[i / 16] as f32 * (v as i32 - 32) as f32;
+        }
+    } else {
+        for (i, (o, &v)) in out.iter_mut().zip(&q).enumerate() {
+            let (d1, m1) = (s.d * s.sc[i / 16] as f32, s.dm * s.mn[i / 16] as f32);
+            *o = d1 * v as f32 - m1;
+        }
+    }
+}
+
+/// The f32 step of one block's dot product, the same on every instruction set.
+#[inline(always)]
+fn block_sum(dx: f32, s: &Scales, sumi: i32, summ: i32) -> f32 {
+    dx * (s.d * sumi as f32 - s.dm * summ as f32)
+}
+
+thread_local! {
+    static ACTS: RefCell<ActsK> = RefCell::new(ActsK::default());
+}
+
+/// y (m × n, row-major) = x (m × k) · Wᵀ, where `w` holds the GGUF super-blocks of an n × k
+/// matrix of type `dtype` (Q4_K, Q5_K or Q6_K; k a multiple of 256). Uses the run-time
+/// instruction set and the shared thread pool.
+pub(crate) fn matmul(
+    dtype: GgmlDType,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+) -> Vec<f32> {
+    let isa = isa();
+    ACTS.with(|acts| {
+        let mut acts = acts.borrow_mut();
+        acts.quantize(x, m, k);
+        let mut y = vec![0f32; m * n];
+        matmul_quantized(isa, dtype, w, n, &acts, &mut y);
+        y
+    })
+}
+
+/// Rows of W per work item.
+const STRIP: usize = 16;
+/// Tokens per pass over a row: each block is decoded once for this many tokens.
+const TT: usize = 8;
+
+/// y (rows × n) = acts · Wᵀ with the activations already quantized.
+pub(crate) fn matmul_quantized(
+    isa: Isa,
+    dtype: GgmlDType,
+    w: &[u8],
+    n: usize,
+    acts: &ActsK,
+    y: &mut [f32],
+) {
+    let (m, nb) = (acts.rows, acts.nb);
+    let row_bytes = nb * block_bytes(dtype);
+    assert!(supports(dtype), "kernels::kquant called for {dtype:?}");
+    assert!(w.len() >= n * row_bytes, "weight buffer too small");
+    assert_eq!(y.len(), m * n);
+    assert!(acts.qs.len() >= m * nb * QK_K && acts.d.len() >= m * nb);
+    assert!(acts.bsums.len() >= m * nb * 16);
+    assert!(isa.runs_here(), "{isa:?} on a CPU without it");
+    let out = SyncPtr(y.as_mut_ptr());
+    let strips = n.div_ceil(STRIP);
+    let run = |range: std::ops::Range<usize>| {
+        let out = &out;
+        for strip in range {
+            let r0 = strip * STRIP;
+            let r1 = (r0 + STRIP).min(n);
+            for r in r0..r1 {
+                let row = &w[r * row_bytes..(r + 1) * row_bytes];
+                let mut t0 = 0;
+                while t0 < m {
+                    let tt = TT.min(m - t0);
+                    let mut acc = [0f32; TT];
+                    row_dots(isa, dtype, row, acts, t0, &mut acc[..tt]);
+                    for (t, v) in acc[..tt].iter().enumerate() {
+                        // SAFETY: column r belongs to this strip only, every strip is run
+                        // once, and (t0 + t, r) lies inside the m × n output (asserted).
+                        unsafe { *out.0.add((t0 + t) * n + r) = *v };
+                    }
+                    t0 += tt;
+                }
+            }
+        }
+    };
+    if m * n * nb >= 1 << 9 {
+        parallel(strips, m >= LARGE_M, run);
+    } else {
+        run(0..strips);
+    }
+}
+
+/// acc[t] = row · token t0 + t, for the tokens acc covers.
+fn row_dots(isa: Isa, dtype: GgmlDType, row: &[u8], acts: &ActsK, t0: usize, acc: &mut [f32]) {
+    let bb = block_bytes(dtype);
+    let nb = acts.nb;
+    assert!(row.len() >= nb * bb && (t0 + acc.len()) <= acts.rows);
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        assert!(isa.runs_here());
+        for (b, blk) in row.chunks_exact(bb).take(nb).enumerate() {
+            // SAFETY: the CPU runs AVX2 (asserted), `blk` is a whole block of `dtype`, and
+            // tokens t0..t0+acc.len() are rows of `acts` (asserted above).
+            unsafe { avx2::block_dots(dtype, blk, acts, t0, b, acc) };
+        }
+        return;
+    }
+    let _ = isa;
+    let mut q = [0u8; QK_K];
+    for (b, blk) in row.chunks_exact(bb).take(nb).enumerate() {
+        decode(dtype, blk, &mut q);
+        let s = scales(dtype, blk);
+        for (t, a) in acc.iter_mut().enumerate() {
+            let xi = (t0 + t) * nb + b;
+            let xq = &acts.qs[xi * QK_K..(xi + 1) * QK_K];
+            let bs = &acts.bsums[xi * 16..(xi + 1) * 16];
+            let mut sumi = 0i32;
+            for g in 0..16 {
+                let gi: i32 = q[16 * g..16 * g + 16]
+                    .iter()
+                    .zip(&xq[16 * g..16 * g + 16])
+                    .map(|(&w, &x)| w as i32 * x as i32)
+                    .sum();
+                sumi += s.sc[g] as i32 * gi;
+            }
+            let summ: i32 =
+                s.mn.iter()
+                    .zip(bs)
+                    .map(|(&m, &b)| m as i32 * b as i32)
+                    .sum();
+            *a += block_sum(acts.d[xi], &s, sumi, summ);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{ActsK, QK_K, block_sum, scales};
+    use candle_core::quantized::GgmlDType;
+    use std::arch::x86_64::*;
+
+    /// Sum of the 8 i32 lanes (exact).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum_i32(x: __m256i) -> i32 {
+        let r = _mm_add_epi32(_mm256_extracti128_si256(x, 1), _mm256_castsi256_si128(x));
+        let r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
+        let r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 1));
+        _mm_cvtsi128_si32(r)
+    }
+
+    /// The block's 256 unsigned values in 8 registers of 32, element order (see `decode`).
+    ///
+    /// # Safety
+    /// The CPU runs AVX2; `blk` is a whole block of `dtype`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn decode(dtype: GgmlDType, blk: &[u8]) -> [__m256i; 8] {
+        // SAFETY: every load reads 32 bytes inside the block: Q4_K 16 + 32j + 32 ≤ 144, Q5_K
+        // 48 + 32j + 32 ≤ 176 and qh at 16..48, Q6_K ql at 64n..64n + 64 and qh at
+        // 128 + 32n..+32 ≤ 192 (the callers pass whole blocks: asserted in `row_dots`).
+        unsafe {
+            let p = blk.as_ptr();
+            let m4 = _mm256_set1_epi8(0x0F);
+            let mut q = [_mm256_setzero_si256(); 8];
+            match dtype {
+                GgmlDType::Q4K | GgmlDType::Q5K => {
+                    let five = dtype == GgmlDType::Q5K;
+                    let qs = if five { p.add(48) } else { p.add(16) };
+                    let h = _mm256_loadu_si256(p.add(16) as *const __m256i);
+                    let one = _mm256_set1_epi8(1);
+                    for j in 0..4 {
+                        let v = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
+                        let mut lo = _mm256_and_si256(v, m4);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                        if five {
+                            // Bit 2j and 2j+1 of each qh byte, moved to bit 4. The 16-bit
+                            // shifts bring bits of the neighbouring byte along; the mask drops
+                            // them.
+                            let sh = _mm_cvtsi32_si128(2 * j as i32);
+                            let b0 = _mm256_and_si256(_mm256_srl_epi16(h, sh), one);
+                            let sh1 = _mm_cvtsi32_si128(2 * j as i32 + 1);
+                            let b1 = _mm256_and_si256(_mm256_srl_epi16(h, sh1), one);
+                            lo = _mm256_or_si256(lo, _mm256_slli_epi16(b0, 4));
+                            hi = _mm256_or_si256(hi, _mm256_slli_epi16(b1, 4));
+                        }
+                        q[2 * j] = lo;
+                        q[2 * j + 1] = hi;
+                    }
+                }
+                _ => {
+                    let m2 = _mm256_set1_epi8(0x30);
+                    for n in 0..2 {
+                        let a = _mm256_loadu_si256(p.add(64 * n) as *const __m256i);
+                        let b = _mm256_loadu_si256(p.add(64 * n + 32) as *const __m256i);
+                        let h = _mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i);
+                        // The two high bits of each value at bits 4..5.
+                        let h0 = _mm256_and_si256(_mm256_slli_epi16(h, 4), m2);
+                        let h1 = _mm256_and_si256(_mm256_slli_epi16(h, 2), m2);
+                        let h2 = _mm256_and_si256(h, m2);
+                        let h3 = _mm256_and_si256(_mm256_srli_epi16(h, 2), m2);
+                        q[4 * n] = _mm256_or_si256(_mm256_and_si256(a, m4), h0);
+                        q[4 * n + 1] = _mm256_or_si256(_mm256_and_si256(b, m4), h1);
+                        q[4 * n + 2] =
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4), h2);
+                        q[4 * n + 3] =
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), m4), h3);
+                    }
+                }
+            }
+            q
+        }
+    }
+
+    /// acc[t] += block b of the row (`blk`) · block b of token t0 + t.
+    ///
+    /// # Safety
+    /// The CPU runs AVX2; `blk` is a whole block of `dtype`; tokens t0..t0 + acc.len() are
+    /// rows of `acts` and b < acts.nb.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn block_dots(
+        dtype: GgmlDType,
+        blk: &[u8],
+        acts: &ActsK,
+        t0: usize,
+        b: usize,
+        acc: &mut [f32],
+    ) {
+        // SAFETY: the decode contract is ours; the activation loads read 256 values and 16
+        // sums of block xi < acts.rows · nb, inside the buffers (sized by `quantize`).
+        unsafe {
+            if acc.len() == 1 {
+                // One token: the weights stream through once; fetch the next rows' lines.
+                for off in (0..blk.len()).step_by(64) {
+                    _mm_prefetch(
+                        blk.as_ptr().wrapping_add(4 * acts.nb * blk.len() + off) as *const i8,
+                        _MM_HINT_T0,
+                    );
+                }
+            }
+            let q = decode(dtype, blk);
+            let s = scales(dtype, blk);
+            let mut scv = [_mm256_setzero_si256(); 8];
+            for (i, v) in scv.iter_mut().enumerate() {
+                *v = _mm256_set_m128i(_mm_set1_epi16(s.sc[2 * i + 1]), _mm_set1_epi16(s.sc[2 * i]));
+            }
+            let mnv = _mm256_loadu_si256(s.mn.as_ptr() as *const __m256i);
+            let nb = acts.nb;
+            for (t, a) in acc.iter_mut().enumerate() {
+                let xi = (t0 + t) * nb + b;
+                let xq = acts.qs.as_ptr().add(xi * QK_K);
+                let mut sum = _mm256_setzero_si256();
+                for i in 0..8 {
+                    let x = _mm256_loadu_si256(xq.add(32 * i) as *const __m256i);
+                    // u8 · i8 pairs in i16 (at most 2·63·127, no saturation), then each 16
+                    // values' pairs times their scale, in i32.
+                    let p = _mm256_maddubs_epi16(q[i], x);
+                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, scv[i]));
+                }
+                let bs = _mm256_loadu_si256(acts.bsums.as_ptr().add(xi * 16) as *const __m256i);
+                let summ = hsum_i32(_mm256_madd_epi16(bs, mnv));
+                *a += block_sum(*acts.d.get_unchecked(xi), &s, hsum_i32(sum), summ);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::testing::{max_abs_diff, random};
+    use candle_core::quantized::{QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    const TYPES: [GgmlDType; 3] = [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
+
+    /// Q8_K activations follow llama.cpp's rules: the largest magnitude maps to −127, the
+    /// sums of 16 are the values', a zero block is all zeros.
+    #[test]
+    fn activation_quantization_follows_llama_cpp() {
+        let mut x = random(3 * QK_K, 5);
+        x[2 * QK_K..].iter_mut().for_each(|v| *v = 0.0);
+        let mut a = ActsK::default();
+        a.quantize(&x, 1, 3 * QK_K);
+        let (i, &max) = x[..QK_K]
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .unwrap();
+        assert_eq!(a.qs[i], -127);
+        assert_eq!(a.d[0], 1.0 / (-127.0 / max));
+        for (g, s) in a.bsums[..32].iter().enumerate() {
+            let want: i16 = a.qs[16 * g..16 * g + 16].iter().map(|&q| q as i16).sum();
+            assert_eq!(*s, want);
+        }
+        let err = x[..QK_K]
+            .iter()
+            .zip(&a.qs[..QK_K])
+            .map(|(v, &q)| (v - q as f32 * a.d[0]).abs())
+            .fold(0f32, f32::max);
+        assert!(err <= a.d[0].abs() / 2.0 * 1.0001, "{err}");
+        assert_eq!(a.d[2], 0.0);
+        assert!(a.qs[2 * QK_K..].iter().all(|&q| q == 0));
+    }
+
+    /// Against candle's dequantized weights in f32 and candle's own quantized matmul, single
+    /// tokens and batches (odd sizes, remainders of the token passes and of the strips), every
+    /// instruction set; the portable and SIMD kernels give the same bits.
+    #[test]
+    fn matmul_matches_the_dequantized_product() {
+        let dev = Device::Cpu;
+        for dtype in TYPES {
+            for (m, k, n) in [
+                (1, 256, 40),
+                (5, 512, 37),
+                (9, 256, 17),
+                (1, 768, 33),
+                (13, 512, 16),
+            ] {
+                let wt = Tensor::from_vec(random(n * k, 9), (n, k), &dev).unwrap();
+                let q = QTensor::quantize(&wt, dtype).unwrap();
+                let deq = q.dequantize(&dev).unwrap();
+                let x = random(m * k, 11);
+                let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
+                let exact = xt.matmul(&deq.t().unwrap()).unwrap();
+                let exact = exact.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let scale = exact.iter().fold(0f32, |a, e| a.max(e.abs()));
+                let cand = QMatMul::from_qtensor(q).unwrap().forward(&xt).unwrap();
+                let cand = cand.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let q = QTensor::quantize(&wt, dtype).unwrap();
+                let data = q.data().unwrap();
+                let mut outs = Vec::new();
+                for isa in Isa::available() {
+                    let mut acts = ActsK::default();
+                    acts.quantize(&x, m, k);
+                    let mut y = vec![f32::NAN; m * n];
+                    matmul_quantized(isa, dtype, &data, n, &acts, &mut y);
+                    let err = max_abs_diff(&y, &exact);
+                    // The only error left is the 8-bit activations (≤ half a step of 1/127 of
+                    // each 256's largest value): a few thousandths of the outputs' scale.
+                    assert!(
+                        err / scale < 0.01,
+                        "{dtype:?} {isa:?} {m}x{k}x{n}: {err} vs {scale}"
+                    );
+                    assert!(err > 0.0);
+                    // candle quantizes the activations the same way (it rounds halves away
+                    // from zero), so the two agree far more closely than either with f32.
+                    let err_c = max_abs_diff(&y, &cand);
+                    assert!(
+                        err_c / scale < 1e-3,
+                        "{dtype:?} {isa:?} {m}x{k}x{n} vs candle: {err_c} vs {scale}"
+                    );
+                    outs.push(y);
+                }
+                for o in &outs[1..] {
+                    assert_eq!(o, &outs[0], "{dtype:?} {m}x{k}x{n}: SIMD vs portable");
+                }
+            }
+        }
+    }
+
+    /// The block decoding gives candle's dequantized values bit for bit.
+    #[test]
+    fn dequantize_block_equals_candles() {
+        let (n, k) = (6, 512);
+        let wt = Tensor::from_vec(random(n * k, 21), (n, k), &Device::Cpu).unwrap();
+        for dtype in TYPES {
+            let q = QTensor::quantize(&wt, dtype).unwrap();
+            let want = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+            let want = want.to_vec1::<f32>().unwrap();
+            let data = q.data().unwrap();
+            let mut got = vec![0f32; n * k];
+            for (o, blk) in got
+                .chunks_exact_mut(QK_K)
+                .zip(data.chunks_exact(block_bytes(dtype)))
+            {
+                dequantize_block(dtype, blk, o);
+            }
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{dtype:?}"
+            );
+        }
+    }
+}
