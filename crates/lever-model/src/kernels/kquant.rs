@@ -589,7 +589,7 @@ mod tests {
                     // from zero), so the two agree far more closely than either with f32.
                     let err_c = max_abs_diff(&y, &cand);
                     assert!(
-                        err_c / scale < 1e-3,
+                        err_c / scale < 1e-5,
                         "{dtype:?} {isa:?} {m}x{k}x{n} vs candle: {err_c} vs {scale}"
                     );
                     outs.push(y);
