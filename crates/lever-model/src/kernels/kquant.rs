@@ -112,6 +112,15 @@ impl ActsK {
     }
 }
 
+/// Round half to even through the float adder, as llama.cpp's `nearest_int` (|v| < 2²²):
+/// `f32::round_ties_even` is a library call without SSE4.1 enabled at build time, and was
+/// half the time of a single-token product.
+#[inline(always)]
+fn nearest_int(v: f32) -> i32 {
+    let f = v + 12_582_912.0; // 1.5 · 2²³: the integer lands in the low mantissa bits.
+    (f.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
 /// One Q8_K block as llama.cpp makes it: the value of largest magnitude maps to −127,
 /// q = min(127, round-half-even(x·(−127/max))), d = 1/(−127/max); all zeros for a zero block.
 fn quantize_block(x: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> f32 {
@@ -129,7 +138,7 @@ fn quantize_block(x: &[f32], qs: &mut [i8], bsums: &mut [i16]) -> f32 {
     }
     let iscale = -127.0 / max;
     for (q, &v) in qs.iter_mut().zip(x) {
-        *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        *q = nearest_int(iscale * v).min(127) as i8;
     }
     for (s, g) in bsums.iter_mut().zip(qs.chunks_exact(16)) {
         *s = g.iter().map(|&q| q as i16).sum();
@@ -249,8 +258,8 @@ pub(crate) fn dequantize_block(dtype: GgmlDType, blk: &[u8], out: &mut [f32]) {
 
 /// The f32 step of one block's dot product, the same on every instruction set.
 #[inline(always)]
-fn block_sum(dx: f32, s: &Scales, sumi: i32, summ: i32) -> f32 {
-    dx * (s.d * sumi as f32 - s.dm * summ as f32)
+fn block_sum(dx: f32, d: f32, dm: f32, sumi: i32, summ: i32) -> f32 {
+    dx * (d * sumi as f32 - dm * summ as f32)
 }
 
 thread_local! {
@@ -339,11 +348,10 @@ fn row_dots(isa: Isa, dtype: GgmlDType, row: &[u8], acts: &ActsK, t0: usize, acc
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         assert!(isa.runs_here());
-        for (b, blk) in row.chunks_exact(bb).take(nb).enumerate() {
-            // SAFETY: the CPU runs AVX2 (asserted), `blk` is a whole block of `dtype`, and
-            // tokens t0..t0+acc.len() are rows of `acts` (asserted above).
-            unsafe { avx2::block_dots(dtype, blk, acts, t0, b, acc) };
-        }
+        // SAFETY: the CPU runs AVX2, FMA and F16C (every `Isa` from Avx2 up has them:
+        // asserted), the row holds nb whole blocks of `dtype`, and tokens t0..t0+acc.len()
+        // are rows of `acts` (asserted above).
+        unsafe { avx2::row_dots(dtype, row, acts, t0, acc) };
         return;
     }
     let _ = isa;
@@ -369,14 +377,14 @@ fn row_dots(isa: Isa, dtype: GgmlDType, row: &[u8], acts: &ActsK, t0: usize, acc
                     .zip(bs)
                     .map(|(&m, &b)| m as i32 * b as i32)
                     .sum();
-            *a += block_sum(acts.d[xi], &s, sumi, summ);
+            *a += block_sum(acts.d[xi], s.d, s.dm, sumi, summ);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{ActsK, QK_K, block_sum, scales};
+    use super::{ActsK, QK_K, block_sum};
     use candle_core::quantized::GgmlDType;
     use std::arch::x86_64::*;
 
@@ -384,123 +392,221 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2")]
     fn hsum_i32(x: __m256i) -> i32 {
-        let r = _mm_add_epi32(_mm256_extracti128_si256(x, 1), _mm256_castsi256_si128(x));
+        hsum4_i32(_mm_add_epi32(
+            _mm256_extracti128_si256(x, 1),
+            _mm256_castsi256_si128(x),
+        ))
+    }
+
+    /// Sum of the 4 i32 lanes (exact).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum4_i32(r: __m128i) -> i32 {
         let r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
         let r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 1));
         _mm_cvtsi128_si32(r)
     }
 
-    /// The block's 256 unsigned values in 8 registers of 32, element order (see `decode`).
+    /// A `vpshufb` pattern that puts i16 lane j (of each 128-bit half) in every i16 lane.
+    #[inline(always)]
+    fn pick(j: usize) -> i16 {
+        (0x0100 + 0x0202 * j) as i16
+    }
+
+    /// Bytes per block of each kind: 0 Q4_K, 1 Q5_K, 2 Q6_K.
+    const BYTES: [usize; 3] = [super::Q4_K_BYTES, super::Q5_K_BYTES, super::Q6_K_BYTES];
+
+    /// Values 32i..32i+32 of the block at p as unsigned bytes (see `decode`).
     ///
     /// # Safety
-    /// The CPU runs AVX2; `blk` is a whole block of `dtype`.
+    /// The CPU runs AVX2; `p` points to a readable block of kind K; i < 8.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn decode(dtype: GgmlDType, blk: &[u8]) -> [__m256i; 8] {
+    unsafe fn decode_reg<const K: usize>(p: *const u8, i: usize) -> __m256i {
         // SAFETY: every load reads 32 bytes inside the block: Q4_K 16 + 32j + 32 ≤ 144, Q5_K
         // 48 + 32j + 32 ≤ 176 and qh at 16..48, Q6_K ql at 64n..64n + 64 and qh at
-        // 128 + 32n..+32 ≤ 192 (the callers pass whole blocks: asserted in `row_dots`).
+        // 128 + 32n..+32 ≤ 192 (j = i/2 < 4, n = i/4 < 2).
         unsafe {
-            let p = blk.as_ptr();
             let m4 = _mm256_set1_epi8(0x0F);
-            let mut q = [_mm256_setzero_si256(); 8];
-            match dtype {
-                GgmlDType::Q4K | GgmlDType::Q5K => {
-                    let five = dtype == GgmlDType::Q5K;
-                    let qs = if five { p.add(48) } else { p.add(16) };
-                    let h = _mm256_loadu_si256(p.add(16) as *const __m256i);
-                    let one = _mm256_set1_epi8(1);
-                    for j in 0..4 {
-                        let v = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
-                        let mut lo = _mm256_and_si256(v, m4);
-                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                        if five {
-                            // Bit 2j and 2j+1 of each qh byte, moved to bit 4. The 16-bit
-                            // shifts bring bits of the neighbouring byte along; the mask drops
-                            // them.
-                            let sh = _mm_cvtsi32_si128(2 * j as i32);
-                            let b0 = _mm256_and_si256(_mm256_srl_epi16(h, sh), one);
-                            let sh1 = _mm_cvtsi32_si128(2 * j as i32 + 1);
-                            let b1 = _mm256_and_si256(_mm256_srl_epi16(h, sh1), one);
-                            lo = _mm256_or_si256(lo, _mm256_slli_epi16(b0, 4));
-                            hi = _mm256_or_si256(hi, _mm256_slli_epi16(b1, 4));
-                        }
-                        q[2 * j] = lo;
-                        q[2 * j + 1] = hi;
-                    }
+            if K < 2 {
+                let qs = if K == 1 { p.add(48) } else { p.add(16) };
+                let v = _mm256_loadu_si256(qs.add(32 * (i / 2)) as *const __m256i);
+                let v = if i % 2 == 0 {
+                    v
+                } else {
+                    _mm256_srli_epi16(v, 4)
+                };
+                let v = _mm256_and_si256(v, m4);
+                if K == 0 {
+                    return v;
                 }
-                _ => {
-                    let m2 = _mm256_set1_epi8(0x30);
-                    for n in 0..2 {
-                        let a = _mm256_loadu_si256(p.add(64 * n) as *const __m256i);
-                        let b = _mm256_loadu_si256(p.add(64 * n + 32) as *const __m256i);
-                        let h = _mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i);
-                        // The two high bits of each value at bits 4..5.
-                        let h0 = _mm256_and_si256(_mm256_slli_epi16(h, 4), m2);
-                        let h1 = _mm256_and_si256(_mm256_slli_epi16(h, 2), m2);
-                        let h2 = _mm256_and_si256(h, m2);
-                        let h3 = _mm256_and_si256(_mm256_srli_epi16(h, 2), m2);
-                        q[4 * n] = _mm256_or_si256(_mm256_and_si256(a, m4), h0);
-                        q[4 * n + 1] = _mm256_or_si256(_mm256_and_si256(b, m4), h1);
-                        q[4 * n + 2] =
-                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4), h2);
-                        q[4 * n + 3] =
-                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), m4), h3);
-                    }
-                }
+                // Bit i of each qh byte, moved to bit 4. The 16-bit shift brings bits of the
+                // neighbouring byte along; the mask drops them.
+                let h = _mm256_loadu_si256(p.add(16) as *const __m256i);
+                let bit = _mm256_and_si256(
+                    _mm256_srl_epi16(h, _mm_cvtsi32_si128(i as i32)),
+                    _mm256_set1_epi8(1),
+                );
+                _mm256_or_si256(v, _mm256_slli_epi16(bit, 4))
+            } else {
+                let (n, r) = (i / 4, i % 4);
+                let m2 = _mm256_set1_epi8(0x30);
+                let lo = _mm256_loadu_si256(p.add(64 * n + 32 * (r % 2)) as *const __m256i);
+                let h = _mm256_loadu_si256(p.add(128 + 32 * n) as *const __m256i);
+                // Nibble r/2 of the ql byte, the qh bits 2r..2r+1 at bits 4..5.
+                let lo = if r < 2 { lo } else { _mm256_srli_epi16(lo, 4) };
+                let hb = match r {
+                    0 => _mm256_slli_epi16(h, 4),
+                    1 => _mm256_slli_epi16(h, 2),
+                    2 => h,
+                    _ => _mm256_srli_epi16(h, 2),
+                };
+                _mm256_or_si256(_mm256_and_si256(lo, m4), _mm256_and_si256(hb, m2))
             }
-            q
         }
     }
 
-    /// acc[t] += block b of the row (`blk`) · block b of token t0 + t.
+    /// acc[t] = the row at `row` (acts.nb blocks of kind K) · token t0 + t, for T tokens;
+    /// each 32 weights are decoded once and meet the T tokens while in a register.
     ///
     /// # Safety
-    /// The CPU runs AVX2; `blk` is a whole block of `dtype`; tokens t0..t0 + acc.len() are
-    /// rows of `acts` and b < acts.nb.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn block_dots(
-        dtype: GgmlDType,
-        blk: &[u8],
+    /// The CPU runs AVX2, FMA and F16C; `row` points to acts.nb readable blocks of kind K;
+    /// tokens t0..t0 + T are rows of `acts`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_dots_k<const K: usize, const T: usize>(
+        row: *const u8,
         acts: &ActsK,
         t0: usize,
-        b: usize,
+        acc: &mut [f32; T],
+    ) {
+        // SAFETY: block b < nb of the row is readable (the contract); the activation loads
+        // read 256 values and 16 sums of block xi < acts.rows · nb, inside the buffers (sized
+        // by `quantize`); the prefetch address is formed with `wrapping_add` (a prefetch never
+        // faults).
+        unsafe {
+            let nb = acts.nb;
+            let bb = BYTES[K];
+            for b in 0..nb {
+                let p = row.add(b * bb);
+                if T == 1 {
+                    // One token: the weights stream through once; fetch 4 rows ahead.
+                    for off in (0..bb).step_by(64) {
+                        _mm_prefetch(p.wrapping_add(4 * nb * bb + off) as *const i8, _MM_HINT_T0);
+                    }
+                }
+                // The i16 scales (Q4_K/Q5_K: per 32, both halves alike; Q6_K: per 16, the
+                // first 8 and the last 8 each in both halves), the offsets' weights (mn8:
+                // Q4_K/Q5_K mins per 32, s16: Q6_K scales per 16), d and dm.
+                let (d, dm, mn8, s16, lo8, hi8);
+                if K < 2 {
+                    let word = |o: usize| (p.add(4 + o) as *const u32).read_unaligned();
+                    let (a0, a1, a2) = (word(0), word(4), word(8));
+                    let sc_lo = a0 & 0x3f3f_3f3f;
+                    let mn_lo = a1 & 0x3f3f_3f3f;
+                    let sc_hi = (a2 & 0x0f0f_0f0f) | (((a0 >> 6) & 0x0303_0303) << 4);
+                    let mn_hi = ((a2 >> 4) & 0x0f0f_0f0f) | (((a1 >> 6) & 0x0303_0303) << 4);
+                    let sc8 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, sc_hi as i32, sc_lo as i32));
+                    mn8 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, mn_hi as i32, mn_lo as i32));
+                    let both = _mm256_broadcastsi128_si256(sc8);
+                    let dd = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+                    d = _mm_cvtss_f32(dd);
+                    dm = _mm_cvtss_f32(_mm_movehdup_ps(dd));
+                    (s16, lo8, hi8) = (_mm256_setzero_si256(), both, both);
+                } else {
+                    s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192) as *const __m128i));
+                    lo8 = _mm256_permute2x128_si256(s16, s16, 0x00);
+                    hi8 = _mm256_permute2x128_si256(s16, s16, 0x11);
+                    let h = (p.add(208) as *const u16).read_unaligned() as i32;
+                    d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
+                    dm = d;
+                    mn8 = _mm_setzero_si128();
+                }
+                let mut sums = [_mm256_setzero_si256(); T];
+                for i in 0..8 {
+                    let q = decode_reg::<K>(p, i);
+                    let sv = if K < 2 {
+                        _mm256_shuffle_epi8(lo8, _mm256_set1_epi16(pick(i)))
+                    } else {
+                        let (src, j) = if i < 4 {
+                            (lo8, 2 * i)
+                        } else {
+                            (hi8, 2 * i - 8)
+                        };
+                        let mask =
+                            _mm256_set_m128i(_mm_set1_epi16(pick(j + 1)), _mm_set1_epi16(pick(j)));
+                        _mm256_shuffle_epi8(src, mask)
+                    };
+                    for (t, sum) in sums.iter_mut().enumerate() {
+                        let xi = (t0 + t) * nb + b;
+                        let x = _mm256_loadu_si256(
+                            acts.qs.as_ptr().add(xi * QK_K + 32 * i) as *const __m256i
+                        );
+                        // u8 · i8 pairs in i16 (at most 2·63·127, no saturation), then each
+                        // 16 values' pairs times their scale, in i32.
+                        let pr = _mm256_maddubs_epi16(q, x);
+                        *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pr, sv));
+                    }
+                }
+                for (t, (a, sum)) in acc.iter_mut().zip(&sums).enumerate() {
+                    let xi = (t0 + t) * nb + b;
+                    let bs = _mm256_loadu_si256(acts.bsums.as_ptr().add(xi * 16) as *const __m256i);
+                    let summ = if K < 2 {
+                        let pairs = _mm_hadd_epi16(
+                            _mm256_castsi256_si128(bs),
+                            _mm256_extracti128_si256(bs, 1),
+                        );
+                        hsum4_i32(_mm_madd_epi16(pairs, mn8))
+                    } else {
+                        32 * hsum_i32(_mm256_madd_epi16(bs, s16))
+                    };
+                    *a += block_sum(*acts.d.get_unchecked(xi), d, dm, hsum_i32(*sum), summ);
+                }
+            }
+        }
+    }
+
+    /// acc[t] = the row (acts.nb blocks of `dtype`) · token t0 + t: 8 tokens at a time,
+    /// the rest one by one.
+    ///
+    /// # Safety
+    /// The CPU runs AVX2, FMA and F16C; `row` holds acts.nb whole blocks of `dtype`; tokens
+    /// t0..t0 + acc.len() are rows of `acts`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn row_dots(
+        dtype: GgmlDType,
+        row: &[u8],
+        acts: &ActsK,
+        t0: usize,
         acc: &mut [f32],
     ) {
-        // SAFETY: the decode contract is ours; the activation loads read 256 values and 16
-        // sums of block xi < acts.rows · nb, inside the buffers (sized by `quantize`).
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn kind<const K: usize>(row: *const u8, acts: &ActsK, t0: usize, acc: &mut [f32]) {
+            // SAFETY: the contract is `row_dots_k`'s: tokens t0 + c·8 + (0..8) and
+            // t0 + i lie inside t0..t0 + acc.len().
+            unsafe {
+                let mut chunks = acc.chunks_exact_mut(8);
+                let mut t = t0;
+                for c in &mut chunks {
+                    let c: &mut [f32; 8] = c.try_into().unwrap_unchecked();
+                    row_dots_k::<K, 8>(row, acts, t, c);
+                    t += 8;
+                }
+                for a in chunks.into_remainder() {
+                    let mut one = [*a];
+                    row_dots_k::<K, 1>(row, acts, t, &mut one);
+                    *a = one[0];
+                    t += 1;
+                }
+            }
+        }
+        // SAFETY: the contract is `kind`'s, with the kind matching `dtype`.
         unsafe {
-            if acc.len() == 1 {
-                // One token: the weights stream through once; fetch the next rows' lines.
-                for off in (0..blk.len()).step_by(64) {
-                    _mm_prefetch(
-                        blk.as_ptr().wrapping_add(4 * acts.nb * blk.len() + off) as *const i8,
-                        _MM_HINT_T0,
-                    );
-                }
-            }
-            let q = decode(dtype, blk);
-            let s = scales(dtype, blk);
-            let mut scv = [_mm256_setzero_si256(); 8];
-            for (i, v) in scv.iter_mut().enumerate() {
-                *v = _mm256_set_m128i(_mm_set1_epi16(s.sc[2 * i + 1]), _mm_set1_epi16(s.sc[2 * i]));
-            }
-            let mnv = _mm256_loadu_si256(s.mn.as_ptr() as *const __m256i);
-            let nb = acts.nb;
-            for (t, a) in acc.iter_mut().enumerate() {
-                let xi = (t0 + t) * nb + b;
-                let xq = acts.qs.as_ptr().add(xi * QK_K);
-                let mut sum = _mm256_setzero_si256();
-                for i in 0..8 {
-                    let x = _mm256_loadu_si256(xq.add(32 * i) as *const __m256i);
-                    // u8 · i8 pairs in i16 (at most 2·63·127, no saturation), then each 16
-                    // values' pairs times their scale, in i32.
-                    let p = _mm256_maddubs_epi16(q[i], x);
-                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, scv[i]));
-                }
-                let bs = _mm256_loadu_si256(acts.bsums.as_ptr().add(xi * 16) as *const __m256i);
-                let summ = hsum_i32(_mm256_madd_epi16(bs, mnv));
-                *a += block_sum(*acts.d.get_unchecked(xi), &s, hsum_i32(sum), summ);
+            match dtype {
+                GgmlDType::Q4K => kind::<0>(row.as_ptr(), acts, t0, acc),
+                GgmlDType::Q5K => kind::<1>(row.as_ptr(), acts, t0, acc),
+                _ => kind::<2>(row.as_ptr(), acts, t0, acc),
             }
         }
     }
@@ -515,6 +621,19 @@ mod tests {
     use candle_core::{Device, Module, Tensor};
 
     const TYPES: [GgmlDType; 3] = [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
+
+    #[test]
+    fn nearest_int_rounds_half_to_even() {
+        for v in [
+            -127.0, -2.5, -1.5, -0.5, -0.49, 0.0, 0.5, 1.5, 2.5, 3.7, 126.5, 127.0,
+        ] {
+            assert_eq!(nearest_int(v), (v as f32).round_ties_even() as i32, "{v}");
+        }
+        for v in random(10_000, 8) {
+            let v = v * 60.0;
+            assert_eq!(nearest_int(v), v.round_ties_even() as i32, "{v}");
+        }
+    }
 
     /// Q8_K activations follow llama.cpp's rules: the largest magnitude maps to −127, the
     /// sums of 16 are the values', a zero block is all zeros.
