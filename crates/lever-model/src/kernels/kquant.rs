@@ -466,6 +466,47 @@ mod avx2 {
         }
     }
 
+    /// sums[t] += the i32 products of values 32I..32I+32 of block b (at p) with token
+    /// t0 + t, each 16 times its scale (from lo8/hi8, see `row_dots_k`).
+    ///
+    /// # Safety
+    /// The CPU runs AVX2; `p` points to a readable block of kind K; tokens t0..t0 + T are
+    /// rows of `acts` and b < acts.nb.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn reg_step<const K: usize, const T: usize, const I: usize>(
+        (p, lo8, hi8, t0, b): (*const u8, __m256i, __m256i, usize, usize),
+        acts: &ActsK,
+        sums: &mut [__m256i; T],
+    ) {
+        // SAFETY: the decode contract is ours; the loads read 32 of the 256 values of
+        // activation block xi < acts.rows · nb.
+        unsafe {
+            let q = decode_reg::<K>(p, I);
+            let sv = if K < 2 {
+                _mm256_shuffle_epi8(lo8, _mm256_set1_epi16(pick(I)))
+            } else {
+                let (src, j) = if I < 4 {
+                    (lo8, 2 * I)
+                } else {
+                    (hi8, 2 * I - 8)
+                };
+                let mask = _mm256_set_m128i(_mm_set1_epi16(pick(j + 1)), _mm_set1_epi16(pick(j)));
+                _mm256_shuffle_epi8(src, mask)
+            };
+            let nb = acts.nb;
+            for (t, sum) in sums.iter_mut().enumerate() {
+                let xi = (t0 + t) * nb + b;
+                let x =
+                    _mm256_loadu_si256(acts.qs.as_ptr().add(xi * QK_K + 32 * I) as *const __m256i);
+                // u8 · i8 pairs in i16 (at most 2·63·127, no saturation), then each 16
+                // values' pairs times their scale, in i32.
+                let pr = _mm256_maddubs_epi16(q, x);
+                *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pr, sv));
+            }
+        }
+    }
+
     /// acc[t] = the row at `row` (acts.nb blocks of kind K) · token t0 + t, for T tokens;
     /// each 32 weights are decoded once and meet the T tokens while in a register.
     ///
@@ -523,31 +564,16 @@ mod avx2 {
                     mn8 = _mm_setzero_si128();
                 }
                 let mut sums = [_mm256_setzero_si256(); T];
-                for i in 0..8 {
-                    let q = decode_reg::<K>(p, i);
-                    let sv = if K < 2 {
-                        _mm256_shuffle_epi8(lo8, _mm256_set1_epi16(pick(i)))
-                    } else {
-                        let (src, j) = if i < 4 {
-                            (lo8, 2 * i)
-                        } else {
-                            (hi8, 2 * i - 8)
-                        };
-                        let mask =
-                            _mm256_set_m128i(_mm_set1_epi16(pick(j + 1)), _mm_set1_epi16(pick(j)));
-                        _mm256_shuffle_epi8(src, mask)
-                    };
-                    for (t, sum) in sums.iter_mut().enumerate() {
-                        let xi = (t0 + t) * nb + b;
-                        let x = _mm256_loadu_si256(
-                            acts.qs.as_ptr().add(xi * QK_K + 32 * i) as *const __m256i
-                        );
-                        // u8 · i8 pairs in i16 (at most 2·63·127, no saturation), then each
-                        // 16 values' pairs times their scale, in i32.
-                        let pr = _mm256_maddubs_epi16(q, x);
-                        *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pr, sv));
-                    }
-                }
+                // The 8 registers spelled out, so that each one's layout is constant.
+                let regs = (p, lo8, hi8, t0, b);
+                reg_step::<K, T, 0>(regs, acts, &mut sums);
+                reg_step::<K, T, 1>(regs, acts, &mut sums);
+                reg_step::<K, T, 2>(regs, acts, &mut sums);
+                reg_step::<K, T, 3>(regs, acts, &mut sums);
+                reg_step::<K, T, 4>(regs, acts, &mut sums);
+                reg_step::<K, T, 5>(regs, acts, &mut sums);
+                reg_step::<K, T, 6>(regs, acts, &mut sums);
+                reg_step::<K, T, 7>(regs, acts, &mut sums);
                 for (t, (a, sum)) in acc.iter_mut().zip(&sums).enumerate() {
                     let xi = (t0 + t) * nb + b;
                     let bs = _mm256_loadu_si256(acts.bsums.as_ptr().add(xi * 16) as *const __m256i);
