@@ -431,7 +431,7 @@ mod avx2 {
             if K < 2 {
                 let qs = if K == 1 { p.add(48) } else { p.add(16) };
                 let v = _mm256_loadu_si256(qs.add(32 * (i / 2)) as *const __m256i);
-                let v = if i % 2 == 0 {
+                let v = if i.is_multiple_of(2) {
                     v
                 } else {
                     _mm256_srli_epi16(v, 4)
@@ -651,9 +651,9 @@ mod tests {
     #[test]
     fn nearest_int_rounds_half_to_even() {
         for v in [
-            -127.0, -2.5, -1.5, -0.5, -0.49, 0.0, 0.5, 1.5, 2.5, 3.7, 126.5, 127.0,
+            -127.0f32, -2.5, -1.5, -0.5, -0.49, 0.0, 0.5, 1.5, 2.5, 3.7, 126.5, 127.0,
         ] {
-            assert_eq!(nearest_int(v), (v as f32).round_ties_even() as i32, "{v}");
+            assert_eq!(nearest_int(v), v.round_ties_even() as i32, "{v}");
         }
         for v in random(10_000, 8) {
             let v = v * 60.0;
