@@ -16,7 +16,7 @@ use crate::ops::host::{Gemm, HostRows, Mat, f32_slice, gemm_into, gemm_new};
 use crate::kernels;
 use crate::qweight::QWeight;
 
-/// y = x · Wᵀ for a frozen quantized W: lever's own kernels (`kernels/quant_matmul.rs`) for the block types
+/// y = x · Wᵀ for a frozen quantized W: lever's own kernels (`kernels/quant_matmul.rs`, `kernels/kquant.rs`) for the block types
 /// they cover on CPU, candle's otherwise. Its backward passes the gradient through to x
 /// (∂x = ∂y · W, with W dequantized), so adapters before a frozen quantized layer train
 /// (QLoRA); W itself gets none.

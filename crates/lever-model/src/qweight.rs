@@ -1,5 +1,6 @@
 //! A frozen block-quantized weight, held once: as candle's `QTensor` in GGUF blocks (computed by
-//! `kernels/quant_matmul.rs` in llama.cpp's lane order), or, where packing is on and the CPU has AVX-512 VNNI,
+//! `kernels/quant_matmul.rs` in llama.cpp's lane order for Q4_1/Q5_0/Q8_0, by `kernels/kquant.rs` for
+//! Q4_K/Q5_K/Q6_K), or, where packing is on, the CPU has AVX-512 VNNI and the type is Q4_1 or Q8_0,
 //! in the interleaved layout of `kernels/packed.rs` (batched steps nearly free; float rounding differs
 //! from llama.cpp's). `lever serve` turns packing on; `LEVER_PACKED=1|0` decides for any
 //! command. The GGUF blocks are not kept beside the packed copy (a 7B Q4 model would need twice
