@@ -16,7 +16,7 @@ use crate::ops::host::{Gemm, HostRows, Mat, f32_slice, gemm_into, gemm_new};
 use crate::kernels;
 use crate::qweight::QWeight;
 
-/// y = x · Wᵀ for a frozen quantized W: lever's own kernels (`kernels/quant_matmul.rs`) for the block types
+/// y = x · Wᵀ for a frozen quantized W: lever's own kernels (`kernels/quant_matmul.rs`, `kernels/kquant.rs`) for the block types
 /// they cover on CPU, candle's otherwise. Its backward passes the gradient through to x
 /// (∂x = ∂y · W, with W dequantized), so adapters before a frozen quantized layer train
 /// (QLoRA); W itself gets none.
@@ -65,7 +65,7 @@ impl CustomOp1 for KernelMatMul {
                 Shape::from(out),
             ));
         }
-        if !kernels::supports(self.w.dtype()) || k % kernels::QK != 0 {
+        if !kernels::supports(self.w.dtype(), k) {
             // Other block types (reached when gradients flow): candle's quantized matmul.
             let xt = Tensor::from_slice(&x[start..end], (m, k), &candle_core::Device::Cpu)?;
             let y = QMatMul::from_arc(self.w.qtensor()?)?.forward(&xt)?;
@@ -460,9 +460,8 @@ impl Linear {
             Weight::Quantized(q) => {
                 x.device().is_cpu()
                     && x.dtype() == candle_core::DType::F32
-                    && kernels::supports(q.dtype())
                     && q.shape().dims().len() == 2
-                    && q.shape().dims()[1] % kernels::QK == 0
+                    && kernels::supports(q.dtype(), q.shape().dims()[1])
             }
             Weight::Float(_) => false,
         }

@@ -1,5 +1,6 @@
 //! A frozen block-quantized weight, held once: as candle's `QTensor` in GGUF blocks (computed by
-//! `kernels/quant_matmul.rs` in llama.cpp's lane order), or, where packing is on and the CPU has AVX-512 VNNI,
+//! `kernels/quant_matmul.rs` in llama.cpp's lane order for Q4_1/Q5_0/Q8_0, by `kernels/kquant.rs` for
+//! Q4_K/Q5_K/Q6_K), or, where packing is on, the CPU has AVX-512 VNNI and the type is Q4_1 or Q8_0,
 //! in the interleaved layout of `kernels/packed.rs` (batched steps nearly free; float rounding differs
 //! from llama.cpp's). `lever serve` turns packing on; `LEVER_PACKED=1|0` decides for any
 //! command. The GGUF blocks are not kept beside the packed copy (a 7B Q4 model would need twice
@@ -138,17 +139,18 @@ impl QWeight {
             Repr::Packed(p) => Ok(p.dequantize()),
             Repr::Blocks(q) if lever_blocks(q) => {
                 let data = q.data()?;
-                let (dtype, bytes) = match q.dtype() {
-                    GgmlDType::Q4_1 => (GgmlDType::Q4_1, kernels::Q4_1_BYTES),
-                    _ => (GgmlDType::Q8_0, kernels::Q8_0_BYTES),
+                let dtype = q.dtype();
+                let Some((values, bytes)) = kernels::block_shape(dtype) else {
+                    candle_core::bail!("no lever dequantization for {dtype:?}");
                 };
-                let mut out = vec![0f32; data.len() / bytes * kernels::QK];
-                const CHUNK: usize = 1024;
-                out.par_chunks_mut(CHUNK * kernels::QK)
-                    .zip(data.par_chunks(CHUNK * bytes))
+                let mut out = vec![0f32; data.len() / bytes * values];
+                // About 32 KiB of blocks per task.
+                let chunk = (32 << 10) / bytes;
+                out.par_chunks_mut(chunk * values)
+                    .zip(data.par_chunks(chunk * bytes))
                     .for_each(|(o, d)| {
-                        for (o, blk) in o.chunks_exact_mut(kernels::QK).zip(d.chunks_exact(bytes)) {
-                            dequantize_block(dtype, blk, o);
+                        for (o, blk) in o.chunks_exact_mut(values).zip(d.chunks_exact(bytes)) {
+                            kernels::dequantize_block(dtype, blk, o);
                         }
                     });
                 Ok(out)
@@ -180,26 +182,9 @@ impl QWeight {
     }
 }
 
-/// Blocks on the CPU of a type lever dequantizes itself.
+/// Blocks on the CPU of a type lever dequantizes (and multiplies) itself.
 fn lever_blocks(q: &QTensor) -> bool {
-    q.device().is_cpu() && matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0)
-}
-
-/// One GGUF block of 32 values: Q4_1 q·d + m (low nibbles first), Q8_0 q·d.
-fn dequantize_block(dtype: GgmlDType, blk: &[u8], out: &mut [f32]) {
-    let half = |i: usize| half::f16::from_le_bytes([blk[i], blk[i + 1]]).to_f32();
-    let d = half(0);
-    if dtype == GgmlDType::Q4_1 {
-        let m = half(2);
-        for (i, &q) in blk[4..20].iter().enumerate() {
-            out[i] = (q & 0x0F) as f32 * d + m;
-            out[i + 16] = (q >> 4) as f32 * d + m;
-        }
-    } else {
-        for (o, &q) in out.iter_mut().zip(&blk[2..34]) {
-            *o = q as i8 as f32 * d;
-        }
-    }
+    q.device().is_cpu() && kernels::block_shape(q.dtype()).is_some()
 }
 
 #[cfg(test)]
@@ -211,10 +196,18 @@ mod tests {
     #[test]
     fn dequantize_vec_equals_candles() {
         let mut rng = crate::rng::SplitMix64(3);
-        let (n, k) = (40, 96);
+        let (n, k) = (40, 512);
         let x: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
         let t = Tensor::from_vec(x, (n, k), &Device::Cpu).unwrap();
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            assert!(lever_blocks(&QTensor::quantize(&t, dtype).unwrap()));
             let q = QTensor::quantize(&t, dtype).unwrap();
             let want = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
             let want = want.to_vec1::<f32>().unwrap();

@@ -34,7 +34,7 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::pool::{LARGE_M, SyncPtr, parallel};
-use super::quant_matmul::{Q4_1_BYTES, Q8_0_BYTES, QK, QuantActs, supports};
+use super::quant_matmul::{Q4_1_BYTES, Q8_0_BYTES, QK, QuantActs};
 use super::{Isa, isa};
 
 /// Rows per group: the 16 f32 lanes of a 512-bit register.
@@ -60,7 +60,10 @@ impl Packed {
     /// do not run (another block type, k not whole blocks, a CPU without AVX-512 VNNI, or
     /// `LEVER_ISA` asking for a lower instruction set).
     pub(crate) fn new(dtype: GgmlDType, w: &[u8], n: usize, k: usize) -> Option<Packed> {
-        if isa() != Isa::Avx512Vnni || !k.is_multiple_of(QK) || !supports(dtype) {
+        if isa() != Isa::Avx512Vnni
+            || !k.is_multiple_of(QK)
+            || !matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0)
+        {
             return None;
         }
         Some(Self::repack(dtype, w, n, k))

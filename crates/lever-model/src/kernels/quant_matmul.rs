@@ -1,4 +1,4 @@
-//! CPU matrix multiplication for block-quantized weights (GGUF Q4_1 and Q8_0), lever's own.
+//! CPU matrix multiplication for block-quantized weights (GGUF Q4_1, Q5_0 and Q8_0), lever's own.
 //!
 //! y = x · Wᵀ with W kept in its GGUF blocks (no second copy in memory) and the activations x
 //! quantized to 8 bits per 32-value block first, as llama.cpp does (`quantize_row_q8_1`,
@@ -30,15 +30,20 @@ pub(crate) const QK: usize = 32;
 pub(crate) const Q4_1_BYTES: usize = 20;
 /// Bytes of one Q8_0 block: d (f16), 32 signed bytes.
 pub(crate) const Q8_0_BYTES: usize = 34;
+/// Bytes of one Q5_0 block: d (f16), the 32 fifth bits (u32), 16 bytes of 32 low nibbles;
+/// value = (nibble | bit << 4) − 16 (ggml's `block_q5_0`). It multiplies with Q8_0
+/// activations as Q8_0 does (`ggml_vec_dot_q5_0_q8_0`).
+pub(crate) const Q5_0_BYTES: usize = 22;
 
 /// Whether these kernels handle a weight type.
 pub(crate) fn supports(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0)
+    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q8_0)
 }
 
-fn block_bytes(dtype: GgmlDType) -> usize {
+pub(crate) fn block_bytes(dtype: GgmlDType) -> usize {
     match dtype {
         GgmlDType::Q4_1 => Q4_1_BYTES,
+        GgmlDType::Q5_0 => Q5_0_BYTES,
         _ => Q8_0_BYTES,
     }
 }
@@ -216,6 +221,10 @@ unsafe fn strip_kernel(
                 // SAFETY: the strip kernels' contract is ours, with the instruction set named.
                 return unsafe { vnni::strip_q4_1(w, row_bytes, r0, r1, acts, y, n) };
             }
+            (Isa::Avx512Vnni, GgmlDType::Q5_0) => {
+                // SAFETY: as above.
+                return unsafe { vnni::strip_q5_0(w, row_bytes, r0, r1, acts, y, n) };
+            }
             (Isa::Avx512Vnni, _) => {
                 // SAFETY: as above.
                 return unsafe { vnni::strip_q8_0(w, row_bytes, r0, r1, acts, y, n) };
@@ -223,6 +232,10 @@ unsafe fn strip_kernel(
             (Isa::Avx2, GgmlDType::Q4_1) => {
                 // SAFETY: as above.
                 return unsafe { avx2::strip_q4_1(w, row_bytes, r0, r1, acts, y, n) };
+            }
+            (Isa::Avx2, GgmlDType::Q5_0) => {
+                // SAFETY: as above.
+                return unsafe { avx2::strip_q5_0(w, row_bytes, r0, r1, acts, y, n) };
             }
             (Isa::Avx2, _) => {
                 // SAFETY: as above.
@@ -240,6 +253,7 @@ unsafe fn strip_kernel(
             let wr = &w[r * row_bytes..(r + 1) * row_bytes];
             let v = match dtype {
                 GgmlDType::Q4_1 => scalar_dot_q4_1(wr, xq, xd, xs),
+                GgmlDType::Q5_0 => scalar_dot_q5_0(wr, xq, xd),
                 _ => scalar_dot_q8_0(wr, xq, xd),
             };
             // SAFETY: (t, r) is inside the caller's region.
@@ -279,6 +293,23 @@ fn scalar_dot_q8_0(w: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
             .zip(q)
             .map(|(&a, &b)| a as i8 as i32 * b as i32)
             .sum();
+        sum += sumi as f32 * (half_at(wb, 0) * xd[b]);
+    }
+    sum
+}
+
+/// Σ_blocks d_w·d_x·Σ(q_w·q_x) with q_w the 5-bit values less 16.
+fn scalar_dot_q5_0(w: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
+    let mut sum = 0f32;
+    for (b, wb) in w.chunks_exact(Q5_0_BYTES).enumerate() {
+        let qh = u32::from_le_bytes([wb[2], wb[3], wb[4], wb[5]]);
+        let q = &xq[b * QK..(b + 1) * QK];
+        let mut sumi = 0i32;
+        for j in 0..QK / 2 {
+            let lo = (wb[6 + j] & 0x0F) as i32 | (((qh >> j) & 1) << 4) as i32;
+            let hi = (wb[6 + j] >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
+            sumi += (lo - 16) * q[j] as i32 + (hi - 16) * q[j + QK / 2] as i32;
+        }
         sum += sumi as f32 * (half_at(wb, 0) * xd[b]);
     }
     sum
@@ -354,6 +385,44 @@ macro_rules! x86_kernels {
                 }
             }
 
+            /// Q5_0 block at p: 32 signed values (−16..15) and d. Each fifth bit becomes a
+            /// byte mask (byte i of qh spread over 8 bytes, one bit tested per byte, the
+            /// trick of llama.cpp's `bytes_from_bits_32`); where it is clear the nibble gets
+            /// 0xF0, which is nibble − 16 as i8.
+            ///
+            /// # Safety
+            /// The CPU runs this module's instruction set; p points to a readable Q5_0 block
+            /// (22 bytes, any alignment).
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn q5_0_block(p: *const u8) -> (__m256i, f32) {
+                // SAFETY: the 2 + 4 + 16 bytes read (unaligned) are the block's.
+                unsafe {
+                    let d =
+                        _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32));
+                    let qh = (p.add(2) as *const u32).read_unaligned();
+                    let q = _mm_loadu_si128(p.add(6) as *const __m128i);
+                    let mask = _mm_set1_epi8(0x0F);
+                    let lo = _mm_and_si128(q, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                    let nib = _mm256_set_m128i(hi, lo);
+                    let spread = _mm256_shuffle_epi8(
+                        _mm256_set1_epi32(qh as i32),
+                        _mm256_set_epi64x(
+                            0x0303_0303_0303_0303,
+                            0x0202_0202_0202_0202,
+                            0x0101_0101_0101_0101,
+                            0,
+                        ),
+                    );
+                    let probe = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+                    let set =
+                        _mm256_cmpeq_epi8(_mm256_or_si256(spread, probe), _mm256_set1_epi64x(-1));
+                    let off = _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8));
+                    (_mm256_or_si256(nib, off), _mm_cvtss_f32(d))
+                }
+            }
+
             /// Single-token steps read every weight once, so they are bound by memory latency:
             /// each row is prefetched this many rows ahead, one prefetch per cache line (4 was
             /// fastest of 1-16 here, ~1.6× over none; rows in one stream beat 4 interleaved).
@@ -423,7 +492,7 @@ macro_rules! x86_kernels {
                 }
             }
 
-            /// R rows × T tokens of Q8_0 · Q8_0.
+            /// R rows × T tokens of Q8_0 · Q8_0 (or Q5_0 · Q8_0 where `Q5`).
             ///
             /// # Safety
             /// The CPU runs this module's instruction set. `w` points to R rows of `row_bytes`
@@ -432,7 +501,7 @@ macro_rules! x86_kernels {
             /// and no other thread touches those elements meanwhile.
             #[inline]
             #[target_feature(enable = $feat)]
-            unsafe fn tile_q8_0<const R: usize, const T: usize>(
+            unsafe fn tile_q8<const R: usize, const T: usize, const Q5: bool>(
                 w: *const u8,
                 row_bytes: usize,
                 acts: &QuantActs,
@@ -454,14 +523,19 @@ macro_rules! x86_kernels {
                         let mut wq = [_mm256_setzero_si256(); R];
                         let mut wd = [0f32; R];
                         for r in 0..R {
-                            let p = w.add(r * row_bytes + b * super::Q8_0_BYTES);
-                            if T == 1 && (b * super::Q8_0_BYTES) % 64 < super::Q8_0_BYTES {
+                            let bytes = if Q5 {
+                                super::Q5_0_BYTES
+                            } else {
+                                super::Q8_0_BYTES
+                            };
+                            let p = w.add(r * row_bytes + b * bytes);
+                            if T == 1 && (b * bytes) % 64 < bytes {
                                 _mm_prefetch(
                                     p.wrapping_add(PREFETCH_ROWS * row_bytes + 64) as *const i8,
                                     _MM_HINT_T0,
                                 );
                             }
-                            let (q, d) = q8_0_block(p);
+                            let (q, d) = if Q5 { q5_0_block(p) } else { q8_0_block(p) };
                             wa[r] = _mm256_sign_epi8(q, q);
                             wq[r] = q;
                             wd[r] = d;
@@ -484,6 +558,38 @@ macro_rules! x86_kernels {
                         }
                     }
                 }
+            }
+
+            /// `tile_q8` for Q8_0 weights (same contract).
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn tile_q8_0<const R: usize, const T: usize>(
+                w: *const u8,
+                row_bytes: usize,
+                acts: &QuantActs,
+                t0: usize,
+                y: *mut f32,
+                n: usize,
+                r0: usize,
+            ) {
+                // SAFETY: the contract is `tile_q8`'s.
+                unsafe { tile_q8::<R, T, false>(w, row_bytes, acts, t0, y, n, r0) }
+            }
+
+            /// `tile_q8` for Q5_0 weights (same contract).
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn tile_q5_0<const R: usize, const T: usize>(
+                w: *const u8,
+                row_bytes: usize,
+                acts: &QuantActs,
+                t0: usize,
+                y: *mut f32,
+                n: usize,
+                r0: usize,
+            ) {
+                // SAFETY: the contract is `tile_q8`'s.
+                unsafe { tile_q8::<R, T, true>(w, row_bytes, acts, t0, y, n, r0) }
             }
 
             macro_rules! strip {
@@ -562,6 +668,7 @@ macro_rules! x86_kernels {
             }
             strip!(strip_q4_1, tile_q4_1);
             strip!(strip_q8_0, tile_q8_0);
+            strip!(strip_q5_0, tile_q5_0);
 
             /// llama.cpp's `quantize_row_q8_1` (x86): see `QuantActs`.
             ///
@@ -681,7 +788,7 @@ mod tests {
     /// instruction set: the only error left is the 8-bit activations.
     #[test]
     fn matmul_matches_the_dequantized_product() {
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
             for (m, k, n) in [(1, 64, 40), (5, 96, 37), (9, 32, 17), (4, 128, 64)] {
                 let wt = Tensor::from_vec(random(n * k, 9), (n, k), &Device::Cpu).unwrap();
                 let q = QTensor::quantize(&wt, dtype).unwrap();
