@@ -65,7 +65,7 @@ impl CustomOp1 for KernelMatMul {
                 Shape::from(out),
             ));
         }
-        if !kernels::supports(self.w.dtype(), k) {
+        if !kernels::preferred(self.w.dtype(), k) {
             // Other block types (reached when gradients flow): candle's quantized matmul.
             let xt = Tensor::from_slice(&x[start..end], (m, k), &candle_core::Device::Cpu)?;
             let y = QMatMul::from_arc(self.w.qtensor()?)?.forward(&xt)?;
@@ -461,7 +461,7 @@ impl Linear {
                 x.device().is_cpu()
                     && x.dtype() == candle_core::DType::F32
                     && q.shape().dims().len() == 2
-                    && kernels::supports(q.dtype(), q.shape().dims()[1])
+                    && kernels::preferred(q.dtype(), q.shape().dims()[1])
             }
             Weight::Float(_) => false,
         }

@@ -43,6 +43,14 @@ pub(crate) fn supports(dtype: GgmlDType, k: usize) -> bool {
         || (kquant::supports(dtype) && k.is_multiple_of(kquant::QK_K))
 }
 
+/// Whether a linear layer should multiply by this weight with lever's kernels rather than
+/// candle's: every type [`supports`] takes but Q4_K, whose kernel is correct (tests) but not
+/// yet faster than candle's (0.47–0.50× at 1 and 64 rows, `timing_against_candle`); it stays
+/// on candle's quantized matmul until it is.
+pub(crate) fn preferred(dtype: GgmlDType, k: usize) -> bool {
+    supports(dtype, k) && dtype != GgmlDType::Q4K
+}
+
 /// y (m × n) = x (m × k) · Wᵀ for `w` the GGUF blocks of an n × k matrix of a type
 /// [`supports`] takes, on the run-time instruction set and the shared thread pool.
 pub(crate) fn matmul(
