@@ -240,15 +240,54 @@ impl GgufFile {
             // qwen2 keeps the NeoX layout (llama.cpp `llama_model_rope_type`).
             rope_style: match arch {
                 Arch::Llama => RopeStyle::Interleaved,
-                Arch::Qwen2 => RopeStyle::Neox,
+                Arch::Qwen2 | Arch::Gemma3 => RopeStyle::Neox,
             },
             max_seq_len: self.usize(&k("context_length"))?,
             tie_embeddings: tie,
             numerics: crate::config::Numerics::LlamaCpp,
+            gemma: match arch {
+                Arch::Gemma3 => Some(self.gemma_config(&a, hidden, heads, head_dim)?),
+                _ => None,
+            },
         };
         cfg.validate()
             .map_err(|(field, problem)| self.meta_err(&field.gguf_key(&a), problem))?;
         Ok(cfg)
+    }
+
+    /// Gemma 3's block as llama.cpp reads it (`llama_model::load_hparams`, LLM_ARCH_GEMMA3):
+    /// the window from `gemma3.attention.sliding_window`; every sixth layer global
+    /// (`set_swa_pattern(6)`); local RoPE base 10,000 (`rope_freq_base_train_swa`); queries
+    /// scaled by 1/√head size (1/√(C/H) for the 62-layer 27B); norm weights already 1 + w.
+    fn gemma_config(
+        &self,
+        a: &str,
+        hidden: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<crate::config::GemmaConfig> {
+        let k = |s: &str| format!("{a}.{s}");
+        let factor_key = k("rope.scaling.factor");
+        if let Some(f) = self.opt_f32_checked(&factor_key)?
+            && f != 1.0
+        {
+            return Err(self.meta_err(&factor_key, format!("RoPE scaling by {f} is not supported")));
+        }
+        let layers = self.usize(&k("block_count"))?;
+        let scalar = if layers == 62 {
+            hidden / heads.max(1)
+        } else {
+            head_dim
+        };
+        Ok(crate::config::GemmaConfig {
+            sliding_window: self.usize(&k("attention.sliding_window"))?,
+            global_layers: crate::config::GemmaConfig::pattern(layers, 6),
+            rope_local_theta: self
+                .opt_f32_checked(&k("rope.freq_base_swa"))?
+                .unwrap_or(10_000.0),
+            attn_scale: 1.0 / (scalar.max(1) as f32).sqrt(),
+            norm_offset: 0.0,
+        })
     }
 
     /// An optional integer: absent is None, any other type an error naming the key.
