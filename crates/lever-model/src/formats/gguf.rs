@@ -255,10 +255,11 @@ impl GgufFile {
         Ok(cfg)
     }
 
-    /// Gemma 3's block as llama.cpp reads it (`llama_model::load_hparams`, LLM_ARCH_GEMMA3):
-    /// the window from `gemma3.attention.sliding_window`; every sixth layer global
-    /// (`set_swa_pattern(6)`); local RoPE base 10,000 (`rope_freq_base_train_swa`); queries
-    /// scaled by 1/√head size (1/√(C/H) for the 62-layer 27B); norm weights already 1 + w.
+    /// Gemma 3's block as llama.cpp reads it (`llama_model_gemma3::load_arch_hparams`): the
+    /// window from `gemma3.attention.sliding_window`; every sixth layer global unless
+    /// `attention.sliding_window_pattern` says otherwise; local RoPE base 10,000 unless
+    /// `rope.freq_base_swa`; queries scaled by 1/√head size (1/√(C/H) for the 62-layer 27B);
+    /// norm weights already 1 + w (the converter added the 1).
     fn gemma_config(
         &self,
         a: &str,
@@ -273,15 +274,41 @@ impl GgufFile {
         {
             return Err(self.meta_err(&factor_key, format!("RoPE scaling by {f} is not supported")));
         }
+        let cap_key = k("final_logit_softcapping");
+        if let Some(c) = self.opt_f32_checked(&cap_key)?
+            && c != 0.0
+        {
+            return Err(self.meta_err(&cap_key, format!("soft-capping ({c}) is not supported")));
+        }
         let layers = self.usize(&k("block_count"))?;
         let scalar = if layers == 62 {
             hidden / heads.max(1)
         } else {
             head_dim
         };
+        // No window (or 0): every layer global. The pattern: one flag per layer (true:
+        // local), or every n-th layer global (default 6), as `load_swa_pattern` reads it.
+        let window = self
+            .opt_usize_checked(&k("attention.sliding_window"))?
+            .unwrap_or(0);
+        let pattern_key = k("attention.sliding_window_pattern");
+        let global_layers = match self.get(&pattern_key) {
+            _ if window == 0 => vec![true; layers],
+            Some(Value::Array(flags)) => flags
+                .iter()
+                .map(|f| match f {
+                    Value::Bool(local) => Ok(!local),
+                    _ => Err(self.meta_err(&pattern_key, "not an array of booleans")),
+                })
+                .collect::<Result<Vec<bool>>>()?,
+            _ => crate::config::GemmaConfig::pattern(
+                layers,
+                self.opt_usize_checked(&pattern_key)?.unwrap_or(6),
+            ),
+        };
         Ok(crate::config::GemmaConfig {
-            sliding_window: self.usize(&k("attention.sliding_window"))?,
-            global_layers: crate::config::GemmaConfig::pattern(layers, 6),
+            sliding_window: window.max(1),
+            global_layers,
             rope_local_theta: self
                 .opt_f32_checked(&k("rope.freq_base_swa"))?
                 .unwrap_or(10_000.0),
