@@ -564,6 +564,68 @@ mod tests {
         }
     }
 
+    /// Gemma 3 from `config.json`: `Gemma3TextConfig`'s defaults (head size 256, tied
+    /// embeddings, every sixth layer global, window 4096, scale 256^-1/2, norms 1 + w), the
+    /// explicit fields over them, and soft-capping or another activation refused by name.
+    #[test]
+    fn gemma3_config_resolves_with_transformers_defaults() {
+        let c = cfg(r#", "model_type": "gemma3_text", "num_hidden_layers": 7"#)
+            .resolve()
+            .unwrap();
+        let g = c.gemma.clone().unwrap();
+        assert_eq!(
+            (c.arch, c.head_dim, c.tie_embeddings),
+            (Arch::Gemma3, 256, true)
+        );
+        assert_eq!(
+            g.global_layers,
+            [false, false, false, false, false, true, false]
+        );
+        assert_eq!(
+            (g.sliding_window, g.attn_scale, g.norm_offset),
+            (4096, 0.0625, 1.0)
+        );
+        assert_eq!(c.window(0), Some(4096));
+        assert_eq!(c.window(5), None);
+        let c = cfg(r#", "model_type": "gemma3_text", "num_hidden_layers": 2,
+            "layer_types": ["full_attention", "sliding_attention"], "sliding_window": 3,
+            "query_pre_attn_scalar": 16, "rope_local_base_freq": 100.0, "head_dim": 4,
+            "tie_word_embeddings": false"#)
+        .resolve()
+        .unwrap();
+        let g = c.gemma.clone().unwrap();
+        assert_eq!(g.global_layers, [true, false]);
+        assert_eq!((g.sliding_window, g.attn_scale), (3, 0.25));
+        assert_eq!(
+            (g.rope_local_theta, c.head_dim, c.tie_embeddings),
+            (100.0, 4, false)
+        );
+        for (extra, field) in [
+            (
+                r#", "final_logit_softcapping": 30.0"#,
+                "final_logit_softcapping",
+            ),
+            (
+                r#", "attn_logit_softcapping": 50.0"#,
+                "attn_logit_softcapping",
+            ),
+            (r#", "hidden_activation": "silu""#, "hidden_activation"),
+            (r#", "layer_types": ["chunked_attention"]"#, "layer_types"),
+            (
+                r#", "layer_types": ["full_attention", "full_attention"]"#,
+                "layer_types",
+            ),
+            (r#", "sliding_window": 0"#, "sliding_window"),
+        ] {
+            let (f, p) = cfg(&format!(r#", "model_type": "gemma3_text"{extra}"#))
+                .resolve()
+                .unwrap_err();
+            assert_eq!(f, field, "{extra}: {p}");
+        }
+        // The llama family has no Gemma fields.
+        assert!(cfg("").resolve().unwrap().gemma.is_none());
+    }
+
     #[test]
     fn defaults_resolve() {
         let c = cfg("").resolve().expect("resolve");
