@@ -6,22 +6,25 @@ use serde::Deserialize;
 
 use crate::ops::RopeStyle;
 
-/// The llama family architectures lever runs.
+/// The decoder architectures lever runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     /// Llama 1/2/3, SmolLM/SmolLM2, Mistral (no sliding window): no biases.
     Llama,
     /// Qwen2 / Qwen2.5: biases on q, k and v.
     Qwen2,
+    /// Gemma 3 (text): the departures from the llama block are in [`GemmaConfig`].
+    Gemma3,
 }
 
 impl Arch {
-    pub const SUPPORTED: &'static str = "llama, mistral, smollm, qwen2";
+    pub const SUPPORTED: &'static str = "llama, mistral, smollm, qwen2, gemma3";
 
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "llama" | "mistral" | "smollm" | "smollm2" => Some(Self::Llama),
             "qwen2" => Some(Self::Qwen2),
+            "gemma3" | "gemma3_text" => Some(Self::Gemma3),
             _ => None,
         }
     }
@@ -30,7 +33,40 @@ impl Arch {
         match self {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
+            Self::Gemma3 => "gemma3",
         }
+    }
+}
+
+/// Gemma 3's departures from the llama block (Gemma Team 2025, "Gemma 3 Technical Report",
+/// arXiv:2503.19786; transformers `modeling_gemma3.py`, llama.cpp `llm_build_gemma3_iswa`):
+/// the embedding scaled by √C, norms before and after attention and MLP, RMS norms of the
+/// queries and keys per head before RoPE, a GeGLU MLP (tanh GELU), and local sliding-window
+/// attention on most layers with their own RoPE base.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmaConfig {
+    /// Keys a local layer's query sees, itself included: the query at p attends to keys
+    /// p − window + 1 ..= p (transformers `sliding_window`, llama.cpp `n_swa`).
+    pub sliding_window: usize,
+    /// Per layer: true where it attends to every earlier position (global), false where it
+    /// attends within the window (local).
+    pub global_layers: Vec<bool>,
+    /// RoPE base of the local layers; the global ones use `DecoderConfig::rope_theta`.
+    pub rope_local_theta: f32,
+    /// Attention scores are q·k times this (query_pre_attn_scalar^-1/2).
+    pub attn_scale: f32,
+    /// Added to every norm weight at load: 1 for Hugging Face checkpoints, which store w and
+    /// compute x̂·(1 + w) (`Gemma3RMSNorm`); 0 for GGUF files, whose converter stored 1 + w.
+    pub norm_offset: f32,
+}
+
+impl GemmaConfig {
+    /// transformers' default layer pattern: every `pattern`-th layer global, the others local
+    /// (`Gemma3TextConfig`, `sliding_window_pattern` 6; llama.cpp `set_swa_pattern(6)`).
+    pub fn pattern(num_layers: usize, pattern: usize) -> Vec<bool> {
+        (0..num_layers)
+            .map(|i| pattern > 0 && (i + 1) % pattern == 0)
+            .collect()
     }
 }
 
@@ -52,6 +88,8 @@ pub struct DecoderConfig {
     pub tie_embeddings: bool,
     /// Whose arithmetic the decoder reproduces.
     pub numerics: Numerics,
+    /// Gemma 3's block ([`Arch::Gemma3`]); None for the llama family.
+    pub gemma: Option<GemmaConfig>,
 }
 
 /// Whose arithmetic the decoder reproduces: the reference runtime of the format a model came
@@ -104,6 +142,10 @@ pub enum ConfigField {
     RmsEps,
     RopeTheta,
     Context,
+    SlidingWindow,
+    RopeLocalTheta,
+    LayerTypes,
+    AttnScale,
 }
 
 impl ConfigField {
@@ -120,6 +162,10 @@ impl ConfigField {
             Self::RmsEps => "rms_norm_eps",
             Self::RopeTheta => "rope_theta",
             Self::Context => "max_position_embeddings",
+            Self::SlidingWindow => "sliding_window",
+            Self::RopeLocalTheta => "rope_local_base_freq",
+            Self::LayerTypes => "layer_types",
+            Self::AttnScale => "query_pre_attn_scalar",
         }
     }
 
@@ -136,6 +182,11 @@ impl ConfigField {
             Self::RmsEps => "attention.layer_norm_rms_epsilon",
             Self::RopeTheta => "rope.freq_base",
             Self::Context => "context_length",
+            Self::SlidingWindow => "attention.sliding_window",
+            // llama.cpp fixes these for gemma3 (`llama_model::load_hparams`).
+            Self::RopeLocalTheta => "rope.freq_base_swa",
+            Self::LayerTypes => "attention.sliding_window_pattern",
+            Self::AttnScale => "attention.key_length",
         };
         format!("{arch}.{suffix}")
     }
@@ -188,6 +239,32 @@ impl DecoderConfig {
                 format!("{theta} is not a finite base above 1"),
             ));
         }
+        if let Some(g) = &self.gemma {
+            if g.sliding_window == 0 {
+                return Err((F::SlidingWindow, "0 is not a window".into()));
+            }
+            let local = g.rope_local_theta;
+            if !(local.is_finite() && local > 1.0) {
+                return Err((
+                    F::RopeLocalTheta,
+                    format!("{local} is not a finite base above 1"),
+                ));
+            }
+            if g.global_layers.len() != self.num_layers {
+                return Err((
+                    F::LayerTypes,
+                    format!(
+                        "{} layer types for {} layers",
+                        g.global_layers.len(),
+                        self.num_layers
+                    ),
+                ));
+            }
+            let s = g.attn_scale;
+            if !(s.is_finite() && s > 0.0) {
+                return Err((F::AttnScale, format!("scale {s} is not a positive number")));
+            }
+        }
         Ok(())
     }
 
@@ -208,11 +285,18 @@ impl DecoderConfig {
             max_seq_len: 128,
             tie_embeddings: false,
             numerics: Numerics::Transformers,
+            gemma: None,
         }
     }
 
     pub fn qkv_bias(&self) -> bool {
         self.arch == Arch::Qwen2
+    }
+
+    /// The sliding window of layer `i` (None: global attention).
+    pub fn window(&self, i: usize) -> Option<usize> {
+        let g = self.gemma.as_ref()?;
+        (!g.global_layers.get(i).copied().unwrap_or(true)).then_some(g.sliding_window)
     }
 }
 
@@ -233,14 +317,86 @@ pub struct HfConfig {
     pub rope_theta: f64,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
+    /// Absent: false, but true for Gemma 3 (`Gemma3TextConfig`'s default).
+    pub tie_word_embeddings: Option<bool>,
     pub torch_dtype: Option<String>,
     /// transformers >= 4.56 writes `dtype` instead of `torch_dtype`.
     pub dtype: Option<String>,
     pub rope_scaling: Option<serde_json::Value>,
     pub sliding_window: Option<serde_json::Value>,
     pub use_sliding_window: Option<bool>,
+    // Gemma 3 (`Gemma3TextConfig`).
+    pub query_pre_attn_scalar: Option<f64>,
+    pub rope_local_base_freq: Option<f64>,
+    pub layer_types: Option<Vec<String>>,
+    pub sliding_window_pattern: Option<usize>,
+    #[serde(rename = "_sliding_window_pattern")]
+    pub sliding_window_pattern_private: Option<usize>,
+    pub final_logit_softcapping: Option<serde_json::Value>,
+    pub attn_logit_softcapping: Option<serde_json::Value>,
+    pub hidden_activation: Option<String>,
+}
+
+impl HfConfig {
+    /// Gemma 3's fields, with `Gemma3TextConfig`'s defaults; what lever does not run
+    /// (logit soft-capping, another activation) is refused by name.
+    fn gemma(&self) -> std::result::Result<GemmaConfig, (String, String)> {
+        let err = |f: &str, p: String| Err((f.to_string(), p));
+        for (name, v) in [
+            ("final_logit_softcapping", &self.final_logit_softcapping),
+            ("attn_logit_softcapping", &self.attn_logit_softcapping),
+        ] {
+            if let Some(v) = v
+                && !v.is_null()
+            {
+                return err(name, format!("soft-capping ({v}) is not supported"));
+            }
+        }
+        if let Some(a) = &self.hidden_activation
+            && a != "gelu_pytorch_tanh"
+        {
+            return err(
+                "hidden_activation",
+                format!("`{a}` is not supported (gelu_pytorch_tanh is)"),
+            );
+        }
+        let sliding_window = match &self.sliding_window {
+            None => 4096,
+            Some(v) => match v.as_u64() {
+                Some(w) => w as usize,
+                None => return err("sliding_window", format!("{v} is not a window size")),
+            },
+        };
+        let global_layers = match &self.layer_types {
+            Some(types) => {
+                let mut out = Vec::with_capacity(types.len());
+                for t in types {
+                    out.push(match t.as_str() {
+                        "full_attention" => true,
+                        "sliding_attention" => false,
+                        other => {
+                            return err("layer_types", format!("unknown layer type `{other}`"));
+                        }
+                    });
+                }
+                out
+            }
+            None => GemmaConfig::pattern(
+                self.num_hidden_layers,
+                self.sliding_window_pattern
+                    .or(self.sliding_window_pattern_private)
+                    .unwrap_or(6),
+            ),
+        };
+        let scalar = self.query_pre_attn_scalar.unwrap_or(256.0);
+        Ok(GemmaConfig {
+            sliding_window,
+            global_layers,
+            rope_local_theta: self.rope_local_base_freq.unwrap_or(10_000.0) as f32,
+            attn_scale: scalar.powf(-0.5) as f32,
+            norm_offset: 1.0,
+        })
+    }
 }
 
 fn default_eps() -> f64 {
@@ -274,13 +430,24 @@ impl HfConfig {
                 format!("rope scaling {s} is not supported yet"),
             ));
         }
-        if self.use_sliding_window == Some(true) {
+        if arch != Arch::Gemma3 && self.use_sliding_window == Some(true) {
             return Err((
                 "use_sliding_window".into(),
                 "sliding-window attention is not supported".into(),
             ));
         }
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
+        let gemma = if arch == Arch::Gemma3 {
+            Some(self.gemma()?)
+        } else {
+            None
+        };
+        // Gemma3TextConfig's head size defaults to 256, not C / H.
+        let head_dim = self.head_dim.unwrap_or(if gemma.is_some() {
+            256
+        } else {
+            self.hidden_size / self.num_attention_heads.max(1)
+        });
         let cfg = DecoderConfig {
             arch,
             vocab_size: self.vocab_size,
@@ -289,15 +456,14 @@ impl HfConfig {
             num_layers: self.num_hidden_layers,
             num_heads: self.num_attention_heads,
             num_kv_heads,
-            head_dim: self
-                .head_dim
-                .unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
+            head_dim,
             rms_norm_eps: self.rms_norm_eps as f32,
             rope_theta: self.rope_theta as f32,
             rope_style: RopeStyle::Neox,
             max_seq_len: self.max_position_embeddings,
-            tie_embeddings: self.tie_word_embeddings,
+            tie_embeddings: self.tie_word_embeddings.unwrap_or(gemma.is_some()),
             numerics: Numerics::Transformers,
+            gemma,
         };
         cfg.validate()
             .map_err(|(field, problem)| (field.hf_name().to_string(), problem))?;
@@ -396,6 +562,68 @@ mod tests {
                 .unwrap();
             assert_eq!(c.max_seq_len, ctx);
         }
+    }
+
+    /// Gemma 3 from `config.json`: `Gemma3TextConfig`'s defaults (head size 256, tied
+    /// embeddings, every sixth layer global, window 4096, scale 256^-1/2, norms 1 + w), the
+    /// explicit fields over them, and soft-capping or another activation refused by name.
+    #[test]
+    fn gemma3_config_resolves_with_transformers_defaults() {
+        let c = cfg(r#", "model_type": "gemma3_text", "num_hidden_layers": 7"#)
+            .resolve()
+            .unwrap();
+        let g = c.gemma.clone().unwrap();
+        assert_eq!(
+            (c.arch, c.head_dim, c.tie_embeddings),
+            (Arch::Gemma3, 256, true)
+        );
+        assert_eq!(
+            g.global_layers,
+            [false, false, false, false, false, true, false]
+        );
+        assert_eq!(
+            (g.sliding_window, g.attn_scale, g.norm_offset),
+            (4096, 0.0625, 1.0)
+        );
+        assert_eq!(c.window(0), Some(4096));
+        assert_eq!(c.window(5), None);
+        let c = cfg(r#", "model_type": "gemma3_text", "num_hidden_layers": 2,
+            "layer_types": ["full_attention", "sliding_attention"], "sliding_window": 3,
+            "query_pre_attn_scalar": 16, "rope_local_base_freq": 100.0, "head_dim": 4,
+            "tie_word_embeddings": false"#)
+        .resolve()
+        .unwrap();
+        let g = c.gemma.clone().unwrap();
+        assert_eq!(g.global_layers, [true, false]);
+        assert_eq!((g.sliding_window, g.attn_scale), (3, 0.25));
+        assert_eq!(
+            (g.rope_local_theta, c.head_dim, c.tie_embeddings),
+            (100.0, 4, false)
+        );
+        for (extra, field) in [
+            (
+                r#", "final_logit_softcapping": 30.0"#,
+                "final_logit_softcapping",
+            ),
+            (
+                r#", "attn_logit_softcapping": 50.0"#,
+                "attn_logit_softcapping",
+            ),
+            (r#", "hidden_activation": "silu""#, "hidden_activation"),
+            (r#", "layer_types": ["chunked_attention"]"#, "layer_types"),
+            (
+                r#", "layer_types": ["full_attention", "full_attention"]"#,
+                "layer_types",
+            ),
+            (r#", "sliding_window": 0"#, "sliding_window"),
+        ] {
+            let (f, p) = cfg(&format!(r#", "model_type": "gemma3_text"{extra}"#))
+                .resolve()
+                .unwrap_err();
+            assert_eq!(f, field, "{extra}: {p}");
+        }
+        // The llama family has no Gemma fields.
+        assert!(cfg("").resolve().unwrap().gemma.is_none());
     }
 
     #[test]

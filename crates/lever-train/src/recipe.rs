@@ -334,6 +334,7 @@ impl Recipe {
             max_seq_len: m.context,
             tie_embeddings: m.tie_embeddings,
             numerics: Numerics::Transformers,
+            gemma: None,
         }
     }
 

@@ -294,15 +294,46 @@ fn tokenize_gemma3_reads_only_its_vocabulary_and_matches_llama_cpp() {
     assert!(path.with_file_name("GEMMA_TERMS.html").is_file());
 }
 
-/// Until lever runs the gemma3 architecture (issue 22 item 2), generating with it is one
-/// clear error line naming the architecture, exit 1, no panic.
+/// gemma3-270m is a base model whose GGUF has no chat template: a raw prompt continues
+/// greedily as llama.cpp's `llama-completion -p "The capital of France is" -n 12 --temp 0`
+/// does on the same file (0.3.36 build, 2026-12-07: " the capital of the country of France.
+/// It is the largest"): the first 11 tokens identical; the 12th differs (lever: " capital";
+/// K-quants still run on candle's kernels, not llama.cpp's). Asking or chatting without
+/// --raw is one line naming the file and the way out.
 #[test]
-fn ask_gemma3_names_the_unsupported_architecture() {
+fn ask_gemma3_raw_continues_like_llama_cpp_and_chat_needs_a_template() {
     let d = tmp();
+    let out = lever(
+        d.path(),
+        &[
+            "ask",
+            "--raw",
+            "The capital of France is",
+            "-m",
+            GEMMA3,
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--repeat-penalty",
+            "1",
+        ],
+    )
+    .ok();
+    assert!(
+        out.stdout
+            .starts_with(" the capital of the country of France. It is the "),
+        "stdout: {:?}\nstderr: {}",
+        out.stdout,
+        out.stderr
+    );
     lever(d.path(), &["ask", "Hi", "-m", GEMMA3]).one_line_error(&[
         "gemma-3-270m-q4_k_m.gguf",
-        "unsupported architecture `gemma3`",
+        "no chat template",
+        "--raw",
     ]);
+    lever(d.path(), &["chat", "-m", GEMMA3])
+        .one_line_error(&["gemma-3-270m-q4_k_m.gguf", "chat template"]);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -268,3 +268,32 @@ fn quantized_files_load_in_llama_cpp_and_score_alike() {
         assert!(rel < 0.01, "{ty}: {got} vs {want}");
     }
 }
+
+/// llama-perplexity on gemma-3-270m-q4_k_m.gguf, tinyshakespeare, `-c 1024 --chunks 2 -t 2`
+/// (0.3.36 build, 2026-12-07): each chunk runs past the 512-token sliding window of the
+/// local layers, so the window's mask is measured too.
+const GEMMA3_PPL_CTX1024_2CHUNKS: f64 = 50.2302;
+
+/// gemma3-270m (lever's gemma3 block; K-quants on candle's kernels) against llama.cpp on the
+/// same file: perplexity within 1%, and the first greedy token of "The capital of France is".
+#[test]
+fn gemma3_perplexity_within_one_percent_of_llama_perplexity() {
+    let home = lever_model::registry::lever_home();
+    let source =
+        lever_model::model::resolve(lever_model::registry::GEMMA3_270M, &home, &mut |_| {})
+            .expect("provision gemma3-270m (`lever models pull gemma3-270m`)");
+    let model = lever_model::Model::load(&source, &candle_core::Device::Cpu).expect("load");
+    let text = std::fs::read_to_string(shared_data("tinyshakespeare/input.txt")).expect("data");
+    let tokens = model.tokenizer.encode(&text, true).expect("encode");
+    let got = lever_generate::perplexity(&model, &tokens, 1024, Some(2), &mut |_, _| {})
+        .expect("perplexity");
+    let want = GEMMA3_PPL_CTX1024_2CHUNKS;
+    let rel = (got.ppl - want).abs() / want;
+    eprintln!(
+        "gemma3 perplexity ctx 1024, 2 chunks: lever {:.4}, llama.cpp {want:.4}, rel diff {:.4}%",
+        got.ppl,
+        rel * 100.0
+    );
+    assert_eq!(got.chunks, 2);
+    assert!(rel < 0.01, "lever {} vs llama.cpp {want}", got.ppl);
+}

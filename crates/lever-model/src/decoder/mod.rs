@@ -16,6 +16,8 @@
 //! Dimensions: B batch, T new tokens, P cached tokens, C hidden, H query heads,
 //! K key/value heads, D head size (C = H·D), F MLP width, V vocabulary.
 
+use std::sync::Arc;
+
 use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 use half::f16;
@@ -122,6 +124,13 @@ struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Gemma 3: RMS norms of each query and key head (D,), before RoPE.
+    qk_norms: Option<(Tensor, Tensor)>,
+    eps: f32,
+    /// Gemma 3: scores are q·k times this; the llama family divides by √D.
+    scale: Option<f32>,
+    /// Local attention (Gemma 3): keys older than this many positions are not seen.
+    window: Option<usize>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -129,15 +138,44 @@ struct Attention {
     paths: Paths,
 }
 
+/// What every block of one call shares, per kind of attention: RoPE tables and the additive
+/// mask (global layers; local layers, with their window and RoPE base, when the model has them).
+struct Shared {
+    rope: Arc<RopeTables>,
+    mask: Option<Tensor>,
+    local: Option<(Arc<RopeTables>, Option<Tensor>)>,
+}
+
+impl Shared {
+    /// Layer `i`'s tables and mask.
+    fn of(&self, attn: &Attention) -> (&RopeTables, Option<&Tensor>) {
+        match (&self.local, attn.window) {
+            (Some((rope, mask)), Some(_)) => (rope, mask.as_ref()),
+            _ => (&self.rope, self.mask.as_ref()),
+        }
+    }
+}
+
 impl Attention {
     fn load(w: &mut dyn WeightSource, i: usize, cfg: &DecoderConfig) -> crate::Result<Self> {
         let (c, hd) = (cfg.hidden_size, cfg.head_dim);
         let bias = cfg.qkv_bias();
+        let qk_norms = match &cfg.gemma {
+            Some(g) => Some((
+                norm(w, Param::QNorm(i), hd, g.norm_offset)?,
+                norm(w, Param::KNorm(i), hd, g.norm_offset)?,
+            )),
+            None => None,
+        };
         Ok(Self {
             q: w.linear(Param::Q(i), cfg.num_heads * hd, c, bias)?,
             k: w.linear(Param::K(i), cfg.num_kv_heads * hd, c, bias)?,
             v: w.linear(Param::V(i), cfg.num_kv_heads * hd, c, bias)?,
             o: w.linear(Param::O(i), c, cfg.num_heads * hd, false)?,
+            qk_norms,
+            eps: cfg.rms_norm_eps,
+            scale: cfg.gemma.as_ref().map(|g| g.attn_scale),
+            window: cfg.window(i),
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: hd,
@@ -158,9 +196,16 @@ impl Attention {
         let b = x.dim(0)?;
         let pos = cache.len;
         let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        let pass = Pass::of(&[&q, &k, &v]);
+        if pass == Pass::Training && self.qk_norms.is_some() {
+            candle_core::bail!(
+                "training the gemma3 architecture is not supported yet (inference only)"
+            );
+        }
+        let (q, k) = self.norm_qk(q, k)?;
         // The fused training op covers a whole prefix (no cache), the host kernel one
         // sequence; a batch, or gradients with a cache, take the tensor path.
-        let path = match Pass::of(&[&q, &k, &v]) {
+        let path = match pass {
             Pass::Training if pos == 0 => self.paths.training,
             Pass::Inference if b == 1 => self.paths.inference,
             _ => Path::Tensors,
@@ -171,6 +216,28 @@ impl Attention {
             Path::Tensors => self.tensors(q, k, v, layer, rope, mask, cache)?,
         }; // (B, T, H·D)
         self.o.forward(&y)
+    }
+
+    /// Gemma 3's per-head RMS norms of the queries and keys (B, T, H·D), before RoPE.
+    fn norm_qk(&self, q: Tensor, k: Tensor) -> Result<(Tensor, Tensor)> {
+        let Some((qn, kn)) = &self.qk_norms else {
+            return Ok((q, k));
+        };
+        let d = self.head_dim;
+        let per_head = |x: Tensor, w: &Tensor, heads: usize| -> Result<Tensor> {
+            let (b, t, _) = x.dims3()?;
+            ops::rms_norm(&x.reshape((b, t, heads, d))?, w, self.eps)?.reshape((b, t, heads * d))
+        };
+        Ok((
+            per_head(q, qn, self.num_heads)?,
+            per_head(k, kn, self.num_kv_heads)?,
+        ))
+    }
+
+    /// The factor of the scores in lever's kernel.
+    fn kernel_scale(&self) -> f32 {
+        self.scale
+            .unwrap_or_else(|| 1.0 / (self.head_dim as f32).sqrt())
     }
 
     /// [`Path::Differentiable`]: the attention core as one graph node with its own backward.
@@ -214,8 +281,7 @@ impl Attention {
             kv_heads: k_heads,
             head_dim: d,
         };
-        let scale = 1.0 / (d as f32).sqrt();
-        let y = kernels::attention(&qh, ck, cv, t, pos, dims, scale);
+        let y = kernels::attention(&qh, ck, cv, t, pos, dims, self.kernel_scale(), self.window);
         Tensor::from_vec(y, (1, t, h * d), q.device()) // (1, T, H·D)
     }
 
@@ -260,7 +326,11 @@ impl Attention {
         let att = if att.track_op() {
             grad::causal_softmax(&att, 1.0 / (d as f64).sqrt(), pos)?
         } else {
-            let att = (att / (d as f64).sqrt())?;
+            let att = match self.scale {
+                // transformers' Gemma 3: `matmul(q, kᵀ) * scaling`.
+                Some(s) => (att * s as f64)?,
+                None => (att / (d as f64).sqrt())?,
+            };
             let att = match mask {
                 Some(m) => att.broadcast_add(m)?,
                 None => att,
@@ -284,15 +354,16 @@ impl Attention {
     ) -> Result<Tensor> {
         let (_, b, _) = x.dims3()?;
         let (h, k_heads, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
-        let k = self.k.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
+        let (q, k) = self.norm_qk(self.q.forward(x)?, self.k.forward(x)?)?;
+        let q = q.flatten_all()?.to_vec1::<f32>()?;
+        let k = k.flatten_all()?.to_vec1::<f32>()?;
         let v = self.v.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
         let dims = AttnDims {
             heads: h,
             kv_heads: k_heads,
             head_dim: d,
         };
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = self.kernel_scale();
         let mut qs = Vec::with_capacity(b * h * d);
         for (r, cache) in caches.iter_mut().enumerate() {
             let pos = cache.len;
@@ -307,7 +378,18 @@ impl Attention {
             qs.extend(qr);
         }
         // Every row's heads in one parallel pass (rows alone are too small to split).
-        let views: Vec<(&[f16], &[f16])> = caches.iter().map(|c| c.host_rows(layer)).collect();
+        // A local layer's row sees the last `window` keys of its cache.
+        let row = k_heads * d;
+        let views: Vec<(&[f16], &[f16])> = caches
+            .iter()
+            .map(|c| {
+                let (ck, cv) = c.host_rows(layer);
+                let start = self
+                    .window
+                    .map_or(0, |w| (ck.len() / row).saturating_sub(w));
+                (&ck[start * row..], &cv[start * row..])
+            })
+            .collect();
         let y = kernels::attention_rows(&qs, &views, dims, scale);
         self.o
             .forward(&Tensor::from_vec(y, (1, b, h * d), x.device())?)
@@ -319,6 +401,9 @@ struct Mlp {
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// Gemma 3's GeGLU (tanh GELU) instead of SwiGLU.
+    gelu: bool,
+    numerics: Numerics,
     paths: Paths,
 }
 
@@ -329,13 +414,19 @@ impl Mlp {
             gate: w.linear(Param::Gate(i), f, c, false)?,
             up: w.linear(Param::Up(i), f, c, false)?,
             down: w.linear(Param::Down(i), c, f, false)?,
+            gelu: cfg.gemma.is_some(),
+            numerics: cfg.numerics,
             paths: Paths::mlp(w.device()),
         })
     }
 
     /// SwiGLU: down(silu(gate(x)) * up(x)); x: (B, T, C) -> (B, T, C) via (B, T, F).
+    /// GeGLU (Gemma 3): gelu_tanh in place of silu.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?); // (B, T, F) each
+        if self.gelu {
+            return self.down.forward(&self.geglu(&g, &u)?);
+        }
         let path = match Pass::of(&[&g, &u]) {
             Pass::Training => self.paths.training,
             Pass::Inference => self.paths.inference,
@@ -356,15 +447,53 @@ impl Mlp {
     }
 }
 
+impl Mlp {
+    /// gelu_tanh(g) · u, (B, T, F). On the CPU for inference, llama.cpp numerics take its
+    /// f16 GELU table (`ggml_vec_geglu_f32`: GELU of the input rounded to f16, rounded to
+    /// f16); transformers numerics the f32 formula (`gelu_pytorch_tanh`).
+    fn geglu(&self, g: &Tensor, u: &Tensor) -> Result<Tensor> {
+        let host =
+            self.paths.inference == Path::HostKernels && Pass::of(&[g, u]) == Pass::Inference;
+        if !host {
+            return g.gelu()? * u;
+        }
+        let (hg, hu) = (HostRows::new(g)?, HostRows::new(u)?);
+        let table = self.numerics == Numerics::LlamaCpp;
+        let y = hg.with("geglu", |gs| {
+            hu.with("geglu", |us| Ok(ops::gelu_mul(gs, us, table)))
+        })?;
+        Tensor::from_vec(y, g.shape(), g.device())
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Block {
     attn_norm: Tensor,
     attn: Attention,
+    /// Before the MLP (Gemma 3: `pre_feedforward_layernorm`).
     ffn_norm: Tensor,
     mlp: Mlp,
+    /// Gemma 3's norms of the attention's and the MLP's outputs, before each residual add.
+    post_norms: Option<(Tensor, Tensor)>,
 }
 
 impl Block {
+    /// The rest of the block once attention has given `h` for input `x`: (Gemma 3: norm of
+    /// h,) residual, pre-norm MLP, (norm of its output,) residual.
+    fn finish(&self, x: &Tensor, h: Tensor, eps: f32) -> Result<Tensor> {
+        let h = match &self.post_norms {
+            Some((n, _)) => ops::rms_norm(&h, n, eps)?,
+            None => h,
+        };
+        let x = (x + h)?;
+        let h = self.mlp.forward(&ops::rms_norm(&x, &self.ffn_norm, eps)?)?;
+        let h = match &self.post_norms {
+            Some((_, n)) => ops::rms_norm(&h, n, eps)?,
+            None => h,
+        };
+        &x + h
+    }
+
     /// [`Path::Differentiable`] for the whole block, when it trains on a prefix (no cache)
     /// and every projection is a plain trainable f32 weight (pretraining, full fine-tuning):
     /// each residual half as one fused op with its own backward (`ops::sublayer`), the same
@@ -378,6 +507,7 @@ impl Block {
     ) -> Result<Option<Tensor>> {
         let (a, m) = (&self.attn, &self.mlp);
         if cache.len != 0
+            || self.post_norms.is_some()
             || a.paths.training != Path::Differentiable
             || m.paths.training != Path::Differentiable
             || x.dtype() != DType::F32
@@ -429,6 +559,8 @@ pub struct Decoder {
     /// The output layer is the embedding table (no separate `output` weight).
     tied: bool,
     rope: Rope,
+    /// Gemma 3's local layers' RoPE (their own base).
+    rope_local: Option<Rope>,
     device: Device,
 }
 
@@ -447,16 +579,30 @@ impl Decoder {
     pub fn load(w: &mut dyn WeightSource, cfg: &DecoderConfig) -> crate::Result<Self> {
         let (c, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed = w.embedding(Param::Embed, v, c)?;
+        let offset = cfg.gemma.as_ref().map_or(0.0, |g| g.norm_offset);
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
+            let gemma = cfg.gemma.is_some();
+            let ffn_norm = if gemma {
+                Param::PreFfnNorm(i)
+            } else {
+                Param::FfnNorm(i)
+            };
             blocks.push(Block {
-                attn_norm: w.vector(Param::AttnNorm(i), c)?,
+                attn_norm: norm(w, Param::AttnNorm(i), c, offset)?,
                 attn: Attention::load(w, i, cfg)?,
-                ffn_norm: w.vector(Param::FfnNorm(i), c)?,
+                ffn_norm: norm(w, ffn_norm, c, offset)?,
                 mlp: Mlp::load(w, i, cfg)?,
+                post_norms: match gemma {
+                    true => Some((
+                        norm(w, Param::PostAttnNorm(i), c, offset)?,
+                        norm(w, Param::PostFfnNorm(i), c, offset)?,
+                    )),
+                    false => None,
+                },
             });
         }
-        let norm = w.vector(Param::OutputNorm, c)?;
+        let norm = norm(w, Param::OutputNorm, c, offset)?;
         let tied = cfg.tie_embeddings || !w.has(Param::Output);
         let lm_head = if tied {
             embed.as_linear()?
@@ -473,6 +619,17 @@ impl Decoder {
             cfg.numerics == Numerics::LlamaCpp,
             &device,
         )?;
+        let rope_local = match &cfg.gemma {
+            Some(g) => Some(Rope::new(
+                cfg.head_dim,
+                g.rope_local_theta,
+                cfg.max_seq_len,
+                cfg.rope_style,
+                cfg.numerics == Numerics::LlamaCpp,
+                &device,
+            )?),
+            None => None,
+        };
         Ok(Self {
             cfg: cfg.clone(),
             embed,
@@ -481,6 +638,7 @@ impl Decoder {
             lm_head,
             tied,
             rope,
+            rope_local,
             device,
         })
     }
@@ -499,7 +657,18 @@ impl Decoder {
             ] {
                 out.push((p, ParamRef::Linear(l)));
             }
-            out.push((Param::FfnNorm(i), ParamRef::Vector(&b.ffn_norm)));
+            if let Some((qn, kn)) = &b.attn.qk_norms {
+                out.push((Param::QNorm(i), ParamRef::Vector(qn)));
+                out.push((Param::KNorm(i), ParamRef::Vector(kn)));
+            }
+            match &b.post_norms {
+                Some((attn_out, ffn_out)) => {
+                    out.push((Param::PostAttnNorm(i), ParamRef::Vector(attn_out)));
+                    out.push((Param::PreFfnNorm(i), ParamRef::Vector(&b.ffn_norm)));
+                    out.push((Param::PostFfnNorm(i), ParamRef::Vector(ffn_out)));
+                }
+                None => out.push((Param::FfnNorm(i), ParamRef::Vector(&b.ffn_norm))),
+            }
             for (p, l) in [
                 (Param::Gate(i), &b.mlp.gate),
                 (Param::Up(i), &b.mlp.up),
@@ -705,14 +874,21 @@ impl Decoder {
         }
         let longest = caches.iter().map(|c| c.len + 1).max().unwrap_or(1);
         let rope = self.rope.upto(longest)?;
+        let rope_local = match &self.rope_local {
+            Some(r) => Some(r.upto(longest)?),
+            None => None,
+        };
         let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?; // (1, B)
-        let mut x = self.embed.forward(&input)?; // (1, B, C)
+        let mut x = self.embed_forward(&input)?; // (1, B, C)
+        let eps = self.cfg.rms_norm_eps;
         for (i, block) in self.blocks.iter().enumerate() {
-            let h = ops::rms_norm(&x, &block.attn_norm, self.cfg.rms_norm_eps)?;
-            let h = block.attn.forward_rows(&h, i, &rope, caches)?;
-            x = (x + h)?;
-            let h = ops::rms_norm(&x, &block.ffn_norm, self.cfg.rms_norm_eps)?;
-            x = (&x + block.mlp.forward(&h)?)?;
+            let rope = match (&rope_local, block.attn.window) {
+                (Some(local), Some(_)) => local,
+                _ => &rope,
+            };
+            let h = ops::rms_norm(&x, &block.attn_norm, eps)?;
+            let h = block.attn.forward_rows(&h, i, rope, caches)?;
+            x = block.finish(&x, h, eps)?;
         }
         for c in caches.iter_mut() {
             c.len += 1;
@@ -744,18 +920,50 @@ impl Decoder {
                 self.cfg.max_seq_len
             );
         }
+        let shared = self.shared(t, past)?;
+        let mut x = self.embed_forward(ids)?; // (B, T, C)
+        for i in 0..self.blocks.len() {
+            x = self.block_forward(i, &x, &shared, cache)?;
+        }
+        cache.len = past + t;
+        Ok(x)
+    }
+
+    /// The embedding rows of `ids`, (B, T) -> (B, T, C); Gemma 3 scales them by √C (in f32,
+    /// as transformers' `Gemma3TextScaledWordEmbedding` and llama.cpp's `ggml_scale` do).
+    fn embed_forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = self.embed.forward(ids)?;
+        match self.cfg.gemma {
+            Some(_) => x * (self.cfg.hidden_size as f32).sqrt() as f64,
+            None => Ok(x),
+        }
+    }
+
+    /// RoPE tables and masks for T new tokens after `past`: the causal mask when T > 1, and
+    /// for local layers the windowed one whenever a query would otherwise see too far back.
+    fn shared(&self, t: usize, past: usize) -> Result<Shared> {
         let mask = if t > 1 {
             Some(ops::causal_mask(t, past, &self.device)?)
         } else {
             None
         };
-        let rope = self.rope.upto(past + t)?;
-        let mut x = self.embed.forward(ids)?; // (B, T, C)
-        for i in 0..self.blocks.len() {
-            x = self.block_forward(i, &x, &rope, mask.as_ref(), cache)?;
-        }
-        cache.len = past + t;
-        Ok(x)
+        let local = match (&self.rope_local, &self.cfg.gemma) {
+            (Some(r), Some(g)) => {
+                let w = g.sliding_window;
+                let mask = if past + t > w {
+                    Some(ops::causal_mask_window(t, past, w, &self.device)?)
+                } else {
+                    mask.clone()
+                };
+                Some((r.upto(past + t)?, mask))
+            }
+            _ => None,
+        };
+        Ok(Shared {
+            rope: self.rope.upto(past + t)?,
+            mask,
+            local,
+        })
     }
 
     /// Block `i`: (B, T, C) -> (B, T, C), pre-norm attention then pre-norm MLP, each residual.
@@ -763,19 +971,17 @@ impl Decoder {
         &self,
         i: usize,
         x: &Tensor,
-        rope: &RopeTables,
-        mask: Option<&Tensor>,
+        shared: &Shared,
         cache: &mut Cache,
     ) -> Result<Tensor> {
         let block = &self.blocks[i];
+        let (rope, mask) = shared.of(&block.attn);
         if let Some(y) = block.fused_training(x, rope, cache, self.cfg.rms_norm_eps)? {
             return Ok(y);
         }
         let h = ops::rms_norm(x, &block.attn_norm, self.cfg.rms_norm_eps)?;
         let h = block.attn.forward(&h, i, rope, mask, cache)?;
-        let x = (x + h)?;
-        let h = ops::rms_norm(&x, &block.ffn_norm, self.cfg.rms_norm_eps)?;
-        &x + block.mlp.forward(&h)?
+        block.finish(x, h, self.cfg.rms_norm_eps)
     }
 
     /// The gradients of `loss` (`Tensor::backward`), with the weight gradients the linear
@@ -817,17 +1023,12 @@ impl Decoder {
                 self.cfg.max_seq_len
             );
         }
-        let mask = if t > 1 {
-            Some(ops::causal_mask(t, 0, &self.device)?)
-        } else {
-            None
-        };
-        let rope = self.rope.upto(t)?;
-        let embedded = self.embed.forward(ids)?; // (B, T, C), with its graph if trainable
+        let shared = self.shared(t, 0)?;
+        let embedded = self.embed_forward(ids)?; // (B, T, C), with its graph if trainable
         let mut inputs = Vec::with_capacity(self.blocks.len());
         let mut x = embedded.detach();
         for i in 0..self.blocks.len() {
-            let out = self.block_forward(i, &x, &rope, mask.as_ref(), &mut self.new_cache())?;
+            let out = self.block_forward(i, &x, &shared, &mut self.new_cache())?;
             inputs.push(x);
             x = out.detach();
         }
@@ -849,13 +1050,7 @@ impl Decoder {
             let i = inputs.len();
             let x = Var::from_tensor(&input)?;
             drop(input);
-            let out = self.block_forward(
-                i,
-                x.as_tensor(),
-                &rope,
-                mask.as_ref(),
-                &mut self.new_cache(),
-            )?;
+            let out = self.block_forward(i, x.as_tensor(), &shared, &mut self.new_cache())?;
             let mut g = detached((out * &upstream)?.sum_all()?.backward()?);
             upstream = g
                 .remove(x.as_tensor())
@@ -876,6 +1071,17 @@ impl Decoder {
         let linear: usize = self.linears().iter().map(|(_, l)| l.storage_bytes()).sum();
         linear + self.embed.row_bytes()
     }
+}
+
+/// A norm weight (n,), with `offset` added (Gemma 3 from Hugging Face: 1 + w, in f32 as
+/// `Gemma3RMSNorm` computes it).
+fn norm(w: &mut dyn WeightSource, p: Param, n: usize, offset: f32) -> crate::Result<Tensor> {
+    let t = w.vector(p, n)?;
+    Ok(if offset != 0.0 {
+        (t + offset as f64)?
+    } else {
+        t
+    })
 }
 
 /// The same gradients, cut from the graph. candle's backward leaves a variable's gradient

@@ -14,6 +14,11 @@ fn tiny(arch: Arch) -> Decoder {
 /// One pass over 9 tokens, then the same tokens as single cached steps, then the cache cut
 /// back to 4 and refilled with the rest: every logit within 1e-5 of the full pass.
 fn assert_cache_exact(m: &Decoder, label: &str) -> (Tensor, Tensor) {
+    assert_cache_within(m, label, 1e-5)
+}
+
+/// The same within `tol`.
+fn assert_cache_within(m: &Decoder, label: &str, tol: f32) -> (Tensor, Tensor) {
     let ids: Vec<u32> = vec![3, 17, 42, 8, 8, 1, 49, 0, 23];
     let x = Tensor::new(ids.as_slice(), &Device::Cpu)
         .unwrap()
@@ -36,7 +41,7 @@ fn assert_cache_exact(m: &Decoder, label: &str) -> (Tensor, Tensor) {
             .squeeze(0)
             .unwrap();
         let d = max_diff(&step, &full.get(t).unwrap());
-        assert!(d < 1e-5, "{label} position {t}: {d}");
+        assert!(d < tol, "{label} position {t}: {d}");
     }
     assert_eq!(cache.len(), ids.len());
     cache.truncate(4).unwrap();
@@ -44,7 +49,7 @@ fn assert_cache_exact(m: &Decoder, label: &str) -> (Tensor, Tensor) {
         .forward(&x.narrow(1, 4, 5).unwrap(), &mut cache, Logits::All)
         .unwrap();
     let d = max_diff(&rest.squeeze(0).unwrap(), &full.narrow(0, 4, 5).unwrap());
-    assert!(d < 1e-5, "{label} truncated and refilled: {d}");
+    assert!(d < tol, "{label} truncated and refilled: {d}");
     (x, full)
 }
 
@@ -160,4 +165,96 @@ fn paths_follow_the_device_and_the_numerics() {
             "{numerics:?}"
         );
     }
+}
+
+/// A tiny Gemma 3: layer 0 local with a window of 3 (shorter than the 9 test tokens), layer 1
+/// global, its own local RoPE base and attention scale.
+fn tiny_gemma(numerics: Numerics, window: usize) -> Decoder {
+    let mut cfg = DecoderConfig::tiny(Arch::Gemma3, 50);
+    cfg.numerics = numerics;
+    cfg.num_kv_heads = 1;
+    cfg.gemma = Some(crate::config::GemmaConfig {
+        sliding_window: window,
+        global_layers: vec![false, true],
+        rope_local_theta: 100.0,
+        attn_scale: 0.3,
+        norm_offset: 0.0,
+    });
+    Decoder::load(&mut RandomWeights::new(5, &Device::Cpu), &cfg).unwrap()
+}
+
+/// Gemma 3's cache is exact on both numerics (the tensor path's windowed mask, the kernel's
+/// windowed keys), the kernel and tensor paths agree, and the window changes the logits of
+/// the positions past it only.
+#[test]
+fn gemma3_cache_and_window_are_exact_on_both_paths() {
+    let (x, hf) = assert_cache_exact(&tiny_gemma(Numerics::Transformers, 3), "gemma3");
+    let m = tiny_gemma(Numerics::LlamaCpp, 3);
+    assert_eq!(m.blocks[0].attn.paths.inference, Path::HostKernels);
+    // llama.cpp's GELU rounds its input to f16: an f32 round-off difference between a pass
+    // and a step (matrix products of other shapes) can flip one rounding, hence 1e-4.
+    let (_, kernel) = assert_cache_within(&m, "gemma3 f16 cache", 1e-4);
+    let batch = Tensor::cat(&[&x, &x], 0).unwrap();
+    let tensors = m.forward(&batch, &mut m.new_cache(), Logits::All).unwrap();
+    let d = max_diff(&tensors.get(0).unwrap(), &kernel);
+    assert!(d < 1e-2, "gemma3 kernel vs tensor path: {d}");
+    let wide = tiny_gemma(Numerics::Transformers, 100);
+    let all = wide
+        .forward(&x, &mut wide.new_cache(), Logits::All)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let inside = max_diff(&all.narrow(0, 0, 3).unwrap(), &hf.narrow(0, 0, 3).unwrap());
+    let past = max_diff(&all.narrow(0, 3, 6).unwrap(), &hf.narrow(0, 3, 6).unwrap());
+    assert!(
+        inside < 1e-6 && past > 1e-4,
+        "window: {inside} inside, {past} past"
+    );
+}
+
+/// The batched decoding step (serve) honours the window: each row equals its sequence's
+/// own cached step.
+#[test]
+fn gemma3_step_batch_equals_single_steps() {
+    let m = tiny_gemma(Numerics::LlamaCpp, 3);
+    let seqs: [&[u32]; 2] = [&[3, 17, 42, 8, 8, 1, 49], &[5, 9]];
+    let mut caches: Vec<Cache> = Vec::new();
+    let mut want = Vec::new();
+    for s in seqs {
+        let mut c = m.new_cache();
+        let x = Tensor::new(s, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        m.forward(&x, &mut c, Logits::Last).unwrap();
+        let mut alone = c.clone();
+        let next = Tensor::new(&[11u32], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        want.push(m.forward(&next, &mut alone, Logits::Last).unwrap());
+        caches.push(c);
+    }
+    let mut refs: Vec<&mut Cache> = caches.iter_mut().collect();
+    let got = m.step_batch(&[11, 11], &mut refs).unwrap();
+    for (r, w) in want.iter().enumerate() {
+        let d = max_diff(&got.get(r).unwrap(), &w.squeeze(0).unwrap());
+        assert!(d < 1e-5, "row {r}: {d}");
+    }
+}
+
+/// Training gemma3 is refused with one line naming the architecture, not a panic or a
+/// silently wrong gradient.
+#[test]
+fn gemma3_training_is_refused_by_name() {
+    let mut m = tiny_gemma(Numerics::Transformers, 3);
+    m.make_trainable().unwrap();
+    let x = Tensor::new(&[1u32, 2, 3], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let err = m
+        .forward(&x, &mut m.new_cache(), Logits::All)
+        .unwrap_err()
+        .to_string();
+    // (Only the first line: with RUST_BACKTRACE set, candle appends a backtrace.)
+    let line = err.lines().next().unwrap_or_default();
+    assert!(line.contains("the gemma3 architecture"), "{err}");
 }

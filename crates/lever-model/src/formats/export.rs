@@ -46,6 +46,14 @@ fn merged(l: &Linear) -> Result<(Tensor, Option<Tensor>)> {
 /// Every weight of the decoder as named f32 tensors for `layout`, adapters folded in.
 pub fn named_tensors(decoder: &Decoder, layout: Layout) -> Result<Vec<(String, Tensor)>> {
     let cfg = decoder.config();
+    if cfg.arch == Arch::Gemma3 {
+        // The two layouts store Gemma's norm weights differently (w vs 1 + w), and its
+        // config has fields lever does not write yet.
+        return Err(candle_core::Error::Msg(
+            "exporting the gemma3 architecture is not supported yet".into(),
+        )
+        .into());
+    }
     // Which way Q/K rows must move: None, to GGUF's interleaved rows, or back.
     let stored_interleaved = cfg.rope_style == RopeStyle::Interleaved;
     let want_interleaved = layout == Layout::Gguf && cfg.arch == Arch::Llama;

@@ -240,15 +240,81 @@ impl GgufFile {
             // qwen2 keeps the NeoX layout (llama.cpp `llama_model_rope_type`).
             rope_style: match arch {
                 Arch::Llama => RopeStyle::Interleaved,
-                Arch::Qwen2 => RopeStyle::Neox,
+                Arch::Qwen2 | Arch::Gemma3 => RopeStyle::Neox,
             },
             max_seq_len: self.usize(&k("context_length"))?,
             tie_embeddings: tie,
             numerics: crate::config::Numerics::LlamaCpp,
+            gemma: match arch {
+                Arch::Gemma3 => Some(self.gemma_config(&a, hidden, heads, head_dim)?),
+                _ => None,
+            },
         };
         cfg.validate()
             .map_err(|(field, problem)| self.meta_err(&field.gguf_key(&a), problem))?;
         Ok(cfg)
+    }
+
+    /// Gemma 3's block as llama.cpp reads it (`llama_model_gemma3::load_arch_hparams`): the
+    /// window from `gemma3.attention.sliding_window`; every sixth layer global unless
+    /// `attention.sliding_window_pattern` says otherwise; local RoPE base 10,000 unless
+    /// `rope.freq_base_swa`; queries scaled by 1/√head size (1/√(C/H) for the 62-layer 27B);
+    /// norm weights already 1 + w (the converter added the 1).
+    fn gemma_config(
+        &self,
+        a: &str,
+        hidden: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<crate::config::GemmaConfig> {
+        let k = |s: &str| format!("{a}.{s}");
+        let factor_key = k("rope.scaling.factor");
+        if let Some(f) = self.opt_f32_checked(&factor_key)?
+            && f != 1.0
+        {
+            return Err(self.meta_err(&factor_key, format!("RoPE scaling by {f} is not supported")));
+        }
+        let cap_key = k("final_logit_softcapping");
+        if let Some(c) = self.opt_f32_checked(&cap_key)?
+            && c != 0.0
+        {
+            return Err(self.meta_err(&cap_key, format!("soft-capping ({c}) is not supported")));
+        }
+        let layers = self.usize(&k("block_count"))?;
+        let scalar = if layers == 62 {
+            hidden / heads.max(1)
+        } else {
+            head_dim
+        };
+        // No window (or 0): every layer global. The pattern: one flag per layer (true:
+        // local), or every n-th layer global (default 6), as `load_swa_pattern` reads it.
+        let window = self
+            .opt_usize_checked(&k("attention.sliding_window"))?
+            .unwrap_or(0);
+        let pattern_key = k("attention.sliding_window_pattern");
+        let global_layers = match self.get(&pattern_key) {
+            _ if window == 0 => vec![true; layers],
+            Some(Value::Array(flags)) => flags
+                .iter()
+                .map(|f| match f {
+                    Value::Bool(local) => Ok(!local),
+                    _ => Err(self.meta_err(&pattern_key, "not an array of booleans")),
+                })
+                .collect::<Result<Vec<bool>>>()?,
+            _ => crate::config::GemmaConfig::pattern(
+                layers,
+                self.opt_usize_checked(&pattern_key)?.unwrap_or(6),
+            ),
+        };
+        Ok(crate::config::GemmaConfig {
+            sliding_window: window.max(1),
+            global_layers,
+            rope_local_theta: self
+                .opt_f32_checked(&k("rope.freq_base_swa"))?
+                .unwrap_or(10_000.0),
+            attn_scale: 1.0 / (scalar.max(1) as f32).sqrt(),
+            norm_offset: 0.0,
+        })
     }
 
     /// An optional integer: absent is None, any other type an error naming the key.

@@ -31,6 +31,14 @@ pub enum Param {
     Gate(usize),
     Up(usize),
     Down(usize),
+    // Gemma 3's extra norms. Its pre-MLP norm is `PreFfnNorm`: the same GGUF name as
+    // `FfnNorm`, but transformers calls it `pre_feedforward_layernorm` (its
+    // `post_attention_layernorm` is the norm of the attention's output, `PostAttnNorm`).
+    PreFfnNorm(usize),
+    PostAttnNorm(usize),
+    PostFfnNorm(usize),
+    QNorm(usize),
+    KNorm(usize),
 }
 
 impl Param {
@@ -49,6 +57,11 @@ impl Param {
             Param::Gate(i) => format!("blk.{i}.ffn_gate"),
             Param::Up(i) => format!("blk.{i}.ffn_up"),
             Param::Down(i) => format!("blk.{i}.ffn_down"),
+            Param::PreFfnNorm(i) => format!("blk.{i}.ffn_norm"),
+            Param::PostAttnNorm(i) => format!("blk.{i}.post_attention_norm"),
+            Param::PostFfnNorm(i) => format!("blk.{i}.post_ffw_norm"),
+            Param::QNorm(i) => format!("blk.{i}.attn_q_norm"),
+            Param::KNorm(i) => format!("blk.{i}.attn_k_norm"),
         }
     }
 
@@ -67,6 +80,11 @@ impl Param {
             Param::Gate(i) => format!("model.layers.{i}.mlp.gate_proj"),
             Param::Up(i) => format!("model.layers.{i}.mlp.up_proj"),
             Param::Down(i) => format!("model.layers.{i}.mlp.down_proj"),
+            Param::PreFfnNorm(i) => format!("model.layers.{i}.pre_feedforward_layernorm"),
+            Param::PostAttnNorm(i) => format!("model.layers.{i}.post_attention_layernorm"),
+            Param::PostFfnNorm(i) => format!("model.layers.{i}.post_feedforward_layernorm"),
+            Param::QNorm(i) => format!("model.layers.{i}.self_attn.q_norm"),
+            Param::KNorm(i) => format!("model.layers.{i}.self_attn.k_norm"),
         }
     }
 }

@@ -31,7 +31,10 @@ pub(crate) struct AttnDims {
 /// Causal attention for T new queries at positions past..past+T over cached keys and values
 /// 0..past+T, each query head reading key/value head h / (H/K). q: (T, H, D) after RoPE;
 /// k, v: (past+T, K, D) in f16, as llama.cpp's cache holds them; returns (T, H, D). Fewer than `ATTN_TILE_Q` queries
-/// follow llama.cpp's f16 arithmetic, more its f32 arithmetic.
+/// follow llama.cpp's f16 arithmetic, more its f32 arithmetic. With a `window` W, the query
+/// at position p sees only keys p − W + 1 ..= p (local attention; llama.cpp
+/// `is_masked_swa`, whose masked keys its kernel skips, as this one never reads them).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     q: &[f32],
     k: &[f16],
@@ -40,6 +43,7 @@ pub(crate) fn attention(
     past: usize,
     dims: AttnDims,
     scale: f32,
+    window: Option<usize>,
 ) -> Vec<f32> {
     assert_eq!(q.len(), t * dims.heads * dims.head_dim);
     assert_eq!(k.len(), (past + t) * dims.kv_heads * dims.head_dim);
@@ -53,7 +57,12 @@ pub(crate) fn attention(
         f16_mode,
         work,
         t >= LARGE_M,
-        |i| (k, v, past + i + 1),
+        |i| {
+            let end = past + i + 1;
+            let start = window.map_or(0, |w| end.saturating_sub(w));
+            let row = dims.kv_heads * dims.head_dim;
+            (&k[start * row..], &v[start * row..], end - start)
+        },
         scale,
     )
 }
@@ -724,8 +733,70 @@ mod tests {
                 assert!(worst < tol, "{isa:?} t={t} past={past}: {worst}");
             }
             assert_eq!(
-                attention(&q, &k, &v, t, past, dims, 1.0 / (d as f32).sqrt()).len(),
+                attention(&q, &k, &v, t, past, dims, 1.0 / (d as f32).sqrt(), None).len(),
                 q.len()
+            );
+        }
+    }
+
+    /// A sliding window W (Gemma 3's local layers, head size 256, one key/value head): the
+    /// query at p attends to keys p − W + 1 ..= p only, against f64 softmax attention over
+    /// those keys, in both arithmetic modes; and the window changes the answer.
+    #[test]
+    fn windowed_attention_sees_only_the_window() {
+        let dims = AttnDims {
+            heads: 4,
+            kv_heads: 1,
+            head_dim: 256,
+        };
+        let d = dims.head_dim;
+        let w = 7;
+        for (t, past, tol) in [(1, 30, 2e-2), (5, 12, 2e-2), (ATTN_TILE_Q + 2, 3, 1e-5)] {
+            let n = past + t;
+            let q = random(t * dims.heads * d, 11);
+            let half = |x: Vec<f32>| x.into_iter().map(f16::from_f32).collect::<Vec<_>>();
+            let (k, v) = (half(random(n * d, 12)), half(random(n * d, 13)));
+            let scale = 0.0625;
+            let got = attention(&q, &k, &v, t, past, dims, scale, Some(w));
+            let full = attention(&q, &k, &v, t, past, dims, scale, None);
+            let mut worst = 0f64;
+            for i in 0..t {
+                let p = past + i;
+                let keys = p.saturating_sub(w - 1)..=p;
+                for h in 0..dims.heads {
+                    let qi = &q[(i * dims.heads + h) * d..][..d];
+                    let s: Vec<f64> = keys
+                        .clone()
+                        .map(|j| {
+                            (0..d)
+                                .map(|c| qi[c] as f64 * k[j * d + c].to_f64())
+                                .sum::<f64>()
+                                * scale as f64
+                        })
+                        .collect();
+                    let m = s.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+                    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for c in 0..d {
+                        let want = keys
+                            .clone()
+                            .zip(&e)
+                            .map(|(j, e)| e * v[j * d + c].to_f64())
+                            .sum::<f64>()
+                            / sum;
+                        let have = got[(i * dims.heads + h) * d + c] as f64;
+                        worst = worst.max((want - have).abs());
+                    }
+                }
+            }
+            assert!(worst < tol, "t={t} past={past}: {worst}");
+            let moved = got
+                .iter()
+                .zip(&full)
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(
+                moved > 1e-2,
+                "t={t} past={past}: the window changed nothing"
             );
         }
     }

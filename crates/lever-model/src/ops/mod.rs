@@ -247,6 +247,69 @@ pub(crate) fn causal_mask(t: usize, past: usize, dev: &Device) -> Result<Tensor>
     Tensor::from_vec(mask, (t, past + t), dev)
 }
 
+/// The same for local attention with a window of W keys: query p also may not look at keys
+/// j ≤ p − W (transformers `sliding_window_overlay`, llama.cpp `is_masked_swa`).
+pub(crate) fn causal_mask_window(
+    t: usize,
+    past: usize,
+    window: usize,
+    dev: &Device,
+) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            let p = past + i;
+            (0..past + t).map(move |j| {
+                if j > p || p - j >= window {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, past + t), dev)
+}
+
+/// GELU, tanh approximation (Hendrycks & Gimpel 2016, arXiv:1606.08415): what transformers'
+/// `gelu_pytorch_tanh` and llama.cpp's `ggml_gelu_f32` compute, in f32.
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
+/// llama.cpp's GELU on the CPU: the f32 value of its table of GELU at every f16, indexed by
+/// the input rounded to f16, with 0 below −10 and the identity above 10 (`ggml_vec_gelu_f32`
+/// and `ggml_vec_geglu_f32` under `GGML_GELU_FP16`).
+fn gelu_f16_table(x: f32) -> f32 {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    let table = TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| {
+                half::f16::from_f32(gelu_tanh(half::f16::from_bits(bits).to_f32())).to_f32()
+            })
+            .collect()
+    });
+    table[half::f16::from_f32(x).to_bits() as usize]
+}
+
+/// GeGLU's middle: gelu(g) · u elementwise, with llama.cpp's f16 table when `f16_table`.
+pub(crate) fn gelu_mul(g: &[f32], u: &[f32], f16_table: bool) -> Vec<f32> {
+    if f16_table {
+        g.iter()
+            .zip(u)
+            .map(|(&g, &u)| gelu_f16_table(g) * u)
+            .collect()
+    } else {
+        g.iter().zip(u).map(|(&g, &u)| gelu_tanh(g) * u).collect()
+    }
+}
+
 /// (B, KVH, T, D) -> (B, KVH * n_rep, T, D): each key/value head serves n_rep query heads.
 pub(crate) fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
     if n_rep == 1 {
