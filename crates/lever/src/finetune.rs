@@ -66,6 +66,13 @@ fn train(a: FinetuneArgs, dist: &Arc<Dist>) -> Result<()> {
         print!("{}", sft::show_mask(&model.tokenizer, &t));
         return Ok(());
     }
+    // Said before any run folder is made (the decoder refuses it too, at the first step).
+    if model.decoder.config().arch == lever_model::Arch::Gemma3 {
+        bail!(
+            "{}: training the gemma3 architecture is not supported yet (inference only: ask, eval, serve)",
+            model.info.path.display()
+        );
+    }
     let method = if a.lora { "lora" } else { "full" };
     let start = match (a.resume, a.force) {
         (true, _) => Start::Resume,

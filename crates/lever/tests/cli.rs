@@ -336,6 +336,27 @@ fn ask_gemma3_raw_continues_like_llama_cpp_and_chat_needs_a_template() {
     ]);
     lever(d.path(), &["chat", "-m", GEMMA3])
         .one_line_error(&["gemma-3-270m-q4_k_m.gguf", "chat template"]);
+    // Training it is refused by name before a run folder is made.
+    std::fs::write(
+        d.path().join("sft.jsonl"),
+        "{\"instruction\": \"Say hi\", \"output\": \"hi\"}\n",
+    )
+    .unwrap();
+    lever(
+        d.path(),
+        &[
+            "finetune",
+            "-m",
+            GEMMA3,
+            "--data",
+            "sft.jsonl",
+            "--lora",
+            "--out",
+            "run",
+        ],
+    )
+    .one_line_error(&["gemma-3-270m-q4_k_m.gguf", "gemma3", "not supported yet"]);
+    assert!(!d.path().join("run").exists());
 }
 
 // ---------------------------------------------------------------------------------------
