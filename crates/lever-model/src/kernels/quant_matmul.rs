@@ -138,7 +138,7 @@ thread_local! {
 }
 
 /// y (m × n, row-major) = x (m × k) · Wᵀ, where `w` holds the GGUF blocks of an n × k matrix of
-/// type `dtype` (Q4_1 or Q8_0). Uses the run-time instruction set and the shared thread pool.
+/// type `dtype` (Q4_1, Q5_0 or Q8_0). Uses the run-time instruction set and the shared thread pool.
 pub(crate) fn matmul(
     dtype: GgmlDType,
     w: &[u8],
