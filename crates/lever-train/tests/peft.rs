@@ -16,8 +16,15 @@ fn fixtures() -> PathBuf {
 }
 
 fn base() -> PathBuf {
+    tiny("llama-f32")
+}
+
+/// A tiny Hugging Face model of lever-model's fixtures: llama-f32, or gemma3-f32 (3 layers,
+/// a sliding window of 5 on its local layers, q/k norms, GeGLU).
+fn tiny(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../lever-model/tests/fixtures/hf-tiny/llama-f32")
+        .join("../lever-model/tests/fixtures/hf-tiny")
+        .join(name)
 }
 
 fn max_diff(model: &Model, reference: &Path) -> f64 {
@@ -46,12 +53,27 @@ fn max_diff(model: &Model, reference: &Path) -> f64 {
 
 #[test]
 fn adapters_run_the_same_in_lever_and_peft() {
-    for made in ["peft-made", "lever-made"] {
+    adapters_run_the_same(&base(), ["peft-made", "lever-made"], 2);
+}
+
+/// Gemma 3 (scripts/make-gemma3-peft-fixtures.py): the same module names as the llama
+/// family under `base_model.model.model.layers.N`, both ways.
+#[test]
+fn gemma3_adapters_run_the_same_in_lever_and_peft() {
+    adapters_run_the_same(
+        &tiny("gemma3-f32"),
+        ["gemma3-peft-made", "gemma3-lever-made"],
+        3,
+    );
+}
+
+fn adapters_run_the_same(base: &Path, made: [&str; 2], layers: usize) {
+    for made in made {
         let dir = fixtures().join(made);
-        let mut model = Model::load_hf(&base(), &Device::Cpu).unwrap();
+        let mut model = Model::load_hf(base, &Device::Cpu).unwrap();
         let without = max_diff(&model, &dir.join("reference.json"));
         let n = lever_train::load_peft(&mut model.decoder, &dir).unwrap();
-        assert_eq!(n, 2 * 7, "{made}");
+        assert_eq!(n, layers * 7, "{made}");
         let d = max_diff(&model, &dir.join("reference.json"));
         eprintln!("{made}: max |logit diff| vs PEFT {d:.2e} (without the adapter {without:.2e})");
         assert!(d < 1e-4, "{made}: {d}");
@@ -60,6 +82,51 @@ fn adapters_run_the_same_in_lever_and_peft() {
             "{made}: the adapter must matter ({without} vs {d})"
         );
     }
+}
+
+/// A Gemma 3 adapter folded into its Hugging Face base and written as a folder: the norms go
+/// back to transformers' w (lever holds 1 + w) and the folder reloads with PEFT's logits.
+/// Converting it to GGUF is refused by name, before anything is written.
+#[test]
+fn a_gemma3_adapter_merges_into_a_hugging_face_folder() {
+    let dir = fixtures().join("gemma3-peft-made");
+    let mut model = Model::load_hf(&tiny("gemma3-f32"), &Device::Cpu).unwrap();
+    lever_train::load_peft(&mut model.decoder, &dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    lever_model::formats::export::write_hf(&model, &out).unwrap();
+    let merged = Model::load_hf(&out, &Device::Cpu).unwrap();
+    let d = max_diff(&merged, &dir.join("reference.json"));
+    eprintln!("gemma3-peft-made merged into a HF folder: max |logit diff| vs PEFT {d:.2e}");
+    assert!(d < 1e-4, "{d}");
+    let st = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let base =
+        candle_core::safetensors::load(tiny("gemma3-f32").join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    for norm in [
+        "model.layers.0.self_attn.q_norm.weight",
+        "model.layers.2.post_feedforward_layernorm.weight",
+        "model.norm.weight",
+    ] {
+        let diff = (&st[norm] - &base[norm])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "{norm}: {diff}");
+    }
+    let gguf = tmp.path().join("merged.gguf");
+    let e = lever_model::formats::quantize::convert_hf(&out, &gguf, GgmlDType::Q8_0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("gemma3") && e.contains("not supported yet"),
+        "{e}"
+    );
+    assert!(!gguf.exists());
 }
 
 /// The GGUF conversion stores Q and K permuted; the adapter's B rows follow.
@@ -124,9 +191,21 @@ fn an_adapter_for_another_base_is_refused_by_tensor_name() {
 /// (through both layers, attention, norms and the MLP) equal PEFT's.
 #[test]
 fn decoder_gradients_match_pytorch() {
+    gradients_match_pytorch(&base(), "peft-made", 2);
+}
+
+/// The same through Gemma 3's block: q/k norms, its attention scale, the sliding window
+/// (5 keys, on a 39-token prompt) on local layers, the norms after attention and MLP, GeGLU
+/// and the scaled embedding.
+#[test]
+fn gemma3_decoder_gradients_match_pytorch() {
+    gradients_match_pytorch(&tiny("gemma3-f32"), "gemma3-peft-made", 3);
+}
+
+fn gradients_match_pytorch(base: &Path, made: &str, layers: usize) {
     use candle_core::Var;
-    let dir = fixtures().join("peft-made");
-    let mut model = Model::load_hf(&base(), &Device::Cpu).unwrap();
+    let dir = fixtures().join(made);
+    let mut model = Model::load_hf(base, &Device::Cpu).unwrap();
     lever_train::load_peft(&mut model.decoder, &dir).unwrap();
     let modules = [
         ("attn_q", "self_attn.q_proj"),
@@ -152,7 +231,7 @@ fn decoder_gradients_match_pytorch() {
         vars.push((format!("{key}.lora_A.weight"), a));
         vars.push((format!("{key}.lora_B.weight"), b));
     }
-    assert_eq!(vars.len(), 28);
+    assert_eq!(vars.len(), layers * 14);
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
@@ -211,7 +290,8 @@ fn decoder_gradients_match_pytorch() {
             );
         }
         eprintln!(
-            "gradients vs PyTorch, 28 LoRA tensors, checkpoint={checkpoint}: worst relative diff {worst:.2e}"
+            "{made}: gradients vs PyTorch, {} LoRA tensors, checkpoint={checkpoint}: worst relative diff {worst:.2e}",
+            vars.len()
         );
     }
 }

@@ -66,11 +66,19 @@ fn train(a: FinetuneArgs, dist: &Arc<Dist>) -> Result<()> {
         print!("{}", sft::show_mask(&model.tokenizer, &t));
         return Ok(());
     }
-    // Said before any run folder is made (the decoder refuses it too, at the first step).
-    if model.decoder.config().arch == lever_model::Arch::Gemma3 {
+    // Said before any run folder is made: full fine-tuning ends by writing a Hugging Face
+    // folder, which a Gemma 3 GGUF cannot give yet (no tokenizer.json writer for its
+    // SentencePiece vocabulary); LoRA writes a PEFT adapter and works on it.
+    if model.decoder.config().arch == lever_model::Arch::Gemma3
+        && !a.lora
+        && model.info.format != "hf"
+    {
         bail!(
-            "{}: training the gemma3 architecture is not supported yet (inference only: ask, eval, serve)",
-            model.info.path.display()
+            "{}: full fine-tuning of a gemma3 model from {} is not supported yet (its result is \
+             a Hugging Face folder, and its SentencePiece vocabulary has no tokenizer.json \
+             writer); use --lora, or start from the Hugging Face folder",
+            model.info.path.display(),
+            model.info.format
         );
     }
     let method = if a.lora { "lora" } else { "full" };

@@ -197,11 +197,6 @@ impl Attention {
         let pos = cache.len;
         let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
         let pass = Pass::of(&[&q, &k, &v]);
-        if pass == Pass::Training && self.qk_norms.is_some() {
-            candle_core::bail!(
-                "training the gemma3 architecture is not supported yet (inference only)"
-            );
-        }
         let (q, k) = self.norm_qk(q, k)?;
         // The fused training op covers a whole prefix (no cache), the host kernel one
         // sequence; a batch, or gradients with a cache, take the tensor path.
@@ -245,11 +240,9 @@ impl Attention {
     fn fused(&self, q: &Tensor, k: &Tensor, v: &Tensor, rope: &RopeTables) -> Result<Tensor> {
         let (b, t, _) = q.dims3()?;
         let shape = AttnShape {
-            batch: b,
-            len: t,
-            heads: self.num_heads,
-            kv_heads: self.num_kv_heads,
-            head_dim: self.head_dim,
+            scale: self.kernel_scale(),
+            window: self.window,
+            ..AttnShape::causal(b, t, self.num_heads, self.num_kv_heads, self.head_dim)
         };
         grad::causal_attention(q, k, v, shape, rope, self.numerics.f16_kv()) // (B, T, H·D)
     }
@@ -324,7 +317,7 @@ impl Attention {
         // candle's fused softmax has no backward: lever's fused causal one when the scores
         // carry gradients (scale and mask inside, two tensors kept instead of six).
         let att = if att.track_op() {
-            grad::causal_softmax(&att, 1.0 / (d as f64).sqrt(), pos)?
+            grad::causal_softmax(&att, self.kernel_scale() as f64, pos, self.window)?
         } else {
             let att = match self.scale {
                 // transformers' Gemma 3: `matmul(q, kᵀ) * scaling`.
@@ -531,13 +524,7 @@ impl Block {
             return Ok(None);
         };
         let (b, t, _) = x.dims3()?;
-        let shape = AttnShape {
-            batch: b,
-            len: t,
-            heads: a.num_heads,
-            kv_heads: a.num_kv_heads,
-            head_dim: a.head_dim,
-        };
+        let shape = AttnShape::causal(b, t, a.num_heads, a.num_kv_heads, a.head_dim);
         let core = grad::CausalAttention::new(shape, rope, a.numerics.f16_kv())?;
         let x = sublayer::attention_half(x, &self.attn_norm, eps, core, [q, k, v, o])?;
         Ok(Some(sublayer::mlp_half(
@@ -742,10 +729,37 @@ impl Decoder {
             ] {
                 trainable(l, p.gguf_name(), &mut var)?;
             }
+            // Gemma 3's extra norms train too, under their own names (as `params` gives them).
+            if let Some((qn, kn)) = &mut b.attn.qk_norms {
+                *qn = var(
+                    format!("{}.weight", Param::QNorm(i).gguf_name()),
+                    qn.clone(),
+                )?;
+                *kn = var(
+                    format!("{}.weight", Param::KNorm(i).gguf_name()),
+                    kn.clone(),
+                )?;
+            }
+            let ffn_norm = match &mut b.post_norms {
+                Some((attn_out, _)) => {
+                    *attn_out = var(
+                        format!("{}.weight", Param::PostAttnNorm(i).gguf_name()),
+                        attn_out.clone(),
+                    )?;
+                    Param::PreFfnNorm(i)
+                }
+                None => Param::FfnNorm(i),
+            };
             b.ffn_norm = var(
-                format!("{}.weight", Param::FfnNorm(i).gguf_name()),
+                format!("{}.weight", ffn_norm.gguf_name()),
                 b.ffn_norm.clone(),
             )?;
+            if let Some((_, ffn_out)) = &mut b.post_norms {
+                *ffn_out = var(
+                    format!("{}.weight", Param::PostFfnNorm(i).gguf_name()),
+                    ffn_out.clone(),
+                )?;
+            }
             for (p, l) in [
                 (Param::Gate(i), &mut b.mlp.gate),
                 (Param::Up(i), &mut b.mlp.up),

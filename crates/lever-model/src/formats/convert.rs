@@ -73,6 +73,17 @@ pub fn hf_to_gguf(dir: &Path, target: GgmlDType) -> Result<GgufParts> {
         field,
         problem,
     })?;
+    if cfg.arch == Arch::Gemma3 {
+        // Its q/k and post norms, layer pattern and SentencePiece vocabulary are not written
+        // here yet; llama.cpp's convert_hf_to_gguf.py converts it.
+        return Err(Error::Config {
+            path: cfg_path,
+            field: "model_type".into(),
+            problem: "converting a gemma3 Hugging Face folder to GGUF is not supported yet \
+                      (llama.cpp's convert_hf_to_gguf.py does it; lever runs the result)"
+                .into(),
+        });
+    }
     let tk_path = dir.join("tokenizer.json");
     let tk = read_json(&tk_path)?;
     let tk_err = |problem: String| Error::Tokenizer {

@@ -46,14 +46,12 @@ fn merged(l: &Linear) -> Result<(Tensor, Option<Tensor>)> {
 /// Every weight of the decoder as named f32 tensors for `layout`, adapters folded in.
 pub fn named_tensors(decoder: &Decoder, layout: Layout) -> Result<Vec<(String, Tensor)>> {
     let cfg = decoder.config();
-    if cfg.arch == Arch::Gemma3 {
-        // The two layouts store Gemma's norm weights differently (w vs 1 + w), and its
-        // config has fields lever does not write yet.
-        return Err(candle_core::Error::Msg(
-            "exporting the gemma3 architecture is not supported yet".into(),
-        )
-        .into());
-    }
+    // Gemma 3's norms compute x̂·(1 + w): the decoder holds 1 + w, as GGUF stores it;
+    // Hugging Face checkpoints store w (`Gemma3RMSNorm`).
+    let norm_offset = match (&cfg.gemma, layout) {
+        (Some(_), Layout::HuggingFace) => 1.0,
+        _ => 0.0,
+    };
     // Which way Q/K rows must move: None, to GGUF's interleaved rows, or back.
     let stored_interleaved = cfg.rope_style == RopeStyle::Interleaved;
     let want_interleaved = layout == Layout::Gguf && cfg.arch == Arch::Llama;
@@ -83,7 +81,10 @@ pub fn named_tensors(decoder: &Decoder, layout: Layout) -> Result<Vec<(String, T
                 };
                 out.push((name(p, "weight"), t));
             }
-            ParamRef::Vector(v) => out.push((name(p, "weight"), v.to_dtype(DType::F32)?.detach())),
+            ParamRef::Vector(v) => {
+                let v = (v.to_dtype(DType::F32)? - norm_offset)?;
+                out.push((name(p, "weight"), v.detach()))
+            }
             ParamRef::Linear(l) => {
                 let (w, b) = merged(l)?;
                 out.push((name(p, "weight"), rows(p, w)?));
@@ -138,6 +139,18 @@ fn hf_config(model: &Model) -> serde_json::Value {
 /// config from the decoder and the tokenizer files it was trained with, copied as they are. The folder appears complete or
 /// not at all.
 pub fn write_hf(model: &Model, dir: &Path) -> Result<()> {
+    if model.decoder.config().arch == Arch::Gemma3 && model.info.format != "hf" {
+        // Its SentencePiece vocabulary (from GGUF) has no tokenizer.json writer yet.
+        return Err(Error::Tokenizer {
+            path: model.info.path.clone(),
+            problem: format!(
+                "exporting a gemma3 model loaded from {} as a Hugging Face folder is not \
+                 supported yet (its SentencePiece vocabulary has no tokenizer.json writer); \
+                 export it to GGUF instead",
+                model.info.format
+            ),
+        });
+    }
     let tensors: std::collections::HashMap<String, Tensor> =
         named_tensors(&model.decoder, Layout::HuggingFace)?
             .into_iter()

@@ -18,6 +18,8 @@ use super::{RopeStyle, RopeTables};
 struct CausalSoftmax {
     scale: f32,
     past: usize,
+    /// Local attention: query p also may not see keys j ≤ p − W.
+    window: Option<usize>,
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -35,12 +37,13 @@ impl CustomOp1 for CausalSoftmax {
             .enumerate()
             .for_each(|(row, (y, x))| {
                 let keys = (self.past + row % t + 1).min(p);
-                let max = x[..keys]
+                let first = self.window.map_or(0, |w| keys.saturating_sub(w));
+                let max = x[first..keys]
                     .iter()
                     .fold(f32::NEG_INFINITY, |m, v| m.max(v * self.scale));
-                y[..keys].copy_from_slice(&x[..keys]);
-                let sum = super::exp_in_place(&mut y[..keys], self.scale, max);
-                y[..keys].iter_mut().for_each(|y| *y /= sum);
+                y[first..keys].copy_from_slice(&x[first..keys]);
+                let sum = super::exp_in_place(&mut y[first..keys], self.scale, max);
+                y[first..keys].iter_mut().for_each(|y| *y /= sum);
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -84,11 +87,18 @@ impl CustomOp2 for SoftmaxGrad {
 }
 
 /// Causal softmax of raw attention scores (B, H, T, P): scaled, masked for queries at
-/// positions past.., normalized. Differentiable.
-pub(crate) fn causal_softmax(scores: &Tensor, scale: f64, past: usize) -> Result<Tensor> {
+/// positions past.. (and, with a window W, for keys W or more positions back), normalized.
+/// Differentiable.
+pub(crate) fn causal_softmax(
+    scores: &Tensor,
+    scale: f64,
+    past: usize,
+    window: Option<usize>,
+) -> Result<Tensor> {
     scores.contiguous()?.apply_op1(CausalSoftmax {
         scale: scale as f32,
         past,
+        window,
     })
 }
 
@@ -336,6 +346,37 @@ pub(crate) struct AttnShape {
     pub(crate) heads: usize,
     pub(crate) kv_heads: usize,
     pub(crate) head_dim: usize,
+    /// The factor of q·k: 1/√D for the llama family, the model's own for Gemma 3
+    /// (`query_pre_attn_scalar`^-1/2).
+    pub(crate) scale: f32,
+    /// Local attention (Gemma 3's sliding layers): query i sees keys i − W < j ≤ i only.
+    pub(crate) window: Option<usize>,
+}
+
+impl AttnShape {
+    /// The llama family's shape: scores scaled by 1/√D, every earlier key seen.
+    pub(crate) fn causal(
+        batch: usize,
+        len: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
+        Self {
+            batch,
+            len,
+            heads,
+            kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            window: None,
+        }
+    }
+
+    /// The first key query row `i` sees.
+    fn first_key(&self, i: usize) -> usize {
+        self.window.map_or(0, |w| (i + 1).saturating_sub(w))
+    }
 }
 
 /// The whole attention core of a decoder layer on a prefix (no cache): RoPE on q and k,
@@ -439,12 +480,14 @@ impl CausalAttention {
             Mat::t(&kr[..i1 * d], d),
             Gemm::new(i1 - i0, i1, d).serial(),
         );
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = self.shape.scale;
         for (r, row) in p.chunks_exact_mut(i1).enumerate() {
             let (seen, masked) = row.split_at_mut(i0 + r + 1);
+            let (old, seen) = seen.split_at_mut(self.shape.first_key(i0 + r));
             let max = seen.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v * scale));
             let sum = super::exp_in_place(seen, scale, max);
             seen.iter_mut().for_each(|v| *v /= sum);
+            old.fill(0.0);
             masked.fill(0.0);
         }
     }
@@ -510,7 +553,7 @@ impl CausalAttention {
         let s = self.shape;
         let (t, d, rep) = (s.len, s.head_dim, s.heads / s.kv_heads);
         let (b, g) = (u / s.kv_heads, u % s.kv_heads);
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = s.scale;
         let per_head = probs_len(t);
         let kept = !unit.probs.is_empty();
         let (kr, vv) = (&unit.kr, &unit.vv);
@@ -805,6 +848,7 @@ pub(crate) fn causal_attention(
         heads: h,
         kv_heads: kh,
         head_dim: d,
+        ..
     } = shape;
     for (x, heads) in [(q, h), (k, kh), (v, kh)] {
         if x.dims() != [b, t, heads * d] {
@@ -859,7 +903,7 @@ mod tests {
     fn causal_softmax_equals_scale_mask_softmax() {
         let (t, past) = (3, 2);
         let x = var(1, &[2, 2, t, past + t]);
-        let fused = causal_softmax(x.as_tensor(), 0.125, past).unwrap();
+        let fused = causal_softmax(x.as_tensor(), 0.125, past, None).unwrap();
         let mask = crate::ops::causal_mask(t, past, &Device::Cpu).unwrap();
         let plain = (x.as_tensor() * 0.125)
             .unwrap()
@@ -867,6 +911,18 @@ mod tests {
             .unwrap();
         let plain = candle_nn::ops::softmax(&plain, D::Minus1).unwrap();
         check(&[&x], fused, plain, "causal softmax");
+    }
+
+    /// Gemma 3's local layers: the window's mask (transformers' sliding-window overlay) inside.
+    #[test]
+    fn windowed_causal_softmax_equals_scale_window_mask_softmax() {
+        let (t, past, w) = (5, 3, 3);
+        let x = var(11, &[2, 2, t, past + t]);
+        let fused = causal_softmax(x.as_tensor(), 0.3, past, Some(w)).unwrap();
+        let mask = crate::ops::causal_mask_window(t, past, w, &Device::Cpu).unwrap();
+        let plain = (x.as_tensor() * 0.3).unwrap().broadcast_add(&mask).unwrap();
+        let plain = candle_nn::ops::softmax(&plain, D::Minus1).unwrap();
+        check(&[&x], fused, plain, "windowed causal softmax");
     }
 
     #[test]
@@ -924,10 +980,13 @@ mod tests {
         // Two blocks of query rows, the second partial.
         let (b, t, h, kh, d) = (2, QUERY_BLOCK + 6, 4, 2, 8);
         let dev = Device::Cpu;
-        for (style, round) in [
-            (RopeStyle::Neox, false),
-            (RopeStyle::Interleaved, false),
-            (RopeStyle::Interleaved, true),
+        // The last case is Gemma 3's local layer: its own scale and a window shorter than
+        // a block of query rows.
+        for (style, round, scale, window) in [
+            (RopeStyle::Neox, false, None, None),
+            (RopeStyle::Interleaved, false, None, None),
+            (RopeStyle::Interleaved, true, None, None),
+            (RopeStyle::Neox, true, Some(0.2f32), Some(5)),
         ] {
             let rope = crate::ops::Rope::new(d, 10000.0, t, style, round, &dev)
                 .unwrap()
@@ -936,12 +995,11 @@ mod tests {
             let q = var(6, &[b, t, h * d]);
             let k = var(7, &[b, t, kh * d]);
             let v = var(8, &[b, t, kh * d]);
+            let plain_shape = AttnShape::causal(b, t, h, kh, d);
             let shape = AttnShape {
-                batch: b,
-                len: t,
-                heads: h,
-                kv_heads: kh,
-                head_dim: d,
+                scale: scale.unwrap_or(plain_shape.scale),
+                window,
+                ..plain_shape
             };
             let fused = causal_attention(
                 q.as_tensor(),
@@ -983,7 +1041,7 @@ mod tests {
                 .contiguous()
                 .unwrap();
             let att = qr.matmul(&kr.t().unwrap()).unwrap();
-            let att = causal_softmax(&att, 1.0 / (d as f64).sqrt(), 0).unwrap();
+            let att = causal_softmax(&att, shape.scale as f64, 0, window).unwrap();
             let plain = att
                 .matmul(&vr)
                 .unwrap()
@@ -995,7 +1053,7 @@ mod tests {
                 &[&q, &k, &v],
                 fused,
                 plain,
-                &format!("attention {style:?} {round}"),
+                &format!("attention {style:?} {round} {window:?}"),
             );
         }
     }

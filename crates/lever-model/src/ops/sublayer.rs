@@ -366,13 +366,7 @@ mod tests {
             Weights {
                 norms: [var(10, &[c], 0.2, 1.0), var(11, &[c], 0.2, 1.0)],
                 proj,
-                shape: AttnShape {
-                    batch: b,
-                    len: t,
-                    heads: h,
-                    kv_heads: kh,
-                    head_dim: d,
-                },
+                shape: AttnShape::causal(b, t, h, kh, d),
                 rope,
                 round_kv,
             }
