@@ -512,6 +512,10 @@ impl<'a> Evaluator<'a> {
                     if g.temperature > 0.0 { seed } else { 0 },
                     g.stop
                 ]);
+                let constraint = g.constraint();
+                if let (Some(c), Some(list)) = (&constraint, parts.as_array_mut()) {
+                    list.push(json!(format!("{c:?}")));
+                }
                 // A server answers for its own model: its results are its own.
                 if let Source::Server(url) = self.generator.source()
                     && let Some(list) = parts.as_array_mut()
@@ -527,6 +531,7 @@ impl<'a> Evaluator<'a> {
                     None => {
                         let what = self.generation_prompt(s, ex, &rec.shots);
                         let req = Request {
+                            constraint: constraint.as_ref(),
                             prompt: match &what {
                                 GenPrompt::Chat(m) => Prompt::Chat(m),
                                 GenPrompt::Text(t) => Prompt::Text(t),

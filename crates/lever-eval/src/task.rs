@@ -139,6 +139,11 @@ pub struct Generation {
     pub top_k: usize,
     pub seed: u64,
     pub stop: Vec<String>,
+    /// Constrained decoding: the answer is one of these strings exactly.
+    pub choices: Vec<String>,
+    /// Constrained decoding: the answer is JSON valid against this schema (a
+    /// `[generation.json_schema]` table).
+    pub json_schema: Option<serde_json::Value>,
 }
 
 impl Default for Generation {
@@ -150,6 +155,19 @@ impl Default for Generation {
             top_k: 0,
             seed: 0,
             stop: Vec::new(),
+            choices: Vec::new(),
+            json_schema: None,
+        }
+    }
+}
+
+impl Generation {
+    /// The constraint the task's generation section asks for, if any.
+    pub fn constraint(&self) -> Option<lever_generate::Constraint> {
+        match (&self.json_schema, self.choices.is_empty()) {
+            (Some(s), _) => Some(lever_generate::Constraint::JsonSchema(s.clone())),
+            (None, false) => Some(lever_generate::Constraint::Choice(self.choices.clone())),
+            (None, true) => None,
         }
     }
 }
@@ -418,6 +436,11 @@ pub fn load(path: &Path) -> Result<Task> {
         }
         add(&mut env, format!("prompt.{name}"), src)?;
         templates.push(name.clone());
+    }
+    if raw.generation.json_schema.is_some() && !raw.generation.choices.is_empty() {
+        return Err(spec_err(
+            "[generation] give json_schema or choices, not both".into(),
+        ));
     }
     let mc = metric.is_multiple_choice();
     if mc {
@@ -829,6 +852,53 @@ name = "exact_match"
         assert_eq!(task.test[0].target, "4");
         assert!(task.test[0].origin.ends_with("qa.jsonl:1"));
         assert_eq!(task.name, "t");
+    }
+
+    /// `[generation] choices` and a `[generation.json_schema]` table become the constraint
+    /// the answers are generated under; both at once is refused by section.
+    #[test]
+    fn generation_constraints_from_the_task_file() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "qa.jsonl", QA);
+        let head = r#"
+[data]
+test = "qa.jsonl"
+[prompt]
+template = "Q: {{ q }}\nA:"
+target = "{{ a }}"
+[metric]
+name = "exact_match"
+"#;
+        let t = write(
+            d.path(),
+            "choices.toml",
+            &format!("{head}[generation]\nchoices = [\"4\", \"6\"]\n"),
+        );
+        assert_eq!(
+            load(&t).unwrap().generation.constraint(),
+            Some(lever_generate::Constraint::Choice(vec![
+                "4".into(),
+                "6".into()
+            ]))
+        );
+        let schema = "[generation.json_schema]\ntype = \"object\"\nrequired = [\"answer\"]\n\
+                      [generation.json_schema.properties.answer]\ntype = \"integer\"\n";
+        let t = write(d.path(), "schema.toml", &format!("{head}{schema}"));
+        assert_eq!(
+            load(&t).unwrap().generation.constraint(),
+            Some(lever_generate::Constraint::JsonSchema(serde_json::json!(
+                {"type": "object", "required": ["answer"], "properties": {"answer": {"type": "integer"}}}
+            )))
+        );
+        let t = write(
+            d.path(),
+            "both2.toml",
+            &format!(
+                "{head}[generation]\nchoices = [\"4\"]\n[generation.json_schema]\ntype = \"integer\"\n"
+            ),
+        );
+        let e = load(&t).unwrap_err().to_string();
+        assert!(e.contains("json_schema or choices"), "{e}");
     }
 
     #[test]

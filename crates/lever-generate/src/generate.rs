@@ -8,6 +8,7 @@ use candle_core::Tensor;
 use lever_model::{Cache, Logits, Model};
 use serde::Serialize;
 
+use crate::constrain::Guide;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stream::{StopMatcher, Utf8Stream};
 use crate::{Error, Result};
@@ -139,6 +140,9 @@ pub struct Generation {
     pub prompt_ms: f64,
     pub generation_ms: f64,
     pub finish_reason: FinishReason,
+    /// With a constraint: whether the text is complete under it (false when the token budget
+    /// or the context ran out first); `None` without one.
+    pub valid: Option<bool>,
 }
 
 /// What the caller wants after a piece of text was produced.
@@ -170,6 +174,18 @@ pub fn generate(
     req: &GenerateRequest,
     on_text: &mut dyn FnMut(&str) -> Flow,
 ) -> Result<Generation> {
+    generate_guided(model, session, prompt, req, None, on_text)
+}
+
+/// [`generate`] under a constraint: `guide` masks the logits before every draw.
+pub fn generate_guided(
+    model: &Model,
+    session: &mut Session,
+    prompt: &[u32],
+    req: &GenerateRequest,
+    mut guide: Option<&mut Guide>,
+    on_text: &mut dyn FnMut(&str) -> Flow,
+) -> Result<Generation> {
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
     }
@@ -195,7 +211,13 @@ pub fn generate(
         on_text(piece)
     };
     while tokens.len() < req.max_new_tokens {
+        if let Some(g) = guide.as_deref_mut() {
+            g.mask(&mut logits)?;
+        }
         let next = sampler.sample(&logits, session.tokens());
+        if let Some(g) = guide.as_deref_mut() {
+            g.commit(next)?;
+        }
         if tok.is_eog(next) {
             finish = FinishReason::Eog;
             break;
@@ -245,5 +267,6 @@ pub fn generate(
         prompt_ms,
         generation_ms: t1.elapsed().as_secs_f64() * 1e3,
         finish_reason: finish,
+        valid: guide.map(|g| g.is_accepting()),
     })
 }

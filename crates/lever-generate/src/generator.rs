@@ -22,7 +22,7 @@ use lever_model::{GenerationConfig, Message};
 use serde::Serialize;
 
 use crate::sampling::SamplingParams;
-use crate::{FinishReason, Flow, Result};
+use crate::{Constraint, FinishReason, Flow, Result};
 
 /// What to continue.
 #[derive(Debug, Clone, Copy)]
@@ -93,6 +93,9 @@ pub struct Request<'a> {
     /// Generation ends where one of these strings would begin; it is not returned.
     pub stop: &'a [String],
     pub sampling: Sampling,
+    /// What the output must be (JSON Schema, regular expression, grammar, choice); `None`: free
+    /// text.
+    pub constraint: Option<&'a Constraint>,
 }
 
 /// Why a generation ended.
@@ -133,6 +136,9 @@ pub struct Output {
     pub completion_tokens: Option<usize>,
     /// In-process only.
     pub timings: Option<Timings>,
+    /// With a constraint, in-process: whether the text is complete under it (false when the
+    /// token budget ran out first); `None` without one, or from a server.
+    pub valid: Option<bool>,
     /// The settings the tokens were drawn with, in-process; `None` from a server, which fills
     /// in what was not sent with its own defaults.
     pub sampling: Option<UsedSampling>,

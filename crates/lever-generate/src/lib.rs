@@ -6,11 +6,13 @@
 //! Parts:
 //! - [`generate`]: the token loop over a [`Session`] (the KV cache and its tokens);
 //! - [`sampling`], [`stream`]: choosing a token; UTF-8 and stop strings in streamed text;
+//! - [`constrain`]: constrained decoding (JSON Schema, regex, Lark, choices) by llguidance;
 //! - [`generator`]: the [`Generator`] trait, its [`Request`] and [`Output`];
 //! - [`local`], [`remote`] (with [`sse`], the event-stream reader): its two sides;
 //! - [`perplexity`], [`bench`]: measurements.
 
 pub mod bench;
+pub mod constrain;
 pub mod generate;
 pub mod generator;
 pub mod local;
@@ -20,8 +22,10 @@ pub mod sampling;
 pub mod sse;
 pub mod stream;
 
+pub use constrain::{Constraint, Grammars, Guide};
 pub use generate::{
     FinishReason, Flow, GenerateRequest, Generation, Session, check_context, generate,
+    generate_guided,
 };
 pub use generator::{
     Finish, Generator, Output, Prompt, Request, Sampling, Source, Timings, Unset, UsedSampling,
@@ -39,6 +43,10 @@ pub enum Error {
     EmptyPrompt,
     #[error("{0}")]
     Invalid(String),
+    /// A constraint that cannot be compiled or followed (an unsupported schema keyword, a bad
+    /// regular expression, a grammar that matches nothing).
+    #[error("constraint: {0}")]
+    Constraint(String),
     #[error("{}: the model has no chat template; use --raw to send the text as is", model.display())]
     NoChatTemplate { model: std::path::PathBuf },
     /// The model's chat template failed on these messages.

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use lever_model::{Message, Model};
 
-use crate::generate::{GenerateRequest, Session, generate};
+use crate::constrain::{Constraint, Grammars, Guide};
+use crate::generate::{GenerateRequest, Session, generate_guided};
 use crate::generator::{
     Finish, Generator, Output, Prompt, Request, Source, Timings, Unset, UsedSampling,
 };
@@ -15,12 +16,30 @@ use crate::{Error, Flow, Result};
 pub struct Local {
     model: Arc<Model>,
     session: Session,
+    /// The model's token trie for constrained decoding, built on the first constrained request.
+    grammars: Option<Grammars>,
 }
 
 impl Local {
     pub fn new(model: Arc<Model>) -> Self {
         let session = Session::new(&model);
-        Self { model, session }
+        Self {
+            model,
+            session,
+            grammars: None,
+        }
+    }
+
+    /// A guide for `c` on this model.
+    fn guide(&mut self, c: &Constraint) -> Result<Guide> {
+        if self.grammars.is_none() {
+            let vocab = self.model.decoder.config().vocab_size;
+            self.grammars = Some(Grammars::new(&self.model.tokenizer, vocab)?);
+        }
+        match &self.grammars {
+            Some(g) => g.guide(c),
+            None => Err(Error::Constraint("no token trie".into())),
+        }
     }
 
     /// The model, for the work a text interface cannot do (scoring, batched steps).
@@ -68,6 +87,10 @@ impl Generator for Local {
         req: &Request<'_>,
         on_text: &mut dyn FnMut(&str) -> Flow,
     ) -> Result<Output> {
+        let mut guide = match req.constraint {
+            Some(c) => Some(self.guide(c)?),
+            None => None,
+        };
         let model = &*self.model;
         let ids = prompt_ids(model, &req.prompt)?;
         let sampling = req.sampling.resolve(&model.info.generation);
@@ -76,8 +99,9 @@ impl Generator for Local {
             stop: req.stop.to_vec(),
             sampling: sampling.clone(),
         };
-        let g = generate(model, &mut self.session, &ids, &r, on_text)?;
+        let g = generate_guided(model, &mut self.session, &ids, &r, guide.as_mut(), on_text)?;
         Ok(Output {
+            valid: g.valid,
             text: g.text,
             finish_reason: Finish::Local(g.finish_reason),
             prompt_tokens: Some(g.prompt_tokens),

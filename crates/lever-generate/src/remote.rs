@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::generator::{Finish, Generator, Output, Prompt, Request, Sampling, Source, Unset};
 use crate::sse::{Event, EventReader};
-use crate::{Error, FinishReason, Flow, Result};
+use crate::{Constraint, Error, FinishReason, Flow, Result};
 
 /// Time to open a connection (and finish the TLS handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -144,6 +144,19 @@ impl Remote {
             Prompt::Chat(messages) => b["messages"] = json!(messages_json(messages)),
             Prompt::Text(text) => b["prompt"] = json!(text),
         }
+        // OpenAI's `response_format` for JSON; vLLM's `guided_*` fields (which lever serve
+        // and SGLang read too) for the rest.
+        match req.constraint {
+            None => {}
+            Some(Constraint::JsonSchema(schema)) => {
+                b["response_format"] = json!({"type": "json_schema",
+                    "json_schema": {"name": "answer", "schema": schema, "strict": true}});
+            }
+            Some(Constraint::JsonObject) => b["response_format"] = json!({"type": "json_object"}),
+            Some(Constraint::Regex(rx)) => b["guided_regex"] = json!(rx),
+            Some(Constraint::Lark(g)) => b["guided_grammar"] = json!(g),
+            Some(Constraint::Choice(c)) => b["guided_choice"] = json!(c),
+        }
         b
     }
 
@@ -187,6 +200,7 @@ impl Remote {
         }
         let mut events = EventReader::new(BufReader::new(body.into_reader()));
         let mut out = Output {
+            valid: None,
             text: String::new(),
             finish_reason: Finish::Server(None),
             prompt_tokens: None,
@@ -327,6 +341,7 @@ mod tests {
 
     fn request<'a>(prompt: Prompt<'a>, stop: &'a [String]) -> Request<'a> {
         Request {
+            constraint: None,
             prompt,
             max_tokens: 7,
             stop,

@@ -99,6 +99,7 @@ fn chunk(text: &str) -> String {
 
 fn request<'a>(prompt: Prompt<'a>) -> Request<'a> {
     Request {
+        constraint: None,
         prompt,
         max_tokens: 16,
         stop: &[],

@@ -152,6 +152,7 @@ pub fn answer_from(
     });
     let out = if go == Flow::Stop {
         Output {
+            valid: None,
             text: String::new(),
             finish_reason: Finish::Local(lever_generate::FinishReason::Cancelled),
             prompt_tokens: None,
@@ -162,6 +163,7 @@ pub fn answer_from(
     } else {
         let messages = [Message::new("user", g.user.clone())];
         let req = Request {
+            constraint: None,
             prompt: Prompt::Chat(&messages),
             max_tokens: opts.max_tokens,
             stop: opts.stop,

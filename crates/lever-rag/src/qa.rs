@@ -238,6 +238,7 @@ pub fn run_question(
             let messages = [Message::new("user", q.text.clone())];
             let out = generator.generate(
                 &Request {
+                    constraint: None,
                     prompt: Prompt::Chat(&messages),
                     max_tokens: opts.max_tokens,
                     stop: opts.stop,

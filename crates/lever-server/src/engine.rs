@@ -31,7 +31,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync
 use std::time::{Duration, Instant};
 
 use lever_generate::stream::{StopMatcher, Utf8Stream};
-use lever_generate::{FinishReason, Sampler, SamplingParams};
+use lever_generate::{FinishReason, Guide, Sampler, SamplingParams};
 use lever_model::{Cache, Model};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -66,6 +66,8 @@ pub struct Job {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Constrained decoding: masks this sequence's logits before each draw.
+    pub guide: Option<Guide>,
     pub events: UnboundedSender<Event>,
 }
 
@@ -424,7 +426,25 @@ fn advance(model: &Model, s: &mut Seq, logits: &[f32]) -> bool {
         let _ = s.job.events.send(Event::Failed(e.to_string()));
         return false;
     }
+    let mut masked = Vec::new();
+    let logits = match &mut s.job.guide {
+        None => logits,
+        Some(g) => {
+            masked.extend_from_slice(logits);
+            if let Err(e) = g.mask(&mut masked) {
+                let _ = s.job.events.send(Event::Failed(e.to_string()));
+                return false;
+            }
+            &masked
+        }
+    };
     let next = s.sampler.sample(logits, &s.history);
+    if let Some(g) = &mut s.job.guide
+        && let Err(e) = g.commit(next)
+    {
+        let _ = s.job.events.send(Event::Failed(e.to_string()));
+        return false;
+    }
     let finish = if tok.is_eog(next) {
         Some(FinishReason::Eog)
     } else {

@@ -9,6 +9,7 @@
 //! (`unsupported`) instead of an answer that silently ignores them; their neutral values
 //! (`"n": 1`, `"logprobs": false`, `"presence_penalty": 0`, ...) are accepted.
 
+use lever_generate::Constraint;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -93,6 +94,12 @@ pub struct GenParams {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub logit_bias: Option<Map<String, Value>>,
+    /// Constrained decoding as vLLM (and SGLang) name it: a JSON Schema, a regular
+    /// expression, one of a set of strings, a grammar (llguidance's Lark).
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -129,6 +136,16 @@ pub struct ChatRequest {
 pub struct ResponseFormat {
     #[serde(rename = "type")]
     pub kind: String,
+    /// With `"type": "json_schema"`: `{"name", "schema", "strict", "description"}`.
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    pub schema: Option<Value>,
+    pub strict: Option<bool>,
+    pub description: Option<String>,
 }
 
 /// `POST /v1/completions`.
@@ -172,6 +189,10 @@ const GEN_FIELDS: &[&str] = &[
     "presence_penalty",
     "frequency_penalty",
     "logit_bias",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
 ];
 
 /// The top-level parameters of a chat request (OpenAI's reference, 2025), known to lever
@@ -252,6 +273,30 @@ pub fn parse<T: DeserializeOwned>(
 }
 
 impl GenParams {
+    /// The constraint vLLM's `guided_*` parameters ask for (at most one of them).
+    pub fn constraint(&self) -> Result<Option<(Constraint, &'static str)>, ApiError> {
+        let mut given: Vec<(Constraint, &'static str)> = Vec::new();
+        if let Some(s) = &self.guided_json {
+            given.push((Constraint::JsonSchema(s.clone()), "guided_json"));
+        }
+        if let Some(r) = &self.guided_regex {
+            given.push((Constraint::Regex(r.clone()), "guided_regex"));
+        }
+        if let Some(c) = &self.guided_choice {
+            given.push((Constraint::Choice(c.clone()), "guided_choice"));
+        }
+        if let Some(g) = &self.guided_grammar {
+            given.push((Constraint::Lark(g.clone()), "guided_grammar"));
+        }
+        if given.len() > 1 {
+            return Err(ApiError::bad_param(
+                given[1].1,
+                "give one of guided_json, guided_regex, guided_choice, guided_grammar",
+            ));
+        }
+        Ok(given.pop())
+    }
+
     /// The first parameter set to something lever would have to ignore.
     pub fn unsupported(&self) -> Option<ApiError> {
         if let Some(n) = self.n
@@ -275,6 +320,39 @@ impl GenParams {
 }
 
 impl ChatRequest {
+    /// What the answer must be: `response_format` (OpenAI's), else a `guided_*` parameter.
+    pub fn constraint(&self) -> Result<Option<(Constraint, &'static str)>, ApiError> {
+        let from_format = match &self.response_format {
+            None => None,
+            Some(f) => match f.kind.as_str() {
+                "json_object" => Some(Constraint::JsonObject),
+                "json_schema" => {
+                    let schema = f
+                        .json_schema
+                        .as_ref()
+                        .and_then(|j| j.schema.clone())
+                        .ok_or_else(|| {
+                            ApiError::bad_param(
+                                "response_format",
+                                "response_format.json_schema.schema is required with \"type\": \"json_schema\"",
+                            )
+                        })?;
+                    Some(Constraint::JsonSchema(schema))
+                }
+                _ => None,
+            },
+        };
+        let guided = self.params.constraint()?;
+        match (from_format, guided) {
+            (Some(_), Some((_, name))) => Err(ApiError::bad_param(
+                name,
+                format!("give response_format or {name}, not both"),
+            )),
+            (Some(c), None) => Ok(Some((c, "response_format"))),
+            (None, g) => Ok(g),
+        }
+    }
+
     pub fn unsupported(&self) -> Option<ApiError> {
         let set = |v: &Option<Value>, neutral: &[&str]| {
             v.as_ref().is_some_and(|v| match v {
@@ -317,10 +395,10 @@ impl ChatRequest {
             ),
             (
                 "response_format",
-                self.response_format
-                    .as_ref()
-                    .is_some_and(|f| f.kind != "text"),
-                "only {\"type\": \"text\"}",
+                self.response_format.as_ref().is_some_and(|f| {
+                    !["text", "json_object", "json_schema"].contains(&f.kind.as_str())
+                }),
+                "\"text\", \"json_object\" or \"json_schema\"",
             ),
             ("store", self.store == Some(true), "nothing is stored"),
             (
@@ -587,7 +665,7 @@ mod tests {
             (r#"{"tool_choice": "auto"}"#, "tool_choice"),
             (r#"{"functions": [{}]}"#, "functions"),
             (
-                r#"{"response_format": {"type": "json_object"}}"#,
+                r#"{"response_format": {"type": "grammar"}}"#,
                 "response_format",
             ),
             (r#"{"presence_penalty": 0.5}"#, "presence_penalty"),
@@ -615,6 +693,50 @@ mod tests {
                 .unsupported()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn response_format_and_guided_parameters_name_one_constraint() {
+        let c = |b: &str| chat(b).unwrap().constraint();
+        assert_eq!(
+            c(r#"{"response_format": {"type": "json_object"}}"#).unwrap(),
+            Some((Constraint::JsonObject, "response_format"))
+        );
+        let schema = r#"{"response_format": {"type": "json_schema", "json_schema":
+            {"name": "p", "strict": true, "schema": {"type": "integer"}}}}"#;
+        assert_eq!(
+            c(schema).unwrap(),
+            Some((
+                Constraint::JsonSchema(serde_json::json!({"type": "integer"})),
+                "response_format"
+            ))
+        );
+        assert_eq!(
+            c(r#"{"guided_choice": ["a", "b"]}"#).unwrap(),
+            Some((
+                Constraint::Choice(vec!["a".into(), "b".into()]),
+                "guided_choice"
+            ))
+        );
+        assert_eq!(c(r#"{"response_format": {"type": "text"}}"#).unwrap(), None);
+        for (body, param) in [
+            (
+                r#"{"response_format": {"type": "json_schema"}}"#,
+                "response_format",
+            ),
+            (
+                r#"{"response_format": {"type": "json_object"}, "guided_regex": "a"}"#,
+                "guided_regex",
+            ),
+            (
+                r#"{"guided_regex": "a", "guided_choice": ["b"]}"#,
+                "guided_choice",
+            ),
+        ] {
+            let e = c(body).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}");
+            assert_eq!(e.status, 400);
+        }
     }
 
     #[test]

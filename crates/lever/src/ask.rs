@@ -13,6 +13,7 @@ use crate::cli::AskArgs;
 
 pub fn run(a: AskArgs) -> Result<()> {
     let question = question(&a)?;
+    let constraint = a.constraint.constraint()?;
     let mut generator =
         crate::generator::resolve(&a.backend, || Ok(Arc::new(crate::load_model(&a.model)?)))?;
     // The chat template is the model's in-process and the server's own remotely; --raw
@@ -27,6 +28,7 @@ pub fn run(a: AskArgs) -> Result<()> {
     }
     messages.push(Message::new("user", question.clone()));
     let req = Request {
+        constraint: constraint.as_ref(),
         prompt: match &raw {
             Some(text) => Prompt::Text(text),
             None => Prompt::Chat(&messages),
@@ -45,6 +47,12 @@ pub fn run(a: AskArgs) -> Result<()> {
     })?;
     if !json_mode {
         println!();
+        if out.valid == Some(false) {
+            eprintln!(
+                "warning: the answer is incomplete under the constraint ({}); raise --max-tokens",
+                crate::generator::finish_words(&out.finish_reason)
+            );
+        }
         return Ok(());
     }
     let mut v = json!({
@@ -57,6 +65,9 @@ pub fn run(a: AskArgs) -> Result<()> {
         v["generation_ms"] = json!(t.generation_ms);
     }
     v["finish_reason"] = json!(out.finish_reason);
+    if let Some(valid) = out.valid {
+        v["valid"] = json!(valid);
+    }
     match generator.source() {
         Source::Model(path) => v["model"] = json!(path),
         Source::Server(url) => v["backend"] = json!(url),

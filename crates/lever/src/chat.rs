@@ -82,6 +82,8 @@ impl Conversation {
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
+    // A bad constraint file is said before the model loads.
+    a.constraint.constraint()?;
     // In-process, the session's KV cache lives across turns. With --backend the server keeps
     // no state: each turn sends the whole conversation.
     let mut generator =
@@ -192,7 +194,9 @@ fn turn(
     a: &ChatArgs,
     cancel: &AtomicBool,
 ) -> Result<Output> {
+    let constraint = a.constraint.constraint()?;
     let req = Request {
+        constraint: constraint.as_ref(),
         prompt: Prompt::Chat(&conv.messages),
         max_tokens: a.sampling.max_tokens,
         stop: &a.sampling.stop,

@@ -1012,7 +1012,30 @@ pub struct AskArgs {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
+    pub constraint: ConstraintArgs,
+    #[command(flatten)]
     pub backend: BackendArg,
+}
+
+/// What the answer must be, by construction (constrained decoding with llguidance): at most
+/// one of these.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ConstraintArgs {
+    /// A JSON document valid against this JSON Schema file.
+    #[arg(long, value_name = "FILE")]
+    pub json_schema: Option<PathBuf>,
+    /// Any JSON object (OpenAI's `json_object` response format).
+    #[arg(long)]
+    pub json_object: bool,
+    /// Text the whole of which matches this regular expression.
+    #[arg(long, value_name = "RE")]
+    pub regex: Option<String>,
+    /// Text in the language of this Lark grammar file (llguidance's Lark; rule `start`).
+    #[arg(long, value_name = "FILE.lark")]
+    pub grammar: Option<PathBuf>,
+    /// One of these strings exactly (repeatable).
+    #[arg(long = "choice", value_name = "TEXT")]
+    pub choices: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -1027,6 +1050,8 @@ pub struct ChatArgs {
     pub load: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub constraint: ConstraintArgs,
     #[command(flatten)]
     pub backend: BackendArg,
 }

@@ -229,6 +229,7 @@ impl lever_generate::Generator for LatentGenerator {
             )
             .map_err(rag)?;
         Ok(lever_generate::Output {
+            valid: None,
             text: d.text,
             finish_reason: lever_generate::Finish::Local(d.finish),
             prompt_tokens: Some(ctx.prompt_tokens()),

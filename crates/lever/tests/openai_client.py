@@ -1,5 +1,6 @@
 """The official `openai` Python client against `lever serve` (run by tests/serve.rs):
-chat, streaming chat, embeddings, and errors raised as the client's own exception types (with
+chat, streaming chat, embeddings, structured output (the client's `parse` with a Pydantic model,
+a streamed JSON object), and errors raised as the client's own exception types (with
 the parameter at fault named for one lever does not support)."""
 import math
 import os
@@ -72,5 +73,41 @@ try:
     check(False, "logprobs accepted")
 except openai.BadRequestError as err:
     check(err.status_code == 400 and err.param == "logprobs", f"unsupported {err}")
+
+# Structured output: the client's own `parse` with a Pydantic model (response_format
+# json_schema, strict), a streamed JSON object, and a schema that is not one (400 naming
+# response_format).
+from pydantic import BaseModel  # noqa: E402
+
+
+class City(BaseModel):
+    name: str
+    country: str
+    population: int
+
+
+ask = [{"role": "user", "content": "Describe the city of Paris."}]
+r = client.beta.chat.completions.parse(model="smollm2-135m-instruct", messages=ask, response_format=City,
+                                       max_tokens=80, temperature=0, seed=1)
+city = r.choices[0].message.parsed
+check(isinstance(city, City) and city.name, f"parse {r.choices[0].message.content!r}")
+
+stream = client.chat.completions.create(
+    model="smollm2-135m-instruct", messages=ask, max_tokens=120, temperature=0, seed=3, stream=True,
+    response_format={"type": "json_object"},
+)
+streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+import json  # noqa: E402
+check(isinstance(json.loads(streamed), dict), f"streamed JSON object {streamed!r}")
+
+try:
+    client.chat.completions.create(
+        model="smollm2-135m-instruct", messages=ask,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "x", "schema": {"type": "strnig"}}})
+    check(False, "a bad schema accepted")
+except openai.BadRequestError as err:
+    check(err.status_code == 400 and err.param == "response_format" and "strnig" in str(err),
+          f"bad schema {err}")
 
 print("openai client: all checks passed")

@@ -910,6 +910,7 @@ fn local_and_remote_generators_agree() {
         Message::new("user", "What is the capital of France?"),
     ];
     let mut req = Request {
+        constraint: None,
         prompt: Prompt::Chat(&chat),
         max_tokens: 16,
         stop: &[],
@@ -929,6 +930,7 @@ fn local_and_remote_generators_agree() {
     // A text completion with a stop string.
     let stop = [",".to_string()];
     let text = Request {
+        constraint: None,
         prompt: Prompt::Text("Once upon a time"),
         max_tokens: 24,
         stop: &stop,
@@ -940,6 +942,7 @@ fn local_and_remote_generators_agree() {
     local.reset();
     let turn1 = [Message::new("user", "Name a color.")];
     let req1 = Request {
+        constraint: None,
         prompt: Prompt::Chat(&turn1),
         max_tokens: 8,
         stop: &[],
@@ -952,6 +955,7 @@ fn local_and_remote_generators_agree() {
         Message::new("user", "Name another one."),
     ];
     let req2 = Request {
+        constraint: None,
         prompt: Prompt::Chat(&turn2),
         ..req1.clone()
     };

@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use lever_generate::{FinishReason, SamplingParams};
+use lever_generate::{Constraint, FinishReason, Guide, SamplingParams};
 use lever_model::chat::Message;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -34,6 +34,8 @@ struct Checked {
     stop: Vec<String>,
     stream: bool,
     include_usage: bool,
+    /// Constrained decoding: the request's guide, handed to the engine.
+    guide: Option<Guide>,
 }
 
 impl AppState {
@@ -144,7 +146,25 @@ impl AppState {
             stop,
             stream,
             include_usage: p.stream_options.is_some_and(|o| o.include_usage),
+            guide: None,
         })
+    }
+
+    /// The guide for a request's constraint; a constraint that cannot be compiled is a 400
+    /// naming the parameter it came from, with llguidance's message (the keyword; for a
+    /// schema that is not one, the path inside it).
+    fn guide(
+        &self,
+        variant: usize,
+        constraint: Option<(Constraint, &'static str)>,
+    ) -> Result<Option<Guide>, ApiError> {
+        let Some((c, param)) = constraint else {
+            return Ok(None);
+        };
+        let g = self.grammars(variant)?;
+        g.guide(&c)
+            .map(Some)
+            .map_err(|e| ApiError::bad_param(param, e.to_string()))
     }
 
     /// Tokenize the prompt and fit it and the answer into the context: a prompt that fills
@@ -205,7 +225,9 @@ fn chat_request(st: &AppState, body: &[u8]) -> Result<(Checked, Vec<u32>, usize)
     if let Some(e) = req.unsupported() {
         return Err(e);
     }
-    let c = st.check(req.params, req.max_completion_tokens)?;
+    let constraint = req.constraint()?;
+    let mut c = st.check(req.params, req.max_completion_tokens)?;
+    c.guide = st.guide(c.variant, constraint)?;
     let Some(messages) = req.messages else {
         return Err(ApiError::bad_param(
             "messages",
@@ -319,7 +341,9 @@ fn completion_request(st: &AppState, body: &[u8]) -> Result<(Checked, Vec<u32>, 
             "one prompt per request is supported",
         ));
     }
-    let c = st.check(req.params, None)?;
+    let constraint = req.params.constraint()?;
+    let mut c = st.check(req.params, None)?;
+    c.guide = st.guide(c.variant, constraint)?;
     let (ids, max_tokens) = st.prompt_ids(&c, &prompts[0], "prompt")?;
     Ok((c, ids, max_tokens))
 }
@@ -441,7 +465,7 @@ fn event<T: Serialize>(v: &T) -> SseEvent {
 
 async fn generate(
     st: Arc<AppState>,
-    c: Checked,
+    mut c: Checked,
     ids: Vec<u32>,
     max_tokens: usize,
     kind: Kind,
@@ -453,6 +477,7 @@ async fn generate(
         max_tokens,
         sampling: c.sampling.clone(),
         stop: c.stop.clone(),
+        guide: c.guide.take(),
         events: tx,
     };
     match st.engine.submit(job) {

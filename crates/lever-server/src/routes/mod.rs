@@ -6,8 +6,8 @@
 mod embeddings;
 mod generate;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -17,6 +17,7 @@ use axum::http::{HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use lever_generate::Grammars;
 use lever_model::{Encoder, Model};
 use serde::Serialize;
 
@@ -31,6 +32,9 @@ pub(crate) struct AppState {
     pub embedder: Option<(String, Arc<Encoder>)>,
     pub limits: Limits,
     next_id: AtomicU64,
+    /// Each variant's token trie for constrained decoding, built on its first constrained
+    /// request (the variants of one base share a tokenizer, but the trie is cheap).
+    grammars: Vec<OnceLock<Result<Grammars, String>>>,
 }
 
 impl AppState {
@@ -41,12 +45,23 @@ impl AppState {
         limits: Limits,
     ) -> Self {
         Self {
+            grammars: variants.iter().map(|_| OnceLock::new()).collect(),
             engine,
             variants,
             embedder,
             limits,
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// Variant `v`'s token trie for constrained decoding.
+    fn grammars(&self, v: usize) -> Result<&Grammars, ApiError> {
+        let built = self.grammars[v].get_or_init(|| {
+            let model = &self.variants[v].1;
+            Grammars::new(&model.tokenizer, model.decoder.config().vocab_size)
+                .map_err(|e| e.to_string())
+        });
+        built.as_ref().map_err(|e| ApiError::internal(e.clone()))
     }
 
     /// A response id: the prefix and a counter.

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Structured output (issue 23): validity and overhead of constrained decoding on the default
+# model (SmolLM2-135M-Instruct), same run.
+#  1. Validity: all 52 JSON Schemas of bench/structured/schemas.jsonl (nested objects, arrays,
+#     enums, bounded numbers, string patterns, anyOf/oneOf, const), at temperature 0 and 1:
+#     every output must parse and validate (the `jsonschema` crate), via the test
+#     crates/lever-generate/tests/constrain.rs with LEVER_SCHEMAS_ALL=1.
+#  2. Overhead: generation tokens/s of `lever ask` with a JSON Schema vs the same question
+#     unconstrained (--max-tokens 64, --temperature 0), alternating, N rounds; prints
+#     the ratio (target ≥ 0.9).
+# Usage: bench/structured-output.sh [ROUNDS]   (after cargo build --release)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-5}
+LEVER=target/release/lever
+echo "== validity: 52 schemas x temperature 0 and 1"
+LEVER_SCHEMAS_ALL=1 cargo test --release -q -p lever-generate --test constrain \
+  json_schema_outputs_parse_and_validate -- --nocapture 2>&1 | grep -E "constrained outputs|test result|panicked"
+echo "== overhead: generation tokens/s, constrained vs free, $ROUNDS rounds alternating"
+SCHEMA=$(mktemp --suffix=.json)
+trap 'rm -f "$SCHEMA"' EXIT
+cat >"$SCHEMA" <<'JSON'
+{"type": "object", "properties": {"people": {"type": "array", "items": {"type": "object",
+ "properties": {"name": {"type": "string", "maxLength": 40}, "age": {"type": "integer"},
+ "city": {"type": "string", "maxLength": 40}}, "required": ["name", "age", "city"]},
+ "minItems": 8}}, "required": ["people"]}
+JSON
+Q="List eight people with their name, age and city."
+rate() { python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["completion_tokens"]/v["generation_ms"]*1e3)'; }
+free=(); guided=()
+for r in $(seq "$ROUNDS"); do
+  free+=("$($LEVER ask "$Q" --max-tokens 64 --temperature 0 --json | rate)")
+  guided+=("$($LEVER ask "$Q" --max-tokens 64 --temperature 0 --json-schema "$SCHEMA" --json | rate)")
+done
+python3 - "${free[*]}" "${guided[*]}" <<'PY'
+import statistics, sys
+free = [float(x) for x in sys.argv[1].split()]
+guided = [float(x) for x in sys.argv[2].split()]
+f, g = statistics.median(free), statistics.median(guided)
+print(f"free {f:.1f} tok/s, with the JSON schema {g:.1f} tok/s (medians of {len(free)}): ratio {g / f:.3f}")
+PY
