@@ -198,7 +198,10 @@ const SENTENCES: [&str; 3] = [
 #[test]
 fn training_forward_equals_the_inference_encoder_on_minilm() {
     let Some(dir) = minilm_dir() else { return };
-    let encoder = Encoder::load(&dir).unwrap();
+    let mut encoder = Encoder::load(&dir).unwrap();
+    // The fused forward multiplies in f32, as training does (on a CPU with AVX-512 BF16 it
+    // would take bf16 products by default: 9e-4 apart, which this bound is not about).
+    encoder.model.set_matmul(MatMul::F32).unwrap();
     let inference = encoder.embed(&SENTENCES).unwrap().vectors;
     let mut trained = encoder.clone();
     trained.model.make_trainable(None).unwrap();
@@ -275,7 +278,9 @@ fn a_written_query_encoder_is_a_sentence_transformers_folder() {
         assert_eq!((t.dtype(), t.dims()), (b[k].dtype(), b[k].dims()), "{k}");
     }
 
-    let loaded = Encoder::load(&out).unwrap();
+    let mut loaded = Encoder::load(&out).unwrap();
+    // f32 products, as the in-memory and sentence-transformers vectors have (not bf16).
+    loaded.model.set_matmul(MatMul::F32).unwrap();
     let lever = Tensor::new(loaded.embed(&texts).unwrap().vectors, &Device::Cpu).unwrap();
     let base_vectors = Tensor::new(base.embed(&texts).unwrap().vectors, &Device::Cpu).unwrap();
     let moved = max_diff(&lever, &base_vectors);
