@@ -26,6 +26,9 @@ PROMPTS = [
 ]
 
 
+SCHEMA = None  # --json-schema: the schema every request's answer must fit
+
+
 def one_request(url, key, prompt, max_tokens, seed):
     u = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
@@ -37,6 +40,9 @@ def one_request(url, key, prompt, max_tokens, seed):
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if SCHEMA is not None:
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
@@ -137,7 +143,12 @@ def main():
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--duration", type=float, default=120)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--json-schema", default=None)
     a = ap.parse_args()
+    if a.json_schema:
+        global SCHEMA
+        with open(a.json_schema) as f:
+            SCHEMA = json.load(f)
     r = run(a.url, a.key, a.clients, a.duration, a.max_tokens)
     print(json.dumps(r))
 

@@ -8,10 +8,13 @@
 #  2. Overhead: generation tokens/s of `lever ask` with a JSON Schema vs the same question
 #     unconstrained (--max-tokens 64, --temperature 0), alternating, N rounds; prints
 #     the ratio (target ≥ 0.9).
-# Usage: bench/structured-output.sh [ROUNDS]   (after cargo build --release)
+#  3. The same at 8 concurrent streams on `lever serve` (bench/serve_load.py, closed loop,
+#     SERVE seconds each, free then with response_format json_schema): aggregate tokens/s ratio.
+# Usage: bench/structured-output.sh [ROUNDS] [SERVE]   (after cargo build --release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-5}
+SERVE=${2:-30}
 LEVER=target/release/lever
 echo "== validity: 52 schemas x temperature 0 and 1"
 LEVER_SCHEMAS_ALL=1 cargo test --release -q -p lever-generate --test constrain \
@@ -38,4 +41,20 @@ free = [float(x) for x in sys.argv[1].split()]
 guided = [float(x) for x in sys.argv[2].split()]
 f, g = statistics.median(free), statistics.median(guided)
 print(f"free {f:.1f} tok/s, with the JSON schema {g:.1f} tok/s (medians of {len(free)}): ratio {g / f:.3f}")
+PY
+
+echo "== overhead at 8 concurrent streams on lever serve, $SERVE s each"
+LOG=$(mktemp)
+"$LEVER" serve --port 0 --no-embedder --max-batch 16 2> "$LOG" &
+PID=$!
+trap 'kill $PID 2>/dev/null || true; rm -f "$SCHEMA" "$LOG"' EXIT
+for _ in $(seq 1 600); do grep -q 'listening on' "$LOG" && break; sleep 0.2; done
+URL=$(grep -o 'http://[0-9.:]*' "$LOG" | head -1)
+F=$(python3 bench/serve_load.py --url "$URL" --clients 8 --duration "$SERVE" --max-tokens 64)
+G=$(python3 bench/serve_load.py --url "$URL" --clients 8 --duration "$SERVE" --max-tokens 64 --json-schema "$SCHEMA")
+python3 - "$F" "$G" <<'PY'
+import json, sys
+f, g = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+key = "completion_tokens_per_s"
+print(f"8 streams: free {f[key]:.1f}, with the JSON schema {g[key]:.1f} ({key}); ratio {g[key] / f[key]:.3f}; errors {f.get('errors')}/{g.get('errors')}")
 PY
