@@ -55,6 +55,6 @@ G=$(python3 bench/serve_load.py --url "$URL" --clients 8 --duration "$SERVE" --m
 python3 - "$F" "$G" <<'PY'
 import json, sys
 f, g = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-key = "completion_tokens_per_s"
+key = "tokens_per_s"
 print(f"8 streams: free {f[key]:.1f}, with the JSON schema {g[key]:.1f} ({key}); ratio {g[key] / f[key]:.3f}; errors {f.get('errors')}/{g.get('errors')}")
 PY
