@@ -1256,7 +1256,7 @@ fn errors_are_openai_shaped_on_every_route_and_unsupported_parameters_named() {
         ),
         ("tool_choice", json!("required")),
         ("functions", json!([{"name": "f"}])),
-        ("response_format", json!({"type": "json_object"})),
+        ("response_format", json!({"type": "grammar"})),
         ("presence_penalty", json!(0.5)),
         ("frequency_penalty", json!(1)),
         ("n", json!(2)),
