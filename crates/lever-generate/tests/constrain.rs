@@ -105,6 +105,7 @@ fn json_schema_outputs_parse_and_validate_at_temperature_0_and_1() {
 fn regex_choice_and_grammar_are_matched_whole() {
     let mut g = Local::new(default_model());
     let date = regex::Regex::new(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$").unwrap();
+    let re = regex::Regex::new(r"^[0-9]{1,2} \+ [0-9]{1,2} = [0-9]{1,2}$").unwrap();
     for t in [0.0, 1.0] {
         let out = ask(
             &mut g,
@@ -135,7 +136,6 @@ fn regex_choice_and_grammar_are_matched_whole() {
             t,
             20,
         );
-        let re = regex::Regex::new(r"^[0-9]{1,2} \+ [0-9]{1,2} = [0-9]{1,2}$").unwrap();
         assert!(re.is_match(&out.text), "{:?}", out.text);
     }
 }
