@@ -108,14 +108,7 @@ fn a_gemma3_adapter_merges_into_a_hugging_face_folder() {
         "model.layers.2.post_feedforward_layernorm.weight",
         "model.norm.weight",
     ] {
-        let diff = (&st[norm] - &base[norm])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = lever_model::testing::max_abs_diff_tensors(&st[norm], &base[norm]);
         assert!(diff < 1e-6, "{norm}: {diff}");
     }
     let gguf = tmp.path().join("merged.gguf");
