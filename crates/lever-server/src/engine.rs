@@ -57,6 +57,52 @@ pub enum Event {
     },
     /// The engine failed on this request (a model error); the message is for the client.
     Failed(String),
+    /// With `Job::echo`: the prompt's tokens, each with its log-probability given the tokens
+    /// before it (none for the first), sent once the prompt is computed.
+    Prompt(Vec<TokenLogprob>),
+    /// With `Job::logprobs`: a generated token, sent before the text it brings.
+    Token(TokenLogprob),
+}
+
+/// A token and its log-probability under the model (log-softmax of the raw logits: before
+/// temperature, penalties and any constraint, as vLLM reports them by default), with the most
+/// probable alternatives at that position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: Option<f32>,
+    /// The `Job::logprobs` most probable tokens there, most probable first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    /// `id`'s log-probability in `logits` and the `top` most probable tokens.
+    pub fn of(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max
+            + logits
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        let lp = |i: usize| (logits[i] as f64 - lse) as f32;
+        let mut best: Vec<usize> = (0..logits.len()).collect();
+        let top = top.min(best.len());
+        if top > 0 && top < best.len() {
+            // Ties in index order (the first maximum wins, as argmax does).
+            let key = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+            best.select_nth_unstable_by(top - 1, key);
+            best.truncate(top);
+            best.sort_by(key);
+        } else {
+            best.truncate(top);
+        }
+        TokenLogprob {
+            id,
+            logprob: logits.get(id as usize).map(|_| lp(id as usize)),
+            top: best.into_iter().map(|i| (i as u32, lp(i))).collect(),
+        }
+    }
 }
 
 pub struct Job {
@@ -68,6 +114,12 @@ pub struct Job {
     pub stop: Vec<String>,
     /// Constrained decoding: masks this sequence's logits before each draw.
     pub guide: Option<Guide>,
+    /// Log-probabilities of the generated tokens, with this many alternatives each
+    /// (`Event::Token`); None: none.
+    pub logprobs: Option<usize>,
+    /// The prompt's own log-probabilities (`Event::Prompt`, with `logprobs` alternatives): the
+    /// whole prompt is computed (no prompt-cache reuse), every position's logits kept.
+    pub echo: bool,
     pub events: UnboundedSender<Event>,
 }
 
@@ -157,6 +209,8 @@ struct Seq {
     /// The token to feed at the next step: the one sampled last, or the prompt's last one
     /// for a sequence that joined after a cached prefix.
     next: u32,
+    /// With `Job::echo`: the prompt's tokens so far with their log-probabilities.
+    echoed: Vec<TokenLogprob>,
 }
 
 /// A sequence whose prompt is being computed: `done` of its tokens are in its cache.
@@ -270,9 +324,13 @@ enum Admitted {
 /// cached prefix may be shorter than 64 (README: attention precision).
 fn admit(variants: &[Arc<Model>], job: Job, prompts: &mut PromptCache, stats: &Stats) -> Admitted {
     let model = &variants[job.variant];
-    let (cache, start) = prompts
-        .lookup(job.variant, &job.prompt)
-        .unwrap_or_else(|| (model.decoder.new_cache(), 0));
+    // Echo needs every prompt position's logits: nothing is taken from the cache.
+    let cached = if job.echo {
+        None
+    } else {
+        prompts.lookup(job.variant, &job.prompt)
+    };
+    let (cache, start) = cached.unwrap_or_else(|| (model.decoder.new_cache(), 0));
     stats
         .prompt_tokens_reused
         .fetch_add(start, Ordering::Relaxed);
@@ -283,6 +341,7 @@ fn admit(variants: &[Arc<Model>], job: Job, prompts: &mut PromptCache, stats: &S
         utf8: Utf8Stream::default(),
         generated: 0,
         next: 0,
+        echoed: Vec::new(),
         cache,
         job,
     };
@@ -324,6 +383,29 @@ fn prefill_chunk(
         let ids = &p.seq.job.prompt[p.done..end];
         let input = candle_core::Tensor::new(ids, model.decoder.device())?.unsqueeze(0)?;
         let dec = &model.decoder;
+        if p.seq.job.echo {
+            // Every row: row i predicts prompt token done + i + 1 (the last row, past the
+            // prompt's end, the first generated token).
+            let rows = dec.forward(&input, &mut p.seq.cache, lever_model::Logits::All)?;
+            let rows = rows.squeeze(0)?.to_vec2::<f32>()?;
+            let s = &mut p.seq;
+            if s.echoed.is_empty() {
+                s.echoed.push(TokenLogprob {
+                    id: s.job.prompt[0],
+                    logprob: None,
+                    top: Vec::new(),
+                });
+            }
+            let top = s.job.logprobs.unwrap_or(0);
+            for (i, row) in rows.iter().enumerate() {
+                if let Some(&next) = s.job.prompt.get(p.done + i + 1) {
+                    lever_generate::check_logits(model, row, p.done + i)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                    s.echoed.push(TokenLogprob::of(row, next, top));
+                }
+            }
+            return Ok((end == total).then(|| rows.last().cloned().unwrap_or_default()));
+        }
         if end < total {
             // Only the keys and values are needed from a chunk before the last.
             dec.hidden(&input, &mut p.seq.cache)?;
@@ -351,6 +433,21 @@ fn prefill_chunk(
         s.cache.clone(),
         kv_bytes_per_token(model),
     );
+    if s.job.echo {
+        let echoed = std::mem::take(&mut s.echoed);
+        if s.job.events.send(Event::Prompt(echoed)).is_err() {
+            return Chunked::Ended;
+        }
+    }
+    if s.job.max_tokens == 0 {
+        // Only the prompt's log-probabilities were asked for (echo, max_tokens 0).
+        let _ = s.job.events.send(Event::Done {
+            finish: FinishReason::Length,
+            prompt_tokens: s.job.prompt.len(),
+            completion_tokens: 0,
+        });
+        return Chunked::Ended;
+    }
     if advance(model, &mut s, &logits) {
         Chunked::Decoding(s)
     } else {
@@ -426,6 +523,7 @@ fn advance(model: &Model, s: &mut Seq, logits: &[f32]) -> bool {
         let _ = s.job.events.send(Event::Failed(e.to_string()));
         return false;
     }
+    let raw_logits = logits;
     let mut masked = Vec::new();
     let logits = match &mut s.job.guide {
         None => logits,
@@ -444,6 +542,17 @@ fn advance(model: &Model, s: &mut Seq, logits: &[f32]) -> bool {
     {
         let _ = s.job.events.send(Event::Failed(e.to_string()));
         return false;
+    }
+    if let Some(top) = s.job.logprobs {
+        // The model's own distribution: the logits before the constraint's mask.
+        let raw = raw_logits;
+        if s.job
+            .events
+            .send(Event::Token(TokenLogprob::of(raw, next, top)))
+            .is_err()
+        {
+            return false;
+        }
     }
     let finish = if tok.is_eog(next) {
         Some(FinishReason::Eog)
@@ -496,6 +605,22 @@ fn advance(model: &Model, s: &mut Seq, logits: &[f32]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_logprobs_are_log_softmax_with_the_most_probable_first() {
+        let logits = [1.0f32, 3.0, 3.0, -2.0, 0.5];
+        let lse = logits.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+        let t = TokenLogprob::of(&logits, 4, 3);
+        assert!((t.logprob.unwrap() as f64 - (0.5 - lse)).abs() < 1e-6);
+        // Ties keep index order; then the next most probable.
+        let ids: Vec<u32> = t.top.iter().map(|p| p.0).collect();
+        assert_eq!(ids, [1, 2, 0]);
+        assert!((t.top[2].1 as f64 - (1.0 - lse)).abs() < 1e-6);
+        let total: f64 = logits.iter().map(|&x| (x as f64 - lse).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-12);
+        assert!(TokenLogprob::of(&logits, 0, 0).top.is_empty());
+        assert_eq!(TokenLogprob::of(&logits, 0, 9).top.len(), 5);
+    }
 
     #[test]
     fn prefill_chunks_cover_the_prompt_and_none_is_short() {

@@ -36,6 +36,39 @@ impl OneOrMany {
     }
 }
 
+/// A completion's `prompt`: text, texts, token ids, or lists of token ids (lm-evaluation-
+/// harness's `local-completions` sends ids).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+/// One prompt of a request, as given.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OnePrompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+impl Prompt {
+    pub fn into_vec(self) -> Vec<OnePrompt> {
+        match self {
+            Prompt::Text(s) => vec![OnePrompt::Text(s)],
+            Prompt::Texts(v) => v.into_iter().map(OnePrompt::Text).collect(),
+            Prompt::Ids(v) => vec![OnePrompt::Ids(v)],
+            Prompt::IdLists(v) => v.into_iter().map(OnePrompt::Ids).collect(),
+        }
+    }
+}
+
+/// The most alternatives `logprobs` / `top_logprobs` may ask for (OpenAI's chat limit; vLLM's
+/// default `max_logprobs` is 20 as well).
+pub const MAX_LOGPROBS: i64 = 20;
+
 /// A message's content: a string, or a list of parts of which lever reads text parts.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -152,7 +185,7 @@ pub struct JsonSchemaFormat {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct CompletionRequest {
-    pub prompt: Option<OneOrMany>,
+    pub prompt: Option<Prompt>,
     pub logprobs: Option<i64>,
     pub echo: Option<bool>,
     pub best_of: Option<i64>,
@@ -361,13 +394,7 @@ impl ChatRequest {
                 _ => true,
             })
         };
-        let checks: [(&str, bool, &str); 17] = [
-            ("logprobs", self.logprobs == Some(true), "only false"),
-            (
-                "top_logprobs",
-                self.top_logprobs.is_some_and(|n| n != 0),
-                "only 0",
-            ),
+        let checks: [(&str, bool, &str); 15] = [
             (
                 "tools",
                 self.tools.as_ref().is_some_and(|t| !t.is_empty()),
@@ -447,16 +474,37 @@ impl ChatRequest {
         }
         self.params.unsupported()
     }
+
+    /// How many alternatives per generated token (`top_logprobs`), when `logprobs` is on.
+    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        let on = self.logprobs == Some(true);
+        match self.top_logprobs {
+            Some(n) if !(0..=MAX_LOGPROBS).contains(&n) => Err(ApiError::bad_param(
+                "top_logprobs",
+                format!("top_logprobs must be within 0..{MAX_LOGPROBS}"),
+            )),
+            Some(n) if n > 0 && !on => Err(ApiError::bad_param(
+                "top_logprobs",
+                "top_logprobs needs \"logprobs\": true",
+            )),
+            n => Ok(on.then_some(n.unwrap_or(0) as usize)),
+        }
+    }
 }
 
 impl CompletionRequest {
+    /// How many alternatives per token (`logprobs`: 0 gives the chosen token's only).
+    pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
+        match self.logprobs {
+            Some(n) if !(0..=MAX_LOGPROBS).contains(&n) => Err(ApiError::bad_param(
+                "logprobs",
+                format!("logprobs must be within 0..{MAX_LOGPROBS}"),
+            )),
+            n => Ok(n.map(|n| n as usize)),
+        }
+    }
+
     pub fn unsupported(&self) -> Option<ApiError> {
-        if self.logprobs.is_some() {
-            return Some(ApiError::unsupported("logprobs", "no log-probabilities"));
-        }
-        if self.echo == Some(true) {
-            return Some(ApiError::unsupported("echo", "only false"));
-        }
         if self.best_of.is_some_and(|n| n != 1) {
             return Some(ApiError::unsupported("best_of", "only 1"));
         }
@@ -493,11 +541,45 @@ pub struct AssistantMessage {
     pub content: String,
 }
 
+/// One token's log-probability in a chat answer (OpenAI's `choices[].logprobs.content[]`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// `choices[].logprobs` of a chat answer or chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+    pub refusal: Option<()>,
+}
+
+/// `choices[].logprobs` of a text completion (the legacy shape): per token its text, its
+/// log-probability (null for a prompt's first token), the alternatives as a map from text to
+/// log-probability, and where the token starts in the choice's text (characters).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<Option<f64>>,
+    pub top_logprobs: Vec<Option<Map<String, Value>>>,
+    pub text_offset: Vec<usize>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct ChatChoice {
     pub index: usize,
     pub message: AssistantMessage,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: &'static str,
 }
 
@@ -524,7 +606,7 @@ pub struct Delta {
 pub struct ChunkChoice {
     pub index: usize,
     pub delta: Delta,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -545,7 +627,7 @@ pub struct ChatChunk {
 pub struct TextChoice {
     pub index: usize,
     pub text: String,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -658,8 +740,6 @@ mod tests {
             "response_format": {"type": "text"}, "store": false, "user": "u", "modalities": ["text"]}"#;
         assert!(chat(neutral).unwrap().unsupported().is_none());
         for (body, param) in [
-            (r#"{"logprobs": true}"#, "logprobs"),
-            (r#"{"top_logprobs": 2}"#, "top_logprobs"),
             (r#"{"logit_bias": {"1": 5}}"#, "logit_bias"),
             (r#"{"tools": [{"type": "function"}]}"#, "tools"),
             (r#"{"tool_choice": "auto"}"#, "tool_choice"),
@@ -680,8 +760,6 @@ mod tests {
             parse(b.as_bytes(), known(COMPLETION_FIELDS, true)).unwrap()
         };
         for (body, param) in [
-            (r#"{"logprobs": 1}"#, "logprobs"),
-            (r#"{"echo": true}"#, "echo"),
             (r#"{"best_of": 3}"#, "best_of"),
             (r#"{"suffix": "end"}"#, "suffix"),
         ] {
@@ -693,6 +771,53 @@ mod tests {
                 .unsupported()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn logprobs_are_read_within_their_bounds() {
+        let lp = |b: &str| chat(b).unwrap().logprobs();
+        assert_eq!(lp(r#"{"logprobs": false}"#).unwrap(), None);
+        assert_eq!(lp(r#"{"logprobs": true}"#).unwrap(), Some(0));
+        assert_eq!(
+            lp(r#"{"logprobs": true, "top_logprobs": 5}"#).unwrap(),
+            Some(5)
+        );
+        for body in [
+            r#"{"top_logprobs": 2}"#,
+            r#"{"logprobs": true, "top_logprobs": 21}"#,
+            r#"{"logprobs": true, "top_logprobs": -1}"#,
+        ] {
+            let e = lp(body).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("top_logprobs"), "{body}");
+        }
+        let completion = |b: &str| -> CompletionRequest {
+            parse(b.as_bytes(), known(COMPLETION_FIELDS, true)).unwrap()
+        };
+        assert_eq!(
+            completion(r#"{"logprobs": 1}"#).logprobs().unwrap(),
+            Some(1)
+        );
+        assert_eq!(
+            completion(r#"{"logprobs": 0}"#).logprobs().unwrap(),
+            Some(0)
+        );
+        assert!(completion(r#"{"logprobs": 99}"#).logprobs().is_err());
+        // Every shape of prompt OpenAI's reference allows.
+        for (body, want) in [
+            (r#"{"prompt": "a b"}"#, vec![OnePrompt::Text("a b".into())]),
+            (
+                r#"{"prompt": ["a", "b"]}"#,
+                vec![OnePrompt::Text("a".into()), OnePrompt::Text("b".into())],
+            ),
+            (r#"{"prompt": [1, 2]}"#, vec![OnePrompt::Ids(vec![1, 2])]),
+            (
+                r#"{"prompt": [[1, 2], [3]]}"#,
+                vec![OnePrompt::Ids(vec![1, 2]), OnePrompt::Ids(vec![3])],
+            ),
+        ] {
+            let p = completion(body).prompt.unwrap().into_vec();
+            assert_eq!(p, want, "{body}");
+        }
     }
 
     #[test]

@@ -1247,8 +1247,6 @@ fn errors_are_openai_shaped_on_every_route_and_unsupported_parameters_named() {
         post(a, "/v1/chat/completions", None, &b)
     };
     for (k, v) in [
-        ("logprobs", json!(true)),
-        ("top_logprobs", json!(3)),
         ("logit_bias", json!({"42": 10})),
         (
             "tools",
@@ -1268,15 +1266,29 @@ fn errors_are_openai_shaped_on_every_route_and_unsupported_parameters_named() {
     let r =
         chat(json!({"n": 1, "logprobs": false, "presence_penalty": 0, "tools": [], "user": "u"}));
     assert_eq!(r.status, 200, "{}", r.text());
-    for (k, v) in [
-        ("best_of", json!(2)),
-        ("echo", json!(true)),
-        ("suffix", json!("the end")),
-        ("logprobs", json!(2)),
-    ] {
+    for (k, v) in [("best_of", json!(2)), ("suffix", json!("the end"))] {
         let mut b = json!({"prompt": "Hi", "max_tokens": 2});
         b[k] = v;
         check(post(a, "/v1/completions", None, &b), 400, Some(k));
+    }
+    // Log-probabilities: bounds, top_logprobs without logprobs, ids outside the vocabulary,
+    // max_tokens 0 without echo.
+    check(chat(json!({"top_logprobs": 3})), 400, Some("top_logprobs"));
+    check(
+        chat(json!({"logprobs": true, "top_logprobs": 21})),
+        400,
+        Some("top_logprobs"),
+    );
+    for (body, param) in [
+        (json!({"prompt": "Hi", "logprobs": 21}), "logprobs"),
+        (
+            json!({"prompt": [[1, 99999999]], "max_tokens": 1}),
+            "prompt",
+        ),
+        (json!({"prompt": [], "max_tokens": 1}), "prompt"),
+        (json!({"prompt": "Hi", "max_tokens": 0}), "max_tokens"),
+    ] {
+        check(post(a, "/v1/completions", None, &body), 400, Some(param));
     }
     // Unknown parameters, as OpenAI answers them; a wrongly typed one by name.
     let v = check(chat(json!({"temprature": 0})), 400, Some("temprature"));
@@ -1294,4 +1306,139 @@ fn errors_are_openai_shaped_on_every_route_and_unsupported_parameters_named() {
         Some("max_completion_tokens"),
     );
     assert_eq!(v["error"]["code"], "context_length_exceeded");
+}
+
+/// Prompt log-probabilities (`echo` + `logprobs` on /v1/completions) score multiple-choice
+/// items as `lever eval mc` does: the same accuracy on the first reference items, the choice's
+/// tokens found by their text offsets as a client finds them; token-id prompts give the same
+/// numbers as text. Chat's `logprobs`/`top_logprobs`: greedy tokens are their position's most
+/// probable, spell the answer, and stream the same.
+#[test]
+fn logprobs_score_choices_as_eval_mc_does() {
+    let _machine = shared_machine();
+    let d = tempfile::tempdir().unwrap();
+    let s = Server::start(d.path(), &["--no-embedder"]);
+    let a = s.addr.as_str();
+    let items_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../lever-eval/tests/fixtures/mc_items.jsonl");
+    let n = 8;
+    let items: Vec<Value> = std::fs::read_to_string(&items_path)
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let echo = |prompt: Value| -> Value {
+        let body = json!({"prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 1});
+        let r = post(a, "/v1/completions", None, &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let (mut acc, mut acc_norm) = (0usize, 0usize);
+    for item in &items {
+        let query = item["query"].as_str().unwrap();
+        // lm-eval's `_encode_pair`: a space ending the query belongs to the continuation.
+        let qlen = query.trim_end().chars().count();
+        let mut lls = Vec::new();
+        for choice in item["choices"].as_array().unwrap() {
+            let choice = choice.as_str().unwrap();
+            let v = echo(json!(format!("{query}{choice}")));
+            let c = &v["choices"][0];
+            assert_eq!(c["text"], format!("{query}{choice}"));
+            assert_eq!(c["finish_reason"], "length");
+            let lp = &c["logprobs"];
+            let offsets = lp["text_offset"].as_array().unwrap();
+            let lps = lp["token_logprobs"].as_array().unwrap();
+            assert_eq!(
+                lps.len() as u64,
+                v["usage"]["prompt_tokens"].as_u64().unwrap()
+            );
+            assert_eq!(v["usage"]["completion_tokens"], 0);
+            assert!(lps[0].is_null());
+            let ll: f64 = offsets
+                .iter()
+                .zip(lps)
+                .filter(|(o, _)| o.as_u64().unwrap() as usize >= qlen)
+                .map(|(_, l)| l.as_f64().unwrap())
+                .sum();
+            assert!(ll < 0.0, "{ll}");
+            lls.push((ll, choice.chars().count() as f64));
+        }
+        let argmax = |f: &dyn Fn(&(f64, f64)) -> f64| {
+            (0..lls.len()).fold(0, |b, i| if f(&lls[i]) > f(&lls[b]) { i } else { b })
+        };
+        let gold = item["gold"].as_u64().unwrap() as usize;
+        acc += usize::from(argmax(&|x| x.0) == gold);
+        acc_norm += usize::from(argmax(&|x| x.0 / x.1) == gold);
+    }
+    let mc = lever(
+        d.path(),
+        &[
+            "eval",
+            "mc",
+            items_path.to_str().unwrap(),
+            "--limit",
+            &n.to_string(),
+            "--json",
+        ],
+    )
+    .ok()
+    .json();
+    assert_eq!(acc as f64 / n as f64, mc["acc"].as_f64().unwrap());
+    assert_eq!(acc_norm as f64 / n as f64, mc["acc_norm"].as_f64().unwrap());
+
+    // Token ids in, the same log-probabilities out.
+    let text = format!(
+        "{}{}",
+        items[0]["query"].as_str().unwrap(),
+        items[0]["choices"][1].as_str().unwrap()
+    );
+    let ids = common::ids(&lever(d.path(), &["tokenize", &text, "--json"]).ok().json()["ids"]);
+    let by_text = echo(json!(text));
+    let by_ids = echo(json!([ids]));
+    assert_eq!(
+        by_ids["choices"][0]["logprobs"],
+        by_text["choices"][0]["logprobs"]
+    );
+    assert_eq!(by_ids["choices"][0]["text"], json!(text));
+
+    // Chat: greedy on the raw logits, so each token is its position's most probable.
+    let body = json!({"messages": [{"role": "user", "content": "Name a fruit."}],
+        "max_tokens": 8, "temperature": 0, "repetition_penalty": 1,
+        "logprobs": true, "top_logprobs": 3});
+    let v = post(a, "/v1/chat/completions", None, &body).json();
+    let content_lp = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        content_lp.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let mut spelled = String::new();
+    for t in &content_lp {
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0]["token"], t["token"], "{t}");
+        assert_eq!(top[0]["logprob"], t["logprob"]);
+        assert!(top[1]["logprob"].as_f64() <= top[0]["logprob"].as_f64());
+        let bytes: Vec<u8> = t["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        spelled.push_str(&String::from_utf8(bytes).unwrap());
+    }
+    assert_eq!(spelled, content(&v));
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let ev = post(a, "/v1/chat/completions", None, &sb).events();
+    let streamed: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(streamed, content_lp);
 }

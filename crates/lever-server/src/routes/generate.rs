@@ -16,13 +16,15 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{AppState, created};
-use crate::engine::{Event, Job, Refused};
+use crate::engine::{Event, Job, Refused, TokenLogprob};
 use crate::error::ApiError;
 use crate::openai::{
     AssistantMessage, CHAT_FIELDS, COMPLETION_FIELDS, ChatChoice, ChatChunk, ChatCompletion,
-    ChatRequest, ChunkChoice, Completion, CompletionRequest, Content, Delta, GenParams, TextChoice,
-    Usage, known, parse,
+    ChatLogprobs, ChatRequest, ChatTokenLogprob, ChunkChoice, Completion, CompletionLogprobs,
+    CompletionRequest, Content, Delta, GenParams, OnePrompt, TextChoice, TopLogprob, Usage, known,
+    parse,
 };
+use lever_model::Tokenizer;
 
 /// A generation request, checked: what the engine and the response need.
 struct Checked {
@@ -36,6 +38,11 @@ struct Checked {
     include_usage: bool,
     /// Constrained decoding: the request's guide, handed to the engine.
     guide: Option<Guide>,
+    /// Log-probabilities of the answer's tokens, with this many alternatives each.
+    logprobs: Option<usize>,
+    /// Completions' `echo`: the prompt's text (and, with logprobs, its tokens' log-
+    /// probabilities) come first in the answer.
+    echo: Option<String>,
 }
 
 impl AppState {
@@ -53,7 +60,13 @@ impl AppState {
             })
     }
 
-    fn check(&self, p: GenParams, max_completion_tokens: Option<i64>) -> Result<Checked, ApiError> {
+    /// `zero_ok`: max_tokens 0 is allowed (echo: the prompt's log-probabilities only).
+    fn check(
+        &self,
+        p: GenParams,
+        max_completion_tokens: Option<i64>,
+        zero_ok: bool,
+    ) -> Result<Checked, ApiError> {
         let variant = self.variant(p.model.as_deref())?;
         let asked = match (max_completion_tokens, p.max_tokens) {
             (Some(m), _) => Some((m, "max_completion_tokens")),
@@ -62,10 +75,15 @@ impl AppState {
         };
         let max_tokens = match asked {
             None => None,
+            Some((0, _)) if zero_ok => Some((0, "max_tokens")),
             Some((m, name)) if m < 1 => {
                 return Err(ApiError::bad_param(
                     name,
-                    format!("{name} must be at least 1"),
+                    if zero_ok {
+                        format!("{name} must be at least 0")
+                    } else {
+                        format!("{name} must be at least 1 (0 only with \"echo\": true)")
+                    },
                 ));
             }
             Some((m, name)) if m as u64 > self.limits.max_tokens as u64 => {
@@ -147,6 +165,8 @@ impl AppState {
             stream,
             include_usage: p.stream_options.is_some_and(|o| o.include_usage),
             guide: None,
+            logprobs: None,
+            echo: None,
         })
     }
 
@@ -173,14 +193,32 @@ impl AppState {
     fn prompt_ids(
         &self,
         c: &Checked,
-        text: &str,
+        prompt: &OnePrompt,
         param: &str,
     ) -> Result<(Vec<u32>, usize), ApiError> {
         let model = &self.variants[c.variant].1;
-        let ids = model
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| ApiError::bad_param(param, e.to_string()))?;
+        let ids = match prompt {
+            OnePrompt::Text(text) => model
+                .tokenizer
+                .encode(text, true)
+                .map_err(|e| ApiError::bad_param(param, e.to_string()))?,
+            OnePrompt::Ids(ids) => {
+                let vocab = model.decoder.config().vocab_size;
+                if let Some((i, id)) = ids
+                    .iter()
+                    .enumerate()
+                    .find(|(_, id)| **id as usize >= vocab)
+                {
+                    return Err(ApiError::bad_param(
+                        param,
+                        format!(
+                            "{param}[{i}]: token id {id} is outside the vocabulary ({vocab} tokens)"
+                        ),
+                    ));
+                }
+                ids.clone()
+            }
+        };
         if ids.is_empty() {
             return Err(ApiError::bad_param(param, "the prompt is empty"));
         }
@@ -226,8 +264,10 @@ fn chat_request(st: &AppState, body: &[u8]) -> Result<(Checked, Vec<u32>, usize)
         return Err(e);
     }
     let constraint = req.constraint()?;
-    let mut c = st.check(req.params, req.max_completion_tokens)?;
+    let logprobs = req.logprobs()?;
+    let mut c = st.check(req.params, req.max_completion_tokens, false)?;
     c.guide = st.guide(c.variant, constraint)?;
+    c.logprobs = logprobs;
     let Some(messages) = req.messages else {
         return Err(ApiError::bad_param(
             "messages",
@@ -312,7 +352,7 @@ fn chat_request(st: &AppState, body: &[u8]) -> Result<(Checked, Vec<u32>, usize)
     let text = template
         .render(&out, true)
         .map_err(|e| ApiError::bad_param("messages", e.to_string()))?;
-    let (ids, max_tokens) = st.prompt_ids(&c, &text, "messages")?;
+    let (ids, max_tokens) = st.prompt_ids(&c, &OnePrompt::Text(text), "messages")?;
     Ok((c, ids, max_tokens))
 }
 
@@ -328,6 +368,7 @@ fn completion_request(st: &AppState, body: &[u8]) -> Result<(Checked, Vec<u32>, 
     if let Some(e) = req.unsupported() {
         return Err(e);
     }
+    let logprobs = req.logprobs()?;
     let Some(prompt) = req.prompt else {
         return Err(ApiError::bad_param(
             "prompt",
@@ -342,9 +383,17 @@ fn completion_request(st: &AppState, body: &[u8]) -> Result<(Checked, Vec<u32>, 
         ));
     }
     let constraint = req.params.constraint()?;
-    let mut c = st.check(req.params, None)?;
+    let echo = req.echo == Some(true);
+    let mut c = st.check(req.params, None, echo)?;
     c.guide = st.guide(c.variant, constraint)?;
+    c.logprobs = logprobs;
     let (ids, max_tokens) = st.prompt_ids(&c, &prompts[0], "prompt")?;
+    if echo {
+        c.echo = Some(match &prompts[0] {
+            OnePrompt::Text(t) => t.clone(),
+            OnePrompt::Ids(_) => st.variants[c.variant].1.tokenizer.decode(&ids),
+        });
+    }
     Ok((c, ids, max_tokens))
 }
 
@@ -362,16 +411,120 @@ fn finish_reason(f: FinishReason) -> &'static str {
     }
 }
 
+/// A token's text as the logprobs fields show it (bytes that are not whole UTF-8 characters
+/// become U+FFFD, as vLLM shows them).
+fn token_text(tok: &Tokenizer, id: u32) -> String {
+    String::from_utf8_lossy(tok.token_bytes(id)).into_owned()
+}
+
+/// Chat's `logprobs.content` for these tokens.
+fn chat_logprobs(tok: &Tokenizer, tokens: &[TokenLogprob]) -> ChatLogprobs {
+    let entry = |id: u32, lp: f32| TopLogprob {
+        token: token_text(tok, id),
+        logprob: lp,
+        bytes: tok.token_bytes(id).to_vec(),
+    };
+    ChatLogprobs {
+        content: tokens
+            .iter()
+            .map(|t| ChatTokenLogprob {
+                token: token_text(tok, t.id),
+                logprob: t.logprob.unwrap_or(f32::NEG_INFINITY),
+                bytes: tok.token_bytes(t.id).to_vec(),
+                top_logprobs: t.top.iter().map(|&(id, lp)| entry(id, lp)).collect(),
+            })
+            .collect(),
+        refusal: None,
+    }
+}
+
+/// A log-probability as the f64 that its shortest f32 text reads as, so that the same number
+/// written in `token_logprobs` (a float) and in `top_logprobs` (a map's value) reads back
+/// equal in a client (lm-evaluation-harness compares them with `!=`).
+fn lp64(v: f32) -> f64 {
+    v.to_string().parse().unwrap_or(v as f64)
+}
+
+/// The completions shape for these tokens, their text starting at character `offset` of the
+/// choice's text; also the offset after them. Each position's alternatives map text to
+/// log-probability and hold the token itself too (as vLLM's do), so that lm-evaluation-
+/// harness's `is_greedy` (the token's log-probability is the map's largest) reads right.
+fn completion_logprobs(
+    tok: &Tokenizer,
+    tokens: &[TokenLogprob],
+    mut offset: usize,
+) -> (CompletionLogprobs, usize) {
+    let mut out = CompletionLogprobs::default();
+    for t in tokens {
+        let text = token_text(tok, t.id);
+        out.text_offset.push(offset);
+        offset += text.chars().count();
+        out.token_logprobs.push(t.logprob.map(lp64));
+        out.top_logprobs.push(t.logprob.map(|lp| {
+            let mut m = serde_json::Map::new();
+            for &(id, v) in &t.top {
+                m.entry(token_text(tok, id)).or_insert(lp64(v).into());
+            }
+            m.entry(text.clone()).or_insert(lp64(lp).into());
+            m
+        }));
+        out.tokens.push(text);
+    }
+    (out, offset)
+}
+
+/// Log-probabilities for one response piece, in the route's shape.
+enum PieceLogprobs {
+    Chat(ChatLogprobs),
+    Text(CompletionLogprobs),
+}
+
 /// What the response's pieces share.
 struct Meta {
     id: String,
     created: u64,
     model: String,
     kind: Kind,
+    tokenizer: Arc<lever_model::Model>,
+    /// Whether the request asked for log-probabilities.
+    logprobs: bool,
 }
 
 impl Meta {
-    fn whole(&self, text: String, finish: FinishReason, usage: Usage) -> Response {
+    fn tok(&self) -> &Tokenizer {
+        &self.tokenizer.tokenizer
+    }
+
+    /// The log-probabilities of these tokens for a piece whose text starts at `offset`
+    /// (completions), or None when the request did not ask; and the offset after them.
+    fn piece_logprobs(
+        &self,
+        tokens: &[TokenLogprob],
+        offset: usize,
+    ) -> (Option<PieceLogprobs>, usize) {
+        if !self.logprobs {
+            return (None, offset);
+        }
+        match self.kind {
+            Kind::Chat => (
+                Some(PieceLogprobs::Chat(chat_logprobs(self.tok(), tokens))),
+                offset,
+            ),
+            Kind::Completion => {
+                let (lp, end) = completion_logprobs(self.tok(), tokens, offset);
+                (Some(PieceLogprobs::Text(lp)), end)
+            }
+        }
+    }
+
+    fn whole(
+        &self,
+        text: String,
+        finish: FinishReason,
+        usage: Usage,
+        prompt: &[TokenLogprob],
+        tokens: &[TokenLogprob],
+    ) -> Response {
         let finish = finish_reason(finish);
         match self.kind {
             Kind::Chat => axum::Json(ChatCompletion {
@@ -385,26 +538,32 @@ impl Meta {
                         role: "assistant",
                         content: text,
                     },
-                    logprobs: None,
+                    logprobs: self.logprobs.then(|| chat_logprobs(self.tok(), tokens)),
                     finish_reason: finish,
                 }],
                 usage,
             })
             .into_response(),
-            Kind::Completion => axum::Json(Completion {
-                id: self.id.clone(),
-                object: "text_completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![TextChoice {
-                    index: 0,
-                    text,
-                    logprobs: None,
-                    finish_reason: Some(finish),
-                }],
-                usage: Some(usage),
-            })
-            .into_response(),
+            Kind::Completion => {
+                let logprobs = self.logprobs.then(|| {
+                    let all: Vec<TokenLogprob> = prompt.iter().chain(tokens).cloned().collect();
+                    completion_logprobs(self.tok(), &all, 0).0
+                });
+                axum::Json(Completion {
+                    id: self.id.clone(),
+                    object: "text_completion",
+                    created: self.created,
+                    model: self.model.clone(),
+                    choices: vec![TextChoice {
+                        index: 0,
+                        text,
+                        logprobs,
+                        finish_reason: Some(finish),
+                    }],
+                    usage: Some(usage),
+                })
+                .into_response()
+            }
         }
     }
 
@@ -415,6 +574,7 @@ impl Meta {
         text: Option<String>,
         finish: Option<FinishReason>,
         usage: Option<Usage>,
+        logprobs: Option<PieceLogprobs>,
     ) -> SseEvent {
         let finish_reason = finish.map(finish_reason);
         match self.kind {
@@ -432,7 +592,10 @@ impl Meta {
                             role: role.then_some("assistant"),
                             content: text,
                         },
-                        logprobs: None,
+                        logprobs: match logprobs {
+                            Some(PieceLogprobs::Chat(c)) => Some(c),
+                            _ => None,
+                        },
                         finish_reason,
                     }]
                 },
@@ -449,7 +612,10 @@ impl Meta {
                     vec![TextChoice {
                         index: 0,
                         text: text.unwrap_or_default(),
-                        logprobs: None,
+                        logprobs: match logprobs {
+                            Some(PieceLogprobs::Text(c)) => Some(c),
+                            _ => None,
+                        },
                         finish_reason,
                     }]
                 },
@@ -478,6 +644,8 @@ async fn generate(
         sampling: c.sampling.clone(),
         stop: c.stop.clone(),
         guide: c.guide.take(),
+        logprobs: c.logprobs,
+        echo: c.echo.is_some() && c.logprobs.is_some(),
         events: tx,
     };
     match st.engine.submit(job) {
@@ -500,19 +668,26 @@ async fn generate(
         created: created(),
         model: c.model_id.clone(),
         kind,
+        tokenizer: st.variants[c.variant].1.clone(),
+        logprobs: c.logprobs.is_some(),
     };
+    let echo = c.echo.take();
     if !c.stream {
-        let mut text = String::new();
+        let mut text = echo.unwrap_or_default();
+        let (mut prompt, mut tokens) = (Vec::new(), Vec::new());
         while let Some(ev) = rx.recv().await {
             match ev {
                 Event::Text(t) => text.push_str(&t),
+                Event::Prompt(p) => prompt = p,
+                Event::Token(t) => tokens.push(t),
                 Event::Failed(m) => return ApiError::internal(m).into_response(),
                 Event::Done {
                     finish,
                     prompt_tokens,
                     completion_tokens,
                 } => {
-                    return meta.whole(text, finish, Usage::new(prompt_tokens, completion_tokens));
+                    let usage = Usage::new(prompt_tokens, completion_tokens);
+                    return meta.whole(text, finish, usage, &prompt, &tokens);
                 }
             }
         }
@@ -521,18 +696,31 @@ async fn generate(
     // Streaming: a task turns engine events into SSE chunks. When the client goes away the
     // SSE body is dropped (hyper sees the connection's end even while no event is due, as
     // during a long prefill); the task notices, drops `rx`, and the engine drops the
-    // sequence at its next step or before the next chunk of its prompt.
+    // sequence at its next step or before the next chunk of its prompt. A token's
+    // log-probabilities ride with the next piece of text sent (text held back while it may
+    // be the start of a stop sequence comes later than its token).
     let (out, body) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     let include_usage = c.include_usage;
     tokio::spawn(async move {
         if kind == Kind::Chat
             && out
-                .send(Ok(meta.chunk(true, Some(String::new()), None, None)))
+                .send(Ok(meta.chunk(true, Some(String::new()), None, None, None)))
                 .await
                 .is_err()
         {
             return;
         }
+        // Completions' echo without logprobs: the prompt's text is the first piece.
+        if let Some(t) = echo.as_ref().filter(|_| !meta.logprobs)
+            && out
+                .send(Ok(meta.chunk(false, Some(t.clone()), None, None, None)))
+                .await
+                .is_err()
+        {
+            return;
+        }
+        let mut pending: Vec<TokenLogprob> = Vec::new();
+        let mut offset = 0;
         loop {
             let ev = tokio::select! {
                 ev = rx.recv() => ev,
@@ -540,7 +728,24 @@ async fn generate(
             };
             let Some(ev) = ev else { break };
             let sent = match ev {
-                Event::Text(t) => out.send(Ok(meta.chunk(false, Some(t), None, None))).await,
+                Event::Token(t) => {
+                    pending.push(t);
+                    Ok(())
+                }
+                Event::Prompt(p) => {
+                    let text = echo.clone().unwrap_or_default();
+                    let (lp, _) = meta.piece_logprobs(&p, 0);
+                    offset = text.chars().count();
+                    out.send(Ok(meta.chunk(false, Some(text), None, None, lp)))
+                        .await
+                }
+                Event::Text(t) => {
+                    let (lp, end) = meta.piece_logprobs(&pending, offset);
+                    pending.clear();
+                    offset = end;
+                    out.send(Ok(meta.chunk(false, Some(t), None, None, lp)))
+                        .await
+                }
                 Event::Failed(m) => {
                     let _ = out.send(Ok(event(&ApiError::internal(m).body()))).await;
                     break;
@@ -551,8 +756,13 @@ async fn generate(
                     completion_tokens,
                 } => {
                     let text = (kind == Kind::Completion).then(String::new);
+                    let (lp, _) = if pending.is_empty() {
+                        (None, offset)
+                    } else {
+                        meta.piece_logprobs(&pending, offset)
+                    };
                     if out
-                        .send(Ok(meta.chunk(false, text, Some(finish), None)))
+                        .send(Ok(meta.chunk(false, text, Some(finish), None, lp)))
                         .await
                         .is_err()
                     {
@@ -561,7 +771,7 @@ async fn generate(
                     if include_usage {
                         let usage = Usage::new(prompt_tokens, completion_tokens);
                         if out
-                            .send(Ok(meta.chunk(false, None, None, Some(usage))))
+                            .send(Ok(meta.chunk(false, None, None, Some(usage), None)))
                             .await
                             .is_err()
                         {
