@@ -29,18 +29,20 @@ cat >"$SCHEMA" <<'JSON'
  "minItems": 8}}, "required": ["people"]}
 JSON
 Q="List eight people with their name, age and city."
-rate() { python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["completion_tokens"]/v["generation_ms"]*1e3)'; }
-free=(); guided=()
+rate() { python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["completion_tokens"]/v["generation_ms"]*1e3, v.get("mask_ms_per_token", 0), v["generation_ms"]/v["completion_tokens"])'; }
+free=(); guided=(); mask=(); step=()
 for r in $(seq "$ROUNDS"); do
-  free+=("$($LEVER ask "$Q" --max-tokens 64 --temperature 0 --json | rate)")
-  guided+=("$($LEVER ask "$Q" --max-tokens 64 --temperature 0 --json-schema "$SCHEMA" --json | rate)")
+  read -r f _ _ <<< "$($LEVER ask "$Q" --max-tokens 64 --temperature 0 --json | rate)"
+  read -r g m s <<< "$($LEVER ask "$Q" --max-tokens 64 --temperature 0 --json-schema "$SCHEMA" --json | rate)"
+  free+=("$f"); guided+=("$g"); mask+=("$m"); step+=("$s")
 done
-python3 - "${free[*]}" "${guided[*]}" <<'PY'
+python3 - "${free[*]}" "${guided[*]}" "${mask[*]}" "${step[*]}" <<'PY'
 import statistics, sys
-free = [float(x) for x in sys.argv[1].split()]
-guided = [float(x) for x in sys.argv[2].split()]
+free, guided, mask, step = ([float(x) for x in a.split()] for a in sys.argv[1:5])
 f, g = statistics.median(free), statistics.median(guided)
 print(f"free {f:.1f} tok/s, with the JSON schema {g:.1f} tok/s (medians of {len(free)}): ratio {g / f:.3f}")
+m, s = statistics.median(mask), statistics.median(step)
+print(f"mask computation {m:.3f} ms per token of {s:.2f} ms per generated token ({100 * m / s:.1f}%)")
 PY
 
 echo "== overhead at 8 concurrent streams on lever serve, $SERVE s each"

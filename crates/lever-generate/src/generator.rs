@@ -124,6 +124,9 @@ pub struct Timings {
     pub prompt_ms: f64,
     /// Generating the answer.
     pub generation_ms: f64,
+    /// With a constraint: time spent computing token masks (part of `generation_ms`), and
+    /// how many were computed.
+    pub mask: Option<(f64, usize)>,
 }
 
 /// A finished generation.

@@ -109,6 +109,7 @@ impl Generator for Local {
             timings: Some(Timings {
                 prompt_ms: g.prompt_ms,
                 generation_ms: g.generation_ms,
+                mask: guide.as_ref().map(|g| g.mask_stats()),
             }),
             sampling: Some(UsedSampling {
                 params: sampling,

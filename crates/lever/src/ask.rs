@@ -63,6 +63,10 @@ pub fn run(a: AskArgs) -> Result<()> {
     if let Some(t) = out.timings {
         v["prompt_ms"] = json!(t.prompt_ms);
         v["generation_ms"] = json!(t.generation_ms);
+        if let Some((ms, n)) = t.mask {
+            v["mask_ms"] = json!(ms);
+            v["mask_ms_per_token"] = json!(if n > 0 { ms / n as f64 } else { 0.0 });
+        }
     }
     v["finish_reason"] = json!(out.finish_reason);
     if let Some(valid) = out.valid {

@@ -237,6 +237,7 @@ impl lever_generate::Generator for LatentGenerator {
             timings: Some(lever_generate::Timings {
                 prompt_ms,
                 generation_ms: start.elapsed().as_secs_f64() * 1e3 - prompt_ms,
+                mask: None,
             }),
             sampling: Some(lever_generate::UsedSampling {
                 params: sampling,

@@ -1375,3 +1375,66 @@ fn embed_without_texts_or_with_batch_size_zero_is_bad_usage() {
     lever(d.path(), &["embed"]).usage_error();
     lever(d.path(), &["embed", "--batch-size", "0", "x"]).usage_error();
 }
+
+/// `ask` with a JSON Schema and with a set of choices, as a user runs it: the text parses and
+/// fits, `valid` is true, and the mask time is reported per token (a part of generation time).
+#[test]
+fn ask_json_schema_and_choice_fit_and_report_the_mask_time() {
+    let d = tmp();
+    let schema = d.path().join("person.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0}}, "required": ["name", "age"]}"#,
+    )
+    .unwrap();
+    let out = lever(
+        d.path(),
+        &[
+            "ask",
+            "Invent a person.",
+            "--json-schema",
+            schema.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "48",
+            "--json",
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v = out.json();
+    let answer: Value = serde_json::from_str(v["text"].as_str().unwrap()).unwrap();
+    assert!(
+        answer["name"].as_str().unwrap().chars().count() <= 20,
+        "{answer}"
+    );
+    assert!(answer["age"].as_u64().is_some(), "{answer}");
+    assert_eq!(v["valid"], true);
+    let per_token = v["mask_ms_per_token"].as_f64().unwrap();
+    let gen_per_token =
+        v["generation_ms"].as_f64().unwrap() / v["completion_tokens"].as_f64().unwrap();
+    assert!(per_token > 0.0 && per_token < gen_per_token, "{v}");
+
+    let out = lever(
+        d.path(),
+        &[
+            "ask",
+            "Is the sky blue? Answer yes or no.",
+            "--choice",
+            "yes",
+            "--choice",
+            "no",
+            "--temperature",
+            "1",
+            "--json",
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v = out.json();
+    assert!(["yes", "no"].contains(&v["text"].as_str().unwrap()), "{v}");
+    assert_eq!(v["valid"], true);
+    // Without a constraint there is no mask time.
+    let v = lever(d.path(), &["ask", "Hi", "--max-tokens", "2", "--json"]).json();
+    assert!(v.get("mask_ms").is_none(), "{v}");
+}
