@@ -603,6 +603,7 @@ fn advance(model: &Model, s: &mut Seq, logits: &[f32]) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
