@@ -117,3 +117,47 @@ fn gsm8k_task_reads_the_shared_data() {
         .score_text("... so 5 + 7 = 12.\n#### 12", "#### 12");
     assert_eq!((score, got.as_deref()), (1.0, Some("12")));
 }
+
+/// The pair of tasks that measures constrained decoding: the same items, prompts and metric;
+/// the references are bare numbers, the pattern takes only a bare number, and one of the two
+/// constrains the answer to a JSON integer.
+#[test]
+fn gsm8k_number_tasks_differ_only_by_the_constraint() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/tasks");
+    if !dir
+        .join("../../../shared/data/instructions/gsm8k_train_first5000.jsonl")
+        .exists()
+    {
+        eprintln!("skipped: ../shared/data is not beside the repository");
+        return;
+    }
+    let free = lever_eval::task::load(&dir.join("gsm8k-number.toml")).unwrap();
+    let json = lever_eval::task::load(&dir.join("gsm8k-number-json.toml")).unwrap();
+    assert_eq!(free.test.len(), json.test.len());
+    for (a, b) in free.test.iter().zip(&json.test) {
+        assert_eq!(a.prompt("default"), b.prompt("default"));
+        assert_eq!(a.target, b.target);
+        assert!(
+            a.target
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == ',' || c == '-'),
+            "{}",
+            a.target
+        );
+    }
+    assert!(free.generation.constraint().is_none());
+    assert_eq!(
+        json.generation.constraint(),
+        Some(lever_generate::Constraint::JsonSchema(
+            serde_json::json!({"type": "integer"})
+        ))
+    );
+    let target = &free.test[0].target;
+    assert_eq!(free.metric.score_text(target, target).0, 1.0);
+    assert_eq!(
+        free.metric
+            .score_text(&format!("The answer is {target}"), target)
+            .0,
+        0.0
+    );
+}
