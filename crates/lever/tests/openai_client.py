@@ -1,6 +1,6 @@
 """The official `openai` Python client against `lever serve` (run by tests/serve.rs):
 chat, streaming chat, embeddings, structured output (the client's `parse` with a Pydantic model,
-a streamed JSON object), and errors raised as the client's own exception types (with
+a streamed JSON object), log-probabilities (chat, and completions with echo), and errors raised as the client's own exception types (with
 the parameter at fault named for one lever does not support)."""
 import math
 import os
@@ -69,10 +69,24 @@ except openai.BadRequestError as err:
     check(err.status_code == 400, f"bad request {err}")
 
 try:
-    client.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, logprobs=True)
-    check(False, "logprobs accepted")
+    client.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, logit_bias={"42": 5})
+    check(False, "logit_bias accepted")
 except openai.BadRequestError as err:
-    check(err.status_code == 400 and err.param == "logprobs", f"unsupported {err}")
+    check(err.status_code == 400 and err.param == "logit_bias", f"unsupported {err}")
+
+# Log-probabilities, read through the client's own types.
+r = client.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, max_tokens=6,
+                                   temperature=0, logprobs=True, top_logprobs=2)
+lp = r.choices[0].logprobs.content
+check(len(lp) == r.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in lp),
+      f"chat logprobs {lp}")
+check(all(t.logprob <= 0 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in lp),
+      f"chat logprob values {lp}")
+c = client.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is",
+                              max_tokens=1, temperature=0, logprobs=1, echo=True)
+clp = c.choices[0].logprobs
+check(clp.token_logprobs[0] is None and len(clp.tokens) == c.usage.total_tokens
+      and c.choices[0].text.startswith("The capital of France is"), f"echo logprobs {clp}")
 
 # Structured output: the client's own `parse` with a Pydantic model (response_format
 # json_schema, strict), a streamed JSON object, and a schema that is not one (400 naming
