@@ -21,6 +21,7 @@ pub mod remote;
 pub mod sampling;
 pub mod sse;
 pub mod stream;
+pub mod tools;
 
 pub use constrain::{Constraint, Grammars, Guide};
 pub use generate::{

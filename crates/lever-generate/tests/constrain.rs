@@ -193,3 +193,56 @@ fn a_budget_too_small_is_flagged_and_bad_constraints_are_one_line() {
     let e = bad(Constraint::Choice(vec![]));
     assert!(e.contains("no choices"), "{e}");
 }
+
+/// Tool calls (`lever_generate::tools`): with a call required, the answer is one call whose
+/// name is a tool's and whose arguments validate against that tool's parameters, at both
+/// temperatures; a named function gets that function; with `auto`, the answer is a call or a
+/// text that does not start with '<'.
+#[test]
+fn tool_calls_name_a_tool_and_their_arguments_validate() {
+    use lever_generate::tools::{self, Tool, ToolChoice};
+    let mut g = Local::new(default_model());
+    let weather = serde_json::json!({"type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 30},
+                       "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"]});
+    let tools_list = [
+        Tool::new(
+            "get_weather",
+            Some("Weather in a city".into()),
+            Some(weather.clone()),
+        )
+        .unwrap(),
+        Tool::new("get_time", Some("The time now".into()), None).unwrap(),
+    ];
+    let question = format!(
+        "{}\nWhat is the weather in Paris?",
+        tools::system_prompt(&tools_list)
+    );
+    let validator = jsonschema::validator_for(&weather).unwrap();
+    for t in [0.0, 1.0] {
+        let c = tools::constraint(&tools_list, &ToolChoice::Required).unwrap();
+        let out = ask(&mut g, &question, &c, t, 60);
+        assert_eq!(out.valid, Some(true), "{:?}", out.text);
+        let call = tools::parse_call(&out.text).unwrap_or_else(|| panic!("{:?}", out.text));
+        assert!(["get_weather", "get_time"].contains(&call.name.as_str()));
+        if call.name == "get_weather" {
+            assert!(validator.is_valid(&call.arguments), "{:?}", out.text);
+        }
+        let c = tools::constraint(&tools_list, &ToolChoice::Named("get_weather".into())).unwrap();
+        let out = ask(&mut g, &question, &c, t, 60);
+        let call = tools::parse_call(&out.text).unwrap_or_else(|| panic!("{:?}", out.text));
+        assert_eq!(call.name, "get_weather");
+        assert!(validator.is_valid(&call.arguments), "{:?}", out.text);
+        let c = tools::constraint(&tools_list, &ToolChoice::Auto).unwrap();
+        let out = ask(&mut g, &question, &c, t, 60);
+        match tools::parse_call(&out.text) {
+            Some(call) => assert!(["get_weather", "get_time"].contains(&call.name.as_str())),
+            None => assert!(
+                !out.text.starts_with('<') && !out.text.is_empty(),
+                "{:?}",
+                out.text
+            ),
+        }
+    }
+}

@@ -6,7 +6,7 @@
 //! `max_tokens`, `temperature`, `top_p`, `seed`, `stream_options.include_usage`); errors use
 //! OpenAI's `{"error": {"message", "type", "param", "code"}}` with the matching status, on
 //! every route (404 for an unknown path, 405 for a wrong method). A parameter OpenAI defines
-//! but lever does not implement (`tools`, `logit_bias`, penalties, `n` > 1,
+//! but lever does not implement (`logit_bias`, `functions`, penalties, `n` > 1,
 //! ...) is a 400 naming it, and an unknown one is a 400 as OpenAI gives; the prompt and
 //! `max_tokens` must fit the model's context together.
 //!

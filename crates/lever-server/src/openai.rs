@@ -10,6 +10,7 @@
 //! (`"n": 1`, `"logprobs": false`, `"presence_penalty": 0`, ...) are accepted.
 
 use lever_generate::Constraint;
+use lever_generate::tools::{Tool, ToolChoice};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -394,22 +395,7 @@ impl ChatRequest {
                 _ => true,
             })
         };
-        let checks: [(&str, bool, &str); 15] = [
-            (
-                "tools",
-                self.tools.as_ref().is_some_and(|t| !t.is_empty()),
-                "no tool calls",
-            ),
-            (
-                "tool_choice",
-                set(&self.tool_choice, &["none"]),
-                "only \"none\"",
-            ),
-            (
-                "parallel_tool_calls",
-                self.parallel_tool_calls.is_some(),
-                "no tool calls",
-            ),
+        let checks: [(&str, bool, &str); 12] = [
             (
                 "functions",
                 self.functions.as_ref().is_some_and(|f| !f.is_empty()),
@@ -475,6 +461,77 @@ impl ChatRequest {
         self.params.unsupported()
     }
 
+    /// The tools the answer may call and how (`tools`, `tool_choice`); None when there are
+    /// none or `tool_choice` is "none". Errors name the parameter and the tool.
+    pub fn tools(&self) -> Result<Option<(Vec<Tool>, ToolChoice)>, ApiError> {
+        let mut tools = Vec::new();
+        for (i, t) in self.tools.iter().flatten().enumerate() {
+            let bad = |m: String| ApiError::bad_param("tools", format!("tools[{i}]: {m}"));
+            if t.get("type").and_then(Value::as_str) != Some("function") {
+                return Err(bad(
+                    "only {\"type\": \"function\"} tools are supported".into()
+                ));
+            }
+            let Some(f) = t.get("function").and_then(Value::as_object) else {
+                return Err(bad("`function` (an object) is required".into()));
+            };
+            let Some(name) = f.get("name").and_then(Value::as_str) else {
+                return Err(bad("`function.name` (a string) is required".into()));
+            };
+            let description = f
+                .get("description")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            let parameters = f.get("parameters").cloned();
+            tools.push(Tool::new(name, description, parameters).map_err(|e| bad(e.to_string()))?);
+        }
+        let bad_choice = |m: &str| ApiError::bad_param("tool_choice", m.to_string());
+        let choice = match &self.tool_choice {
+            None | Some(Value::Null) => {
+                if tools.is_empty() {
+                    return Ok(None);
+                }
+                ToolChoice::Auto
+            }
+            Some(Value::String(s)) => match s.as_str() {
+                "none" => return Ok(None),
+                "auto" if tools.is_empty() => return Ok(None),
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required,
+                _ => {
+                    return Err(bad_choice(
+                        "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": …}}",
+                    ));
+                }
+            },
+            Some(v) => match v
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+            {
+                Some(name) if v.get("type").and_then(Value::as_str) == Some("function") => {
+                    ToolChoice::Named(name.to_string())
+                }
+                _ => {
+                    return Err(bad_choice(
+                        "a named tool_choice is {\"type\": \"function\", \"function\": {\"name\": …}}",
+                    ));
+                }
+            },
+        };
+        if tools.is_empty() {
+            return Err(bad_choice("tool_choice needs tools"));
+        }
+        if let ToolChoice::Named(n) = &choice
+            && !tools.iter().any(|t| &t.name == n)
+        {
+            return Err(bad_choice(&format!(
+                "tool_choice names {n:?}, which is not among the tools"
+            )));
+        }
+        Ok(Some((tools, choice)))
+    }
+
     /// How many alternatives per generated token (`top_logprobs`), when `logprobs` is on.
     pub fn logprobs(&self) -> Result<Option<usize>, ApiError> {
         let on = self.logprobs == Some(true);
@@ -535,10 +592,31 @@ impl Usage {
     }
 }
 
+/// An assistant's answer: text, or (with `tools`) a call, whose content is then null.
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// A function call in an answer (`message.tool_calls[]`); streamed, each carries its `index`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCall {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as a JSON text (OpenAI's shape: a string the client parses).
+    pub arguments: String,
 }
 
 /// One token's log-probability in a chat answer (OpenAI's `choices[].logprobs.content[]`).
@@ -600,6 +678,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -741,8 +821,6 @@ mod tests {
         assert!(chat(neutral).unwrap().unsupported().is_none());
         for (body, param) in [
             (r#"{"logit_bias": {"1": 5}}"#, "logit_bias"),
-            (r#"{"tools": [{"type": "function"}]}"#, "tools"),
-            (r#"{"tool_choice": "auto"}"#, "tool_choice"),
             (r#"{"functions": [{}]}"#, "functions"),
             (
                 r#"{"response_format": {"type": "grammar"}}"#,
@@ -771,6 +849,43 @@ mod tests {
                 .unsupported()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn tools_and_tool_choice_are_read_and_bad_ones_named() {
+        let t = |b: &str| chat(b).unwrap().tools();
+        let f = r#"{"type": "function", "function": {"name": "f", "parameters":
+            {"type": "object", "properties": {"x": {"type": "integer"}}}}}"#;
+        assert_eq!(t(r#"{}"#).unwrap(), None);
+        assert_eq!(
+            t(&format!(r#"{{"tools": [{f}], "tool_choice": "none"}}"#)).unwrap(),
+            None
+        );
+        let (tools, choice) = t(&format!(r#"{{"tools": [{f}]}}"#)).unwrap().unwrap();
+        assert_eq!((tools[0].name.as_str(), choice), ("f", ToolChoice::Auto));
+        let named = format!(
+            r#"{{"tools": [{f}], "tool_choice": {{"type": "function", "function": {{"name": "f"}}}}}}"#
+        );
+        assert_eq!(t(&named).unwrap().unwrap().1, ToolChoice::Named("f".into()));
+        for (body, param) in [
+            (r#"{"tools": [{"type": "retrieval"}]}"#.to_string(), "tools"),
+            (r#"{"tools": [{"type": "function", "function": {}}]}"#.to_string(), "tools"),
+            (
+                r#"{"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strnig"}}}]}"#.to_string(),
+                "tools",
+            ),
+            (r#"{"tool_choice": "required"}"#.to_string(), "tool_choice"),
+            (format!(r#"{{"tools": [{f}], "tool_choice": "always"}}"#), "tool_choice"),
+            (
+                format!(
+                    r#"{{"tools": [{f}], "tool_choice": {{"type": "function", "function": {{"name": "g"}}}}}}"#
+                ),
+                "tool_choice",
+            ),
+        ] {
+            let e = t(&body).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {e:?}");
+        }
     }
 
     #[test]
@@ -876,6 +991,7 @@ mod tests {
                 delta: Delta {
                     role: Some("assistant"),
                     content: Some(String::new()),
+                    tool_calls: None,
                 },
                 logprobs: None,
                 finish_reason: None,

@@ -124,4 +124,41 @@ except openai.BadRequestError as err:
     check(err.status_code == 400 and err.param == "response_format" and "strnig" in str(err),
           f"bad schema {err}")
 
+# Tools: a required call through the client's types (arguments valid against the function's
+# parameters), streamed the same, then the round trip: the call and its result go back in the
+# history and the model answers (a call or text; either way the client reads it).
+tools = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}}]
+ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+r = client.chat.completions.create(model="smollm2-135m-instruct", messages=ask, tools=tools,
+                                   tool_choice="required", max_tokens=60, temperature=0)
+m = r.choices[0].message
+check(r.choices[0].finish_reason == "tool_calls" and m.content is None and len(m.tool_calls) == 1,
+      f"tool call {r}")
+call = m.tool_calls[0]
+args = json.loads(call.function.arguments)
+check(call.type == "function" and call.function.name == "get_weather" and call.id
+      and isinstance(args["city"], str) and args["unit"] in ("celsius", "fahrenheit"),
+      f"tool call arguments {call}")
+stream = client.chat.completions.create(model="smollm2-135m-instruct", messages=ask, tools=tools,
+                                        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                        max_tokens=60, temperature=0, stream=True)
+deltas, finish = [], None
+for chunk in stream:
+    for c in chunk.choices:
+        deltas += c.delta.tool_calls or []
+        finish = c.finish_reason or finish
+check(finish == "tool_calls" and len(deltas) == 1 and deltas[0].function.name == "get_weather"
+      and json.loads(deltas[0].function.arguments) == args, f"streamed tool call {deltas}")
+history = ask + [m.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18, "sky": "sunny"}'}]
+r = client.chat.completions.create(model="smollm2-135m-instruct", messages=history, tools=tools,
+                                   max_tokens=40, temperature=0)
+m = r.choices[0].message
+check(bool(m.content) or (m.tool_calls and m.tool_calls[0].function.name == "get_weather"),
+      f"answer after the tool result {r}")
+
 print("openai client: all checks passed")

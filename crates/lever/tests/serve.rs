@@ -1248,11 +1248,6 @@ fn errors_are_openai_shaped_on_every_route_and_unsupported_parameters_named() {
     };
     for (k, v) in [
         ("logit_bias", json!({"42": 10})),
-        (
-            "tools",
-            json!([{"type": "function", "function": {"name": "f"}}]),
-        ),
-        ("tool_choice", json!("required")),
         ("functions", json!([{"name": "f"}])),
         ("response_format", json!({"type": "grammar"})),
         ("presence_penalty", json!(0.5)),
@@ -1271,6 +1266,34 @@ fn errors_are_openai_shaped_on_every_route_and_unsupported_parameters_named() {
         b[k] = v;
         check(post(a, "/v1/completions", None, &b), 400, Some(k));
     }
+    // Tools: a parameters schema that is not one (named by path), tool_choice without tools or
+    // naming an unknown function, tools together with response_format.
+    let f = json!([{"type": "function", "function": {"name": "f",
+        "parameters": {"type": "object", "properties": {"x": {"type": "strnig"}}}}}]);
+    let v = check(chat(json!({"tools": f})), 400, Some("tools"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/properties/x/type"),
+        "{v}"
+    );
+    check(
+        chat(json!({"tool_choice": "required"})),
+        400,
+        Some("tool_choice"),
+    );
+    let g = json!([{"type": "function", "function": {"name": "g"}}]);
+    check(
+        chat(json!({"tools": g, "tool_choice": {"type": "function", "function": {"name": "h"}}})),
+        400,
+        Some("tool_choice"),
+    );
+    check(
+        chat(json!({"tools": g, "response_format": {"type": "json_object"}})),
+        400,
+        Some("response_format"),
+    );
     // Log-probabilities: bounds, top_logprobs without logprobs, ids outside the vocabulary,
     // max_tokens 0 without echo.
     check(chat(json!({"top_logprobs": 3})), 400, Some("top_logprobs"));

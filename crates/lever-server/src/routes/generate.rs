@@ -21,8 +21,8 @@ use crate::error::ApiError;
 use crate::openai::{
     AssistantMessage, CHAT_FIELDS, COMPLETION_FIELDS, ChatChoice, ChatChunk, ChatCompletion,
     ChatLogprobs, ChatRequest, ChatTokenLogprob, ChunkChoice, Completion, CompletionLogprobs,
-    CompletionRequest, Content, Delta, GenParams, OnePrompt, TextChoice, TopLogprob, Usage, known,
-    parse,
+    CompletionRequest, Content, Delta, FunctionCall, GenParams, OnePrompt, TextChoice, ToolCall,
+    TopLogprob, Usage, known, parse,
 };
 use lever_model::Tokenizer;
 
@@ -43,6 +43,8 @@ struct Checked {
     /// Completions' `echo`: the prompt's text (and, with logprobs, its tokens' log-
     /// probabilities) come first in the answer.
     echo: Option<String>,
+    /// Chat with tools: an answer that is a call becomes `tool_calls`.
+    tools: bool,
 }
 
 impl AppState {
@@ -167,6 +169,7 @@ impl AppState {
             guide: None,
             logprobs: None,
             echo: None,
+            tools: false,
         })
     }
 
@@ -263,11 +266,24 @@ fn chat_request(st: &AppState, body: &[u8]) -> Result<(Checked, Vec<u32>, usize)
     if let Some(e) = req.unsupported() {
         return Err(e);
     }
-    let constraint = req.constraint()?;
+    let mut constraint = req.constraint()?;
     let logprobs = req.logprobs()?;
+    let tools = req.tools()?;
+    if let Some((tools, choice)) = &tools {
+        if let Some((_, name)) = &constraint {
+            return Err(ApiError::bad_param(
+                name,
+                format!("give tools or {name}, not both"),
+            ));
+        }
+        let c = lever_generate::tools::constraint(tools, choice)
+            .map_err(|e| ApiError::bad_param("tools", e.to_string()))?;
+        constraint = Some((c, "tools"));
+    }
     let mut c = st.check(req.params, req.max_completion_tokens, false)?;
     c.guide = st.guide(c.variant, constraint)?;
     c.logprobs = logprobs;
+    c.tools = tools.is_some();
     let Some(messages) = req.messages else {
         return Err(ApiError::bad_param(
             "messages",
@@ -289,9 +305,9 @@ fn chat_request(st: &AppState, body: &[u8]) -> Result<(Checked, Vec<u32>, usize)
             ("name", m.name.is_some()),
             (
                 "tool_calls",
-                m.tool_calls.as_ref().is_some_and(|v| !v.is_null()),
+                m.role != "assistant" && m.tool_calls.as_ref().is_some_and(|v| !v.is_null()),
             ),
-            ("tool_call_id", m.tool_call_id.is_some()),
+            ("tool_call_id", m.role != "tool" && m.tool_call_id.is_some()),
             (
                 "function_call",
                 m.function_call.as_ref().is_some_and(|v| !v.is_null()),
@@ -303,16 +319,23 @@ fn chat_request(st: &AppState, body: &[u8]) -> Result<(Checked, Vec<u32>, usize)
                     "messages",
                     format!(
                         "messages[{i}].{field} is not supported by lever serve (the chat \
-                         template renders role and content only)"
+                         template renders role, content, and an assistant's tool calls)"
                     ),
                 )
                 .code("unsupported_parameter"));
             }
         }
-        let role = if m.role == "developer" {
-            "system".to_string()
-        } else {
-            m.role
+        // A tool's result is a user turn (see lever_generate::tools).
+        let role = match m.role.as_str() {
+            "developer" => "system".to_string(),
+            "tool" => "user".to_string(),
+            _ => m.role.clone(),
+        };
+        let calls = match m.tool_calls.as_ref().filter(|v| !v.is_null()) {
+            None => String::new(),
+            Some(v) => rendered_calls(v).map_err(|e| {
+                ApiError::bad_param("messages", format!("messages[{i}].tool_calls: {e}"))
+            })?,
         };
         let content = match m.content {
             None => String::new(),
@@ -334,6 +357,15 @@ fn chat_request(st: &AppState, body: &[u8]) -> Result<(Checked, Vec<u32>, usize)
                 text
             }
         };
+        let content = if m.role == "tool" {
+            lever_generate::tools::render_result(&content)
+        } else if calls.is_empty() {
+            content
+        } else if content.is_empty() {
+            calls
+        } else {
+            format!("{content}\n{calls}")
+        };
         out.push(Message::new(&role, content));
     }
     if out.is_empty() {
@@ -341,6 +373,16 @@ fn chat_request(st: &AppState, body: &[u8]) -> Result<(Checked, Vec<u32>, usize)
             "messages",
             "messages must not be empty",
         ));
+    }
+    if let Some((tools, _)) = &tools {
+        // The documented system-prompt form: after the caller's own system message.
+        let listing = lever_generate::tools::system_prompt(tools);
+        match out.first_mut() {
+            Some(first) if first.role == "system" => {
+                first.content = format!("{}\n\n{listing}", first.content);
+            }
+            _ => out.insert(0, Message::new("system", listing)),
+        }
     }
     let model = &st.variants[c.variant].1;
     let Some(template) = &model.chat_template else {
@@ -354,6 +396,34 @@ fn chat_request(st: &AppState, body: &[u8]) -> Result<(Checked, Vec<u32>, usize)
         .map_err(|e| ApiError::bad_param("messages", e.to_string()))?;
     let (ids, max_tokens) = st.prompt_ids(&c, &OnePrompt::Text(text), "messages")?;
     Ok((c, ids, max_tokens))
+}
+
+/// An assistant message's `tool_calls` as the model writes calls.
+fn rendered_calls(v: &serde_json::Value) -> Result<String, String> {
+    let calls = v.as_array().ok_or("must be a list")?;
+    let mut out = Vec::with_capacity(calls.len());
+    for (j, c) in calls.iter().enumerate() {
+        let f = c
+            .get("function")
+            .ok_or(format!("[{j}]: `function` is required"))?;
+        let name = f
+            .get("name")
+            .and_then(|n| n.as_str())
+            .ok_or(format!("[{j}].function.name (a string) is required"))?;
+        let arguments = match f.get("arguments") {
+            Some(serde_json::Value::String(a)) => serde_json::from_str(a)
+                .map_err(|e| format!("[{j}].function.arguments is not JSON: {e}"))?,
+            Some(other) => other.clone(),
+            None => serde_json::json!({}),
+        };
+        out.push(lever_generate::tools::render_call(
+            &lever_generate::tools::Call {
+                name: name.to_string(),
+                arguments,
+            },
+        ));
+    }
+    Ok(out.join("\n"))
 }
 
 pub(super) async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -488,9 +558,26 @@ struct Meta {
     tokenizer: Arc<lever_model::Model>,
     /// Whether the request asked for log-probabilities.
     logprobs: bool,
+    /// Chat with tools: the id a call in the answer gets.
+    call_id: Option<String>,
 }
 
 impl Meta {
+    /// The answer as a tool call, when the request has tools and the answer is one.
+    fn tool_call(&self, text: &str) -> Option<ToolCall> {
+        let id = self.call_id.clone()?;
+        let call = lever_generate::tools::parse_call(text)?;
+        Some(ToolCall {
+            index: None,
+            id,
+            kind: "function",
+            function: FunctionCall {
+                name: call.name,
+                arguments: serde_json::to_string(&call.arguments).unwrap_or_default(),
+            },
+        })
+    }
+
     fn tok(&self) -> &Tokenizer {
         &self.tokenizer.tokenizer
     }
@@ -525,25 +612,32 @@ impl Meta {
         prompt: &[TokenLogprob],
         tokens: &[TokenLogprob],
     ) -> Response {
-        let finish = finish_reason(finish);
+        let mut finish = finish_reason(finish);
         match self.kind {
-            Kind::Chat => axum::Json(ChatCompletion {
-                id: self.id.clone(),
-                object: "chat.completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![ChatChoice {
-                    index: 0,
-                    message: AssistantMessage {
-                        role: "assistant",
-                        content: text,
-                    },
-                    logprobs: self.logprobs.then(|| chat_logprobs(self.tok(), tokens)),
-                    finish_reason: finish,
-                }],
-                usage,
-            })
-            .into_response(),
+            Kind::Chat => {
+                let call = self.tool_call(&text);
+                if call.is_some() {
+                    finish = "tool_calls";
+                }
+                axum::Json(ChatCompletion {
+                    id: self.id.clone(),
+                    object: "chat.completion",
+                    created: self.created,
+                    model: self.model.clone(),
+                    choices: vec![ChatChoice {
+                        index: 0,
+                        message: AssistantMessage {
+                            role: "assistant",
+                            content: if call.is_some() { None } else { Some(text) },
+                            tool_calls: call.map(|c| vec![c]),
+                        },
+                        logprobs: self.logprobs.then(|| chat_logprobs(self.tok(), tokens)),
+                        finish_reason: finish,
+                    }],
+                    usage,
+                })
+                .into_response()
+            }
             Kind::Completion => {
                 let logprobs = self.logprobs.then(|| {
                     let all: Vec<TokenLogprob> = prompt.iter().chain(tokens).cloned().collect();
@@ -576,7 +670,19 @@ impl Meta {
         usage: Option<Usage>,
         logprobs: Option<PieceLogprobs>,
     ) -> SseEvent {
-        let finish_reason = finish.map(finish_reason);
+        self.chunk_with(role, text, finish.map(finish_reason), usage, logprobs, None)
+    }
+
+    /// `chunk`, with a finish reason as sent and, for chat, tool calls in the delta.
+    fn chunk_with(
+        &self,
+        role: bool,
+        text: Option<String>,
+        finish_reason: Option<&'static str>,
+        usage: Option<Usage>,
+        logprobs: Option<PieceLogprobs>,
+        tool_calls: Option<Vec<ToolCall>>,
+    ) -> SseEvent {
         match self.kind {
             Kind::Chat => event(&ChatChunk {
                 id: self.id.clone(),
@@ -591,6 +697,7 @@ impl Meta {
                         delta: Delta {
                             role: role.then_some("assistant"),
                             content: text,
+                            tool_calls,
                         },
                         logprobs: match logprobs {
                             Some(PieceLogprobs::Chat(c)) => Some(c),
@@ -670,6 +777,7 @@ async fn generate(
         kind,
         tokenizer: st.variants[c.variant].1.clone(),
         logprobs: c.logprobs.is_some(),
+        call_id: c.tools.then(|| st.id("call")),
     };
     let echo = c.echo.take();
     if !c.stream {
@@ -721,6 +829,11 @@ async fn generate(
         }
         let mut pending: Vec<TokenLogprob> = Vec::new();
         let mut offset = 0;
+        // With tools, an answer whose first character is '<' is a call (the grammar lets
+        // text answers start with anything else): it is held back and sent as `tool_calls`
+        // once whole, with the log-probabilities of its tokens.
+        let mut call_text: Option<String> = None;
+        let mut decided = meta.call_id.is_none();
         loop {
             let ev = tokio::select! {
                 ev = rx.recv() => ev,
@@ -739,7 +852,20 @@ async fn generate(
                     out.send(Ok(meta.chunk(false, Some(text), None, None, lp)))
                         .await
                 }
+                Event::Text(t) if !decided && t.is_empty() => Ok(()),
+                Event::Text(t) if !decided && t.starts_with('<') => {
+                    decided = true;
+                    call_text = Some(t);
+                    Ok(())
+                }
+                Event::Text(t) if call_text.is_some() => {
+                    if let Some(c) = call_text.as_mut() {
+                        c.push_str(&t);
+                    }
+                    Ok(())
+                }
                 Event::Text(t) => {
+                    decided = true;
                     let (lp, end) = meta.piece_logprobs(&pending, offset);
                     pending.clear();
                     offset = end;
@@ -755,14 +881,40 @@ async fn generate(
                     prompt_tokens,
                     completion_tokens,
                 } => {
-                    let text = (kind == Kind::Completion).then(String::new);
+                    let mut text = (kind == Kind::Completion).then(String::new);
                     let (lp, _) = if pending.is_empty() {
                         (None, offset)
                     } else {
                         meta.piece_logprobs(&pending, offset)
                     };
+                    let mut finish = Some(finish_reason(finish));
+                    let mut calls = None;
+                    if let Some(held) = call_text.take() {
+                        match meta.tool_call(&held) {
+                            Some(mut call) => {
+                                call.index = Some(0);
+                                calls = Some(vec![call]);
+                                finish = Some("tool_calls");
+                            }
+                            // Cut short (the token budget ran out): the text as it is.
+                            None => text = Some(held),
+                        }
+                    }
+                    // A call goes in a delta of its own, then the finish (OpenAI's order).
+                    let lp = if calls.is_some() {
+                        if out
+                            .send(Ok(meta.chunk_with(false, None, None, None, lp, calls)))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        None
+                    } else {
+                        lp
+                    };
                     if out
-                        .send(Ok(meta.chunk(false, text, Some(finish), None, lp)))
+                        .send(Ok(meta.chunk_with(false, text, finish, None, lp, None)))
                         .await
                         .is_err()
                     {
