@@ -8,16 +8,23 @@
 #   LM_EVAL_PYTHON=/path/to/python   a Python with lm-eval installed (otherwise a venv is made
 #                                    under bench/out/lm-eval-venv with `pip install lm-eval`)
 #
-# ITEMS: {"query", "choices", "gold"} per line (default: the 32 reference items of
-# crates/lever-eval/tests/fixtures/mc_items.jsonl, whose choices start with their space, so
-# the lm-eval task uses an empty target delimiter). The tokenizer lm-eval encodes with is the
-# model's own, written as a Hugging Face folder by `lever export`.
+# ITEMS: {"query", "choices", "gold"} per line, each choice starting with its space (the lm-eval
+# task uses an empty target delimiter). Default: 100 closed-book items made from
+# ../shared/data/squad-open by bench/squad_mc.py (a question's answer against three other answers
+# from its article). crates/lever-eval/tests/fixtures/mc_items.jsonl (32 items) works too. The
+# tokenizer lm-eval encodes with is the model's own, written as a Hugging Face folder by
+# `lever export`.
 set -euo pipefail
 ROOT=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 cd "$ROOT"
-ITEMS=$(realpath "${1:-crates/lever-eval/tests/fixtures/mc_items.jsonl}")
 LIMIT=${2:-100}
 OUT=$ROOT/bench/out/lm-eval; mkdir -p "$OUT"
+if [ -n "${1:-}" ]; then
+  ITEMS=$(realpath "$1")
+else
+  ITEMS=$OUT/squad-mc.jsonl
+  python3 bench/squad_mc.py "$LIMIT" "$ITEMS"
+fi
 cargo build --release -q -p lever
 L=$ROOT/target/release/lever
 $L models pull smollm2-135m-instruct >/dev/null
