@@ -44,6 +44,8 @@ pub(crate) struct Spm {
     /// The token of each byte: `<0xAB>`, else the one-byte text (llama.cpp's `byte_to_token`).
     byte_token: [Option<u32>; 256],
     add_space_prefix: bool,
+    /// Each token's GGUF type.
+    types: Vec<i64>,
 }
 
 /// A piece of text between whole tokens, or a whole token.
@@ -104,6 +106,7 @@ impl Spm {
                     .copied()
             });
         }
+        let types = (0..n).map(ty).collect();
         Ok(Self {
             tokens,
             scores,
@@ -112,7 +115,106 @@ impl Spm {
             finder,
             byte_token,
             add_space_prefix,
+            types,
         })
+    }
+
+    /// The vocabulary as a Hugging Face `tokenizer.json` that encodes as [`Spm::encode`] does:
+    /// a BPE model with byte fallback whose merges come from the scores the way transformers'
+    /// SentencePiece converter derives them (`SentencePieceExtractor`: every split of every
+    /// piece into two pieces, ordered by the joined piece's score, highest first, then by the
+    /// two pieces' ids), no pre-tokenizer (SentencePiece merges across the whole stretch), the
+    /// control, user-defined and unknown tokens as added tokens matched in the raw text (step
+    /// 1), spaces written `▁` (with one in front when the file says `add_space_prefix`), and
+    /// BOS added by the post-processor when `bos` is given.
+    pub(crate) fn hf_json(&self, bos: Option<u32>) -> Result<serde_json::Value, String> {
+        use serde_json::{Map, Value, json};
+        let mut vocab = Map::with_capacity(self.tokens.len());
+        for (i, t) in self.tokens.iter().enumerate() {
+            if vocab.insert(t.clone(), json!(i)).is_some() {
+                return Err(format!(
+                    "token {i} {t:?} appears twice in the vocabulary; tokenizer.json cannot hold that"
+                ));
+            }
+        }
+        let mut merges: Vec<(f32, u32, u32, u32)> = Vec::new();
+        for (id, t) in self.tokens.iter().enumerate() {
+            if self.types[id] != NORMAL {
+                continue;
+            }
+            for (at, _) in t.char_indices().skip(1) {
+                let (l, r) = t.split_at(at);
+                if let (Some(&a), Some(&b)) = (self.ids.get(l), self.ids.get(r)) {
+                    merges.push((self.scores[id], id as u32, a, b));
+                }
+            }
+        }
+        merges.sort_by(|x, y| {
+            y.0.total_cmp(&x.0)
+                .then(x.1.cmp(&y.1))
+                .then(x.2.cmp(&y.2))
+                .then(x.3.cmp(&y.3))
+        });
+        let merges: Vec<Value> = merges
+            .iter()
+            .map(|&(_, _, a, b)| json!([self.tokens[a as usize], self.tokens[b as usize]]))
+            .collect();
+        let added: Vec<Value> = (0..self.tokens.len())
+            .filter(|&i| matches!(self.types[i], UNKNOWN | CONTROL | USER_DEFINED))
+            .filter(|&i| !self.tokens[i].is_empty())
+            .map(|i| {
+                json!({"id": i, "content": self.tokens[i], "single_word": false,
+                       "lstrip": false, "rstrip": false, "normalized": false,
+                       "special": self.types[i] != USER_DEFINED})
+            })
+            .collect();
+        let space = SPACE.to_string();
+        let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": space});
+        let normalizer = if self.add_space_prefix {
+            json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": space}, replace]})
+        } else {
+            replace
+        };
+        let mut decoders = vec![
+            json!({"type": "Replace", "pattern": {"String": space}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if self.add_space_prefix {
+            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        let post = match bos {
+            None => Value::Null,
+            Some(b) => {
+                let name = &self.tokens[b as usize];
+                json!({"type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": name, "type_id": 0}},
+                               {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": name, "type_id": 0}},
+                             {"Sequence": {"id": "A", "type_id": 0}},
+                             {"SpecialToken": {"id": name, "type_id": 1}},
+                             {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {name.as_str(): {"id": name, "ids": [b], "tokens": [name]}}})
+            }
+        };
+        let unk = (0..self.tokens.len())
+            .find(|&i| self.types[i] == UNKNOWN)
+            .map(|i| json!(self.tokens[i]))
+            .unwrap_or(Value::Null);
+        Ok(json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": normalizer,
+            "pre_tokenizer": null,
+            "post_processor": post,
+            "decoder": {"type": "Sequence", "decoders": decoders},
+            "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                      "vocab": vocab, "merges": merges},
+        }))
     }
 
     pub(crate) fn token_to_id(&self, token: &str) -> Option<u32> {

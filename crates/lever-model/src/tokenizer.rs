@@ -352,11 +352,23 @@ impl Tokenizer {
     /// the weights). A tokenizer built from GGUF metadata gets the byte-level decoder that
     /// tokenizer.json files of such models carry.
     pub fn to_hf_json(&self) -> Result<String> {
-        let Backend::Hf(inner) = &self.inner else {
-            return Err(Error::Tokenizer {
-                path: "tokenizer.json".into(),
-                problem: "writing a SentencePiece vocabulary from GGUF as tokenizer.json is not supported yet".into(),
-            });
+        let err = |problem: String| Error::Tokenizer {
+            path: "tokenizer.json".into(),
+            problem,
+        };
+        let inner = match &self.inner {
+            Backend::Hf(inner) => inner,
+            Backend::Spm(spm) => {
+                // A SentencePiece vocabulary from GGUF: written, then read back by the
+                // `tokenizers` crate, so that a file it would refuse is never written.
+                let bos = self.bos.filter(|_| self.add_bos);
+                let v = spm.hf_json(bos).map_err(err)?;
+                let text = serde_json::to_string_pretty(&v)
+                    .map_err(|e| err(format!("serializing: {e}")))?;
+                text.parse::<HfTokenizer>()
+                    .map_err(|e| err(format!("the written tokenizer.json does not load: {e}")))?;
+                return Ok(text);
+            }
         };
         let mut inner = inner.clone();
         if inner.get_decoder().is_none() {

@@ -297,3 +297,31 @@ fn gemma3_perplexity_within_one_percent_of_llama_perplexity() {
     assert_eq!(got.chunks, 2);
     assert!(rel < 0.01, "lever {} vs llama.cpp {want}", got.ppl);
 }
+
+/// Gemma 3's SentencePiece vocabulary written as a Hugging Face tokenizer.json (what `lever
+/// export` writes for a GGUF-loaded Gemma) and read by the `tokenizers` library (the one behind
+/// Python's `tokenizers` and transformers' fast tokenizers): the ids of every fixture string
+/// equal llama-tokenize's (BOS included), and decoding gives the text back.
+#[test]
+fn gemma3_tokenizer_json_encodes_as_llama_tokenize() {
+    let home = lever_model::registry::lever_home();
+    let source =
+        lever_model::model::resolve(lever_model::registry::GEMMA3_270M, &home, &mut |_| {})
+            .expect("provision gemma3-270m (`lever models pull gemma3-270m`)");
+    let tokenizer = lever_model::model::load_tokenizer(&source).expect("read the vocabulary");
+    let json = tokenizer.to_hf_json().expect("write tokenizer.json");
+    let hf: tokenizers::Tokenizer = json.parse().expect("tokenizers reads it");
+    let fx = fixture("llama-cpp/gemma3-tokenize.json");
+    let mut failures = Vec::new();
+    for case in fx["cases"].as_array().expect("cases") {
+        let text = case["text"].as_str().expect("text");
+        let want = ids(&case["ids"]);
+        let got = hf.encode(text, true).expect("encode").get_ids().to_vec();
+        if got != want {
+            failures.push(format!("{text:?}\n  llama.cpp {want:?}\n  tokenizer.json {got:?}"));
+        }
+        // After BOS, the text back, special tokens as written.
+        assert_eq!(hf.decode(&got[1..], false).expect("decode"), text, "{text:?}");
+    }
+    assert!(failures.is_empty(), "{} differ:\n{}", failures.len(), failures.join("\n"));
+}
