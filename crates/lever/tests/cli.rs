@@ -342,8 +342,7 @@ fn ask_gemma3_raw_continues_like_llama_cpp_and_chat_needs_a_template() {
 /// writes a PEFT adapter under Gemma's module names (18 layers; q 640 → 4·256, k 640 → 256);
 /// `merge` folds it into a GGUF (the source file's metadata kept) that answers as the base
 /// with the adapter does. Full fine-tuning of the GGUF is refused by name before a run
-/// folder is made (its result would be a Hugging Face folder, which needs a tokenizer.json
-/// writer for the SentencePiece vocabulary).
+/// folder is made.
 #[test]
 fn gemma3_lora_trains_writes_gemma_module_names_and_merges_to_gguf() {
     let d = tmp();
@@ -447,6 +446,54 @@ fn gemma3_lora_trains_writes_gemma_module_names_and_merges_to_gguf() {
     let merged = ask(&["-m", "merged.gguf"]);
     assert!(!merged.trim().is_empty());
     assert_eq!(merged, with_adapter);
+}
+
+/// gemma3-270m's GGUF exported as a Hugging Face folder (f32 weights, a Gemma 3 config.json, the
+/// SentencePiece vocabulary as tokenizer.json): transformers' fast tokenizer gives the ids lever
+/// gives, and transformers' greedy continuation on the folder is lever's
+/// (fixture: scripts/gemma3_export_fixture.py, transformers 4.57.6).
+#[test]
+fn gemma3_gguf_exports_to_a_hugging_face_folder() {
+    let d = tmp();
+    lever(d.path(), &["export", "-m", GEMMA3, "--out", "hf"]).ok();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("hf/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["model_type"], "gemma3_text");
+    assert_eq!(cfg["query_pre_attn_scalar"], 256);
+    let full: Vec<usize> = cfg["layer_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| *t == "full_attention")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(full, [5, 11, 17]);
+    let fx = fixture("gemma3-export.json");
+    for case in fx["tokenize"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let got = lever(d.path(), &["tokenize", text, "-m", "hf", "--json"])
+            .ok()
+            .json();
+        assert_eq!(got["ids"], case["ids"], "{text:?}");
+    }
+    let v = ask_json(
+        d.path(),
+        &[
+            "--raw",
+            fx["prompt"].as_str().unwrap(),
+            "-m",
+            "hf",
+            "--temperature",
+            "0",
+            "--repeat-penalty",
+            "1",
+            "--max-tokens",
+            "16",
+        ],
+    );
+    assert_eq!(v["text"], fx["greedy_16"]);
 }
 
 // ---------------------------------------------------------------------------------------

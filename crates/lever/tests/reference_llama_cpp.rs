@@ -318,10 +318,21 @@ fn gemma3_tokenizer_json_encodes_as_llama_tokenize() {
         let want = ids(&case["ids"]);
         let got = hf.encode(text, true).expect("encode").get_ids().to_vec();
         if got != want {
-            failures.push(format!("{text:?}\n  llama.cpp {want:?}\n  tokenizer.json {got:?}"));
+            failures.push(format!(
+                "{text:?}\n  llama.cpp {want:?}\n  tokenizer.json {got:?}"
+            ));
         }
         // After BOS, the text back, special tokens as written.
-        assert_eq!(hf.decode(&got[1..], false).expect("decode"), text, "{text:?}");
+        assert_eq!(
+            hf.decode(&got[1..], false).expect("decode"),
+            text,
+            "{text:?}"
+        );
     }
-    assert!(failures.is_empty(), "{} differ:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -129,6 +129,37 @@ fn hf_config(model: &Model) -> serde_json::Value {
     if c.arch == Arch::Qwen2 {
         v["use_sliding_window"] = json!(false);
     }
+    if let Some(g) = &c.gemma {
+        // `Gemma3TextConfig`: what lever reads back (config.rs `HfConfig::gemma`).
+        let scalar = 1.0 / (g.attn_scale as f64 * g.attn_scale as f64);
+        let layer_types: Vec<&str> = g
+            .global_layers
+            .iter()
+            .map(|&global| {
+                if global {
+                    "full_attention"
+                } else {
+                    "sliding_attention"
+                }
+            })
+            .collect();
+        v["architectures"] = json!(["Gemma3ForCausalLM"]);
+        v["model_type"] = json!("gemma3_text");
+        if let Some(o) = v.as_object_mut() {
+            o.remove("hidden_act");
+        }
+        v["hidden_activation"] = json!("gelu_pytorch_tanh");
+        v["query_pre_attn_scalar"] = json!(if (scalar - scalar.round()).abs() < 1e-3 {
+            json!(scalar.round() as u64)
+        } else {
+            json!(scalar)
+        });
+        v["sliding_window"] = json!(g.sliding_window);
+        v["layer_types"] = json!(layer_types);
+        v["rope_local_base_freq"] = json!(g.rope_local_theta);
+        v["final_logit_softcapping"] = json!(null);
+        v["attn_logit_softcapping"] = json!(null);
+    }
     v
 }
 
@@ -139,18 +170,6 @@ fn hf_config(model: &Model) -> serde_json::Value {
 /// config from the decoder and the tokenizer files it was trained with, copied as they are. The folder appears complete or
 /// not at all.
 pub fn write_hf(model: &Model, dir: &Path) -> Result<()> {
-    if model.decoder.config().arch == Arch::Gemma3 && model.info.format != "hf" {
-        // Its SentencePiece vocabulary (from GGUF) has no tokenizer.json writer yet.
-        return Err(Error::Tokenizer {
-            path: model.info.path.clone(),
-            problem: format!(
-                "exporting a gemma3 model loaded from {} as a Hugging Face folder is not \
-                 supported yet (its SentencePiece vocabulary has no tokenizer.json writer); \
-                 export it to GGUF instead",
-                model.info.format
-            ),
-        });
-    }
     let tensors: std::collections::HashMap<String, Tensor> =
         named_tensors(&model.decoder, Layout::HuggingFace)?
             .into_iter()
