@@ -66,17 +66,16 @@ fn train(a: FinetuneArgs, dist: &Arc<Dist>) -> Result<()> {
         print!("{}", sft::show_mask(&model.tokenizer, &t));
         return Ok(());
     }
-    // Said before any run folder is made: full fine-tuning ends by writing a Hugging Face
-    // folder, which a Gemma 3 GGUF cannot give yet (no tokenizer.json writer for its
-    // SentencePiece vocabulary); LoRA writes a PEFT adapter and works on it.
+    // Said before any run folder is made: full fine-tuning of a Gemma 3 GGUF (its quantized
+    // weights made trainable) is not tested yet; LoRA on it works, and so does full
+    // fine-tuning of the Hugging Face folder `lever export` writes from it.
     if model.decoder.config().arch == lever_model::Arch::Gemma3
         && !a.lora
         && model.info.format != "hf"
     {
         bail!(
-            "{}: full fine-tuning of a gemma3 model from {} is not supported yet (its result is \
-             a Hugging Face folder, and its SentencePiece vocabulary has no tokenizer.json \
-             writer); use --lora, or start from the Hugging Face folder",
+            "{}: full fine-tuning of a gemma3 model from {} is not supported yet; use --lora, \
+             or write it as a Hugging Face folder (`lever export --out DIR`) and fine-tune that",
             model.info.path.display(),
             model.info.format
         );
