@@ -86,8 +86,14 @@ impl TokenLogprob {
                 .sum::<f64>()
                 .ln();
         let lp = |i: usize| (logits[i] as f64 - lse) as f32;
-        let mut best: Vec<usize> = (0..logits.len()).collect();
-        let top = top.min(best.len());
+        // The index list is only built when alternatives are asked for (a hot path: once per
+        // generated token, over the whole vocabulary).
+        let top = top.min(logits.len());
+        let mut best: Vec<usize> = if top == 0 {
+            Vec::new()
+        } else {
+            (0..logits.len()).collect()
+        };
         if top > 0 && top < best.len() {
             // Ties in index order (the first maximum wins, as argmax does).
             let key = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));

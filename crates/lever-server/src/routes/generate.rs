@@ -555,7 +555,8 @@ struct Meta {
     created: u64,
     model: String,
     kind: Kind,
-    tokenizer: Arc<lever_model::Model>,
+    /// The served model (its tokenizer spells the log-probabilities' tokens).
+    served: Arc<lever_model::Model>,
     /// Whether the request asked for log-probabilities.
     logprobs: bool,
     /// Chat with tools: the id a call in the answer gets.
@@ -579,7 +580,7 @@ impl Meta {
     }
 
     fn tok(&self) -> &Tokenizer {
-        &self.tokenizer.tokenizer
+        &self.served.tokenizer
     }
 
     /// The log-probabilities of these tokens for a piece whose text starts at `offset`
@@ -775,7 +776,7 @@ async fn generate(
         created: created(),
         model: c.model_id.clone(),
         kind,
-        tokenizer: st.variants[c.variant].1.clone(),
+        served: st.variants[c.variant].1.clone(),
         logprobs: c.logprobs.is_some(),
         call_id: c.tools.then(|| st.id("call")),
     };
