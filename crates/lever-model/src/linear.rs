@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 
 use candle_core::backprop::GradStore;
 use candle_core::quantized::{GgmlDType, QMatMul};
@@ -262,22 +263,32 @@ struct DenseMatMul {
 /// backward adds every gradient it is given into a zeroed tensor of the same size (one more
 /// allocation and pass per weight: at full fine-tuning, 540 MB each, per step); the layer
 /// keeps ∂W here instead, and `Linear::take_weight_grad` moves it into the gradient store.
+///
+/// One slot per thread: a backward pass adds and takes on the thread that runs it, and
+/// training may run several at once over the same weights (one per batch part, lever-train's
+/// `lanes.rs`), each of which must get its own gradient and no other, in the same order
+/// every time.
 #[derive(Debug, Clone, Default)]
-pub struct WeightGrad(Arc<Mutex<Option<Tensor>>>);
+pub struct WeightGrad(Arc<Mutex<Vec<(ThreadId, Tensor)>>>);
 
 impl WeightGrad {
-    /// Add `g` to what this backward pass has collected.
+    /// Add `g` to what this thread's backward pass has collected.
     pub(crate) fn add(&self, g: Tensor) -> Result<()> {
-        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        *slot = Some(match slot.take() {
-            Some(prev) => (prev + g)?,
-            None => g,
-        });
+        let me = std::thread::current().id();
+        let mut slots = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match slots.iter_mut().find(|(id, _)| *id == me) {
+            Some((_, prev)) => *prev = (&*prev + g)?,
+            None => slots.push((me, g)),
+        }
         Ok(())
     }
 
+    /// What this thread's backward pass collected.
     fn take(&self) -> Option<Tensor> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+        let me = std::thread::current().id();
+        let mut slots = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let i = slots.iter().position(|(id, _)| *id == me)?;
+        Some(slots.swap_remove(i).1)
     }
 }
 

@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod dist;
 pub mod error;
 pub mod init;
+mod lanes;
 pub mod lora;
 pub mod loss;
 pub mod optim;

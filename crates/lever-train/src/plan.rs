@@ -222,9 +222,13 @@ impl Shape {
     /// Values written by the element-wise work of one token through one layer, forward and
     /// backward together (norms, residual adds, RoPE, the MLP's gate, the causal softmax):
     /// what the calibration's per-element time multiplies.
-    fn elementwise_per_token(&self, t: usize) -> f64 {
+    ///
+    /// Plus the output layer's logits at the `trained` fraction of positions that reach it:
+    /// the cross-entropy's softmax and its gradient, two values per vocabulary entry (at the
+    /// default model's 49,152, about a third as much again as its 30 blocks).
+    fn elementwise_per_token(&self, t: usize, trained: f64) -> f64 {
         let per_layer = 6 * self.width + self.mlp_linears * self.mlp_width + self.heads * t / 2;
-        (self.layers * per_layer) as f64
+        (self.layers * per_layer) as f64 + 2.0 * self.vocab as f64 * trained
     }
 
     /// Bytes of keys and values per token of the cache.
@@ -507,6 +511,20 @@ pub struct Calibration {
     /// ... and the time of the element-wise work, seconds per value
     /// ([`Shape::elementwise_per_token`]).
     pub elementwise_s: f64,
+    /// A LoRA step on a frozen base, measured ([`LORA_PROBE`]): it goes through the
+    /// adapters' elementary graph (about twenty operations a block), not the fused ops that
+    /// pretraining and full fine-tuning use, so the rates above under-predict it. Absent in
+    /// calibrations made before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_probe: Option<Probe>,
+    /// The LoRA probe's time over what the rates above predict for it: LoRA plans multiply
+    /// their compute time by it (1 when there is no LoRA probe).
+    #[serde(default = "one")]
+    pub lora_factor: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// One probe: a small decoder trained from scratch with [`crate::Pretrainer`] on random
@@ -516,12 +534,15 @@ pub struct Probe {
     pub layers: usize,
     pub width: usize,
     pub heads: usize,
+    /// Key/value heads, when fewer than `heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_heads: Option<usize>,
     pub mlp_width: usize,
     pub vocab: usize,
     pub context: usize,
     pub batch: usize,
     pub steps: usize,
-    /// Median seconds per optimizer step.
+    /// Seconds per optimizer step: the first quartile of the timed steps ([`probe_step_s`]).
     pub step_s: f64,
     pub tokens_per_s: f64,
 }
@@ -535,6 +556,22 @@ const PROBES: [(usize, usize, usize, usize, usize, usize, usize); 2] = [
     (3, 192, 6, 512, 96, 96, 8),
     (1, 1024, 16, 2752, 256, 128, 8),
 ];
+
+/// The LoRA probe: two blocks of the default model's shape (width 576, 9 heads, 3 key/value
+/// heads, MLP 1536), rank 8 on every linear layer, batch 4 of 224 tokens (what `lever
+/// finetune` draws from GSM8K), a 4,096-token vocabulary.
+/// (layers, width, heads, kv heads, mlp, vocab, context, batch, rank)
+pub const LORA_PROBE: (
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+) = (2, 576, 9, 3, 1536, 4096, 224, 4, 8);
 
 impl Calibration {
     /// Where `--calibrate` stores it.
@@ -578,6 +615,16 @@ impl Calibration {
     fn step_s(&self, flops: f64, elements: f64) -> f64 {
         flops / self.train_flops_per_s + elements * self.elementwise_s
     }
+
+    /// [`Calibration::step_s`] for a job of `kind`: LoRA's scaled by the LoRA probe's factor.
+    fn job_step_s(&self, kind: JobKind, flops: f64, elements: f64) -> f64 {
+        let factor = if kind == JobKind::Lora {
+            self.lora_factor
+        } else {
+            1.0
+        };
+        factor * self.step_s(flops, elements)
+    }
 }
 
 /// Seconds per step of the probe's shape predicted from a rate and a per-element time.
@@ -585,7 +632,7 @@ fn probe_terms(p: &Probe) -> (f64, f64, f64) {
     let shape = probe_shape(p);
     let tokens = (p.batch * p.context) as f64;
     let flops = tokens * train_flops_per_token(&shape, JobKind::Pretrain, 0, 1.0);
-    let elements = tokens * shape.elementwise_per_token(p.context);
+    let elements = tokens * shape.elementwise_per_token(p.context, 1.0);
     // AdamW reads the weight, gradient and both moments and writes three of them.
     let optimizer_bytes = 28.0 * shape.params();
     (flops, elements, optimizer_bytes)
@@ -617,6 +664,17 @@ pub fn calibrate(budget: Duration) -> Result<Calibration> {
         )?);
     }
     let (train_flops_per_s, elementwise_s) = fit(&probes, memory_bytes_per_s);
+    let lora_probe = run_lora_probe(budget)?;
+    let lora_factor = {
+        let (l, c, h, kv, f, v, t, b, r) = LORA_PROBE;
+        let shape = Shape::new(l, c, h, Some(kv), Some(f), 3, v, t);
+        let tokens = (b * t) as f64;
+        let flops = tokens * train_flops_per_token(&shape, JobKind::Lora, r, 1.0);
+        let elements = tokens * shape.elementwise_per_token(t, 1.0);
+        let optimizer = 28.0 * shape.lora_params(r) / memory_bytes_per_s;
+        let predicted = flops / train_flops_per_s + elements * elementwise_s;
+        ((lora_probe.step_s - optimizer) / predicted).max(0.1)
+    };
     Ok(Calibration {
         cpu: cpu_name(),
         threads: rayon::current_num_threads(),
@@ -629,6 +687,85 @@ pub fn calibrate(budget: Duration) -> Result<Calibration> {
         probes,
         train_flops_per_s,
         elementwise_s,
+        lora_probe: Some(lora_probe),
+        lora_factor,
+    })
+}
+
+/// Untimed steps before a probe's timed ones.
+const WARMUP_STEPS: usize = 3;
+
+/// A probe's step time from its timed steps: the first quartile. On a shared machine other
+/// work only ever adds time, in bursts that a few seconds of probing see more of than a long
+/// run's average does (with the median, the calibrated plans came out 18–28% slow on both
+/// benchmark runs, bench/plan-accuracy.sh, 2026-12-07).
+fn probe_step_s(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 4]
+}
+
+/// A LoRA step ([`LORA_PROBE`]) through `Trainer::step`, as `lever finetune --lora` takes it,
+/// on a frozen f32 base (a quantized base's dequantization is the plan's memory term).
+fn run_lora_probe(budget: Duration) -> Result<Probe> {
+    let (layers, width, heads, kv_heads, mlp_width, vocab, context, batch, rank) = LORA_PROBE;
+    let mut recipe = Recipe::preset("smollm2-135m").ok_or_else(|| Error::Config {
+        what: "calibration".into(),
+        problem: "the smollm2-135m preset is missing".into(),
+    })?;
+    recipe.model.layers = layers;
+    recipe.model.width = width;
+    recipe.model.heads = heads;
+    recipe.model.kv_heads = kv_heads;
+    recipe.model.mlp_width = mlp_width;
+    recipe.model.context = context;
+    let cfg = recipe.decoder_config(vocab);
+    let mut decoder = crate::init::new_decoder(&cfg, 7, &candle_core::Device::Cpu)?;
+    let lora = crate::lora::LoraConfig {
+        r: rank,
+        alpha: 2.0 * rank as f64,
+        dropout: 0.0,
+        targets: crate::lora::LoraConfig::parse_targets("all-linear")?,
+    };
+    let set = crate::lora::LoraSet::attach(&mut decoder, &lora, 11)?;
+    let config = crate::trainer::TrainConfig {
+        steps: 1000,
+        batch_size: batch,
+        warmup_steps: 0,
+        ..Default::default()
+    };
+    let mut trainer = crate::trainer::Trainer::new(config, set.vars())?;
+    let mut rng = lever_model::rng::SplitMix64(0x10a4);
+    let examples: Vec<lever_data::Tokenized> = (0..4 * batch)
+        .map(|line| lever_data::Tokenized {
+            line,
+            ids: (0..context).map(|_| rng.below(vocab) as u32).collect(),
+            trained: vec![true; context],
+        })
+        .collect();
+    for _ in 0..WARMUP_STEPS {
+        trainer.step(&decoder, &examples)?;
+    }
+    let started = Instant::now();
+    let mut times = Vec::new();
+    while times.len() < 3 || (started.elapsed() < budget && times.len() < 200) {
+        let t0 = Instant::now();
+        trainer.step(&decoder, &examples)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let steps = times.len();
+    let step_s = probe_step_s(times);
+    Ok(Probe {
+        layers,
+        width,
+        heads,
+        kv_heads: Some(kv_heads),
+        mlp_width,
+        vocab,
+        context,
+        batch,
+        steps,
+        step_s,
+        tokens_per_s: (batch * context) as f64 / step_s,
     })
 }
 
@@ -691,8 +828,10 @@ fn run_probe(
     let tokens: Vec<u32> = (0..64 * context + 1)
         .map(|_| rng.below(vocab) as u32)
         .collect();
-    // A first step allocates and warms caches; it is not timed.
-    trainer.step(&decoder, &tokens)?;
+    // The first steps allocate (each lane's allocator arena too) and warm caches; not timed.
+    for _ in 0..WARMUP_STEPS {
+        trainer.step(&decoder, &tokens)?;
+    }
     let started = Instant::now();
     let mut times = Vec::new();
     while times.len() < 3 || (started.elapsed() < budget && times.len() < 200) {
@@ -700,17 +839,18 @@ fn run_probe(
         trainer.step(&decoder, &tokens)?;
         times.push(t0.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    let step_s = times[times.len() / 2];
+    let steps = times.len();
+    let step_s = probe_step_s(times);
     Ok(Probe {
         layers,
         width,
         heads,
+        kv_heads: None,
         mlp_width,
         vocab,
         context,
         batch,
-        steps: times.len(),
+        steps,
         step_s,
         tokens_per_s: (batch * context) as f64 / step_s,
     })
@@ -782,6 +922,8 @@ impl Hardware {
                 probes: Vec::new(),
                 train_flops_per_s: peak.flops_per_s * mfu,
                 elementwise_s: 0.0,
+                lora_probe: None,
+                lora_factor: 1.0,
             },
             calibrated: false,
             mfu: Some(mfu),
@@ -1056,14 +1198,14 @@ pub fn plan(model: &Model, job: &Job, hw: &Hardware, opts: &Options) -> Result<P
             // The calibrated model: matrix work at the fitted rate, element-wise work per
             // value, and the memory-bound passes (AdamW over the trainable values; a frozen
             // quantized base dequantized twice a step, as lever's LoRA does).
-            let elements = shape
-                .as_ref()
-                .map_or(0.0, |s| d * s.elementwise_per_token(job.context));
+            let elements = shape.as_ref().map_or(0.0, |s| {
+                d * s.elementwise_per_token(job.context, job.trained_fraction)
+            });
             let mut bytes = 28.0 * trainable * steps;
             if let (JobKind::Lora, Some(b)) = (job.kind, opts.base_weight_bytes) {
                 bytes += 2.0 * n * (b + 4.0) * steps;
             }
-            compute_s = calibration.step_s(flops, elements) + bytes / bandwidth;
+            compute_s = calibration.job_step_s(job.kind, flops, elements) + bytes / bandwidth;
         }
         let allreduce_step = match hw {
             Hardware::Gpu { count, link, .. } if *count > 1 => {
@@ -1464,6 +1606,7 @@ mod tests {
                         layers,
                         width,
                         heads,
+                        kv_heads: None,
                         mlp_width,
                         vocab,
                         context,
@@ -1480,5 +1623,16 @@ mod tests {
             .collect();
         let (r, kk) = fit(&probes, bw);
         assert!(close(r, rate, 1e-9) && close(kk, k, 1e-9), "{r} {kk}");
+    }
+
+    /// A probe's time is the first quartile of its steps: bursts of other work on the
+    /// machine (the slow tail) do not move it.
+    #[test]
+    fn a_probe_takes_the_first_quartile_of_its_steps() {
+        let mut times = vec![1.0, 1.1, 1.2, 1.3, 5.0, 9.0, 1.05, 1.15];
+        assert_eq!(probe_step_s(times.clone()), 1.1);
+        times.extend([20.0; 4]);
+        assert_eq!(probe_step_s(times), 1.15);
+        assert_eq!(probe_step_s(vec![2.0, 3.0, 4.0]), 2.0);
     }
 }

@@ -32,6 +32,7 @@ use serde::Serialize;
 
 use crate::dist::{Dist, GradAverager};
 use crate::error::{Error, Result};
+use crate::lanes::Lanes;
 use crate::optim::{AdamW, AdamWParams};
 use crate::recipe::{Batches, Recipe};
 use crate::trainer::{accumulate, clip_factor, load_state, save_state, state_u64};
@@ -75,6 +76,8 @@ pub struct Pretrainer {
     lr_scale: f64,
     /// A deliberately bad batch, for tests of spike handling.
     pub poison: Option<Poison>,
+    /// The threads a micro-batch's windows are spread over.
+    lanes: Lanes,
 }
 
 /// A deliberately bad batch, for tests of spike handling (`lever pretrain
@@ -121,6 +124,7 @@ impl Pretrainer {
             poison: None,
             dist: Arc::new(Dist::single()),
             averager: GradAverager::default(),
+            lanes: Lanes::default(),
         })
     }
 
@@ -213,19 +217,30 @@ impl Pretrainer {
         let all = self.recipe.batch_size * self.recipe.grad_accum * t;
         let mut total: Option<GradStore> = None;
         let mut loss_sum = 0f64;
+        let poisoned = poison.is_some();
         for _ in 0..self.recipe.grad_accum {
             let starts = self.next_starts(train.len());
-            let (ids, mut targets) = windows(train, &starts, t)?;
-            if poison.is_some() {
-                // One token everywhere, the vocabulary's last (lever's end-of-text): a batch
-                // the model finds very unlikely, as a degenerate document would be.
-                targets.fill(decoder.config().vocab_size.saturating_sub(1) as u32);
+            self.lanes
+                .ensure(starts.len().min(rayon::current_num_threads()))?;
+            let parts = self.lanes.run(&starts, |part| -> Result<(f64, GradStore)> {
+                let (ids, mut targets) = windows(train, part, t)?;
+                if poisoned {
+                    // One token everywhere, the vocabulary's last (lever's end-of-text): a
+                    // batch the model finds very unlikely, as a degenerate document would be.
+                    targets.fill(decoder.config().vocab_size.saturating_sub(1) as u32);
+                }
+                // The mean over the whole step, however it is split into micro-batches and
+                // lanes.
+                let sum = loss_sum_of(decoder, ids, targets)?;
+                let value = sum.to_scalar::<f32>()? as f64;
+                Ok((value, decoder.backward(&(sum / all as f64)?)?))
+            });
+            // Summed in lane order, so that a run is the same from one time to the next.
+            for part in parts {
+                let (value, grads) = part?;
+                loss_sum += value;
+                total = Some(accumulate(total, grads, &self.vars)?);
             }
-            // The mean over the whole step, however it is split into micro-batches.
-            let sum = loss_sum_of(decoder, ids, targets)?;
-            loss_sum += sum.to_scalar::<f32>()? as f64;
-            let grads = decoder.backward(&(sum / all as f64)?)?;
-            total = Some(accumulate(total, grads, &self.vars)?);
         }
         let Some(mut grads) = total else {
             return Err(Error::Config {
@@ -568,6 +583,48 @@ mod tests {
                     .unwrap()
             })
             .collect()
+    }
+
+    /// Windows spread over threads (lanes.rs: batch 3 as 2 + 1 on two threads, 1 + 1 + 1
+    /// on three) train as one thread does, within rounding, and give the same numbers each
+    /// time.
+    #[test]
+    fn lanes_train_as_one_thread_does_and_the_same_every_time() {
+        let r = tiny_recipe();
+        let data = tokens(300, 11);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let (d, mut p) = trainer(&r, 11);
+                let losses: Vec<f64> = (0..r.steps)
+                    .map(|_| p.step(&d, &data).unwrap().loss)
+                    .collect();
+                (losses, values(&p))
+            })
+        };
+        let (one, one_w) = run(1);
+        for threads in [2, 3] {
+            let (lanes, lanes_w) = run(threads);
+            assert_eq!(
+                run(threads),
+                (lanes.clone(), lanes_w.clone()),
+                "{threads} threads"
+            );
+            for (a, b) in one.iter().zip(&lanes) {
+                assert!((a - b).abs() < 1e-5, "{threads} threads: loss {a} vs {b}");
+            }
+            let worst = one_w
+                .iter()
+                .flatten()
+                .zip(lanes_w.iter().flatten())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{threads} threads: weights differ by {worst}");
+            assert!(lanes.last() < lanes.first(), "{lanes:?}");
+        }
     }
 
     /// A poisoned batch whose update is not applied, rolled back to the checkpoint before

@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use crate::dist::{Dist, GradAverager};
 use crate::error::{Error, Result};
+use crate::lanes::Lanes;
 use crate::optim::{AdamW, AdamWParams};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -100,6 +101,8 @@ pub struct Trainer {
     /// The ranks the gradients are summed over (one process by default).
     dist: Arc<Dist>,
     averager: GradAverager,
+    /// The threads a micro-batch's examples are spread over.
+    lanes: Lanes,
 }
 
 impl Trainer {
@@ -130,6 +133,7 @@ impl Trainer {
             dropout_key: None,
             dist: Arc::new(Dist::single()),
             averager: GradAverager::default(),
+            lanes: Lanes::default(),
         })
     }
 
@@ -193,24 +197,56 @@ impl Trainer {
     }
 
     /// One optimizer step over `batch_size × grad_accum` examples of `train`.
+    ///
+    /// A micro-batch's examples are spread over the threads (lanes.rs), unless adapter
+    /// dropout is on: its masks are drawn by position in the batch, which a split would
+    /// repeat from one part to the next.
     pub fn step(&mut self, decoder: &Decoder, train: &[Tokenized]) -> Result<StepMetrics> {
         let checkpoint = self.config.checkpoint;
-        self.step_with(
+        let mut lanes = std::mem::take(&mut self.lanes);
+        let vars = self.vars.clone();
+        if self.dropout_key.is_none() {
+            lanes.ensure(self.config.batch_size.min(rayon::current_num_threads()))?;
+        }
+        let result = self.step_with(
             train.len(),
             |i| train[i].trained.iter().skip(1).filter(|t| **t).count(),
             |idx, divisor| {
                 let batch: Vec<&Tokenized> = idx.iter().map(|&i| &train[i]).collect();
-                let (loss_sum, trained, grads) =
-                    forward_backward(decoder, &batch, divisor, checkpoint)?;
-                Ok(MicroStep {
-                    loss_sum,
-                    count: trained,
-                    trained_tokens: trained,
-                    tokens: batch.iter().map(|t| t.ids.len()).sum(),
-                    grads,
-                })
+                let parts = lanes.run(&batch, |part| {
+                    forward_backward(decoder, part, divisor, checkpoint)
+                });
+                let mut micro: Option<MicroStep> = None;
+                // Summed in lane order, so that a run is the same from one time to the next.
+                for part in parts {
+                    let (loss_sum, trained, grads) = part?;
+                    micro = Some(match micro {
+                        None => MicroStep {
+                            loss_sum,
+                            count: trained,
+                            trained_tokens: trained,
+                            tokens: 0,
+                            grads,
+                        },
+                        Some(m) => MicroStep {
+                            loss_sum: m.loss_sum + loss_sum,
+                            count: m.count + trained,
+                            trained_tokens: m.trained_tokens + trained,
+                            tokens: 0,
+                            grads: accumulate(Some(m.grads), grads, &vars)?,
+                        },
+                    });
+                }
+                let mut m = micro.ok_or_else(|| Error::Config {
+                    what: "--batch-size".into(),
+                    problem: "must be at least 1".into(),
+                })?;
+                m.tokens = batch.iter().map(|t| t.ids.len()).sum();
+                Ok(m)
             },
-        )
+        );
+        self.lanes = lanes;
+        result
     }
 
     /// One optimizer step over `batch_size × grad_accum` of `n_examples` examples, for any

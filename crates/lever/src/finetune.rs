@@ -187,7 +187,11 @@ fn train(a: FinetuneArgs, dist: &Arc<Dist>) -> Result<()> {
         checkpoint: a.grad_checkpoint,
     };
     let mut trainer = Trainer::new(config.clone(), trainable.vars())?.with_dist(dist.clone());
-    if let Trainable::Lora(set) = &trainable {
+    // The key only matters with dropout on (it stays off otherwise), and without it the
+    // trainer may spread a micro-batch over the threads.
+    if let Trainable::Lora(set) = &trainable
+        && a.lora_dropout > 0.0
+    {
         trainer = trainer.with_dropout_key(set.dropout_key.clone());
     }
 

@@ -36,7 +36,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
             return Err(Usage("--calibrate measures this machine; leave out --gpu".into()).into());
         }
         eprintln!(
-            "calibrating: matmul peak, memory bandwidth, lever's training step on two small decoders (about 10 s)"
+            "calibrating: matmul peak, memory bandwidth, lever's training step on two small decoders and a LoRA step (about 15 s)"
         );
         let cal = plan::calibrate(Duration::from_secs(3))?;
         let path = cal.save(&home)?;
@@ -58,6 +58,17 @@ pub fn run(a: PlanArgs) -> Result<()> {
                 p.batch,
                 p.step_s * 1e3,
                 p.tokens_per_s
+            );
+        }
+        if let Some(p) = &cal.lora_probe {
+            eprintln!(
+                "  LoRA probe {} layers × width {} (rank 8, context {}, batch {}): {:.1} ms per step, {:.2}× what the rates above predict (LoRA plans scale by it)",
+                p.layers,
+                p.width,
+                p.context,
+                p.batch,
+                p.step_s * 1e3,
+                cal.lora_factor
             );
         }
         if !has_model {

@@ -297,6 +297,32 @@ fn a_calibration_is_used_and_named() {
     // With no element-wise time and an endless bandwidth: the FLOPs at the fitted rate.
     assert_eq!(f(&v, "/params"), 800_128.0);
     assert!(close(f(&v, "/time/total_s"), f(&v, "/train_flops") / 50e9));
+    // A LoRA plan scales its compute by the LoRA probe's factor (1 in a calibration from
+    // before the LoRA probe, as this one).
+    let mut lora = j.clone();
+    lora.extend(["--job", "lora"]);
+    let plain = plan_in(home.path(), &lora).json();
+    assert!(close(
+        f(&plain, "/time/total_s"),
+        f(&plain, "/train_flops") / 50e9
+    ));
+    let mut scaled = cal.clone();
+    scaled["lora_factor"] = json!(2.0);
+    std::fs::write(
+        home.path().join("plan/calibration.json"),
+        scaled.to_string(),
+    )
+    .unwrap();
+    let twice = plan_in(home.path(), &lora).json();
+    assert!(close(
+        f(&twice, "/time/total_s"),
+        2.0 * f(&plain, "/time/total_s")
+    ));
+    let pre = plan_in(home.path(), &j).json();
+    assert!(
+        close(f(&pre, "/time/total_s"), f(&v, "/time/total_s")),
+        "pretraining unscaled"
+    );
     let text = plan_in(home.path(), &args);
     assert_eq!(text.code, 0, "{}", text.stderr);
     assert!(
@@ -334,6 +360,9 @@ fn calibrate_stores_what_it_measured() {
     .unwrap();
     assert_eq!(stored, cal);
     assert_eq!(cal["probes"].as_array().unwrap().len(), 2);
+    assert_eq!(cal["lora_probe"]["width"], json!(576));
+    assert!(f(&cal, "/lora_probe/step_s") > 0.0 && f(&cal, "/lora_factor") >= 0.1);
+    assert!(out.stderr.contains("LoRA probe"), "{}", out.stderr);
     assert!(f(&cal, "/train_flops_per_s") > 1e9 && f(&cal, "/memory_bytes_per_s") > 1e8);
     let v = plan_in(
         home.path(),
