@@ -93,6 +93,7 @@ fn split<T>(items: &[T], n: usize) -> Vec<&[T]> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
