@@ -463,6 +463,47 @@ mod tests {
         assert_eq!(pieces(&spm, " abc"), ["▁abc"]);
     }
 
+    /// A vocabulary written as tokenizer.json and read back for GGUF (convert.rs's
+    /// `SpmVocab`, Hugging Face Gemma → GGUF): the same pieces and types (the unknown piece
+    /// comes back a control one: tokenizer.json has no such type), BOS and the space prefix
+    /// as they were, and scores that make the same merges.
+    #[test]
+    fn a_tokenizer_json_written_from_a_vocabulary_reads_back_as_it() {
+        use crate::formats::convert::SpmVocab;
+        for prefix in [false, true] {
+            let spm = tiny(prefix);
+            let json = spm.hf_json(Some(1)).unwrap();
+            let v =
+                SpmVocab::from_tokenizer_json(&json, &serde_json::Value::Null, spm.tokens.len())
+                    .unwrap();
+            assert_eq!(v.tokens, spm.tokens);
+            let types: Vec<i64> = v.types.iter().map(|&t| t as i64).collect();
+            let want: Vec<i64> = spm
+                .types
+                .iter()
+                .map(|&t| if t == UNKNOWN { CONTROL } else { t })
+                .collect();
+            assert_eq!(types, want);
+            assert_eq!(
+                (v.add_bos, v.add_space_prefix, v.unk),
+                (true, prefix, Some(0))
+            );
+            let back = Spm::new(v.tokens, v.scores, &types, v.add_space_prefix).unwrap();
+            for text in [
+                "abc",
+                "ab",
+                " abc",
+                "aé",
+                "ab\n\nab",
+                "<bos>c",
+                "cab ba abcabc bca",
+                "",
+            ] {
+                assert_eq!(back.encode(text), spm.encode(text), "{text:?}");
+            }
+        }
+    }
+
     #[test]
     fn unknown_characters_fall_back_to_bytes() {
         let spm = tiny(false);

@@ -254,3 +254,21 @@ fn gemma3_sliding_window_matches_transformers() {
     eprintln!("gemma3-f32: cached steps vs full passes: max diff {worst:.2e}");
     assert!(worst < 1e-4, "gemma3 cached vs full: {worst}");
 }
+
+/// A Gemma 3 folder that llama.cpp's gemma3 could not run as written (its global layer is the
+/// second of three, not every sixth; llama.cpp fixes the pattern) is refused by name when
+/// converted to GGUF, and nothing is written.
+#[test]
+fn gemma3_folder_llama_cpp_cannot_hold_is_refused_by_name() {
+    let out = tempfile::tempdir().unwrap();
+    let dst = out.path().join("tiny.gguf");
+    let e = lever_model::formats::quantize::convert_hf(
+        &dir("gemma3-f32"),
+        &dst,
+        candle_core::quantized::GgmlDType::F32,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("layer_types") && e.contains("llama.cpp"), "{e}");
+    assert!(!dst.exists());
+}

@@ -56,6 +56,20 @@ fn pre_tokenizer_name(pre: &Json) -> Option<&'static str> {
     }
 }
 
+/// The model's name for `general.name`: the folder's, without the suffix of the temporary
+/// folder `lever export` converts through.
+fn model_name(dir: &Path) -> String {
+    let name = dir
+        .file_name()
+        .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+    let name = name.strip_suffix(".hf.tmp-lever").unwrap_or(&name);
+    if name.is_empty() {
+        "model".into()
+    } else {
+        name.to_string()
+    }
+}
+
 /// GGUF metadata and named tensors, ready to write.
 pub type GgufParts = (Vec<(String, Value)>, Vec<(String, QTensor)>);
 
@@ -74,15 +88,7 @@ pub fn hf_to_gguf(dir: &Path, target: GgmlDType) -> Result<GgufParts> {
         problem,
     })?;
     if cfg.arch == Arch::Gemma3 {
-        // Its q/k and post norms, layer pattern and SentencePiece vocabulary are not written
-        // here yet; llama.cpp's convert_hf_to_gguf.py converts it.
-        return Err(Error::Config {
-            path: cfg_path,
-            field: "model_type".into(),
-            problem: "converting a gemma3 Hugging Face folder to GGUF is not supported yet \
-                      (llama.cpp's convert_hf_to_gguf.py does it; lever runs the result)"
-                .into(),
-        });
+        return gemma3_to_gguf(dir, &cfg, target);
     }
     let tk_path = dir.join("tokenizer.json");
     let tk = read_json(&tk_path)?;
@@ -179,12 +185,7 @@ pub fn hf_to_gguf(dir: &Path, target: GgmlDType) -> Result<GgufParts> {
     let u = |x: usize| Value::U32(x as u32);
     let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), s(a)),
-        (
-            "general.name".into(),
-            s(&dir
-                .file_name()
-                .map_or("model".into(), |n| n.to_string_lossy().into_owned())),
-        ),
+        ("general.name".into(), s(&model_name(dir))),
         (format!("{a}.context_length"), u(cfg.max_seq_len)),
         (format!("{a}.embedding_length"), u(cfg.hidden_size)),
         (format!("{a}.block_count"), u(cfg.num_layers)),
@@ -294,6 +295,334 @@ pub fn hf_to_gguf(dir: &Path, target: GgmlDType) -> Result<GgufParts> {
     }
     out.extend(vectors);
     Ok((meta, out))
+}
+
+/// A Gemma 3 folder as llama.cpp's converter writes it (`Gemma3Model` in
+/// convert_hf_to_gguf.py): `gemma3.*` hyper-parameters, the SentencePiece vocabulary
+/// (`tokenizer.ggml.model = llama`) recovered from tokenizer.json, and the decoder's tensors
+/// under llama.cpp's names with every norm weight stored as 1 + w (what `Gemma3RMSNorm`
+/// multiplies by). llama.cpp fixes the local layers' RoPE base (10,000), the layer pattern
+/// (every sixth global) and the attention scale (1/√head size) for gemma3, so a folder that
+/// departs from them is refused by name rather than written into a file that runs otherwise.
+fn gemma3_to_gguf(
+    dir: &Path,
+    cfg: &crate::config::DecoderConfig,
+    target: GgmlDType,
+) -> Result<GgufParts> {
+    let cfg_path = dir.join("config.json");
+    let Some(g) = &cfg.gemma else {
+        return Err(Error::Config {
+            path: cfg_path,
+            field: "model_type".into(),
+            problem: "gemma3 without its Gemma fields".into(),
+        });
+    };
+    let fixed = |field: &str, ok: bool, problem: String| -> Result<()> {
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Config {
+                path: cfg_path.clone(),
+                field: field.into(),
+                problem: format!("{problem}; llama.cpp's gemma3 fixes it, so GGUF cannot hold it"),
+            })
+        }
+    };
+    let pattern = crate::config::GemmaConfig::pattern(cfg.num_layers, 6);
+    fixed(
+        "layer_types",
+        g.global_layers == pattern,
+        "the global layers are not every sixth".into(),
+    )?;
+    fixed(
+        "rope_local_base_freq",
+        g.rope_local_theta == 10_000.0,
+        format!("{} is not 10000", g.rope_local_theta),
+    )?;
+    let scale = (cfg.head_dim as f32).powf(-0.5);
+    fixed(
+        "query_pre_attn_scalar",
+        (g.attn_scale - scale).abs() <= 1e-6 * scale,
+        format!(
+            "the attention scale {} is not 1/√{}",
+            g.attn_scale, cfg.head_dim
+        ),
+    )?;
+
+    let tk_path = dir.join("tokenizer.json");
+    let tk = read_json(&tk_path)?;
+    let tc = if dir.join("tokenizer_config.json").is_file() {
+        read_json(&dir.join("tokenizer_config.json"))?
+    } else {
+        Json::Null
+    };
+    let vocab = SpmVocab::from_tokenizer_json(&tk, &tc, cfg.vocab_size).map_err(|problem| {
+        Error::Tokenizer {
+            path: tk_path.clone(),
+            problem,
+        }
+    })?;
+
+    let a = cfg.arch.name();
+    let s = |x: &str| Value::String(x.to_string());
+    let u = |x: usize| Value::U32(x as u32);
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), s(a)),
+        ("general.name".into(), s(&model_name(dir))),
+        (format!("{a}.context_length"), u(cfg.max_seq_len)),
+        (format!("{a}.embedding_length"), u(cfg.hidden_size)),
+        (format!("{a}.block_count"), u(cfg.num_layers)),
+        (format!("{a}.feed_forward_length"), u(cfg.intermediate_size)),
+        (format!("{a}.attention.head_count"), u(cfg.num_heads)),
+        (format!("{a}.attention.head_count_kv"), u(cfg.num_kv_heads)),
+        (format!("{a}.attention.key_length"), u(cfg.head_dim)),
+        (format!("{a}.attention.value_length"), u(cfg.head_dim)),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps),
+        ),
+        (format!("{a}.rope.freq_base"), Value::F32(cfg.rope_theta)),
+        (format!("{a}.attention.sliding_window"), u(g.sliding_window)),
+        ("tokenizer.ggml.model".into(), s("llama")),
+        ("tokenizer.ggml.pre".into(), s("default")),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(vocab.tokens.iter().map(|t| s(t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.scores".into(),
+            Value::Array(vocab.scores.iter().map(|&x| Value::F32(x)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(vocab.types.iter().map(|&t| Value::I32(t)).collect()),
+        ),
+    ];
+    for (key, id) in [
+        ("bos_token_id", vocab.bos),
+        ("eos_token_id", vocab.eos),
+        ("unknown_token_id", vocab.unk),
+        ("padding_token_id", vocab.pad),
+    ] {
+        if let Some(id) = id {
+            meta.push((format!("tokenizer.ggml.{key}"), u(id)));
+        }
+    }
+    meta.extend([
+        (
+            "tokenizer.ggml.add_bos_token".into(),
+            Value::Bool(vocab.add_bos),
+        ),
+        ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
+        (
+            "tokenizer.ggml.add_space_prefix".into(),
+            Value::Bool(vocab.add_space_prefix),
+        ),
+    ]);
+    if let Some(t) = tc.get("chat_template").and_then(Json::as_str) {
+        meta.push(("tokenizer.chat_template".into(), s(t)));
+    }
+
+    // The tensors: the decoder loaded as lever runs it (norms already 1 + w), written under
+    // GGUF's names (Gemma keeps rotate-half rows: llama.cpp runs gemma3 with NeoX RoPE).
+    let model = crate::model::Model::load_hf(dir, &Device::Cpu)?;
+    let tied = model.decoder.tied();
+    let dst = dir.join("model.gguf");
+    let mut out = Vec::new();
+    let mut vectors = Vec::new();
+    for (name, t) in
+        crate::formats::export::named_tensors(&model.decoder, crate::formats::export::Layout::Gguf)?
+    {
+        if t.rank() < 2 {
+            vectors.push((name, QTensor::quantize(&t, GgmlDType::F32)?));
+        } else {
+            let cols = *t.dims().last().unwrap_or(&0);
+            let ty = crate::formats::quantize::matrix_type(&name, cols, tied, target, &dst)?;
+            out.push((name, QTensor::quantize(&t, ty)?));
+        }
+    }
+    out.extend(vectors);
+    Ok((meta, out))
+}
+
+/// A SentencePiece vocabulary for GGUF recovered from a Hugging Face tokenizer.json of the
+/// kind transformers' SentencePiece converter writes (and lever's `Spm::hf_json`): a BPE model
+/// with byte fallback, `▁` for spaces, control and user-defined pieces as added tokens.
+pub(crate) struct SpmVocab {
+    pub(crate) tokens: Vec<String>,
+    pub(crate) scores: Vec<f32>,
+    pub(crate) types: Vec<i32>,
+    pub(crate) bos: Option<usize>,
+    pub(crate) eos: Option<usize>,
+    pub(crate) unk: Option<usize>,
+    pub(crate) pad: Option<usize>,
+    pub(crate) add_bos: bool,
+    pub(crate) add_space_prefix: bool,
+}
+
+impl SpmVocab {
+    /// Scores: SentencePiece merges the adjacent pair whose joined piece scores highest,
+    /// where the BPE model merges the pair listed first; the converter lists the splits of
+    /// each piece in the order of that piece's score. So a piece's score here is minus the
+    /// position of the first merge that makes it (an order, not the original log-probability),
+    /// which gives llama.cpp's SentencePiece the BPE model's choices. Pieces no merge makes
+    /// (single characters, bytes) score 0; control and user-defined ones −1000, as Gemma's
+    /// own file has them.
+    pub(crate) fn from_tokenizer_json(
+        tk: &Json,
+        tc: &Json,
+        vocab_size: usize,
+    ) -> std::result::Result<Self, String> {
+        let model = tk.get("model").ok_or("no `model`")?;
+        if model.get("type").and_then(Json::as_str) != Some("BPE")
+            || model.get("byte_fallback").and_then(Json::as_bool) != Some(true)
+        {
+            return Err(
+                "a gemma3 vocabulary must be a SentencePiece BPE with byte fallback \
+                 (model.type BPE, byte_fallback true)"
+                    .into(),
+            );
+        }
+        let vocab = model
+            .get("vocab")
+            .and_then(Json::as_object)
+            .ok_or("no model.vocab")?;
+        let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+        let mut types = vec![crate::spm::NORMAL as i32; vocab_size];
+        let mut put = |tok: &str, id: Option<u64>, ty: i32| -> std::result::Result<(), String> {
+            let slot = id
+                .and_then(|id| tokens.get_mut(id as usize))
+                .ok_or_else(|| {
+                    format!("token {tok:?}: id {id:?} outside the vocabulary of {vocab_size}")
+                })?;
+            *slot = Some(tok.to_string());
+            types[id.unwrap_or_default() as usize] = ty;
+            Ok(())
+        };
+        for (tok, id) in vocab {
+            let byte = tok.len() == 6
+                && tok.starts_with("<0x")
+                && tok.ends_with('>')
+                && u8::from_str_radix(&tok[3..5], 16).is_ok();
+            let ty = if byte {
+                crate::spm::BYTE
+            } else {
+                crate::spm::NORMAL
+            };
+            put(tok, id.as_u64(), ty as i32)?;
+        }
+        for added in tk
+            .get("added_tokens")
+            .and_then(Json::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let Some(content) = added.get("content").and_then(Json::as_str) else {
+                continue;
+            };
+            let special = added
+                .get("special")
+                .and_then(Json::as_bool)
+                .unwrap_or(false);
+            let ty = if special {
+                crate::spm::CONTROL
+            } else {
+                crate::spm::USER_DEFINED
+            };
+            put(content, added.get("id").and_then(Json::as_u64), ty as i32)?;
+        }
+        let tokens: Vec<String> = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]")))
+            .collect();
+        let index: std::collections::HashMap<&str, usize> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
+        let mut scores: Vec<f32> = types
+            .iter()
+            .map(|&t| {
+                if t == crate::spm::CONTROL as i32 || t == crate::spm::USER_DEFINED as i32 {
+                    -1000.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mut made = vec![false; vocab_size];
+        let merges = model
+            .get("merges")
+            .and_then(Json::as_array)
+            .ok_or("no model.merges")?;
+        for (rank, m) in merges.iter().enumerate() {
+            let joined = match m {
+                Json::String(s) => s.split_once(' ').map(|(a, b)| format!("{a}{b}")),
+                Json::Array(p) if p.len() == 2 => Some(format!(
+                    "{}{}",
+                    p[0].as_str().unwrap_or(""),
+                    p[1].as_str().unwrap_or("")
+                )),
+                _ => None,
+            }
+            .ok_or_else(|| format!("merge {rank} ({m}) is neither \"a b\" nor [a, b]"))?;
+            if let Some(&id) = index.get(joined.as_str())
+                && !made[id]
+            {
+                made[id] = true;
+                scores[id] = -(rank as f32) - 1.0;
+            }
+        }
+        let token_name = |key: &str| -> Option<String> {
+            match tc.get(key)? {
+                Json::String(s) => Some(s.clone()),
+                v => v.get("content").and_then(Json::as_str).map(str::to_string),
+            }
+        };
+        let id_of = |name: Option<String>| name.and_then(|n| index.get(n.as_str()).copied());
+        // Named in tokenizer_config, else by the model, else SentencePiece's usual pieces.
+        let named = |key: &str, usual: &str| {
+            id_of(token_name(key))
+                .or_else(|| {
+                    model
+                        .get(key)
+                        .and_then(Json::as_str)
+                        .and_then(|n| index.get(n).copied())
+                })
+                .or_else(|| index.get(usual).copied())
+        };
+        let unk = named("unk_token", "<unk>");
+        let pad = named("pad_token", "<pad>");
+        // BOS: tokenizer_config's `add_bos_token`, else whether the post-processor puts a
+        // special token first (as transformers' Gemma tokenizer.json does).
+        let add_bos = tc
+            .get("add_bos_token")
+            .and_then(Json::as_bool)
+            .unwrap_or_else(|| {
+                tk.pointer("/post_processor/single/0/SpecialToken")
+                    .is_some()
+            });
+        let add_space_prefix = tk
+            .pointer("/normalizer/normalizers")
+            .and_then(Json::as_array)
+            .is_some_and(|n| {
+                n.iter()
+                    .any(|x| x.get("type").and_then(Json::as_str) == Some("Prepend"))
+            })
+            || tk.pointer("/normalizer/type").and_then(Json::as_str) == Some("Prepend");
+        Ok(SpmVocab {
+            bos: id_of(token_name("bos_token")),
+            eos: id_of(token_name("eos_token")),
+            pad,
+            unk,
+            tokens,
+            scores,
+            types,
+            add_bos,
+            add_space_prefix,
+        })
+    }
 }
 
 fn float_parts(l: &crate::Linear) -> Result<(Tensor, Option<Tensor>)> {
