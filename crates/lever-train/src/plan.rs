@@ -692,6 +692,23 @@ pub fn calibrate(budget: Duration) -> Result<Calibration> {
     })
 }
 
+/// A probe's steps: [`WARMUP_STEPS`] untimed (they allocate, each lane's allocator arena
+/// too, and warm caches), then timed for about `budget` (3 to 200 of them); how many were
+/// timed and [`probe_step_s`] of their times.
+fn time_steps(budget: Duration, mut step: impl FnMut() -> Result<()>) -> Result<(usize, f64)> {
+    for _ in 0..WARMUP_STEPS {
+        step()?;
+    }
+    let started = Instant::now();
+    let mut times = Vec::new();
+    while times.len() < 3 || (started.elapsed() < budget && times.len() < 200) {
+        let t0 = Instant::now();
+        step()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok((times.len(), probe_step_s(times)))
+}
+
 /// Untimed steps before a probe's timed ones.
 const WARMUP_STEPS: usize = 3;
 
@@ -742,18 +759,7 @@ fn run_lora_probe(budget: Duration) -> Result<Probe> {
             trained: vec![true; context],
         })
         .collect();
-    for _ in 0..WARMUP_STEPS {
-        trainer.step(&decoder, &examples)?;
-    }
-    let started = Instant::now();
-    let mut times = Vec::new();
-    while times.len() < 3 || (started.elapsed() < budget && times.len() < 200) {
-        let t0 = Instant::now();
-        trainer.step(&decoder, &examples)?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    let steps = times.len();
-    let step_s = probe_step_s(times);
+    let (steps, step_s) = time_steps(budget, || trainer.step(&decoder, &examples).map(drop))?;
     Ok(Probe {
         layers,
         width,
@@ -828,19 +834,7 @@ fn run_probe(
     let tokens: Vec<u32> = (0..64 * context + 1)
         .map(|_| rng.below(vocab) as u32)
         .collect();
-    // The first steps allocate (each lane's allocator arena too) and warm caches; not timed.
-    for _ in 0..WARMUP_STEPS {
-        trainer.step(&decoder, &tokens)?;
-    }
-    let started = Instant::now();
-    let mut times = Vec::new();
-    while times.len() < 3 || (started.elapsed() < budget && times.len() < 200) {
-        let t0 = Instant::now();
-        trainer.step(&decoder, &tokens)?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    let steps = times.len();
-    let step_s = probe_step_s(times);
+    let (steps, step_s) = time_steps(budget, || trainer.step(&decoder, &tokens).map(drop))?;
     Ok(Probe {
         layers,
         width,

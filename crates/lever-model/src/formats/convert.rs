@@ -70,6 +70,30 @@ fn model_name(dir: &Path) -> String {
     }
 }
 
+/// The metadata every converted architecture writes: its name and the block's
+/// hyper-parameters under `{arch}.*`.
+fn block_meta(dir: &Path, cfg: &crate::config::DecoderConfig) -> Vec<(String, Value)> {
+    let a = cfg.arch.name();
+    let u = |x: usize| Value::U32(x as u32);
+    vec![
+        ("general.architecture".into(), Value::String(a.into())),
+        ("general.name".into(), Value::String(model_name(dir))),
+        (format!("{a}.context_length"), u(cfg.max_seq_len)),
+        (format!("{a}.embedding_length"), u(cfg.hidden_size)),
+        (format!("{a}.block_count"), u(cfg.num_layers)),
+        (format!("{a}.feed_forward_length"), u(cfg.intermediate_size)),
+        (format!("{a}.attention.head_count"), u(cfg.num_heads)),
+        (format!("{a}.attention.head_count_kv"), u(cfg.num_kv_heads)),
+        (format!("{a}.attention.key_length"), u(cfg.head_dim)),
+        (format!("{a}.attention.value_length"), u(cfg.head_dim)),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps),
+        ),
+        (format!("{a}.rope.freq_base"), Value::F32(cfg.rope_theta)),
+    ]
+}
+
 /// GGUF metadata and named tensors, ready to write.
 pub type GgufParts = (Vec<(String, Value)>, Vec<(String, QTensor)>);
 
@@ -180,25 +204,10 @@ pub fn hf_to_gguf(dir: &Path, target: GgmlDType) -> Result<GgufParts> {
     };
     let id_of = |name: Option<String>| name.and_then(|n| tokens.iter().position(|t| *t == n));
 
-    let a = cfg.arch.name();
     let s = |x: &str| Value::String(x.to_string());
     let u = |x: usize| Value::U32(x as u32);
-    let mut meta: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), s(a)),
-        ("general.name".into(), s(&model_name(dir))),
-        (format!("{a}.context_length"), u(cfg.max_seq_len)),
-        (format!("{a}.embedding_length"), u(cfg.hidden_size)),
-        (format!("{a}.block_count"), u(cfg.num_layers)),
-        (format!("{a}.feed_forward_length"), u(cfg.intermediate_size)),
-        (format!("{a}.attention.head_count"), u(cfg.num_heads)),
-        (format!("{a}.attention.head_count_kv"), u(cfg.num_kv_heads)),
-        (format!("{a}.attention.key_length"), u(cfg.head_dim)),
-        (format!("{a}.attention.value_length"), u(cfg.head_dim)),
-        (
-            format!("{a}.attention.layer_norm_rms_epsilon"),
-            Value::F32(cfg.rms_norm_eps),
-        ),
-        (format!("{a}.rope.freq_base"), Value::F32(cfg.rope_theta)),
+    let mut meta = block_meta(dir, &cfg);
+    meta.extend([
         ("tokenizer.ggml.model".into(), s("gpt2")),
         ("tokenizer.ggml.pre".into(), s(pre)),
         (
@@ -214,7 +223,7 @@ pub fn hf_to_gguf(dir: &Path, target: GgmlDType) -> Result<GgufParts> {
             Value::Array(merges.iter().map(|m| s(m)).collect()),
         ),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
-    ];
+    ]);
     if let Some(id) = id_of(token_name("bos_token")) {
         meta.push(("tokenizer.ggml.bos_token_id".into(), u(id)));
     }
@@ -366,22 +375,8 @@ fn gemma3_to_gguf(
     let a = cfg.arch.name();
     let s = |x: &str| Value::String(x.to_string());
     let u = |x: usize| Value::U32(x as u32);
-    let mut meta: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), s(a)),
-        ("general.name".into(), s(&model_name(dir))),
-        (format!("{a}.context_length"), u(cfg.max_seq_len)),
-        (format!("{a}.embedding_length"), u(cfg.hidden_size)),
-        (format!("{a}.block_count"), u(cfg.num_layers)),
-        (format!("{a}.feed_forward_length"), u(cfg.intermediate_size)),
-        (format!("{a}.attention.head_count"), u(cfg.num_heads)),
-        (format!("{a}.attention.head_count_kv"), u(cfg.num_kv_heads)),
-        (format!("{a}.attention.key_length"), u(cfg.head_dim)),
-        (format!("{a}.attention.value_length"), u(cfg.head_dim)),
-        (
-            format!("{a}.attention.layer_norm_rms_epsilon"),
-            Value::F32(cfg.rms_norm_eps),
-        ),
-        (format!("{a}.rope.freq_base"), Value::F32(cfg.rope_theta)),
+    let mut meta = block_meta(dir, cfg);
+    meta.extend([
         (format!("{a}.attention.sliding_window"), u(g.sliding_window)),
         ("tokenizer.ggml.model".into(), s("llama")),
         ("tokenizer.ggml.pre".into(), s("default")),
@@ -397,7 +392,7 @@ fn gemma3_to_gguf(
             "tokenizer.ggml.token_type".into(),
             Value::Array(vocab.types.iter().map(|&t| Value::I32(t)).collect()),
         ),
-    ];
+    ]);
     for (key, id) in [
         ("bos_token_id", vocab.bos),
         ("eos_token_id", vocab.eos),
