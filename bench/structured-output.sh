@@ -17,8 +17,8 @@ ROUNDS=${1:-5}
 SERVE=${2:-30}
 LEVER=target/release/lever
 echo "== validity: 52 schemas x temperature 0 and 1"
-LEVER_SCHEMAS_ALL=1 cargo test --release -q -p lever-generate --test constrain \
-  json_schema_outputs_parse_and_validate -- --nocapture 2>&1 | grep -E "constrained outputs|test result|panicked"
+LEVER_SCHEMAS_ALL=1 cargo test --release -q -p lever-generate --test integration \
+  constrain::json_schema_outputs_parse_and_validate -- --nocapture 2>&1 | grep -E "constrained outputs|test result|panicked"
 echo "== overhead: generation tokens/s, constrained vs free, $ROUNDS rounds alternating"
 SCHEMA=$(mktemp --suffix=.json)
 trap 'rm -f "$SCHEMA"' EXIT

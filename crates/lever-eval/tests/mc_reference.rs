@@ -155,7 +155,7 @@ fn loglikelihoods_acc_and_acc_norm_match_transformers() {
 /// The scoring itself, without quantization: the same model exported to an f32 Hugging Face
 /// folder (`lever export --out DIR`, dequantized as transformers dequantizes the GGUF) must
 /// match transformers to float rounding. Needs the folder, so it is opt-in:
-/// `LEVER_MC_F32_MODEL=DIR cargo test --release -p lever-eval --test mc_reference -- --ignored`.
+/// `LEVER_MC_F32_MODEL=DIR cargo test --release -p lever-eval --test integration mc_reference:: -- --ignored`.
 /// Measured 2026-11-28: max |Δ ll| per choice 1.4e-4, per token 2.8e-5 (bound 1e-3 per choice);
 /// acc, acc_norm and is_greedy agree everywhere. So the Q4_1 gap above is the quantized
 /// arithmetic, not the scoring.

@@ -2,7 +2,7 @@
 //! stats, iteration, chunk lookup, exact search, embedder checks.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

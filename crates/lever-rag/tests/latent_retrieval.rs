@@ -4,7 +4,7 @@
 //! accepted or refused by name.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use lever_rag::testing::HashEmbed;
 use lever_rag::{

@@ -3,7 +3,7 @@
 //! the index is unchanged and brought up to date after an add or a removal.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use lever_rag::testing::HashEmbed;
 use lever_rag::{AddOptions, DenseIndex, Index, Mode, Retriever};

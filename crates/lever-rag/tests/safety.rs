@@ -6,7 +6,7 @@
 //! without those variables the helpers do nothing.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -36,11 +36,13 @@ fn kill_corpus(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn spawn_self(test: &str, envs: &[(&str, &Path)]) -> std::process::Child {
+    // libtest names a test by its path below the crate root: `safety::child_ingest`.
+    let module = module_path!().split_once("::").map_or("", |(_, m)| m);
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--ignored",
         "--exact",
-        test,
+        &format!("{module}::{test}"),
         "--nocapture",
         "--test-threads=1",
     ])

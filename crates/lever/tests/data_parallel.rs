@@ -5,7 +5,7 @@
 //! default build runs only the refusal of a build without the feature.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 /// A build without the feature, started as one of several ranks (the variables mpirun
 /// sets), refuses to train alone into a shared run folder.

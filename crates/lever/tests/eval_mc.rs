@@ -3,7 +3,7 @@
 //! `--no-prefix-cache` giving the same result, and one-line `FILE:LINE` errors for bad data.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -5,7 +5,7 @@
 //! errors for bad tasks and data.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -5,7 +5,7 @@
 //! them; lever's writers are deterministic).
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

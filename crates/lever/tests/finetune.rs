@@ -1,7 +1,7 @@
 //! `lever finetune` as a user runs it, on the real default model and GSM8K from ../shared/data.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! paragraphs (../shared/data/squad-open) for the RAG rung, and a 4-step LoRA.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,7 +4,7 @@
 //! the model these commands train; llama.cpp's perplexity of its GGUF).
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! database, `rag ask` with its budget and citations, and `eval retrieval` on BEIR folders.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

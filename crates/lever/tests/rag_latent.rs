@@ -4,7 +4,7 @@
 //! refused by name, and bad requests as one-line errors.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -6,7 +6,7 @@
 //! (`LEVER_REF_PYTHON` or `LEVER_TEST_PYTHON`).
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

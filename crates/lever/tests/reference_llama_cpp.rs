@@ -2,7 +2,7 @@
 //! greedy output and perplexity. Fixtures: scripts/make-llama-cpp-fixtures.sh.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::{default_model, fixture, ids, shared_data};
 use lever_generate::Session;

@@ -7,7 +7,7 @@
 //! Chromium is needed: the test fails without it, unless LEVER_SKIP_BROWSER=1.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -4,7 +4,7 @@
 //! it is about answers.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -9,7 +9,7 @@
 //! (chunked prefill), and the official `openai` Python client.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
