@@ -518,7 +518,7 @@ struct Beam {
 fn rows_at(logits: &[f32], vocab: usize, t: u32) -> Vec<f64> {
     logits
         .chunks_exact(vocab)
-        .map(|row| row[t as usize] as f64 - marginal::log_sum_exp(row.iter().map(|&x| x as f64)))
+        .map(|row| row[t as usize] as f64 - marginal::row_log_sum_exp(row))
         .collect()
 }
 
@@ -736,7 +736,7 @@ fn parallel_decode(
         let mut still = Vec::with_capacity(live.len());
         for &z in &live {
             let row = &logits[z];
-            let lse = marginal::log_sum_exp(row.iter().map(|&x| x as f64));
+            let lse = marginal::row_log_sum_exp(row);
             let mut seen = prompts[z].clone();
             seen.extend(&hyps[z].tokens);
             let t = samplers[z].sample(row, &seen);
