@@ -67,11 +67,13 @@ recall() {  # $1: label, then extra flags
 recall before
 recall after --query-encoder "$OUT/run/query-encoder"
 
-OUT="$OUT/eval-before" LIMIT=$LIMIT K=$K_TEST FORMULATIONS="$FORMULATIONS" \
-  "$ROOT/bench/rag-squad-eval.sh" > "$OUT/eval-before.md"
-OUT="$OUT/eval-after" LIMIT=$LIMIT K=$K_TEST FORMULATIONS="$FORMULATIONS" \
-  ADAPTER="$OUT/run/adapter" QENC="$OUT/run/query-encoder" \
-  "$ROOT/bench/rag-squad-eval.sh" > "$OUT/eval-after.md"
+RUN=$OUT/run
+if [ ! -s "$OUT/eval-before/${FORMULATIONS##* }.json" ]; then
+  OUT="$OUT/eval-before" LIMIT=$LIMIT K=$K_TEST FORMULATIONS="$FORMULATIONS" \
+    "$ROOT/bench/rag-squad-eval.sh" > "$OUT/eval-before.md"
+fi
+ADAPTER="$RUN/adapter" QENC="$RUN/query-encoder" OUT="$OUT/eval-after" LIMIT=$LIMIT K=$K_TEST \
+  FORMULATIONS="$FORMULATIONS" "$ROOT/bench/rag-squad-eval.sh" > "$OUT/eval-after.md"
 
 python3 - "$OUT" $FORMULATIONS <<'PY'
 import json, statistics, sys
