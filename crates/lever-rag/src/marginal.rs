@@ -189,12 +189,12 @@ pub fn token_mixture(doc_logp: &[f64], logits: &[f32], vocab: usize) -> Result<V
     }
     // log Σ_z p(z|x) softmax(l_z)_v = A + ln Σ_z w_z e_zv, with e_zv = exp(l_zv − max_z) (each
     // logit's exponential computed once, in f32 by lever's vectorized `exp`, where the row's
-    // log-sum-exp also gets it),
-    // a_z = log p(z|x) − lse_z + max_z, A = max a_z and w_z = exp(a_z − A) ≤ 1: one logarithm
-    // per vocabulary entry, where a log-sum-exp over z at each entry takes K exponentials
-    // more. (Decoding runs this at every token over K × V logits: with libm's scalar f64
-    // exp it took over a tenth of RAG-Token's time per token at K = 5, by perf.) `exp` clamps at e^-87: a logit more
-    // than 87 nats under its row's best counts as that.
+    // log-sum-exp also gets it), a_z = log p(z|x) − lse_z + max_z, A = max a_z and
+    // w_z = exp(a_z − A) ≤ 1: one logarithm per vocabulary entry, where a log-sum-exp over z
+    // at each entry takes K exponentials more. (Decoding runs this at every token over K × V
+    // logits: with libm's scalar f64 exp it took over a tenth of RAG-Token's time per token at
+    // K = 5, by perf.) `exp` clamps at e^-87: a logit more than 87 nats under its row's best
+    // counts as that.
     let mut e = vec![0f32; logits.len()];
     let mut a = Vec::with_capacity(doc_logp.len());
     for ((pz, row), e) in doc_logp
@@ -202,12 +202,8 @@ pub fn token_mixture(doc_logp: &[f64], logits: &[f32], vocab: usize) -> Result<V
         .zip(logits.chunks_exact(vocab))
         .zip(e.chunks_exact_mut(vocab))
     {
-        let (max, sum) = exp_shifted(row, e);
-        if !max.is_finite() {
-            a.push(f64::NEG_INFINITY);
-        } else {
-            a.push(pz - sum.ln());
-        }
+        // lse_z − max_z = ln Σ_v e_zv.
+        a.push(exp_shifted(row, e).map_or(f64::NEG_INFINITY, |sum| pz - sum.ln()));
     }
     let top = a.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if top == f64::NEG_INFINITY {
@@ -228,21 +224,25 @@ pub fn token_mixture(doc_logp: &[f64], logits: &[f32], vocab: usize) -> Result<V
 
 /// log Σ exp(row), from one f32 exponential per entry (lever's vectorized `exp`).
 pub fn row_log_sum_exp(row: &[f32]) -> f64 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = row_max(row);
     if !max.is_finite() {
         return max as f64;
     }
     max as f64 + (ops::sum_exp(row, max) as f64).ln()
 }
 
-/// e = exp(row − max(row)); returns (max, Σ e).
-fn exp_shifted(row: &[f32], e: &mut [f32]) -> (f32, f64) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+/// e = exp(row − max(row)) and Σ e; None (e untouched) when the row has no finite maximum.
+fn exp_shifted(row: &[f32], e: &mut [f32]) -> Option<f64> {
+    let max = row_max(row);
     if !max.is_finite() {
-        return (max, 0.0);
+        return None;
     }
     e.copy_from_slice(row);
-    (max, ops::exp_in_place(e, 1.0, max) as f64)
+    Some(ops::exp_in_place(e, 1.0, max) as f64)
+}
+
+fn row_max(row: &[f32]) -> f32 {
+    row.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// log p(y|x) and its gradients.
