@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # lever bench vs llama.cpp's llama-bench on the same GGUF files and thread counts, alternating
 # runs in one session so both see the same machine load. Prints each tool's median and the ratio.
-# Covers the default model's Q4_1 file and a Q8_0 file made from it by `lever quantize`.
+# Covers the default model's Q4_1 file, a Q8_0 file made from it by `lever quantize`, and
+# gemma-3-270m's Q4_K_M file (Q5_0, Q8_0, Q4_K and Q6_K matrices).
 #
 #   bench/vs-llama-cpp.sh [THREADS...]            # default: 2 1
 #   ROUNDS=3 PP=512 TG=128 MODELS="a.gguf b.gguf" bench/vs-llama-cpp.sh 2
@@ -17,7 +18,9 @@ if [ -z "${MODELS:-}" ]; then
   $LEVER models pull smollm2-135m-instruct >&2
   Q41=$($LEVER models list --json | python3 -c 'import json,sys; print([m for m in json.load(sys.stdin) if m["kind"]=="generator"][0]["path"])')
   [ -f "$OUT/smollm2-q8_0.gguf" ] || $LEVER quantize "$Q41" "$OUT/smollm2-q8_0.gguf" --type q8_0 >&2
-  MODELS="$Q41 $OUT/smollm2-q8_0.gguf"
+  $LEVER models pull gemma3-270m >&2
+  GEMMA=$($LEVER models list --json | python3 -c 'import json,sys; print([m for m in json.load(sys.stdin) if "gemma" in m["name"]][0]["path"])')
+  MODELS="$Q41 $OUT/smollm2-q8_0.gguf $GEMMA"
 fi
 BIN=$("$ROOT/../shared/tools/llama-cpp-reference.sh" | tail -n1)
 [ -x /usr/bin/time ] || { apt-get update -qq && apt-get install -y -qq time >/dev/null; }

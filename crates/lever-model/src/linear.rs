@@ -66,18 +66,18 @@ impl CustomOp1 for KernelMatMul {
                 Shape::from(out),
             ));
         }
+        if let Some(p) = self.w.packed() {
+            return Ok((
+                CpuStorage::F32(p.matmul(&x[start..end], m)),
+                Shape::from(out),
+            ));
+        }
         if !kernels::preferred(self.w.dtype(), k) {
             // Other block types (reached when gradients flow): candle's quantized matmul.
             let xt = Tensor::from_slice(&x[start..end], (m, k), &candle_core::Device::Cpu)?;
             let y = QMatMul::from_arc(self.w.qtensor()?)?.forward(&xt)?;
             let y = y.flatten_all()?.to_vec1::<f32>()?;
             return Ok((CpuStorage::F32(y), Shape::from(out)));
-        }
-        if let Some(p) = self.w.packed() {
-            return Ok((
-                CpuStorage::F32(p.matmul(&x[start..end], m)),
-                Shape::from(out),
-            ));
         }
         let q = self.w.qtensor()?;
         let y = kernels::matmul(q.dtype(), &q.data()?, n, k, &x[start..end], m);
@@ -472,7 +472,7 @@ impl Linear {
                 x.device().is_cpu()
                     && x.dtype() == candle_core::DType::F32
                     && q.shape().dims().len() == 2
-                    && kernels::preferred(q.dtype(), q.shape().dims()[1])
+                    && (q.packed().is_some() || kernels::preferred(q.dtype(), q.shape().dims()[1]))
             }
             Weight::Float(_) => false,
         }

@@ -1,9 +1,13 @@
 //! A frozen block-quantized weight, held once: as candle's `QTensor` in GGUF blocks (computed by
 //! `kernels/quant_matmul.rs` in llama.cpp's lane order for Q4_1/Q5_0/Q8_0, by `kernels/kquant.rs` for
-//! Q4_K/Q5_K/Q6_K), or, where packing is on, the CPU has AVX-512 VNNI and the type is Q4_1 or Q8_0,
+//! Q4_K/Q5_K/Q6_K), or, where packing is on, the CPU has AVX-512 VNNI and the type is Q4_1, Q5_0, Q8_0
+//! or Q4_K,
 //! in the interleaved layout of `kernels/packed.rs` (batched steps nearly free; float rounding differs
-//! from llama.cpp's). `lever serve` turns packing on; `LEVER_PACKED=1|0` decides for any
-//! command. The GGUF blocks are not kept beside the packed copy (a 7B Q4 model would need twice
+//! from llama.cpp's lane order). Q8_0, Q5_0 and Q4_K are packed by default (llama.cpp repacks Q8_0
+//! and Q4_K by default too, its CPU backend's `q8_0_4x8` and `q4_K_8x8` buffers); Q4_1, the default model's type, keeps
+//! llama.cpp's lane order (llama.cpp does not repack it, and the teacher-forced agreement with
+//! it drops from 368 to 365 of 380 steps packed) except in `lever serve` and the batched commands;
+//! `LEVER_PACKED=1|0` decides for any command. The GGUF blocks are not kept beside the packed copy (a 7B Q4 model would need twice
 //! its size); the rare paths that want them (candle's kernels, writing files) unpack them again.
 
 use std::sync::Arc;
@@ -29,17 +33,21 @@ enum Repr {
 
 static PACK: AtomicBool = AtomicBool::new(false);
 
-/// Whether weights loaded from now on are packed (when the CPU runs the packed kernels);
-/// `LEVER_PACKED=1|0` overrides what the program asks for.
+/// Whether Q4_1 weights loaded from now on are packed too (when the CPU runs the packed
+/// kernels; Q5_0, Q8_0 and Q4_K are packed whatever this says); `LEVER_PACKED=1|0` overrides
+/// both.
 pub fn set_packing(on: bool) {
     PACK.store(on, Ordering::Relaxed);
 }
 
-fn packing() -> bool {
+fn packing(dtype: GgmlDType) -> bool {
     match std::env::var("LEVER_PACKED").as_deref() {
         Ok("1") => true,
         Ok("0") => false,
-        _ => PACK.load(Ordering::Relaxed),
+        _ => {
+            matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q5_0 | GgmlDType::Q4K)
+                || PACK.load(Ordering::Relaxed)
+        }
     }
 }
 
@@ -47,10 +55,25 @@ impl QWeight {
     /// Packed when packing is on and the tensor is a CPU matrix these kernels cover, on a CPU
     /// that runs them; else in GGUF blocks.
     pub(crate) fn new(q: QTensor) -> Self {
-        if packing() {
+        if packing(q.dtype()) {
             Self::pack(q)
         } else {
             Self::blocks(q)
+        }
+    }
+
+    /// Whether [`QWeight::new`] would pack an n × k matrix of `dtype` on the CPU (so that a
+    /// loader can pack it as it reads, [`QWeight::from_packed`]).
+    pub(crate) fn would_pack(dtype: GgmlDType, k: usize) -> bool {
+        packing(dtype) && Packed::packable(dtype, k)
+    }
+
+    /// A matrix packed as it was read.
+    pub(crate) fn from_packed(p: Packed) -> Self {
+        let (n, k) = p.dims();
+        Self {
+            shape: Shape::from((n, k)),
+            repr: Repr::Packed(p),
         }
     }
 

@@ -274,8 +274,8 @@ fn quantized_files_load_in_llama_cpp_and_score_alike() {
 /// local layers, so the window's mask is measured too.
 const GEMMA3_PPL_CTX1024_2CHUNKS: f64 = 50.2302;
 
-/// gemma3-270m (lever's gemma3 block; K-quants on candle's kernels) against llama.cpp on the
-/// same file: perplexity within 1%, and the first greedy token of "The capital of France is".
+/// gemma3-270m (lever's gemma3 block; Q5_0/Q8_0 on the packed kernels, Q4_K on candle's, Q6_K on
+/// lever's) against llama.cpp on the same file: perplexity within 1%.
 #[test]
 fn gemma3_perplexity_within_one_percent_of_llama_perplexity() {
     let home = lever_model::registry::lever_home();
@@ -296,6 +296,58 @@ fn gemma3_perplexity_within_one_percent_of_llama_perplexity() {
     );
     assert_eq!(got.chunks, 2);
     assert!(rel < 0.01, "lever {} vs llama.cpp {want}", got.ppl);
+}
+
+/// gemma3-270m fed llama.cpp's own greedy tokens step by step (teacher-forced, as the default
+/// model's test): the steps where lever's greedy pick is llama.cpp's, and how close the logits
+/// are where not. Fixture: scripts/gemma3_greedy_fixture.py (12 raw prompts × 32 tokens).
+#[test]
+fn gemma3_teacher_forced_agreement_with_llama_completion() {
+    let home = lever_model::registry::lever_home();
+    let source =
+        lever_model::model::resolve(lever_model::registry::GEMMA3_270M, &home, &mut |_| {})
+            .expect("provision gemma3-270m (`lever models pull gemma3-270m`)");
+    let model = lever_model::Model::load(&source, &candle_core::Device::Cpu).expect("load");
+    let fx = fixture("llama-cpp/gemma3-greedy.json");
+    let cases = fx["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 12, "{} cases", cases.len());
+    let (mut same, mut total, mut margins) = (0, 0, Vec::<f32>::new());
+    for case in cases {
+        let prompt_ids = ids(&case["prompt_ids"]);
+        let prompt = case["prompt"].as_str().expect("prompt");
+        assert_eq!(
+            model.tokenizer.encode(prompt, true).expect("encode"),
+            prompt_ids,
+            "{prompt:?}"
+        );
+        let mut session = Session::new(&model);
+        let mut logits = session.prefill(&model, &prompt_ids).expect("prefill");
+        for &want in &ids(&case["completion_ids"]) {
+            let got = argmax(&logits);
+            total += 1;
+            if got == want {
+                same += 1;
+            } else {
+                margins.push(logits[got as usize] - logits[want as usize]);
+            }
+            if model.tokenizer.is_eog(want) {
+                break;
+            }
+            logits = session.feed(&model, &[want]).expect("feed");
+        }
+    }
+    margins.sort_by(f32::total_cmp);
+    eprintln!(
+        "gemma3 teacher-forced: {same}/{total} steps pick llama.cpp's token; margins where not: {margins:.3?}"
+    );
+    // Measured 2026-12-07: 374/384, worst margin 0.305, with Q5_0, Q8_0 and Q4_K in the packed
+    // kernels (371/384, worst 0.223, in llama.cpp's lane order: LEVER_PACKED=0). Both floors
+    // catch a real regression.
+    assert!(same * 100 >= total * 96, "agreement fell to {same}/{total}");
+    assert!(
+        margins.last().is_none_or(|m| *m < 0.35),
+        "a disagreement is not close: {margins:?}"
+    );
 }
 
 /// Gemma 3's SentencePiece vocabulary written as a Hugging Face tokenizer.json (what `lever

@@ -95,6 +95,34 @@ impl GgufFile {
             })
     }
 
+    /// A matrix that [`QWeight::new`](crate::qweight::QWeight) would pack, read into the
+    /// packed layout 16 rows at a time (the GGUF blocks are never all in memory beside it: a
+    /// 262k-row embedding table would double the peak); None for any other tensor.
+    pub(crate) fn packed(&mut self, name: &str) -> Result<Option<crate::kernels::packed::Packed>> {
+        use crate::kernels::packed::Packed;
+        let Some(info) = self.content.tensor_infos.get(name) else {
+            return Ok(None);
+        };
+        let Ok((n, k)) = info.shape.dims2() else {
+            return Ok(None);
+        };
+        if !crate::qweight::QWeight::would_pack(info.ggml_dtype, k) {
+            return Ok(None);
+        }
+        let start = self.content.tensor_data_offset + info.offset;
+        let dtype = info.ggml_dtype;
+        let err = |e: std::io::Error| Error::Tensor {
+            path: self.path.clone(),
+            tensor: name.into(),
+            problem: e.to_string(),
+        };
+        self.reader.seek(SeekFrom::Start(start)).map_err(err)?;
+        let reader = &mut self.reader;
+        Packed::read(dtype, n, k, |rows| reader.read_exact(rows))
+            .map(Some)
+            .map_err(err)
+    }
+
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.content.metadata.get(key)
     }

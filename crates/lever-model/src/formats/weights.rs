@@ -168,6 +168,14 @@ impl GgufWeights<'_> {
 
     fn weight(&mut self, key: &str, want: &[usize]) -> Result<Weight> {
         use candle_core::quantized::GgmlDType as G;
+        if self.device.is_cpu()
+            && let Some(info) = self.file.content().tensor_infos.get(key)
+        {
+            check_shape(self.file.path(), key, info.shape.dims(), want)?;
+            if let Some(p) = self.file.packed(key)? {
+                return Ok(Weight::Quantized(Arc::new(QWeight::from_packed(p))));
+            }
+        }
         let q = self.qtensor(key, want)?;
         Ok(match q.dtype() {
             G::F32 | G::F16 | G::BF16 => Weight::Float(q.dequantize(&self.device)?),

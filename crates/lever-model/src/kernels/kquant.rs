@@ -176,6 +176,11 @@ fn scale_min(j: usize, s: &[u8]) -> (u8, u8) {
     }
 }
 
+/// The eight (scale, min) pairs of a Q4_K/Q5_K block, 6 bits each.
+pub(crate) fn scales_raw(blk: &[u8]) -> [(u8, u8); 8] {
+    std::array::from_fn(|j| scale_min(j, &blk[4..16]))
+}
+
 /// The scales of a block of a supported type.
 pub(crate) fn scales(dtype: GgmlDType, blk: &[u8]) -> Scales {
     let (mut sc, mut mn) = ([0i16; 16], [0i16; 16]);

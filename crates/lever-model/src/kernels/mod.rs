@@ -43,10 +43,11 @@ pub(crate) fn supports(dtype: GgmlDType, k: usize) -> bool {
         || (kquant::supports(dtype) && k.is_multiple_of(kquant::QK_K))
 }
 
-/// Whether a linear layer should multiply by this weight with lever's kernels rather than
-/// candle's: every type [`supports`] takes but Q4_K, whose kernel is correct (tests) but not
-/// yet faster than candle's (0.47–0.50× at 1 and 64 rows, `timing_against_candle`); it stays
-/// on candle's quantized matmul until it is.
+/// Whether a linear layer should multiply by GGUF blocks of this type with lever's kernels
+/// rather than candle's: every type [`supports`] takes but Q4_K, whose lane-order kernel is
+/// correct (tests) but not yet faster than candle's (0.47–0.50× at 1 and 64 rows,
+/// `timing_against_candle`). Q4_K runs on lever's packed kernel where the CPU has AVX-512
+/// VNNI (a packed weight never asks this), on candle's elsewhere.
 pub(crate) fn preferred(dtype: GgmlDType, k: usize) -> bool {
     supports(dtype, k) && dtype != GgmlDType::Q4K
 }

@@ -56,6 +56,8 @@ pub(crate) struct QuantActs {
     pub(crate) qs: Vec<i8>,
     pub(crate) d: Vec<f32>,
     pub(crate) s: Vec<f32>,
+    /// Σq per block, exact (the packed kernels' offsets and Q4_K's mins).
+    pub(crate) sums: Vec<i32>,
     /// Blocks per row.
     pub(crate) nb: usize,
     pub(crate) rows: usize,
@@ -72,25 +74,31 @@ impl QuantActs {
         self.qs.resize(m * k, 0);
         self.d.resize(m * nb, 0.0);
         self.s.resize(m * nb, 0.0);
-        let (qs, d, s) = (
+        self.sums.resize(m * nb, 0);
+        let (qs, d, s, sums) = (
             SyncPtr(self.qs.as_mut_ptr()),
             SyncPtr(self.d.as_mut_ptr()),
             SyncPtr(self.s.as_mut_ptr()),
+            SyncPtr(self.sums.as_mut_ptr()),
         );
         let rows = |range: std::ops::Range<usize>| {
-            let (qs, d, s) = (&qs, &d, &s);
+            let (qs, d, s, sums) = (&qs, &d, &s, &sums);
             for r in range {
                 let xr = &x[r * k..(r + 1) * k];
                 // SAFETY: rows are disjoint, each is written by one call only, and the
                 // buffers were sized above for m rows.
-                let (qr, dr, sr) = unsafe {
+                let (qr, dr, sr, sumr) = unsafe {
                     (
                         std::slice::from_raw_parts_mut(qs.0.add(r * k), k),
                         std::slice::from_raw_parts_mut(d.0.add(r * nb), nb),
                         std::slice::from_raw_parts_mut(s.0.add(r * nb), nb),
+                        std::slice::from_raw_parts_mut(sums.0.add(r * nb), nb),
                     )
                 };
                 quantize_row(isa, xr, qr, dr, sr);
+                for (sum, q) in sumr.iter_mut().zip(qr.chunks_exact(QK)) {
+                    *sum = q.iter().map(|&v| v as i32).sum();
+                }
             }
         };
         if m * k >= 1 << 15 {
@@ -629,6 +637,8 @@ macro_rules! x86_kernels {
                                     let wr = wp.add(r * row_bytes);
                                     if rr == R && tt == T {
                                         $tile::<R, T>(wr, row_bytes, acts, t0, y, n, r);
+                                    } else if rr == R && tt == 1 {
+                                        $tile::<R, 1>(wr, row_bytes, acts, t0, y, n, r);
                                     } else if rr == R {
                                         for t in t0..t0 + tt {
                                             for i in 0..R {
