@@ -141,8 +141,6 @@ impl Model {
             },
             &cfg,
         )?;
-        drop(file);
-        release_freed_memory();
         Ok(Self {
             decoder,
             tokenizer,
@@ -379,20 +377,3 @@ impl TokenizerConfig {
         }
     }
 }
-
-/// Hand the heap's free pages back to the system. Loading frees a great many small blocks
-/// (a GGUF file's metadata holds every vocabulary entry as its own value: 262,144 of them for
-/// Gemma 3) scattered among blocks that stay, so glibc keeps those pages and they count in
-/// the process's memory for its whole life (measured on gemma-3-270m: see the README's
-/// peak-memory row).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn release_freed_memory() {
-    // SAFETY: malloc_trim only returns unused heap pages; it is thread-safe in glibc.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_freed_memory() {}
