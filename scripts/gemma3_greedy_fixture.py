@@ -16,7 +16,6 @@ The llama.cpp tools come from ../shared/tools/llama-cpp-reference.sh. Needs the 
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -24,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from llama_cpp_fixtures import (  # noqa: E402
     N_PREDICT, RAW_PROMPTS, SEED, THREADS, Tools, read_session_tokens, run)
+from gemma3_tokenize_fixture import gemma3_model_and_tools  # noqa: E402
 
 MORE_PROMPTS = [
     ("photosynthesis", "Photosynthesis is the process by which"),
@@ -36,14 +36,7 @@ MORE_PROMPTS = [
 
 
 def main():
-    home = os.environ.get("LEVER_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "lever")
-    model = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
-        home, "models", "gemma3-270m", "gemma-3-270m-q4_k_m.gguf")
-    if not os.path.isfile(model):
-        raise SystemExit(f"model not found: {model} (lever models pull gemma3-270m)")
-    out = subprocess.run([os.path.join(ROOT, "..", "shared", "tools", "llama-cpp-reference.sh")],
-                         check=True, stdout=subprocess.PIPE).stdout.decode().strip().splitlines()
-    bindir = out[-1]
+    model, bindir = gemma3_model_and_tools()
     cases = []
     with tempfile.TemporaryDirectory(prefix="lever-gemma3-greedy-") as tmp:
         tools = Tools(bindir, model, tmp)

@@ -58,7 +58,8 @@ EXTRA_CASES = [
 ]
 
 
-def main():
+def gemma3_model_and_tools():
+    """The gemma3-270m file (argv[1], or the registry's in $LEVER_HOME) and llama.cpp's tools."""
     home = os.environ.get("LEVER_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "lever")
     model = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
         home, "models", "gemma3-270m", "gemma-3-270m-q4_k_m.gguf")
@@ -66,7 +67,11 @@ def main():
         raise SystemExit(f"model not found: {model} (lever models pull gemma3-270m)")
     out = subprocess.run([os.path.join(ROOT, "..", "shared", "tools", "llama-cpp-reference.sh")],
                          check=True, stdout=subprocess.PIPE).stdout.decode().strip().splitlines()
-    bindir = out[-1]
+    return model, out[-1]
+
+
+def main():
+    model, bindir = gemma3_model_and_tools()
     reader = gguf.GGUFReader(model)
     add_bos = bool(field_value(reader, "tokenizer.ggml.add_bos_token"))
     bos = field_value(reader, "tokenizer.ggml.bos_token_id")

@@ -43,10 +43,7 @@ fn tokenizer_matches_llama_tokenize() {
 /// first use, as `lever models pull` does in CI.
 #[test]
 fn gemma3_tokenizer_matches_llama_tokenize() {
-    let home = lever_model::registry::lever_home();
-    let source =
-        lever_model::model::resolve(lever_model::registry::GEMMA3_270M, &home, &mut |_| {})
-            .expect("provision gemma3-270m (`lever models pull gemma3-270m`)");
+    let source = gemma3_source();
     let tokenizer = lever_model::model::load_tokenizer(&source).expect("read the vocabulary");
     let fx = fixture("llama-cpp/gemma3-tokenize.json");
     assert_eq!(fx["add_space_prefix"], false);
@@ -278,10 +275,7 @@ const GEMMA3_PPL_CTX1024_2CHUNKS: f64 = 50.2302;
 /// lever's) against llama.cpp on the same file: perplexity within 1%.
 #[test]
 fn gemma3_perplexity_within_one_percent_of_llama_perplexity() {
-    let home = lever_model::registry::lever_home();
-    let source =
-        lever_model::model::resolve(lever_model::registry::GEMMA3_270M, &home, &mut |_| {})
-            .expect("provision gemma3-270m (`lever models pull gemma3-270m`)");
+    let source = gemma3_source();
     let model = lever_model::Model::load(&source, &candle_core::Device::Cpu).expect("load");
     let text = std::fs::read_to_string(shared_data("tinyshakespeare/input.txt")).expect("data");
     let tokens = model.tokenizer.encode(&text, true).expect("encode");
@@ -303,10 +297,7 @@ fn gemma3_perplexity_within_one_percent_of_llama_perplexity() {
 /// are where not. Fixture: scripts/gemma3_greedy_fixture.py (12 raw prompts × 32 tokens).
 #[test]
 fn gemma3_teacher_forced_agreement_with_llama_completion() {
-    let home = lever_model::registry::lever_home();
-    let source =
-        lever_model::model::resolve(lever_model::registry::GEMMA3_270M, &home, &mut |_| {})
-            .expect("provision gemma3-270m (`lever models pull gemma3-270m`)");
+    let source = gemma3_source();
     let model = lever_model::Model::load(&source, &candle_core::Device::Cpu).expect("load");
     let fx = fixture("llama-cpp/gemma3-greedy.json");
     let cases = fx["cases"].as_array().expect("cases");
@@ -356,10 +347,7 @@ fn gemma3_teacher_forced_agreement_with_llama_completion() {
 /// equal llama-tokenize's (BOS included), and decoding gives the text back.
 #[test]
 fn gemma3_tokenizer_json_encodes_as_llama_tokenize() {
-    let home = lever_model::registry::lever_home();
-    let source =
-        lever_model::model::resolve(lever_model::registry::GEMMA3_270M, &home, &mut |_| {})
-            .expect("provision gemma3-270m (`lever models pull gemma3-270m`)");
+    let source = gemma3_source();
     let tokenizer = lever_model::model::load_tokenizer(&source).expect("read the vocabulary");
     let json = tokenizer.to_hf_json().expect("write tokenizer.json");
     let hf: tokenizers::Tokenizer = json.parse().expect("tokenizers reads it");
@@ -387,4 +375,11 @@ fn gemma3_tokenizer_json_encodes_as_llama_tokenize() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// The registry's gemma3-270m, provisioned.
+fn gemma3_source() -> lever_model::model::ModelSource {
+    let home = lever_model::registry::lever_home();
+    lever_model::model::resolve(lever_model::registry::GEMMA3_270M, &home, &mut |_| {})
+        .expect("provision gemma3-270m (`lever models pull gemma3-270m`)")
 }
