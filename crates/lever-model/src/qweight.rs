@@ -1,10 +1,11 @@
 //! A frozen block-quantized weight, held once: as candle's `QTensor` in GGUF blocks (computed by
 //! `kernels/quant_matmul.rs` in llama.cpp's lane order for Q4_1/Q5_0/Q8_0, by `kernels/kquant.rs` for
-//! Q4_K/Q5_K/Q6_K), or, where packing is on, the CPU has AVX-512 VNNI and the type is Q4_1, Q5_0, Q8_0
-//! or Q4_K,
+//! Q4_K/Q5_K/Q6_K), or, where packing is on, the CPU has AVX-512 VNNI and the type is Q4_1, Q5_0, Q8_0,
+//! Q4_K or Q6_K,
 //! in the interleaved layout of `kernels/packed.rs` (batched steps nearly free; float rounding differs
-//! from llama.cpp's lane order). Q8_0, Q5_0 and Q4_K are packed by default (llama.cpp repacks Q8_0
-//! and Q4_K by default too, its CPU backend's `q8_0_4x8` and `q4_K_8x8` buffers); Q4_1, the default model's type, keeps
+//! from llama.cpp's lane order). Q8_0, Q5_0, Q4_K and Q6_K are packed by default (llama.cpp repacks
+//! Q8_0, Q4_K and Q6_K by default too, its CPU backend's `q8_0_4x8`, `q4_K_8x8` and `q6_K_8x8`
+//! buffers); Q4_1, the default model's type, keeps
 //! llama.cpp's lane order (llama.cpp does not repack it, and the teacher-forced agreement with
 //! it drops from 368 to 365 of 380 steps packed) except in `lever serve` and the batched commands;
 //! `LEVER_PACKED=1|0` decides for any command. The GGUF blocks are not kept beside the packed copy (a 7B Q4 model would need twice
@@ -34,7 +35,7 @@ enum Repr {
 static PACK: AtomicBool = AtomicBool::new(false);
 
 /// Whether Q4_1 weights loaded from now on are packed too (when the CPU runs the packed
-/// kernels; Q5_0, Q8_0 and Q4_K are packed whatever this says); `LEVER_PACKED=1|0` overrides
+/// kernels; Q5_0, Q8_0, Q4_K and Q6_K are packed whatever this says); `LEVER_PACKED=1|0` overrides
 /// both.
 pub fn set_packing(on: bool) {
     PACK.store(on, Ordering::Relaxed);
@@ -45,8 +46,10 @@ fn packing(dtype: GgmlDType) -> bool {
         Ok("1") => true,
         Ok("0") => false,
         _ => {
-            matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q5_0 | GgmlDType::Q4K)
-                || PACK.load(Ordering::Relaxed)
+            matches!(
+                dtype,
+                GgmlDType::Q8_0 | GgmlDType::Q5_0 | GgmlDType::Q4K | GgmlDType::Q6K
+            ) || PACK.load(Ordering::Relaxed)
         }
     }
 }

@@ -8,6 +8,7 @@
 #![allow(unsafe_code)]
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::pool::{LARGE_M, SyncPtr, parallel};
 use super::{Isa, isa};
@@ -48,13 +49,14 @@ pub(crate) fn attention(
     assert_eq!(q.len(), t * dims.heads * dims.head_dim);
     assert_eq!(k.len(), (past + t) * dims.kv_heads * dims.head_dim);
     assert_eq!(v.len(), k.len());
-    let f16_mode = t < ATTN_TILE_Q;
+    if t >= ATTN_TILE_Q {
+        return attention_f32(q, k, v, t, past, dims, scale, window);
+    }
     let work = t * (past + t) * dims.heads * dims.head_dim;
     attend_items(
         q,
         t,
         dims,
-        f16_mode,
         work,
         t >= LARGE_M,
         |i| {
@@ -81,19 +83,17 @@ pub(crate) fn attention_rows(
     let row = dims.kv_heads * dims.head_dim;
     let work = kv.iter().map(|(k, _)| k.len()).sum::<usize>() * (dims.heads / dims.kv_heads);
     let cache = |r: usize| (kv[r].0, kv[r].1, kv[r].0.len() / row);
-    attend_items(q, kv.len(), dims, true, work, false, cache, scale)
+    attend_items(q, kv.len(), dims, work, false, cache, scale)
 }
 
 /// Attention of `n` query positions (H heads each) over the keys and values `cache(i)` =
-/// (keys, values, how many of them position i sees), spread over the threads. In f16 mode
-/// an item is one position × one key/value head with the H/K query heads that read it; in
-/// f32 mode one position × one query head.
-#[allow(clippy::too_many_arguments)]
+/// (keys, values, how many of them position i sees), spread over the threads, in llama.cpp's
+/// one-query f16 arithmetic: an item is one position × one key/value head with the H/K query
+/// heads that read it.
 fn attend_items<'a>(
     q: &[f32],
     n: usize,
     dims: AttnDims,
-    f16_mode: bool,
     work: usize,
     large: bool,
     cache: impl Fn(usize) -> (&'a [f16], &'a [f16], usize) + Sync,
@@ -106,43 +106,244 @@ fn attend_items<'a>(
     } = dims;
     assert!(d <= MAX_HEAD_DIM && heads % kv_heads == 0);
     let isa = isa();
-    let per_kv = heads / kv_heads;
-    let group = if f16_mode { per_kv } else { 1 };
+    let group = heads / kv_heads;
     let mut out = vec![0f32; n * heads * d];
     let ptr = SyncPtr(out.as_mut_ptr());
     let run = |range: std::ops::Range<usize>| {
         let ptr = &ptr;
         let mut scratch = Vec::new();
         for item in range {
-            let (i, h0) = (item / (heads / group), (item % (heads / group)) * group);
+            let (i, kh) = (item / kv_heads, item % kv_heads);
             let (k, v, len) = cache(i);
             let kv = KvView {
                 k,
                 v,
                 stride: kv_heads * d,
-                offset: (h0 / per_kv) * d,
+                offset: kh * d,
                 len,
             };
-            let at = (i * heads + h0) * d;
+            let at = (i * heads + kh * group) * d;
             let qs = &q[at..at + group * d];
             // SAFETY: at + group·D ≤ n·H·D = out.len(), and item (position i, heads
-            // h0..h0+group), run once, is the only one that writes out[at..at + group·D].
+            // kh·group..(kh+1)·group), run once, is the only one that writes out[at..at + group·D].
             let o = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(at), group * d) };
-            if f16_mode {
-                attend_f16_heads(isa, qs, group, &kv, scale, &mut scratch, o);
-            } else {
-                scratch.resize(len, 0.0);
-                attend_f32(isa, qs, &kv, scale, &mut scratch, o);
-            }
+            attend_f16_heads(isa, qs, group, &kv, scale, &mut scratch, o);
         }
     };
-    let items = n * heads / group;
+    let items = n * kv_heads;
     if work >= 1 << 16 {
         parallel(items, large, run);
     } else {
         run(0..items);
     }
     out
+}
+
+/// The f32 arithmetic of many queries (a prompt: T ≥ `ATTN_TILE_Q`), as llama.cpp's tiled
+/// path: each item is one query head × a block of `ATTN_TILE_Q` positions, whose scores are
+/// one matrix product (block × the keys its last position sees, in f32), then a softmax per
+/// row over the keys that row sees (causal, and the window), then a second product with the
+/// values and each row's 1/Σ. One query at a time read every key and value once per query
+/// (a fifth of a 1-thread prompt's time on SmolLM2); a block reads them once per 64.
+#[allow(clippy::too_many_arguments)]
+fn attention_f32(
+    q: &[f32],
+    k: &[f16],
+    v: &[f16],
+    t: usize,
+    past: usize,
+    dims: AttnDims,
+    scale: f32,
+    window: Option<usize>,
+) -> Vec<f32> {
+    let AttnDims {
+        heads, head_dim: d, ..
+    } = dims;
+    assert!(d <= MAX_HEAD_DIM && heads % dims.kv_heads == 0);
+    let isa = isa();
+    // Keys and values in f32 once (SIMD conversion), for every block and head to read.
+    let widen = |x: &[f16]| {
+        let mut w = vec![0f32; x.len()];
+        x.convert_to_f32_slice(&mut w);
+        w
+    };
+    let (kf, vf) = (widen(k), widen(v));
+    let blocks = t.div_ceil(ATTN_TILE_Q);
+    let mut out = vec![0f32; t * heads * d];
+    let ptr = SyncPtr(out.as_mut_ptr());
+    let run = |range: std::ops::Range<usize>| {
+        let ptr = &ptr;
+        let mut scratch = BlockScratch::default();
+        for item in range {
+            // Head-major: a thread's contiguous items cover every block of its heads, so the
+            // causal triangle's cost splits evenly.
+            let (h, i0) = (item / blocks, item % blocks * ATTN_TILE_Q);
+            let rows = (t - i0).min(ATTN_TILE_Q);
+            let o = attend_f32_block(
+                isa,
+                q,
+                &kf,
+                &vf,
+                t,
+                past,
+                dims,
+                scale,
+                window,
+                h,
+                i0,
+                rows,
+                &mut scratch,
+            );
+            for (r, row) in o.chunks_exact(d).enumerate() {
+                let at = ((i0 + r) * heads + h) * d;
+                // SAFETY: at + D ≤ t·H·D = out.len(); (position i0 + r, head h) belongs to
+                // this item alone, run once.
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(at), d) };
+                dst.copy_from_slice(row);
+            }
+        }
+    };
+    let items = heads * blocks;
+    if t * (past + t) * heads * d >= 1 << 16 {
+        parallel(items, t >= LARGE_M, run);
+    } else {
+        run(0..items);
+    }
+    out
+}
+
+/// One thread's buffers for `attend_f32_block`.
+#[derive(Default)]
+struct BlockScratch {
+    scores: Vec<f32>,
+    out: Vec<f32>,
+}
+
+/// Positions i0..i0+rows of query head h (q: (T, H, D); k, v: (past+T, K, D), widened to f32)
+/// in f32: returns their outputs, rows × D, in `s.out`.
+#[allow(clippy::too_many_arguments)]
+fn attend_f32_block<'s>(
+    isa: Isa,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t: usize,
+    past: usize,
+    dims: AttnDims,
+    scale: f32,
+    window: Option<usize>,
+    h: usize,
+    i0: usize,
+    rows: usize,
+    s: &'s mut BlockScratch,
+) -> &'s [f32] {
+    let AttnDims {
+        heads,
+        kv_heads,
+        head_dim: d,
+    } = dims;
+    let kh = h / (heads / kv_heads);
+    // Keys seen by row r: [first(r), past + i0 + r + 1); the block reads from the first row's
+    // first to the last row's end.
+    let first = |r: usize| window.map_or(0, |w| (past + i0 + r + 1).saturating_sub(w));
+    let (lo, hi) = (first(0), past + i0 + rows);
+    let len = hi - lo;
+    assert!(i0 + rows <= t && h < heads && q.len() == t * heads * d);
+    assert!(k.len() >= (past + t) * kv_heads * d && v.len() == k.len());
+    let row = kv_heads * d;
+    s.scores.resize(rows * len, 0.0);
+    s.out.resize(rows * d, 0.0);
+    let qd = heads * d;
+    // Key/value head kh's rows lo..hi: `row` apart, from kh·D on.
+    let (keys, values) = (
+        k[lo * row + kh * d..].as_ptr(),
+        v[lo * row + kh * d..].as_ptr(),
+    );
+    // SAFETY: the scores (rows × len) and the output (rows × D) are this call's own buffers,
+    // sized above; the query rows i0..i0+rows of head h lie inside q (asserted: the last
+    // reads (i0+rows−1)·H·D + h·D + D ≤ T·H·D values); the keys and values read are rows
+    // lo..hi ≤ past + T of the (past+T, K, D) caches (asserted), columns kh·D..kh·D+D.
+    // gemm: dst[i·rs + j·cs] = α·dst + β·Σ_l lhs[i·rs + l·cs]·rhs[l·rs + j·cs].
+    unsafe {
+        // scores (rows, len) = scale · q_block (rows, D) · keysᵀ (D, len)
+        gemm::gemm(
+            rows,
+            len,
+            d,
+            s.scores.as_mut_ptr(),
+            1,
+            len as isize,
+            false,
+            q.as_ptr().add((i0 * heads + h) * d),
+            1,
+            qd as isize,
+            keys,
+            row as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    let mut inv = [0f32; ATTN_TILE_Q];
+    for (r, sc) in s.scores.chunks_exact_mut(len).enumerate() {
+        let (a, b) = (first(r) - lo, past + i0 + r + 1 - lo);
+        sc[..a].fill(0.0);
+        sc[b..].fill(0.0);
+        inv[r] = 1.0 / exp_shifted_sum(isa, &mut sc[a..b]);
+    }
+    // SAFETY: as above; the weights are rows × len, the values len × D.
+    unsafe {
+        // out (rows, D) = weights (rows, len) · values (len, D)
+        gemm::gemm(
+            rows,
+            d,
+            len,
+            s.out.as_mut_ptr(),
+            1,
+            d as isize,
+            false,
+            s.scores.as_ptr(),
+            1,
+            len as isize,
+            values,
+            1,
+            row as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    for (o, inv) in s.out.chunks_exact_mut(d).zip(inv) {
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
+    &s.out
+}
+
+/// Each score s replaced by e^(s − max), returning their sum (at least 1: the maximum's own).
+fn exp_shifted_sum(isa: Isa, scores: &mut [f32]) -> f32 {
+    let m = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut j = 0;
+    let mut sum = 0f32;
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        assert!(isa.runs_here());
+        // SAFETY: the CPU has AVX2, FMA and F16C (asserted); `exp8_in_place` reads and writes
+        // whole groups of 8 inside the slice.
+        (j, sum) = unsafe { attn_avx2::exp8_in_place(scores, m) };
+    }
+    let _ = isa;
+    for s in &mut scores[j..] {
+        *s = (*s - m).exp();
+        sum += *s;
+    }
+    sum
 }
 
 /// One key/value head's rows 0..len inside the (P, K, D) cache.
@@ -256,43 +457,6 @@ fn attend_f16(isa: Isa, q: &[f32], kv: &KvView, scale: f32, out: &mut [f32]) {
     for (o, a) in out.iter_mut().zip(&acc) {
         *o = a * inv;
     }
-}
-
-/// Softmax attention in f32: scores, their maximum, exponentials, weighted sum of values.
-fn attend_f32(isa: Isa, q: &[f32], kv: &KvView, scale: f32, scores: &mut [f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 && q.len().is_multiple_of(8) {
-        assert!(isa.runs_here() && q.len() <= MAX_HEAD_DIM && out.len() >= q.len());
-        assert!(kv.holds(q.len()) && scores.len() == kv.len);
-        // SAFETY: the CPU has AVX2, FMA and F16C, and the sizes are as the contract asks
-        // (asserted above).
-        unsafe { attn_avx2::attend_f32(q, kv, scale, scores, out) };
-        return;
-    }
-    let _ = isa;
-    let d = q.len();
-    for (j, s) in scores.iter_mut().enumerate() {
-        *s = q
-            .iter()
-            .zip(&kv.key(j)[..d])
-            .map(|(a, b)| a * b.to_f32())
-            .sum::<f32>()
-            * scale;
-    }
-    let m = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - m).exp();
-        sum += *s;
-    }
-    out.iter_mut().for_each(|o| *o = 0.0);
-    for (j, &e) in scores.iter().enumerate() {
-        for (o, &x) in out.iter_mut().zip(&kv.value(j)[..d]) {
-            *o += e * x.to_f32();
-        }
-    }
-    let inv = 1.0 / sum;
-    out.iter_mut().for_each(|o| *o *= inv);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -423,60 +587,27 @@ mod attn_avx2 {
         }
     }
 
-    /// `super::attend_f32` in AVX2 (the exponentials by `exp8`).
+    /// e^(s − m) for each score in whole groups of 8 from the start, by `exp8`: (how many
+    /// were done, their sum).
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C; D = q.len() is a multiple of 8 and at most
-    /// `MAX_HEAD_DIM`; out.len() ≥ D; `kv.holds(D)`.
-    /// And scores.len() = kv.len.
+    /// The CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn attend_f32(
-        q: &[f32],
-        kv: &KvView,
-        scale: f32,
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
-        // SAFETY: score j < n = kv.len reads key j (D values, `kv.holds(D)`); loads of scores
-        // stop at j + 8 ≤ n; the accumulators cover D / 8 ≤ MAX_HEAD_DIM / 8 registers; out
-        // holds D floats.
-        unsafe {
-            let d = q.len();
-            let n = scores.len();
-            let mut m = f32::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate() {
-                *s = dot(q.as_ptr(), kv.key(j).as_ptr(), d) * scale;
-                m = m.max(*s);
-            }
-            let mv = _mm256_set1_ps(m);
-            let mut sumv = _mm256_setzero_ps();
-            let mut j = 0;
-            while j + 8 <= n {
+    pub(super) unsafe fn exp8_in_place(scores: &mut [f32], m: f32) -> (usize, f32) {
+        let mv = _mm256_set1_ps(m);
+        let mut sumv = _mm256_setzero_ps();
+        let mut j = 0;
+        while j + 8 <= scores.len() {
+            // SAFETY: j + 8 ≤ len: the 8 floats read and written lie in the slice.
+            unsafe {
                 let p = scores.as_mut_ptr().add(j);
                 let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), mv));
                 _mm256_storeu_ps(p, e);
                 sumv = _mm256_add_ps(sumv, e);
-                j += 8;
             }
-            let mut sum = hsum(sumv);
-            for s in &mut scores[j..] {
-                *s = (*s - m).exp();
-                sum += *s;
-            }
-            let mut acc = [_mm256_setzero_ps(); MAX_HEAD_DIM / 8];
-            let chunks = d / 8;
-            for (j, &e) in scores.iter().enumerate() {
-                let ev = _mm256_set1_ps(e);
-                let val = kv.value(j).as_ptr();
-                for (c, a) in acc[..chunks].iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(load_f16(val.add(c * 8)), ev, *a);
-                }
-            }
-            let inv = _mm256_set1_ps(1.0 / sum);
-            for (c, a) in acc[..chunks].iter().enumerate() {
-                _mm256_storeu_ps(out.as_mut_ptr().add(c * 8), _mm256_mul_ps(*a, inv));
-            }
+            j += 8;
         }
+        (j, hsum(sumv))
     }
 }
 
@@ -688,7 +819,12 @@ mod tests {
             head_dim: 64,
         };
         let d = dims.head_dim;
-        for (t, past, tol) in [(1, 40, 2e-2), (5, 3, 2e-2), (ATTN_TILE_Q + 3, 9, 1e-5)] {
+        for (t, past, tol) in [
+            (1, 40, 2e-2),
+            (5, 3, 2e-2),
+            (ATTN_TILE_Q + 3, 9, 1e-5),
+            (2 * ATTN_TILE_Q + 21, 0, 1e-5),
+        ] {
             let n = past + t;
             let q = random(t * dims.heads * d, 1);
             let half = |x: Vec<f32>| x.into_iter().map(f16::from_f32).collect::<Vec<_>>();
@@ -700,8 +836,22 @@ mod tests {
             let (kf, vf) = (wide(&k), wide(&v));
             for isa in Isa::available() {
                 let mut got = vec![0f32; t * dims.heads * d];
-                for i in 0..t {
-                    for h in 0..dims.heads {
+                let scale = 1.0 / (d as f32).sqrt();
+                for h in 0..dims.heads {
+                    if t >= ATTN_TILE_Q {
+                        let mut s = BlockScratch::default();
+                        for i0 in (0..t).step_by(ATTN_TILE_Q) {
+                            let rows = (t - i0).min(ATTN_TILE_Q);
+                            let o = attend_f32_block(
+                                isa, &q, &kf, &vf, t, past, dims, scale, None, h, i0, rows, &mut s,
+                            );
+                            for (r, o) in o.chunks_exact(d).enumerate() {
+                                got[((i0 + r) * dims.heads + h) * d..][..d].copy_from_slice(o);
+                            }
+                        }
+                        continue;
+                    }
+                    for i in 0..t {
                         let kh = h / (dims.heads / dims.kv_heads);
                         let kv = KvView {
                             k: &k,
@@ -712,12 +862,7 @@ mod tests {
                         };
                         let qi = &q[(i * dims.heads + h) * d..][..d];
                         let o = &mut got[(i * dims.heads + h) * d..][..d];
-                        if t < ATTN_TILE_Q {
-                            attend_f16(isa, qi, &kv, 1.0 / (d as f32).sqrt(), o);
-                        } else {
-                            let mut scores = vec![0f32; past + i + 1];
-                            attend_f32(isa, qi, &kv, 1.0 / (d as f32).sqrt(), &mut scores, o);
-                        }
+                        attend_f16(isa, qi, &kv, scale, o);
                     }
                 }
                 let mut worst = 0f64;
@@ -732,10 +877,19 @@ mod tests {
                 }
                 assert!(worst < tol, "{isa:?} t={t} past={past}: {worst}");
             }
-            assert_eq!(
-                attention(&q, &k, &v, t, past, dims, 1.0 / (d as f32).sqrt(), None).len(),
-                q.len()
-            );
+            // The threaded entry point gives what the per-block calls give.
+            let all = attention(&q, &k, &v, t, past, dims, 1.0 / (d as f32).sqrt(), None);
+            let mut worst = 0f64;
+            for i in 0..t {
+                for h in 0..dims.heads {
+                    let want = reference_attention(&q, &kf, &vf, past, dims, i, h);
+                    let have = &all[(i * dims.heads + h) * d..][..d];
+                    for (a, b) in want.iter().zip(have) {
+                        worst = worst.max((a - *b as f64).abs());
+                    }
+                }
+            }
+            assert!(worst < tol, "attention t={t} past={past}: {worst}");
         }
     }
 
@@ -751,7 +905,12 @@ mod tests {
         };
         let d = dims.head_dim;
         let w = 7;
-        for (t, past, tol) in [(1, 30, 2e-2), (5, 12, 2e-2), (ATTN_TILE_Q + 2, 3, 1e-5)] {
+        for (t, past, tol) in [
+            (1, 30, 2e-2),
+            (5, 12, 2e-2),
+            (ATTN_TILE_Q + 2, 3, 1e-5),
+            (2 * ATTN_TILE_Q + 5, 40, 1e-5),
+        ] {
             let n = past + t;
             let q = random(t * dims.heads * d, 11);
             let half = |x: Vec<f32>| x.into_iter().map(f16::from_f32).collect::<Vec<_>>();

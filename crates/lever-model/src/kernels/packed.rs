@@ -8,14 +8,15 @@
 //! almost 8 single steps). Here a 16-row × T-token tile costs 8 `vpdpbusd` + 4 float
 //! instructions per block and token (64 multiply-adds per instruction), so extra tokens are
 //! nearly free and a step reads the weights once. The same idea as llama.cpp's repacked
-//! `block_q4_0x8` GEMV/GEMM kernels (`ggml-cpu/repack.cpp`), written here for Q4_1, Q5_0 and
-//! Q8_0. Every layout is the size of the GGUF blocks it replaces, and a matrix can be packed
+//! `block_q4_0x8` GEMV/GEMM kernels (`ggml-cpu/repack.cpp`), written here for Q4_1, Q5_0, Q8_0,
+//! Q4_K and Q6_K. Every layout is the size of the GGUF blocks it replaces, and a matrix can be packed
 //! 16 rows at a time as it is read (`Packed::read`), so loading never holds two copies.
 //!
 //! Arithmetic, per output (row r, token t), in block order b (q_w the signed value: Q5_0's q5 − 16):
 //!   acc = fma(d_w[r,b]·d_x[t,b], Σ q_w·q_x, acc);  Q4_1 also: mins = fma(m_w[r,b], s_x[t,b], mins)
 //!   (s_x the f16-rounded d_x·Σq_x of Q8_1, as llama.cpp's Q4_1); Q4_K also:
-//!   mins = fma(−m1[r,b], d_x[t,b]·Σq_x, mins) (exact in f32)
+//!   mins = fma(−m1[r,b], d_x[t,b]·Σq_x, mins) (exact in f32); Q6_K, whose scales cover 16
+//!   values: Σ q_w·q_x = sc_lo·Σ_{0..16} + sc_hi·Σ_{16..32} in integers, d_w = d
 //!   y = acc + mins
 //! Every token count uses exactly this formula (a batched decoding step gives each sequence the
 //! bits it gets alone), and `reference` computes it in scalar code for the tests. It differs from
@@ -34,6 +35,12 @@
 //!        after the eight, d and dmin (16 × f16 each). A 32-value block is then Q4_1 with
 //!        d_w = d·sc and m_w = −dmin·mn, both exact in f32 (17 significant bits at most), so
 //!        it takes Q4_1's arithmetic; llama.cpp repacks Q4_K by default too (`q4_K_8x8`).
+//!   Q6_K (super-blocks of 256 values: 8 × 416 + 32 bytes = 16 × 210, the GGUF size): each 32
+//!        values as Q4_1's nibbles (low 4 bits), then 8 × 64 bits of bit 4 and 8 × 64 bits of
+//!        bit 5 (added as 16 and 32 with masked `vpaddb`, as Q5_0's fifth bit), then the signed
+//!        scales of values 0..16 and 16..32 (16 × i8 each); after the eight, d (16 × f16).
+//!        Values are q6 = 0..63, standing for q6 − 32: each half's sum starts from −32·Σq_x
+//!        over its 16 activations (`QuantActs::half_sums`). llama.cpp repacks Q6_K too.
 //!   Q8_0 (544 bytes = 16 × 34, the GGUF blocks' size): 8 × 64 bytes — register c, lane j holds
 //!        row j's values 4c..4c+3 as unsigned q+128 — then d (16 × f16). The weights are
 //!        `vpdpbusd`'s unsigned operand and the activations its signed one, so each block's sum
@@ -48,7 +55,7 @@ use std::cell::RefCell;
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use super::kquant::{self, Q4_K_BYTES, QK_K};
+use super::kquant::{self, Q4_K_BYTES, Q6_K_BYTES, QK_K};
 use super::pool::{LARGE_M, SyncPtr, parallel};
 use super::quant_matmul::{Q4_1_BYTES, Q5_0_BYTES, Q8_0_BYTES, QK, QuantActs};
 use super::{Isa, isa};
@@ -62,6 +69,24 @@ const Q5_0_GROUP_BLOCK: usize = GROUP * 22;
 /// Q4_K: one 32-value block of a group (nibbles, sc, mn) and one super-block of a group.
 const Q4_K_GROUP_SUB: usize = GROUP * 18;
 const Q4_K_GROUP_SUPER: usize = 8 * Q4_K_GROUP_SUB + GROUP * 4;
+/// Q6_K: one 32-value block of a group (nibbles, two bit masks, two scales) and one
+/// super-block of a group.
+const Q6_K_GROUP_SUB: usize = GROUP * 26;
+const Q6_K_GROUP_SUPER: usize = 8 * Q6_K_GROUP_SUB + GROUP * 2;
+
+/// Whether `dtype` is laid out by 256-value super-block (the K-quants packed here).
+fn k_quant(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K)
+}
+
+/// A K-quant's GGUF super-block bytes and packed (block, super-block) bytes of a group.
+fn k_sizes(dtype: GgmlDType) -> (usize, usize, usize) {
+    if dtype == GgmlDType::Q6K {
+        (Q6_K_BYTES, Q6_K_GROUP_SUB, Q6_K_GROUP_SUPER)
+    } else {
+        (Q4_K_BYTES, Q4_K_GROUP_SUB, Q4_K_GROUP_SUPER)
+    }
+}
 
 /// GGUF block bytes and packed group-block bytes of a type these kernels take (32-value
 /// blocks; Q4_K, whose GGUF blocks hold 256 values, is laid out by super-block instead).
@@ -76,26 +101,27 @@ fn sizes(dtype: GgmlDType) -> Option<(usize, usize)> {
 
 /// GGUF bytes of a row of k values.
 fn gguf_row_bytes(dtype: GgmlDType, k: usize) -> usize {
-    match dtype {
-        GgmlDType::Q4K => k / QK_K * Q4_K_BYTES,
-        _ => k / QK * sizes(dtype).expect("a packable type").0,
+    if k_quant(dtype) {
+        return k / QK_K * k_sizes(dtype).0;
     }
+    k / QK * sizes(dtype).expect("a packable type").0
 }
 
 /// Bytes of one group (16 rows) of nb blocks.
 fn group_bytes(dtype: GgmlDType, nb: usize) -> usize {
-    match dtype {
-        GgmlDType::Q4K => nb / 8 * Q4_K_GROUP_SUPER,
-        _ => nb * sizes(dtype).expect("a packable type").1,
+    if k_quant(dtype) {
+        return nb / 8 * k_sizes(dtype).2;
     }
+    nb * sizes(dtype).expect("a packable type").1
 }
 
 /// Offset of block b inside a group.
 fn block_offset(dtype: GgmlDType, b: usize) -> usize {
-    match dtype {
-        GgmlDType::Q4K => b / 8 * Q4_K_GROUP_SUPER + b % 8 * Q4_K_GROUP_SUB,
-        _ => b * sizes(dtype).expect("a packable type").1,
+    if k_quant(dtype) {
+        let (_, sub, sup) = k_sizes(dtype);
+        return b / 8 * sup + b % 8 * sub;
     }
+    b * sizes(dtype).expect("a packable type").1
 }
 
 /// The value e (0..32) of a Q4_1 or Q5_0 block's 16 nibble bytes: low nibbles first.
@@ -122,9 +148,10 @@ impl Packed {
     /// blocks, a CPU with AVX-512 VNNI and `LEVER_ISA` not asking for a lower instruction set.
     pub(crate) fn packable(dtype: GgmlDType, k: usize) -> bool {
         isa() == Isa::Avx512Vnni
-            && match dtype {
-                GgmlDType::Q4K => k.is_multiple_of(QK_K),
-                _ => k.is_multiple_of(QK) && sizes(dtype).is_some(),
+            && if k_quant(dtype) {
+                k.is_multiple_of(QK_K)
+            } else {
+                k.is_multiple_of(QK) && sizes(dtype).is_some()
             }
     }
 
@@ -155,7 +182,7 @@ impl Packed {
         k: usize,
         mut fill: impl FnMut(&mut [u8]) -> std::io::Result<()>,
     ) -> std::io::Result<Packed> {
-        let unit = if dtype == GgmlDType::Q4K { QK_K } else { QK };
+        let unit = if k_quant(dtype) { QK_K } else { QK };
         assert!(
             k.is_multiple_of(unit),
             "packed: {k} columns are not whole blocks"
@@ -171,13 +198,15 @@ impl Packed {
             let rows = &mut rows[..count * row_bytes];
             fill(rows)?;
             for (j, row) in rows.chunks_exact(row_bytes).enumerate() {
-                if dtype == GgmlDType::Q4K {
-                    for (sb, src) in row.chunks_exact(Q4_K_BYTES).enumerate() {
-                        pack_q4k(
-                            src,
-                            j,
-                            &mut dst[sb * Q4_K_GROUP_SUPER..][..Q4_K_GROUP_SUPER],
-                        );
+                if k_quant(dtype) {
+                    let (bytes, _, sup) = k_sizes(dtype);
+                    for (sb, src) in row.chunks_exact(bytes).enumerate() {
+                        let dst = &mut dst[sb * sup..][..sup];
+                        if dtype == GgmlDType::Q6K {
+                            pack_q6k(src, j, dst);
+                        } else {
+                            pack_q4k(src, j, dst);
+                        }
                     }
                     continue;
                 }
@@ -199,7 +228,8 @@ impl Packed {
         group_bytes(self.dtype, self.nb)
     }
 
-    /// Row r's block b: its 32 values as signed integers, d_w and m_w (see the layouts).
+    /// Row r's block b: its 32 values as signed integers, d_w and m_w (see the layouts; not
+    /// Q6_K, whose halves have scales of their own: `q6k_block_values`).
     fn block_values(&self, r: usize, b: usize) -> ([i32; QK], f32, f32) {
         let (g, j) = (r / GROUP, r % GROUP);
         let group = &self.data[g * self.group_bytes()..][..self.group_bytes()];
@@ -215,6 +245,16 @@ impl Packed {
             half_at(sup, 32 + 2 * j).to_f32(),
         );
         (v, d * sc as f32, -(dmin * mn as f32))
+    }
+
+    /// Row r's Q6_K block b: its 32 values (−32..31), d, and the scales of its two halves.
+    fn q6k_block_values(&self, r: usize, b: usize) -> ([i32; QK], f32, [i8; 2]) {
+        let (g, j) = (r / GROUP, r % GROUP);
+        let group = &self.data[g * self.group_bytes()..][..self.group_bytes()];
+        let (mut v, sc) = unpack_q6k_block(&group[block_offset(self.dtype, b)..], j);
+        v.iter_mut().for_each(|v| *v -= 32);
+        let sup = &group[b / 8 * Q6_K_GROUP_SUPER + 8 * Q6_K_GROUP_SUB..];
+        (v, half_at(sup, 2 * j).to_f32(), sc)
     }
 
     /// y (m × n, row-major) = x (m × k) · Wᵀ; activations quantized as `kernels::matmul` does.
@@ -244,6 +284,7 @@ impl Packed {
         let xs: &[u8] =
             unsafe { std::slice::from_raw_parts(acts.qs.as_ptr() as *const u8, acts.qs.len()) };
         assert!(acts.sums.len() >= acts.rows * self.nb);
+        assert!(acts.half_sums.len() >= acts.rows * self.nb);
         let groups = self.n.div_ceil(GROUP);
         let out = SyncPtr(y.as_mut_ptr());
         let run = |range: std::ops::Range<usize>| {
@@ -299,6 +340,23 @@ impl Packed {
                             acc = (d1 * xd).mul_add(dot as f32, acc);
                             let sum: i32 = x.iter().map(|&q| q as i32).sum();
                             mins = (-m1).mul_add(xd * sum as f32, mins);
+                        }
+                        GgmlDType::Q6K => {
+                            let src = &w[(r * nb / 8 + b / 8) * Q6_K_BYTES..][..Q6_K_BYTES];
+                            let mut q = [0u8; QK_K];
+                            kquant::decode(GgmlDType::Q6K, src, &mut q);
+                            let v = &q[32 * (b % 8)..][..QK];
+                            // Each half: Σ q6·x − 32·Σx, times its scale, in integers.
+                            let dot: i32 = (0..2)
+                                .map(|h| {
+                                    let sc = src[192 + 2 * (b % 8) + h] as i8 as i32;
+                                    let e = 16 * h..16 * h + 16;
+                                    let half: i32 =
+                                        e.map(|e| (v[e] as i32 - 32) * x[e] as i32).sum();
+                                    sc * half
+                                })
+                                .sum();
+                            acc = (half_at(src, 208).to_f32() * xd).mul_add(dot as f32, acc);
                         }
                         GgmlDType::Q5_0 => {
                             // ggml's `block_q5_0`: d, the fifth bits qh, 16 nibble bytes.
@@ -436,12 +494,64 @@ fn unpack_q4k_block(blk: &[u8], j: usize) -> ([i32; QK], u8, u8) {
     (v, blk[256 + j], blk[272 + j])
 }
 
+/// Row j's Q6_K super-block `src` (ggml's `block_q6_K`: ql, qh, 16 scales, d) into its lanes
+/// of a group's super-block: per 32 values the nibbles as Q4_1's, then mask c of bit 4 and
+/// mask c of bit 5 (bit 4j+i: row j's value 4c+i), then the scales of values 0..16 and
+/// 16..32 (16 × i8 each); after the eight, d (16 × f16).
+fn pack_q6k(src: &[u8], j: usize, dst: &mut [u8]) {
+    let mut q = [0u8; QK_K];
+    kquant::decode(GgmlDType::Q6K, src, &mut q);
+    for (i, sub) in dst[..8 * Q6_K_GROUP_SUB]
+        .chunks_exact_mut(Q6_K_GROUP_SUB)
+        .enumerate()
+    {
+        let v = &q[32 * i..32 * i + 32];
+        for p in 0..4 {
+            for t in 0..4 {
+                sub[p * 64 + j * 4 + t] = (v[8 * p + t] & 0x0F) | ((v[8 * p + 4 + t] & 0x0F) << 4);
+            }
+        }
+        for (plane, bit) in [(256, 4), (320, 5)] {
+            for c in 0..8 {
+                let bits = (0..4).fold(0u8, |m, t| m | (((v[4 * c + t] >> bit) & 1) << t));
+                sub[plane + 8 * c + j / 2] |= bits << (4 * (j % 2));
+            }
+        }
+        sub[384 + j] = src[192 + 2 * i];
+        sub[400 + j] = src[192 + 2 * i + 1];
+    }
+    let tail = 8 * Q6_K_GROUP_SUB;
+    dst[tail + 2 * j..][..2].copy_from_slice(&src[208..210]);
+}
+
+/// Row j's 32 values (0..63) of a Q6_K group block and the scales of its two halves.
+fn unpack_q6k_block(blk: &[u8], j: usize) -> ([i32; QK], [i8; 2]) {
+    let (mut v, _, _) = unpack_q4k_block(blk, j);
+    for (plane, add) in [(256, 16), (320, 32)] {
+        for c in 0..8 {
+            let bits = (blk[plane + 8 * c + j / 2] >> (4 * (j % 2))) & 0xF;
+            for t in 0..4 {
+                v[4 * c + t] += ((bits >> t) & 1) as i32 * add;
+            }
+        }
+    }
+    (v, [blk[384 + j] as i8, blk[400 + j] as i8])
+}
+
 impl Packed {
     /// Row r's values in f32, as candle dequantizes GGUF blocks (Q4_1: q·d + m; Q8_0: q·d).
     pub(crate) fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         assert!(r < self.n && out.len() == self.nb * QK, "packed row {r}");
         for b in 0..self.nb {
             let o = &mut out[b * QK..(b + 1) * QK];
+            if self.dtype == GgmlDType::Q6K {
+                // candle's `d * sc * (q − 32)`, left to right.
+                let (v, d, sc) = self.q6k_block_values(r, b);
+                for (e, (o, v)) in o.iter_mut().zip(v).enumerate() {
+                    *o = d * sc[e / 16] as f32 * v as f32;
+                }
+                continue;
+            }
             let (v, d, m) = self.block_values(r, b);
             for (o, v) in o.iter_mut().zip(v) {
                 *o = match self.dtype {
@@ -474,6 +584,9 @@ impl Packed {
     pub(crate) fn unpack(&self) -> Vec<u8> {
         if self.dtype == GgmlDType::Q4K {
             return self.unpack_q4k();
+        }
+        if self.dtype == GgmlDType::Q6K {
+            return self.unpack_q6k();
         }
         let (bytes, blk) = sizes(self.dtype).expect("a packable type");
         let gb = self.group_bytes();
@@ -552,6 +665,43 @@ impl Packed {
         w
     }
 
+    /// Q6_K's GGUF super-blocks again (ql, qh, scales, d: the inverse of `kquant::decode`).
+    fn unpack_q6k(&self) -> Vec<u8> {
+        let (gb, supers) = (self.group_bytes(), self.nb / 8);
+        let mut w = vec![0u8; self.n * supers * Q6_K_BYTES];
+        for r in 0..self.n {
+            let (g, j) = (r / GROUP, r % GROUP);
+            let group = &self.data[g * gb..][..gb];
+            for sb in 0..supers {
+                let dst = &mut w[(r * supers + sb) * Q6_K_BYTES..][..Q6_K_BYTES];
+                let sup = &group[sb * Q6_K_GROUP_SUPER..][..Q6_K_GROUP_SUPER];
+                let mut q = [0u8; QK_K];
+                for i in 0..8 {
+                    let (vals, sc) = unpack_q6k_block(&sup[i * Q6_K_GROUP_SUB..], j);
+                    for (o, x) in q[32 * i..32 * i + 32].iter_mut().zip(vals) {
+                        *o = x as u8;
+                    }
+                    dst[192 + 2 * i] = sc[0] as u8;
+                    dst[192 + 2 * i + 1] = sc[1] as u8;
+                }
+                for n in 0..2 {
+                    for l in 0..32 {
+                        let v = |o: usize| q[128 * n + o + l];
+                        dst[64 * n + l] = (v(0) & 0x0F) | ((v(64) & 0x0F) << 4);
+                        dst[64 * n + 32 + l] = (v(32) & 0x0F) | ((v(96) & 0x0F) << 4);
+                        dst[128 + 32 * n + l] = (v(0) >> 4)
+                            | ((v(32) >> 4) << 2)
+                            | ((v(64) >> 4) << 4)
+                            | ((v(96) >> 4) << 6);
+                    }
+                }
+                let tail = 8 * Q6_K_GROUP_SUB;
+                dst[208..210].copy_from_slice(&sup[tail + 2 * j..][..2]);
+            }
+        }
+        w
+    }
+
     pub(crate) fn dtype(&self) -> GgmlDType {
         self.dtype
     }
@@ -619,6 +769,7 @@ mod vnni {
         let q4 = p.dtype == GgmlDType::Q4_1;
         let q5 = p.dtype == GgmlDType::Q5_0;
         let q4k = p.dtype == GgmlDType::Q4K;
+        let q6k = p.dtype == GgmlDType::Q6K;
         // Hoisted out of the block loop (a per-block lookup cost 8% of a Q8_0 prompt).
         let group_block = super::sizes(p.dtype).map_or(0, |s| s.1);
         // SAFETY: group g < ⌈n / 16⌉ starts inside `p.data` (groups × group_bytes bytes).
@@ -635,12 +786,15 @@ mod vnni {
                 let mut w = [_mm512_setzero_si512(); 8];
                 let d;
                 let mut mw = _mm512_setzero_ps();
+                let (mut sc_lo, mut sc_hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
                 let blk = if q4k {
                     base.add(b / 8 * super::Q4_K_GROUP_SUPER + b % 8 * super::Q4_K_GROUP_SUB)
+                } else if q6k {
+                    base.add(b / 8 * super::Q6_K_GROUP_SUPER + b % 8 * super::Q6_K_GROUP_SUB)
                 } else {
                     base.add(b * group_block)
                 };
-                if q4 || q5 || q4k {
+                if q4 || q5 || q4k || q6k {
                     let mask = _mm512_set1_epi8(0x0F);
                     for i in 0..4 {
                         let z = _mm512_loadu_si512(blk.add(64 * i) as *const _);
@@ -664,6 +818,24 @@ mod vnni {
                         };
                         d = _mm512_mul_ps(dd, byte_lanes(256));
                         mw = _mm512_mul_ps(dm, byte_lanes(272));
+                    } else if q6k {
+                        // Bits 4 and 5: 16 and 32 added to the bytes masks c name; the
+                        // halves' signed scales as 32-bit lanes; d per row.
+                        for (plane, add) in [(256, 16), (320, 32)] {
+                            let masks = blk.add(plane) as *const u64;
+                            let add = _mm512_set1_epi8(add);
+                            for (c, wc) in w.iter_mut().enumerate() {
+                                let k = _cvtu64_mask64(masks.add(c).read_unaligned());
+                                *wc = _mm512_mask_add_epi8(*wc, k, *wc, add);
+                            }
+                        }
+                        let scales = |at: usize| {
+                            _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(at) as *const __m128i))
+                        };
+                        (sc_lo, sc_hi) = (scales(384), scales(400));
+                        let sup =
+                            base.add(b / 8 * super::Q6_K_GROUP_SUPER + 8 * super::Q6_K_GROUP_SUB);
+                        d = _mm512_cvtph_ps(_mm256_loadu_si256(sup as *const __m256i));
                     } else {
                         // The fifth bits: 16 added to the bytes mask c names.
                         let sixteen = _mm512_set1_epi8(16);
@@ -684,19 +856,37 @@ mod vnni {
                     let xi = (t0 + t) * nb + b;
                     let xa = x.add(xi * QK) as *const i32;
                     let at = |c: usize| _mm512_set1_epi32(xa.add(c).read_unaligned());
-                    // Two chains for latency; integer sums are exact in any order. Weights are
-                    // unsigned (Q4_1 0..15, Q5_0 q5 = q+16, Q8_0 q+128), activations signed.
-                    let start = match (q4 || q4k, q5) {
-                        (true, _) => _mm512_setzero_si512(),
-                        (false, true) => _mm512_set1_epi32(-16 * *acts.sums.get_unchecked(xi)),
-                        (false, false) => _mm512_set1_epi32(-128 * *acts.sums.get_unchecked(xi)),
+                    // Two chains for latency, values 0..16 and 16..32 (integer sums are exact in
+                    // any order; Q6_K scales the halves apart). Weights are unsigned (Q4_1 0..15,
+                    // Q5_0 q5 = q+16, Q6_K q6 = q+32, Q8_0 q+128), activations signed.
+                    let sum = *acts.sums.get_unchecked(xi);
+                    let (mut s0, mut s1) = if q6k {
+                        let lo = *acts.half_sums.get_unchecked(xi);
+                        (
+                            _mm512_set1_epi32(-32 * lo),
+                            _mm512_set1_epi32(-32 * (sum - lo)),
+                        )
+                    } else {
+                        let start = match (q4 || q4k, q5) {
+                            (true, _) => _mm512_setzero_si512(),
+                            (false, true) => _mm512_set1_epi32(-16 * sum),
+                            (false, false) => _mm512_set1_epi32(-128 * sum),
+                        };
+                        (start, _mm512_setzero_si512())
                     };
-                    let (mut s0, mut s1) = (start, _mm512_setzero_si512());
-                    for c in (0..8).step_by(2) {
+                    for c in 0..4 {
                         s0 = _mm512_dpbusd_epi32(s0, w[c], at(c));
-                        s1 = _mm512_dpbusd_epi32(s1, w[c + 1], at(c + 1));
+                        s1 = _mm512_dpbusd_epi32(s1, w[c + 4], at(c + 4));
                     }
-                    let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                    let dot = if q6k {
+                        _mm512_add_epi32(
+                            _mm512_mullo_epi32(s0, sc_lo),
+                            _mm512_mullo_epi32(s1, sc_hi),
+                        )
+                    } else {
+                        _mm512_add_epi32(s0, s1)
+                    };
+                    let dot = _mm512_cvtepi32_ps(dot);
                     let scale = _mm512_mul_ps(d, _mm512_set1_ps(*acts.d.get_unchecked(xi)));
                     acc[t] = _mm512_fmadd_ps(scale, dot, acc[t]);
                     if q4 {
@@ -762,8 +952,9 @@ mod tests {
             GgmlDType::Q5_0,
             GgmlDType::Q8_0,
             GgmlDType::Q4K,
+            GgmlDType::Q6K,
         ] {
-            let shapes: &[(usize, usize, usize)] = if dtype == GgmlDType::Q4K {
+            let shapes: &[(usize, usize, usize)] = if k_quant(dtype) {
                 &[(1, 256, 40), (5, 512, 37), (9, 256, 17), (3, 1024, 16)]
             } else {
                 &[
@@ -819,8 +1010,9 @@ mod tests {
             GgmlDType::Q5_0,
             GgmlDType::Q8_0,
             GgmlDType::Q4K,
+            GgmlDType::Q6K,
         ] {
-            let (n, k) = (37, if dtype == GgmlDType::Q4K { 512 } else { 96 });
+            let (n, k) = (37, if k_quant(dtype) { 512 } else { 96 });
             let wt = Tensor::from_vec(random(n * k, 5), (n, k), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&wt, dtype).unwrap();
             let bytes = q.data().unwrap().to_vec();

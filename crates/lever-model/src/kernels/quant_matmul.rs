@@ -58,6 +58,8 @@ pub(crate) struct QuantActs {
     pub(crate) s: Vec<f32>,
     /// Σq per block, exact (the packed kernels' offsets and Q4_K's mins).
     pub(crate) sums: Vec<i32>,
+    /// Σq over each block's first 16 values (packed Q6_K's offsets: its scales cover 16).
+    pub(crate) half_sums: Vec<i32>,
     /// Blocks per row.
     pub(crate) nb: usize,
     pub(crate) rows: usize,
@@ -75,29 +77,34 @@ impl QuantActs {
         self.d.resize(m * nb, 0.0);
         self.s.resize(m * nb, 0.0);
         self.sums.resize(m * nb, 0);
-        let (qs, d, s, sums) = (
+        self.half_sums.resize(m * nb, 0);
+        let (qs, d, s, sums, halves) = (
             SyncPtr(self.qs.as_mut_ptr()),
             SyncPtr(self.d.as_mut_ptr()),
             SyncPtr(self.s.as_mut_ptr()),
             SyncPtr(self.sums.as_mut_ptr()),
+            SyncPtr(self.half_sums.as_mut_ptr()),
         );
         let rows = |range: std::ops::Range<usize>| {
-            let (qs, d, s, sums) = (&qs, &d, &s, &sums);
+            let (qs, d, s, sums, halves) = (&qs, &d, &s, &sums, &halves);
             for r in range {
                 let xr = &x[r * k..(r + 1) * k];
                 // SAFETY: rows are disjoint, each is written by one call only, and the
                 // buffers were sized above for m rows.
-                let (qr, dr, sr, sumr) = unsafe {
+                let (qr, dr, sr, sumr, halfr) = unsafe {
                     (
                         std::slice::from_raw_parts_mut(qs.0.add(r * k), k),
                         std::slice::from_raw_parts_mut(d.0.add(r * nb), nb),
                         std::slice::from_raw_parts_mut(s.0.add(r * nb), nb),
                         std::slice::from_raw_parts_mut(sums.0.add(r * nb), nb),
+                        std::slice::from_raw_parts_mut(halves.0.add(r * nb), nb),
                     )
                 };
                 quantize_row(isa, xr, qr, dr, sr);
-                for (sum, q) in sumr.iter_mut().zip(qr.chunks_exact(QK)) {
-                    *sum = q.iter().map(|&v| v as i32).sum();
+                for ((sum, half), q) in sumr.iter_mut().zip(halfr).zip(qr.chunks_exact(QK)) {
+                    let (lo, hi) = q.split_at(QK / 2);
+                    *half = lo.iter().map(|&v| v as i32).sum();
+                    *sum = *half + hi.iter().map(|&v| v as i32).sum::<i32>();
                 }
             }
         };
