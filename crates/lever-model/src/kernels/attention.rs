@@ -50,7 +50,7 @@ pub(crate) fn attention(
     assert_eq!(k.len(), (past + t) * dims.kv_heads * dims.head_dim);
     assert_eq!(v.len(), k.len());
     if t >= ATTN_TILE_Q {
-        return attention_f32(q, k, v, t, past, dims, scale, window);
+        return attention_f32(isa(), q, k, v, t, past, dims, scale, window);
     }
     let work = t * (past + t) * dims.heads * dims.head_dim;
     attend_items(
@@ -141,12 +141,21 @@ fn attend_items<'a>(
 
 /// The f32 arithmetic of many queries (a prompt: T ≥ `ATTN_TILE_Q`), as llama.cpp's tiled
 /// path: each item is one query head × a block of `ATTN_TILE_Q` positions, whose scores are
-/// one matrix product (block × the keys its last position sees, in f32), then a softmax per
-/// row over the keys that row sees (causal, and the window), then a second product with the
-/// values and each row's 1/Σ. One query at a time read every key and value once per query
-/// (a fifth of a 1-thread prompt's time on SmolLM2); a block reads them once per 64.
+/// computed as one tile (block × the keys its last position sees, in f32), then a softmax per
+/// row over the keys that row sees (causal, and the window), then the weighted sum of the
+/// values as a second tile and each row's 1/Σ. One query at a time read every key and value
+/// once per query (a fifth of a 1-thread prompt's time on SmolLM2); a block reads them once
+/// per 64.
+///
+/// Each output's bits depend on its own query and keys only, never on the block around it:
+/// every score is one fma chain over the head's dimensions in order, every output value one
+/// fma chain over the keys in order (a key outside the row's range weighs +0 and leaves the
+/// chain's bits as they are). So a prompt computed in chunks (the server's chunked prefill,
+/// its prompt cache) gets the bits it gets at once, as the one-query path gave; a blocked
+/// matrix product (gemm) sums in an order that depends on the shapes, and did not.
 #[allow(clippy::too_many_arguments)]
 fn attention_f32(
+    isa: Isa,
     q: &[f32],
     k: &[f16],
     v: &[f16],
@@ -157,17 +166,25 @@ fn attention_f32(
     window: Option<usize>,
 ) -> Vec<f32> {
     let AttnDims {
-        heads, head_dim: d, ..
+        heads,
+        kv_heads,
+        head_dim: d,
     } = dims;
-    assert!(d <= MAX_HEAD_DIM && heads % dims.kv_heads == 0);
-    let isa = isa();
-    // Keys and values in f32 once (SIMD conversion), for every block and head to read.
-    let widen = |x: &[f16]| {
-        let mut w = vec![0f32; x.len()];
-        x.convert_to_f32_slice(&mut w);
-        w
-    };
-    let (kf, vf) = (widen(k), widen(v));
+    assert!(d <= MAX_HEAD_DIM && heads % kv_heads == 0);
+    let n = past + t;
+    assert!(q.len() == t * heads * d && k.len() == n * kv_heads * d && v.len() == k.len());
+    // Values in f32 once (SIMD conversion); keys in f32 and transposed per key/value head,
+    // (K, D, n), so that one register holds one dimension of 16 keys.
+    let mut vf = vec![0f32; v.len()];
+    v.convert_to_f32_slice(&mut vf);
+    let mut kt = vec![0f32; k.len()];
+    let mut row = vec![0f32; kv_heads * d];
+    for j in 0..n {
+        k[j * kv_heads * d..][..kv_heads * d].convert_to_f32_slice(&mut row);
+        for (c, x) in row.iter().enumerate() {
+            kt[c * n + j] = *x;
+        }
+    }
     let blocks = t.div_ceil(ATTN_TILE_Q);
     let mut out = vec![0f32; t * heads * d];
     let ptr = SyncPtr(out.as_mut_ptr());
@@ -179,21 +196,14 @@ fn attention_f32(
             // causal triangle's cost splits evenly.
             let (h, i0) = (item / blocks, item % blocks * ATTN_TILE_Q);
             let rows = (t - i0).min(ATTN_TILE_Q);
-            let o = attend_f32_block(
-                isa,
-                q,
-                &kf,
-                &vf,
-                t,
-                past,
-                dims,
-                scale,
-                window,
+            let at = Block {
                 h,
                 i0,
                 rows,
-                &mut scratch,
-            );
+                t,
+                past,
+            };
+            let o = attend_f32_block(isa, q, &kt, &vf, dims, scale, window, at, &mut scratch);
             for (r, row) in o.chunks_exact(d).enumerate() {
                 let at = ((i0 + r) * heads + h) * d;
                 // SAFETY: at + D ≤ t·H·D = out.len(); (position i0 + r, head h) belongs to
@@ -204,12 +214,22 @@ fn attention_f32(
         }
     };
     let items = heads * blocks;
-    if t * (past + t) * heads * d >= 1 << 16 {
+    if t * n * heads * d >= 1 << 16 {
         parallel(items, t >= LARGE_M, run);
     } else {
         run(0..items);
     }
     out
+}
+
+/// Query head h's positions i0..i0+rows of T new ones after `past` cached.
+#[derive(Clone, Copy)]
+struct Block {
+    h: usize,
+    i0: usize,
+    rows: usize,
+    t: usize,
+    past: usize,
 }
 
 /// One thread's buffers for `attend_f32_block`.
@@ -219,22 +239,18 @@ struct BlockScratch {
     out: Vec<f32>,
 }
 
-/// Positions i0..i0+rows of query head h (q: (T, H, D); k, v: (past+T, K, D), widened to f32)
-/// in f32: returns their outputs, rows × D, in `s.out`.
+/// The outputs (rows × D, in `s.out`) of one block: q (T, H, D); kt the keys in f32,
+/// (K, D, past+T); v the values in f32, (past+T, K, D).
 #[allow(clippy::too_many_arguments)]
 fn attend_f32_block<'s>(
     isa: Isa,
     q: &[f32],
-    k: &[f32],
+    kt: &[f32],
     v: &[f32],
-    t: usize,
-    past: usize,
     dims: AttnDims,
     scale: f32,
     window: Option<usize>,
-    h: usize,
-    i0: usize,
-    rows: usize,
+    at: Block,
     s: &'s mut BlockScratch,
 ) -> &'s [f32] {
     let AttnDims {
@@ -242,52 +258,36 @@ fn attend_f32_block<'s>(
         kv_heads,
         head_dim: d,
     } = dims;
+    let Block {
+        h,
+        i0,
+        rows,
+        t,
+        past,
+    } = at;
+    let n = past + t;
     let kh = h / (heads / kv_heads);
     // Keys seen by row r: [first(r), past + i0 + r + 1); the block reads from the first row's
     // first to the last row's end.
     let first = |r: usize| window.map_or(0, |w| (past + i0 + r + 1).saturating_sub(w));
     let (lo, hi) = (first(0), past + i0 + rows);
     let len = hi - lo;
-    assert!(i0 + rows <= t && h < heads && q.len() == t * heads * d);
-    assert!(k.len() >= (past + t) * kv_heads * d && v.len() == k.len());
-    let row = kv_heads * d;
+    assert!(rows <= ATTN_TILE_Q && i0 + rows <= t && h < heads && q.len() == t * heads * d);
+    assert!(kt.len() == n * kv_heads * d && v.len() == kt.len());
     s.scores.resize(rows * len, 0.0);
     s.out.resize(rows * d, 0.0);
-    let qd = heads * d;
-    // Key/value head kh's rows lo..hi: `row` apart, from kh·D on.
-    let (keys, values) = (
-        k[lo * row + kh * d..].as_ptr(),
-        v[lo * row + kh * d..].as_ptr(),
-    );
-    // SAFETY: the scores (rows × len) and the output (rows × D) are this call's own buffers,
-    // sized above; the query rows i0..i0+rows of head h lie inside q (asserted: the last
-    // reads (i0+rows−1)·H·D + h·D + D ≤ T·H·D values); the keys and values read are rows
-    // lo..hi ≤ past + T of the (past+T, K, D) caches (asserted), columns kh·D..kh·D+D.
-    // gemm: dst[i·rs + j·cs] = α·dst + β·Σ_l lhs[i·rs + l·cs]·rhs[l·rs + j·cs].
-    unsafe {
-        // scores (rows, len) = scale · q_block (rows, D) · keysᵀ (D, len)
-        gemm::gemm(
-            rows,
-            len,
-            d,
-            s.scores.as_mut_ptr(),
-            1,
-            len as isize,
-            false,
-            q.as_ptr().add((i0 * heads + h) * d),
-            1,
-            qd as isize,
-            keys,
-            row as isize,
-            1,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    let tile = Tile {
+        q: &q[(i0 * heads + h) * d..],
+        q_stride: heads * d,
+        keys: &kt[kh * d * n + lo..],
+        key_stride: n,
+        values: &v[lo * kv_heads * d + kh * d..],
+        value_stride: kv_heads * d,
+        rows,
+        len,
+        d,
+    };
+    tile.scores(isa, scale, &mut s.scores);
     let mut inv = [0f32; ATTN_TILE_Q];
     for (r, sc) in s.scores.chunks_exact_mut(len).enumerate() {
         let (a, b) = (first(r) - lo, past + i0 + r + 1 - lo);
@@ -295,35 +295,117 @@ fn attend_f32_block<'s>(
         sc[b..].fill(0.0);
         inv[r] = 1.0 / exp_shifted_sum(isa, &mut sc[a..b]);
     }
-    // SAFETY: as above; the weights are rows × len, the values len × D.
-    unsafe {
-        // out (rows, D) = weights (rows, len) · values (len, D)
-        gemm::gemm(
-            rows,
-            d,
-            len,
-            s.out.as_mut_ptr(),
-            1,
-            d as isize,
-            false,
-            s.scores.as_ptr(),
-            1,
-            len as isize,
-            values,
-            1,
-            row as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    tile.weighted_values(isa, &s.scores, &mut s.out);
     for (o, inv) in s.out.chunks_exact_mut(d).zip(inv) {
         o.iter_mut().for_each(|x| *x *= inv);
     }
     &s.out
+}
+
+/// A block's operands: `rows` queries (`q_stride` apart, D each), `len` keys as D rows of
+/// `key_stride` (keys[c·key_stride + j]: dimension c of key j) and `len` values
+/// (`value_stride` apart, D each).
+struct Tile<'a> {
+    q: &'a [f32],
+    q_stride: usize,
+    keys: &'a [f32],
+    key_stride: usize,
+    values: &'a [f32],
+    value_stride: usize,
+    rows: usize,
+    len: usize,
+    d: usize,
+}
+
+impl Tile<'_> {
+    /// Whether every index the kernels read is inside the slices.
+    fn in_bounds(&self) -> bool {
+        let (r, l, d) = (self.rows, self.len, self.d);
+        r > 0
+            && l > 0
+            && (r - 1) * self.q_stride + d <= self.q.len()
+            && (d - 1) * self.key_stride + l <= self.keys.len()
+            && (l - 1) * self.value_stride + d <= self.values.len()
+    }
+
+    /// scores[r·len + j] = scale · (fma chain over c = 0..D of q_r[c]·key_j[c], from 0).
+    fn scores(&self, isa: Isa, scale: f32, scores: &mut [f32]) {
+        assert!(self.in_bounds() && scores.len() == self.rows * self.len);
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx512Vnni {
+            assert!(isa.runs_here());
+            // SAFETY: the CPU has AVX-512 F (VNNI implies it); the reads are in bounds
+            // (asserted: `in_bounds`) and `scores` holds rows × len.
+            unsafe { attn_avx512::tile_scores(self, scale, scores) };
+            return;
+        }
+        #[inline(always)]
+        fn body(t: &Tile, scale: f32, scores: &mut [f32]) {
+            for (r, out) in scores.chunks_exact_mut(t.len).enumerate() {
+                let qr = &t.q[r * t.q_stride..][..t.d];
+                out.fill(0.0);
+                for (c, &x) in qr.iter().enumerate() {
+                    let keys = &t.keys[c * t.key_stride..][..t.len];
+                    for (o, &k) in out.iter_mut().zip(keys) {
+                        *o = x.mul_add(k, *o);
+                    }
+                }
+                out.iter_mut().for_each(|o| *o *= scale);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx2 {
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2(t: &Tile, scale: f32, scores: &mut [f32]) {
+                body(t, scale, scores)
+            }
+            assert!(isa.runs_here());
+            // SAFETY: the CPU has AVX2 and FMA (asserted); `avx2` is safe code compiled for them
+            // (the same fused multiply-adds as libm's fmaf, in hardware).
+            unsafe { avx2(self, scale, scores) };
+            return;
+        }
+        let _ = isa;
+        body(self, scale, scores);
+    }
+
+    /// out[r·D + c] = fma chain over j = 0..len of w[r·len + j]·value_j[c], from 0.
+    fn weighted_values(&self, isa: Isa, w: &[f32], out: &mut [f32]) {
+        assert!(self.in_bounds() && w.len() == self.rows * self.len);
+        assert!(out.len() == self.rows * self.d);
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx512Vnni && self.d.is_multiple_of(16) {
+            assert!(isa.runs_here());
+            // SAFETY: as for `scores`; D is a multiple of 16 and `out` holds rows × D.
+            unsafe { attn_avx512::tile_values(self, w, out) };
+            return;
+        }
+        #[inline(always)]
+        fn body(t: &Tile, w: &[f32], out: &mut [f32]) {
+            for (r, o) in out.chunks_exact_mut(t.d).enumerate() {
+                o.fill(0.0);
+                for (j, &p) in w[r * t.len..][..t.len].iter().enumerate() {
+                    let val = &t.values[j * t.value_stride..][..t.d];
+                    for (o, &x) in o.iter_mut().zip(val) {
+                        *o = p.mul_add(x, *o);
+                    }
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx2 {
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2(t: &Tile, w: &[f32], out: &mut [f32]) {
+                body(t, w, out)
+            }
+            assert!(isa.runs_here());
+            // SAFETY: as in `scores`.
+            unsafe { avx2(self, w, out) };
+            return;
+        }
+        let _ = isa;
+        body(self, w, out);
+    }
 }
 
 /// Each score s replaced by e^(s − max), returning their sum (at least 1: the maximum's own).
@@ -614,7 +696,7 @@ mod attn_avx2 {
 #[cfg(target_arch = "x86_64")]
 mod attn_avx512 {
     use super::attn_avx2::{dot, round_f16};
-    use super::{KvView, MAX_HEAD_DIM, online_softmax_step};
+    use super::{KvView, MAX_HEAD_DIM, Tile, online_softmax_step};
     use std::arch::x86_64::*;
 
     /// Query heads whose accumulators are interleaved (4 × 4 registers of 16 lanes).
@@ -759,6 +841,142 @@ mod attn_avx512 {
             }
         }
     }
+
+    /// `Tile::scores` with AVX-512: 4 queries × 64 keys at a time, each score one fma chain
+    /// over the dimensions in order (as the scalar code).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; `tile.in_bounds()`; scores holds rows × len.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_scores(tile: &Tile, scale: f32, scores: &mut [f32]) {
+        let mut r0 = 0;
+        while r0 < tile.rows {
+            let take = (tile.rows - r0).min(4);
+            // SAFETY: rows r0..r0+take < rows; the contract gives the rest.
+            unsafe {
+                match take {
+                    4 => scores_rows::<4>(tile, r0, scale, scores),
+                    3 => scores_rows::<3>(tile, r0, scale, scores),
+                    2 => scores_rows::<2>(tile, r0, scale, scores),
+                    _ => scores_rows::<1>(tile, r0, scale, scores),
+                }
+            }
+            r0 += take;
+        }
+    }
+
+    /// Lanes below `n` (of 16).
+    #[inline]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 { 0xFFFF } else { (1u16 << n) - 1 }
+    }
+
+    /// Rows r0..r0+R of `tile_scores`.
+    ///
+    /// # Safety
+    /// As `tile_scores`, with r0 + R ≤ rows.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores_rows<const R: usize>(tile: &Tile, r0: usize, scale: f32, scores: &mut [f32]) {
+        let (len, d) = (tile.len, tile.d);
+        let sv = _mm512_set1_ps(scale);
+        let mut j0 = 0;
+        // SAFETY: loads of keys c·key_stride + j0 + 16i + lane, lanes masked below len; query
+        // values (r0+r)·q_stride + c < rows·q_stride, c < D; stores masked the same way into
+        // row r0 + r of scores (all inside by `in_bounds` and the sizes asserted by the caller).
+        unsafe {
+            while j0 < len {
+                let m: [__mmask16; 4] =
+                    std::array::from_fn(|i| lanes(len.saturating_sub(j0 + 16 * i)));
+                let mut acc = [[_mm512_setzero_ps(); 4]; R];
+                for c in 0..d {
+                    let kp = tile.keys.as_ptr().add(c * tile.key_stride + j0);
+                    let kv: [__m512; 4] =
+                        std::array::from_fn(|i| _mm512_maskz_loadu_ps(m[i], kp.add(16 * i)));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let x = _mm512_set1_ps(*tile.q.get_unchecked((r0 + r) * tile.q_stride + c));
+                        for i in 0..4 {
+                            acc[i] = _mm512_fmadd_ps(x, kv[i], acc[i]);
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    let o = scores.as_mut_ptr().add((r0 + r) * len + j0);
+                    for i in 0..4 {
+                        _mm512_mask_storeu_ps(o.add(16 * i), m[i], _mm512_mul_ps(acc[i], sv));
+                    }
+                }
+                j0 += 64;
+            }
+        }
+    }
+
+    /// `Tile::weighted_values` with AVX-512: 4 rows × 64 dimensions at a time, each output one
+    /// fma chain over the keys in order (as the scalar code).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; `tile.in_bounds()`; D is a multiple of 16; w holds rows × len
+    /// and out rows × D.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_values(tile: &Tile, w: &[f32], out: &mut [f32]) {
+        let mut r0 = 0;
+        while r0 < tile.rows {
+            let take = (tile.rows - r0).min(4);
+            // SAFETY: rows r0..r0+take < rows; the contract gives the rest.
+            unsafe {
+                match take {
+                    4 => values_rows::<4>(tile, r0, w, out),
+                    3 => values_rows::<3>(tile, r0, w, out),
+                    2 => values_rows::<2>(tile, r0, w, out),
+                    _ => values_rows::<1>(tile, r0, w, out),
+                }
+            }
+            r0 += take;
+        }
+    }
+
+    /// Rows r0..r0+R of `tile_values`.
+    ///
+    /// # Safety
+    /// As `tile_values`, with r0 + R ≤ rows.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn values_rows<const R: usize>(tile: &Tile, r0: usize, w: &[f32], out: &mut [f32]) {
+        let (len, d) = (tile.len, tile.d);
+        let mut c0 = 0;
+        // SAFETY: value loads at j·value_stride + c0 + 16i + 16 ≤ (len−1)·value_stride + D
+        // (c0 + 16·regs ≤ D, D a multiple of 16); weights (r0+r)·len + j < rows·len; stores
+        // into row r0 + r of out, columns below D.
+        unsafe {
+            while c0 < d {
+                let regs = ((d - c0) / 16).min(4);
+                let mut acc = [[_mm512_setzero_ps(); 4]; R];
+                for j in 0..len {
+                    let vp = tile.values.as_ptr().add(j * tile.value_stride + c0);
+                    let vv: [__m512; 4] = std::array::from_fn(|i| {
+                        if i < regs {
+                            _mm512_loadu_ps(vp.add(16 * i))
+                        } else {
+                            _mm512_setzero_ps()
+                        }
+                    });
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let p = _mm512_set1_ps(*w.get_unchecked((r0 + r) * len + j));
+                        for i in 0..regs {
+                            acc[i] = _mm512_fmadd_ps(p, vv[i], acc[i]);
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    let o = out.as_mut_ptr().add((r0 + r) * d + c0);
+                    for (i, a) in acc.iter().enumerate().take(regs) {
+                        _mm512_storeu_ps(o.add(16 * i), *a);
+                    }
+                }
+                c0 += 16 * regs;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -835,22 +1053,12 @@ mod tests {
             let wide = |x: &[f16]| x.iter().map(|v| v.to_f32()).collect::<Vec<_>>();
             let (kf, vf) = (wide(&k), wide(&v));
             for isa in Isa::available() {
-                let mut got = vec![0f32; t * dims.heads * d];
                 let scale = 1.0 / (d as f32).sqrt();
-                for h in 0..dims.heads {
-                    if t >= ATTN_TILE_Q {
-                        let mut s = BlockScratch::default();
-                        for i0 in (0..t).step_by(ATTN_TILE_Q) {
-                            let rows = (t - i0).min(ATTN_TILE_Q);
-                            let o = attend_f32_block(
-                                isa, &q, &kf, &vf, t, past, dims, scale, None, h, i0, rows, &mut s,
-                            );
-                            for (r, o) in o.chunks_exact(d).enumerate() {
-                                got[((i0 + r) * dims.heads + h) * d..][..d].copy_from_slice(o);
-                            }
-                        }
-                        continue;
-                    }
+                let mut got = vec![0f32; t * dims.heads * d];
+                if t >= ATTN_TILE_Q {
+                    got = attention_f32(isa, &q, &k, &v, t, past, dims, scale, None);
+                }
+                for h in (0..dims.heads).filter(|_| t < ATTN_TILE_Q) {
                     for i in 0..t {
                         let kh = h / (dims.heads / dims.kv_heads);
                         let kv = KvView {
@@ -957,6 +1165,61 @@ mod tests {
                 moved > 1e-2,
                 "t={t} past={past}: the window changed nothing"
             );
+        }
+    }
+
+    /// A prompt computed in chunks gets the bits it gets at once (the server's chunked prefill
+    /// and prompt cache rely on it): every instruction set, causal and windowed, chunks that
+    /// cut blocks of 64 anywhere.
+    #[test]
+    fn prompt_attention_is_the_same_in_chunks() {
+        let half = |x: Vec<f32>| x.into_iter().map(f16::from_f32).collect::<Vec<_>>();
+        for (dims, window) in [
+            (
+                AttnDims {
+                    heads: 6,
+                    kv_heads: 2,
+                    head_dim: 64,
+                },
+                None,
+            ),
+            (
+                AttnDims {
+                    heads: 2,
+                    kv_heads: 1,
+                    head_dim: 256,
+                },
+                Some(37),
+            ),
+        ] {
+            let (t, cut) = (150, 70);
+            let d = dims.head_dim;
+            let q = random(t * dims.heads * d, 21);
+            let k = half(random(t * dims.kv_heads * d, 22));
+            let v = half(random(t * dims.kv_heads * d, 23));
+            let row = dims.kv_heads * d;
+            for isa in Isa::available() {
+                let all = attention_f32(isa, &q, &k, &v, t, 0, dims, 0.125, window);
+                let (qa, qb) = q.split_at(cut * dims.heads * d);
+                let first = attention_f32(
+                    isa,
+                    qa,
+                    &k[..cut * row],
+                    &v[..cut * row],
+                    cut,
+                    0,
+                    dims,
+                    0.125,
+                    window,
+                );
+                let rest = attention_f32(isa, qb, &k, &v, t - cut, cut, dims, 0.125, window);
+                let chunked: Vec<f32> = first.into_iter().chain(rest).collect();
+                let same = all
+                    .iter()
+                    .zip(&chunked)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{isa:?} {dims:?} window {window:?}");
+            }
         }
     }
 
