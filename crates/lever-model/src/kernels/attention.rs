@@ -699,6 +699,28 @@ mod attn_avx512 {
     use super::{KvView, MAX_HEAD_DIM, Tile, online_softmax_step};
     use std::arch::x86_64::*;
 
+    /// `f::<R>(args.., r0)` for rows r0..r0+R of 0..rows in groups of R = 4 (the last 1 to 3),
+    /// in an `unsafe` block: only inside an unsafe function whose contract covers `f`'s.
+    macro_rules! in_fours {
+        ($rows:expr, $f:ident($($arg:expr),*)) => {{
+            let mut r0 = 0;
+            while r0 < $rows {
+                let take = ($rows - r0).min(4);
+                // SAFETY: rows r0..r0+take ≤ rows; the invoking function's contract (the
+                // comment at the invocation) gives the rest.
+                unsafe {
+                    match take {
+                        4 => $f::<4>($($arg,)* r0),
+                        3 => $f::<3>($($arg,)* r0),
+                        2 => $f::<2>($($arg,)* r0),
+                        _ => $f::<1>($($arg,)* r0),
+                    }
+                }
+                r0 += take;
+            }
+        }};
+    }
+
     /// Query heads whose accumulators are interleaved (4 × 4 registers of 16 lanes).
     const HEADS: usize = 4;
 
@@ -849,20 +871,8 @@ mod attn_avx512 {
     /// The CPU has AVX-512 F; `tile.in_bounds()`; scores holds rows × len.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile_scores(tile: &Tile, scale: f32, scores: &mut [f32]) {
-        let mut r0 = 0;
-        while r0 < tile.rows {
-            let take = (tile.rows - r0).min(4);
-            // SAFETY: rows r0..r0+take < rows; the contract gives the rest.
-            unsafe {
-                match take {
-                    4 => scores_rows::<4>(tile, r0, scale, scores),
-                    3 => scores_rows::<3>(tile, r0, scale, scores),
-                    2 => scores_rows::<2>(tile, r0, scale, scores),
-                    _ => scores_rows::<1>(tile, r0, scale, scores),
-                }
-            }
-            r0 += take;
-        }
+        // Each call gets rows r0..r0+R ≤ rows, under this function's contract.
+        in_fours!(tile.rows, scores_rows(tile, scale, scores));
     }
 
     /// Lanes below `n` (of 16).
@@ -877,7 +887,7 @@ mod attn_avx512 {
     /// As `tile_scores`, with r0 + R ≤ rows.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn scores_rows<const R: usize>(tile: &Tile, r0: usize, scale: f32, scores: &mut [f32]) {
+    unsafe fn scores_rows<const R: usize>(tile: &Tile, scale: f32, scores: &mut [f32], r0: usize) {
         let (len, d) = (tile.len, tile.d);
         let sv = _mm512_set1_ps(scale);
         let mut j0 = 0;
@@ -919,20 +929,8 @@ mod attn_avx512 {
     /// and out rows × D.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile_values(tile: &Tile, w: &[f32], out: &mut [f32]) {
-        let mut r0 = 0;
-        while r0 < tile.rows {
-            let take = (tile.rows - r0).min(4);
-            // SAFETY: rows r0..r0+take < rows; the contract gives the rest.
-            unsafe {
-                match take {
-                    4 => values_rows::<4>(tile, r0, w, out),
-                    3 => values_rows::<3>(tile, r0, w, out),
-                    2 => values_rows::<2>(tile, r0, w, out),
-                    _ => values_rows::<1>(tile, r0, w, out),
-                }
-            }
-            r0 += take;
-        }
+        // Each call gets rows r0..r0+R ≤ rows, under this function's contract.
+        in_fours!(tile.rows, values_rows(tile, w, out));
     }
 
     /// Rows r0..r0+R of `tile_values`.
@@ -941,7 +939,7 @@ mod attn_avx512 {
     /// As `tile_values`, with r0 + R ≤ rows.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn values_rows<const R: usize>(tile: &Tile, r0: usize, w: &[f32], out: &mut [f32]) {
+    unsafe fn values_rows<const R: usize>(tile: &Tile, w: &[f32], out: &mut [f32], r0: usize) {
         let (len, d) = (tile.len, tile.d);
         let mut c0 = 0;
         // SAFETY: value loads at j·value_stride + c0 + 16i + 16 ≤ (len−1)·value_stride + D

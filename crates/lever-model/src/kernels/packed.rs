@@ -538,6 +538,59 @@ fn unpack_q6k_block(blk: &[u8], j: usize) -> ([i32; QK], [i8; 2]) {
     (v, [blk[384 + j] as i8, blk[400 + j] as i8])
 }
 
+/// Row j's Q4_K GGUF super-block from a group's super-block `sup`: the 6-bit scales and mins
+/// packed back as ggml's `get_scale_min_k4` reads them (every one of the 96 bits is used, so
+/// this is exact).
+fn q4k_super_block(sup: &[u8], j: usize, dst: &mut [u8]) {
+    let tail = 8 * Q4_K_GROUP_SUB;
+    dst[0..2].copy_from_slice(&sup[tail + 2 * j..][..2]);
+    dst[2..4].copy_from_slice(&sup[tail + 32 + 2 * j..][..2]);
+    let (mut sc, mut mn, mut v) = ([0u8; 8], [0u8; 8], [0u8; QK_K]);
+    for i in 0..8 {
+        let (vals, s, m) = unpack_q4k_block(&sup[i * Q4_K_GROUP_SUB..], j);
+        (sc[i], mn[i]) = (s, m);
+        for (o, x) in v[32 * i..32 * i + 32].iter_mut().zip(vals) {
+            *o = x as u8;
+        }
+    }
+    let s = &mut dst[4..16];
+    for i in 0..4 {
+        s[i] = (sc[i] & 63) | ((sc[i + 4] >> 4) << 6);
+        s[i + 4] = (mn[i] & 63) | ((mn[i + 4] >> 4) << 6);
+        s[i + 8] = (sc[i + 4] & 0x0F) | ((mn[i + 4] & 0x0F) << 4);
+    }
+    for c in 0..4 {
+        for l in 0..32 {
+            dst[16 + 32 * c + l] = v[64 * c + l] | (v[64 * c + 32 + l] << 4);
+        }
+    }
+}
+
+/// Row j's Q6_K GGUF super-block from a group's super-block `sup` (ql, qh, scales, d: the
+/// inverse of `kquant::decode`).
+fn q6k_super_block(sup: &[u8], j: usize, dst: &mut [u8]) {
+    let mut q = [0u8; QK_K];
+    for i in 0..8 {
+        let (vals, sc) = unpack_q6k_block(&sup[i * Q6_K_GROUP_SUB..], j);
+        for (o, x) in q[32 * i..32 * i + 32].iter_mut().zip(vals) {
+            *o = x as u8;
+        }
+        dst[192 + 2 * i] = sc[0] as u8;
+        dst[192 + 2 * i + 1] = sc[1] as u8;
+    }
+    for n in 0..2 {
+        for l in 0..32 {
+            let v = |o: usize| q[128 * n + o + l];
+            dst[64 * n + l] = (v(0) & 0x0F) | ((v(64) & 0x0F) << 4);
+            dst[64 * n + 32 + l] = (v(32) & 0x0F) | ((v(96) & 0x0F) << 4);
+            dst[128 + 32 * n + l] =
+                (v(0) >> 4) | ((v(32) >> 4) << 2) | ((v(64) >> 4) << 4) | ((v(96) >> 4) << 6);
+        }
+    }
+    let tail = 8 * Q6_K_GROUP_SUB;
+    dst[208..210].copy_from_slice(&sup[tail + 2 * j..][..2]);
+}
+
 impl Packed {
     /// Row r's values in f32, as candle dequantizes GGUF blocks (Q4_1: q·d + m; Q8_0: q·d).
     pub(crate) fn dequantize_row(&self, r: usize, out: &mut [f32]) {
@@ -582,11 +635,8 @@ impl Packed {
 
     /// The GGUF blocks again (for writing files and for candle's kernels).
     pub(crate) fn unpack(&self) -> Vec<u8> {
-        if self.dtype == GgmlDType::Q4K {
-            return self.unpack_q4k();
-        }
-        if self.dtype == GgmlDType::Q6K {
-            return self.unpack_q6k();
+        if k_quant(self.dtype) {
+            return self.unpack_k_quant();
         }
         let (bytes, blk) = sizes(self.dtype).expect("a packable type");
         let gb = self.group_bytes();
@@ -627,76 +677,22 @@ impl Packed {
         w
     }
 
-    /// Q4_K's GGUF super-blocks again: the 6-bit scales and mins packed back as ggml's
-    /// `get_scale_min_k4` reads them (every one of the 96 bits is used, so this is exact).
-    fn unpack_q4k(&self) -> Vec<u8> {
+    /// A K-quant's GGUF super-blocks again, row by row (`q4k_super_block`, `q6k_super_block`).
+    fn unpack_k_quant(&self) -> Vec<u8> {
+        let (bytes, _, sup_bytes) = k_sizes(self.dtype);
         let (gb, supers) = (self.group_bytes(), self.nb / 8);
-        let mut w = vec![0u8; self.n * supers * Q4_K_BYTES];
+        let mut w = vec![0u8; self.n * supers * bytes];
         for r in 0..self.n {
             let (g, j) = (r / GROUP, r % GROUP);
             let group = &self.data[g * gb..][..gb];
             for sb in 0..supers {
-                let dst = &mut w[(r * supers + sb) * Q4_K_BYTES..][..Q4_K_BYTES];
-                let sup = &group[sb * Q4_K_GROUP_SUPER..][..Q4_K_GROUP_SUPER];
-                let tail = 8 * Q4_K_GROUP_SUB;
-                dst[0..2].copy_from_slice(&sup[tail + 2 * j..][..2]);
-                dst[2..4].copy_from_slice(&sup[tail + 32 + 2 * j..][..2]);
-                let (mut sc, mut mn, mut v) = ([0u8; 8], [0u8; 8], [0u8; QK_K]);
-                for i in 0..8 {
-                    let (vals, s, m) = unpack_q4k_block(&sup[i * Q4_K_GROUP_SUB..], j);
-                    (sc[i], mn[i]) = (s, m);
-                    for (o, x) in v[32 * i..32 * i + 32].iter_mut().zip(vals) {
-                        *o = x as u8;
-                    }
+                let dst = &mut w[(r * supers + sb) * bytes..][..bytes];
+                let sup = &group[sb * sup_bytes..][..sup_bytes];
+                if self.dtype == GgmlDType::Q6K {
+                    q6k_super_block(sup, j, dst);
+                } else {
+                    q4k_super_block(sup, j, dst);
                 }
-                let s = &mut dst[4..16];
-                for i in 0..4 {
-                    s[i] = (sc[i] & 63) | ((sc[i + 4] >> 4) << 6);
-                    s[i + 4] = (mn[i] & 63) | ((mn[i + 4] >> 4) << 6);
-                    s[i + 8] = (sc[i + 4] & 0x0F) | ((mn[i + 4] & 0x0F) << 4);
-                }
-                for c in 0..4 {
-                    for l in 0..32 {
-                        dst[16 + 32 * c + l] = v[64 * c + l] | (v[64 * c + 32 + l] << 4);
-                    }
-                }
-            }
-        }
-        w
-    }
-
-    /// Q6_K's GGUF super-blocks again (ql, qh, scales, d: the inverse of `kquant::decode`).
-    fn unpack_q6k(&self) -> Vec<u8> {
-        let (gb, supers) = (self.group_bytes(), self.nb / 8);
-        let mut w = vec![0u8; self.n * supers * Q6_K_BYTES];
-        for r in 0..self.n {
-            let (g, j) = (r / GROUP, r % GROUP);
-            let group = &self.data[g * gb..][..gb];
-            for sb in 0..supers {
-                let dst = &mut w[(r * supers + sb) * Q6_K_BYTES..][..Q6_K_BYTES];
-                let sup = &group[sb * Q6_K_GROUP_SUPER..][..Q6_K_GROUP_SUPER];
-                let mut q = [0u8; QK_K];
-                for i in 0..8 {
-                    let (vals, sc) = unpack_q6k_block(&sup[i * Q6_K_GROUP_SUB..], j);
-                    for (o, x) in q[32 * i..32 * i + 32].iter_mut().zip(vals) {
-                        *o = x as u8;
-                    }
-                    dst[192 + 2 * i] = sc[0] as u8;
-                    dst[192 + 2 * i + 1] = sc[1] as u8;
-                }
-                for n in 0..2 {
-                    for l in 0..32 {
-                        let v = |o: usize| q[128 * n + o + l];
-                        dst[64 * n + l] = (v(0) & 0x0F) | ((v(64) & 0x0F) << 4);
-                        dst[64 * n + 32 + l] = (v(32) & 0x0F) | ((v(96) & 0x0F) << 4);
-                        dst[128 + 32 * n + l] = (v(0) >> 4)
-                            | ((v(32) >> 4) << 2)
-                            | ((v(64) >> 4) << 4)
-                            | ((v(96) >> 4) << 6);
-                    }
-                }
-                let tail = 8 * Q6_K_GROUP_SUB;
-                dst[208..210].copy_from_slice(&sup[tail + 2 * j..][..2]);
             }
         }
         w
